@@ -1,0 +1,86 @@
+//! Types shared by the kernel-side tc programs and the userspace link-stats reader.
+//!
+//! Every struct is `repr(C)` with explicit padding so both sides agree on the layout and the
+//! verifier never sees uninitialised bytes in a map key.
+#![no_std]
+
+/// Traffic leaving the interface.
+pub const DIR_EGRESS: u8 = 0;
+/// Traffic arriving on the interface.
+pub const DIR_INGRESS: u8 = 1;
+
+/// Capacity of the per-peer counter map. LRU: a busy host with many peers evicts the coldest.
+pub const LINK_MAP_ENTRIES: u32 = 4096;
+/// Capacity of the spin-bit flow map (LRU).
+pub const SPIN_MAP_ENTRIES: u32 = 4096;
+
+/// Names of the maps as they appear in the object and under the pin directory.
+pub const LINK_MAP_NAME: &str = "LINK_STATS";
+pub const SPIN_MAP_NAME: &str = "SPIN_STATS";
+
+/// One direction of traffic on one interface to or from one IPv4 peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LinkKey {
+    pub ifindex: u32,
+    /// The remote IPv4 address in network byte order (destination on egress, source on
+    /// ingress).
+    pub peer: u32,
+    /// [`DIR_EGRESS`] or [`DIR_INGRESS`].
+    pub direction: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Counters for a [`LinkKey`], one copy per CPU (summed by userspace).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkCounters {
+    /// Bytes on the wire including L2 headers, counting every segment of a GSO packet.
+    pub bytes: u64,
+    /// Wire packets: a GSO super-packet counts as its number of segments.
+    pub packets: u64,
+    /// Bytes of UDP/TCP payload (what the application moved).
+    pub payload_bytes: u64,
+    /// `bpf_ktime_get_ns()` of the last packet.
+    pub last_ns: u64,
+}
+
+/// One QUIC flow seen on one interface in one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SpinKey {
+    pub ifindex: u32,
+    pub peer: u32,
+    /// UDP ports in host byte order.
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub direction: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Spin-bit edge tracking for a [`SpinKey`] (one shared copy, not per CPU). Two consecutive edges are one RTT apart when the
+/// flow is not application limited (RFC 9000 section 17.4).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpinState {
+    /// Last spin value seen (0 or 1); 0xff before the first packet.
+    pub last_spin: u8,
+    pub _pad: [u8; 7],
+    /// Time of the last edge.
+    pub edge_ns: u64,
+    /// Interval between the last two edges: the latest RTT sample.
+    pub last_interval_ns: u64,
+    /// Smallest interval seen.
+    pub min_interval_ns: u64,
+    /// Number of intervals measured.
+    pub samples: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are repr(C) plain data with explicit padding and no pointers.
+    unsafe impl aya::Pod for super::LinkKey {}
+    unsafe impl aya::Pod for super::LinkCounters {}
+    unsafe impl aya::Pod for super::SpinKey {}
+    unsafe impl aya::Pod for super::SpinState {}
+}

@@ -1,0 +1,184 @@
+//! Link statistics measured in the kernel, on tc ingress and egress of every interface.
+//!
+//! Kept deliberately small: per (interface, direction, IPv4 peer) wire bytes and packets, and
+//! for QUIC short-header packets the spin-bit edge times per flow. Everything derived (rates,
+//! windowed maxima, RTT filtering) is computed in userspace.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::TC_ACT_PIPE,
+    helpers::bpf_ktime_get_ns,
+    macros::{classifier, map},
+    maps::{LruHashMap, LruPerCpuHashMap},
+    programs::TcContext,
+};
+use floodclone_common::{
+    LinkCounters, LinkKey, SpinKey, SpinState, DIR_EGRESS, DIR_INGRESS, LINK_MAP_ENTRIES,
+    SPIN_MAP_ENTRIES,
+};
+
+#[map(name = "LINK_STATS")]
+static LINK_STATS: LruPerCpuHashMap<LinkKey, LinkCounters> =
+    LruPerCpuHashMap::with_max_entries(LINK_MAP_ENTRIES, 0);
+
+/// Not per-CPU: edges must be compared across all packets of a flow, whichever CPU sees them.
+#[map(name = "SPIN_STATS")]
+static SPIN_STATS: LruHashMap<SpinKey, SpinState> =
+    LruHashMap::with_max_entries(SPIN_MAP_ENTRIES, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const UDP_HLEN: usize = 8;
+/// QUIC short header: form bit (0x80) clear; spin bit is 0x20 (RFC 9000 section 17.3.1).
+const QUIC_LONG_HEADER: u8 = 0x80;
+const QUIC_SPIN_BIT: u8 = 0x20;
+#[classifier]
+pub fn floodclone_egress(ctx: TcContext) -> i32 {
+    let _ = account(&ctx, DIR_EGRESS);
+    TC_ACT_PIPE
+}
+
+#[classifier]
+pub fn floodclone_ingress(ctx: TcContext) -> i32 {
+    let _ = account(&ctx, DIR_INGRESS);
+    TC_ACT_PIPE
+}
+
+#[inline(always)]
+fn account(ctx: &TcContext, direction: u8) -> Result<(), i64> {
+    let ethertype = u16::from_be(ctx.load::<u16>(12)?);
+    if ethertype != ETH_P_IP {
+        return Ok(());
+    }
+    let ver_ihl: u8 = ctx.load(ETH_HLEN)?;
+    let ip_hlen = ((ver_ihl & 0x0f) as usize) * 4;
+    if ip_hlen < 20 {
+        return Ok(());
+    }
+    let protocol: u8 = ctx.load(ETH_HLEN + 9)?;
+    let saddr: u32 = ctx.load(ETH_HLEN + 12)?;
+    let daddr: u32 = ctx.load(ETH_HLEN + 16)?;
+    let l4 = ETH_HLEN + ip_hlen;
+    let l4_hlen = match protocol {
+        IPPROTO_UDP => UDP_HLEN,
+        IPPROTO_TCP => {
+            let doff: u8 = ctx.load(l4 + 12)?;
+            ((doff >> 4) as usize) * 4
+        }
+        _ => 0,
+    };
+    let headers = (l4 + l4_hlen) as u64;
+
+    // SAFETY: the context pointer is valid for the whole program run.
+    let (len, gso_segs) = unsafe { ((*ctx.skb.skb).len as u64, (*ctx.skb.skb).gso_segs as u64) };
+    let segs = if gso_segs > 1 { gso_segs } else { 1 };
+    // A GSO super-packet carries its headers once; on the wire each segment repeats them.
+    let wire_bytes = len + (segs - 1) * headers;
+    let payload = wire_bytes.saturating_sub(segs * headers);
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    let peer = if direction == DIR_EGRESS {
+        daddr
+    } else {
+        saddr
+    };
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let key = LinkKey {
+        ifindex,
+        peer,
+        direction,
+        _pad: [0; 3],
+    };
+    match LINK_STATS.get_ptr_mut(key) {
+        Some(c) => unsafe {
+            (*c).bytes += wire_bytes;
+            (*c).packets += segs;
+            (*c).payload_bytes += payload;
+            (*c).last_ns = now;
+        },
+        None => {
+            let c = LinkCounters {
+                bytes: wire_bytes,
+                packets: segs,
+                payload_bytes: payload,
+                last_ns: now,
+            };
+            LINK_STATS.insert(key, c, 0)?;
+        }
+    }
+
+    if protocol == IPPROTO_UDP {
+        track_spin(ctx, l4, ifindex, peer, direction, now)?;
+    }
+    Ok(())
+}
+
+/// Records spin-bit edges of a QUIC short-header flow. Only the first packet of a GSO batch is
+/// inspected; every segment of a batch carries the same spin value.
+#[inline(always)]
+fn track_spin(
+    ctx: &TcContext,
+    l4: usize,
+    ifindex: u32,
+    peer: u32,
+    direction: u8,
+    now: u64,
+) -> Result<(), i64> {
+    let first: u8 = ctx.load(l4 + UDP_HLEN)?;
+    if first & QUIC_LONG_HEADER != 0 {
+        return Ok(());
+    }
+    let sport = u16::from_be(ctx.load::<u16>(l4)?);
+    let dport = u16::from_be(ctx.load::<u16>(l4 + 2)?);
+    let (local_port, remote_port) = if direction == DIR_EGRESS {
+        (sport, dport)
+    } else {
+        (dport, sport)
+    };
+    let spin = u8::from(first & QUIC_SPIN_BIT != 0);
+    let key = SpinKey {
+        ifindex,
+        peer,
+        local_port,
+        remote_port,
+        direction,
+        _pad: [0; 3],
+    };
+    match SPIN_STATS.get_ptr_mut(key) {
+        Some(s) => unsafe {
+            if (*s).last_spin != spin {
+                if (*s).edge_ns != 0 {
+                    let interval = now - (*s).edge_ns;
+                    (*s).last_interval_ns = interval;
+                    if (*s).min_interval_ns == 0 || interval < (*s).min_interval_ns {
+                        (*s).min_interval_ns = interval;
+                    }
+                    (*s).samples += 1;
+                }
+                (*s).edge_ns = now;
+                (*s).last_spin = spin;
+            }
+        },
+        None => {
+            let s = SpinState {
+                last_spin: spin,
+                ..SpinState::default()
+            };
+            SPIN_STATS.insert(key, s, 0)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,349 @@
+//! In-kernel link statistics: loads the tc programs of `floodclone-ebpf`, attaches them to
+//! every non-loopback interface, pins their maps so another process (`floodclone stats`) can
+//! read them, and turns counters into per-link figures.
+//!
+//! Pins live under `/run/floodclone/bpf/<netns inode>/<pid>/`: a bpffs outside `/sys` is
+//! shared by every `ip netns exec` process (each gets a private `/sys`), and keying by network
+//! namespace and process keeps many nodes on one kernel apart.
+
+use std::{
+    collections::HashMap,
+    ffi::CStr,
+    fs,
+    net::Ipv4Addr,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use aya::{
+    maps::{HashMap as BpfHashMap, Map, MapData, PerCpuHashMap},
+    programs::{SchedClassifier, TcAttachType},
+    Ebpf, EbpfLoader,
+};
+use floodclone_common::{
+    LinkCounters, LinkKey, SpinKey, SpinState, DIR_EGRESS, LINK_MAP_NAME, SPIN_MAP_NAME,
+};
+
+/// The object built by build.rs from `floodclone-ebpf`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/floodclone"));
+
+/// Root of all pins. Mounted as bpffs on first use when it is not one already.
+pub const PIN_ROOT: &str = "/run/floodclone/bpf";
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkStatsError {
+    #[error(
+        "not permitted to load eBPF programs ({0}); run as root or grant CAP_BPF, \
+         CAP_NET_ADMIN and CAP_PERFMON"
+    )]
+    NotPermitted(String),
+    #[error("loading the eBPF programs failed: {0}")]
+    Load(String),
+    #[error("attaching to interface {iface} failed: {reason}")]
+    Attach { iface: String, reason: String },
+    #[error("pinning maps under {path} failed: {reason}")]
+    Pin { path: PathBuf, reason: String },
+    #[error("reading map {name} failed: {reason}")]
+    Read { name: &'static str, reason: String },
+    #[error("no running floodclone in this network namespace (no pins under {0})")]
+    NoPins(PathBuf),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn is_permission(e: &dyn std::error::Error) -> bool {
+    let text = format!("{e:?}");
+    text.contains("EPERM") || text.contains("PermissionDenied") || text.contains("os error 1)")
+}
+
+/// Counters of one IPv4 peer seen on one interface, both directions.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerCounters {
+    pub ifindex: u32,
+    pub peer: Option<Ipv4Addr>,
+    pub egress: LinkCounters,
+    pub ingress: LinkCounters,
+}
+
+/// Spin-bit figures of one QUIC flow in one direction.
+#[derive(Clone, Copy, Debug)]
+pub struct SpinFlow {
+    pub key: SpinKey,
+    pub state: SpinState,
+}
+
+impl SpinFlow {
+    pub fn peer(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from_be(self.key.peer))
+    }
+}
+
+/// One reading of both maps.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub at: Instant,
+    pub peers: Vec<PeerCounters>,
+    pub spin: Vec<SpinFlow>,
+}
+
+/// Where a process's maps are pinned.
+pub fn pin_dir_for(netns_inode: u64, pid: u32) -> PathBuf {
+    Path::new(PIN_ROOT)
+        .join(netns_inode.to_string())
+        .join(pid.to_string())
+}
+
+/// Inode of this thread's network namespace: the key that tells namespaces apart.
+pub fn current_netns_inode() -> std::io::Result<u64> {
+    Ok(fs::metadata("/proc/thread-self/ns/net")?.ino())
+}
+
+fn ensure_bpffs(root: &Path) -> Result<(), LinkStatsError> {
+    fs::create_dir_all(root)?;
+    let c = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()).expect("no NUL in path");
+    // SAFETY: statfs on a valid C string into a zeroed struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            c.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(LinkStatsError::Pin {
+            path: root.to_path_buf(),
+            reason: format!("mounting bpffs: {}", std::io::Error::last_os_error()),
+        });
+    }
+    Ok(())
+}
+
+/// Names of every interface in this network namespace except loopback.
+pub fn non_loopback_interfaces() -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return out;
+        }
+        let mut p = list;
+        while (*p).if_index != 0 {
+            let name = CStr::from_ptr((*p).if_name).to_string_lossy().into_owned();
+            if name != "lo" {
+                out.push(((*p).if_index, name));
+            }
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
+}
+
+/// Name of an interface by index, for display.
+pub fn interface_name(ifindex: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf has IF_NAMESIZE bytes as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        format!("if{ifindex}")
+    } else {
+        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+}
+
+/// The programs attached to this namespace's interfaces, owned by this process. Dropping it
+/// detaches them and removes the pins.
+pub struct LinkStats {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    interfaces: Vec<(u32, String)>,
+}
+
+impl LinkStats {
+    /// Loads the programs, attaches them on ingress and egress of every non-loopback
+    /// interface, and pins the maps for other processes.
+    pub fn attach() -> Result<Self, LinkStatsError> {
+        let pin_dir = pin_dir_for(current_netns_inode()?, std::process::id());
+        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(|e| {
+            if is_permission(&e) {
+                LinkStatsError::NotPermitted(e.to_string())
+            } else {
+                LinkStatsError::Load(format!("{e:#}"))
+            }
+        })?;
+        let interfaces = non_loopback_interfaces();
+        for (prog_name, attach_type) in [
+            ("floodclone_egress", TcAttachType::Egress),
+            ("floodclone_ingress", TcAttachType::Ingress),
+        ] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(prog_name)
+                .ok_or_else(|| LinkStatsError::Load(format!("program {prog_name} missing")))?
+                .try_into()
+                .map_err(|e| LinkStatsError::Load(format!("{e}")))?;
+            prog.load().map_err(|e| {
+                if is_permission(&e) {
+                    LinkStatsError::NotPermitted(e.to_string())
+                } else {
+                    LinkStatsError::Load(format!("{prog_name}: {e:?}"))
+                }
+            })?;
+            for (_, iface) in &interfaces {
+                prog.attach(iface, attach_type)
+                    .map_err(|e| LinkStatsError::Attach {
+                        iface: iface.clone(),
+                        reason: format!("{e}"),
+                    })?;
+            }
+        }
+        ensure_bpffs(Path::new(PIN_ROOT))?;
+        fs::create_dir_all(&pin_dir)?;
+        for name in [LINK_MAP_NAME, SPIN_MAP_NAME] {
+            let map = ebpf
+                .map(name)
+                .ok_or_else(|| LinkStatsError::Load(format!("map {name} missing")))?;
+            map.pin(pin_dir.join(name))
+                .map_err(|e| LinkStatsError::Pin {
+                    path: pin_dir.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(Self {
+            ebpf,
+            pin_dir,
+            interfaces,
+        })
+    }
+
+    pub fn interfaces(&self) -> &[(u32, String)] {
+        &self.interfaces
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    pub fn snapshot(&self) -> Result<Snapshot, LinkStatsError> {
+        let link = self.ebpf.map(LINK_MAP_NAME).expect("checked at attach");
+        let spin = self.ebpf.map(SPIN_MAP_NAME).expect("checked at attach");
+        read_maps(link, spin)
+    }
+}
+
+impl Drop for LinkStats {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.pin_dir);
+        if let Some(parent) = self.pin_dir.parent() {
+            let _ = fs::remove_dir(parent); // only succeeds when no other instance is left
+        }
+    }
+}
+
+/// Reads another process's pinned maps.
+pub struct PinnedReader {
+    link: Map,
+    spin: Map,
+    pub pin_dir: PathBuf,
+}
+
+impl PinnedReader {
+    /// Opens the pins of a running floodclone in this network namespace (the newest one when
+    /// several are running).
+    pub fn open_in_this_netns() -> Result<Self, LinkStatsError> {
+        let ns_dir = Path::new(PIN_ROOT).join(current_netns_inode()?.to_string());
+        let newest = fs::read_dir(&ns_dir)
+            .ok()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                let pid = e.file_name().to_string_lossy().parse::<u32>().ok();
+                // Skip pins left by a process that died without cleaning up.
+                pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists())
+            })
+            .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok());
+        let dir = newest
+            .ok_or_else(|| LinkStatsError::NoPins(ns_dir.clone()))?
+            .path();
+        Self::open(&dir)
+    }
+
+    pub fn open(dir: &Path) -> Result<Self, LinkStatsError> {
+        let open = |name: &'static str| -> Result<MapData, LinkStatsError> {
+            MapData::from_pin(dir.join(name)).map_err(|e| LinkStatsError::Read {
+                name,
+                reason: e.to_string(),
+            })
+        };
+        let as_map = |name: &'static str| -> Result<Map, LinkStatsError> {
+            Map::from_map_data(open(name)?).map_err(|e| LinkStatsError::Read {
+                name,
+                reason: e.to_string(),
+            })
+        };
+        Ok(Self {
+            link: as_map(LINK_MAP_NAME)?,
+            spin: as_map(SPIN_MAP_NAME)?,
+            pin_dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn snapshot(&self) -> Result<Snapshot, LinkStatsError> {
+        read_maps(&self.link, &self.spin)
+    }
+}
+
+fn read_maps(link: &Map, spin: &Map) -> Result<Snapshot, LinkStatsError> {
+    let at = Instant::now();
+    let read_err = |name: &'static str| {
+        move |e: aya::maps::MapError| LinkStatsError::Read {
+            name,
+            reason: e.to_string(),
+        }
+    };
+    let link: PerCpuHashMap<&MapData, LinkKey, LinkCounters> =
+        PerCpuHashMap::try_from(link).map_err(read_err(LINK_MAP_NAME))?;
+    let mut peers: HashMap<(u32, u32), PeerCounters> = HashMap::new();
+    for entry in link.iter() {
+        let (key, per_cpu) = entry.map_err(read_err(LINK_MAP_NAME))?;
+        let sum = per_cpu.iter().fold(LinkCounters::default(), |mut acc, c| {
+            acc.bytes += c.bytes;
+            acc.packets += c.packets;
+            acc.payload_bytes += c.payload_bytes;
+            acc.last_ns = acc.last_ns.max(c.last_ns);
+            acc
+        });
+        let slot = peers
+            .entry((key.ifindex, key.peer))
+            .or_insert_with(|| PeerCounters {
+                ifindex: key.ifindex,
+                peer: Some(Ipv4Addr::from(u32::from_be(key.peer))),
+                ..Default::default()
+            });
+        if key.direction == DIR_EGRESS {
+            slot.egress = sum;
+        } else {
+            slot.ingress = sum;
+        }
+    }
+    let spin_map: BpfHashMap<&MapData, SpinKey, SpinState> =
+        BpfHashMap::try_from(spin).map_err(read_err(SPIN_MAP_NAME))?;
+    let mut spin = Vec::new();
+    for entry in spin_map.iter() {
+        let (key, state) = entry.map_err(read_err(SPIN_MAP_NAME))?;
+        spin.push(SpinFlow { key, state });
+    }
+    let mut peers: Vec<_> = peers.into_values().collect();
+    peers.sort_by_key(|p| (p.ifindex, p.peer));
+    Ok(Snapshot { at, peers, spin })
+}

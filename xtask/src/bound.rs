@@ -1,0 +1,315 @@
+//! The floor U_min: N / min over destinations d of maxflow(S -> d) (Edmonds' broadcast
+//! theorem). With timed rate events, the floor is the earliest T by which every destination
+//! can have received N bits through a time-expanded network in which members (source and
+//! destinations) may hold data between intervals and routers may not.
+
+use crate::topology::{EventAction, Topology};
+
+/// Dinic's max-flow on a small dense-enough graph with f64 capacities.
+pub struct FlowNetwork {
+    adj: Vec<Vec<usize>>,
+    to: Vec<usize>,
+    cap: Vec<f64>,
+}
+
+const EPS: f64 = 1e-9;
+
+impl FlowNetwork {
+    pub fn new(nodes: usize) -> Self {
+        Self {
+            adj: vec![Vec::new(); nodes],
+            to: Vec::new(),
+            cap: Vec::new(),
+        }
+    }
+
+    /// Adds a directed edge u -> v.
+    pub fn add_edge(&mut self, u: usize, v: usize, cap: f64) {
+        self.adj[u].push(self.to.len());
+        self.to.push(v);
+        self.cap.push(cap);
+        self.adj[v].push(self.to.len());
+        self.to.push(u);
+        self.cap.push(0.0);
+    }
+
+    /// Maximum flow from `s` to `t`. Consumes the residual capacities.
+    pub fn max_flow(&mut self, s: usize, t: usize) -> f64 {
+        let n = self.adj.len();
+        let mut total = 0.0;
+        loop {
+            let mut level = vec![usize::MAX; n];
+            level[s] = 0;
+            let mut queue = std::collections::VecDeque::from([s]);
+            while let Some(u) = queue.pop_front() {
+                for &e in &self.adj[u] {
+                    let v = self.to[e];
+                    if self.cap[e] > EPS && level[v] == usize::MAX {
+                        level[v] = level[u] + 1;
+                        queue.push_back(v);
+                    }
+                }
+            }
+            if level[t] == usize::MAX {
+                return total;
+            }
+            let mut next = vec![0usize; n];
+            loop {
+                let pushed = self.augment(s, t, f64::INFINITY, &level, &mut next);
+                if pushed <= EPS {
+                    break;
+                }
+                total += pushed;
+            }
+        }
+    }
+
+    fn augment(
+        &mut self,
+        u: usize,
+        t: usize,
+        limit: f64,
+        level: &[usize],
+        next: &mut [usize],
+    ) -> f64 {
+        if u == t {
+            return limit;
+        }
+        while next[u] < self.adj[u].len() {
+            let e = self.adj[u][next[u]];
+            let v = self.to[e];
+            if self.cap[e] > EPS && level[v] == level[u] + 1 {
+                let pushed = self.augment(v, t, limit.min(self.cap[e]), level, next);
+                if pushed > EPS {
+                    self.cap[e] -= pushed;
+                    self.cap[e ^ 1] += pushed;
+                    return pushed;
+                }
+            }
+            next[u] += 1;
+        }
+        0.0
+    }
+}
+
+/// Per-direction capacities (bit/s) of every link, as (u, v, bps), in one interval.
+type Rates = Vec<(usize, usize, f64)>;
+
+fn static_rates(topo: &Topology, up: &[bool], mbit: &[(f64, f64)]) -> Rates {
+    let mut r = Vec::new();
+    for (i, l) in topo.links.iter().enumerate() {
+        if up[i] {
+            r.push((l.a, l.b, mbit[i].0 * 1e6));
+            r.push((l.b, l.a, mbit[i].1 * 1e6));
+        }
+    }
+    r
+}
+
+/// Constant-rate intervals: (start time, rates), from the topology's events.
+fn intervals(topo: &Topology) -> Vec<(f64, Rates)> {
+    let mut up = vec![true; topo.links.len()];
+    let mut mbit: Vec<(f64, f64)> = topo.links.iter().map(|l| (l.mbit_ab, l.mbit_ba)).collect();
+    let mut out = vec![(0.0, static_rates(topo, &up, &mbit))];
+    for e in &topo.events {
+        match e.action {
+            EventAction::SetRate { mbit_ab, mbit_ba } => mbit[e.link] = (mbit_ab, mbit_ba),
+            EventAction::Down => up[e.link] = false,
+            EventAction::Up => up[e.link] = true,
+        }
+        let rates = static_rates(topo, &up, &mbit);
+        match out.last_mut() {
+            Some(last) if (last.0 - e.at_s).abs() < EPS => last.1 = rates,
+            _ => out.push((e.at_s, rates)),
+        }
+    }
+    out
+}
+
+/// maxflow(S -> d) in bit/s with the initial rates.
+pub fn max_flow_bps(topo: &Topology, dest: usize) -> f64 {
+    let mut net = FlowNetwork::new(topo.nodes.len());
+    for (u, v, c) in &intervals(topo)[0].1 {
+        net.add_edge(*u, *v, *c);
+    }
+    net.max_flow(topo.source(), dest)
+}
+
+/// Bits that can reach `dest` by time `t` through the time-expanded network.
+fn deliverable_bits_by(topo: &Topology, ivs: &[(f64, Rates)], dest: usize, t: f64) -> f64 {
+    let n = topo.nodes.len();
+    let layers: Vec<(f64, &Rates)> = ivs
+        .iter()
+        .enumerate()
+        .filter(|(_, (start, _))| *start < t)
+        .map(|(k, (start, rates))| {
+            let end = ivs.get(k + 1).map_or(t, |(next, _)| next.min(t));
+            (end - start, rates)
+        })
+        .collect();
+    let source = layers.len() * n;
+    let mut net = FlowNetwork::new(source + 1);
+    for (k, (dur, rates)) in layers.iter().enumerate() {
+        net.add_edge(source, k * n + topo.source(), f64::INFINITY);
+        for &(u, v, c) in rates.iter() {
+            net.add_edge(k * n + u, k * n + v, c * dur);
+        }
+        if k + 1 < layers.len() {
+            for v in 0..n {
+                if topo.is_member(v) {
+                    net.add_edge(k * n + v, (k + 1) * n + v, f64::INFINITY);
+                }
+            }
+        }
+    }
+    net.max_flow(source, (layers.len() - 1) * n + dest)
+}
+
+/// Earliest time at which `dest` can hold `bits`, or `None` if never (a link stays down).
+pub fn earliest_completion_s(topo: &Topology, dest: usize, bits: f64) -> Option<f64> {
+    let ivs = intervals(topo);
+    if bits <= 0.0 {
+        return Some(0.0);
+    }
+    // Grow an upper bound, then bisect: delivered bits are monotone in t.
+    let mut hi = 1.0f64;
+    while deliverable_bits_by(topo, &ivs, dest, hi) < bits {
+        hi *= 2.0;
+        let last_start = ivs.last().map_or(0.0, |x| x.0);
+        if hi > 1e7 && hi > last_start * 4.0 {
+            return None;
+        }
+    }
+    let mut lo = 0.0;
+    for _ in 0..60 {
+        let mid = (lo + hi) / 2.0;
+        if deliverable_bits_by(topo, &ivs, dest, mid) >= bits {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Some(hi)
+}
+
+/// The floor for one transfer of `bytes`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Floor {
+    /// (destination name, maxflow(S -> d) in bit/s at the start, earliest completion s).
+    pub per_dest: Vec<(String, f64, f64)>,
+    /// Max over destinations of the earliest completion: U_min in seconds.
+    pub u_min_s: f64,
+    /// U_min counting per-packet header overhead of QUIC over IPv4 on Ethernet.
+    pub u_min_wire_s: f64,
+}
+
+/// Payload share of a full frame: a 1514-byte Ethernet frame carries 1472 bytes of UDP
+/// payload, of which QUIC takes ~1 short header (1 + 8 connection id + 4 packet number),
+/// a 16-byte AEAD tag and a ~12-byte STREAM frame header.
+pub const QUIC_PAYLOAD_PER_FRAME: f64 = 1472.0 - 13.0 - 16.0 - 12.0;
+pub const WIRE_BYTES_PER_FRAME: f64 = 1514.0;
+
+pub fn floor(topo: &Topology, bytes: u64) -> Result<Floor, String> {
+    let bits = bytes as f64 * 8.0;
+    let wire_bits = bits * WIRE_BYTES_PER_FRAME / QUIC_PAYLOAD_PER_FRAME;
+    let mut per_dest = Vec::new();
+    let (mut u, mut u_wire) = (0.0f64, 0.0f64);
+    for d in topo.destinations() {
+        let name = topo.nodes[d].name.clone();
+        let t = earliest_completion_s(topo, d, bits)
+            .ok_or_else(|| format!("destination {name} is cut off from the source for good"))?;
+        let tw = earliest_completion_s(topo, d, wire_bits).unwrap_or(f64::INFINITY);
+        per_dest.push((name, max_flow_bps(topo, d), t));
+        u = u.max(t);
+        u_wire = u_wire.max(tw);
+    }
+    Ok(Floor {
+        per_dest,
+        u_min_s: u,
+        u_min_wire_s: u_wire,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topo(text: &str) -> Topology {
+        Topology::parse("t", text).unwrap()
+    }
+
+    const MIB32: u64 = 32 << 20;
+
+    /// S linked to d1..d4 at 10 Mbit/s, ring d1-d2-d3-d4-d1 at 40: every d has four
+    /// edge-disjoint 10 Mbit/s paths from S (its own, two ring neighbours', and the opposite
+    /// node's through a neighbour), so maxflow = 40 Mbit/s and 32 MiB take 6.71 s.
+    const RING_PLUS_STAR: &str = r#"
+        node = [{name="s",role="source"},{name="d1",role="dest"},{name="d2",role="dest"},
+                {name="d3",role="dest"},{name="d4",role="dest"}]
+        link = [{a="s",b="d1",mbit=10},{a="s",b="d2",mbit=10},{a="s",b="d3",mbit=10},
+                {a="s",b="d4",mbit=10},{a="d1",b="d2",mbit=40},{a="d2",b="d3",mbit=40},
+                {a="d3",b="d4",mbit=40},{a="d4",b="d1",mbit=40}]
+    "#;
+
+    #[test]
+    fn ring_plus_star_floor_is_6_71_s_for_32_mib() {
+        let t = topo(RING_PLUS_STAR);
+        for d in t.destinations() {
+            assert!((max_flow_bps(&t, d) - 40e6).abs() < 1.0);
+        }
+        let f = floor(&t, MIB32).unwrap();
+        assert!((f.u_min_s - 6.7109).abs() < 1e-3, "{}", f.u_min_s);
+        assert!(f.u_min_wire_s > f.u_min_s * 1.03);
+    }
+
+    #[test]
+    fn chain_is_limited_by_its_narrowest_link() {
+        let t = topo(
+            r#"
+            node = [{name="s",role="source"},{name="a",role="dest"},{name="r",role="router"},
+                    {name="b",role="dest"}]
+            link = [{a="s",b="a",mbit=40},{a="a",b="r",mbit_ab=20,mbit_ba=5},{a="r",b="b",mbit=30}]
+        "#,
+        );
+        assert!((max_flow_bps(&t, 1) - 40e6).abs() < 1.0);
+        assert!((max_flow_bps(&t, 3) - 20e6).abs() < 1.0);
+        // 10 MB at 20 Mbit/s = 4 s.
+        let f = floor(&t, 10_000_000).unwrap();
+        assert!((f.u_min_s - 4.0).abs() < 1e-6, "{}", f.u_min_s);
+    }
+
+    #[test]
+    fn rate_drop_mid_transfer_moves_the_floor() {
+        // 40 Mbit/s for 1 s, then 10: 80 Mbit need 1 s + 40/10 = 5 s.
+        let t = topo(
+            r#"
+            node = [{name="s",role="source"},{name="d",role="dest"}]
+            link = [{a="s",b="d",mbit=40}]
+            event = [{at_s=1.0,link=["s","d"],mbit=10}]
+        "#,
+        );
+        let f = floor(&t, 10_000_000).unwrap();
+        assert!((f.u_min_s - 5.0).abs() < 1e-6, "{}", f.u_min_s);
+    }
+
+    #[test]
+    fn members_hold_data_across_intervals_but_routers_do_not() {
+        // s-m-d: the second hop is down until the first goes down. A member in the middle
+        // can store and forward later; a router cannot.
+        let text = |role: &str| {
+            format!(
+                r#"
+                node = [{{name="s",role="source"}},{{name="m",role="{role}"}},{{name="d",role="dest"}}]
+                link = [{{a="s",b="m",mbit=8}},{{a="m",b="d",mbit=8}}]
+                event = [{{at_s=0.0,link=["m","d"],down=true}},{{at_s=1.0,link=["m","d"],up=true}},
+                         {{at_s=1.0,link=["s","m"],down=true}}]
+            "#
+            )
+        };
+        let member = topo(&text("dest"));
+        let d = 2;
+        assert!((earliest_completion_s(&member, d, 8e6).unwrap() - 2.0).abs() < 1e-6);
+        let router = topo(&text("router"));
+        assert_eq!(earliest_completion_s(&router, d, 8e6), None);
+    }
+}

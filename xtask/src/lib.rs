@@ -1,0 +1,8 @@
+//! Development tasks for FloodClone: setup checks, the emulated testbed, the max-flow floor,
+//! runs and benchmarks. A library so the end-to-end tests drive the same testbed code.
+
+pub mod bound;
+pub mod setup;
+pub mod size;
+pub mod testbed;
+pub mod topology;

@@ -1,0 +1,186 @@
+//! `cargo xtask`: setup, build, the emulated testbed, the floor, runs and tests.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use xtask::{
+    bound, setup,
+    size::parse_size,
+    testbed::{self, Testbed},
+    topology::Topology,
+};
+
+#[derive(Parser)]
+#[command(about = "FloodClone development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing (Debian packages, bpf-linker, rust-src); instant when present.
+    Setup,
+    /// Setup, then build the floodclone binary (release).
+    Build,
+    /// Emulated testbed from a topology file.
+    Testbed {
+        #[command(subcommand)]
+        action: TestbedCmd,
+    },
+    /// Print maxflow(S -> d) for every destination and the floor U_min.
+    Bound {
+        /// Topology file.
+        file: PathBuf,
+        /// File size, e.g. 64MiB.
+        #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+        size: u64,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Setup, then run every test (the README's test command).
+    Test {
+        /// Extra arguments for `cargo test`, e.g. a test name filter.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TestbedCmd {
+    /// Build the testbed; it stays up until `down`.
+    Up { file: PathBuf },
+    /// Remove the testbed of FILE, and any testbed left by a process that died. With --all,
+    /// every FloodClone testbed namespace.
+    Down {
+        file: Option<PathBuf>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Namespaces, addresses, routes and shaping of the testbed of FILE.
+    Show { file: PathBuf },
+}
+
+/// Prefix of the long-lived testbed `testbed up FILE` builds.
+fn named_prefix(topo: &Topology) -> String {
+    format!("{}up-{}-", testbed::NETNS_PREFIX, topo.name)
+}
+
+/// Removes this process's testbeds on Ctrl-C or SIGTERM, then exits as interrupted.
+fn install_signal_cleanup() -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            eprintln!("\ninterrupted: removing the testbed");
+            testbed::remove_live_testbeds();
+            std::process::exit(128 + sig);
+        }
+    });
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .context("running cargo")?;
+    if !st.success() {
+        bail!("cargo {} failed ({st})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    install_signal_cleanup()?;
+    match cli.cmd {
+        Cmd::Setup => setup::ensure(false)?,
+        Cmd::Build => {
+            setup::ensure(true)?;
+            cargo(&["build", "--release", "-p", "floodclone-user"])?;
+        }
+        Cmd::Bound { file, size, json } => {
+            let topo = Topology::load(&file)?;
+            let floor = bound::floor(&topo, size).map_err(anyhow::Error::msg)?;
+            if json {
+                println!("{}", serde_json::to_string(&floor)?);
+            } else {
+                println!("{} ({} bytes)", topo.name, size);
+                for (name, bps, t) in &floor.per_dest {
+                    println!(
+                        "  maxflow(S -> {name:6}) = {:8.3} Mbit/s   earliest {t:.2} s",
+                        bps / 1e6
+                    );
+                }
+                println!(
+                    "U_min = {:.2} s   (wire-aware, QUIC/UDP/IPv4/Ethernet headers: {:.2} s)",
+                    floor.u_min_s, floor.u_min_wire_s
+                );
+            }
+        }
+        Cmd::Testbed { action } => match action {
+            TestbedCmd::Up { file } => {
+                let topo = Topology::load(&file)?;
+                let prefix = named_prefix(&topo);
+                if !testbed::list_namespaces()
+                    .iter()
+                    .all(|n| !n.starts_with(&prefix))
+                {
+                    bail!(
+                        "the testbed of {} is already up; `cargo xtask testbed down {}` first",
+                        topo.name,
+                        file.display()
+                    );
+                }
+                testbed::ensure_host_bpffs()?;
+                let bed = Testbed::up_with_prefix(&topo, &prefix)?;
+                let nodes: Vec<String> = (0..topo.nodes.len()).map(|i| bed.netns(i)).collect();
+                bed.persist();
+                println!("testbed {} up: {}", topo.name, nodes.join(" "));
+                println!("enter a node:  ip netns exec {} bash", nodes[0]);
+            }
+            TestbedCmd::Down { file, all } => {
+                if !testbed::is_root() {
+                    bail!("the testbed needs root; run as root");
+                }
+                if all {
+                    testbed::remove_namespaces(testbed::NETNS_PREFIX);
+                } else if let Some(file) = file {
+                    testbed::remove_namespaces(&named_prefix(&Topology::load(&file)?));
+                }
+                let stale = testbed::remove_stale();
+                if !stale.is_empty() {
+                    println!("removed {} namespaces left by dead runs", stale.len());
+                }
+                let left = testbed::list_namespaces();
+                println!("testbed namespaces left: {}", left.len());
+            }
+            TestbedCmd::Show { file } => {
+                let topo = Topology::load(&file)?;
+                print!("{topo}");
+                print!("{}", testbed::describe(&named_prefix(&topo)));
+            }
+        },
+        Cmd::Test { args } => {
+            setup::ensure(true)?;
+            if !testbed::is_root() {
+                eprintln!("note: not root: tests that need network namespaces or BPF will skip");
+            }
+            let mut full = vec!["test", "--release", "--workspace"];
+            full.extend(args.iter().map(String::as_str));
+            cargo(&full)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,581 @@
+//! The emulated testbed: one network namespace per node, one veth pair per link (its own
+//! /30), one identity /32 per node on its loopback with `src` on every route, HTB on each
+//! direction, routes along shortest hop paths (ties to the widest bottleneck), forwarding on
+//! and rp_filter off everywhere.
+//!
+//! Namespaces are named `fc-<owner pid>-<seq>-<node>` so parallel runs never collide and a
+//! crashed run's leftovers are recognisable (their owner is dead). Everything a [`Testbed`]
+//! creates is removed when it is dropped, also on panic; the xtask binary also removes it on
+//! Ctrl-C.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    io::Write,
+    net::Ipv4Addr,
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Mutex,
+    },
+};
+
+use crate::topology::{EventAction, Topology};
+
+/// Prefix of every namespace the testbed creates.
+pub const NETNS_PREFIX: &str = "fc-";
+/// Queue each shaped direction may hold, in milliseconds at its rate.
+pub const QUEUE_MS: f64 = 25.0;
+/// HTB burst, in milliseconds at the rate (at least one jumbo GSO packet).
+pub const BURST_MS: f64 = 4.0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TestbedError {
+    #[error("the testbed needs root (network namespaces, veth, tc); run as root")]
+    NotRoot,
+    #[error("`{cmd}` failed: {stderr}")]
+    Command { cmd: String, stderr: String },
+    #[error("cannot run `{cmd}`: {source} (is iproute2 installed? `cargo xtask setup`)")]
+    Spawn { cmd: String, source: std::io::Error },
+}
+
+pub type Result<T> = std::result::Result<T, TestbedError>;
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs a command, feeding `stdin` if given; errors carry its stderr.
+pub fn run(cmd: &mut Command, stdin: Option<&str>) -> Result<String> {
+    let shown = format!("{cmd:?}").replace('"', "");
+    let mut child = cmd
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| TestbedError::Spawn {
+            cmd: shown.clone(),
+            source,
+        })?;
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(input.as_bytes())
+            .map_err(|source| TestbedError::Spawn {
+                cmd: shown.clone(),
+                source,
+            })?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|source| TestbedError::Spawn {
+            cmd: shown.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(TestbedError::Command {
+            cmd: shown,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> Result<String> {
+    run(Command::new("ip").args(args), None)
+}
+
+/// Identity address of node `i` (a /32 on its loopback).
+pub fn identity_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 100, (i / 250) as u8, (i % 250 + 1) as u8)
+}
+
+/// Addresses of the two ends of link `k` (its own /30): (a end, b end).
+pub fn link_addrs(k: usize) -> (Ipv4Addr, Ipv4Addr) {
+    let base = u32::from(Ipv4Addr::new(10, 200, 0, 0)) + 4 * k as u32;
+    (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2))
+}
+
+/// Name of the interface in `node`'s namespace that leads to `peer`.
+pub fn iface_name(peer: &str) -> String {
+    format!("v-{peer}")
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Prefixes of testbeds alive in this process, for the Ctrl-C handler.
+static LIVE: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Next hop from every node to every other node: `next[u][v] = Some((neighbour, link))`.
+/// Shortest hop paths; among equal-hop paths the one with the widest bottleneck in the
+/// direction of travel. Links marked down in `up` are ignored.
+pub fn next_hops(topo: &Topology, up: &[bool]) -> Vec<Vec<Option<(usize, usize)>>> {
+    let n = topo.nodes.len();
+    let rate = |link: usize, from: usize| {
+        let l = &topo.links[link];
+        if l.a == from {
+            l.mbit_ab
+        } else {
+            l.mbit_ba
+        }
+    };
+    let mut next = vec![vec![None; n]; n];
+    for (u, next_u) in next.iter_mut().enumerate() {
+        // BFS levels, then widest bottleneck through the shortest-path DAG, level by level.
+        let mut dist = vec![usize::MAX; n];
+        let mut width = vec![0.0f64; n];
+        let mut first = vec![None; n];
+        dist[u] = 0;
+        width[u] = f64::INFINITY;
+        let mut order = vec![u];
+        let mut queue = VecDeque::from([u]);
+        while let Some(x) = queue.pop_front() {
+            for (y, link) in topo.neighbours(x) {
+                if !up[link] {
+                    continue;
+                }
+                if dist[y] == usize::MAX {
+                    dist[y] = dist[x] + 1;
+                    queue.push_back(y);
+                    order.push(y);
+                }
+            }
+        }
+        for &x in &order[1..] {
+            for (y, link) in topo.neighbours(x) {
+                if up[link] && dist[y] != usize::MAX && dist[y] + 1 == dist[x] {
+                    let w = width[y].min(rate(link, y));
+                    if w > width[x] {
+                        width[x] = w;
+                        first[x] = if y == u { Some((x, link)) } else { first[y] };
+                    }
+                }
+            }
+        }
+        *next_u = first;
+    }
+    next
+}
+
+/// A live testbed. Dropping it kills every process in its namespaces and deletes them.
+pub struct Testbed {
+    pub topo: Topology,
+    pub prefix: String,
+    link_up: Vec<bool>,
+    children: Vec<Child>,
+    torn_down: bool,
+}
+
+impl Testbed {
+    /// Builds the testbed under a prefix unique to this process and call.
+    pub fn up(topo: &Topology) -> Result<Self> {
+        let prefix = format!(
+            "{NETNS_PREFIX}{}-{}-",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        Self::up_with_prefix(topo, &prefix)
+    }
+
+    /// Builds the testbed with namespaces named `<prefix><node>`.
+    pub fn up_with_prefix(topo: &Topology, prefix: &str) -> Result<Self> {
+        if !is_root() {
+            return Err(TestbedError::NotRoot);
+        }
+        LIVE.lock().unwrap().push(prefix.to_string());
+        let mut bed = Self {
+            topo: topo.clone(),
+            prefix: prefix.to_string(),
+            link_up: vec![true; topo.links.len()],
+            children: Vec::new(),
+            torn_down: false,
+        };
+        // On error, `bed` is dropped and removes what was built so far.
+        bed.build()?;
+        Ok(bed)
+    }
+
+    pub fn netns(&self, node: usize) -> String {
+        format!("{}{}", self.prefix, self.topo.nodes[node].name)
+    }
+
+    pub fn node_index(&self, name: &str) -> Option<usize> {
+        self.topo.nodes.iter().position(|n| n.name == name)
+    }
+
+    fn build(&mut self) -> Result<()> {
+        let topo = self.topo.clone();
+        for i in 0..topo.nodes.len() {
+            ip(&["netns", "add", &self.netns(i)])?;
+        }
+        for l in &topo.links {
+            let (na, nb) = (&topo.nodes[l.a].name, &topo.nodes[l.b].name);
+            ip(&[
+                "link",
+                "add",
+                "name",
+                &iface_name(nb),
+                "netns",
+                &self.netns(l.a),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &iface_name(na),
+                "netns",
+                &self.netns(l.b),
+            ])?;
+        }
+        for i in 0..topo.nodes.len() {
+            let mut sysctl = vec![
+                "net.ipv4.ip_forward=1".to_string(),
+                "net.ipv4.conf.all.rp_filter=0".to_string(),
+                "net.ipv4.conf.default.rp_filter=0".to_string(),
+                "net.ipv4.conf.lo.rp_filter=0".to_string(),
+            ];
+            let mut batch = String::from("link set lo up\n");
+            batch += &format!("addr add {}/32 dev lo\n", identity_addr(i));
+            for (peer, k) in topo.neighbours(i) {
+                let dev = iface_name(&topo.nodes[peer].name);
+                let (a_addr, b_addr) = link_addrs(k);
+                let mine = if topo.links[k].a == i { a_addr } else { b_addr };
+                batch += &format!("addr add {mine}/30 dev {dev}\nlink set {dev} up\n");
+                sysctl.push(format!("net.ipv4.conf.{dev}.rp_filter=0"));
+            }
+            run(
+                Command::new("ip").args(["-n", &self.netns(i), "-batch", "-"]),
+                Some(&batch),
+            )?;
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", &self.netns(i), "sysctl", "-q", "-w"]);
+            cmd.args(&sysctl);
+            run(&mut cmd, None)?;
+        }
+        for k in 0..topo.links.len() {
+            self.shape(k, topo.links[k].mbit_ab, topo.links[k].mbit_ba, "add")?;
+        }
+        self.apply_routes()?;
+        Ok(())
+    }
+
+    /// HTB at `mbit` on the egress of `dev` in `netns`, with a pfifo of [`QUEUE_MS`].
+    fn shape_one(&self, netns: &str, dev: &str, mbit: f64, verb: &str) -> Result<()> {
+        let bytes_per_ms = mbit * 1e6 / 8.0 / 1e3;
+        let burst = ((bytes_per_ms * BURST_MS) as u64).max(70_000);
+        let limit = ((bytes_per_ms * QUEUE_MS / 1514.0) as u64).max(16);
+        let rate = format!("{}kbit", (mbit * 1000.0).round() as u64);
+        let class = format!(
+            "class {verb} dev {dev} parent 1: classid 1:10 htb rate {rate} ceil {rate} \
+             burst {burst} cburst {burst}\n"
+        );
+        let batch = if verb == "add" {
+            format!(
+                "qdisc add dev {dev} root handle 1: htb default 10\n{class}\
+                 qdisc add dev {dev} parent 1:10 handle 10: pfifo limit {limit}\n"
+            )
+        } else {
+            class
+        };
+        run(
+            Command::new("tc").args(["-n", netns, "-batch", "-"]),
+            Some(&batch),
+        )
+        .map(|_| ())
+    }
+
+    fn shape(&self, k: usize, mbit_ab: f64, mbit_ba: f64, verb: &str) -> Result<()> {
+        let l = &self.topo.links[k];
+        let (na, nb) = (&self.topo.nodes[l.a].name, &self.topo.nodes[l.b].name);
+        self.shape_one(&self.netns(l.a), &iface_name(nb), mbit_ab, verb)?;
+        self.shape_one(&self.netns(l.b), &iface_name(na), mbit_ba, verb)
+    }
+
+    /// (Re)installs every node's routes for the links currently up; unreachable identities
+    /// lose their route, as a converged routing protocol would do.
+    fn apply_routes(&self) -> Result<()> {
+        let topo = &self.topo;
+        let next = next_hops(topo, &self.link_up);
+        for (u, next_u) in next.iter().enumerate() {
+            let mut batch = String::new();
+            for (v, hop) in next_u.iter().enumerate() {
+                if u == v {
+                    continue;
+                }
+                match *hop {
+                    Some((hop, k)) => {
+                        let (a_addr, b_addr) = link_addrs(k);
+                        let via = if topo.links[k].a == hop {
+                            a_addr
+                        } else {
+                            b_addr
+                        };
+                        let dev = iface_name(&topo.nodes[hop].name);
+                        batch += &format!(
+                            "route replace {}/32 via {via} dev {dev} src {}\n",
+                            identity_addr(v),
+                            identity_addr(u)
+                        );
+                    }
+                    None => batch += &format!("route del {}/32\n", identity_addr(v)),
+                }
+            }
+            // -force: keep going past `route del` of a route the kernel already dropped.
+            let _ = run(
+                Command::new("ip").args(["-n", &self.netns(u), "-force", "-batch", "-"]),
+                Some(&batch),
+            );
+        }
+        Ok(())
+    }
+
+    /// Applies one timed event now.
+    pub fn apply(&mut self, link: usize, action: &EventAction) -> Result<()> {
+        match *action {
+            EventAction::SetRate { mbit_ab, mbit_ba } => {
+                self.shape(link, mbit_ab, mbit_ba, "change")
+            }
+            EventAction::Down | EventAction::Up => {
+                let up = matches!(action, EventAction::Up);
+                let l = &self.topo.links[link];
+                let state = if up { "up" } else { "down" };
+                for (me, peer) in [(l.a, l.b), (l.b, l.a)] {
+                    ip(&[
+                        "-n",
+                        &self.netns(me),
+                        "link",
+                        "set",
+                        &iface_name(&self.topo.nodes[peer].name),
+                        state,
+                    ])?;
+                }
+                self.link_up[link] = up;
+                self.apply_routes()
+            }
+        }
+    }
+
+    /// A command that runs `program args..` inside `node`'s namespace.
+    pub fn command(&self, node: usize, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns(node), program]);
+        cmd
+    }
+
+    /// Starts a process in `node`'s namespace; it is killed at teardown at the latest.
+    pub fn spawn(&mut self, mut cmd: Command) -> Result<usize> {
+        let shown = format!("{cmd:?}");
+        let child = cmd
+            .spawn()
+            .map_err(|source| TestbedError::Spawn { cmd: shown, source })?;
+        self.children.push(child);
+        Ok(self.children.len() - 1)
+    }
+
+    pub fn child(&mut self, handle: usize) -> &mut Child {
+        &mut self.children[handle]
+    }
+
+    /// Runs `f` on a thread that has entered `node`'s network namespace: sockets it opens
+    /// live there. The calling thread is not moved.
+    pub fn in_netns<T: Send + 'static>(
+        &self,
+        node: usize,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.netns(node));
+        std::thread::spawn(move || {
+            enter_netns(&path).unwrap_or_else(|e| panic!("entering {path}: {e}"));
+            f()
+        })
+    }
+
+    /// Removes everything: kills processes inside the namespaces, deletes them.
+    pub fn down(&mut self) {
+        if self.torn_down {
+            return;
+        }
+        self.torn_down = true;
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        remove_namespaces(&self.prefix);
+        LIVE.lock().unwrap().retain(|p| p != &self.prefix);
+    }
+
+    /// Leaves the testbed up after this value is gone (`cargo xtask testbed up`); `testbed
+    /// down` removes it.
+    pub fn persist(mut self) {
+        self.torn_down = true;
+        LIVE.lock().unwrap().retain(|p| p != &self.prefix);
+    }
+
+    /// A human-readable description: namespaces, addresses, routes and shaping.
+    pub fn show(&self) -> String {
+        describe(&self.prefix)
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+/// Moves the calling thread into the network namespace at `path`.
+pub fn enter_netns(path: &str) -> std::io::Result<()> {
+    let file = std::fs::File::open(path)?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns on a valid namespace fd affects only the calling thread for CLONE_NEWNET.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Every testbed namespace present, by name.
+pub fn list_namespaces() -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(NETNS_PREFIX))
+        .collect()
+}
+
+/// Kills every process in, and deletes, each namespace whose name starts with `prefix`.
+pub fn remove_namespaces(prefix: &str) {
+    for ns in list_namespaces()
+        .into_iter()
+        .filter(|n| n.starts_with(prefix))
+    {
+        // A namespace lives on while a process is inside it: kill them first.
+        if let Ok(pids) = ip(&["netns", "pids", &ns]) {
+            for pid in pids
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
+                // SAFETY: plain kill(2).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        let _ = ip(&["netns", "del", &ns]);
+    }
+}
+
+/// Removes the testbeds of this process that are still alive (for signal handlers).
+pub fn remove_live_testbeds() {
+    let prefixes = LIVE.lock().map(|l| l.clone()).unwrap_or_default();
+    for p in prefixes {
+        remove_namespaces(&p);
+    }
+}
+
+/// Removes testbeds left by processes that no longer exist. Returns the namespaces removed.
+pub fn remove_stale() -> Vec<String> {
+    let mut removed = Vec::new();
+    let mut by_owner: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for ns in list_namespaces() {
+        let owner = ns[NETNS_PREFIX.len()..]
+            .split('-')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        by_owner.entry(owner).or_default().push(ns);
+    }
+    for (owner, names) in by_owner {
+        let alive = owner
+            .parse::<u32>()
+            .map(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+            .unwrap_or(true); // named testbeds (`testbed up`) are removed by name only
+        if !alive {
+            for ns in &names {
+                remove_namespaces(ns);
+            }
+            removed.extend(names);
+        }
+    }
+    removed
+}
+
+/// Text description of the namespaces starting with `prefix`.
+pub fn describe(prefix: &str) -> String {
+    let mut out = String::new();
+    let mut names: Vec<_> = list_namespaces()
+        .into_iter()
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    names.sort();
+    for ns in names {
+        out += &format!("== {ns}\n");
+        for args in [vec!["-n", &ns, "-br", "addr"], vec!["-n", &ns, "route"]] {
+            out += &ip(&args).unwrap_or_else(|e| e.to_string());
+        }
+        if let Ok(t) = run(Command::new("tc").args(["-n", &ns, "class", "show"]), None) {
+            for line in t.lines() {
+                out += &format!("tc {line}\n");
+            }
+        }
+    }
+    out
+}
+
+/// Mounts a bpffs at `/run/floodclone/bpf` on the host, where every `ip netns exec` process
+/// sees it (each gets a private `/sys`), so pinned maps are readable across processes.
+pub fn ensure_host_bpffs() -> Result<()> {
+    let dir = "/run/floodclone/bpf";
+    std::fs::create_dir_all(dir).map_err(|source| TestbedError::Spawn {
+        cmd: format!("mkdir {dir}"),
+        source,
+    })?;
+    let mounted = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(dir));
+    if !mounted {
+        run(Command::new("mount").args(["-t", "bpf", "bpf", dir]), None)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_prefer_the_widest_of_equal_hop_paths() {
+        // s-a-d at 10, s-b-d at 40: both two hops; s must go through b.
+        let t = Topology::parse(
+            "t",
+            r#"
+            node = [{name="s",role="source"},{name="a",role="router"},{name="b",role="router"},
+                    {name="d",role="dest"}]
+            link = [{a="s",b="a",mbit=10},{a="a",b="d",mbit=10},{a="s",b="b",mbit=40},
+                    {a="b",b="d",mbit=40}]
+        "#,
+        )
+        .unwrap();
+        let up = vec![true; 4];
+        let next = next_hops(&t, &up);
+        assert_eq!(next[0][3], Some((2, 2)));
+        assert_eq!(next[3][0], Some((2, 3)));
+        // With s-b down, d is reached via a.
+        let next = next_hops(&t, &[true, true, false, true]);
+        assert_eq!(next[0][3], Some((1, 0)));
+    }
+
+    #[test]
+    fn addresses_are_distinct() {
+        assert_ne!(identity_addr(0), identity_addr(250));
+        let (a, b) = link_addrs(70);
+        assert_eq!(u32::from(b) - u32::from(a), 1);
+        assert_eq!(u32::from(a) % 4, 1);
+    }
+}

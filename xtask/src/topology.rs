@@ -1,0 +1,433 @@
+//! Emulated networks as files: nodes (source, destinations, non-member routers), links with
+//! per-direction rates, and optional timed events.
+//!
+//! ```toml
+//! [[node]]
+//! name = "s"
+//! role = "source"        # "source" | "dest" | "router"
+//! [[link]]
+//! a = "s"
+//! b = "d1"
+//! mbit = 40              # both directions, or mbit_ab / mbit_ba
+//! [[event]]
+//! at_s = 3.0
+//! link = ["s", "d1"]
+//! mbit = 10              # or: down = true / up = true
+//! ```
+
+use std::{collections::HashMap, fmt, path::Path};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("cannot read topology {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("topology {path} is not valid TOML: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("topology {0}")]
+    Invalid(String),
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Source,
+    Dest,
+    Router,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Node {
+    pub name: String,
+    pub role: Role,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+struct RawLink {
+    a: String,
+    b: String,
+    mbit: Option<f64>,
+    mbit_ab: Option<f64>,
+    mbit_ba: Option<f64>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+struct RawEvent {
+    at_s: f64,
+    link: [String; 2],
+    mbit: Option<f64>,
+    mbit_ab: Option<f64>,
+    mbit_ba: Option<f64>,
+    #[serde(default)]
+    down: bool,
+    #[serde(default)]
+    up: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTopology {
+    #[serde(default)]
+    description: String,
+    #[serde(rename = "node")]
+    nodes: Vec<Node>,
+    #[serde(rename = "link")]
+    links: Vec<RawLink>,
+    #[serde(default, rename = "event")]
+    events: Vec<RawEvent>,
+}
+
+/// A link between node indices `a` and `b` with a rate per direction in Mbit/s.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Link {
+    pub a: usize,
+    pub b: usize,
+    pub mbit_ab: f64,
+    pub mbit_ba: f64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum EventAction {
+    /// New rates in Mbit/s (a->b, b->a).
+    SetRate {
+        mbit_ab: f64,
+        mbit_ba: f64,
+    },
+    Down,
+    Up,
+}
+
+/// At `at_s` seconds after the transfer starts, `action` applies to link `link` (an index
+/// into [`Topology::links`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    pub at_s: f64,
+    pub link: usize,
+    pub action: EventAction,
+}
+
+#[derive(Clone, Debug)]
+pub struct Topology {
+    pub name: String,
+    pub description: String,
+    pub nodes: Vec<Node>,
+    pub links: Vec<Link>,
+    /// Sorted by time.
+    pub events: Vec<Event>,
+}
+
+fn rates(
+    what: &str,
+    mbit: Option<f64>,
+    ab: Option<f64>,
+    ba: Option<f64>,
+) -> Result<(f64, f64), TopologyError> {
+    let (ab, ba) = match (mbit, ab, ba) {
+        (Some(m), None, None) => (m, m),
+        (None, Some(ab), Some(ba)) => (ab, ba),
+        _ => {
+            return Err(TopologyError::Invalid(format!(
+                "{what}: give either `mbit` or both `mbit_ab` and `mbit_ba`"
+            )))
+        }
+    };
+    if !(ab > 0.0 && ba > 0.0 && ab.is_finite() && ba.is_finite()) {
+        return Err(TopologyError::Invalid(format!(
+            "{what}: rates must be positive Mbit/s"
+        )));
+    }
+    Ok((ab, ba))
+}
+
+impl Topology {
+    pub fn load(path: &Path) -> Result<Self, TopologyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TopologyError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Self::parse(&name, &text).map_err(|e| match e {
+            TopologyError::Parse { source, .. } => TopologyError::Parse {
+                path: path.display().to_string(),
+                source,
+            },
+            TopologyError::Invalid(m) => TopologyError::Invalid(format!("{}: {m}", path.display())),
+            other => other,
+        })
+    }
+
+    pub fn parse(name: &str, text: &str) -> Result<Self, TopologyError> {
+        let raw: RawTopology = toml::from_str(text).map_err(|source| TopologyError::Parse {
+            path: name.to_string(),
+            source: Box::new(source),
+        })?;
+        let mut index = HashMap::new();
+        for (i, n) in raw.nodes.iter().enumerate() {
+            let valid = !n.name.is_empty()
+                && n.name.len() <= 6
+                && n.name.chars().all(|c| c.is_ascii_alphanumeric());
+            if !valid {
+                return Err(TopologyError::Invalid(format!(
+                    "node name {:?}: use 1 to 6 ASCII letters or digits (it becomes part of \
+                     interface names, which the kernel limits to 15 bytes)",
+                    n.name
+                )));
+            }
+            if index.insert(n.name.clone(), i).is_some() {
+                return Err(TopologyError::Invalid(format!("node {} twice", n.name)));
+            }
+        }
+        let sources = raw.nodes.iter().filter(|n| n.role == Role::Source).count();
+        if sources != 1 {
+            return Err(TopologyError::Invalid(format!(
+                "needs exactly one node with role \"source\", found {sources}"
+            )));
+        }
+        if !raw.nodes.iter().any(|n| n.role == Role::Dest) {
+            return Err(TopologyError::Invalid(
+                "needs at least one \"dest\" node".into(),
+            ));
+        }
+        let lookup = |n: &str| {
+            index
+                .get(n)
+                .copied()
+                .ok_or_else(|| TopologyError::Invalid(format!("unknown node {n:?}")))
+        };
+        let mut links: Vec<Link> = Vec::new();
+        for l in &raw.links {
+            let (a, b) = (lookup(&l.a)?, lookup(&l.b)?);
+            if a == b {
+                return Err(TopologyError::Invalid(format!("link {} to itself", l.a)));
+            }
+            if links
+                .iter()
+                .any(|x| (x.a, x.b) == (a, b) || (x.a, x.b) == (b, a))
+            {
+                return Err(TopologyError::Invalid(format!(
+                    "two links between {} and {}",
+                    l.a, l.b
+                )));
+            }
+            let (mbit_ab, mbit_ba) = rates(
+                &format!("link {}-{}", l.a, l.b),
+                l.mbit,
+                l.mbit_ab,
+                l.mbit_ba,
+            )?;
+            links.push(Link {
+                a,
+                b,
+                mbit_ab,
+                mbit_ba,
+            });
+        }
+        let mut events = Vec::new();
+        for e in &raw.events {
+            let what = format!("event at {} s on {}-{}", e.at_s, e.link[0], e.link[1]);
+            let (a, b) = (lookup(&e.link[0])?, lookup(&e.link[1])?);
+            let (link, flipped) = links
+                .iter()
+                .enumerate()
+                .find_map(|(i, l)| {
+                    if (l.a, l.b) == (a, b) {
+                        Some((i, false))
+                    } else if (l.a, l.b) == (b, a) {
+                        Some((i, true))
+                    } else {
+                        None
+                    }
+                })
+                .ok_or_else(|| TopologyError::Invalid(format!("{what}: no such link")))?;
+            if !(e.at_s >= 0.0 && e.at_s.is_finite()) {
+                return Err(TopologyError::Invalid(format!("{what}: at_s must be >= 0")));
+            }
+            let action = match (e.down, e.up) {
+                (true, false) => EventAction::Down,
+                (false, true) => EventAction::Up,
+                (false, false) => {
+                    let (x, y) = rates(&what, e.mbit, e.mbit_ab, e.mbit_ba)?;
+                    let (mbit_ab, mbit_ba) = if flipped { (y, x) } else { (x, y) };
+                    EventAction::SetRate { mbit_ab, mbit_ba }
+                }
+                (true, true) => {
+                    return Err(TopologyError::Invalid(format!(
+                        "{what}: `down` and `up` together"
+                    )))
+                }
+            };
+            events.push(Event {
+                at_s: e.at_s,
+                link,
+                action,
+            });
+        }
+        events.sort_by(|x, y| x.at_s.total_cmp(&y.at_s));
+        let topo = Self {
+            name: name.to_string(),
+            description: raw.description,
+            nodes: raw.nodes,
+            links,
+            events,
+        };
+        for d in topo.destinations() {
+            if topo.hop_distances(topo.source())[d].is_none() {
+                return Err(TopologyError::Invalid(format!(
+                    "destination {} is not connected to the source",
+                    topo.nodes[d].name
+                )));
+            }
+        }
+        Ok(topo)
+    }
+
+    pub fn source(&self) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.role == Role::Source)
+            .expect("validated")
+    }
+
+    pub fn destinations(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].role == Role::Dest)
+            .collect()
+    }
+
+    /// Members are the nodes that run floodclone: the source and the destinations.
+    pub fn is_member(&self, i: usize) -> bool {
+        self.nodes[i].role != Role::Router
+    }
+
+    /// Per-direction capacities in bits per second: `cap[(u, v)]`.
+    pub fn capacities_bps(&self) -> HashMap<(usize, usize), f64> {
+        let mut cap = HashMap::new();
+        for l in &self.links {
+            cap.insert((l.a, l.b), l.mbit_ab * 1e6);
+            cap.insert((l.b, l.a), l.mbit_ba * 1e6);
+        }
+        cap
+    }
+
+    /// Neighbours of `u` as (neighbour, link index).
+    pub fn neighbours(&self, u: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.links.iter().enumerate().filter_map(move |(i, l)| {
+            if l.a == u {
+                Some((l.b, i))
+            } else if l.b == u {
+                Some((l.a, i))
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Hop counts from `from` (breadth first); `None` where unreachable.
+    pub fn hop_distances(&self, from: usize) -> Vec<Option<usize>> {
+        let mut dist = vec![None; self.nodes.len()];
+        dist[from] = Some(0);
+        let mut queue = std::collections::VecDeque::from([from]);
+        while let Some(u) = queue.pop_front() {
+            for (v, _) in self.neighbours(u) {
+                if dist[v].is_none() {
+                    dist[v] = Some(dist[u].unwrap() + 1);
+                    queue.push_back(v);
+                }
+            }
+        }
+        dist
+    }
+}
+
+impl fmt::Display for Topology {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "topology {}: {}", self.name, self.description.trim())?;
+        for n in &self.nodes {
+            writeln!(f, "  node {:6} {:?}", n.name, n.role)?;
+        }
+        for l in &self.links {
+            writeln!(
+                f,
+                "  link {}-{}: {} Mbit/s ->, {} Mbit/s <-",
+                self.nodes[l.a].name, self.nodes[l.b].name, l.mbit_ab, l.mbit_ba
+            )?;
+        }
+        for e in &self.events {
+            let l = &self.links[e.link];
+            writeln!(
+                f,
+                "  at {} s: link {}-{} {:?}",
+                e.at_s, self.nodes[l.a].name, self.nodes[l.b].name, e.action
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMALL: &str = r#"
+        [[node]]
+        name = "s"
+        role = "source"
+        [[node]]
+        name = "d1"
+        role = "dest"
+        [[link]]
+        a = "s"
+        b = "d1"
+        mbit_ab = 40
+        mbit_ba = 10
+        [[event]]
+        at_s = 2.0
+        link = ["d1", "s"]
+        mbit_ab = 5
+        mbit_ba = 20
+    "#;
+
+    #[test]
+    fn parses_rates_and_flips_event_direction() {
+        let t = Topology::parse("small", SMALL).unwrap();
+        assert_eq!(t.links[0].mbit_ab, 40.0);
+        assert_eq!(t.links[0].mbit_ba, 10.0);
+        // The event names the link as d1-s: its a->b is the link's b->a.
+        assert_eq!(
+            t.events[0].action,
+            EventAction::SetRate {
+                mbit_ab: 20.0,
+                mbit_ba: 5.0
+            }
+        );
+    }
+
+    #[test]
+    fn rejects_bad_files_with_a_reason() {
+        let no_source = SMALL.replace("\"source\"", "\"dest\"");
+        assert!(Topology::parse("x", &no_source)
+            .unwrap_err()
+            .to_string()
+            .contains("exactly one"));
+        let long_name = SMALL.replace("\"d1\"", "\"destination1\"");
+        assert!(Topology::parse("x", &long_name)
+            .unwrap_err()
+            .to_string()
+            .contains("1 to 6"));
+        let disconnected = format!("{SMALL}\n[[node]]\nname = \"d2\"\nrole = \"dest\"\n");
+        assert!(Topology::parse("x", &disconnected)
+            .unwrap_err()
+            .to_string()
+            .contains("not connected"));
+    }
+}
