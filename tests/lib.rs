@@ -5,7 +5,6 @@ use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
     path::PathBuf,
-    process::Command,
     sync::OnceLock,
     time::{Duration, Instant},
 };
@@ -27,28 +26,8 @@ pub fn root_or_skip(test: &str) -> bool {
 /// The release `floodclone` binary, built once per test process.
 pub fn floodclone_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "floodclone-user",
-                "--bin",
-                "floodclone",
-            ])
-            .current_dir(&root)
-            .status()
-            .expect("running cargo build");
-        assert!(st.success(), "building floodclone failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("target"));
-        target.join("release").join("floodclone")
-    })
-    .clone()
+    BIN.get_or_init(|| xtask::build::floodclone_binary().expect("building floodclone"))
+        .clone()
 }
 
 /// Sends TCP from node `from` to node `to` for `secs`, and returns the payload rate in
@@ -98,4 +77,23 @@ pub fn tcp_rate_mbit(bed: &Testbed, from: usize, to: usize, secs: f64) -> f64 {
 /// The identity address of `node`.
 pub fn addr(node: usize) -> Ipv4Addr {
     identity_addr(node)
+}
+
+/// A topology shipped in `topologies/`.
+pub fn shipped(name: &str) -> xtask::topology::Topology {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../topologies")
+        .join(format!("{name}.toml"));
+    xtask::topology::Topology::load(&path).unwrap()
+}
+
+/// Runs one transfer and fails the test unless every copy arrived verified.
+pub fn transfer(
+    topo: &xtask::topology::Topology,
+    opts: &xtask::run::RunOptions,
+) -> xtask::run::RunReport {
+    let report = xtask::run::run_transfer(topo, &floodclone_bin(), opts).unwrap();
+    eprint!("{}", xtask::run::render(&report));
+    xtask::run::check(&report).unwrap();
+    report
 }

@@ -1,24 +1,87 @@
 //! The `floodclone` command: `send`, `recv` and `stats`.
 
-use std::time::Duration;
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    time::Duration,
+};
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use floodclone::stats;
+use floodclone::{
+    linkstats::LinkStats,
+    manifest::DEFAULT_CHUNK_BYTES,
+    node::{self, Common, Output, RecvConfig, SendConfig, DEFAULT_PORT},
+    stats,
+};
+use serde_json::json;
 
 #[derive(Parser)]
 #[command(
     name = "floodclone",
     version,
-    about = "Deliver one file from a source to many hosts at the speed of the network's min-cut"
+    about = "Deliver one file from a source to many hosts at the speed of the network's min-cut",
+    long_about = "Deliver one file from a source to many hosts at the speed of the network's \
+                  min-cut. Run `floodclone send` on the source and `floodclone recv` on every \
+                  destination, in any order, with the same --token."
 )]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
 }
 
+#[derive(clap::Args, Clone)]
+struct NodeArgs {
+    /// Shared secret of the swarm; peers without it are refused. Also read from
+    /// FLOODCLONE_TOKEN.
+    #[arg(
+        long,
+        env = "FLOODCLONE_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
+    token: String,
+    /// UDP port this node listens on.
+    #[arg(long, default_value_t = DEFAULT_PORT)]
+    port: u16,
+    /// One JSON object per line on stdout instead of human-readable lines on stderr.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Serve FILE until every destination holds a verified copy.
+    Send {
+        /// The file to deliver.
+        file: PathBuf,
+        /// A destination, as ADDR or ADDR:PORT (port defaults to --port). Repeat for each.
+        #[arg(long = "dest", required = true, value_parser = parse_addr)]
+        dests: Vec<(Ipv4Addr, Option<u16>)>,
+        /// Chunk size in bytes.
+        #[arg(long, default_value_t = DEFAULT_CHUNK_BYTES)]
+        chunk_size: u32,
+        /// Seconds to wait for every destination before starting with those present.
+        #[arg(long, default_value_t = 3.0)]
+        join_grace: f64,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Fetch the file from a source (and from other destinations), write it to --out, and
+    /// keep serving others until the source says everyone is done.
+    Recv {
+        /// The source, as ADDR or ADDR:PORT.
+        #[arg(long, value_parser = parse_addr)]
+        source: (Ipv4Addr, Option<u16>),
+        /// Where the file goes. Written there only once complete and verified.
+        #[arg(long)]
+        out: PathBuf,
+        /// Seconds to keep trying to reach the source at start.
+        #[arg(long, default_value_t = 60.0)]
+        connect_timeout: f64,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
     /// Live per-link statistics measured in the kernel (eBPF): rates, bytes, QUIC RTT.
     Stats {
         /// Measurement interval in seconds.
@@ -33,16 +96,149 @@ enum Cmd {
     },
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn parse_addr(s: &str) -> Result<(Ipv4Addr, Option<u16>), String> {
+    match s.split_once(':') {
+        Some((ip, port)) => Ok((
+            ip.parse()
+                .map_err(|_| format!("{s:?}: not an IPv4 address"))?,
+            Some(port.parse().map_err(|_| format!("{s:?}: bad port"))?),
+        )),
+        None => Ok((
+            s.parse()
+                .map_err(|_| format!("{s:?}: not an IPv4 address"))?,
+            None,
+        )),
+    }
+}
+
+fn seconds(what: &str, s: f64) -> Result<Duration> {
+    if !(s >= 0.0 && s.is_finite()) {
+        bail!("{what} must be a non-negative number of seconds");
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
+/// Attaches the link-stats programs for the life of the process, on a thread of its own so
+/// the transfer does not wait for it; without permission the transfer goes on with
+/// userspace measurements only. Join the handle to keep the programs until exit.
+fn attach_link_stats() -> std::thread::JoinHandle<Option<LinkStats>> {
+    std::thread::spawn(attach_link_stats_now)
+}
+
+fn attach_link_stats_now() -> Option<LinkStats> {
+    match LinkStats::attach() {
+        Ok(s) => {
+            tracing::debug!(pins = %s.pin_dir().display(), "link stats attached");
+            Some(s)
+        }
+        Err(e) => {
+            eprintln!("warning: in-kernel link stats unavailable ({e}); continuing with userspace measurements");
+            None
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("floodclone: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Send {
+            file,
+            dests,
+            chunk_size,
+            join_grace,
+            node: n,
+        } => {
+            let stats = attach_link_stats();
+            let output = Output { json: n.json };
+            let cfg = SendConfig {
+                common: Common {
+                    port: n.port,
+                    token: n.token,
+                    output: output.clone(),
+                    chunk_bytes: chunk_size,
+                },
+                dests: dests
+                    .into_iter()
+                    .map(|(ip, port)| SocketAddrV4::new(ip, port.unwrap_or(n.port)))
+                    .collect(),
+                file,
+                join_grace: seconds("--join-grace", join_grace)?,
+            };
+            let started = std::time::Instant::now();
+            let results = runtime()?.block_on(async {
+                tokio::select! {
+                    r = node::run_send(cfg) => r.map_err(anyhow::Error::from),
+                    _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+                }
+            })?;
+            let elapsed = started.elapsed().as_secs_f64();
+            drop(stats.join()); // detach and unpin
+            output.event(
+                json!({"event": "swarm_done", "elapsed_s": elapsed, "destinations": results,
+                       "peak_rss_bytes": node::peak_rss_bytes()}),
+                || {
+                    let mut s =
+                        format!("every destination holds a verified copy ({elapsed:.2} s):");
+                    for r in &results {
+                        s += &format!("\n  {:15} {:8.2} s", r.addr.to_string(), r.elapsed_s);
+                    }
+                    s
+                },
+            );
+        }
+        Cmd::Recv {
+            source,
+            out,
+            connect_timeout,
+            node: n,
+        } => {
+            let stats = attach_link_stats();
+            let cfg = RecvConfig {
+                common: Common {
+                    port: n.port,
+                    token: n.token,
+                    output: Output { json: n.json },
+                    chunk_bytes: DEFAULT_CHUNK_BYTES,
+                },
+                source: SocketAddrV4::new(source.0, source.1.unwrap_or(n.port)),
+                out,
+                connect_timeout: seconds("--connect-timeout", connect_timeout)?,
+            };
+            runtime()?.block_on(async {
+                tokio::select! {
+                    r = node::run_recv(cfg) => r.map(|_| ()).map_err(anyhow::Error::from),
+                    _ = tokio::signal::ctrl_c() => bail!("interrupted (progress is kept: run the same command to resume)"),
+                }
+            })?;
+            drop(stats.join());
+        }
         Cmd::Stats {
             interval,
             watch,
             json,
         } => {
             if !(interval > 0.0 && interval.is_finite()) {
-                anyhow::bail!("--interval must be a positive number of seconds");
+                bail!("--interval must be a positive number of seconds");
             }
             loop {
                 let report = stats::measure(Duration::from_secs_f64(interval))?;

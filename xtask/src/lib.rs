@@ -2,6 +2,8 @@
 //! runs and benchmarks. A library so the end-to-end tests drive the same testbed code.
 
 pub mod bound;
+pub mod build;
+pub mod run;
 pub mod setup;
 pub mod size;
 pub mod testbed;

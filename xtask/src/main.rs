@@ -1,11 +1,13 @@
 //! `cargo xtask`: setup, build, the emulated testbed, the floor, runs and tests.
 
-use std::{path::PathBuf, process::Command};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use xtask::{
-    bound, setup,
+    bound,
+    build::{cargo, floodclone_binary as build_floodclone, workspace_root},
+    setup,
     size::parse_size,
     testbed::{self, Testbed},
     topology::Topology,
@@ -37,6 +39,19 @@ enum Cmd {
         #[arg(long, default_value = "64MiB", value_parser = parse_size)]
         size: u64,
         /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Setup, build, then one real transfer on the emulated testbed: per-destination times,
+    /// U, U_min and their ratio. Everything is torn down afterwards.
+    Run {
+        /// Topology file.
+        #[arg(long, default_value = "topologies/ring-plus-star.toml")]
+        topology: PathBuf,
+        /// File size, e.g. 64MiB.
+        #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+        size: u64,
+        /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -82,33 +97,13 @@ fn install_signal_cleanup() -> Result<()> {
     Ok(())
 }
 
-fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
-}
-
-fn cargo(args: &[&str]) -> Result<()> {
-    let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(args)
-        .current_dir(workspace_root())
-        .status()
-        .context("running cargo")?;
-    if !st.success() {
-        bail!("cargo {} failed ({st})", args.join(" "));
-    }
-    Ok(())
-}
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
     install_signal_cleanup()?;
     match cli.cmd {
         Cmd::Setup => setup::ensure(false)?,
         Cmd::Build => {
-            setup::ensure(true)?;
-            cargo(&["build", "--release", "-p", "floodclone-user"])?;
+            build_floodclone()?;
         }
         Cmd::Bound { file, size, json } => {
             let topo = Topology::load(&file)?;
@@ -172,12 +167,41 @@ fn main() -> Result<()> {
                 print!("{}", testbed::describe(&named_prefix(&topo)));
             }
         },
+        Cmd::Run {
+            topology,
+            size,
+            json,
+        } => {
+            if !testbed::is_root() {
+                bail!("`cargo xtask run` builds network namespaces and loads eBPF: run it as root");
+            }
+            let bin = build_floodclone()?;
+            let topo = Topology::load(
+                &workspace_root()
+                    .join(&topology)
+                    .canonicalize()
+                    .unwrap_or(topology),
+            )?;
+            eprintln!(
+                "running {} bytes over {} ({} members)",
+                size,
+                topo.name,
+                xtask::run::member_count(&topo)
+            );
+            let report = xtask::run::run_transfer(&topo, &bin, &xtask::run::RunOptions::new(size))?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", xtask::run::render(&report));
+            }
+            xtask::run::check(&report)?;
+        }
         Cmd::Test { args } => {
             setup::ensure(true)?;
             if !testbed::is_root() {
                 eprintln!("note: not root: tests that need network namespaces or BPF will skip");
             }
-            let mut full = vec!["test", "--release", "--workspace"];
+            let mut full = vec!["test", "--release"];
             full.extend(args.iter().map(String::as_str));
             cargo(&full)?;
         }

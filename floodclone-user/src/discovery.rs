@@ -1,0 +1,210 @@
+//! Who sits behind which link, from the kernel's own routing: for every member, the
+//! equivalent of `ip route get ADDR` (rtnetlink RTM_GETROUTE) gives the output interface and
+//! gateway. A member reached on-link, or whose own address is the gateway, is a direct
+//! neighbour; one reached through another member's address is behind that member; one
+//! reached through a non-member gateway is an overlay neighbour over a path it may share
+//! with others behind the same gateway.
+
+use std::net::Ipv4Addr;
+
+use futures::TryStreamExt;
+use netlink_packet_route::{
+    address::AddressAttribute,
+    route::{RouteAddress, RouteAttribute},
+};
+use rtnetlink::RouteMessageBuilder;
+
+use crate::wire::{Member, Reach, RouteView};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("cannot open a netlink socket: {0}")]
+    Socket(std::io::Error),
+    #[error("netlink request failed: {0}")]
+    Netlink(String),
+}
+
+/// What the kernel says about the way to one address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteLookup {
+    pub ifindex: u32,
+    pub gateway: Option<Ipv4Addr>,
+}
+
+/// A netlink handle for route and address queries.
+pub struct Kernel {
+    handle: rtnetlink::Handle,
+}
+
+impl Kernel {
+    /// Opens a netlink connection (must run inside a tokio runtime).
+    pub fn open() -> Result<Self, DiscoveryError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(DiscoveryError::Socket)?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    /// Every IPv4 address on this host's interfaces, loopback range excluded.
+    pub async fn local_addrs(&self) -> Result<Vec<Ipv4Addr>, DiscoveryError> {
+        let mut out = Vec::new();
+        let mut stream = self.handle.address().get().execute();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(|e| DiscoveryError::Netlink(e.to_string()))?
+        {
+            for attr in msg.attributes {
+                if let AddressAttribute::Address(std::net::IpAddr::V4(a)) = attr {
+                    if !a.is_loopback() && !out.contains(&a) {
+                        out.push(a);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `ip route get addr`.
+    pub async fn route_to(&self, addr: Ipv4Addr) -> Result<Option<RouteLookup>, DiscoveryError> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(addr, 32)
+            .build();
+        let mut stream = self.handle.route().get(msg).execute();
+        let reply = match stream.try_next().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(None),
+            // ENETUNREACH and friends: no route.
+            Err(rtnetlink::Error::NetlinkError(_)) => return Ok(None),
+            Err(e) => return Err(DiscoveryError::Netlink(e.to_string())),
+        };
+        let mut lookup = RouteLookup {
+            ifindex: 0,
+            gateway: None,
+        };
+        for attr in reply.attributes {
+            match attr {
+                RouteAttribute::Oif(i) => lookup.ifindex = i,
+                RouteAttribute::Gateway(RouteAddress::Inet(gw)) => lookup.gateway = Some(gw),
+                _ => {}
+            }
+        }
+        Ok(Some(lookup))
+    }
+
+    /// Route lookups for every member but `me`.
+    pub async fn lookups(
+        &self,
+        members: &[Member],
+        me: u16,
+    ) -> Result<Vec<(u16, Option<RouteLookup>)>, DiscoveryError> {
+        let mut out = Vec::new();
+        for m in members.iter().filter(|m| m.id != me) {
+            out.push((m.id, self.route_to(m.addr).await?));
+        }
+        Ok(out)
+    }
+}
+
+/// Classifies each member from the route lookups (pure: unit-tested).
+pub fn classify(members: &[Member], lookups: &[(u16, Option<RouteLookup>)]) -> Vec<RouteView> {
+    let owner = |addr: Ipv4Addr| {
+        members
+            .iter()
+            .find(|m| m.addr == addr || m.local_addrs.contains(&addr))
+            .map(|m| m.id)
+    };
+    lookups
+        .iter()
+        .map(|&(member, lookup)| {
+            let Some(l) = lookup else {
+                return RouteView {
+                    member,
+                    reach: Reach::Unreachable,
+                    ifindex: 0,
+                    gateway: None,
+                    via_member: None,
+                };
+            };
+            let (reach, via_member) = match l.gateway {
+                None => (Reach::Direct, None),
+                Some(gw) => match owner(gw) {
+                    Some(id) if id == member => (Reach::Direct, None),
+                    Some(id) => (Reach::Behind, Some(id)),
+                    None => (Reach::ViaRouter, None),
+                },
+            };
+            RouteView {
+                member,
+                reach,
+                ifindex: l.ifindex,
+                gateway: l.gateway,
+                via_member,
+            }
+        })
+        .collect()
+}
+
+/// Members this node exchanges data with: every member not behind another member.
+pub fn data_neighbours(views: &[RouteView]) -> Vec<u16> {
+    views
+        .iter()
+        .filter(|v| matches!(v.reach, Reach::Direct | Reach::ViaRouter))
+        .map(|v| v.member)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: u16, addr: [u8; 4], links: &[[u8; 4]]) -> Member {
+        Member {
+            id,
+            addr: addr.into(),
+            port: 7878,
+            local_addrs: links.iter().map(|a| (*a).into()).collect(),
+            joined: true,
+        }
+    }
+
+    #[test]
+    fn direct_behind_and_via_router() {
+        // Seen from d1 on a chain s - d1 - d2 - d3, plus d4 behind a router r.
+        let members = vec![
+            member(0, [10, 100, 0, 1], &[[10, 200, 0, 1]]),
+            member(1, [10, 100, 0, 2], &[[10, 200, 0, 2], [10, 200, 0, 5]]),
+            member(2, [10, 100, 0, 3], &[[10, 200, 0, 6], [10, 200, 0, 9]]),
+            member(3, [10, 100, 0, 4], &[[10, 200, 0, 10]]),
+            member(4, [10, 100, 0, 5], &[[10, 200, 0, 14]]),
+        ];
+        let via = |gw: [u8; 4], ifindex| {
+            Some(RouteLookup {
+                ifindex,
+                gateway: Some(gw.into()),
+            })
+        };
+        let lookups = vec![
+            (0, via([10, 200, 0, 1], 2)),
+            (2, via([10, 200, 0, 6], 3)),
+            (3, via([10, 200, 0, 6], 3)),
+            (4, via([10, 200, 0, 13], 4)),
+            (9, None),
+        ];
+        let views = classify(&members, &lookups);
+        let reach: Vec<_> = views
+            .iter()
+            .map(|v| (v.member, v.reach, v.via_member))
+            .collect();
+        assert_eq!(
+            reach,
+            vec![
+                (0, Reach::Direct, None),
+                (2, Reach::Direct, None),
+                (3, Reach::Behind, Some(2)),
+                (4, Reach::ViaRouter, None),
+                (9, Reach::Unreachable, None),
+            ]
+        );
+        assert_eq!(data_neighbours(&views), vec![0, 2, 4]);
+    }
+}

@@ -1,0 +1,1144 @@
+//! The daemon: one core task owns the scheduler, the member list and the connection table;
+//! one task per QUIC connection speaks the control protocol, serves chunk requests and
+//! receives chunks (verified and written before the core hears of them).
+//!
+//! Whoever dials a connection pulls data over it and whoever accepts serves, so each
+//! direction of a link has its own connection (and congestion controller). Every
+//! destination also keeps a connection to the source for joining and completion; it pulls
+//! over it only when the source is one of its overlay neighbours.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, OnceLock,
+    },
+    time::{Duration, Instant},
+};
+
+use quinn::{Connection, Endpoint, VarInt};
+use serde_json::json;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::{
+    discovery::{self, Kernel},
+    manifest::{ChunkId, Manifest},
+    sched::{Action, Arrival, FreshServer, Puller, SchedConfig},
+    storage::{ChunkStore, StorageError},
+    transport::{self, Control, TransportError, CLOSE_DONE, CLOSE_NOT_MEMBER, CLOSE_PROTOCOL},
+    wire::{ChunkSet, Member, Msg, Reach, RouteView},
+};
+
+pub const DEFAULT_PORT: u16 = 7878;
+/// Member id of the source; destinations are 1..=M in the order of `--dest`.
+pub const SOURCE_ID: u16 = 0;
+/// Hello id of a destination that has not been told its id yet.
+const JOINING: u16 = u16::MAX;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Discovery(#[from] discovery::DiscoveryError),
+    #[error("{0}")]
+    Manifest(#[from] crate::manifest::ManifestError),
+    #[error("the source at {addr} did not answer within {secs} s (is `floodclone send` running there, on that port?)")]
+    SourceUnreachable { addr: SocketAddrV4, secs: u64 },
+    #[error("the source refused this node: {0}")]
+    NotMember(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// How events are shown: JSON lines on stdout, or plain lines on stderr.
+#[derive(Clone)]
+pub struct Output {
+    pub json: bool,
+}
+
+impl Output {
+    pub fn event(&self, value: serde_json::Value, plain: impl FnOnce() -> String) {
+        if self.json {
+            println!("{value}");
+        } else {
+            eprintln!("{}", plain());
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Common {
+    pub port: u16,
+    pub token: String,
+    pub output: Output,
+    pub chunk_bytes: u32,
+}
+
+pub struct SendConfig {
+    pub common: Common,
+    pub file: PathBuf,
+    pub dests: Vec<SocketAddrV4>,
+    /// How long the source waits for every destination before it starts with those present.
+    pub join_grace: Duration,
+}
+
+pub struct RecvConfig {
+    pub common: Common,
+    pub source: SocketAddrV4,
+    pub out: PathBuf,
+    /// How long to keep trying to reach the source at start.
+    pub connect_timeout: Duration,
+}
+
+/// Per-destination result at the source.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DestResult {
+    pub id: u16,
+    pub addr: Ipv4Addr,
+    pub elapsed_s: f64,
+}
+
+type ConnKey = u64;
+
+enum Event {
+    /// A connection finished its handshake.
+    Up {
+        key: ConnKey,
+        info: ConnInfo,
+    },
+    Msg {
+        key: ConnKey,
+        msg: Msg,
+    },
+    ChunkStarted {
+        key: ConnKey,
+        chunk: ChunkId,
+        reply: oneshot::Sender<bool>,
+    },
+    ChunkDone {
+        key: ConnKey,
+        chunk: ChunkId,
+        ok: bool,
+    },
+    Gone {
+        key: ConnKey,
+        reason: String,
+    },
+    /// A dial attempt gave up or failed for good.
+    DialFailed {
+        peer: u16,
+        error: TransportError,
+    },
+    Finalized(Result<PathBuf, StorageError>),
+}
+
+/// State shared with connection tasks.
+struct Shared {
+    token: String,
+    store: OnceLock<Arc<ChunkStore>>,
+    /// Source only: set once the file is hashed.
+    fresh: OnceLock<Mutex<FreshServer>>,
+    haves: broadcast::Sender<ChunkId>,
+    events: mpsc::UnboundedSender<Event>,
+    next_key: AtomicU64,
+}
+
+impl Shared {
+    fn key(&self) -> ConnKey {
+        self.next_key.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+struct ConnInfo {
+    peer: Option<u16>,
+    dialed: bool,
+    tx: mpsc::UnboundedSender<Msg>,
+    conn: Connection,
+    remote: SocketAddr,
+}
+
+/// Accepts connections until the endpoint closes.
+fn spawn_acceptor(ep: Endpoint, shared: Arc<Shared>) {
+    tokio::spawn(async move {
+        while let Some(incoming) = ep.accept().await {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                match transport::authenticate_acceptor(&conn, &shared.token).await {
+                    Ok(ctl) => connection_task(shared, conn, ctl, false, None, Vec::new()).await,
+                    Err(e) => tracing::warn!(remote = %conn.remote_address(), "refused: {e}"),
+                }
+            });
+        }
+    });
+}
+
+/// Dials `addr` until it answers (or `deadline`), then runs the connection.
+fn spawn_dial(
+    ep: Endpoint,
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    peer: u16,
+    hello: Vec<Msg>,
+    deadline: Option<Instant>,
+) {
+    tokio::spawn(async move {
+        // Short first attempts: peers start in any order and a missing one never answers.
+        let mut patience = Duration::from_millis(250);
+        let wait = Duration::from_millis(50);
+        loop {
+            let attempt = async {
+                let conn = transport::dial(&ep, addr, patience).await?;
+                let ctl = transport::authenticate_dialer(&conn, &shared.token).await?;
+                Ok::<_, TransportError>((conn, ctl))
+            };
+            match attempt.await {
+                Ok((conn, ctl)) => {
+                    connection_task(shared, conn, ctl, true, Some(peer), hello).await;
+                    return;
+                }
+                Err(e @ (TransportError::Refused | TransportError::BadToken)) => {
+                    let _ = shared.events.send(Event::DialFailed { peer, error: e });
+                    return;
+                }
+                Err(e) => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        let _ = shared.events.send(Event::DialFailed { peer, error: e });
+                        return;
+                    }
+                    tracing::debug!(%addr, "dial failed, retrying: {e}");
+                    tokio::time::sleep(wait).await;
+                    patience = (patience * 2).min(Duration::from_secs(3));
+                }
+            }
+        }
+    });
+}
+
+/// Serves one connection: control messages both ways, chunk requests (acceptor side), chunk
+/// streams (dialer side).
+async fn connection_task(
+    shared: Arc<Shared>,
+    conn: Connection,
+    ctl: Control,
+    dialed: bool,
+    peer: Option<u16>,
+    hello: Vec<Msg>,
+) {
+    let key = shared.key();
+    let Control {
+        send: mut ctl_send,
+        recv: mut ctl_recv,
+    } = ctl;
+    let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
+    for m in hello {
+        let _ = tx.send(m);
+    }
+    // Writer: frames from `tx` onto the control stream, in order.
+    let writer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if ctl_send.write_all(&m.encode()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let _ = shared.events.send(Event::Up {
+        key,
+        info: ConnInfo {
+            peer,
+            dialed,
+            tx: tx.clone(),
+            conn: conn.clone(),
+            remote: conn.remote_address(),
+        },
+    });
+
+    // Serving: a FIFO of requested chunks, sent one stream each with falling priority so
+    // the wire carries them in request order.
+    let (queue_tx, mut queue_rx) = mpsc::unbounded_channel::<ChunkId>();
+    let cancelled: Arc<Mutex<HashSet<ChunkId>>> = Arc::default();
+    let sender = {
+        let conn = conn.clone();
+        let shared = shared.clone();
+        let cancelled = cancelled.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut seq: i32 = 0;
+            while let Some(c) = queue_rx.recv().await {
+                if cancelled.lock().unwrap().remove(&c) {
+                    continue;
+                }
+                let Some(store) = shared.store.get() else {
+                    continue;
+                };
+                let data = match store.read_chunk(c) {
+                    Ok(d) => d,
+                    Err(_) => {
+                        let _ = tx.send(Msg::DontHave { chunk: c });
+                        continue;
+                    }
+                };
+                let Ok(mut s) = conn.open_uni().await else {
+                    break;
+                };
+                let _ = s.set_priority(i32::MAX - seq);
+                seq = seq.wrapping_add(1).max(0);
+                let conn = conn.clone();
+                // Write in the background so the next chunk's stream opens at once.
+                tokio::spawn(async move {
+                    if s.write_all(&c.to_be_bytes()).await.is_ok()
+                        && s.write_all(&data).await.is_ok()
+                    {
+                        let _ = s.finish();
+                    }
+                    drop(conn);
+                });
+            }
+        })
+    };
+
+    // Receiving chunk streams (dialer side).
+    let receiver = if dialed {
+        let conn = conn.clone();
+        let shared = shared.clone();
+        Some(tokio::spawn(async move {
+            while let Ok(mut s) = conn.accept_uni().await {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let mut head = [0u8; 4];
+                    if s.read_exact(&mut head).await.is_err() {
+                        return;
+                    }
+                    let chunk = u32::from_be_bytes(head);
+                    let (reply, wanted) = oneshot::channel();
+                    if shared
+                        .events
+                        .send(Event::ChunkStarted { key, chunk, reply })
+                        .is_err()
+                    {
+                        return;
+                    }
+                    if !wanted.await.unwrap_or(false) {
+                        let _ = s.stop(VarInt::from_u32(0));
+                        return;
+                    }
+                    let Some(store) = shared.store.get() else {
+                        return;
+                    };
+                    let len = store.manifest().chunk_range(chunk).1;
+                    let ok = match s.read_to_end(len).await {
+                        Ok(data) => match store.write_chunk(chunk, &data) {
+                            Ok(ok) => ok,
+                            Err(e) => {
+                                tracing::error!("{e}");
+                                false
+                            }
+                        },
+                        // Too long counts as corrupt; a reset stream as merely lost.
+                        Err(quinn::ReadToEndError::TooLong) => false,
+                        Err(_) => {
+                            let _ = shared.events.send(Event::ChunkDone {
+                                key,
+                                chunk,
+                                ok: false,
+                            });
+                            return;
+                        }
+                    };
+                    let _ = shared.events.send(Event::ChunkDone { key, chunk, ok });
+                });
+            }
+        }))
+    } else {
+        None
+    };
+
+    let mut haves = shared.haves.subscribe();
+    let reason = loop {
+        tokio::select! {
+            batch = ctl_recv.recv_batch() => match batch {
+                Ok(Some(msgs)) => {
+                    for msg in msgs {
+                        match msg {
+                            Msg::Request { chunks } => {
+                                for c in chunks {
+                                    cancelled.lock().unwrap().remove(&c);
+                                    let _ = queue_tx.send(c);
+                                }
+                            }
+                            Msg::RequestFresh { count } => {
+                                let Some(fresh) = shared.fresh.get() else {
+                                    conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"not a source");
+                                    continue;
+                                };
+                                let (picks, exhausted) = {
+                                    let mut f = fresh.lock().unwrap();
+                                    let p = f.pick(count.min(1024));
+                                    (p, f.exhausted())
+                                };
+                                for &c in &picks {
+                                    let _ = queue_tx.send(c);
+                                }
+                                let _ = tx.send(Msg::FreshGrant { chunks: picks, exhausted });
+                            }
+                            Msg::Cancel { chunk } => {
+                                cancelled.lock().unwrap().insert(chunk);
+                            }
+                            other => {
+                                let _ = shared.events.send(Event::Msg { key, msg: other });
+                            }
+                        }
+                    }
+                }
+                Ok(None) => break "control stream ended".to_string(),
+                Err(e) => {
+                    if let TransportError::Protocol(_) = e {
+                        conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"malformed message");
+                    }
+                    break e.to_string();
+                }
+            },
+            have = haves.recv() => match have {
+                Ok(c) => { let _ = tx.send(Msg::Have { chunk: c }); }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    if let Some(store) = shared.store.get() {
+                        let _ = tx.send(Msg::Bitfield { bits: store.have().to_bytes() });
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => break "shutting down".to_string(),
+            },
+            e = conn.closed() => break e.to_string(),
+        }
+    };
+    finish(&shared, key, reason, &writer, &sender, &receiver);
+}
+
+fn finish(
+    shared: &Shared,
+    key: ConnKey,
+    reason: String,
+    writer: &tokio::task::JoinHandle<()>,
+    sender: &tokio::task::JoinHandle<()>,
+    receiver: &Option<tokio::task::JoinHandle<()>>,
+) {
+    writer.abort();
+    sender.abort();
+    if let Some(r) = receiver {
+        r.abort();
+    }
+    let _ = shared.events.send(Event::Gone { key, reason });
+}
+
+/// Connections, scheduler and helpers shared by both roles' cores.
+struct Core {
+    shared: Arc<Shared>,
+    ep: Endpoint,
+    out: Output,
+    start: Instant,
+    conns: HashMap<ConnKey, ConnInfo>,
+    /// What each connection's peer holds, as it told us (kept before a scheduler exists).
+    peer_have: HashMap<ConnKey, ChunkSet>,
+}
+
+impl Core {
+    fn new(shared: Arc<Shared>, ep: Endpoint, out: Output) -> Self {
+        Self {
+            shared,
+            ep,
+            out,
+            start: Instant::now(),
+            conns: HashMap::new(),
+            peer_have: HashMap::new(),
+        }
+    }
+
+    fn now(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+
+    fn send(&self, key: ConnKey, msg: Msg) {
+        if let Some(c) = self.conns.get(&key) {
+            let _ = c.tx.send(msg);
+        }
+    }
+
+    fn bitfield_to_all(&self) {
+        if let Some(store) = self.shared.store.get() {
+            let bits = store.have().to_bytes();
+            for c in self.conns.values() {
+                let _ = c.tx.send(Msg::Bitfield { bits: bits.clone() });
+            }
+        }
+    }
+
+    /// Records a peer's Bitfield or Have; returns the chunks newly known to be held.
+    fn note_peer_have(&mut self, key: ConnKey, msg: &Msg) -> Vec<ChunkId> {
+        let Some(store) = self.shared.store.get() else {
+            return Vec::new();
+        };
+        let n = store.manifest().chunk_count();
+        let set = self
+            .peer_have
+            .entry(key)
+            .or_insert_with(|| ChunkSet::new(n));
+        match msg {
+            Msg::Bitfield { bits } => ChunkSet::from_bytes(n, bits)
+                .iter()
+                .filter(|&c| set.insert(c))
+                .collect(),
+            Msg::Have { chunk } if set.insert(*chunk) => vec![*chunk],
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// `floodclone recv`: joins the source, fetches and re-serves chunks, writes the file.
+/// Returns seconds from start until the copy was complete and verified.
+pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
+    let (ev_tx, mut events) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        token: cfg.common.token.clone(),
+        store: OnceLock::new(),
+        fresh: OnceLock::new(),
+        haves: broadcast::channel(1 << 14).0,
+        events: ev_tx,
+        next_key: AtomicU64::new(0),
+    });
+    let ep = transport::endpoint(cfg.common.port)?;
+    spawn_acceptor(ep.clone(), shared.clone());
+    let kernel = Kernel::open()?;
+    let addrs = kernel.local_addrs().await?;
+    let mut core = Core::new(shared.clone(), ep.clone(), cfg.common.output.clone());
+    spawn_dial(
+        ep.clone(),
+        shared.clone(),
+        SocketAddr::V4(cfg.source),
+        SOURCE_ID,
+        vec![
+            Msg::Hello { id: JOINING },
+            Msg::Join {
+                port: cfg.common.port,
+                addrs,
+            },
+        ],
+        Some(Instant::now() + cfg.connect_timeout),
+    );
+
+    let mut me = JOINING;
+    let mut members: Vec<Member> = Vec::new();
+    let mut puller: Option<Puller> = None;
+    let mut pull: HashMap<u16, ConnKey> = HashMap::new();
+    let mut neighbours: Vec<u16> = Vec::new();
+    let mut source_key: Option<ConnKey> = None;
+    let mut complete: Option<f64> = None;
+    let mut finalizing = false;
+    let mut source_lost_at: Option<Instant> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let result = loop {
+        let event = tokio::select! {
+            ev = events.recv() => match ev { Some(ev) => ev, None => break Err(NodeError::Other("event channel closed".into())) },
+            _ = tick.tick() => {
+                if let Some(store) = shared.store.get() {
+                    if !store.is_complete() {
+                        if let Err(e) = store.save_state() { break Err(e.into()); }
+                    }
+                }
+                // Complete, and the source is gone for good: nothing left to serve for.
+                if complete.is_some() && source_lost_at.is_some_and(|t| t.elapsed() > Duration::from_secs(10)) {
+                    break Ok(());
+                }
+                continue;
+            }
+        };
+        let now = core.now();
+        match event {
+            Event::Up { key, info } => {
+                let (dialed, peer) = (info.dialed, info.peer);
+                let tx = info.tx.clone();
+                if let Some(store) = shared.store.get() {
+                    let _ = tx.send(Msg::Bitfield {
+                        bits: store.have().to_bytes(),
+                    });
+                }
+                if dialed && peer == Some(SOURCE_ID) {
+                    source_key = Some(key);
+                    source_lost_at = None;
+                    // A rejoin after the source restarted: tell it who we are again.
+                    if me != JOINING {
+                        let _ = tx.send(Msg::Hello { id: me });
+                    }
+                }
+                core.conns.insert(key, info);
+                if let (true, Some(p)) = (dialed, peer) {
+                    pull.insert(p, key);
+                    if let Some(pl) = puller.as_mut().filter(|_| neighbours.contains(&p)) {
+                        pl.add_peer(p, p == SOURCE_ID);
+                    }
+                }
+            }
+            Event::Msg { key, msg } => {
+                let from = core.conns.get(&key).and_then(|c| c.peer);
+                let mut members_changed = false;
+                match msg {
+                    Msg::Welcome {
+                        you,
+                        manifest,
+                        members: list,
+                    } => {
+                        if let Some(store) = shared.store.get() {
+                            if store.manifest() != &manifest {
+                                break Err(NodeError::Other(
+                                    "the source restarted with a different file".into(),
+                                ));
+                            }
+                        } else {
+                            me = you;
+                            let store = match ChunkStore::destination(&cfg.out, manifest.clone()) {
+                                Ok(s) => Arc::new(s),
+                                Err(e) => break Err(e.into()),
+                            };
+                            let resumed = store.have().count();
+                            let _ = shared.store.set(store.clone());
+                            puller = Some(Puller::new(
+                                SchedConfig::new(manifest.chunk_bytes as u64),
+                                store.have(),
+                            ));
+                            core.bitfield_to_all();
+                            core.out.event(
+                                json!({"event": "welcome", "member": me, "bytes": manifest.size,
+                                       "chunks": manifest.chunk_count(), "chunk_bytes": manifest.chunk_bytes,
+                                       "resumed_chunks": resumed}),
+                                || format!("joined as member {me}: {} bytes in {} chunks ({resumed} already here)",
+                                           manifest.size, manifest.chunk_count()),
+                            );
+                        }
+                        members = with_source_addr(list, cfg.source);
+                        members_changed = true;
+                    }
+                    Msg::Members { members: list } => {
+                        members = with_source_addr(list, cfg.source);
+                        members_changed = me != JOINING;
+                    }
+                    Msg::Hello { id } => {
+                        if let Some(c) = core.conns.get_mut(&key) {
+                            c.peer = Some(id);
+                        }
+                    }
+                    Msg::Bitfield { .. } | Msg::Have { .. } => {
+                        let new = core.note_peer_have(key, &msg);
+                        if let (Some(p), Some(pl)) = (from, puller.as_mut()) {
+                            if pull.get(&p) == Some(&key) {
+                                for c in new {
+                                    pl.peer_has(p, c);
+                                }
+                            }
+                        }
+                    }
+                    Msg::FreshGrant { chunks, exhausted } => {
+                        if let (Some(p), Some(pl)) = (from, puller.as_mut()) {
+                            pl.fresh_granted(p, &chunks, exhausted, core.now());
+                        }
+                    }
+                    Msg::DontHave { chunk } => {
+                        if let (Some(p), Some(pl)) = (from, puller.as_mut()) {
+                            pl.dont_have(p, chunk);
+                        }
+                    }
+                    Msg::SwarmDone if complete.is_some() => break Ok(()),
+                    _ => {}
+                }
+                if members_changed {
+                    let found = rediscover(
+                        &kernel,
+                        &mut core,
+                        me,
+                        &members,
+                        &mut neighbours,
+                        &mut puller,
+                        &pull,
+                        source_key,
+                    )
+                    .await;
+                    if let Err(e) = found {
+                        break Err(e);
+                    }
+                }
+            }
+            Event::ChunkStarted { key, chunk, reply } => {
+                let ok = match (core.conns.get(&key).and_then(|c| c.peer), puller.as_mut()) {
+                    (Some(p), Some(pl)) => pl.chunk_started(p, chunk, now) == Arrival::Accept,
+                    _ => false,
+                };
+                let _ = reply.send(ok);
+            }
+            Event::ChunkDone { key, chunk, ok } => {
+                let (Some(p), Some(pl)) =
+                    (core.conns.get(&key).and_then(|c| c.peer), puller.as_mut())
+                else {
+                    continue;
+                };
+                pl.chunk_done(p, chunk, ok, now);
+                if ok {
+                    let _ = shared.haves.send(chunk);
+                } else if pl.bad_chunks(p) >= 3 {
+                    tracing::warn!(
+                        peer = p,
+                        "disconnecting: {} chunks failed verification",
+                        pl.bad_chunks(p)
+                    );
+                    if let Some(c) = core.conns.get(&key) {
+                        c.conn.close(
+                            VarInt::from_u32(transport::CLOSE_BAD_DATA),
+                            b"corrupt chunks",
+                        );
+                    }
+                } else {
+                    tracing::warn!(
+                        peer = p,
+                        chunk,
+                        "chunk failed verification; fetching it again"
+                    );
+                }
+            }
+            Event::Finalized(res) => {
+                let path = match res {
+                    Ok(p) => p,
+                    Err(e) => break Err(e.into()),
+                };
+                let elapsed = core.now();
+                complete = Some(elapsed);
+                let bytes = shared.store.get().map_or(0, |s| s.manifest().size);
+                let dups = puller.as_ref().map_or(0, |p| p.duplicates);
+                core.out.event(
+                    json!({"event": "complete", "elapsed_s": elapsed, "bytes": bytes,
+                           "path": path.display().to_string(), "duplicates": dups}),
+                    || {
+                        format!(
+                            "complete: {bytes} bytes verified in {elapsed:.2} s -> {}",
+                            path.display()
+                        )
+                    },
+                );
+                if let Some(k) = source_key {
+                    core.send(
+                        k,
+                        Msg::Done {
+                            elapsed_ms: (elapsed * 1000.0) as u64,
+                        },
+                    );
+                }
+            }
+            Event::Gone { key, reason } => {
+                let info = core.conns.remove(&key);
+                core.peer_have.remove(&key);
+                let Some(info) = info else { continue };
+                tracing::debug!(peer = ?info.peer, %reason, "connection closed");
+                if let (true, Some(p)) = (info.dialed, info.peer) {
+                    if pull.get(&p) == Some(&key) {
+                        pull.remove(&p);
+                        if let Some(pl) = puller.as_mut() {
+                            pl.remove_peer(p);
+                        }
+                    }
+                    if p == SOURCE_ID {
+                        source_key = None;
+                        source_lost_at = Some(Instant::now());
+                        let hello = if me == JOINING {
+                            vec![Msg::Hello { id: JOINING }]
+                        } else {
+                            vec![Msg::Hello { id: me }]
+                        };
+                        let mut hello = hello;
+                        hello.push(Msg::Join {
+                            port: cfg.common.port,
+                            addrs: kernel.local_addrs().await.unwrap_or_default(),
+                        });
+                        spawn_dial(
+                            ep.clone(),
+                            shared.clone(),
+                            SocketAddr::V4(cfg.source),
+                            SOURCE_ID,
+                            hello,
+                            None,
+                        );
+                    } else if neighbours.contains(&p) {
+                        if let Some(m) = members.iter().find(|m| m.id == p) {
+                            spawn_dial(
+                                ep.clone(),
+                                shared.clone(),
+                                SocketAddr::V4(SocketAddrV4::new(m.addr, m.port)),
+                                p,
+                                vec![Msg::Hello { id: me }],
+                                None,
+                            );
+                        }
+                    }
+                }
+            }
+            Event::DialFailed { peer, error } => {
+                if peer == SOURCE_ID {
+                    break Err(match error {
+                        TransportError::Refused | TransportError::BadToken => error.into(),
+                        _ => NodeError::SourceUnreachable {
+                            addr: cfg.source,
+                            secs: cfg.connect_timeout.as_secs(),
+                        },
+                    });
+                }
+                tracing::warn!(peer, "giving up on neighbour: {error}");
+            }
+        }
+        if puller.as_ref().is_some_and(|pl| pl.is_complete()) && !finalizing {
+            finalizing = true;
+            let store = shared
+                .store
+                .get()
+                .expect("a scheduler implies a store")
+                .clone();
+            let events = shared.events.clone();
+            tokio::task::spawn_blocking(move || {
+                let _ = events.send(Event::Finalized(store.finalize()));
+            });
+        }
+        if let Some(pl) = puller.as_mut() {
+            let now = core.now();
+            for action in pl.poll(now) {
+                let (peer, msg) = match action {
+                    Action::Request { peer, chunks } => (peer, Msg::Request { chunks }),
+                    Action::RequestFresh { peer, count } => (peer, Msg::RequestFresh { count }),
+                    Action::Cancel { peer, chunk } => (peer, Msg::Cancel { chunk }),
+                };
+                if let Some(&k) = pull.get(&peer) {
+                    core.send(k, msg);
+                }
+            }
+        }
+    };
+    ep.close(VarInt::from_u32(CLOSE_DONE), b"done");
+    let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
+    match result {
+        Ok(()) => {
+            core.out.event(
+                json!({"event": "swarm_done", "peak_rss_bytes": peak_rss_bytes()}),
+                || "swarm done".into(),
+            );
+            Ok(complete.unwrap_or_default())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Peak resident memory of this process, in bytes.
+pub fn peak_rss_bytes() -> u64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    ru.ru_maxrss as u64 * 1024
+}
+
+/// The source's own entry carries no dialable address: destinations know it as `--source`.
+fn with_source_addr(mut members: Vec<Member>, source: SocketAddrV4) -> Vec<Member> {
+    for m in &mut members {
+        if m.id == SOURCE_ID {
+            m.addr = *source.ip();
+            m.port = source.port();
+        }
+    }
+    members
+}
+
+/// Route lookups for every joined member, the view sent to the source, and the data
+/// neighbours updated (new ones dialed, ones now behind another member dropped).
+#[allow(clippy::too_many_arguments)]
+async fn rediscover(
+    kernel: &Kernel,
+    core: &mut Core,
+    me: u16,
+    members: &[Member],
+    neighbours: &mut Vec<u16>,
+    puller: &mut Option<Puller>,
+    pull: &HashMap<u16, ConnKey>,
+    source_key: Option<ConnKey>,
+) -> Result<(), NodeError> {
+    let joined: Vec<Member> = members.iter().filter(|m| m.joined).cloned().collect();
+    let lookups = kernel.lookups(&joined, me).await?;
+    let views = discovery::classify(members, &lookups);
+    if let Some(k) = source_key {
+        core.send(
+            k,
+            Msg::View {
+                routes: views.clone(),
+            },
+        );
+    }
+    let next = discovery::data_neighbours(&views);
+    for &gone in neighbours.iter().filter(|n| !next.contains(n)) {
+        if let Some(pl) = puller.as_mut() {
+            pl.remove_peer(gone);
+        }
+        if gone != SOURCE_ID {
+            if let Some(&k) = pull.get(&gone) {
+                if let Some(c) = core.conns.get(&k) {
+                    c.conn
+                        .close(VarInt::from_u32(CLOSE_DONE), b"not a neighbour");
+                }
+            }
+        }
+    }
+    for &new in next.iter().filter(|n| !neighbours.contains(n)) {
+        match pull.get(&new) {
+            Some(&k) => {
+                if let Some(pl) = puller.as_mut() {
+                    pl.add_peer(new, new == SOURCE_ID);
+                    if let Some(set) = core.peer_have.get(&k) {
+                        pl.peer_bitfield(new, set);
+                    }
+                }
+            }
+            None if new != SOURCE_ID => {
+                if let Some(m) = members.iter().find(|m| m.id == new) {
+                    spawn_dial(
+                        core.ep.clone(),
+                        core.shared.clone(),
+                        SocketAddr::V4(SocketAddrV4::new(m.addr, m.port)),
+                        new,
+                        vec![Msg::Hello { id: me }],
+                        None,
+                    );
+                }
+            }
+            None => {}
+        }
+    }
+    *neighbours = next;
+    core.out.event(
+        json!({"event": "neighbours", "member": me, "ids": neighbours, "routes": views.iter().map(view_json).collect::<Vec<_>>()}),
+        || format!("data neighbours: {neighbours:?}"),
+    );
+    Ok(())
+}
+
+fn view_json(v: &RouteView) -> serde_json::Value {
+    let reach = match v.reach {
+        Reach::Direct => "direct",
+        Reach::Behind => "behind",
+        Reach::ViaRouter => "via_router",
+        Reach::Unreachable => "unreachable",
+    };
+    json!({"member": v.member, "reach": reach, "ifindex": v.ifindex,
+           "gateway": v.gateway.map(|g| g.to_string()), "via_member": v.via_member})
+}
+
+/// `floodclone send`: serves the file until every destination holds a verified copy.
+pub async fn run_send(cfg: SendConfig) -> Result<Vec<DestResult>, NodeError> {
+    let (ev_tx, mut events) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        token: cfg.common.token.clone(),
+        store: OnceLock::new(),
+        fresh: OnceLock::new(),
+        haves: broadcast::channel(16).0,
+        events: ev_tx,
+        next_key: AtomicU64::new(0),
+    });
+    // Listen first: destinations may join while the file is being hashed.
+    let ep = transport::endpoint(cfg.common.port)?;
+    spawn_acceptor(ep.clone(), shared.clone());
+    let (file, chunk_bytes) = (cfg.file.clone(), cfg.common.chunk_bytes);
+    let manifest = tokio::task::spawn_blocking(move || Manifest::from_file(&file, chunk_bytes))
+        .await
+        .map_err(|e| NodeError::Other(e.to_string()))??;
+    let _ = shared
+        .store
+        .set(Arc::new(ChunkStore::source(&cfg.file, manifest.clone())?));
+    let _ = shared
+        .fresh
+        .set(Mutex::new(FreshServer::new(manifest.chunk_count())));
+    let kernel = Kernel::open()?;
+    let mut members = vec![Member {
+        id: SOURCE_ID,
+        addr: Ipv4Addr::UNSPECIFIED,
+        port: cfg.common.port,
+        local_addrs: kernel.local_addrs().await?,
+        joined: true,
+    }];
+    for (i, d) in cfg.dests.iter().enumerate() {
+        members.push(Member {
+            id: i as u16 + 1,
+            addr: *d.ip(),
+            port: d.port(),
+            local_addrs: Vec::new(),
+            joined: false,
+        });
+    }
+    let mut core = Core::new(shared.clone(), ep.clone(), cfg.common.output.clone());
+    core.out.event(
+        json!({"event": "serving", "bytes": manifest.size, "chunks": manifest.chunk_count(),
+               "chunk_bytes": manifest.chunk_bytes, "destinations": cfg.dests.len(), "port": cfg.common.port}),
+        || format!("serving {} bytes in {} chunks to {} destinations on UDP port {}",
+                   manifest.size, manifest.chunk_count(), cfg.dests.len(), cfg.common.port),
+    );
+    let welcome = |you: u16, members: &[Member]| Msg::Welcome {
+        you,
+        manifest: manifest.clone(),
+        members: members.to_vec(),
+    };
+    // Member id -> its control connection.
+    let mut control: HashMap<u16, ConnKey> = HashMap::new();
+    let mut started = false;
+    let mut done: HashMap<u16, f64> = HashMap::new();
+    let mut finishing: Option<Instant> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        let event = tokio::select! {
+            ev = events.recv() => match ev { Some(ev) => ev, None => break },
+            _ = tick.tick() => {
+                let joined = members.iter().filter(|m| m.joined).count();
+                if !started && joined > 1 && (joined == members.len() || core.start.elapsed() >= cfg.join_grace) {
+                    started = true;
+                    for (&id, &k) in &control {
+                        core.send(k, welcome(id, &members));
+                        core.send(k, Msg::Bitfield { bits: ChunkSet::full(manifest.chunk_count()).to_bytes() });
+                    }
+                }
+                if let Some(t) = finishing {
+                    if core.conns.is_empty() || t.elapsed() > Duration::from_secs(3) { break; }
+                }
+                continue;
+            }
+        };
+        match event {
+            Event::Up { key, info } => {
+                core.conns.insert(key, info);
+            }
+            Event::Msg { key, msg } => match msg {
+                Msg::Join { port, addrs } => {
+                    let remote_ip = match core.conns.get(&key).map(|c| c.remote) {
+                        Some(SocketAddr::V4(a)) => Some(*a.ip()),
+                        _ => None,
+                    };
+                    let id = members
+                        .iter()
+                        .skip(1)
+                        .find(|m| addrs.contains(&m.addr) || Some(m.addr) == remote_ip)
+                        .map(|m| m.id);
+                    let Some(id) = id else {
+                        tracing::warn!(
+                            ?remote_ip,
+                            "refusing a node that is not in the --dest list"
+                        );
+                        if let Some(c) = core.conns.get(&key) {
+                            c.conn.close(
+                                VarInt::from_u32(CLOSE_NOT_MEMBER),
+                                b"not in the source's --dest list",
+                            );
+                        }
+                        continue;
+                    };
+                    if let Some(c) = core.conns.get_mut(&key) {
+                        c.peer = Some(id);
+                    }
+                    let m = &mut members[id as usize];
+                    m.joined = true;
+                    m.local_addrs = addrs;
+                    m.port = port;
+                    if let Some(old) = control.insert(id, key) {
+                        if old != key {
+                            if let Some(c) = core.conns.get(&old) {
+                                c.conn.close(VarInt::from_u32(CLOSE_DONE), b"replaced");
+                            }
+                        }
+                    }
+                    let addr = members[id as usize].addr;
+                    core.out.event(
+                        json!({"event": "joined", "member": id, "addr": addr.to_string()}),
+                        || format!("{addr} joined as member {id}"),
+                    );
+                    if started {
+                        core.send(key, welcome(id, &members));
+                        core.send(
+                            key,
+                            Msg::Bitfield {
+                                bits: ChunkSet::full(manifest.chunk_count()).to_bytes(),
+                            },
+                        );
+                        for (&other, &k) in &control {
+                            if other != id {
+                                core.send(
+                                    k,
+                                    Msg::Members {
+                                        members: members.clone(),
+                                    },
+                                );
+                            }
+                        }
+                    }
+                }
+                Msg::Bitfield { .. } | Msg::Have { .. } => {
+                    let new = core.note_peer_have(key, &msg);
+                    if let Some(fresh) = shared.fresh.get() {
+                        let mut f = fresh.lock().unwrap();
+                        for c in new {
+                            f.known_held(c);
+                        }
+                    }
+                }
+                Msg::View { routes } => {
+                    let from = core.conns.get(&key).and_then(|c| c.peer);
+                    core.out.event(
+                        json!({"event": "view", "member": from, "routes": routes.iter().map(view_json).collect::<Vec<_>>()}),
+                        || format!("member {from:?} reaches: {}", routes.iter().map(|r| format!("{}:{:?}", r.member, r.reach)).collect::<Vec<_>>().join(" ")),
+                    );
+                }
+                Msg::Done { elapsed_ms } => {
+                    let Some(id) = core.conns.get(&key).and_then(|c| c.peer) else {
+                        continue;
+                    };
+                    let elapsed = elapsed_ms as f64 / 1000.0;
+                    if done.insert(id, elapsed).is_none() {
+                        let addr = members[id as usize].addr;
+                        core.out.event(
+                            json!({"event": "dest_done", "member": id, "addr": addr.to_string(), "elapsed_s": elapsed}),
+                            || format!("{addr} has a verified copy ({elapsed:.2} s)"),
+                        );
+                    }
+                    if done.len() == cfg.dests.len() && finishing.is_none() {
+                        for c in core.conns.values() {
+                            let _ = c.tx.send(Msg::SwarmDone);
+                        }
+                        finishing = Some(Instant::now());
+                    }
+                }
+                _ => {}
+            },
+            Event::Gone { key, .. } => {
+                core.conns.remove(&key);
+                core.peer_have.remove(&key);
+                control.retain(|_, k| *k != key);
+                if finishing.is_some() && core.conns.is_empty() {
+                    break;
+                }
+            }
+            Event::ChunkStarted { reply, .. } => {
+                let _ = reply.send(false);
+            }
+            Event::ChunkDone { .. } | Event::DialFailed { .. } | Event::Finalized(_) => {}
+        }
+    }
+    ep.close(VarInt::from_u32(CLOSE_DONE), b"done");
+    let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
+    let mut results: Vec<DestResult> = done
+        .into_iter()
+        .map(|(id, elapsed_s)| DestResult {
+            id,
+            addr: members[id as usize].addr,
+            elapsed_s,
+        })
+        .collect();
+    results.sort_by_key(|r| r.id);
+    Ok(results)
+}

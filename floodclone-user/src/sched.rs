@@ -1,0 +1,657 @@
+//! The scheduler: which chunk to ask of which neighbour, and when. A pure state machine in
+//! the style of quinn-proto: events in, actions out, no I/O and no clock of its own (time is
+//! passed in as seconds), so the daemon, unit tests and the simulator run the same code.
+//!
+//! Receiver-driven: a node asks each neighbour for chunks that neighbour holds and it lacks,
+//! rarest among its neighbours first, keeping each neighbour's pipeline about
+//! `queue_target_s` deep at that neighbour's measured delivery rate. A chunk is requested
+//! from one neighbour at a time, so nothing arrives twice, except in the end game, when a
+//! chunk stuck behind a slow link may be raced by a faster one and the loser is cancelled.
+//!
+//! From the source a node asks for *fresh* chunks: the source picks ones it has never served
+//! ([`FreshServer`]), which no other node can hold or be sending, so the source serves every
+//! chunk once before any twice without any race. When none are left the source says so and
+//! the node requests from it explicitly, like from any neighbour.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::{manifest::ChunkId, wire::ChunkSet};
+
+pub type PeerId = u16;
+
+#[derive(Clone, Debug)]
+pub struct SchedConfig {
+    pub chunk_bytes: u64,
+    /// Requests kept outstanding per neighbour, whatever its rate.
+    pub min_outstanding: u32,
+    pub max_outstanding: u32,
+    /// Depth of each neighbour's pipeline, in seconds at its measured rate: covers the
+    /// round trip of a request and keeps the link busy between deliveries.
+    pub queue_target_s: f64,
+    /// Rate assumed for a neighbour before its first delivery.
+    pub initial_rate_bps: f64,
+    /// A chunk is raced in the end game when it has been in flight this many times longer
+    /// than its sender's current per-chunk time.
+    pub endgame_slowness: f64,
+}
+
+impl SchedConfig {
+    pub fn new(chunk_bytes: u64) -> Self {
+        Self {
+            chunk_bytes,
+            min_outstanding: 2,
+            max_outstanding: 64,
+            queue_target_s: 0.12,
+            initial_rate_bps: 20e6,
+            endgame_slowness: 3.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Ask `peer` for these chunks.
+    Request { peer: PeerId, chunks: Vec<ChunkId> },
+    /// Ask the source `peer` for up to `count` chunks it has never served.
+    RequestFresh { peer: PeerId, count: u32 },
+    /// Tell `peer` to stop sending `chunk`.
+    Cancel { peer: PeerId, chunk: ChunkId },
+}
+
+/// Delivery rate of one neighbour, measured over the time it had requests outstanding.
+#[derive(Clone, Debug)]
+pub struct RateEstimate {
+    bps: Option<f64>,
+    busy_since: Option<f64>,
+    last_delivery: Option<f64>,
+}
+
+impl RateEstimate {
+    fn new() -> Self {
+        Self {
+            bps: None,
+            busy_since: None,
+            last_delivery: None,
+        }
+    }
+
+    fn became_busy(&mut self, now: f64) {
+        if self.busy_since.is_none() {
+            self.busy_since = Some(now);
+        }
+    }
+
+    fn became_idle(&mut self) {
+        self.busy_since = None;
+    }
+
+    fn delivered(&mut self, bytes: u64, now: f64) {
+        let start = match (self.last_delivery, self.busy_since) {
+            (Some(last), Some(busy)) => last.max(busy),
+            (None, Some(busy)) => busy,
+            (Some(last), None) => last,
+            (None, None) => now,
+        };
+        let dt = now - start;
+        if dt > 1e-4 {
+            let sample = bytes as f64 * 8.0 / dt;
+            // Quick to follow: re-estimate all the time, never trust an old figure for long.
+            self.bps = Some(match self.bps {
+                Some(old) => 0.7 * old + 0.3 * sample,
+                None => sample,
+            });
+        }
+        self.last_delivery = Some(now);
+    }
+
+    pub fn bps(&self) -> Option<f64> {
+        self.bps
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Peer {
+    have: ChunkSet,
+    /// The source still has never-served chunks for us (ask it for fresh ones).
+    fresh_open: bool,
+    /// Counts of our fresh requests not answered yet, oldest first (answers come in order).
+    fresh_asked: std::collections::VecDeque<u32>,
+    /// Fresh chunks whose stream started before their grant arrived.
+    fresh_early: Vec<ChunkId>,
+    outstanding: u32,
+    rate: RateEstimate,
+    /// Externally measured rate (eBPF link stats or the QUIC connection), preferred when
+    /// it is fresh.
+    measured_bps: Option<f64>,
+    bad_chunks: u32,
+}
+
+impl Peer {
+    fn rate_bps(&self, cfg: &SchedConfig) -> f64 {
+        self.rate
+            .bps()
+            .or(self.measured_bps)
+            .unwrap_or(cfg.initial_rate_bps)
+            .max(1e5)
+    }
+
+    fn budget(&self, cfg: &SchedConfig) -> u32 {
+        let chunks = self.rate_bps(cfg) / 8.0 * cfg.queue_target_s / cfg.chunk_bytes as f64;
+        (chunks.ceil() as u32 + 1).clamp(cfg.min_outstanding, cfg.max_outstanding)
+    }
+
+    fn in_use(&self) -> u32 {
+        self.outstanding + self.fresh_asked.iter().sum::<u32>()
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Flight {
+    peer: PeerId,
+    since: f64,
+}
+
+/// What to do with a chunk whose stream has started arriving.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arrival {
+    /// Expected: read it.
+    Accept,
+    /// Already held: stop the stream.
+    Reject,
+}
+
+/// The receiving side of one node.
+#[derive(Clone, Debug)]
+pub struct Puller {
+    cfg: SchedConfig,
+    have: ChunkSet,
+    flights: HashMap<ChunkId, Vec<Flight>>,
+    peers: BTreeMap<PeerId, Peer>,
+    /// For each chunk, how many neighbours hold it (rarest first).
+    holders: Vec<u16>,
+    actions: Vec<Action>,
+    pub duplicates: u64,
+}
+
+impl Puller {
+    pub fn new(cfg: SchedConfig, have: ChunkSet) -> Self {
+        let n = have.len() as usize;
+        Self {
+            cfg,
+            have,
+            flights: HashMap::new(),
+            peers: BTreeMap::new(),
+            holders: vec![0; n],
+            actions: Vec::new(),
+            duplicates: 0,
+        }
+    }
+
+    pub fn have(&self) -> &ChunkSet {
+        &self.have
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.have.is_full()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.flights.len()
+    }
+
+    pub fn peer_rate_bps(&self, peer: PeerId) -> Option<f64> {
+        self.peers.get(&peer).and_then(|p| p.rate.bps())
+    }
+
+    pub fn peer_ids(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.peers.keys().copied()
+    }
+
+    /// A data neighbour appeared. Its holdings arrive with [`Self::peer_bitfield`].
+    pub fn add_peer(&mut self, peer: PeerId, is_source: bool) {
+        let n = self.have.len();
+        self.peers.entry(peer).or_insert_with(|| Peer {
+            have: ChunkSet::new(n),
+            fresh_open: is_source,
+            fresh_asked: Default::default(),
+            fresh_early: Vec::new(),
+            outstanding: 0,
+            rate: RateEstimate::new(),
+            measured_bps: None,
+            bad_chunks: 0,
+        });
+    }
+
+    /// A neighbour is gone: what it was sending is wanted again.
+    pub fn remove_peer(&mut self, peer: PeerId) {
+        let Some(p) = self.peers.remove(&peer) else {
+            return;
+        };
+        for c in p.have.iter() {
+            self.holders[c as usize] = self.holders[c as usize].saturating_sub(1);
+        }
+        self.flights.retain(|_, fl| {
+            fl.retain(|f| f.peer != peer);
+            !fl.is_empty()
+        });
+    }
+
+    pub fn peer_bitfield(&mut self, peer: PeerId, set: &ChunkSet) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        for c in set.iter() {
+            if p.have.insert(c) {
+                self.holders[c as usize] += 1;
+            }
+        }
+    }
+
+    pub fn peer_has(&mut self, peer: PeerId, chunk: ChunkId) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            if p.have.insert(chunk) {
+                self.holders[chunk as usize] += 1;
+            }
+        }
+    }
+
+    /// A rate measured outside the scheduler (link stats); used until deliveries give one.
+    pub fn peer_measured_rate(&mut self, peer: PeerId, bps: f64) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.measured_bps = Some(bps);
+        }
+    }
+
+    /// The source answered our oldest fresh request with these chunks.
+    pub fn fresh_granted(&mut self, peer: PeerId, chunks: &[ChunkId], exhausted: bool, now: f64) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        p.fresh_asked.pop_front();
+        if exhausted {
+            p.fresh_open = false;
+        }
+        for &c in chunks {
+            if let Some(i) = p.fresh_early.iter().position(|&e| e == c) {
+                p.fresh_early.swap_remove(i);
+                continue;
+            }
+            if c >= self.have.len() || self.have.contains(c) {
+                continue;
+            }
+            p.outstanding += 1;
+            p.rate.became_busy(now);
+            self.flights
+                .entry(c)
+                .or_default()
+                .push(Flight { peer, since: now });
+        }
+    }
+
+    /// A chunk's stream from `peer` started. A fresh chunk may start before its grant.
+    pub fn chunk_started(&mut self, peer: PeerId, chunk: ChunkId, now: f64) -> Arrival {
+        if chunk >= self.have.len() || self.have.contains(chunk) {
+            self.duplicates += 1;
+            return Arrival::Reject;
+        }
+        if self
+            .flights
+            .get(&chunk)
+            .is_some_and(|fl| fl.iter().any(|f| f.peer == peer))
+        {
+            return Arrival::Accept;
+        }
+        match self.peers.get_mut(&peer) {
+            Some(p) if !p.fresh_asked.is_empty() => {
+                p.fresh_early.push(chunk);
+                p.outstanding += 1;
+                p.rate.became_busy(now);
+                self.flights
+                    .entry(chunk)
+                    .or_default()
+                    .push(Flight { peer, since: now });
+                Arrival::Accept
+            }
+            _ => {
+                self.duplicates += 1;
+                Arrival::Reject
+            }
+        }
+    }
+
+    /// A chunk from `peer` finished arriving; `ok` says whether it verified.
+    pub fn chunk_done(&mut self, peer: PeerId, chunk: ChunkId, ok: bool, now: f64) {
+        let fl = self.flights.remove(&chunk).unwrap_or_default();
+        let mut from_peer = false;
+        for f in &fl {
+            if f.peer == peer {
+                from_peer = true;
+            } else if ok {
+                // The race is won: cancel the other copy.
+                self.actions.push(Action::Cancel {
+                    peer: f.peer,
+                    chunk,
+                });
+                self.release(f.peer);
+            }
+        }
+        if !ok {
+            // Keep the other flights; this copy failed verification.
+            let rest: Vec<Flight> = fl.into_iter().filter(|f| f.peer != peer).collect();
+            if !rest.is_empty() {
+                self.flights.insert(chunk, rest);
+            }
+        }
+        if from_peer {
+            self.release(peer);
+        }
+        if let Some(p) = self.peers.get_mut(&peer) {
+            if ok {
+                p.rate.delivered(self.cfg.chunk_bytes, now);
+            } else {
+                p.bad_chunks += 1;
+            }
+        }
+        if ok && !self.have.insert(chunk) {
+            self.duplicates += 1;
+        }
+    }
+
+    /// `peer` says it does not hold `chunk` (any more).
+    pub fn dont_have(&mut self, peer: PeerId, chunk: ChunkId) {
+        let mut released = false;
+        if let Some(fl) = self.flights.get_mut(&chunk) {
+            let before = fl.len();
+            fl.retain(|f| f.peer != peer);
+            released = fl.len() < before;
+            if fl.is_empty() {
+                self.flights.remove(&chunk);
+            }
+        }
+        if released {
+            self.release(peer);
+        }
+        if let Some(p) = self.peers.get_mut(&peer) {
+            if p.have.remove(chunk) {
+                self.holders[chunk as usize] = self.holders[chunk as usize].saturating_sub(1);
+            }
+        }
+    }
+
+    /// How many chunks from `peer` failed verification.
+    pub fn bad_chunks(&self, peer: PeerId) -> u32 {
+        self.peers.get(&peer).map_or(0, |p| p.bad_chunks)
+    }
+
+    fn release(&mut self, peer: PeerId) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.outstanding = p.outstanding.saturating_sub(1);
+            if p.in_use() == 0 {
+                p.rate.became_idle();
+            }
+        }
+    }
+
+    /// Decides what to request now. Call after every event.
+    pub fn poll(&mut self, now: f64) -> Vec<Action> {
+        if self.have.is_full() {
+            return std::mem::take(&mut self.actions);
+        }
+        // Faster neighbours choose first.
+        let mut order: Vec<(PeerId, f64)> = self
+            .peers
+            .iter()
+            .map(|(&id, p)| (id, p.rate_bps(&self.cfg)))
+            .collect();
+        order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        for &(id, _) in &order {
+            let cfg = self.cfg.clone();
+            let p = &self.peers[&id];
+            let budget = p.budget(&cfg);
+            let mut spare = budget.saturating_sub(p.in_use());
+            if spare == 0 {
+                continue;
+            }
+            if p.fresh_open {
+                let p = self.peers.get_mut(&id).unwrap();
+                p.fresh_asked.push_back(spare);
+                p.rate.became_busy(now);
+                self.actions.push(Action::RequestFresh {
+                    peer: id,
+                    count: spare,
+                });
+                continue;
+            }
+            let mut picks = self.rarest_candidates(id, spare as usize);
+            spare -= picks.len() as u32;
+            if spare > 0 && self.flights.len() + picks.len() >= self.wanted() {
+                picks.extend(self.endgame_candidates(id, spare as usize, now));
+            }
+            if picks.is_empty() {
+                continue;
+            }
+            for &c in &picks {
+                self.flights.entry(c).or_default().push(Flight {
+                    peer: id,
+                    since: now,
+                });
+            }
+            let p = self.peers.get_mut(&id).unwrap();
+            p.outstanding += picks.len() as u32;
+            p.rate.became_busy(now);
+            self.actions.push(Action::Request {
+                peer: id,
+                chunks: picks,
+            });
+        }
+        std::mem::take(&mut self.actions)
+    }
+
+    fn wanted(&self) -> usize {
+        (self.have.len() - self.have.count()) as usize
+    }
+
+    /// Up to `k` chunks `peer` holds that are neither held nor in flight, rarest first
+    /// (ties: lowest id, which keeps relays' pipelines in order).
+    fn rarest_candidates(&self, peer: PeerId, k: usize) -> Vec<ChunkId> {
+        let p = &self.peers[&peer];
+        let mut cands: Vec<(u16, ChunkId)> = p
+            .have
+            .iter()
+            .filter(|&c| !self.have.contains(c) && !self.flights.contains_key(&c))
+            .map(|c| (self.holders[c as usize], c))
+            .collect();
+        if cands.len() > k {
+            cands.select_nth_unstable(k);
+            cands.truncate(k);
+        }
+        cands.sort_unstable();
+        cands.into_iter().map(|(_, c)| c).collect()
+    }
+
+    /// End game: chunks in flight from a slower neighbour for longer than expected, that
+    /// `peer` holds and could deliver sooner. At most two copies of a chunk are in flight.
+    fn endgame_candidates(&self, peer: PeerId, k: usize, now: f64) -> Vec<ChunkId> {
+        let me = &self.peers[&peer];
+        let my_time =
+            self.cfg.chunk_bytes as f64 * 8.0 / me.rate_bps(&self.cfg) * (me.in_use() + 1) as f64;
+        let mut late: Vec<(f64, ChunkId)> = self
+            .flights
+            .iter()
+            .filter(|(c, fl)| fl.len() == 1 && fl[0].peer != peer && me.have.contains(**c))
+            .filter_map(|(&c, fl)| {
+                let other = self.peers.get(&fl[0].peer)?;
+                let per_chunk = self.cfg.chunk_bytes as f64 * 8.0 / other.rate_bps(&self.cfg);
+                let expected = per_chunk * other.in_use().max(1) as f64;
+                let age = now - fl[0].since;
+                let remaining = (expected - age).max(0.0);
+                let stuck = age > self.cfg.endgame_slowness * expected;
+                (stuck || remaining > 2.0 * my_time).then_some((age, c))
+            })
+            .collect();
+        late.sort_by(|a, b| b.0.total_cmp(&a.0));
+        late.into_iter().take(k).map(|(_, c)| c).collect()
+    }
+}
+
+/// The source's choice of fresh chunks: never-served ones, in order.
+#[derive(Clone, Debug)]
+pub struct FreshServer {
+    /// Chunks that have been sent to, or are known to be held by, some destination.
+    served: ChunkSet,
+    cursor: ChunkId,
+}
+
+impl FreshServer {
+    pub fn new(chunks: u32) -> Self {
+        Self {
+            served: ChunkSet::new(chunks),
+            cursor: 0,
+        }
+    }
+
+    /// Some destination holds `chunk` (from a bitfield, e.g. after a restart).
+    pub fn known_held(&mut self, chunk: ChunkId) {
+        self.served.insert(chunk);
+    }
+
+    /// Up to `count` never-served chunks, now counted as served.
+    pub fn pick(&mut self, count: u32) -> Vec<ChunkId> {
+        let mut out = Vec::new();
+        while out.len() < count as usize && self.cursor < self.served.len() {
+            let c = self.cursor;
+            self.cursor += 1;
+            if self.served.insert(c) {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    pub fn exhausted(&self) -> bool {
+        self.served.is_full()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> SchedConfig {
+        SchedConfig::new(1000)
+    }
+
+    #[test]
+    fn asks_the_source_for_fresh_chunks_then_explicitly() {
+        let mut p = Puller::new(cfg(), ChunkSet::new(4));
+        p.add_peer(0, true);
+        let a = p.poll(0.0);
+        assert!(matches!(a[..], [Action::RequestFresh { peer: 0, count }] if count >= 2));
+        // The chunk may start before its grant arrives, or after.
+        assert_eq!(p.chunk_started(0, 2, 0.1), Arrival::Accept);
+        p.fresh_granted(0, &[2, 3], true, 0.15);
+        assert_eq!(p.chunk_started(0, 3, 0.16), Arrival::Accept);
+        p.chunk_done(0, 2, true, 0.2);
+        p.chunk_done(0, 3, true, 0.2);
+        p.peer_bitfield(0, &ChunkSet::full(4));
+        let a = p.poll(0.3);
+        let Action::Request { peer: 0, chunks } = &a[0] else {
+            panic!("{a:?}")
+        };
+        assert_eq!(chunks, &vec![0, 1]);
+        assert_eq!(p.duplicates, 0);
+        // An unrequested chunk is refused.
+        assert_eq!(p.chunk_started(0, 2, 0.4), Arrival::Reject);
+    }
+
+    #[test]
+    fn never_requests_a_chunk_twice_outside_the_end_game() {
+        let mut p = Puller::new(SchedConfig::new(128 << 10), ChunkSet::new(100));
+        for peer in 1..=3 {
+            p.add_peer(peer, false);
+            p.peer_bitfield(peer, &ChunkSet::full(100));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for a in p.poll(0.0) {
+            let Action::Request { chunks, .. } = a else {
+                panic!()
+            };
+            for c in chunks {
+                assert!(seen.insert(c), "chunk {c} requested twice");
+            }
+        }
+        assert!(seen.len() >= 6);
+    }
+
+    #[test]
+    fn rarest_first_and_peer_loss_requeues() {
+        let mut config = cfg();
+        config.max_outstanding = 2;
+        let mut p = Puller::new(config, ChunkSet::new(3));
+        p.add_peer(1, false);
+        p.add_peer(2, false);
+        p.peer_bitfield(1, &ChunkSet::full(3));
+        let mut only_c2 = ChunkSet::new(3);
+        only_c2.insert(2);
+        p.peer_bitfield(2, &only_c2);
+        // Peer 1 chooses first (same rate, lower id): the chunks only it holds, 0 and 1,
+        // are rarer than chunk 2, which is left to peer 2.
+        let a = p.poll(0.0);
+        assert_eq!(
+            a,
+            vec![
+                Action::Request {
+                    peer: 1,
+                    chunks: vec![0, 1]
+                },
+                Action::Request {
+                    peer: 2,
+                    chunks: vec![2]
+                }
+            ]
+        );
+        // Peer 1 goes away: its chunks are asked of peer 2 once it holds them, within
+        // peer 2's budget (2, one in use).
+        p.remove_peer(1);
+        p.peer_bitfield(2, &ChunkSet::full(3));
+        assert_eq!(
+            p.poll(0.1),
+            vec![Action::Request {
+                peer: 2,
+                chunks: vec![0]
+            }]
+        );
+    }
+
+    #[test]
+    fn end_game_races_a_stuck_chunk_and_cancels_the_loser() {
+        let mut p = Puller::new(cfg(), ChunkSet::new(1));
+        p.add_peer(1, false);
+        p.peer_bitfield(1, &ChunkSet::full(1));
+        assert_eq!(p.poll(0.0).len(), 1);
+        // Peer 2 appears much later, when chunk 0 is long overdue from peer 1.
+        p.add_peer(2, false);
+        p.peer_bitfield(2, &ChunkSet::full(1));
+        let a = p.poll(10.0);
+        assert_eq!(
+            a,
+            vec![Action::Request {
+                peer: 2,
+                chunks: vec![0]
+            }]
+        );
+        p.chunk_done(2, 0, true, 10.1);
+        assert_eq!(p.poll(10.2), vec![Action::Cancel { peer: 1, chunk: 0 }]);
+        assert!(p.is_complete());
+    }
+
+    #[test]
+    fn fresh_server_serves_each_chunk_once() {
+        let mut f = FreshServer::new(5);
+        f.known_held(1);
+        assert_eq!(f.pick(2), vec![0, 2]);
+        assert_eq!(f.pick(5), vec![3, 4]);
+        assert!(f.exhausted());
+        assert!(f.pick(1).is_empty());
+    }
+}

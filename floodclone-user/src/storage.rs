@@ -1,0 +1,317 @@
+//! Chunks on disk. The source reads its file; a destination writes chunks at their offsets
+//! into `<out>.floodclone-part`, records verified chunks in `<out>.floodclone-state` (so a
+//! restart resumes), and only when every chunk and the whole-file hash verify does it fsync
+//! and rename the file to `<out>`. A file at the final path is therefore always complete.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{Read, Write},
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use crate::{
+    manifest::{ChunkId, Manifest},
+    wire::ChunkSet,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("output {0} already exists; remove it or choose another --out")]
+    OutputExists(PathBuf),
+    #[error("cannot create {path}: {source} (is the directory writable, with room for the file?)")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("writing {path} failed: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("reading {path} failed: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the assembled file does not match the source's hash; it was discarded")]
+    FileHashMismatch,
+    #[error("chunk {0} is not held")]
+    NotHeld(ChunkId),
+}
+
+/// Paths of a destination's temporary files for output `out`.
+pub fn part_path(out: &Path) -> PathBuf {
+    let mut p = out.as_os_str().to_owned();
+    p.push(".floodclone-part");
+    p.into()
+}
+
+pub fn state_path(out: &Path) -> PathBuf {
+    let mut p = out.as_os_str().to_owned();
+    p.push(".floodclone-state");
+    p.into()
+}
+
+/// A node's chunk store, shared by its connection tasks.
+pub struct ChunkStore {
+    manifest: Manifest,
+    file: File,
+    path: PathBuf,
+    /// Destination only: where the file goes when complete.
+    out: Option<PathBuf>,
+    have: Mutex<ChunkSet>,
+}
+
+impl ChunkStore {
+    /// The source's store: the whole file, every chunk held.
+    pub fn source(path: &Path, manifest: Manifest) -> Result<Self, StorageError> {
+        let file = File::open(path).map_err(|source| StorageError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let n = manifest.chunk_count();
+        Ok(Self {
+            manifest,
+            file,
+            path: path.into(),
+            out: None,
+            have: Mutex::new(ChunkSet::full(n)),
+        })
+    }
+
+    /// A destination's store for `out`, resuming from an earlier run of the same file when
+    /// its state is there. Chunks recorded as held are verified again before they count.
+    pub fn destination(out: &Path, manifest: Manifest) -> Result<Self, StorageError> {
+        if out.exists() {
+            return Err(StorageError::OutputExists(out.into()));
+        }
+        let part = part_path(out);
+        let create_err = |source| StorageError::Create {
+            path: part.clone(),
+            source,
+        };
+        let resumable = read_state(&state_path(out), &manifest);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(resumable.is_none())
+            .open(&part)
+            .map_err(create_err)?;
+        file.set_len(manifest.size).map_err(create_err)?;
+        let mut have = ChunkSet::new(manifest.chunk_count());
+        if let Some(claimed) = resumable {
+            let mut buf = Vec::new();
+            for c in claimed.iter() {
+                let (off, len) = manifest.chunk_range(c);
+                buf.resize(len, 0);
+                if file.read_exact_at(&mut buf, off).is_ok() && manifest.verify_chunk(c, &buf) {
+                    have.insert(c);
+                }
+            }
+        }
+        let store = Self {
+            manifest,
+            file,
+            path: part,
+            out: Some(out.into()),
+            have: Mutex::new(have),
+        };
+        store.save_state()?;
+        Ok(store)
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn have(&self) -> ChunkSet {
+        self.have.lock().unwrap().clone()
+    }
+
+    pub fn holds(&self, c: ChunkId) -> bool {
+        self.have.lock().unwrap().contains(c)
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.have.lock().unwrap().is_full()
+    }
+
+    /// Reads a held chunk.
+    pub fn read_chunk(&self, c: ChunkId) -> Result<Vec<u8>, StorageError> {
+        if !self.holds(c) {
+            return Err(StorageError::NotHeld(c));
+        }
+        let (off, len) = self.manifest.chunk_range(c);
+        let mut buf = vec![0u8; len];
+        self.file
+            .read_exact_at(&mut buf, off)
+            .map_err(|source| StorageError::Read {
+                path: self.path.clone(),
+                source,
+            })?;
+        Ok(buf)
+    }
+
+    /// Verifies and stores a chunk. Returns `Ok(false)` when it does not verify (nothing is
+    /// written) and `Ok(true)` when it is now held.
+    pub fn write_chunk(&self, c: ChunkId, data: &[u8]) -> Result<bool, StorageError> {
+        if !self.manifest.verify_chunk(c, data) {
+            return Ok(false);
+        }
+        if self.holds(c) {
+            return Ok(true);
+        }
+        let (off, _) = self.manifest.chunk_range(c);
+        self.file
+            .write_all_at(data, off)
+            .map_err(|source| StorageError::Write {
+                path: self.path.clone(),
+                source,
+            })?;
+        self.have.lock().unwrap().insert(c);
+        Ok(true)
+    }
+
+    /// Records which chunks are held (atomically: write then rename).
+    pub fn save_state(&self) -> Result<(), StorageError> {
+        let Some(out) = &self.out else {
+            return Ok(());
+        };
+        let state = state_path(out);
+        let tmp = state.with_extension("floodclone-state.tmp");
+        let mut body = self.manifest.file_hash.to_vec();
+        body.extend_from_slice(&self.have().to_bytes());
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&body)?;
+            f.sync_data()?;
+            fs::rename(&tmp, &state)
+        };
+        write().map_err(|source| StorageError::Write {
+            path: state.clone(),
+            source,
+        })
+    }
+
+    /// Checks the whole file, makes it durable and moves it to its final path. Returns the
+    /// final path.
+    pub fn finalize(&self) -> Result<PathBuf, StorageError> {
+        let out = self.out.clone().expect("destination store");
+        let read_err = |source| StorageError::Read {
+            path: self.path.clone(),
+            source,
+        };
+        self.file.sync_all().map_err(read_err)?;
+        let mut hasher = blake3::Hasher::new();
+        let mut f = File::open(&self.path).map_err(read_err)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).map_err(read_err)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        if *hasher.finalize().as_bytes() != self.manifest.file_hash {
+            let _ = fs::remove_file(state_path(&out));
+            return Err(StorageError::FileHashMismatch);
+        }
+        if out.exists() {
+            return Err(StorageError::OutputExists(out));
+        }
+        let write_err = |source| StorageError::Write {
+            path: out.clone(),
+            source,
+        };
+        fs::rename(&self.path, &out).map_err(write_err)?;
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        let _ = fs::remove_file(state_path(&out));
+        Ok(out)
+    }
+}
+
+/// Chunks recorded as held by an earlier run, if the state belongs to this file.
+fn read_state(path: &Path, manifest: &Manifest) -> Option<ChunkSet> {
+    let body = fs::read(path).ok()?;
+    if body.len() < 32 || body[..32] != manifest.file_hash {
+        return None;
+    }
+    Some(ChunkSet::from_bytes(manifest.chunk_count(), &body[32..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup(name: &str, size: usize) -> (PathBuf, Vec<u8>, Manifest) {
+        let dir = std::env::temp_dir().join(format!("fc-storage-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let data: Vec<u8> = (0..size).map(|i| (i * 31 % 253) as u8).collect();
+        let src = dir.join("src");
+        fs::write(&src, &data).unwrap();
+        let m = Manifest::from_file(&src, 4096).unwrap();
+        (dir, data, m)
+    }
+
+    #[test]
+    fn assembles_resumes_and_renames_only_when_whole() {
+        let (dir, data, m) = setup("resume", 4096 * 3 + 10);
+        let out = dir.join("out");
+        let chunk = |c: u32| {
+            let (o, l) = m.chunk_range(c);
+            data[o as usize..o as usize + l].to_vec()
+        };
+        {
+            let s = ChunkStore::destination(&out, m.clone()).unwrap();
+            let mut bad = chunk(0);
+            bad[3] ^= 0x40;
+            assert!(!s.write_chunk(0, &bad).unwrap(), "corrupt chunk accepted");
+            assert!(s.write_chunk(0, &chunk(0)).unwrap());
+            assert!(s.write_chunk(2, &chunk(2)).unwrap());
+            s.save_state().unwrap();
+            assert!(!out.exists());
+        }
+        // A restart keeps what was verified.
+        let s = ChunkStore::destination(&out, m.clone()).unwrap();
+        assert_eq!(s.have().iter().collect::<Vec<_>>(), vec![0, 2]);
+        s.write_chunk(1, &chunk(1)).unwrap();
+        s.write_chunk(3, &chunk(3)).unwrap();
+        assert!(s.is_complete());
+        assert_eq!(s.finalize().unwrap(), out);
+        assert_eq!(fs::read(&out).unwrap(), data);
+        assert!(!part_path(&out).exists() && !state_path(&out).exists());
+        // An existing output is refused.
+        assert!(matches!(
+            ChunkStore::destination(&out, m),
+            Err(StorageError::OutputExists(_))
+        ));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tampered_part_file_is_not_resumed() {
+        let (dir, data, m) = setup("tamper", 4096 * 2);
+        let out = dir.join("out");
+        {
+            let s = ChunkStore::destination(&out, m.clone()).unwrap();
+            s.write_chunk(1, &data[4096..]).unwrap();
+            s.save_state().unwrap();
+        }
+        let f = OpenOptions::new()
+            .write(true)
+            .open(part_path(&out))
+            .unwrap();
+        f.write_all_at(b"x", 4096 + 7).unwrap();
+        let s = ChunkStore::destination(&out, m).unwrap();
+        assert_eq!(s.have().count(), 0);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,610 @@
+//! Messages between nodes and their binary encoding. Control messages travel length-prefixed
+//! on one bidirectional stream per connection; each chunk travels on its own unidirectional
+//! stream (a 4-byte chunk id, then the bytes).
+//!
+//! Decoding never panics: every length is checked against the bytes present and against
+//! limits, so a malformed message closes that connection only.
+
+use std::net::Ipv4Addr;
+
+use crate::manifest::{ChunkId, Manifest};
+
+/// Largest control frame accepted (a manifest of a 1 TiB file in 128 KiB chunks is 256 MiB
+/// of hashes; that is past what one frame may carry, so big files need bigger chunks).
+pub const MAX_FRAME: usize = 64 << 20;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("message truncated")]
+    Truncated,
+    #[error("unknown message type {0}")]
+    UnknownType(u8),
+    #[error("frame of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    #[error("invalid field: {0}")]
+    Invalid(&'static str),
+    #[error("{0} trailing bytes")]
+    Trailing(usize),
+}
+
+/// A member of the swarm as the source describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub id: u16,
+    /// The address others dial (identity address in the testbed).
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    /// Every IPv4 address on the member's interfaces: lets others recognise it as a gateway.
+    pub local_addrs: Vec<Ipv4Addr>,
+    pub joined: bool,
+}
+
+/// How a node reaches a member, from a kernel route lookup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// On-link, or the member's own address is the gateway: a direct neighbour.
+    Direct = 0,
+    /// Through another member (whose id is given): not a neighbour; data flows through it.
+    Behind = 1,
+    /// Through a non-member gateway: an overlay neighbour over a possibly shared path.
+    ViaRouter = 2,
+    /// No route.
+    Unreachable = 3,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteView {
+    pub member: u16,
+    pub reach: Reach,
+    pub ifindex: u32,
+    pub gateway: Option<Ipv4Addr>,
+    /// With [`Reach::Behind`], the member in the way.
+    pub via_member: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Msg {
+    /// Proof of the swarm token bound to this TLS session (keyed BLAKE3 over exported keys).
+    Auth { mac: [u8; 32] },
+    /// Destination -> source: I am here, listening on `port`, with these addresses.
+    Join { port: u16, addrs: Vec<Ipv4Addr> },
+    /// Source -> destination: your member id, the manifest, the members.
+    Welcome {
+        you: u16,
+        manifest: Manifest,
+        members: Vec<Member>,
+    },
+    /// Source -> destination: the member list changed.
+    Members { members: Vec<Member> },
+    /// Destination -> source: how this node reaches every member.
+    View { routes: Vec<RouteView> },
+    /// Puller -> server, first message after auth: who is pulling.
+    Hello { id: u16 },
+    /// Server -> puller: every chunk the server holds (bit i of byte i/8, LSB first).
+    Bitfield { bits: Vec<u8> },
+    /// Server -> puller: one more chunk held.
+    Have { chunk: ChunkId },
+    /// Puller -> server: send these chunks.
+    Request { chunks: Vec<ChunkId> },
+    /// Puller -> source: send up to `count` chunks nobody has been sent yet.
+    RequestFresh { count: u32 },
+    /// Source -> puller, answering each RequestFresh in order: the chunks picked for it, and
+    /// whether every chunk has now been served once (then request explicitly).
+    FreshGrant {
+        chunks: Vec<ChunkId>,
+        exhausted: bool,
+    },
+    /// Puller -> server: stop sending this chunk.
+    Cancel { chunk: ChunkId },
+    /// Server -> puller: the requested chunk is not held (any more).
+    DontHave { chunk: ChunkId },
+    /// Destination -> source: my copy is complete and verified.
+    Done { elapsed_ms: u64 },
+    /// Destination -> source: chunks held, for progress display.
+    Progress { have: u32 },
+    /// Source -> everyone: every destination is done; exit.
+    SwarmDone,
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+    fn addr(&mut self, a: Ipv4Addr) {
+        self.0.extend_from_slice(&a.octets());
+    }
+    fn addrs(&mut self, v: &[Ipv4Addr]) {
+        self.u32(v.len() as u32);
+        for a in v {
+            self.addr(*a);
+        }
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.u32(b.len() as u32);
+        self.0.extend_from_slice(b);
+    }
+    fn chunk_ids(&mut self, ids: &[ChunkId]) {
+        self.u32(ids.len() as u32);
+        for c in ids {
+            self.u32(*c);
+        }
+    }
+    fn members(&mut self, ms: &[Member]) {
+        self.u32(ms.len() as u32);
+        for m in ms {
+            self.u16(m.id);
+            self.addr(m.addr);
+            self.u16(m.port);
+            self.addrs(&m.local_addrs);
+            self.u8(m.joined as u8);
+        }
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.0.len() < n {
+            return Err(WireError::Truncated);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, WireError> {
+        Ok(u16::from_be_bytes(self.take(2)?.try_into().unwrap()))
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_be_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn addr(&mut self) -> Result<Ipv4Addr, WireError> {
+        let b = self.take(4)?;
+        Ok(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+    }
+    /// A count of items of at least `min_item` bytes each, checked against what is left.
+    fn count(&mut self, min_item: usize) -> Result<usize, WireError> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(min_item.max(1)) > self.0.len() {
+            return Err(WireError::Truncated);
+        }
+        Ok(n)
+    }
+    fn addrs(&mut self) -> Result<Vec<Ipv4Addr>, WireError> {
+        let n = self.count(4)?;
+        (0..n).map(|_| self.addr()).collect()
+    }
+    fn bytes(&mut self) -> Result<Vec<u8>, WireError> {
+        let n = self.count(1)?;
+        Ok(self.take(n)?.to_vec())
+    }
+    fn hash(&mut self) -> Result<[u8; 32], WireError> {
+        Ok(self.take(32)?.try_into().unwrap())
+    }
+    fn chunk_ids(&mut self) -> Result<Vec<ChunkId>, WireError> {
+        let n = self.count(4)?;
+        (0..n).map(|_| self.u32()).collect()
+    }
+    fn members(&mut self) -> Result<Vec<Member>, WireError> {
+        let n = self.count(13)?;
+        (0..n)
+            .map(|_| {
+                Ok(Member {
+                    id: self.u16()?,
+                    addr: self.addr()?,
+                    port: self.u16()?,
+                    local_addrs: self.addrs()?,
+                    joined: self.u8()? != 0,
+                })
+            })
+            .collect()
+    }
+}
+
+impl Msg {
+    fn tag(&self) -> u8 {
+        match self {
+            Msg::Auth { .. } => 1,
+            Msg::Join { .. } => 2,
+            Msg::Welcome { .. } => 3,
+            Msg::Members { .. } => 4,
+            Msg::View { .. } => 5,
+            Msg::Hello { .. } => 6,
+            Msg::Bitfield { .. } => 7,
+            Msg::Have { .. } => 8,
+            Msg::Request { .. } => 9,
+            Msg::RequestFresh { .. } => 10,
+            Msg::FreshGrant { .. } => 11,
+            Msg::Cancel { .. } => 12,
+            Msg::DontHave { .. } => 13,
+            Msg::Done { .. } => 14,
+            Msg::Progress { .. } => 15,
+            Msg::SwarmDone => 16,
+        }
+    }
+
+    /// The message as a frame: 4-byte big-endian length, then type and body.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer(vec![0, 0, 0, 0]);
+        w.u8(self.tag());
+        match self {
+            Msg::Auth { mac } => w.0.extend_from_slice(mac),
+            Msg::Join { port, addrs } => {
+                w.u16(*port);
+                w.addrs(addrs);
+            }
+            Msg::Welcome {
+                you,
+                manifest,
+                members,
+            } => {
+                w.u16(*you);
+                w.u64(manifest.size);
+                w.u32(manifest.chunk_bytes);
+                w.0.extend_from_slice(&manifest.file_hash);
+                w.u32(manifest.chunk_hashes.len() as u32);
+                for h in &manifest.chunk_hashes {
+                    w.0.extend_from_slice(h);
+                }
+                w.members(members);
+            }
+            Msg::Members { members } => w.members(members),
+            Msg::View { routes } => {
+                w.u32(routes.len() as u32);
+                for r in routes {
+                    w.u16(r.member);
+                    w.u8(r.reach as u8);
+                    w.u32(r.ifindex);
+                    w.addr(r.gateway.unwrap_or(Ipv4Addr::UNSPECIFIED));
+                    w.u16(r.via_member.unwrap_or(u16::MAX));
+                }
+            }
+            Msg::Hello { id } => w.u16(*id),
+            Msg::Bitfield { bits } => w.bytes(bits),
+            Msg::Have { chunk } | Msg::Cancel { chunk } | Msg::DontHave { chunk } => w.u32(*chunk),
+            Msg::Request { chunks } => w.chunk_ids(chunks),
+            Msg::FreshGrant { chunks, exhausted } => {
+                w.chunk_ids(chunks);
+                w.u8(*exhausted as u8);
+            }
+            Msg::RequestFresh { count } => w.u32(*count),
+            Msg::Done { elapsed_ms } => w.u64(*elapsed_ms),
+            Msg::Progress { have } => w.u32(*have),
+            Msg::SwarmDone => {}
+        }
+        let len = (w.0.len() - 4) as u32;
+        w.0[..4].copy_from_slice(&len.to_be_bytes());
+        w.0
+    }
+
+    /// Decodes one frame body (type and fields, without the length prefix).
+    pub fn decode(body: &[u8]) -> Result<Msg, WireError> {
+        let mut r = Reader(body);
+        let msg = match r.u8()? {
+            1 => Msg::Auth { mac: r.hash()? },
+            2 => Msg::Join {
+                port: r.u16()?,
+                addrs: r.addrs()?,
+            },
+            3 => {
+                let you = r.u16()?;
+                let size = r.u64()?;
+                let chunk_bytes = r.u32()?;
+                let file_hash = r.hash()?;
+                let n = r.count(32)?;
+                let chunk_hashes = (0..n).map(|_| r.hash()).collect::<Result<_, _>>()?;
+                let manifest = Manifest {
+                    size,
+                    chunk_bytes,
+                    chunk_hashes,
+                    file_hash,
+                };
+                if !manifest.is_consistent() {
+                    return Err(WireError::Invalid("manifest chunk count"));
+                }
+                Msg::Welcome {
+                    you,
+                    manifest,
+                    members: r.members()?,
+                }
+            }
+            4 => Msg::Members {
+                members: r.members()?,
+            },
+            5 => {
+                let n = r.count(13)?;
+                let routes = (0..n)
+                    .map(|_| {
+                        let member = r.u16()?;
+                        let reach = match r.u8()? {
+                            0 => Reach::Direct,
+                            1 => Reach::Behind,
+                            2 => Reach::ViaRouter,
+                            3 => Reach::Unreachable,
+                            _ => return Err(WireError::Invalid("reach")),
+                        };
+                        let ifindex = r.u32()?;
+                        let gw = r.addr()?;
+                        let via = r.u16()?;
+                        Ok(RouteView {
+                            member,
+                            reach,
+                            ifindex,
+                            gateway: (!gw.is_unspecified()).then_some(gw),
+                            via_member: (via != u16::MAX).then_some(via),
+                        })
+                    })
+                    .collect::<Result<_, _>>()?;
+                Msg::View { routes }
+            }
+            6 => Msg::Hello { id: r.u16()? },
+            7 => Msg::Bitfield { bits: r.bytes()? },
+            8 => Msg::Have { chunk: r.u32()? },
+            9 => Msg::Request {
+                chunks: r.chunk_ids()?,
+            },
+            10 => Msg::RequestFresh { count: r.u32()? },
+            11 => Msg::FreshGrant {
+                chunks: r.chunk_ids()?,
+                exhausted: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(WireError::Invalid("exhausted flag")),
+                },
+            },
+            12 => Msg::Cancel { chunk: r.u32()? },
+            13 => Msg::DontHave { chunk: r.u32()? },
+            14 => Msg::Done {
+                elapsed_ms: r.u64()?,
+            },
+            15 => Msg::Progress { have: r.u32()? },
+            16 => Msg::SwarmDone,
+            t => return Err(WireError::UnknownType(t)),
+        };
+        if !r.0.is_empty() {
+            return Err(WireError::Trailing(r.0.len()));
+        }
+        Ok(msg)
+    }
+}
+
+/// Splits complete frames off the front of `buf`: returns the messages decoded and leaves a
+/// partial frame in place.
+pub fn drain_frames(buf: &mut Vec<u8>) -> Result<Vec<Msg>, WireError> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while buf.len() - at >= 4 {
+        let len = u32::from_be_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
+        if len > MAX_FRAME {
+            return Err(WireError::TooLarge(len));
+        }
+        if buf.len() - at - 4 < len {
+            break;
+        }
+        out.push(Msg::decode(&buf[at + 4..at + 4 + len])?);
+        at += 4 + len;
+    }
+    buf.drain(..at);
+    Ok(out)
+}
+
+/// A set of chunk ids as a bitfield.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChunkSet {
+    bits: Vec<u64>,
+    len: u32,
+    count: u32,
+}
+
+impl ChunkSet {
+    pub fn new(len: u32) -> Self {
+        Self {
+            bits: vec![0; (len as usize).div_ceil(64)],
+            len,
+            count: 0,
+        }
+    }
+
+    pub fn full(len: u32) -> Self {
+        let mut s = Self::new(len);
+        for c in 0..len {
+            s.insert(c);
+        }
+        s
+    }
+
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.count == self.len
+    }
+
+    pub fn contains(&self, c: ChunkId) -> bool {
+        c < self.len && self.bits[(c / 64) as usize] & (1 << (c % 64)) != 0
+    }
+
+    /// Adds `c`; returns whether it was new. Ids out of range are ignored.
+    pub fn insert(&mut self, c: ChunkId) -> bool {
+        if c >= self.len || self.contains(c) {
+            return false;
+        }
+        self.bits[(c / 64) as usize] |= 1 << (c % 64);
+        self.count += 1;
+        true
+    }
+
+    pub fn remove(&mut self, c: ChunkId) -> bool {
+        if !self.contains(c) {
+            return false;
+        }
+        self.bits[(c / 64) as usize] &= !(1 << (c % 64));
+        self.count -= 1;
+        true
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = ChunkId> + '_ {
+        (0..self.len).filter(|&c| self.contains(c))
+    }
+
+    /// Bytes for [`Msg::Bitfield`].
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = vec![0u8; (self.len as usize).div_ceil(8)];
+        for c in self.iter() {
+            out[(c / 8) as usize] |= 1 << (c % 8);
+        }
+        out
+    }
+
+    /// Parses [`Msg::Bitfield`] bytes for a file of `len` chunks; bits past `len` are ignored.
+    pub fn from_bytes(len: u32, bytes: &[u8]) -> Self {
+        let mut s = Self::new(len);
+        for c in 0..len {
+            if bytes
+                .get((c / 8) as usize)
+                .is_some_and(|b| b & (1 << (c % 8)) != 0)
+            {
+                s.insert(c);
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Msg> {
+        let manifest = Manifest {
+            size: 5000,
+            chunk_bytes: 4096,
+            chunk_hashes: vec![[1; 32], [2; 32]],
+            file_hash: [3; 32],
+        };
+        let member = Member {
+            id: 2,
+            addr: Ipv4Addr::new(10, 100, 0, 3),
+            port: 7878,
+            local_addrs: vec![Ipv4Addr::new(10, 200, 0, 6)],
+            joined: true,
+        };
+        vec![
+            Msg::Auth { mac: [9; 32] },
+            Msg::Join {
+                port: 1,
+                addrs: vec![Ipv4Addr::LOCALHOST],
+            },
+            Msg::Welcome {
+                you: 1,
+                manifest,
+                members: vec![member.clone()],
+            },
+            Msg::Members {
+                members: vec![member],
+            },
+            Msg::View {
+                routes: vec![RouteView {
+                    member: 3,
+                    reach: Reach::Behind,
+                    ifindex: 4,
+                    gateway: Some(Ipv4Addr::new(10, 200, 0, 1)),
+                    via_member: Some(1),
+                }],
+            },
+            Msg::Hello { id: 7 },
+            Msg::Bitfield {
+                bits: vec![0xff, 1],
+            },
+            Msg::Have { chunk: 5 },
+            Msg::Request {
+                chunks: vec![1, 2, 3],
+            },
+            Msg::RequestFresh { count: 4 },
+            Msg::FreshGrant {
+                chunks: vec![4, 5],
+                exhausted: true,
+            },
+            Msg::Cancel { chunk: 9 },
+            Msg::DontHave { chunk: 9 },
+            Msg::Done { elapsed_ms: 1234 },
+            Msg::Progress { have: 3 },
+            Msg::SwarmDone,
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips_through_frames() {
+        let mut stream = Vec::new();
+        for m in samples() {
+            stream.extend(m.encode());
+        }
+        // Fed in two pieces, split mid-frame.
+        let mut buf = stream[..stream.len() / 2].to_vec();
+        let mut got = drain_frames(&mut buf).unwrap();
+        buf.extend_from_slice(&stream[stream.len() / 2..]);
+        got.extend(drain_frames(&mut buf).unwrap());
+        assert!(buf.is_empty());
+        assert_eq!(got, samples());
+    }
+
+    #[test]
+    fn truncations_and_garbage_are_errors_not_panics() {
+        for m in samples() {
+            let frame = m.encode();
+            let body = &frame[4..];
+            for cut in 0..body.len() {
+                assert!(Msg::decode(&body[..cut]).is_err(), "{m:?} cut at {cut}");
+            }
+        }
+        // Lengths that promise more than the frame holds.
+        assert_eq!(
+            Msg::decode(&[9, 0xff, 0xff, 0xff, 0xff]),
+            Err(WireError::Truncated)
+        );
+        let mut huge = (MAX_FRAME as u32 + 1).to_be_bytes().to_vec();
+        huge.push(16);
+        assert!(matches!(
+            drain_frames(&mut huge),
+            Err(WireError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn chunk_sets_round_trip_as_bitfields() {
+        let mut s = ChunkSet::new(70);
+        for c in [0, 5, 63, 64, 69, 70, 1000] {
+            s.insert(c);
+        }
+        assert_eq!(s.count(), 5);
+        let back = ChunkSet::from_bytes(70, &s.to_bytes());
+        assert_eq!(back, s);
+        assert!(ChunkSet::full(3).is_full());
+    }
+}

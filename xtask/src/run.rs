@@ -1,0 +1,325 @@
+//! One real transfer on the emulated testbed: the `floodclone` binary in every member's
+//! namespace, timed events applied on schedule, every copy verified by hash, and the result
+//! set against the floor.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::{
+    bound,
+    testbed::{self, identity_addr, Testbed},
+    topology::{Role, Topology},
+};
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub bytes: u64,
+    /// Extra arguments for every `floodclone send`.
+    pub send_args: Vec<String>,
+    /// Extra arguments for every `floodclone recv`.
+    pub recv_args: Vec<String>,
+    /// Give up after this long (default: 10 x U_min + 60 s).
+    pub timeout: Option<Duration>,
+    pub quiet: bool,
+}
+
+impl RunOptions {
+    pub fn new(bytes: u64) -> Self {
+        Self {
+            bytes,
+            send_args: Vec::new(),
+            recv_args: Vec::new(),
+            timeout: None,
+            quiet: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DestOutcome {
+    pub name: String,
+    /// Seconds from the destination's start until its copy was complete and verified.
+    pub elapsed_s: Option<f64>,
+    pub verified: bool,
+    pub duplicates: Option<u64>,
+    /// Peak resident memory of the destination's process.
+    pub peak_rss_bytes: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RunReport {
+    pub topology: String,
+    pub bytes: u64,
+    pub dests: Vec<DestOutcome>,
+    /// The last destination's time: the score.
+    pub u_s: Option<f64>,
+    pub u_min_s: f64,
+    pub u_min_wire_s: f64,
+    pub ratio: Option<f64>,
+    pub send_exit_ok: bool,
+    pub source_peak_rss_bytes: Option<u64>,
+}
+
+/// Fills `path` with `bytes` of reproducible pseudo-random data.
+pub fn write_test_file(path: &Path, bytes: u64, seed: u64) -> Result<()> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut x = seed | 1;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut left = bytes;
+    while left > 0 {
+        for w in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+fn file_hash(path: &Path) -> Option<blake3::Hash> {
+    let mut h = blake3::Hasher::new();
+    h.update_reader(std::fs::File::open(path).ok()?).ok()?;
+    Some(h.finalize())
+}
+
+/// Reads a child's stdout lines into a channel, tagged with `who`.
+fn pipe_lines(child: &mut Child, who: usize, tx: mpsc::Sender<(usize, String)>) {
+    let out = child.stdout.take().expect("piped stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send((who, line)).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// Runs one transfer of `opts.bytes` over `topo` with the binary `bin`.
+pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<RunReport> {
+    let floor = bound::floor(topo, opts.bytes).map_err(anyhow::Error::msg)?;
+    let work = std::env::temp_dir().join(format!(
+        "floodclone-run-{}-{}",
+        std::process::id(),
+        topo.name
+    ));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let cleanup = scopeguard(work.clone());
+    let src = work.join("source.bin");
+    write_test_file(&src, opts.bytes, 0x5eed ^ opts.bytes)?;
+    let want = file_hash(&src).context("hashing the source file")?;
+
+    testbed::ensure_host_bpffs()?;
+    let mut bed = Testbed::up(topo)?;
+    let token = format!(
+        "run-{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    );
+    let s = topo.source();
+    let dests = topo.destinations();
+    let (tx, rx) = mpsc::channel();
+    let out_path = |d: usize| work.join(format!("{}.out", topo.nodes[d].name));
+    let mut recv_handles = Vec::new();
+    for &d in &dests {
+        let mut cmd = bed.command(d, bin.to_str().unwrap());
+        cmd.args(["recv", "--json", "--token", &token, "--source"])
+            .arg(identity_addr(s).to_string())
+            .arg("--out")
+            .arg(out_path(d))
+            .args(&opts.recv_args)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(
+                work.join(format!("{}.err", topo.nodes[d].name)),
+            )?);
+        let h = bed.spawn(cmd)?;
+        pipe_lines(bed.child(h), d, tx.clone());
+        recv_handles.push((d, h));
+    }
+    let mut cmd = bed.command(s, bin.to_str().unwrap());
+    cmd.args(["send", "--json", "--token", &token])
+        .arg(&src)
+        .args(
+            dests
+                .iter()
+                .flat_map(|&d| ["--dest".to_string(), identity_addr(d).to_string()]),
+        )
+        .args(&opts.send_args)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(work.join("source.err"))?);
+    let started = Instant::now();
+    let sh = bed.spawn(cmd)?;
+    pipe_lines(bed.child(sh), s, tx);
+
+    let timeout = opts
+        .timeout
+        .unwrap_or_else(|| Duration::from_secs_f64(floor.u_min_s * 10.0 + 60.0));
+    let mut events = topo.events.clone().into_iter().peekable();
+    let mut seen = vec![NodeEvents::default(); topo.nodes.len()];
+    let mut send_status = None;
+    while send_status.is_none() && started.elapsed() < timeout {
+        while let Some(e) = events.next_if(|e| started.elapsed().as_secs_f64() >= e.at_s) {
+            bed.apply(e.link, &e.action)?;
+            if !opts.quiet {
+                let l = &topo.links[e.link];
+                eprintln!(
+                    "  t={:.2}s link {}-{}: {:?}",
+                    started.elapsed().as_secs_f64(),
+                    topo.nodes[l.a].name,
+                    topo.nodes[l.b].name,
+                    e.action
+                );
+            }
+        }
+        while let Ok((who, line)) = rx.try_recv() {
+            seen[who].note(&line);
+        }
+        send_status = bed.child(sh).try_wait()?;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Let destinations hear SwarmDone and exit; collect their last lines.
+    let grace = Instant::now() + Duration::from_secs(5);
+    for &(_, h) in &recv_handles {
+        while bed.child(h).try_wait()?.is_none() && Instant::now() < grace {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    while let Ok((who, line)) = rx.recv_timeout(Duration::from_millis(100)) {
+        seen[who].note(&line);
+    }
+    let send_exit_ok = send_status.is_some_and(|s| s.success());
+    bed.down();
+    let outcomes: Vec<DestOutcome> = dests
+        .iter()
+        .map(|&d| DestOutcome {
+            name: topo.nodes[d].name.clone(),
+            elapsed_s: seen[d].elapsed_s,
+            verified: file_hash(&out_path(d)) == Some(want),
+            duplicates: seen[d].duplicates,
+            peak_rss_bytes: seen[d].peak_rss_bytes,
+        })
+        .collect();
+    let all_ok = outcomes.iter().all(|o| o.verified && o.elapsed_s.is_some());
+    let u = all_ok.then(|| {
+        outcomes
+            .iter()
+            .filter_map(|o| o.elapsed_s)
+            .fold(0.0, f64::max)
+    });
+    if !all_ok && !opts.quiet {
+        for n in std::fs::read_dir(&work).into_iter().flatten().flatten() {
+            let p = n.path();
+            if p.extension().is_some_and(|e| e == "err") {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                if !text.trim().is_empty() {
+                    eprintln!("--- {}:\n{}", p.display(), text.trim());
+                }
+            }
+        }
+    }
+    drop(cleanup);
+    Ok(RunReport {
+        topology: topo.name.clone(),
+        bytes: opts.bytes,
+        dests: outcomes,
+        u_s: u,
+        u_min_s: floor.u_min_s,
+        u_min_wire_s: floor.u_min_wire_s,
+        ratio: u.map(|u| u / floor.u_min_s),
+        send_exit_ok,
+        source_peak_rss_bytes: seen[s].peak_rss_bytes,
+    })
+}
+
+/// What a node's JSON events said.
+#[derive(Clone, Debug, Default)]
+struct NodeEvents {
+    elapsed_s: Option<f64>,
+    duplicates: Option<u64>,
+    peak_rss_bytes: Option<u64>,
+}
+
+impl NodeEvents {
+    fn note(&mut self, line: &str) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            return;
+        };
+        match v["event"].as_str() {
+            Some("complete") => {
+                self.elapsed_s = v["elapsed_s"].as_f64();
+                self.duplicates = v["duplicates"].as_u64();
+            }
+            Some("swarm_done") => self.peak_rss_bytes = v["peak_rss_bytes"].as_u64(),
+            _ => {}
+        }
+    }
+}
+
+/// Removes the run's scratch directory when dropped.
+struct ScratchDir(PathBuf);
+
+fn scopeguard(p: PathBuf) -> ScratchDir {
+    ScratchDir(p)
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Human-readable report.
+pub fn render(r: &RunReport) -> String {
+    let mut s = format!("{} ({} bytes)\n", r.topology, r.bytes);
+    for d in &r.dests {
+        let t = d.elapsed_s.map_or("-".into(), |t| format!("{t:7.2} s"));
+        s += &format!(
+            "  {:6} {:>10}  {}{}\n",
+            d.name,
+            t,
+            if d.verified {
+                "verified"
+            } else {
+                "MISSING OR CORRUPT"
+            },
+            d.duplicates
+                .map_or(String::new(), |n| format!("  duplicates {n}"))
+        );
+    }
+    match (r.u_s, r.ratio) {
+        (Some(u), Some(ratio)) => {
+            s += &format!(
+                "U = {u:.2} s   U_min = {:.2} s   U/U_min = {ratio:.3}   (U/U_min wire-aware = {:.3})\n",
+                r.u_min_s,
+                u / r.u_min_wire_s
+            )
+        }
+        _ => s += &format!("FAILED: not every copy arrived verified (U_min = {:.2} s)\n", r.u_min_s),
+    }
+    s
+}
+
+/// Fails unless every destination holds a verified copy.
+pub fn check(r: &RunReport) -> Result<()> {
+    if r.u_s.is_none() || !r.send_exit_ok {
+        bail!("transfer on {} failed:\n{}", r.topology, render(r));
+    }
+    Ok(())
+}
+
+pub fn member_count(topo: &Topology) -> usize {
+    topo.nodes.iter().filter(|n| n.role != Role::Router).count()
+}
