@@ -74,6 +74,18 @@ pub struct SpinState {
     pub min_interval_ns: u64,
     /// Number of intervals measured.
     pub samples: u64,
+    /// Smoothed interval (gain 1/8, as TCP's srtt): the RTT estimate shown.
+    pub srtt_ns: u64,
+    /// Short-header packets seen. A flow whose peer does not spin sends random spin values
+    /// (RFC 9000 section 17.4): about two packets per edge, against many for a real spin.
+    pub packets: u64,
+}
+
+impl SpinState {
+    /// Whether the edges look like a real spin rather than random values.
+    pub fn is_spinning(&self) -> bool {
+        self.samples >= 4 && self.packets >= 3 * (self.samples + 1)
+    }
 }
 
 #[cfg(feature = "user")]

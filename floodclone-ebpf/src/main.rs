@@ -149,6 +149,7 @@ fn track_spin(
     };
     match SPIN_STATS.get_ptr_mut(key) {
         Some(s) => unsafe {
+            (*s).packets += 1;
             if (*s).last_spin != spin {
                 if (*s).edge_ns != 0 {
                     let interval = now - (*s).edge_ns;
@@ -157,6 +158,11 @@ fn track_spin(
                         (*s).min_interval_ns = interval;
                     }
                     (*s).samples += 1;
+                    (*s).srtt_ns = if (*s).srtt_ns == 0 {
+                        interval
+                    } else {
+                        (*s).srtt_ns - (*s).srtt_ns / 8 + interval / 8
+                    };
                 }
                 (*s).edge_ns = now;
                 (*s).last_spin = spin;
@@ -165,6 +171,7 @@ fn track_spin(
         None => {
             let s = SpinState {
                 last_spin: spin,
+                packets: 1,
                 ..SpinState::default()
             };
             SPIN_STATS.insert(key, s, 0)?;

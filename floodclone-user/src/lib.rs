@@ -10,6 +10,7 @@
 pub mod discovery;
 pub mod linkstats;
 pub mod manifest;
+pub mod meter;
 pub mod node;
 pub mod sched;
 pub mod stats;

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use floodclone::{
     linkstats::LinkStats,
     manifest::DEFAULT_CHUNK_BYTES,
-    node::{self, Common, Output, RecvConfig, SendConfig, DEFAULT_PORT},
+    node::{self, Common, Output, RecvConfig, SendConfig, SharedLinkStats, DEFAULT_PORT},
     stats,
 };
 use serde_json::json;
@@ -118,24 +118,29 @@ fn seconds(what: &str, s: f64) -> Result<Duration> {
     Ok(Duration::from_secs_f64(s))
 }
 
-/// Attaches the link-stats programs for the life of the process, on a thread of its own so
-/// the transfer does not wait for it; without permission the transfer goes on with
-/// userspace measurements only. Join the handle to keep the programs until exit.
-fn attach_link_stats() -> std::thread::JoinHandle<Option<LinkStats>> {
-    std::thread::spawn(attach_link_stats_now)
-}
-
-fn attach_link_stats_now() -> Option<LinkStats> {
-    match LinkStats::attach() {
+/// Attaches the link-stats programs on a thread of its own, so the transfer does not wait
+/// for it; they stay attached until the returned value is emptied. Without permission the
+/// transfer goes on with userspace measurements only, after one warning.
+fn attach_link_stats() -> SharedLinkStats {
+    let shared = SharedLinkStats::default();
+    let slot = shared.clone();
+    std::thread::spawn(move || {
+        match LinkStats::attach() {
         Ok(s) => {
             tracing::debug!(pins = %s.pin_dir().display(), "link stats attached");
-            Some(s)
+            *slot.lock().unwrap() = Some(s);
         }
-        Err(e) => {
-            eprintln!("warning: in-kernel link stats unavailable ({e}); continuing with userspace measurements");
-            None
-        }
+        Err(e) => eprintln!(
+            "warning: in-kernel link stats unavailable ({e}); continuing with userspace measurements"
+        ),
     }
+    });
+    shared
+}
+
+/// Detaches the programs and removes the pins.
+fn detach_link_stats(stats: &SharedLinkStats) {
+    stats.lock().unwrap().take();
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -176,6 +181,7 @@ fn run(cli: Cli) -> Result<()> {
                     token: n.token,
                     output: output.clone(),
                     chunk_bytes: chunk_size,
+                    link_stats: stats.clone(),
                 },
                 dests: dests
                     .into_iter()
@@ -192,7 +198,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
             })?;
             let elapsed = started.elapsed().as_secs_f64();
-            drop(stats.join()); // detach and unpin
+            detach_link_stats(&stats);
             output.event(
                 json!({"event": "swarm_done", "elapsed_s": elapsed, "destinations": results,
                        "peak_rss_bytes": node::peak_rss_bytes()}),
@@ -219,6 +225,7 @@ fn run(cli: Cli) -> Result<()> {
                     token: n.token,
                     output: Output { json: n.json },
                     chunk_bytes: DEFAULT_CHUNK_BYTES,
+                    link_stats: stats.clone(),
                 },
                 source: SocketAddrV4::new(source.0, source.1.unwrap_or(n.port)),
                 out,
@@ -230,7 +237,7 @@ fn run(cli: Cli) -> Result<()> {
                     _ = tokio::signal::ctrl_c() => bail!("interrupted (progress is kept: run the same command to resume)"),
                 }
             })?;
-            drop(stats.join());
+            detach_link_stats(&stats);
         }
         Cmd::Stats {
             interval,
@@ -240,14 +247,25 @@ fn run(cli: Cli) -> Result<()> {
             if !(interval > 0.0 && interval.is_finite()) {
                 bail!("--interval must be a positive number of seconds");
             }
+            let mut sampler = stats::Sampler::open()?;
+            if watch && !json {
+                print!("\x1b[2J");
+            }
             loop {
-                let report = stats::measure(Duration::from_secs_f64(interval))?;
+                let report = sampler.measure(Duration::from_secs_f64(interval))?;
                 if json {
                     println!("{}", serde_json::to_string(&report)?);
-                } else {
-                    if watch {
-                        print!("\x1b[2J\x1b[H");
+                } else if watch {
+                    // Home, redraw each line clearing its tail, clear below: no flicker.
+                    let mut screen = String::from("\x1b[H");
+                    for line in stats::render(&report).lines() {
+                        screen += line;
+                        screen += "\x1b[K\n";
                     }
+                    print!("{screen}\x1b[J");
+                    use std::io::Write;
+                    let _ = std::io::stdout().flush();
+                } else {
                     print!("{}", stats::render(&report));
                 }
                 if !watch {

@@ -71,12 +71,16 @@ impl Output {
     }
 }
 
+/// The in-kernel link stats, once (and if) the programs are attached.
+pub type SharedLinkStats = Arc<Mutex<Option<crate::linkstats::LinkStats>>>;
+
 #[derive(Clone)]
 pub struct Common {
     pub port: u16,
     pub token: String,
     pub output: Output,
     pub chunk_bytes: u32,
+    pub link_stats: SharedLinkStats,
 }
 
 pub struct SendConfig {
@@ -443,18 +447,51 @@ struct Core {
     conns: HashMap<ConnKey, ConnInfo>,
     /// What each connection's peer holds, as it told us (kept before a scheduler exists).
     peer_have: HashMap<ConnKey, ChunkSet>,
+    link_stats: SharedLinkStats,
+    meters: crate::meter::Meters,
+    role: &'static str,
 }
 
 impl Core {
-    fn new(shared: Arc<Shared>, ep: Endpoint, out: Output) -> Self {
+    fn new(shared: Arc<Shared>, ep: Endpoint, common: &Common, role: &'static str) -> Self {
         Self {
             shared,
             ep,
-            out,
+            out: common.output.clone(),
             start: Instant::now(),
             conns: HashMap::new(),
             peer_have: HashMap::new(),
+            link_stats: common.link_stats.clone(),
+            meters: Default::default(),
+            role,
         }
+    }
+
+    /// Reads the in-kernel counters (when attached) and publishes what only this process
+    /// knows (QUIC RTTs) for `floodclone stats`.
+    fn measure(&mut self) {
+        if let Some(ls) = self.link_stats.lock().unwrap().as_ref() {
+            if let Ok(snap) = ls.snapshot() {
+                let at = snap.at.duration_since(self.start).as_secs_f64();
+                self.meters.update(&snap, at);
+            }
+        }
+        let peers = self
+            .conns
+            .values()
+            .filter_map(|c| match c.remote {
+                SocketAddr::V4(a) => Some(crate::stats::PeerStatus {
+                    addr: *a.ip(),
+                    member: c.peer,
+                    rtt_ms: c.conn.rtt().as_secs_f64() * 1e3,
+                }),
+                _ => None,
+            })
+            .collect();
+        crate::stats::publish_status(&crate::stats::DaemonStatus {
+            role: self.role.into(),
+            peers,
+        });
     }
 
     fn now(&self) -> f64 {
@@ -513,7 +550,7 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
     spawn_acceptor(ep.clone(), shared.clone());
     let kernel = Kernel::open()?;
     let addrs = kernel.local_addrs().await?;
-    let mut core = Core::new(shared.clone(), ep.clone(), cfg.common.output.clone());
+    let mut core = Core::new(shared.clone(), ep.clone(), &cfg.common, "destination");
     spawn_dial(
         ep.clone(),
         shared.clone(),
@@ -538,13 +575,28 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
     let mut complete: Option<f64> = None;
     let mut finalizing = false;
     let mut source_lost_at: Option<Instant> = None;
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut ticks = 0u64;
     let result = loop {
         let event = tokio::select! {
             ev = events.recv() => match ev { Some(ev) => ev, None => break Err(NodeError::Other("event channel closed".into())) },
             _ = tick.tick() => {
+                ticks += 1;
+                core.measure();
+                // The plan follows measured rates: each neighbour's receive rate as the
+                // kernel sees it (windowed max) informs its pipeline depth.
+                if let Some(pl) = puller.as_mut() {
+                    for (&p, _) in pull.iter() {
+                        if let Some(m) = members.iter().find(|m| m.id == p) {
+                            let (_, max_bps) = core.meters.rx_from(m.addr);
+                            if max_bps > 0.0 {
+                                pl.peer_measured_rate(p, max_bps);
+                            }
+                        }
+                    }
+                }
                 if let Some(store) = shared.store.get() {
-                    if !store.is_complete() {
+                    if !store.is_complete() && ticks.is_multiple_of(5) {
                         if let Err(e) = store.save_state() { break Err(e.into()); }
                     }
                 }
@@ -821,6 +873,7 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
     };
     ep.close(VarInt::from_u32(CLOSE_DONE), b"done");
     let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
+    crate::stats::remove_status();
     match result {
         Ok(()) => {
             core.out.event(
@@ -975,7 +1028,7 @@ pub async fn run_send(cfg: SendConfig) -> Result<Vec<DestResult>, NodeError> {
             joined: false,
         });
     }
-    let mut core = Core::new(shared.clone(), ep.clone(), cfg.common.output.clone());
+    let mut core = Core::new(shared.clone(), ep.clone(), &cfg.common, "source");
     core.out.event(
         json!({"event": "serving", "bytes": manifest.size, "chunks": manifest.chunk_count(),
                "chunk_bytes": manifest.chunk_bytes, "destinations": cfg.dests.len(), "port": cfg.common.port}),
@@ -993,10 +1046,15 @@ pub async fn run_send(cfg: SendConfig) -> Result<Vec<DestResult>, NodeError> {
     let mut done: HashMap<u16, f64> = HashMap::new();
     let mut finishing: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut source_ticks = 0u64;
     loop {
         let event = tokio::select! {
             ev = events.recv() => match ev { Some(ev) => ev, None => break },
             _ = tick.tick() => {
+                source_ticks += 1;
+                if source_ticks.is_multiple_of(5) {
+                    core.measure();
+                }
                 let joined = members.iter().filter(|m| m.joined).count();
                 if !started && joined > 1 && (joined == members.len() || core.start.elapsed() >= cfg.join_grace) {
                     started = true;
@@ -1131,6 +1189,7 @@ pub async fn run_send(cfg: SendConfig) -> Result<Vec<DestResult>, NodeError> {
     }
     ep.close(VarInt::from_u32(CLOSE_DONE), b"done");
     let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
+    crate::stats::remove_status();
     let mut results: Vec<DestResult> = done
         .into_iter()
         .map(|(id, elapsed_s)| DestResult {

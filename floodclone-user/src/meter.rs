@@ -1,0 +1,188 @@
+//! Turns in-kernel counters into per-link figures: a smoothed current rate, a windowed-max
+//! delivery rate (the BBR-style estimate of the bottleneck: the best the link has recently
+//! shown), a short history, and the RTT seen by the QUIC spin bit. Pure: fed snapshots with
+//! their times, so it is unit-tested without a kernel.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::Ipv4Addr,
+};
+
+use crate::linkstats::Snapshot;
+
+/// Window of the max filter. Long enough to cover a few round trips and queue drains,
+/// short enough to forget a link that got slower within seconds.
+pub const MAX_WINDOW_S: f64 = 2.0;
+/// Shortest interval a rate sample may cover; shorter ones are dominated by bursts.
+pub const MIN_SAMPLE_S: f64 = 0.2;
+/// Time constant of the smoothed rate.
+pub const SMOOTH_TAU_S: f64 = 0.5;
+/// Samples kept for display.
+pub const HISTORY: usize = 24;
+
+/// One direction of one (interface, peer) link.
+#[derive(Clone, Debug, Default)]
+pub struct DirectionMeter {
+    pub bytes: u64,
+    pub packets: u64,
+    last_bytes: u64,
+    last_at: Option<f64>,
+    smoothed_bps: Option<f64>,
+    samples: VecDeque<(f64, f64)>,
+    pub history_bps: VecDeque<f64>,
+}
+
+impl DirectionMeter {
+    fn update(&mut self, bytes: u64, packets: u64, at: f64) {
+        self.bytes = bytes;
+        self.packets = packets;
+        let Some(last_at) = self.last_at else {
+            self.last_at = Some(at);
+            self.last_bytes = bytes;
+            return;
+        };
+        let dt = at - last_at;
+        if dt < MIN_SAMPLE_S {
+            return;
+        }
+        let bps = bytes.saturating_sub(self.last_bytes) as f64 * 8.0 / dt;
+        let alpha = 1.0 - (-dt / SMOOTH_TAU_S).exp();
+        self.smoothed_bps = Some(match self.smoothed_bps {
+            Some(old) => old + alpha * (bps - old),
+            None => bps,
+        });
+        self.samples.push_back((at, bps));
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _)| at - t > MAX_WINDOW_S)
+        {
+            self.samples.pop_front();
+        }
+        self.history_bps.push_back(bps);
+        if self.history_bps.len() > HISTORY {
+            self.history_bps.pop_front();
+        }
+        self.last_at = Some(at);
+        self.last_bytes = bytes;
+    }
+
+    /// Smoothed current rate, bits per second.
+    pub fn rate_bps(&self) -> f64 {
+        self.smoothed_bps.unwrap_or(0.0)
+    }
+
+    /// Highest rate over the last [`MAX_WINDOW_S`], bits per second.
+    pub fn max_bps(&self) -> f64 {
+        self.samples.iter().map(|s| s.1).fold(0.0, f64::max)
+    }
+
+    /// Latest sample, bits per second.
+    pub fn last_bps(&self) -> f64 {
+        self.samples.back().map_or(0.0, |s| s.1)
+    }
+}
+
+/// Where an RTT figure came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RttSource {
+    /// Spin-bit edges seen in the kernel (an upper estimate under app-limited traffic).
+    Spin,
+    /// quinn's own estimate (`Connection::rtt()`), from the daemon's status file.
+    Quic,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct LinkMeter {
+    pub ifindex: u32,
+    pub peer: Option<Ipv4Addr>,
+    pub tx: DirectionMeter,
+    pub rx: DirectionMeter,
+    /// Smoothed spin-bit RTT and the smallest edge interval seen, in seconds.
+    pub spin_rtt_s: Option<f64>,
+    pub spin_min_rtt_s: Option<f64>,
+}
+
+/// Meters for every link seen.
+#[derive(Clone, Debug, Default)]
+pub struct Meters {
+    pub links: HashMap<(u32, Option<Ipv4Addr>), LinkMeter>,
+}
+
+impl Meters {
+    /// Feeds a snapshot taken `at` seconds on some monotonic clock.
+    pub fn update(&mut self, snap: &Snapshot, at: f64) {
+        for p in &snap.peers {
+            let m = self
+                .links
+                .entry((p.ifindex, p.peer))
+                .or_insert_with(|| LinkMeter {
+                    ifindex: p.ifindex,
+                    peer: p.peer,
+                    ..Default::default()
+                });
+            m.tx.update(p.egress.bytes, p.egress.packets, at);
+            m.rx.update(p.ingress.bytes, p.ingress.packets, at);
+        }
+        for m in self.links.values_mut() {
+            // The most recently spinning flow to this peer on this interface.
+            let best = snap
+                .spin
+                .iter()
+                .filter(|s| {
+                    Some(s.peer()) == m.peer && s.key.ifindex == m.ifindex && s.state.is_spinning()
+                })
+                .max_by_key(|s| s.state.edge_ns);
+            if let Some(s) = best {
+                m.spin_rtt_s = Some(s.state.srtt_ns as f64 / 1e9);
+                m.spin_min_rtt_s = Some(s.state.min_interval_ns as f64 / 1e9);
+            }
+        }
+    }
+
+    /// Links sorted by interface and peer.
+    pub fn sorted(&self) -> Vec<&LinkMeter> {
+        let mut v: Vec<_> = self.links.values().collect();
+        v.sort_by_key(|m| (m.ifindex, m.peer));
+        v
+    }
+
+    /// The receive rate from `peer` summed over interfaces: (smoothed, windowed max).
+    pub fn rx_from(&self, peer: Ipv4Addr) -> (f64, f64) {
+        self.links
+            .values()
+            .filter(|m| m.peer == Some(peer))
+            .fold((0.0, 0.0), |(r, x), m| {
+                (r + m.rx.rate_bps(), x + m.rx.max_bps())
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windowed_max_follows_the_best_recent_rate_and_forgets_it() {
+        let mut d = DirectionMeter::default();
+        let mut bytes = 0u64;
+        // 1 s at 40 Mbit/s, then 3 s at 10 Mbit/s, sampled every 100 ms (samples cover 200 ms).
+        let mut t = 0.0;
+        d.update(0, 0, t);
+        for step in 1..=40 {
+            t = step as f64 * 0.1;
+            let mbit = if t <= 1.0 { 40.0 } else { 10.0 };
+            bytes += (mbit * 1e6 / 8.0 * 0.1) as u64;
+            d.update(bytes, 0, t);
+            if (t - 1.0).abs() < 1e-9 {
+                assert!((d.max_bps() - 40e6).abs() < 1e5, "{}", d.max_bps());
+                assert!((d.rate_bps() - 40e6).abs() < 4e6);
+            }
+        }
+        // More than the window after the drop, the max is the new rate.
+        assert!((d.max_bps() - 10e6).abs() < 1e5, "{}", d.max_bps());
+        assert!((d.rate_bps() - 10e6).abs() < 1e6, "{}", d.rate_bps());
+        assert!(d.history_bps.len() <= HISTORY);
+    }
+}

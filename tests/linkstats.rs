@@ -1,0 +1,235 @@
+//! The in-kernel link stats against ground truth on the testbed: exact counters for UDP,
+//! QUIC counters against quinn's own, the rate estimate on a saturated link, and the
+//! spin-bit RTT against quinn's.
+
+use std::{
+    net::{SocketAddr, SocketAddrV4, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use floodclone::{linkstats::LinkStats, meter::Meters, transport};
+use floodclone_tests::{addr, root_or_skip, tcp_rate_mbit};
+use xtask::{testbed::Testbed, topology::Topology};
+
+fn pair(mbit: u32) -> Topology {
+    Topology::parse(
+        "pair",
+        &format!(
+            r#"node = [{{name="s",role="source"}},{{name="d",role="dest"}}]
+               link = [{{a="s",b="d",mbit={mbit}}}]"#
+        ),
+    )
+    .unwrap()
+}
+
+/// Egress counters of `stats` towards `peer` on the interface `v-d`: (bytes, packets).
+fn egress_to(stats: &LinkStats, peer: std::net::Ipv4Addr) -> (u64, u64) {
+    let snap = stats.snapshot().unwrap();
+    snap.peers
+        .iter()
+        .filter(|p| p.peer == Some(peer))
+        .map(|p| (p.egress.bytes, p.egress.packets))
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+}
+
+#[test]
+fn udp_counters_are_exact() {
+    if !root_or_skip("udp_counters_are_exact") {
+        return;
+    }
+    let bed = Testbed::up(&pair(40)).unwrap();
+    let d = addr(1);
+    let (bytes, packets) = bed
+        .in_netns(0, move || {
+            let stats = LinkStats::attach().unwrap();
+            let sock = UdpSocket::bind(SocketAddrV4::new(addr(0), 0)).unwrap();
+            let payload = [7u8; 1000];
+            for _ in 0..1000 {
+                sock.send_to(&payload, SocketAddrV4::new(d, 9)).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            egress_to(&stats, d)
+        })
+        .join()
+        .unwrap();
+    // Each datagram: 1000 payload + 8 UDP + 20 IPv4 + 14 Ethernet.
+    assert_eq!(packets, 1000);
+    assert_eq!(bytes, 1000 * (1000 + 8 + 20 + 14));
+}
+
+/// Runs a QUIC sender in `s` towards a sink in `d`, sending `bytes` on `streams`
+/// connections one after the other. Returns, per connection, quinn's view: (UDP payload
+/// bytes sent, datagrams sent, rtt, min_rtt).
+fn quic_send(
+    bed: &Testbed,
+    bytes: usize,
+    conns: usize,
+) -> (LinkStatsResult, Vec<(u64, u64, Duration)>) {
+    let d = addr(1);
+    let sink = bed.in_netns(1, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let ep = transport::endpoint(7900).unwrap();
+            for _ in 0..conns {
+                let conn = ep.accept().await.unwrap().await.unwrap();
+                let mut s = conn.accept_uni().await.unwrap();
+                let _ = s.read_to_end(usize::MAX).await;
+                conn.closed().await;
+            }
+        })
+    });
+    let sender = bed.in_netns(0, move || {
+        let stats = LinkStats::attach().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let views = rt.block_on(async {
+            let ep = transport::endpoint(0).unwrap();
+            let mut views = Vec::new();
+            for _ in 0..conns {
+                let conn = loop {
+                    match transport::dial(
+                        &ep,
+                        SocketAddr::V4(SocketAddrV4::new(d, 7900)),
+                        Duration::from_secs(1),
+                    )
+                    .await
+                    {
+                        Ok(c) => break c,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                };
+                let mut s = conn.open_uni().await.unwrap();
+                s.write_all(&vec![1u8; bytes]).await.unwrap();
+                s.finish().unwrap();
+                let _ = s.stopped().await;
+                let st = conn.stats();
+                views.push((st.udp_tx.bytes, st.udp_tx.datagrams, conn.rtt()));
+                conn.close(0u32.into(), b"");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            ep.wait_idle().await;
+            views
+        });
+        let snap = stats.snapshot().unwrap();
+        let mut meters = Meters::default();
+        meters.update(&snap, 0.0);
+        let spin: Vec<f64> = meters
+            .links
+            .values()
+            .filter(|m| m.peer == Some(d))
+            .filter_map(|m| m.spin_min_rtt_s)
+            .collect();
+        let flows_spinning = snap
+            .spin
+            .iter()
+            .filter(|f| f.peer() == d && f.state.is_spinning())
+            .map(|f| f.state.srtt_ns as f64 / 1e9)
+            .collect::<Vec<_>>();
+        (
+            LinkStatsResult {
+                egress: egress_to(&stats, d),
+                spin_intervals_s: flows_spinning,
+                spin_min_s: spin,
+            },
+            views,
+        )
+    });
+    let out = sender.join().unwrap();
+    sink.join().unwrap();
+    out
+}
+
+struct LinkStatsResult {
+    egress: (u64, u64),
+    spin_intervals_s: Vec<f64>,
+    spin_min_s: Vec<f64>,
+}
+
+#[test]
+fn quic_counters_match_quinn_and_spin_rtt_matches_quinn_rtt() {
+    if !root_or_skip("quic_counters_match_quinn_and_spin_rtt_matches_quinn_rtt") {
+        return;
+    }
+    let bed = Testbed::up(&pair(40)).unwrap();
+    // quinn spins on a random 7 of 8 connections: with 6 connections, the chance that none
+    // spins is 8^-6.
+    let (kernel, quinn) = quic_send(&bed, 2 << 20, 6);
+    let udp_bytes: u64 = quinn.iter().map(|v| v.0).sum();
+    let datagrams: u64 = quinn.iter().map(|v| v.1).sum();
+    let expected = udp_bytes + datagrams * (8 + 20 + 14);
+    let (bytes, packets) = kernel.egress;
+    eprintln!("kernel: {bytes} bytes in {packets} packets; quinn: {expected} wire bytes in {datagrams} datagrams");
+    // quinn's figures are read just before each close; the close and a few keep-alives
+    // follow: a handful of small packets per connection.
+    assert!(
+        packets >= datagrams && packets <= datagrams + 6 * 8,
+        "{packets} vs {datagrams}"
+    );
+    assert!(
+        bytes >= expected && bytes <= expected + 6 * 8 * 100,
+        "{bytes} vs {expected}"
+    );
+
+    let quinn_rtt: Vec<f64> = quinn.iter().map(|v| v.2.as_secs_f64()).collect();
+    eprintln!(
+        "spin intervals {:?} s, spin min {:?}, quinn rtt {quinn_rtt:?}",
+        kernel.spin_intervals_s, kernel.spin_min_s
+    );
+    assert!(!kernel.spin_intervals_s.is_empty(), "no connection spun");
+    // Saturated 40 Mbit/s with a 25 ms queue: both see the queueing delay. The spin RTT is
+    // an upper estimate (it includes the application's reaction time).
+    let quinn_max = quinn_rtt.iter().copied().fold(0.0, f64::max);
+    let quinn_min = quinn_rtt.iter().copied().fold(f64::MAX, f64::min);
+    for s in &kernel.spin_intervals_s {
+        assert!(
+            *s > quinn_min * 0.3 && *s < quinn_max * 3.0 + 0.005,
+            "spin {s} vs quinn {quinn_rtt:?}"
+        );
+    }
+}
+
+#[test]
+fn rate_estimate_tracks_a_saturated_link() {
+    if !root_or_skip("rate_estimate_tracks_a_saturated_link") {
+        return;
+    }
+    let bed = Testbed::up(&pair(40)).unwrap();
+    let d = addr(1);
+    let meter = bed.in_netns(0, move || {
+        let stats = LinkStats::attach().unwrap();
+        let start = Instant::now();
+        let mut meters = Meters::default();
+        let mut max_at_end = 0.0;
+        let mut rate_at_end = 0.0;
+        while start.elapsed() < Duration::from_millis(3500) {
+            std::thread::sleep(Duration::from_millis(100));
+            meters.update(&stats.snapshot().unwrap(), start.elapsed().as_secs_f64());
+            if start.elapsed() > Duration::from_millis(2500) {
+                let m = meters.links.values().find(|m| m.peer == Some(d)).unwrap();
+                max_at_end = m.tx.max_bps();
+                rate_at_end = m.tx.rate_bps();
+            }
+        }
+        (max_at_end, rate_at_end)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let tcp = tcp_rate_mbit(&bed, 0, 1, 3.5);
+    let (max_bps, rate_bps) = meter.join().unwrap();
+    eprintln!(
+        "TCP payload {tcp:.2} Mbit/s; wire max {:.2}, smoothed {:.2}",
+        max_bps / 1e6,
+        rate_bps / 1e6
+    );
+    for est in [max_bps, rate_bps] {
+        assert!(
+            (est / 40e6 - 1.0).abs() < 0.05,
+            "estimate {:.2} Mbit/s on a 40 Mbit/s link",
+            est / 1e6
+        );
+    }
+}
