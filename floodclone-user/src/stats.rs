@@ -284,7 +284,7 @@ pub fn render(r: &Report) -> String {
         s += "(no IPv4 traffic seen yet)\n";
     }
     s += &format!(
-        "{} over {:.1} s. rtt: s = spin bit (kernel), q = QUIC (daemon)\n",
+        "{} over {:.1} s. rtt: s = spin bit, q = QUIC estimate\n",
         if r.source == "pinned" {
             "from the running floodclone"
         } else {
