@@ -97,3 +97,95 @@ pub fn transfer(
     xtask::run::check(&report).unwrap();
     report
 }
+
+/// A floodclone process in a testbed node, with its JSON events on a channel.
+pub struct NodeProc {
+    pub handle: usize,
+    pub events: std::sync::mpsc::Receiver<serde_json::Value>,
+    pub stderr: PathBuf,
+}
+
+/// Starts `floodclone ARGS --json` in `node`'s namespace.
+pub fn start(
+    bed: &mut Testbed,
+    node: usize,
+    args: &[String],
+    scratch: &std::path::Path,
+) -> NodeProc {
+    use std::{io::BufRead, process::Stdio};
+    let stderr = scratch.join(format!("{}-{}.err", bed.topo.nodes[node].name, args[0]));
+    let mut cmd = bed.command(node, floodclone_bin().to_str().unwrap());
+    cmd.args(args)
+        .arg("--json")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr).unwrap());
+    let handle = bed.spawn(cmd).unwrap();
+    let out = bed.child(handle).stdout.take().unwrap();
+    let (tx, events) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    NodeProc {
+        handle,
+        events,
+        stderr,
+    }
+}
+
+impl NodeProc {
+    /// Waits for an event named `name`, up to `secs`.
+    pub fn wait_event(&self, name: &str, secs: f64) -> Option<serde_json::Value> {
+        let end = Instant::now() + Duration::from_secs_f64(secs);
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            match self.events.recv_timeout(left) {
+                Ok(v) if v["event"] == name => return Some(v),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// Waits for the process to exit, up to `secs`; `None` if it is still running.
+    pub fn wait_exit(&self, bed: &mut Testbed, secs: f64) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + Duration::from_secs_f64(secs);
+        while Instant::now() < end {
+            if let Some(st) = bed.child(self.handle).try_wait().unwrap() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+/// A scratch directory removed when dropped.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("fc-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // FC_KEEP=1 keeps logs and files for a post-mortem.
+        if std::env::var_os("FC_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}

@@ -43,6 +43,9 @@ pub struct LinkCounters {
     pub payload_bytes: u64,
     /// `bpf_ktime_get_ns()` of the last packet.
     pub last_ns: u64,
+    /// IPv4 TTL of the last packet (ingress: tells how many routers the peer is behind).
+    pub ttl: u8,
+    pub _pad: [u8; 7],
 }
 
 /// One QUIC flow seen on one interface in one direction.

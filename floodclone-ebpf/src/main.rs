@@ -58,6 +58,7 @@ fn account(ctx: &TcContext, direction: u8) -> Result<(), i64> {
     if ip_hlen < 20 {
         return Ok(());
     }
+    let ttl: u8 = ctx.load(ETH_HLEN + 8)?;
     let protocol: u8 = ctx.load(ETH_HLEN + 9)?;
     let saddr: u32 = ctx.load(ETH_HLEN + 12)?;
     let daddr: u32 = ctx.load(ETH_HLEN + 16)?;
@@ -98,6 +99,7 @@ fn account(ctx: &TcContext, direction: u8) -> Result<(), i64> {
             (*c).packets += segs;
             (*c).payload_bytes += payload;
             (*c).last_ns = now;
+            (*c).ttl = ttl;
         },
         None => {
             let c = LinkCounters {
@@ -105,6 +107,8 @@ fn account(ctx: &TcContext, direction: u8) -> Result<(), i64> {
                 packets: segs,
                 payload_bytes: payload,
                 last_ns: now,
+                ttl,
+                _pad: [0; 7],
             };
             LINK_STATS.insert(key, c, 0)?;
         }

@@ -320,7 +320,10 @@ fn read_maps(link: &Map, spin: &Map) -> Result<Snapshot, LinkStatsError> {
             acc.bytes += c.bytes;
             acc.packets += c.packets;
             acc.payload_bytes += c.payload_bytes;
-            acc.last_ns = acc.last_ns.max(c.last_ns);
+            if c.last_ns >= acc.last_ns {
+                acc.last_ns = c.last_ns;
+                acc.ttl = c.ttl;
+            }
             acc
         });
         let slot = peers

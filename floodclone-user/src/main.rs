@@ -64,6 +64,10 @@ enum Cmd {
         /// Seconds to wait for every destination before starting with those present.
         #[arg(long, default_value_t = 3.0)]
         join_grace: f64,
+        /// Baseline for comparisons: every destination fetches from the source only, over
+        /// its own connection, and nothing is relayed.
+        #[arg(long)]
+        direct: bool,
         #[command(flatten)]
         node: NodeArgs,
     },
@@ -171,6 +175,7 @@ fn run(cli: Cli) -> Result<()> {
             dests,
             chunk_size,
             join_grace,
+            direct,
             node: n,
         } => {
             let stats = attach_link_stats();
@@ -189,9 +194,10 @@ fn run(cli: Cli) -> Result<()> {
                     .collect(),
                 file,
                 join_grace: seconds("--join-grace", join_grace)?,
+                direct,
             };
             let started = std::time::Instant::now();
-            let results = runtime()?.block_on(async {
+            let outcome = runtime()?.block_on(async {
                 tokio::select! {
                     r = node::run_send(cfg) => r.map_err(anyhow::Error::from),
                     _ = tokio::signal::ctrl_c() => bail!("interrupted"),
@@ -199,13 +205,27 @@ fn run(cli: Cli) -> Result<()> {
             })?;
             let elapsed = started.elapsed().as_secs_f64();
             detach_link_stats(&stats);
+            if !outcome.failed.is_empty() {
+                let list: Vec<String> = outcome
+                    .failed
+                    .iter()
+                    .map(|(a, r)| format!("{a}: {r}"))
+                    .collect();
+                bail!(
+                    "{} of {} destinations failed ({}); the others hold verified copies",
+                    outcome.failed.len(),
+                    outcome.failed.len() + outcome.dests.len(),
+                    list.join("; ")
+                );
+            }
             output.event(
-                json!({"event": "swarm_done", "elapsed_s": elapsed, "destinations": results,
-                       "peak_rss_bytes": node::peak_rss_bytes()}),
+                json!({"event": "swarm_done", "elapsed_s": elapsed, "destinations": outcome.dests,
+                       "peak_rss_bytes": node::peak_rss_bytes(),
+                       "tx_bytes_by_iface": outcome.tx_bytes_by_iface}),
                 || {
                     let mut s =
                         format!("every destination holds a verified copy ({elapsed:.2} s):");
-                    for r in &results {
+                    for r in &outcome.dests {
                         s += &format!("\n  {:15} {:8.2} s", r.addr.to_string(), r.elapsed_s);
                     }
                     s

@@ -99,6 +99,8 @@ pub struct LinkMeter {
     pub peer: Option<Ipv4Addr>,
     pub tx: DirectionMeter,
     pub rx: DirectionMeter,
+    /// Router hops to the peer, from the TTL of its packets (1 = on-link).
+    pub hops: Option<u8>,
     /// Smoothed spin-bit RTT and the smallest edge interval seen, in seconds.
     pub spin_rtt_s: Option<f64>,
     pub spin_min_rtt_s: Option<f64>,
@@ -124,6 +126,9 @@ impl Meters {
                 });
             m.tx.update(p.egress.bytes, p.egress.packets, at);
             m.rx.update(p.ingress.bytes, p.ingress.packets, at);
+            if p.ingress.packets > 0 {
+                m.hops = Some(hops_from_ttl(p.ingress.ttl));
+            }
         }
         for m in self.links.values_mut() {
             // The most recently spinning flow to this peer on this interface.
@@ -148,6 +153,15 @@ impl Meters {
         v
     }
 
+    /// Router hops to `peer` (the fewest over interfaces), once it has sent something.
+    pub fn hops_to(&self, peer: Ipv4Addr) -> Option<u8> {
+        self.links
+            .values()
+            .filter(|m| m.peer == Some(peer))
+            .filter_map(|m| m.hops)
+            .min()
+    }
+
     /// The receive rate from `peer` summed over interfaces: (smoothed, windowed max).
     pub fn rx_from(&self, peer: Ipv4Addr) -> (f64, f64) {
         self.links
@@ -159,9 +173,30 @@ impl Meters {
     }
 }
 
+/// Hops a packet travelled, from its TTL: senders start at 64 (Linux, macOS), 128
+/// (Windows) or 255; each router takes one. 1 means on-link.
+pub fn hops_from_ttl(ttl: u8) -> u8 {
+    let initial: u16 = if ttl <= 64 {
+        64
+    } else if ttl <= 128 {
+        128
+    } else {
+        255
+    };
+    (initial - ttl as u16 + 1).min(255) as u8
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hops_from_common_initial_ttls() {
+        assert_eq!(hops_from_ttl(64), 1);
+        assert_eq!(hops_from_ttl(62), 3);
+        assert_eq!(hops_from_ttl(127), 2);
+        assert_eq!(hops_from_ttl(255), 1);
+    }
 
     #[test]
     fn windowed_max_follows_the_best_recent_rate_and_forgets_it() {

@@ -34,6 +34,8 @@ use crate::{
 pub const DEFAULT_PORT: u16 = 7878;
 /// Member id of the source; destinations are 1..=M in the order of `--dest`.
 pub const SOURCE_ID: u16 = 0;
+/// A member that has not answered dials for this long is routed around until it does.
+const UNREACHABLE_AFTER: Duration = Duration::from_secs(5);
 /// Hello id of a destination that has not been told its id yet.
 const JOINING: u16 = u16::MAX;
 
@@ -89,6 +91,8 @@ pub struct SendConfig {
     pub dests: Vec<SocketAddrV4>,
     /// How long the source waits for every destination before it starts with those present.
     pub join_grace: Duration,
+    /// Baseline mode: every destination pulls from the source only, nothing is relayed.
+    pub direct: bool,
 }
 
 pub struct RecvConfig {
@@ -107,7 +111,22 @@ pub struct DestResult {
     pub elapsed_s: f64,
 }
 
+/// What the source reports when the swarm is done.
+pub struct SendOutcome {
+    pub dests: Vec<DestResult>,
+    /// Destinations that gave up, with their reason.
+    pub failed: Vec<(Ipv4Addr, String)>,
+    /// Bytes this node sent per interface (in-kernel counters; empty without them).
+    pub tx_bytes_by_iface: serde_json::Value,
+}
+
 type ConnKey = u64;
+
+#[derive(Clone, Debug)]
+enum Announce {
+    Have(ChunkId),
+    Fetching(Vec<ChunkId>),
+}
 
 enum Event {
     /// A connection finished its handshake.
@@ -133,6 +152,10 @@ enum Event {
         key: ConnKey,
         reason: String,
     },
+    /// A member has not answered dials for a while (it is still being dialed).
+    Unreachable {
+        peer: u16,
+    },
     /// A dial attempt gave up or failed for good.
     DialFailed {
         peer: u16,
@@ -147,7 +170,8 @@ struct Shared {
     store: OnceLock<Arc<ChunkStore>>,
     /// Source only: set once the file is hashed.
     fresh: OnceLock<Mutex<FreshServer>>,
-    haves: broadcast::Sender<ChunkId>,
+    /// What this node tells every neighbour: chunks it now holds, chunks it is fetching.
+    announce: broadcast::Sender<Announce>,
     events: mpsc::UnboundedSender<Event>,
     next_key: AtomicU64,
 }
@@ -195,6 +219,8 @@ fn spawn_dial(
         // Short first attempts: peers start in any order and a missing one never answers.
         let mut patience = Duration::from_millis(250);
         let wait = Duration::from_millis(50);
+        let started = Instant::now();
+        let mut reported = false;
         loop {
             let attempt = async {
                 let conn = transport::dial(&ep, addr, patience).await?;
@@ -216,6 +242,10 @@ fn spawn_dial(
                         return;
                     }
                     tracing::debug!(%addr, "dial failed, retrying: {e}");
+                    if !reported && peer != SOURCE_ID && started.elapsed() > UNREACHABLE_AFTER {
+                        reported = true;
+                        let _ = shared.events.send(Event::Unreachable { peer });
+                    }
                     tokio::time::sleep(wait).await;
                     patience = (patience * 2).min(Duration::from_secs(3));
                 }
@@ -362,7 +392,7 @@ async fn connection_task(
         None
     };
 
-    let mut haves = shared.haves.subscribe();
+    let mut announcements = shared.announce.subscribe();
     let reason = loop {
         tokio::select! {
             batch = ctl_recv.recv_batch() => match batch {
@@ -407,8 +437,13 @@ async fn connection_task(
                     break e.to_string();
                 }
             },
-            have = haves.recv() => match have {
-                Ok(c) => { let _ = tx.send(Msg::Have { chunk: c }); }
+            news = announcements.recv() => match news {
+                Ok(Announce::Have(c)) => {
+                    let _ = tx.send(Msg::Have { chunk: c });
+                }
+                Ok(Announce::Fetching(chunks)) => {
+                    let _ = tx.send(Msg::Fetching { chunks });
+                }
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     if let Some(store) = shared.store.get() {
                         let _ = tx.send(Msg::Bitfield { bits: store.have().to_bytes() });
@@ -450,6 +485,8 @@ struct Core {
     link_stats: SharedLinkStats,
     meters: crate::meter::Meters,
     role: &'static str,
+    /// Members being dialed (so each is dialed once at a time).
+    dialing: HashSet<u16>,
 }
 
 impl Core {
@@ -464,7 +501,19 @@ impl Core {
             link_stats: common.link_stats.clone(),
             meters: Default::default(),
             role,
+            dialing: HashSet::new(),
         }
+    }
+
+    /// Bytes sent per interface so far, from the in-kernel counters (empty without them).
+    fn tx_bytes_by_iface(&mut self) -> serde_json::Value {
+        self.measure();
+        let mut by: std::collections::BTreeMap<String, u64> = Default::default();
+        for m in self.meters.links.values() {
+            *by.entry(crate::linkstats::interface_name(m.ifindex))
+                .or_default() += m.tx.bytes;
+        }
+        json!(by)
     }
 
     /// Reads the in-kernel counters (when attached) and publishes what only this process
@@ -542,7 +591,7 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
         token: cfg.common.token.clone(),
         store: OnceLock::new(),
         fresh: OnceLock::new(),
-        haves: broadcast::channel(1 << 14).0,
+        announce: broadcast::channel(1 << 14).0,
         events: ev_tx,
         next_key: AtomicU64::new(0),
     });
@@ -567,6 +616,11 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
     );
 
     let mut me = JOINING;
+    let mut relay = true;
+    // Members whose process is gone (their kernel may still forward): the members behind
+    // them become our neighbours until they are back.
+    let mut dead: HashSet<u16> = HashSet::new();
+    let mut resumed_chunks = 0u32;
     let mut members: Vec<Member> = Vec::new();
     let mut puller: Option<Puller> = None;
     let mut pull: HashMap<u16, ConnKey> = HashMap::new();
@@ -592,6 +646,9 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                             if max_bps > 0.0 {
                                 pl.peer_measured_rate(p, max_bps);
                             }
+                            if let Some(hops) = core.meters.hops_to(m.addr) {
+                                pl.peer_distance(p, hops);
+                            }
                         }
                     }
                 }
@@ -608,9 +665,15 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
             }
         };
         let now = core.now();
+        let mut need_rediscover = false;
         match event {
             Event::Up { key, info } => {
                 let (dialed, peer) = (info.dialed, info.peer);
+                // A member we had given up for dead is back: route through it again.
+                if let Some(p) = peer.filter(|_| dialed) {
+                    core.dialing.remove(&p);
+                    need_rediscover |= dead.remove(&p);
+                }
                 let tx = info.tx.clone();
                 if let Some(store) = shared.store.get() {
                     let _ = tx.send(Msg::Bitfield {
@@ -635,13 +698,14 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
             }
             Event::Msg { key, msg } => {
                 let from = core.conns.get(&key).and_then(|c| c.peer);
-                let mut members_changed = false;
                 match msg {
                     Msg::Welcome {
                         you,
                         manifest,
                         members: list,
+                        relay: swarm_relays,
                     } => {
+                        relay = swarm_relays;
                         if let Some(store) = shared.store.get() {
                             if store.manifest() != &manifest {
                                 break Err(NodeError::Other(
@@ -655,6 +719,7 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                                 Err(e) => break Err(e.into()),
                             };
                             let resumed = store.have().count();
+                            resumed_chunks = resumed;
                             let _ = shared.store.set(store.clone());
                             puller = Some(Puller::new(
                                 SchedConfig::new(manifest.chunk_bytes as u64),
@@ -670,11 +735,11 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                             );
                         }
                         members = with_source_addr(list, cfg.source);
-                        members_changed = true;
+                        need_rediscover = true;
                     }
                     Msg::Members { members: list } => {
                         members = with_source_addr(list, cfg.source);
-                        members_changed = me != JOINING;
+                        need_rediscover = me != JOINING;
                     }
                     Msg::Hello { id } => {
                         if let Some(c) = core.conns.get_mut(&key) {
@@ -694,6 +759,19 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                     Msg::FreshGrant { chunks, exhausted } => {
                         if let (Some(p), Some(pl)) = (from, puller.as_mut()) {
                             pl.fresh_granted(p, &chunks, exhausted, core.now());
+                            if !chunks.is_empty() {
+                                let _ = shared.announce.send(Announce::Fetching(chunks));
+                            }
+                        }
+                    }
+                    Msg::Fetching { chunks } => {
+                        if let (Some(p), Some(pl)) = (from, puller.as_mut()) {
+                            if pull.get(&p) == Some(&key) {
+                                let now = core.now();
+                                for c in chunks {
+                                    pl.peer_fetching(p, c, now);
+                                }
+                            }
                         }
                     }
                     Msg::DontHave { chunk } => {
@@ -703,22 +781,6 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                     }
                     Msg::SwarmDone if complete.is_some() => break Ok(()),
                     _ => {}
-                }
-                if members_changed {
-                    let found = rediscover(
-                        &kernel,
-                        &mut core,
-                        me,
-                        &members,
-                        &mut neighbours,
-                        &mut puller,
-                        &pull,
-                        source_key,
-                    )
-                    .await;
-                    if let Err(e) = found {
-                        break Err(e);
-                    }
                 }
             }
             Event::ChunkStarted { key, chunk, reply } => {
@@ -736,7 +798,7 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                 };
                 pl.chunk_done(p, chunk, ok, now);
                 if ok {
-                    let _ = shared.haves.send(chunk);
+                    let _ = shared.announce.send(Announce::Have(chunk));
                 } else if pl.bad_chunks(p) >= 3 {
                     tracing::warn!(
                         peer = p,
@@ -766,9 +828,11 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                 complete = Some(elapsed);
                 let bytes = shared.store.get().map_or(0, |s| s.manifest().size);
                 let dups = puller.as_ref().map_or(0, |p| p.duplicates);
+                let received = puller.as_ref().map_or(0, |p| p.received);
                 core.out.event(
                     json!({"event": "complete", "elapsed_s": elapsed, "bytes": bytes,
-                           "path": path.display().to_string(), "duplicates": dups}),
+                           "path": path.display().to_string(), "duplicates": dups,
+                           "received_chunks": received, "resumed_chunks": resumed_chunks}),
                     || {
                         format!(
                             "complete: {bytes} bytes verified in {elapsed:.2} s -> {}",
@@ -819,7 +883,16 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                             None,
                         );
                     } else if neighbours.contains(&p) {
-                        if let Some(m) = members.iter().find(|m| m.id == p) {
+                        if reason.contains("timed out") || reason.contains("reset") {
+                            tracing::warn!(member = p, "neighbour vanished; routing around it");
+                            dead.insert(p);
+                            need_rediscover = true;
+                        }
+                        if let Some(m) = members
+                            .iter()
+                            .find(|m| m.id == p)
+                            .filter(|_| core.dialing.insert(p))
+                        {
                             spawn_dial(
                                 ep.clone(),
                                 shared.clone(),
@@ -832,6 +905,13 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                     }
                 }
             }
+            Event::Unreachable { peer } => {
+                tracing::warn!(
+                    member = peer,
+                    "neighbour does not answer; routing around it"
+                );
+                need_rediscover |= dead.insert(peer);
+            }
             Event::DialFailed { peer, error } => {
                 if peer == SOURCE_ID {
                     break Err(match error {
@@ -843,6 +923,24 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                     });
                 }
                 tracing::warn!(peer, "giving up on neighbour: {error}");
+            }
+        }
+        if need_rediscover && me != JOINING {
+            let found = rediscover(
+                &kernel,
+                &mut core,
+                me,
+                relay,
+                &dead,
+                &members,
+                &mut neighbours,
+                &mut puller,
+                &pull,
+                source_key,
+            )
+            .await;
+            if let Err(e) = found {
+                break Err(e);
             }
         }
         if puller.as_ref().is_some_and(|pl| pl.is_complete()) && !finalizing {
@@ -861,7 +959,10 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
             let now = core.now();
             for action in pl.poll(now) {
                 let (peer, msg) = match action {
-                    Action::Request { peer, chunks } => (peer, Msg::Request { chunks }),
+                    Action::Request { peer, chunks } => {
+                        let _ = shared.announce.send(Announce::Fetching(chunks.clone()));
+                        (peer, Msg::Request { chunks })
+                    }
                     Action::RequestFresh { peer, count } => (peer, Msg::RequestFresh { count }),
                     Action::Cancel { peer, chunk } => (peer, Msg::Cancel { chunk }),
                 };
@@ -871,13 +972,25 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
             }
         }
     };
+    if let (Err(e), Some(k)) = (&result, source_key) {
+        // Let the swarm finish without us, and say why.
+        core.send(
+            k,
+            Msg::Failed {
+                reason: e.to_string(),
+            },
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     ep.close(VarInt::from_u32(CLOSE_DONE), b"done");
     let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
     crate::stats::remove_status();
     match result {
         Ok(()) => {
+            let tx = core.tx_bytes_by_iface();
             core.out.event(
-                json!({"event": "swarm_done", "peak_rss_bytes": peak_rss_bytes()}),
+                json!({"event": "swarm_done", "peak_rss_bytes": peak_rss_bytes(),
+                       "tx_bytes_by_iface": tx}),
                 || "swarm done".into(),
             );
             Ok(complete.unwrap_or_default())
@@ -912,6 +1025,8 @@ async fn rediscover(
     kernel: &Kernel,
     core: &mut Core,
     me: u16,
+    relay: bool,
+    dead: &HashSet<u16>,
     members: &[Member],
     neighbours: &mut Vec<u16>,
     puller: &mut Option<Puller>,
@@ -920,7 +1035,14 @@ async fn rediscover(
 ) -> Result<(), NodeError> {
     let joined: Vec<Member> = members.iter().filter(|m| m.joined).cloned().collect();
     let lookups = kernel.lookups(&joined, me).await?;
-    let views = discovery::classify(members, &lookups);
+    let mut views = discovery::classify(members, &lookups);
+    for v in &mut views {
+        // Behind a member whose process is gone: its kernel still forwards, so the member
+        // behind it is reached as if through a router.
+        if v.reach == Reach::Behind && v.via_member.is_some_and(|m| dead.contains(&m)) {
+            v.reach = Reach::ViaRouter;
+        }
+    }
     if let Some(k) = source_key {
         core.send(
             k,
@@ -929,7 +1051,11 @@ async fn rediscover(
             },
         );
     }
-    let next = discovery::data_neighbours(&views);
+    let next = if relay {
+        discovery::data_neighbours(&views)
+    } else {
+        vec![SOURCE_ID]
+    };
     for &gone in neighbours.iter().filter(|n| !next.contains(n)) {
         if let Some(pl) = puller.as_mut() {
             pl.remove_peer(gone);
@@ -953,8 +1079,9 @@ async fn rediscover(
                     }
                 }
             }
-            None if new != SOURCE_ID => {
+            None if new != SOURCE_ID && !core.dialing.contains(&new) => {
                 if let Some(m) = members.iter().find(|m| m.id == new) {
+                    core.dialing.insert(new);
                     spawn_dial(
                         core.ep.clone(),
                         core.shared.clone(),
@@ -988,13 +1115,13 @@ fn view_json(v: &RouteView) -> serde_json::Value {
 }
 
 /// `floodclone send`: serves the file until every destination holds a verified copy.
-pub async fn run_send(cfg: SendConfig) -> Result<Vec<DestResult>, NodeError> {
+pub async fn run_send(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
     let (ev_tx, mut events) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         token: cfg.common.token.clone(),
         store: OnceLock::new(),
         fresh: OnceLock::new(),
-        haves: broadcast::channel(16).0,
+        announce: broadcast::channel(16).0,
         events: ev_tx,
         next_key: AtomicU64::new(0),
     });
@@ -1039,11 +1166,13 @@ pub async fn run_send(cfg: SendConfig) -> Result<Vec<DestResult>, NodeError> {
         you,
         manifest: manifest.clone(),
         members: members.to_vec(),
+        relay: !cfg.direct,
     };
     // Member id -> its control connection.
     let mut control: HashMap<u16, ConnKey> = HashMap::new();
     let mut started = false;
     let mut done: HashMap<u16, f64> = HashMap::new();
+    let mut failed: HashMap<u16, String> = HashMap::new();
     let mut finishing: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut source_ticks = 0u64;
@@ -1152,6 +1281,23 @@ pub async fn run_send(cfg: SendConfig) -> Result<Vec<DestResult>, NodeError> {
                         || format!("member {from:?} reaches: {}", routes.iter().map(|r| format!("{}:{:?}", r.member, r.reach)).collect::<Vec<_>>().join(" ")),
                     );
                 }
+                Msg::Failed { reason } => {
+                    let Some(id) = core.conns.get(&key).and_then(|c| c.peer) else {
+                        continue;
+                    };
+                    let addr = members[id as usize].addr;
+                    core.out.event(
+                        json!({"event": "dest_failed", "member": id, "addr": addr.to_string(), "reason": reason}),
+                        || format!("{addr} failed: {reason}"),
+                    );
+                    failed.insert(id, reason);
+                    if done.len() + failed.len() == cfg.dests.len() && finishing.is_none() {
+                        for c in core.conns.values() {
+                            let _ = c.tx.send(Msg::SwarmDone);
+                        }
+                        finishing = Some(Instant::now());
+                    }
+                }
                 Msg::Done { elapsed_ms } => {
                     let Some(id) = core.conns.get(&key).and_then(|c| c.peer) else {
                         continue;
@@ -1164,7 +1310,7 @@ pub async fn run_send(cfg: SendConfig) -> Result<Vec<DestResult>, NodeError> {
                             || format!("{addr} has a verified copy ({elapsed:.2} s)"),
                         );
                     }
-                    if done.len() == cfg.dests.len() && finishing.is_none() {
+                    if done.len() + failed.len() == cfg.dests.len() && finishing.is_none() {
                         for c in core.conns.values() {
                             let _ = c.tx.send(Msg::SwarmDone);
                         }
@@ -1184,9 +1330,13 @@ pub async fn run_send(cfg: SendConfig) -> Result<Vec<DestResult>, NodeError> {
             Event::ChunkStarted { reply, .. } => {
                 let _ = reply.send(false);
             }
-            Event::ChunkDone { .. } | Event::DialFailed { .. } | Event::Finalized(_) => {}
+            Event::ChunkDone { .. }
+            | Event::DialFailed { .. }
+            | Event::Unreachable { .. }
+            | Event::Finalized(_) => {}
         }
     }
+    let tx_bytes_by_iface = core.tx_bytes_by_iface();
     ep.close(VarInt::from_u32(CLOSE_DONE), b"done");
     let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
     crate::stats::remove_status();
@@ -1199,5 +1349,14 @@ pub async fn run_send(cfg: SendConfig) -> Result<Vec<DestResult>, NodeError> {
         })
         .collect();
     results.sort_by_key(|r| r.id);
-    Ok(results)
+    let mut failed: Vec<(Ipv4Addr, String)> = failed
+        .into_iter()
+        .map(|(id, reason)| (members[id as usize].addr, reason))
+        .collect();
+    failed.sort();
+    Ok(SendOutcome {
+        dests: results,
+        failed,
+        tx_bytes_by_iface,
+    })
 }

@@ -19,6 +19,9 @@ use crate::{manifest::ChunkId, wire::ChunkSet};
 
 pub type PeerId = u16;
 
+/// How long a neighbour's "fetching" announcement holds back requests to farther ones.
+pub const COMING_TTL_S: f64 = 2.0;
+
 #[derive(Clone, Debug)]
 pub struct SchedConfig {
     pub chunk_bytes: u64,
@@ -112,6 +115,7 @@ impl RateEstimate {
 #[derive(Clone, Debug)]
 struct Peer {
     have: ChunkSet,
+    is_source: bool,
     /// The source still has never-served chunks for us (ask it for fresh ones).
     fresh_open: bool,
     /// Counts of our fresh requests not answered yet, oldest first (answers come in order).
@@ -120,10 +124,13 @@ struct Peer {
     fresh_early: Vec<ChunkId>,
     outstanding: u32,
     rate: RateEstimate,
-    /// Externally measured rate (eBPF link stats or the QUIC connection), preferred when
-    /// it is fresh.
+    /// Externally measured rate (eBPF link stats), used until deliveries give one.
     measured_bps: Option<f64>,
     bad_chunks: u32,
+    /// Router hops to this neighbour (from the TTL its packets arrive with).
+    hops: Option<u8>,
+    /// Chunks this neighbour announced it is fetching, with when.
+    coming: HashMap<ChunkId, f64>,
 }
 
 impl Peer {
@@ -170,7 +177,10 @@ pub struct Puller {
     /// For each chunk, how many neighbours hold it (rarest first).
     holders: Vec<u16>,
     actions: Vec<Action>,
+    /// Chunks that arrived and were not needed (raced copies, refused streams).
     pub duplicates: u64,
+    /// Chunks received and verified.
+    pub received: u64,
 }
 
 impl Puller {
@@ -184,6 +194,7 @@ impl Puller {
             holders: vec![0; n],
             actions: Vec::new(),
             duplicates: 0,
+            received: 0,
         }
     }
 
@@ -212,6 +223,7 @@ impl Puller {
         let n = self.have.len();
         self.peers.entry(peer).or_insert_with(|| Peer {
             have: ChunkSet::new(n),
+            is_source,
             fresh_open: is_source,
             fresh_asked: Default::default(),
             fresh_early: Vec::new(),
@@ -219,6 +231,8 @@ impl Puller {
             rate: RateEstimate::new(),
             measured_bps: None,
             bad_chunks: 0,
+            hops: None,
+            coming: HashMap::new(),
         });
     }
 
@@ -249,8 +263,26 @@ impl Puller {
 
     pub fn peer_has(&mut self, peer: PeerId, chunk: ChunkId) {
         if let Some(p) = self.peers.get_mut(&peer) {
+            p.coming.remove(&chunk);
             if p.have.insert(chunk) {
                 self.holders[chunk as usize] += 1;
+            }
+        }
+    }
+
+    /// How many router hops away `peer` is (1: on-link).
+    pub fn peer_distance(&mut self, peer: PeerId, hops: u8) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.hops = Some(hops);
+        }
+    }
+
+    /// `peer` announced it is fetching `chunk`: a farther neighbour should not be asked for
+    /// it, since it will soon be available nearer (so it crosses a shared path once).
+    pub fn peer_fetching(&mut self, peer: PeerId, chunk: ChunkId, now: f64) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            if !p.have.contains(chunk) {
+                p.coming.insert(chunk, now);
             }
         }
     }
@@ -352,8 +384,12 @@ impl Puller {
                 p.bad_chunks += 1;
             }
         }
-        if ok && !self.have.insert(chunk) {
-            self.duplicates += 1;
+        if ok {
+            if self.have.insert(chunk) {
+                self.received += 1;
+            } else {
+                self.duplicates += 1;
+            }
         }
     }
 
@@ -397,13 +433,14 @@ impl Puller {
         if self.have.is_full() {
             return std::mem::take(&mut self.actions);
         }
-        // Faster neighbours choose first.
-        let mut order: Vec<(PeerId, f64)> = self
+        // Nearer neighbours choose first, then faster ones.
+        let mut order: Vec<(PeerId, u8, f64)> = self
             .peers
             .iter()
-            .map(|(&id, p)| (id, p.rate_bps(&self.cfg)))
+            .map(|(&id, p)| (id, p.hops.unwrap_or(0), p.rate_bps(&self.cfg)))
             .collect();
-        order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        order.sort_by(|a, b| a.1.cmp(&b.1).then(b.2.total_cmp(&a.2)).then(a.0.cmp(&b.0)));
+        let order: Vec<(PeerId, f64)> = order.into_iter().map(|(id, _, r)| (id, r)).collect();
         for &(id, _) in &order {
             let cfg = self.cfg.clone();
             let p = &self.peers[&id];
@@ -422,7 +459,7 @@ impl Puller {
                 });
                 continue;
             }
-            let mut picks = self.rarest_candidates(id, spare as usize);
+            let mut picks = self.rarest_candidates(id, spare as usize, now);
             spare -= picks.len() as u32;
             if spare > 0 && self.flights.len() + picks.len() >= self.wanted() {
                 picks.extend(self.endgame_candidates(id, spare as usize, now));
@@ -452,13 +489,41 @@ impl Puller {
     }
 
     /// Up to `k` chunks `peer` holds that are neither held nor in flight, rarest first
-    /// (ties: lowest id, which keeps relays' pipelines in order).
-    fn rarest_candidates(&self, peer: PeerId, k: usize) -> Vec<ChunkId> {
+    /// (ties: lowest id, which keeps relays' pipelines in order). Chunks a strictly nearer
+    /// neighbour holds or is fetching are left to it.
+    fn rarest_candidates(&self, peer: PeerId, k: usize, now: f64) -> Vec<ChunkId> {
         let p = &self.peers[&peer];
+        let nearer: Vec<&Peer> = match p.hops {
+            Some(h) => self
+                .peers
+                .values()
+                // The source is never a reason to wait: it holds everything, and behind a
+                // router it is asked only for what nobody else holds (no deadlock).
+                .filter(|q| !q.is_source && q.hops.is_some_and(|qh| qh < h))
+                .collect(),
+            None => Vec::new(),
+        };
+        let left_to_nearer = |c: ChunkId| {
+            nearer.iter().any(|q| {
+                q.have.contains(c) || q.coming.get(&c).is_some_and(|&t| now - t < COMING_TTL_S)
+            })
+        };
+        // A source behind a router sits on a path shared with everyone behind it, and its
+        // uplink is usually the min-cut: ask it only for chunks no other neighbour holds.
+        // (A source on a link of our own costs nobody else: use it freely.)
+        let spare_the_source = p.is_source && p.hops.is_some_and(|h| h > 1);
+        let held_elsewhere = |c: ChunkId| {
+            spare_the_source
+                && self
+                    .peers
+                    .iter()
+                    .any(|(&id, q)| id != peer && q.have.contains(c))
+        };
         let mut cands: Vec<(u16, ChunkId)> = p
             .have
             .iter()
             .filter(|&c| !self.have.contains(c) && !self.flights.contains_key(&c))
+            .filter(|&c| !left_to_nearer(c) && !held_elsewhere(c))
             .map(|c| (self.holders[c as usize], c))
             .collect();
         if cands.len() > k {
@@ -643,6 +708,84 @@ mod tests {
         p.chunk_done(2, 0, true, 10.1);
         assert_eq!(p.poll(10.2), vec![Action::Cancel { peer: 1, chunk: 0 }]);
         assert!(p.is_complete());
+    }
+
+    #[test]
+    fn chunks_a_nearer_neighbour_is_fetching_are_not_asked_of_farther_ones() {
+        let mut p = Puller::new(SchedConfig::new(128 << 10), ChunkSet::new(8));
+        // Peer 1 is across a shared bottleneck (3 hops), peer 2 nearby (2 hops).
+        for (peer, hops) in [(1, 3), (2, 2)] {
+            p.add_peer(peer, false);
+            p.peer_distance(peer, hops);
+        }
+        p.peer_bitfield(1, &ChunkSet::full(8));
+        for c in 0..4 {
+            p.peer_fetching(2, c, 0.0);
+        }
+        let asked: Vec<ChunkId> = p
+            .poll(0.1)
+            .into_iter()
+            .flat_map(|a| match a {
+                Action::Request { peer: 1, chunks } => chunks,
+                _ => vec![],
+            })
+            .collect();
+        assert!(
+            !asked.is_empty() && asked.iter().all(|&c| c >= 4),
+            "{asked:?}"
+        );
+        for &c in &asked {
+            p.chunk_done(1, c, true, 0.2);
+        }
+        let asked_of_far = |p: &mut Puller, now: f64| -> Vec<ChunkId> {
+            p.poll(now)
+                .into_iter()
+                .flat_map(|a| match a {
+                    Action::Request { peer: 1, chunks } => chunks,
+                    _ => vec![],
+                })
+                .collect()
+        };
+        // The far neighbour has room again, but chunks 0..4 are still coming nearby.
+        assert_eq!(asked_of_far(&mut p, 0.3), Vec::<ChunkId>::new());
+        // Once the announcement is stale, the far neighbour is asked after all.
+        let late = asked_of_far(&mut p, COMING_TTL_S + 1.0);
+        assert!(!late.is_empty() && late.iter().all(|&c| c < 4), "{late:?}");
+    }
+
+    #[test]
+    fn a_source_behind_a_router_is_spared_without_deadlock() {
+        // The source (2 hops) holds everything; a far neighbour (3 hops) holds chunk 0.
+        // Chunk 0 must be asked of the far neighbour (not the source, not nobody); chunk 1,
+        // which only the source holds, of the source.
+        let mut p = Puller::new(SchedConfig::new(128 << 10), ChunkSet::new(2));
+        p.add_peer(0, true);
+        p.peer_distance(0, 2);
+        p.fresh_granted(0, &[], true, 0.0); // every chunk already served once
+        p.peer_bitfield(0, &ChunkSet::full(2));
+        p.add_peer(3, false);
+        p.peer_distance(3, 3);
+        let mut only_0 = ChunkSet::new(2);
+        only_0.insert(0);
+        p.peer_bitfield(3, &only_0);
+        let mut asked = p.poll(0.0);
+        asked.sort_by_key(|a| match a {
+            Action::Request { peer, .. } => *peer,
+            _ => u16::MAX,
+        });
+        assert_eq!(
+            asked,
+            vec![
+                Action::Request {
+                    peer: 0,
+                    chunks: vec![1]
+                },
+                Action::Request {
+                    peer: 3,
+                    chunks: vec![0]
+                },
+            ]
+        );
     }
 
     #[test]

@@ -147,6 +147,7 @@ pub fn endpoint(port: u16) -> Result<Endpoint, TransportError> {
     ep_config.grease_quic_bit(false);
     let socket = std::net::UdpSocket::bind(("0.0.0.0", port))
         .map_err(|source| TransportError::Bind { port, source })?;
+    enlarge_socket_buffers(&socket);
     let mut ep = Endpoint::new(
         ep_config,
         Some(server),
@@ -156,6 +157,39 @@ pub fn endpoint(port: u16) -> Result<Endpoint, TransportError> {
     .map_err(|source| TransportError::Bind { port, source })?;
     ep.set_default_client_config(client);
     Ok(ep)
+}
+
+/// Socket buffer per direction. All of a node's connections share one UDP socket, and every
+/// packet waiting in any link's queue is charged to it: with the default (~200 KB), a few
+/// links with full queues block sends on all of them at once.
+const SOCKET_BUFFER_BYTES: libc::c_int = 16 << 20;
+
+fn enlarge_socket_buffers(socket: &std::net::UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let fd = socket.as_raw_fd();
+    let size = SOCKET_BUFFER_BYTES;
+    for (force, plain) in [
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+    ] {
+        // SAFETY: setsockopt with a pointer to an int of the stated size.
+        let set = |opt| unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                &size as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            ) == 0
+        };
+        // The *FORCE variants pass the net.core.{w,r}mem_max cap (needs CAP_NET_ADMIN);
+        // otherwise the kernel clamps to the cap.
+        if !set(force) && !set(plain) {
+            tracing::warn!(
+                "could not enlarge the UDP socket buffers; throughput may suffer on many links"
+            );
+        }
+    }
 }
 
 fn session_mac(token: &str, conn: &Connection, role: &[u8]) -> Result<[u8; 32], TransportError> {

@@ -55,6 +55,23 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Every topology on the real testbed, several runs each, against the floor and the
+    /// direct baseline; prints a markdown table and writes JSON lines and the table under
+    /// results/.
+    Bench {
+        /// Topology files (default: every file in topologies/).
+        #[arg(long = "topology")]
+        topologies: Vec<PathBuf>,
+        /// File size, e.g. 64MiB.
+        #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+        size: u64,
+        /// Runs of floodclone per topology.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Runs of the direct baseline per topology.
+        #[arg(long, default_value_t = 1)]
+        baseline_runs: usize,
+    },
     /// Setup, then run every test (the README's test command).
     Test {
         /// Extra arguments for `cargo test`, e.g. a test name filter.
@@ -195,6 +212,51 @@ fn main() -> Result<()> {
                 print!("{}", xtask::run::render(&report));
             }
             xtask::run::check(&report)?;
+        }
+        Cmd::Bench {
+            topologies,
+            size,
+            runs,
+            baseline_runs,
+        } => {
+            if !testbed::is_root() {
+                bail!(
+                    "`cargo xtask bench` builds network namespaces and loads eBPF: run it as root"
+                );
+            }
+            let bin = build_floodclone()?;
+            let files = if topologies.is_empty() {
+                let mut v: Vec<PathBuf> = std::fs::read_dir(workspace_root().join("topologies"))?
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+                    .collect();
+                v.sort();
+                v
+            } else {
+                topologies
+            };
+            let topos = files
+                .iter()
+                .map(|f| Topology::load(f))
+                .collect::<Result<Vec<_>, _>>()?;
+            let dir = workspace_root().join("results");
+            std::fs::create_dir_all(&dir)?;
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs();
+            let jsonl_path = dir.join(format!("bench-{stamp}.jsonl"));
+            let mut jsonl = std::fs::File::create(&jsonl_path)?;
+            let rows = xtask::bench::bench(&topos, &bin, size, runs, baseline_runs, &mut jsonl)?;
+            let table = xtask::bench::table(&rows);
+            let md_path = dir.join(format!("bench-{stamp}.md"));
+            std::fs::write(&md_path, &table)?;
+            println!("{table}");
+            println!(
+                "runs: {}\ntable: {}",
+                jsonl_path.display(),
+                md_path.display()
+            );
         }
         Cmd::Test { args } => {
             setup::ensure(true)?;

@@ -66,6 +66,9 @@ pub struct RunReport {
     pub ratio: Option<f64>,
     pub send_exit_ok: bool,
     pub source_peak_rss_bytes: Option<u64>,
+    /// Copies of the file each member sent over each link direction (from -> to), from
+    /// the in-kernel counters (wire bytes / file bytes, so ~1.05 is one copy plus headers).
+    pub link_copies: Vec<(String, String, f64)>,
 }
 
 /// Fills `path` with `bytes` of reproducible pseudo-random data.
@@ -241,7 +244,28 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         ratio: u.map(|u| u / floor.u_min_s),
         send_exit_ok,
         source_peak_rss_bytes: seen[s].peak_rss_bytes,
+        link_copies: link_copies(topo, &seen, opts.bytes),
     })
+}
+
+/// Copies per link direction, for the links members send on (interfaces are `v-<peer>`).
+fn link_copies(topo: &Topology, seen: &[NodeEvents], bytes: u64) -> Vec<(String, String, f64)> {
+    let mut out = Vec::new();
+    for (u, ev) in seen.iter().enumerate() {
+        for (iface, tx) in &ev.tx_bytes_by_iface {
+            if let Some(peer) = iface.strip_prefix("v-") {
+                if bytes > 0 {
+                    out.push((
+                        topo.nodes[u].name.clone(),
+                        peer.to_string(),
+                        *tx as f64 / bytes as f64,
+                    ));
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| b.2.total_cmp(&a.2));
+    out
 }
 
 /// What a node's JSON events said.
@@ -250,6 +274,7 @@ struct NodeEvents {
     elapsed_s: Option<f64>,
     duplicates: Option<u64>,
     peak_rss_bytes: Option<u64>,
+    tx_bytes_by_iface: Vec<(String, u64)>,
 }
 
 impl NodeEvents {
@@ -262,7 +287,15 @@ impl NodeEvents {
                 self.elapsed_s = v["elapsed_s"].as_f64();
                 self.duplicates = v["duplicates"].as_u64();
             }
-            Some("swarm_done") => self.peak_rss_bytes = v["peak_rss_bytes"].as_u64(),
+            Some("swarm_done") => {
+                self.peak_rss_bytes = v["peak_rss_bytes"].as_u64();
+                if let Some(m) = v["tx_bytes_by_iface"].as_object() {
+                    self.tx_bytes_by_iface = m
+                        .iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+                        .collect();
+                }
+            }
             _ => {}
         }
     }
@@ -298,6 +331,9 @@ pub fn render(r: &RunReport) -> String {
             d.duplicates
                 .map_or(String::new(), |n| format!("  duplicates {n}"))
         );
+    }
+    if let Some((from, to, c)) = r.link_copies.first() {
+        s += &format!("  busiest link direction: {from}->{to} carried {c:.2} copies (wire bytes / file bytes)\n");
     }
     match (r.u_s, r.ratio) {
         (Some(u), Some(ratio)) => {

@@ -1,0 +1,129 @@
+//! `cargo xtask bench`: every topology on the real testbed, several runs each, against the
+//! floor and against the direct baseline (the source sends to every destination over its
+//! own connection, nothing relayed), measured in the same run.
+
+use std::{io::Write, path::Path, time::Duration};
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::{
+    run::{render, run_transfer, RunOptions, RunReport},
+    topology::Topology,
+};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRow {
+    pub topology: String,
+    pub bytes: u64,
+    pub u_min_s: f64,
+    pub u_median_s: Option<f64>,
+    pub u_min_run_s: Option<f64>,
+    pub u_max_run_s: Option<f64>,
+    pub ratio_median: Option<f64>,
+    pub runs_ok: usize,
+    pub runs: usize,
+    pub direct_ratio_median: Option<f64>,
+    /// Most copies any link direction carried (median run), wire bytes / file bytes.
+    pub max_link_copies: Option<f64>,
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
+/// Runs the benchmark for each topology, appending JSON lines of every run to `jsonl`.
+pub fn bench(
+    topos: &[Topology],
+    bin: &Path,
+    bytes: u64,
+    runs: usize,
+    baseline_runs: usize,
+    jsonl: &mut impl Write,
+) -> Result<Vec<BenchRow>> {
+    let mut rows = Vec::new();
+    for topo in topos {
+        let mut ours: Vec<RunReport> = Vec::new();
+        let mut direct: Vec<RunReport> = Vec::new();
+        let mut opts = RunOptions::new(bytes);
+        opts.quiet = true;
+        let mut direct_opts = opts.clone();
+        direct_opts.send_args.push("--direct".into());
+        for i in 0..runs.max(baseline_runs) {
+            if i < runs {
+                let r = run_transfer(topo, bin, &opts)?;
+                eprint!("[{} run {}] {}", topo.name, i + 1, render(&r));
+                writeln!(
+                    jsonl,
+                    "{}",
+                    serde_json::json!({"mode": "floodclone", "report": r})
+                )?;
+                ours.push(r);
+            }
+            if i < baseline_runs {
+                let r = run_transfer(topo, bin, &direct_opts)?;
+                eprintln!(
+                    "[{} direct {}] U/U_min = {}",
+                    topo.name,
+                    i + 1,
+                    r.ratio.map_or("failed".into(), |x| format!("{x:.3}"))
+                );
+                writeln!(
+                    jsonl,
+                    "{}",
+                    serde_json::json!({"mode": "direct", "report": r})
+                )?;
+                direct.push(r);
+            }
+        }
+        let us: Vec<f64> = ours.iter().filter_map(|r| r.u_s).collect();
+        let median_run = {
+            let m = median(us.clone());
+            ours.iter().find(|r| r.u_s == m)
+        };
+        rows.push(BenchRow {
+            topology: topo.name.clone(),
+            bytes,
+            u_min_s: ours.first().map_or(0.0, |r| r.u_min_s),
+            u_median_s: median(us.clone()),
+            u_min_run_s: us.iter().copied().reduce(f64::min),
+            u_max_run_s: us.iter().copied().reduce(f64::max),
+            ratio_median: median(ours.iter().filter_map(|r| r.ratio).collect()),
+            runs_ok: us.len(),
+            runs,
+            direct_ratio_median: median(direct.iter().filter_map(|r| r.ratio).collect()),
+            max_link_copies: median_run.and_then(|r| r.link_copies.first().map(|c| c.2)),
+        });
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(rows)
+}
+
+/// The table, as markdown.
+pub fn table(rows: &[BenchRow]) -> String {
+    let f = |v: Option<f64>, p: usize| v.map_or("-".into(), |x| format!("{x:.p$}"));
+    let mut s = String::from(
+        "| topology | U_min s | U median s | U min..max s | U/U_min | direct U/U_min | max copies/link | ok |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        s += &format!(
+            "| {} | {:.2} | {} | {}..{} | {} | {} | {} | {}/{} |\n",
+            r.topology,
+            r.u_min_s,
+            f(r.u_median_s, 2),
+            f(r.u_min_run_s, 2),
+            f(r.u_max_run_s, 2),
+            f(r.ratio_median, 3),
+            f(r.direct_ratio_median, 3),
+            f(r.max_link_copies, 2),
+            r.runs_ok,
+            r.runs
+        );
+    }
+    s
+}
