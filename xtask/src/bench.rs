@@ -127,3 +127,36 @@ pub fn table(rows: &[BenchRow]) -> String {
     }
     s
 }
+
+/// Cost of the link-stats programs: TCP over an unshaped veth with and without them
+/// attached (by `floodclone stats --watch` on both ends), in the same run. Returns
+/// (Mbit/s without, Mbit/s with, CPU s per GB without, CPU s per GB with).
+pub fn ebpf_overhead(bin: &Path, secs: f64) -> Result<(f64, f64, f64, f64)> {
+    use crate::{testbed::Testbed, traffic};
+    let topo = Topology::parse(
+        "overhead",
+        r#"node = [{name="s",role="source"},{name="d",role="dest"}]
+           link = [{a="s",b="d",mbit=100000}]"#,
+    )?;
+    crate::testbed::ensure_host_bpffs()?;
+    let mut bed = Testbed::up(&topo)?;
+    let measure = |bed: &Testbed| {
+        let cpu0 = traffic::machine_busy_s();
+        let (mbit, bytes) = traffic::tcp_transfer(bed, 0, 1, secs);
+        let cpu = traffic::machine_busy_s() - cpu0;
+        // The CPU window includes the warm-up quarter; scale bytes to the whole run.
+        let total_bytes = bytes as f64 * 4.0 / 3.0;
+        (mbit, cpu / (total_bytes / 1e9))
+    };
+    let (without, cpu_without) = measure(&bed);
+    for node in 0..2 {
+        let mut cmd = bed.command(node, bin.to_str().unwrap());
+        cmd.args(["stats", "--watch", "--json", "--interval", "1"])
+            .stdout(std::process::Stdio::null());
+        bed.spawn(cmd)?;
+    }
+    std::thread::sleep(Duration::from_millis(1500)); // programs attached
+    let (with, cpu_with) = measure(&bed);
+    bed.down();
+    Ok((without, with, cpu_without, cpu_with))
+}

@@ -9,3 +9,4 @@ pub mod setup;
 pub mod size;
 pub mod testbed;
 pub mod topology;
+pub mod traffic;

@@ -54,6 +54,9 @@ enum Cmd {
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
+        /// Chunk size for `floodclone send` (default: floodclone's).
+        #[arg(long, value_parser = parse_size)]
+        chunk_size: Option<u64>,
     },
     /// Every topology on the real testbed, several runs each, against the floor and the
     /// direct baseline; prints a markdown table and writes JSON lines and the table under
@@ -71,6 +74,13 @@ enum Cmd {
         /// Runs of the direct baseline per topology.
         #[arg(long, default_value_t = 1)]
         baseline_runs: usize,
+    },
+    /// Cost of the in-kernel link stats: TCP throughput and CPU seconds per GB on an
+    /// unshaped veth, with and without the programs attached, in the same run.
+    BenchOverhead {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
     },
     /// Setup, then run every test (the README's test command).
     Test {
@@ -188,6 +198,7 @@ fn main() -> Result<()> {
             topology,
             size,
             json,
+            chunk_size,
         } => {
             if !testbed::is_root() {
                 bail!("`cargo xtask run` builds network namespaces and loads eBPF: run it as root");
@@ -205,7 +216,11 @@ fn main() -> Result<()> {
                 topo.name,
                 xtask::run::member_count(&topo)
             );
-            let report = xtask::run::run_transfer(&topo, &bin, &xtask::run::RunOptions::new(size))?;
+            let mut opts = xtask::run::RunOptions::new(size);
+            if let Some(c) = chunk_size {
+                opts.send_args = vec!["--chunk-size".into(), c.to_string()];
+            }
+            let report = xtask::run::run_transfer(&topo, &bin, &opts)?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
@@ -256,6 +271,21 @@ fn main() -> Result<()> {
                 "runs: {}\ntable: {}",
                 jsonl_path.display(),
                 md_path.display()
+            );
+        }
+        Cmd::BenchOverhead { secs } => {
+            if !testbed::is_root() {
+                bail!("`cargo xtask bench-overhead` builds network namespaces and loads eBPF: run it as root");
+            }
+            let bin = build_floodclone()?;
+            let (without, with, cpu_without, cpu_with) = xtask::bench::ebpf_overhead(&bin, secs)?;
+            println!("TCP over an unshaped veth, {secs} s each, same run:");
+            println!("  without link stats: {without:8.0} Mbit/s  {cpu_without:6.2} CPU s/GB");
+            println!("  with link stats:    {with:8.0} Mbit/s  {cpu_with:6.2} CPU s/GB");
+            println!(
+                "  throughput ratio with/without = {:.3}; CPU per GB ratio = {:.3}",
+                with / without,
+                cpu_with / cpu_without
             );
         }
         Cmd::Test { args } => {

@@ -1,0 +1,73 @@
+//! Test-owned traffic between testbed nodes, and the machine's CPU use while it runs.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddrV4, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use crate::testbed::{identity_addr, Testbed};
+
+/// Sends TCP from node `from` to node `to` for `secs`; returns (payload Mbit/s after a
+/// warm-up of a quarter of the time, payload bytes counted).
+pub fn tcp_transfer(bed: &Testbed, from: usize, to: usize, secs: f64) -> (f64, u64) {
+    let dst = SocketAddrV4::new(identity_addr(to), 5001);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let receiver = bed.in_netns(to, move || {
+        let listener = TcpListener::bind(dst).expect("bind");
+        ready_tx.send(()).unwrap();
+        let (mut conn, _) = listener.accept().expect("accept");
+        let mut buf = vec![0u8; 1 << 16];
+        let start = Instant::now();
+        let warm = Duration::from_secs_f64(secs / 4.0);
+        let (mut counted, mut since) = (0u64, None::<Instant>);
+        loop {
+            let n = conn.read(&mut buf).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            if start.elapsed() >= warm {
+                since.get_or_insert_with(Instant::now);
+                counted += n as u64;
+            }
+        }
+        let dur = since.map_or(1.0, |s| s.elapsed().as_secs_f64());
+        (counted as f64 * 8.0 / dur / 1e6, counted)
+    });
+    ready_rx.recv().unwrap();
+    let sender = bed.in_netns(from, move || {
+        let mut conn = TcpStream::connect(dst).expect("connect");
+        let chunk = vec![0x5au8; 1 << 16];
+        let end = Instant::now() + Duration::from_secs_f64(secs);
+        while Instant::now() < end {
+            if conn.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    sender.join().unwrap();
+    receiver.join().unwrap()
+}
+
+/// Busy CPU time of the whole machine so far, in seconds (all cores, from /proc/stat).
+pub fn machine_busy_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().next() else {
+        return 0.0;
+    };
+    let v: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait.
+    let busy: f64 = v
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, x)| x)
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    busy / hz
+}
