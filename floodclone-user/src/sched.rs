@@ -303,20 +303,16 @@ impl Puller {
         if exhausted {
             p.fresh_open = false;
         }
+        let mut coming = Vec::new();
         for &c in chunks {
             if let Some(i) = p.fresh_early.iter().position(|&e| e == c) {
                 p.fresh_early.swap_remove(i);
-                continue;
+            } else if c < self.have.len() && !self.have.contains(c) {
+                coming.push(c);
             }
-            if c >= self.have.len() || self.have.contains(c) {
-                continue;
-            }
-            p.outstanding += 1;
-            p.rate.became_busy(now);
-            self.flights
-                .entry(c)
-                .or_default()
-                .push(Flight { peer, since: now });
+        }
+        for c in coming {
+            self.add_flight(peer, c, now);
         }
     }
 
@@ -336,12 +332,7 @@ impl Puller {
         match self.peers.get_mut(&peer) {
             Some(p) if !p.fresh_asked.is_empty() => {
                 p.fresh_early.push(chunk);
-                p.outstanding += 1;
-                p.rate.became_busy(now);
-                self.flights
-                    .entry(chunk)
-                    .or_default()
-                    .push(Flight { peer, since: now });
+                self.add_flight(peer, chunk, now);
                 Arrival::Accept
             }
             _ => {
@@ -419,6 +410,18 @@ impl Puller {
         self.peers.get(&peer).map_or(0, |p| p.bad_chunks)
     }
 
+    /// `chunk` is now on its way from `peer`.
+    fn add_flight(&mut self, peer: PeerId, chunk: ChunkId, now: f64) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.outstanding += 1;
+            p.rate.became_busy(now);
+        }
+        self.flights
+            .entry(chunk)
+            .or_default()
+            .push(Flight { peer, since: now });
+    }
+
     fn release(&mut self, peer: PeerId) {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.outstanding = p.outstanding.saturating_sub(1);
@@ -468,14 +471,8 @@ impl Puller {
                 continue;
             }
             for &c in &picks {
-                self.flights.entry(c).or_default().push(Flight {
-                    peer: id,
-                    since: now,
-                });
+                self.add_flight(id, c, now);
             }
-            let p = self.peers.get_mut(&id).unwrap();
-            p.outstanding += picks.len() as u32;
-            p.rate.became_busy(now);
             self.actions.push(Action::Request {
                 peer: id,
                 chunks: picks,
