@@ -161,6 +161,32 @@ pub fn interface_name(ifindex: u32) -> String {
     }
 }
 
+/// Removes what processes that no longer exist left under `root/<netns>/<pid>[.json]`
+/// (a process killed with SIGKILL cannot clean up after itself; pinned maps would hold
+/// kernel memory for good). Empty namespace directories go too.
+pub fn sweep_dead_instances(root: &Path) {
+    let alive = |name: &std::ffi::OsStr| {
+        let name = name.to_string_lossy();
+        let pid = name.strip_suffix(".json").unwrap_or(&name);
+        pid.parse::<u32>()
+            .map(|pid| Path::new(&format!("/proc/{pid}")).exists())
+            .unwrap_or(true) // not ours: leave it
+    };
+    for ns in fs::read_dir(root).into_iter().flatten().flatten() {
+        for inst in fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+            if !alive(&inst.file_name()) {
+                let p = inst.path();
+                let _ = if p.is_dir() {
+                    fs::remove_dir_all(&p)
+                } else {
+                    fs::remove_file(&p)
+                };
+            }
+        }
+        let _ = fs::remove_dir(ns.path()); // only succeeds when empty
+    }
+}
+
 /// The programs attached to this namespace's interfaces, owned by this process. Dropping it
 /// detaches them and removes the pins.
 pub struct LinkStats {
@@ -207,6 +233,7 @@ impl LinkStats {
             }
         }
         ensure_bpffs(Path::new(PIN_ROOT))?;
+        sweep_dead_instances(Path::new(PIN_ROOT));
         fs::create_dir_all(&pin_dir)?;
         for name in [LINK_MAP_NAME, SPIN_MAP_NAME] {
             let map = ebpf
@@ -349,4 +376,44 @@ fn read_maps(link: &Map, spin: &Map) -> Result<Snapshot, LinkStatsError> {
     let mut peers: Vec<_> = peers.into_values().collect();
     peers.sort_by_key(|p| (p.ifindex, p.peer));
     Ok(Snapshot { at, peers, spin })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_removes_only_dead_instances() {
+        let root = std::env::temp_dir().join(format!("fc-sweep-{}", std::process::id()));
+        let live = std::process::id().to_string();
+        // A pid that cannot exist (above the kernel's pid_max of 2^22).
+        let dead = "99999999";
+        for (ns, inst, dir) in [
+            ("1", &live[..], true),
+            ("1", dead, true),
+            ("2", dead, false),
+        ] {
+            let p = root.join(ns).join(if dir {
+                inst.to_string()
+            } else {
+                format!("{inst}.json")
+            });
+            if dir {
+                fs::create_dir_all(p.join("LINK_STATS")).unwrap();
+            } else {
+                fs::create_dir_all(p.parent().unwrap()).unwrap();
+                fs::write(&p, b"{}").unwrap();
+            }
+        }
+        fs::create_dir_all(root.join("1").join("not-a-pid")).unwrap();
+        sweep_dead_instances(&root);
+        assert!(root.join("1").join(&live).exists());
+        assert!(root.join("1").join("not-a-pid").exists());
+        assert!(!root.join("1").join(dead).exists());
+        assert!(
+            !root.join("2").exists(),
+            "empty namespace directory removed"
+        );
+        fs::remove_dir_all(&root).unwrap();
+    }
 }

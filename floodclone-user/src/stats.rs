@@ -41,7 +41,10 @@ pub fn status_path(pid: u32) -> std::io::Result<PathBuf> {
 }
 
 /// Writes this process's status atomically (best effort: a missing /run is not an error).
+/// The first call also removes what dead processes left.
 pub fn publish_status(status: &DaemonStatus) {
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(|| linkstats::sweep_dead_instances(Path::new(STATUS_ROOT)));
     let Ok(path) = status_path(std::process::id()) else {
         return;
     };
