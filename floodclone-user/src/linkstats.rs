@@ -161,17 +161,34 @@ pub fn interface_name(ifindex: u32) -> String {
     }
 }
 
+/// The pid an instance entry belongs to: `<pid>` (pin directory) or `<pid>.json` (status
+/// file); `None` for anything else.
+fn instance_pid(name: &std::ffi::OsStr) -> Option<u32> {
+    let name = name.to_string_lossy();
+    name.strip_suffix(".json").unwrap_or(&name).parse().ok()
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The newest instance entry under `dir` whose process is alive (what a process that died
+/// without cleaning up left is skipped).
+pub fn newest_live_instance(dir: &Path) -> Option<PathBuf> {
+    fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| instance_pid(&e.file_name()).is_some_and(pid_alive))
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .map(|e| e.path())
+}
+
 /// Removes what processes that no longer exist left under `root/<netns>/<pid>[.json]`
 /// (a process killed with SIGKILL cannot clean up after itself; pinned maps would hold
 /// kernel memory for good). Empty namespace directories go too.
 pub fn sweep_dead_instances(root: &Path) {
-    let alive = |name: &std::ffi::OsStr| {
-        let name = name.to_string_lossy();
-        let pid = name.strip_suffix(".json").unwrap_or(&name);
-        pid.parse::<u32>()
-            .map(|pid| Path::new(&format!("/proc/{pid}")).exists())
-            .unwrap_or(true) // not ours: leave it
-    };
+    // Entries that are not instances are not ours: leave them.
+    let alive = |name: &std::ffi::OsStr| instance_pid(name).is_none_or(pid_alive);
     for ns in fs::read_dir(root).into_iter().flatten().flatten() {
         for inst in fs::read_dir(ns.path()).into_iter().flatten().flatten() {
             if !alive(&inst.file_name()) {
@@ -288,20 +305,8 @@ impl PinnedReader {
     /// several are running).
     pub fn open_in_this_netns() -> Result<Self, LinkStatsError> {
         let ns_dir = Path::new(PIN_ROOT).join(current_netns_inode()?.to_string());
-        let newest = fs::read_dir(&ns_dir)
-            .ok()
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| {
-                let pid = e.file_name().to_string_lossy().parse::<u32>().ok();
-                // Skip pins left by a process that died without cleaning up.
-                pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists())
-            })
-            .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok());
-        let dir = newest
-            .ok_or_else(|| LinkStatsError::NoPins(ns_dir.clone()))?
-            .path();
+        let dir =
+            newest_live_instance(&ns_dir).ok_or_else(|| LinkStatsError::NoPins(ns_dir.clone()))?;
         Self::open(&dir)
     }
 

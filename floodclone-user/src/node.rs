@@ -177,6 +177,21 @@ struct Shared {
 }
 
 impl Shared {
+    /// Shared state and the core's event receiver; `announce_capacity` bounds how far a
+    /// connection may lag behind the announcements.
+    fn new(token: &str, announce_capacity: usize) -> (Arc<Self>, mpsc::UnboundedReceiver<Event>) {
+        let (events, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Self {
+            token: token.to_string(),
+            store: OnceLock::new(),
+            fresh: OnceLock::new(),
+            announce: broadcast::channel(announce_capacity).0,
+            events,
+            next_key: AtomicU64::new(0),
+        });
+        (shared, rx)
+    }
+
     fn key(&self) -> ConnKey {
         self.next_key.fetch_add(1, Ordering::Relaxed)
     }
@@ -586,15 +601,9 @@ impl Core {
 /// `floodclone recv`: joins the source, fetches and re-serves chunks, writes the file.
 /// Returns seconds from start until the copy was complete and verified.
 pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
-    let (ev_tx, mut events) = mpsc::unbounded_channel();
-    let shared = Arc::new(Shared {
-        token: cfg.common.token.clone(),
-        store: OnceLock::new(),
-        fresh: OnceLock::new(),
-        announce: broadcast::channel(1 << 14).0,
-        events: ev_tx,
-        next_key: AtomicU64::new(0),
-    });
+    // Destinations announce every chunk they receive and fetch; a lagging connection
+    // catches up with a whole Bitfield.
+    let (shared, mut events) = Shared::new(&cfg.common.token, 1 << 14);
     let ep = transport::endpoint(cfg.common.port)?;
     spawn_acceptor(ep.clone(), shared.clone());
     let kernel = Kernel::open()?;
@@ -683,10 +692,6 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                 if dialed && peer == Some(SOURCE_ID) {
                     source_key = Some(key);
                     source_lost_at = None;
-                    // A rejoin after the source restarted: tell it who we are again.
-                    if me != JOINING {
-                        let _ = tx.send(Msg::Hello { id: me });
-                    }
                 }
                 core.conns.insert(key, info);
                 if let (true, Some(p)) = (dialed, peer) {
@@ -864,16 +869,14 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                     if p == SOURCE_ID {
                         source_key = None;
                         source_lost_at = Some(Instant::now());
-                        let hello = if me == JOINING {
-                            vec![Msg::Hello { id: JOINING }]
-                        } else {
-                            vec![Msg::Hello { id: me }]
-                        };
-                        let mut hello = hello;
-                        hello.push(Msg::Join {
-                            port: cfg.common.port,
-                            addrs: kernel.local_addrs().await.unwrap_or_default(),
-                        });
+                        // `me` is still JOINING if the source never welcomed us.
+                        let hello = vec![
+                            Msg::Hello { id: me },
+                            Msg::Join {
+                                port: cfg.common.port,
+                                addrs: kernel.local_addrs().await.unwrap_or_default(),
+                            },
+                        ];
                         spawn_dial(
                             ep.clone(),
                             shared.clone(),
@@ -1116,15 +1119,8 @@ fn view_json(v: &RouteView) -> serde_json::Value {
 
 /// `floodclone send`: serves the file until every destination holds a verified copy.
 pub async fn run_send(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
-    let (ev_tx, mut events) = mpsc::unbounded_channel();
-    let shared = Arc::new(Shared {
-        token: cfg.common.token.clone(),
-        store: OnceLock::new(),
-        fresh: OnceLock::new(),
-        announce: broadcast::channel(16).0,
-        events: ev_tx,
-        next_key: AtomicU64::new(0),
-    });
+    // The source holds everything: it never announces.
+    let (shared, mut events) = Shared::new(&cfg.common.token, 16);
     // Listen first: destinations may join while the file is being hashed.
     let ep = transport::endpoint(cfg.common.port)?;
     spawn_acceptor(ep.clone(), shared.clone());

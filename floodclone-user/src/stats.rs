@@ -34,10 +34,13 @@ pub struct PeerStatus {
     pub rtt_ms: f64,
 }
 
+/// Where this network namespace's daemons publish their status.
+fn status_dir() -> std::io::Result<PathBuf> {
+    Ok(Path::new(STATUS_ROOT).join(current_netns_inode()?.to_string()))
+}
+
 pub fn status_path(pid: u32) -> std::io::Result<PathBuf> {
-    Ok(Path::new(STATUS_ROOT)
-        .join(current_netns_inode()?.to_string())
-        .join(format!("{pid}.json")))
+    Ok(status_dir()?.join(format!("{pid}.json")))
 }
 
 /// Writes this process's status atomically (best effort: a missing /run is not an error).
@@ -66,18 +69,8 @@ pub fn remove_status() {
 
 /// The newest status of a live daemon in this network namespace.
 fn read_status() -> Option<DaemonStatus> {
-    let dir = status_path(0).ok()?.parent()?.to_path_buf();
-    std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .filter(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.strip_suffix(".json")
-                .and_then(|p| p.parse::<u32>().ok())
-                .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
-        })
-        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
-        .and_then(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
+    let newest = linkstats::newest_live_instance(&status_dir().ok()?)?;
+    serde_json::from_slice(&std::fs::read(newest).ok()?).ok()
 }
 
 /// One (interface, peer) row of a stats report.

@@ -120,7 +120,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
     ));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    let cleanup = scopeguard(work.clone());
+    let cleanup = ScratchDir(work.clone());
     let src = work.join("source.bin");
     write_test_file(&src, opts.bytes, 0x5eed ^ opts.bytes)?;
     let want = file_hash(&src).context("hashing the source file")?;
@@ -303,10 +303,6 @@ impl NodeEvents {
 
 /// Removes the run's scratch directory when dropped.
 struct ScratchDir(PathBuf);
-
-fn scopeguard(p: PathBuf) -> ScratchDir {
-    ScratchDir(p)
-}
 
 impl Drop for ScratchDir {
     fn drop(&mut self) {
