@@ -144,13 +144,10 @@ pub fn classify(members: &[Member], lookups: &[(u16, Option<RouteLookup>)]) -> V
         .collect()
 }
 
-/// Members this node exchanges data with: every member not behind another member.
-pub fn data_neighbours(views: &[RouteView]) -> Vec<u16> {
-    views
-        .iter()
-        .filter(|v| matches!(v.reach, Reach::Direct | Reach::ViaRouter))
-        .map(|v| v.member)
-        .collect()
+/// Members `me` exchanges data with ([`floodclone_sched::overlay::data_neighbours`]).
+pub fn data_neighbours(me: u16, views: &[RouteView]) -> Vec<u16> {
+    let reach: Vec<(u16, Reach)> = views.iter().map(|v| (v.member, v.reach)).collect();
+    floodclone_sched::overlay::data_neighbours(me, &reach)
 }
 
 #[cfg(test)]
@@ -205,6 +202,6 @@ mod tests {
                 (9, Reach::Unreachable, None),
             ]
         );
-        assert_eq!(data_neighbours(&views), vec![0, 2, 4]);
+        assert_eq!(data_neighbours(1, &views), vec![0, 2, 4]);
     }
 }

@@ -9,7 +9,7 @@ use std::{fs::File, io::Read, path::Path};
 /// 64 KiB 1.125, 128 KiB 1.141, 256 KiB 1.163 x U_min; 64 KiB was within noise of 128.
 pub const DEFAULT_CHUNK_BYTES: u32 = 128 * 1024;
 
-pub type ChunkId = u32;
+pub use floodclone_sched::ChunkId;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Manifest {

@@ -727,7 +727,10 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                             resumed_chunks = resumed;
                             let _ = shared.store.set(store.clone());
                             puller = Some(Puller::new(
-                                SchedConfig::new(manifest.chunk_bytes as u64),
+                                SchedConfig {
+                                    member: me,
+                                    ..SchedConfig::new(manifest.chunk_bytes as u64)
+                                },
                                 store.have(),
                             ));
                             core.bitfield_to_all();
@@ -1055,7 +1058,7 @@ async fn rediscover(
         );
     }
     let next = if relay {
-        discovery::data_neighbours(&views)
+        discovery::data_neighbours(me, &views)
     } else {
         vec![SOURCE_ID]
     };

@@ -7,6 +7,8 @@
 
 use std::net::Ipv4Addr;
 
+pub use floodclone_sched::{overlay::Reach, ChunkSet};
+
 use crate::manifest::{ChunkId, Manifest};
 
 /// Largest control frame accepted (a manifest of a 1 TiB file in 128 KiB chunks is 256 MiB
@@ -37,19 +39,6 @@ pub struct Member {
     /// Every IPv4 address on the member's interfaces: lets others recognise it as a gateway.
     pub local_addrs: Vec<Ipv4Addr>,
     pub joined: bool,
-}
-
-/// How a node reaches a member, from a kernel route lookup.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reach {
-    /// On-link, or the member's own address is the gateway: a direct neighbour.
-    Direct = 0,
-    /// Through another member (whose id is given): not a neighbour; data flows through it.
-    Behind = 1,
-    /// Through a non-member gateway: an overlay neighbour over a possibly shared path.
-    ViaRouter = 2,
-    /// No route.
-    Unreachable = 3,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -427,98 +416,6 @@ pub fn drain_frames(buf: &mut Vec<u8>) -> Result<Vec<Msg>, WireError> {
     Ok(out)
 }
 
-/// A set of chunk ids as a bitfield.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ChunkSet {
-    bits: Vec<u64>,
-    len: u32,
-    count: u32,
-}
-
-impl ChunkSet {
-    pub fn new(len: u32) -> Self {
-        Self {
-            bits: vec![0; (len as usize).div_ceil(64)],
-            len,
-            count: 0,
-        }
-    }
-
-    pub fn full(len: u32) -> Self {
-        let mut s = Self::new(len);
-        for c in 0..len {
-            s.insert(c);
-        }
-        s
-    }
-
-    pub fn len(&self) -> u32 {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-
-    pub fn count(&self) -> u32 {
-        self.count
-    }
-
-    pub fn is_full(&self) -> bool {
-        self.count == self.len
-    }
-
-    pub fn contains(&self, c: ChunkId) -> bool {
-        c < self.len && self.bits[(c / 64) as usize] & (1 << (c % 64)) != 0
-    }
-
-    /// Adds `c`; returns whether it was new. Ids out of range are ignored.
-    pub fn insert(&mut self, c: ChunkId) -> bool {
-        if c >= self.len || self.contains(c) {
-            return false;
-        }
-        self.bits[(c / 64) as usize] |= 1 << (c % 64);
-        self.count += 1;
-        true
-    }
-
-    pub fn remove(&mut self, c: ChunkId) -> bool {
-        if !self.contains(c) {
-            return false;
-        }
-        self.bits[(c / 64) as usize] &= !(1 << (c % 64));
-        self.count -= 1;
-        true
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = ChunkId> + '_ {
-        (0..self.len).filter(|&c| self.contains(c))
-    }
-
-    /// Bytes for [`Msg::Bitfield`].
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = vec![0u8; (self.len as usize).div_ceil(8)];
-        for c in self.iter() {
-            out[(c / 8) as usize] |= 1 << (c % 8);
-        }
-        out
-    }
-
-    /// Parses [`Msg::Bitfield`] bytes for a file of `len` chunks; bits past `len` are ignored.
-    pub fn from_bytes(len: u32, bytes: &[u8]) -> Self {
-        let mut s = Self::new(len);
-        for c in 0..len {
-            if bytes
-                .get((c / 8) as usize)
-                .is_some_and(|b| b & (1 << (c % 8)) != 0)
-            {
-                s.insert(c);
-            }
-        }
-        s
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -662,17 +559,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn chunk_sets_round_trip_as_bitfields() {
-        let mut s = ChunkSet::new(70);
-        for c in [0, 5, 63, 64, 69, 70, 1000] {
-            s.insert(c);
-        }
-        assert_eq!(s.count(), 5);
-        let back = ChunkSet::from_bytes(70, &s.to_bytes());
-        assert_eq!(back, s);
-        assert!(ChunkSet::full(3).is_full());
     }
 }

@@ -192,6 +192,59 @@ pub fn earliest_completion_s(topo: &Topology, dest: usize, bits: f64) -> Option<
     Some(hi)
 }
 
+/// U_min alone, fast enough for generated networks of a thousand nodes: without events it
+/// is N / min maxflow; with events, exact earliest completions are computed only for the
+/// destinations that could still be the last (those whose per-interval bound, an upper
+/// bound on their earliest completion, exceeds the worst exact one found so far).
+pub fn u_min_s(topo: &Topology, bits: f64) -> Option<f64> {
+    let ivs = intervals(topo);
+    let dests = topo.destinations();
+    let mf: Vec<Vec<f64>> = ivs
+        .iter()
+        .map(|(_, rates)| {
+            dests
+                .iter()
+                .map(|&d| {
+                    let mut net = FlowNetwork::new(topo.nodes.len());
+                    for &(u, v, c) in rates {
+                        net.add_edge(u, v, c);
+                    }
+                    net.max_flow(topo.source(), d)
+                })
+                .collect()
+        })
+        .collect();
+    if ivs.len() == 1 {
+        let worst = mf[0].iter().copied().fold(f64::INFINITY, f64::min);
+        return (worst > 0.0).then(|| bits / worst);
+    }
+    // Upper bound: each interval alone delivers its maxflow for its duration.
+    let upper = |k: usize| -> f64 {
+        let mut got = 0.0;
+        for (i, (start, _)) in ivs.iter().enumerate() {
+            let rate = mf[i][k];
+            let end = ivs.get(i + 1).map_or(f64::INFINITY, |n| n.0);
+            if rate > 0.0 && got + rate * (end - start) >= bits {
+                return start + (bits - got) / rate;
+            }
+            if end.is_finite() {
+                got += rate * (end - start);
+            }
+        }
+        f64::INFINITY
+    };
+    let mut order: Vec<(f64, usize)> = (0..dests.len()).map(|k| (upper(k), k)).collect();
+    order.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let mut worst: f64 = 0.0;
+    for (ub, k) in order {
+        if ub <= worst {
+            break;
+        }
+        worst = worst.max(earliest_completion_s(topo, dests[k], bits)?);
+    }
+    Some(worst)
+}
+
 /// The floor for one transfer of `bytes`.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Floor {

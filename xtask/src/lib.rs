@@ -6,6 +6,7 @@ pub mod bound;
 pub mod build;
 pub mod run;
 pub mod setup;
+pub mod sim;
 pub mod size;
 pub mod testbed;
 pub mod topology;

@@ -82,6 +82,52 @@ enum Cmd {
         #[arg(long, default_value_t = 5.0)]
         secs: f64,
     },
+    /// The scheduler over a modelled network in virtual time (no testbed, no root): a
+    /// topology file or a generated network; prints U, U_min and their ratio per network.
+    Sim {
+        /// Topology file; without it, networks are generated (--shape, --nodes, ...).
+        #[arg(long)]
+        topology: Option<PathBuf>,
+        /// Shape of generated networks.
+        #[arg(long, value_enum, default_value = "random")]
+        shape: xtask::sim::Shape,
+        /// Nodes in a generated network (routers included).
+        #[arg(long, default_value_t = 1000)]
+        nodes: usize,
+        /// Average links per node (random shape).
+        #[arg(long, default_value_t = 4.0)]
+        degree: f64,
+        /// Slowest link rate drawn, Mbit/s.
+        #[arg(long, default_value_t = 10.0)]
+        min_mbit: f64,
+        /// Fastest link rate drawn, Mbit/s.
+        #[arg(long, default_value_t = 100.0)]
+        max_mbit: f64,
+        /// Share of links whose reverse direction is up to 4x slower.
+        #[arg(long, default_value_t = 0.3)]
+        asymmetric: f64,
+        /// Random links that change rate (x0.25 to x1.5) during the transfer.
+        #[arg(long, default_value_t = 0)]
+        rate_changes: usize,
+        /// First seed; networks use seeds seed..seed+networks.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// How many generated networks.
+        #[arg(long, default_value_t = 1)]
+        networks: u64,
+        /// File size, e.g. 64MiB.
+        #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+        size: u64,
+        /// Chunk size, e.g. 128KiB (floodclone's default).
+        #[arg(long, default_value = "128KiB", value_parser = parse_size)]
+        chunk_size: u64,
+        /// One-way delay per link, milliseconds.
+        #[arg(long, default_value_t = 1.0)]
+        hop_delay_ms: f64,
+        /// One JSON object per network instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Setup, then run every test (the README's test command).
     Test {
         /// Extra arguments for `cargo test`, e.g. a test name filter.
@@ -131,6 +177,85 @@ fn main() -> Result<()> {
         Cmd::Setup => setup::ensure(false)?,
         Cmd::Build => {
             build_floodclone()?;
+        }
+        Cmd::Sim {
+            topology,
+            shape,
+            nodes,
+            degree,
+            min_mbit,
+            max_mbit,
+            asymmetric,
+            rate_changes,
+            seed,
+            networks,
+            size,
+            chunk_size,
+            hop_delay_ms,
+            json,
+        } => {
+            let opts = xtask::sim::SimOptions {
+                bytes: size,
+                chunk_bytes: chunk_size,
+                hop_delay_s: hop_delay_ms / 1e3,
+                horizon_s: 1e5,
+            };
+            let topos: Vec<Topology> = match topology {
+                Some(file) => vec![Topology::load(&file)?],
+                None => (seed..seed + networks)
+                    .map(|seed| {
+                        let mut g = xtask::sim::GenOptions {
+                            shape,
+                            nodes,
+                            degree,
+                            mbit: (min_mbit, max_mbit),
+                            asymmetric,
+                            rate_changes: 0,
+                            until_s: 0.0,
+                            seed,
+                        };
+                        if rate_changes > 0 {
+                            // Changes fall within the transfer: before 80% of its floor.
+                            let u = bound::u_min_s(&xtask::sim::generate(&g), size as f64 * 8.0)
+                                .unwrap_or(1.0);
+                            g.rate_changes = rate_changes;
+                            g.until_s = 0.8 * u;
+                        }
+                        xtask::sim::generate(&g)
+                    })
+                    .collect(),
+            };
+            let mut worst: f64 = 0.0;
+            for topo in &topos {
+                let started = std::time::Instant::now();
+                let u_min = bound::u_min_s(topo, size as f64 * 8.0).ok_or_else(|| {
+                    anyhow::anyhow!("{}: a destination is cut off for good", topo.name)
+                })?;
+                let floor_s = started.elapsed().as_secs_f64();
+                let report = xtask::sim::simulate(topo, &opts).map_err(anyhow::Error::msg)?;
+                let wall = started.elapsed().as_secs_f64();
+                let ratio = report.u_s.map(|u| u / u_min);
+                worst = worst.max(ratio.unwrap_or(f64::INFINITY));
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"network": topo.name, "u_min_s": u_min, "ratio": ratio,
+                                           "wall_s": wall, "floor_wall_s": floor_s, "report": report})
+                    );
+                } else {
+                    let u = report.u_s.map_or("never".into(), |u| format!("{u:.2} s"));
+                    let r = ratio.map_or("-".into(), |r| format!("{r:.3}"));
+                    println!(
+                        "{}: {} nodes ({} members, {} links, up to {} data neighbours)  U {u}  \
+                         U_min {u_min:.2} s  ratio {r}  copies/needed {:.3}  ({} events, {wall:.1} s wall)",
+                        topo.name, report.nodes, report.members, report.links, report.max_neighbours,
+                        report.copies_per_needed, report.events
+                    );
+                }
+            }
+            if topos.len() > 1 && !json {
+                println!("worst ratio over {} networks: {worst:.3}", topos.len());
+            }
         }
         Cmd::Bound { file, size, json } => {
             let topo = Topology::load(&file)?;

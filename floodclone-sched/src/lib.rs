@@ -1,0 +1,139 @@
+//! The scheduling core of FloodClone, free of I/O so that the daemon, unit tests and the
+//! simulator (`cargo xtask sim`) run the same code: chunk sets, the receiver-side
+//! scheduler ([`sched::Puller`]), the source's fresh-chunk server and the overlay rule
+//! that picks data neighbours from route lookups ([`overlay`]).
+
+pub mod overlay;
+pub mod sched;
+
+/// Index of a chunk in the file.
+pub type ChunkId = u32;
+
+/// A set of chunk ids as a bitfield.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChunkSet {
+    bits: Vec<u64>,
+    len: u32,
+    count: u32,
+}
+
+impl ChunkSet {
+    pub fn new(len: u32) -> Self {
+        Self {
+            bits: vec![0; (len as usize).div_ceil(64)],
+            len,
+            count: 0,
+        }
+    }
+
+    pub fn full(len: u32) -> Self {
+        let mut s = Self::new(len);
+        for c in 0..len {
+            s.insert(c);
+        }
+        s
+    }
+
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.count == self.len
+    }
+
+    pub fn contains(&self, c: ChunkId) -> bool {
+        c < self.len && self.bits[(c / 64) as usize] & (1 << (c % 64)) != 0
+    }
+
+    /// Adds `c`; returns whether it was new. Ids out of range are ignored.
+    pub fn insert(&mut self, c: ChunkId) -> bool {
+        if c >= self.len || self.contains(c) {
+            return false;
+        }
+        self.bits[(c / 64) as usize] |= 1 << (c % 64);
+        self.count += 1;
+        true
+    }
+
+    pub fn remove(&mut self, c: ChunkId) -> bool {
+        if !self.contains(c) {
+            return false;
+        }
+        self.bits[(c / 64) as usize] &= !(1 << (c % 64));
+        self.count -= 1;
+        true
+    }
+
+    /// Members in increasing order, a word at a time.
+    pub fn iter(&self) -> impl Iterator<Item = ChunkId> + '_ {
+        self.bits.iter().enumerate().flat_map(|(w, &word)| {
+            let mut rest = word;
+            std::iter::from_fn(move || {
+                if rest == 0 {
+                    return None;
+                }
+                let bit = rest.trailing_zeros();
+                rest &= rest - 1;
+                Some(w as ChunkId * 64 + bit)
+            })
+        })
+    }
+
+    /// Bytes for a bitfield message.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = vec![0u8; (self.len as usize).div_ceil(8)];
+        for c in self.iter() {
+            out[(c / 8) as usize] |= 1 << (c % 8);
+        }
+        out
+    }
+
+    /// Parses a bitfield message bytes for a file of `len` chunks; bits past `len` are ignored.
+    pub fn from_bytes(len: u32, bytes: &[u8]) -> Self {
+        let mut s = Self::new(len);
+        for c in 0..len {
+            if bytes
+                .get((c / 8) as usize)
+                .is_some_and(|b| b & (1 << (c % 8)) != 0)
+            {
+                s.insert(c);
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_sets_round_trip_as_bitfields() {
+        let mut s = ChunkSet::new(70);
+        for c in [0, 5, 63, 64, 69, 70, 1000] {
+            s.insert(c);
+        }
+        assert_eq!(s.count(), 5);
+        let back = ChunkSet::from_bytes(70, &s.to_bytes());
+        assert_eq!(back, s);
+        assert!(ChunkSet::full(3).is_full());
+    }
+
+    #[test]
+    fn iterates_members_in_order() {
+        let mut s = ChunkSet::new(200);
+        for c in [199, 0, 64, 63, 128] {
+            s.insert(c);
+        }
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec![0, 63, 64, 128, 199]);
+    }
+}

@@ -1,0 +1,911 @@
+//! The scheduler: which chunk to ask of which neighbour, and when. A pure state machine in
+//! the style of quinn-proto: events in, actions out, no I/O and no clock of its own (time is
+//! passed in as seconds), so the daemon, unit tests and the simulator run the same code.
+//!
+//! Receiver-driven: a node asks each neighbour for chunks that neighbour holds and it lacks,
+//! rarest among its neighbours first, keeping each neighbour's pipeline about
+//! `queue_target_s` deep at that neighbour's measured delivery rate. A chunk is requested
+//! from one neighbour at a time, so nothing arrives twice, except in the end game, when a
+//! chunk stuck behind a slow link may be raced by a faster one and the loser is cancelled.
+//!
+//! From the source a node asks for *fresh* chunks: the source picks ones it has never served
+//! ([`FreshServer`]), which no other node can hold or be sending, so the source serves every
+//! chunk once before any twice without any race. When none are left the source says so and
+//! the node requests from it explicitly, like from any neighbour.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::{ChunkId, ChunkSet};
+
+pub type PeerId = u16;
+
+/// How long a neighbour's "fetching" announcement holds back requests to farther ones.
+pub const COMING_TTL_S: f64 = 2.0;
+
+#[derive(Clone, Debug)]
+pub struct SchedConfig {
+    pub chunk_bytes: u64,
+    /// Requests kept outstanding per neighbour, whatever its rate.
+    pub min_outstanding: u32,
+    pub max_outstanding: u32,
+    /// Depth of each neighbour's pipeline, in seconds at its measured rate: covers the
+    /// round trip of a request and keeps the link busy between deliveries.
+    pub queue_target_s: f64,
+    /// Rate assumed for a neighbour before its first delivery.
+    pub initial_rate_bps: f64,
+    /// A chunk is raced in the end game when it has been in flight this many times longer
+    /// than its sender's current per-chunk time.
+    pub endgame_slowness: f64,
+    /// This node's member id. Breaks ties among equally rare chunks differently on every
+    /// node, and designates which of a group of nodes fetches a chunk from afar (see
+    /// [`SchedConfig::far_defer_s`]).
+    pub member: u16,
+    /// Nodes that hear of a chunk at the same moment would all fetch it over the same
+    /// shared path. For a chunk only a farther neighbour offers, one node among itself and
+    /// its nearer neighbours is designated (by a hash of member id and chunk, which all of
+    /// them compute alike); the others leave it for this long, time enough to hear that
+    /// the designated one is fetching it, and fetch it from nearby instead.
+    pub far_defer_s: f64,
+}
+
+impl SchedConfig {
+    pub fn new(chunk_bytes: u64) -> Self {
+        Self {
+            chunk_bytes,
+            min_outstanding: 2,
+            max_outstanding: 64,
+            queue_target_s: 0.12,
+            initial_rate_bps: 20e6,
+            endgame_slowness: 3.0,
+            member: 0,
+            far_defer_s: 0.25,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Ask `peer` for these chunks.
+    Request { peer: PeerId, chunks: Vec<ChunkId> },
+    /// Ask the source `peer` for up to `count` chunks it has never served.
+    RequestFresh { peer: PeerId, count: u32 },
+    /// Tell `peer` to stop sending `chunk`.
+    Cancel { peer: PeerId, chunk: ChunkId },
+}
+
+/// Delivery rate of one neighbour, measured over the time it had requests outstanding.
+#[derive(Clone, Debug)]
+pub struct RateEstimate {
+    bps: Option<f64>,
+    busy_since: Option<f64>,
+    last_delivery: Option<f64>,
+}
+
+impl RateEstimate {
+    fn new() -> Self {
+        Self {
+            bps: None,
+            busy_since: None,
+            last_delivery: None,
+        }
+    }
+
+    fn became_busy(&mut self, now: f64) {
+        if self.busy_since.is_none() {
+            self.busy_since = Some(now);
+        }
+    }
+
+    fn became_idle(&mut self) {
+        self.busy_since = None;
+    }
+
+    fn delivered(&mut self, bytes: u64, now: f64) {
+        let start = match (self.last_delivery, self.busy_since) {
+            (Some(last), Some(busy)) => last.max(busy),
+            (None, Some(busy)) => busy,
+            (Some(last), None) => last,
+            (None, None) => now,
+        };
+        let dt = now - start;
+        if dt > 1e-4 {
+            let sample = bytes as f64 * 8.0 / dt;
+            // Quick to follow: re-estimate all the time, never trust an old figure for long.
+            self.bps = Some(match self.bps {
+                Some(old) => 0.7 * old + 0.3 * sample,
+                None => sample,
+            });
+        }
+        self.last_delivery = Some(now);
+    }
+
+    pub fn bps(&self) -> Option<f64> {
+        self.bps
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Peer {
+    have: ChunkSet,
+    is_source: bool,
+    /// The source still has never-served chunks for us (ask it for fresh ones).
+    fresh_open: bool,
+    /// Counts of our fresh requests not answered yet, oldest first (answers come in order).
+    fresh_asked: std::collections::VecDeque<u32>,
+    /// Fresh chunks whose stream started before their grant arrived.
+    fresh_early: Vec<ChunkId>,
+    outstanding: u32,
+    rate: RateEstimate,
+    /// Externally measured rate (eBPF link stats), used until deliveries give one.
+    measured_bps: Option<f64>,
+    bad_chunks: u32,
+    /// Router hops to this neighbour (from the TTL its packets arrive with).
+    hops: Option<u8>,
+    /// Chunks this neighbour announced it is fetching, with when.
+    coming: HashMap<ChunkId, f64>,
+}
+
+impl Peer {
+    fn rate_bps(&self, cfg: &SchedConfig) -> f64 {
+        self.rate
+            .bps()
+            .or(self.measured_bps)
+            .unwrap_or(cfg.initial_rate_bps)
+            .max(1e5)
+    }
+
+    fn budget(&self, cfg: &SchedConfig) -> u32 {
+        let chunks = self.rate_bps(cfg) / 8.0 * cfg.queue_target_s / cfg.chunk_bytes as f64;
+        (chunks.ceil() as u32 + 1).clamp(cfg.min_outstanding, cfg.max_outstanding)
+    }
+
+    fn in_use(&self) -> u32 {
+        self.outstanding + self.fresh_asked.iter().sum::<u32>()
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Flight {
+    peer: PeerId,
+    since: f64,
+}
+
+/// What to do with a chunk whose stream has started arriving.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arrival {
+    /// Expected: read it.
+    Accept,
+    /// Already held: stop the stream.
+    Reject,
+}
+
+/// The receiving side of one node.
+#[derive(Clone, Debug)]
+pub struct Puller {
+    cfg: SchedConfig,
+    have: ChunkSet,
+    flights: HashMap<ChunkId, Vec<Flight>>,
+    peers: BTreeMap<PeerId, Peer>,
+    /// For each chunk, how many neighbours hold it (rarest first).
+    holders: Vec<u16>,
+    actions: Vec<Action>,
+    /// Chunks this node was not designated to fetch from afar, since when.
+    deferred: HashMap<ChunkId, f64>,
+    /// Chunks that arrived and were not needed (raced copies, refused streams).
+    pub duplicates: u64,
+    /// Chunks received and verified.
+    pub received: u64,
+}
+
+impl Puller {
+    pub fn new(cfg: SchedConfig, have: ChunkSet) -> Self {
+        let n = have.len() as usize;
+        Self {
+            cfg,
+            have,
+            flights: HashMap::new(),
+            peers: BTreeMap::new(),
+            holders: vec![0; n],
+            actions: Vec::new(),
+            deferred: HashMap::new(),
+            duplicates: 0,
+            received: 0,
+        }
+    }
+
+    pub fn have(&self) -> &ChunkSet {
+        &self.have
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.have.is_full()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.flights.len()
+    }
+
+    pub fn peer_rate_bps(&self, peer: PeerId) -> Option<f64> {
+        self.peers.get(&peer).and_then(|p| p.rate.bps())
+    }
+
+    pub fn peer_ids(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.peers.keys().copied()
+    }
+
+    /// A data neighbour appeared. Its holdings arrive with [`Self::peer_bitfield`].
+    pub fn add_peer(&mut self, peer: PeerId, is_source: bool) {
+        let n = self.have.len();
+        self.peers.entry(peer).or_insert_with(|| Peer {
+            have: ChunkSet::new(n),
+            is_source,
+            fresh_open: is_source,
+            fresh_asked: Default::default(),
+            fresh_early: Vec::new(),
+            outstanding: 0,
+            rate: RateEstimate::new(),
+            measured_bps: None,
+            bad_chunks: 0,
+            hops: None,
+            coming: HashMap::new(),
+        });
+    }
+
+    /// A neighbour is gone: what it was sending is wanted again.
+    pub fn remove_peer(&mut self, peer: PeerId) {
+        let Some(p) = self.peers.remove(&peer) else {
+            return;
+        };
+        for c in p.have.iter() {
+            self.holders[c as usize] = self.holders[c as usize].saturating_sub(1);
+        }
+        self.flights.retain(|_, fl| {
+            fl.retain(|f| f.peer != peer);
+            !fl.is_empty()
+        });
+    }
+
+    pub fn peer_bitfield(&mut self, peer: PeerId, set: &ChunkSet) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        for c in set.iter() {
+            if p.have.insert(c) {
+                self.holders[c as usize] += 1;
+            }
+        }
+    }
+
+    pub fn peer_has(&mut self, peer: PeerId, chunk: ChunkId) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.coming.remove(&chunk);
+            if p.have.insert(chunk) {
+                self.holders[chunk as usize] += 1;
+            }
+        }
+    }
+
+    /// How many router hops away `peer` is (1: on-link).
+    pub fn peer_distance(&mut self, peer: PeerId, hops: u8) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.hops = Some(hops);
+        }
+    }
+
+    /// `peer` announced it is fetching `chunk`: a farther neighbour should not be asked for
+    /// it, since it will soon be available nearer (so it crosses a shared path once).
+    pub fn peer_fetching(&mut self, peer: PeerId, chunk: ChunkId, now: f64) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            if !p.have.contains(chunk) {
+                p.coming.insert(chunk, now);
+            }
+        }
+    }
+
+    /// A rate measured outside the scheduler (link stats); used until deliveries give one.
+    pub fn peer_measured_rate(&mut self, peer: PeerId, bps: f64) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.measured_bps = Some(bps);
+        }
+    }
+
+    /// The source answered our oldest fresh request with these chunks.
+    pub fn fresh_granted(&mut self, peer: PeerId, chunks: &[ChunkId], exhausted: bool, now: f64) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        p.fresh_asked.pop_front();
+        if exhausted {
+            p.fresh_open = false;
+        }
+        let mut coming = Vec::new();
+        for &c in chunks {
+            if let Some(i) = p.fresh_early.iter().position(|&e| e == c) {
+                p.fresh_early.swap_remove(i);
+            } else if c < self.have.len() && !self.have.contains(c) {
+                coming.push(c);
+            }
+        }
+        for c in coming {
+            self.add_flight(peer, c, now);
+        }
+    }
+
+    /// A chunk's stream from `peer` started. A fresh chunk may start before its grant.
+    pub fn chunk_started(&mut self, peer: PeerId, chunk: ChunkId, now: f64) -> Arrival {
+        if chunk >= self.have.len() || self.have.contains(chunk) {
+            self.duplicates += 1;
+            return Arrival::Reject;
+        }
+        if self
+            .flights
+            .get(&chunk)
+            .is_some_and(|fl| fl.iter().any(|f| f.peer == peer))
+        {
+            return Arrival::Accept;
+        }
+        match self.peers.get_mut(&peer) {
+            Some(p) if !p.fresh_asked.is_empty() => {
+                p.fresh_early.push(chunk);
+                self.add_flight(peer, chunk, now);
+                Arrival::Accept
+            }
+            _ => {
+                self.duplicates += 1;
+                Arrival::Reject
+            }
+        }
+    }
+
+    /// A chunk from `peer` finished arriving; `ok` says whether it verified.
+    pub fn chunk_done(&mut self, peer: PeerId, chunk: ChunkId, ok: bool, now: f64) {
+        let fl = self.flights.remove(&chunk).unwrap_or_default();
+        let mut from_peer = false;
+        for f in &fl {
+            if f.peer == peer {
+                from_peer = true;
+            } else if ok {
+                // The race is won: cancel the other copy.
+                self.actions.push(Action::Cancel {
+                    peer: f.peer,
+                    chunk,
+                });
+                self.release(f.peer);
+            }
+        }
+        if !ok {
+            // Keep the other flights; this copy failed verification.
+            let rest: Vec<Flight> = fl.into_iter().filter(|f| f.peer != peer).collect();
+            if !rest.is_empty() {
+                self.flights.insert(chunk, rest);
+            }
+        }
+        if from_peer {
+            self.release(peer);
+        }
+        if let Some(p) = self.peers.get_mut(&peer) {
+            if ok {
+                p.rate.delivered(self.cfg.chunk_bytes, now);
+            } else {
+                p.bad_chunks += 1;
+            }
+        }
+        if ok {
+            self.deferred.remove(&chunk);
+            if self.have.insert(chunk) {
+                self.received += 1;
+            } else {
+                self.duplicates += 1;
+            }
+        }
+    }
+
+    /// `peer` says it does not hold `chunk` (any more).
+    pub fn dont_have(&mut self, peer: PeerId, chunk: ChunkId) {
+        let mut released = false;
+        if let Some(fl) = self.flights.get_mut(&chunk) {
+            let before = fl.len();
+            fl.retain(|f| f.peer != peer);
+            released = fl.len() < before;
+            if fl.is_empty() {
+                self.flights.remove(&chunk);
+            }
+        }
+        if released {
+            self.release(peer);
+        }
+        if let Some(p) = self.peers.get_mut(&peer) {
+            if p.have.remove(chunk) {
+                self.holders[chunk as usize] = self.holders[chunk as usize].saturating_sub(1);
+            }
+        }
+    }
+
+    /// How many chunks from `peer` failed verification.
+    pub fn bad_chunks(&self, peer: PeerId) -> u32 {
+        self.peers.get(&peer).map_or(0, |p| p.bad_chunks)
+    }
+
+    /// `chunk` is now on its way from `peer`.
+    fn add_flight(&mut self, peer: PeerId, chunk: ChunkId, now: f64) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.outstanding += 1;
+            p.rate.became_busy(now);
+        }
+        self.flights
+            .entry(chunk)
+            .or_default()
+            .push(Flight { peer, since: now });
+    }
+
+    fn release(&mut self, peer: PeerId) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.outstanding = p.outstanding.saturating_sub(1);
+            if p.in_use() == 0 {
+                p.rate.became_idle();
+            }
+        }
+    }
+
+    /// Decides what to request now. Call after every event.
+    pub fn poll(&mut self, now: f64) -> Vec<Action> {
+        if self.have.is_full() {
+            return std::mem::take(&mut self.actions);
+        }
+        // Nearer neighbours choose first, then faster ones.
+        let mut order: Vec<(PeerId, u8, f64)> = self
+            .peers
+            .iter()
+            .map(|(&id, p)| (id, p.hops.unwrap_or(0), p.rate_bps(&self.cfg)))
+            .collect();
+        order.sort_by(|a, b| a.1.cmp(&b.1).then(b.2.total_cmp(&a.2)).then(a.0.cmp(&b.0)));
+        let order: Vec<(PeerId, f64)> = order.into_iter().map(|(id, _, r)| (id, r)).collect();
+        for &(id, _) in &order {
+            let cfg = self.cfg.clone();
+            let p = &self.peers[&id];
+            let budget = p.budget(&cfg);
+            let mut spare = budget.saturating_sub(p.in_use());
+            if spare == 0 {
+                continue;
+            }
+            if p.fresh_open {
+                let p = self.peers.get_mut(&id).unwrap();
+                p.fresh_asked.push_back(spare);
+                p.rate.became_busy(now);
+                self.actions.push(Action::RequestFresh {
+                    peer: id,
+                    count: spare,
+                });
+                continue;
+            }
+            let (mut picks, deferred) = self.rarest_candidates(id, spare as usize, now);
+            for c in deferred {
+                self.deferred.entry(c).or_insert(now);
+            }
+            spare -= picks.len() as u32;
+            if spare > 0 && self.flights.len() + picks.len() >= self.wanted() {
+                picks.extend(self.endgame_candidates(id, spare as usize, now));
+            }
+            if picks.is_empty() {
+                continue;
+            }
+            for &c in &picks {
+                self.add_flight(id, c, now);
+            }
+            self.actions.push(Action::Request {
+                peer: id,
+                chunks: picks,
+            });
+        }
+        std::mem::take(&mut self.actions)
+    }
+
+    fn wanted(&self) -> usize {
+        (self.have.len() - self.have.count()) as usize
+    }
+
+    /// Up to `k` chunks `peer` holds that are neither held nor in flight, rarest first
+    /// (ties: in an order of this node's own, see [`SchedConfig::tie_salt`]). Chunks a
+    /// strictly nearer neighbour holds or is fetching are left to it.
+    /// Also returns the chunks held back because another node is designated to fetch
+    /// them from afar.
+    fn rarest_candidates(&self, peer: PeerId, k: usize, now: f64) -> (Vec<ChunkId>, Vec<ChunkId>) {
+        let p = &self.peers[&peer];
+        let nearer_ids: Vec<PeerId> = match p.hops {
+            Some(h) => self
+                .peers
+                .iter()
+                // The source is never a reason to wait: it holds everything, and behind a
+                // router it is asked only for what nobody else holds (no deadlock).
+                .filter(|(_, q)| !q.is_source && q.hops.is_some_and(|qh| qh < h))
+                .map(|(&id, _)| id)
+                .collect(),
+            None => Vec::new(),
+        };
+        let nearer: Vec<&Peer> = nearer_ids.iter().map(|id| &self.peers[id]).collect();
+        let me = self.cfg.member;
+        let mut deferred = Vec::new();
+        let mut designated_elsewhere = |c: ChunkId| {
+            if nearer_ids.is_empty() || p.is_source {
+                return false;
+            }
+            let mine = tie_rank(me as u64 + 1, c);
+            if nearer_ids.iter().all(|&q| tie_rank(q as u64 + 1, c) > mine) {
+                return false;
+            }
+            match self.deferred.get(&c) {
+                Some(&since) => now - since < self.cfg.far_defer_s,
+                None if self.cfg.far_defer_s > 0.0 => {
+                    deferred.push(c);
+                    true
+                }
+                None => false,
+            }
+        };
+        let left_to_nearer = |c: ChunkId| {
+            nearer.iter().any(|q| {
+                q.have.contains(c) || q.coming.get(&c).is_some_and(|&t| now - t < COMING_TTL_S)
+            })
+        };
+        // A source behind a router sits on a path shared with everyone behind it, and its
+        // uplink is usually the min-cut: ask it only for chunks no other neighbour holds.
+        // (A source on a link of our own costs nobody else: use it freely.)
+        // Only neighbours no farther than the source count: a farther one is likely reached
+        // through the source's own links.
+        let source_hops = p.hops.filter(|_| p.is_source);
+        let spare_the_source = source_hops.is_some_and(|h| h > 1);
+        let held_elsewhere = |c: ChunkId| {
+            spare_the_source
+                && self.peers.iter().any(|(&id, q)| {
+                    id != peer
+                        && q.have.contains(c)
+                        && q.hops.is_none_or(|qh| Some(qh) <= source_hops)
+                })
+        };
+        // A neighbour farther than a source reached through routers: its path likely runs
+        // through the source's links, which the source would better fill with fresh chunks.
+        if !p.is_source {
+            let src_hops = self
+                .peers
+                .values()
+                .find(|q| q.is_source)
+                .and_then(|q| q.hops)
+                .filter(|&h| h > 1);
+            if let (Some(sh), Some(h)) = (src_hops, p.hops) {
+                if h > sh {
+                    return (Vec::new(), Vec::new());
+                }
+            }
+        }
+        let salt = me as u64;
+        let mut cands: Vec<(u16, u32, ChunkId)> = p
+            .have
+            .iter()
+            .filter(|&c| !self.have.contains(c) && !self.flights.contains_key(&c))
+            .filter(|&c| !left_to_nearer(c) && !held_elsewhere(c))
+            .filter(|&c| !designated_elsewhere(c))
+            .map(|c| (self.holders[c as usize], tie_rank(salt, c), c))
+            .collect();
+        if cands.len() > k {
+            cands.select_nth_unstable(k);
+            cands.truncate(k);
+        }
+        cands.sort_unstable();
+        (cands.into_iter().map(|(_, _, c)| c).collect(), deferred)
+    }
+
+    /// End game: chunks in flight from a slower neighbour for longer than expected, that
+    /// `peer` holds and could deliver sooner. At most two copies of a chunk are in flight.
+    fn endgame_candidates(&self, peer: PeerId, k: usize, now: f64) -> Vec<ChunkId> {
+        let me = &self.peers[&peer];
+        let my_time =
+            self.cfg.chunk_bytes as f64 * 8.0 / me.rate_bps(&self.cfg) * (me.in_use() + 1) as f64;
+        let mut late: Vec<(f64, ChunkId)> = self
+            .flights
+            .iter()
+            .filter(|(c, fl)| fl.len() == 1 && fl[0].peer != peer && me.have.contains(**c))
+            .filter_map(|(&c, fl)| {
+                let other = self.peers.get(&fl[0].peer)?;
+                let per_chunk = self.cfg.chunk_bytes as f64 * 8.0 / other.rate_bps(&self.cfg);
+                let expected = per_chunk * other.in_use().max(1) as f64;
+                let age = now - fl[0].since;
+                let remaining = (expected - age).max(0.0);
+                let stuck = age > self.cfg.endgame_slowness * expected;
+                (stuck || remaining > 2.0 * my_time).then_some((age, c))
+            })
+            .collect();
+        late.sort_by(|a, b| b.0.total_cmp(&a.0));
+        late.into_iter().take(k).map(|(_, c)| c).collect()
+    }
+}
+
+/// A node's own order of chunks: a mix of the salt and the id (salt 0: id order).
+fn tie_rank(salt: u64, c: ChunkId) -> u32 {
+    if salt == 0 {
+        return c;
+    }
+    let mut x = salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ c as u64;
+    x = (x ^ (x >> 31)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    (x >> 32) as u32
+}
+
+/// The source's choice of fresh chunks: never-served ones, in order.
+#[derive(Clone, Debug)]
+pub struct FreshServer {
+    /// Chunks that have been sent to, or are known to be held by, some destination.
+    served: ChunkSet,
+    cursor: ChunkId,
+}
+
+impl FreshServer {
+    pub fn new(chunks: u32) -> Self {
+        Self {
+            served: ChunkSet::new(chunks),
+            cursor: 0,
+        }
+    }
+
+    /// Some destination holds `chunk` (from a bitfield, e.g. after a restart).
+    pub fn known_held(&mut self, chunk: ChunkId) {
+        self.served.insert(chunk);
+    }
+
+    /// Up to `count` never-served chunks, now counted as served.
+    pub fn pick(&mut self, count: u32) -> Vec<ChunkId> {
+        let mut out = Vec::new();
+        while out.len() < count as usize && self.cursor < self.served.len() {
+            let c = self.cursor;
+            self.cursor += 1;
+            if self.served.insert(c) {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    pub fn exhausted(&self) -> bool {
+        self.served.is_full()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> SchedConfig {
+        SchedConfig::new(1000)
+    }
+
+    #[test]
+    fn asks_the_source_for_fresh_chunks_then_explicitly() {
+        let mut p = Puller::new(cfg(), ChunkSet::new(4));
+        p.add_peer(0, true);
+        let a = p.poll(0.0);
+        assert!(matches!(a[..], [Action::RequestFresh { peer: 0, count }] if count >= 2));
+        // The chunk may start before its grant arrives, or after.
+        assert_eq!(p.chunk_started(0, 2, 0.1), Arrival::Accept);
+        p.fresh_granted(0, &[2, 3], true, 0.15);
+        assert_eq!(p.chunk_started(0, 3, 0.16), Arrival::Accept);
+        p.chunk_done(0, 2, true, 0.2);
+        p.chunk_done(0, 3, true, 0.2);
+        p.peer_bitfield(0, &ChunkSet::full(4));
+        let a = p.poll(0.3);
+        let Action::Request { peer: 0, chunks } = &a[0] else {
+            panic!("{a:?}")
+        };
+        assert_eq!(chunks, &vec![0, 1]);
+        assert_eq!(p.duplicates, 0);
+        // An unrequested chunk is refused.
+        assert_eq!(p.chunk_started(0, 2, 0.4), Arrival::Reject);
+    }
+
+    #[test]
+    fn never_requests_a_chunk_twice_outside_the_end_game() {
+        let mut p = Puller::new(SchedConfig::new(128 << 10), ChunkSet::new(100));
+        for peer in 1..=3 {
+            p.add_peer(peer, false);
+            p.peer_bitfield(peer, &ChunkSet::full(100));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for a in p.poll(0.0) {
+            let Action::Request { chunks, .. } = a else {
+                panic!()
+            };
+            for c in chunks {
+                assert!(seen.insert(c), "chunk {c} requested twice");
+            }
+        }
+        assert!(seen.len() >= 6);
+    }
+
+    #[test]
+    fn rarest_first_and_peer_loss_requeues() {
+        let mut config = cfg();
+        config.max_outstanding = 2;
+        let mut p = Puller::new(config, ChunkSet::new(3));
+        p.add_peer(1, false);
+        p.add_peer(2, false);
+        p.peer_bitfield(1, &ChunkSet::full(3));
+        let mut only_c2 = ChunkSet::new(3);
+        only_c2.insert(2);
+        p.peer_bitfield(2, &only_c2);
+        // Peer 1 chooses first (same rate, lower id): the chunks only it holds, 0 and 1,
+        // are rarer than chunk 2, which is left to peer 2.
+        let a = p.poll(0.0);
+        assert_eq!(
+            a,
+            vec![
+                Action::Request {
+                    peer: 1,
+                    chunks: vec![0, 1]
+                },
+                Action::Request {
+                    peer: 2,
+                    chunks: vec![2]
+                }
+            ]
+        );
+        // Peer 1 goes away: its chunks are asked of peer 2 once it holds them, within
+        // peer 2's budget (2, one in use).
+        p.remove_peer(1);
+        p.peer_bitfield(2, &ChunkSet::full(3));
+        assert_eq!(
+            p.poll(0.1),
+            vec![Action::Request {
+                peer: 2,
+                chunks: vec![0]
+            }]
+        );
+    }
+
+    #[test]
+    fn end_game_races_a_stuck_chunk_and_cancels_the_loser() {
+        let mut p = Puller::new(cfg(), ChunkSet::new(1));
+        p.add_peer(1, false);
+        p.peer_bitfield(1, &ChunkSet::full(1));
+        assert_eq!(p.poll(0.0).len(), 1);
+        // Peer 2 appears much later, when chunk 0 is long overdue from peer 1.
+        p.add_peer(2, false);
+        p.peer_bitfield(2, &ChunkSet::full(1));
+        let a = p.poll(10.0);
+        assert_eq!(
+            a,
+            vec![Action::Request {
+                peer: 2,
+                chunks: vec![0]
+            }]
+        );
+        p.chunk_done(2, 0, true, 10.1);
+        assert_eq!(p.poll(10.2), vec![Action::Cancel { peer: 1, chunk: 0 }]);
+        assert!(p.is_complete());
+    }
+
+    #[test]
+    fn chunks_a_nearer_neighbour_is_fetching_are_not_asked_of_farther_ones() {
+        let cfg = SchedConfig {
+            far_defer_s: 0.0,
+            ..SchedConfig::new(128 << 10)
+        };
+        let mut p = Puller::new(cfg, ChunkSet::new(8));
+        // Peer 1 is across a shared bottleneck (3 hops), peer 2 nearby (2 hops).
+        for (peer, hops) in [(1, 3), (2, 2)] {
+            p.add_peer(peer, false);
+            p.peer_distance(peer, hops);
+        }
+        p.peer_bitfield(1, &ChunkSet::full(8));
+        for c in 0..4 {
+            p.peer_fetching(2, c, 0.0);
+        }
+        let asked: Vec<ChunkId> = p
+            .poll(0.1)
+            .into_iter()
+            .flat_map(|a| match a {
+                Action::Request { peer: 1, chunks } => chunks,
+                _ => vec![],
+            })
+            .collect();
+        assert!(
+            !asked.is_empty() && asked.iter().all(|&c| c >= 4),
+            "{asked:?}"
+        );
+        for &c in &asked {
+            p.chunk_done(1, c, true, 0.2);
+        }
+        let asked_of_far = |p: &mut Puller, now: f64| -> Vec<ChunkId> {
+            p.poll(now)
+                .into_iter()
+                .flat_map(|a| match a {
+                    Action::Request { peer: 1, chunks } => chunks,
+                    _ => vec![],
+                })
+                .collect()
+        };
+        // The far neighbour has room again, but chunks 0..4 are still coming nearby.
+        assert_eq!(asked_of_far(&mut p, 0.3), Vec::<ChunkId>::new());
+        // Once the announcement is stale, the far neighbour is asked after all.
+        let late = asked_of_far(&mut p, COMING_TTL_S + 1.0);
+        assert!(!late.is_empty() && late.iter().all(|&c| c < 4), "{late:?}");
+    }
+
+    fn requests_by_peer(actions: Vec<Action>) -> BTreeMap<PeerId, Vec<ChunkId>> {
+        let mut out: BTreeMap<PeerId, Vec<ChunkId>> = BTreeMap::new();
+        for a in actions {
+            if let Action::Request { peer, chunks } = a {
+                out.entry(peer).or_default().extend(chunks);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_source_behind_a_router_is_spared_without_deadlock() {
+        // The source (2 hops) holds everything; a neighbour as near as it (2 hops) holds
+        // chunk 0, one beyond it (3 hops) holds both. Chunk 0 comes from the equally near
+        // neighbour, chunk 1 (held by nobody else that near) from the source, and nothing
+        // from the neighbour whose path likely runs through the source's links.
+        let mut p = Puller::new(SchedConfig::new(128 << 10), ChunkSet::new(2));
+        p.add_peer(0, true);
+        p.peer_distance(0, 2);
+        p.fresh_granted(0, &[], true, 0.0); // every chunk already served once
+        p.peer_bitfield(0, &ChunkSet::full(2));
+        let mut only_0 = ChunkSet::new(2);
+        only_0.insert(0);
+        for (peer, hops, have) in [(3, 2, only_0), (4, 3, ChunkSet::full(2))] {
+            p.add_peer(peer, false);
+            p.peer_distance(peer, hops);
+            p.peer_bitfield(peer, &have);
+        }
+        let asked = requests_by_peer(p.poll(0.0));
+        assert_eq!(asked, BTreeMap::from([(0, vec![1]), (3, vec![0])]));
+    }
+
+    #[test]
+    fn one_of_a_group_fetches_a_chunk_from_afar_the_others_wait() {
+        // Members 5 and 6 sit together (2 hops apart); member 1 is far (3 hops) and holds
+        // everything. Each fetches from afar only the chunks it is designated for, at once;
+        // the rest after `far_defer_s`, unless the other announced it is fetching them.
+        let pullers: Vec<Puller> = [5u16, 6]
+            .iter()
+            .map(|&me| {
+                let other = if me == 5 { 6 } else { 5 };
+                let mut p = Puller::new(
+                    SchedConfig {
+                        member: me,
+                        max_outstanding: 64,
+                        queue_target_s: 100.0,
+                        ..SchedConfig::new(128 << 10)
+                    },
+                    ChunkSet::new(32),
+                );
+                for (peer, hops) in [(1, 3), (other, 2)] {
+                    p.add_peer(peer, false);
+                    p.peer_distance(peer, hops);
+                }
+                p.peer_bitfield(1, &ChunkSet::full(32));
+                p
+            })
+            .collect();
+        let mut first = Vec::new();
+        for mut p in pullers {
+            let now: Vec<ChunkId> = requests_by_peer(p.poll(0.0)).remove(&1).unwrap_or_default();
+            assert!(!now.is_empty() && now.len() < 32, "{now:?}");
+            let later = requests_by_peer(p.poll(0.3)).remove(&1).unwrap_or_default();
+            assert_eq!(now.len() + later.len(), 32);
+            first.push(now);
+        }
+        // Between them, every chunk was designated to exactly one.
+        let mut all: Vec<ChunkId> = first.concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..32).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn fresh_server_serves_each_chunk_once() {
+        let mut f = FreshServer::new(5);
+        f.known_held(1);
+        assert_eq!(f.pick(2), vec![0, 2]);
+        assert_eq!(f.pick(5), vec![3, 4]);
+        assert!(f.exhausted());
+        assert!(f.pick(1).is_empty());
+    }
+}

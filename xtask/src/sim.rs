@@ -1,0 +1,1031 @@
+//! The simulator: the daemon's scheduler ([`floodclone_sched`]) driven over a modelled
+//! network, at chunk level, in virtual time. It mirrors what `floodclone-user/src/node.rs`
+//! does around the scheduler (data neighbours from routes, bitfields, "have" and "fetching"
+//! announcements, fresh grants from the source, a FIFO of requested chunks per connection,
+//! rates measured every 200 ms) so that tuning here carries over to the testbed.
+//!
+//! Network model: every link direction has a capacity (changing at timed events); each
+//! connection (sender -> receiver) sends its requested chunks one after another along its
+//! route, and connections that share a link direction split it max-min fairly. Control
+//! messages and the last bit of a chunk take `hop_delay` per link. Not modelled: packet
+//! loss, congestion control, CPU, process start-up.
+
+use std::{
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap, HashSet, VecDeque},
+};
+
+use floodclone_sched::{
+    overlay::{self, Reach},
+    sched::{Action, Arrival, Puller, SchedConfig},
+    ChunkId, ChunkSet,
+};
+
+use crate::topology::{EventAction, Node, Role, Topology};
+
+/// Matches the daemon's measurement tick.
+const TICK_S: f64 = 0.2;
+/// Windowed max over this many ticks, like the daemon's meter (2 s).
+const RATE_WINDOW_TICKS: usize = 10;
+
+#[derive(Clone, Debug)]
+pub struct SimOptions {
+    pub bytes: u64,
+    pub chunk_bytes: u64,
+    /// One-way delay per link, seconds.
+    pub hop_delay_s: f64,
+    /// Give up (and report) after this much virtual time.
+    pub horizon_s: f64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SimReport {
+    pub nodes: usize,
+    pub members: usize,
+    pub links: usize,
+    /// Completion time per destination (node name, seconds); `None` if it never completed.
+    pub completion_s: Vec<(String, Option<f64>)>,
+    /// U: when the last destination completed.
+    pub u_s: Option<f64>,
+    /// Chunk transmissions started, over destinations x chunks (1.0: nothing sent twice).
+    pub copies_per_needed: f64,
+    pub events: u64,
+    pub max_neighbours: usize,
+    /// Copies of the file each link direction carried ("a>b", copies), busiest first.
+    pub link_copies: Vec<(String, f64)>,
+}
+
+#[derive(Debug, Clone)]
+enum Msg {
+    Bitfield(ChunkSet),
+    Have(ChunkId),
+    Fetching(Vec<ChunkId>),
+    Request(Vec<ChunkId>),
+    RequestFresh(u32),
+    FreshGrant(Vec<ChunkId>, bool),
+    Cancel(ChunkId),
+}
+
+#[derive(Debug)]
+enum Ev {
+    Deliver {
+        from: usize,
+        to: usize,
+        msg: Msg,
+    },
+    /// The head chunk of a pipe finished transmitting (valid if `version` matches).
+    PipeDone {
+        pipe: usize,
+        version: u64,
+    },
+    /// The first bytes of `chunk` reach the receiver.
+    ChunkStart {
+        pipe: usize,
+        chunk: ChunkId,
+    },
+    /// The last bytes of `chunk` reach the receiver.
+    ChunkArrive {
+        pipe: usize,
+        chunk: ChunkId,
+    },
+    Tick,
+    Capacity {
+        dirlink: usize,
+        bps: f64,
+    },
+}
+
+/// One connection's data direction: `from` serves `to` the chunks `to` asked for, in order.
+struct Pipe {
+    from: usize,
+    to: usize,
+    /// Directed links (2 * link + direction) along the route.
+    path: Vec<usize>,
+    latency: f64,
+    queue: VecDeque<ChunkId>,
+    head: Option<ChunkId>,
+    remaining_bits: f64,
+    rate: f64,
+    updated: f64,
+    version: u64,
+    /// Chunks whose start the receiver accepted and whose end has not arrived.
+    accepted: HashSet<ChunkId>,
+    delivered_bits_tick: f64,
+    rate_history: VecDeque<f64>,
+    /// Chunk transmissions started on this pipe.
+    started: u64,
+}
+
+struct SimNode {
+    member: Option<u16>,
+    puller: Option<Puller>,
+    /// Members this node pulls from, with their pipes (sender -> us).
+    pipes_in: HashMap<u16, usize>,
+    /// Nodes that pull from us, with their pipes (us -> them).
+    pipes_out: HashMap<usize, usize>,
+    done_at: Option<f64>,
+}
+
+/// A queued event, ordered by time, then by when it was queued (FIFO among equals).
+struct Queued {
+    /// Non-negative f64s order like their bit patterns.
+    at_bits: u64,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at_bits, self.seq) == (other.at_bits, other.seq)
+    }
+}
+
+impl Eq for Queued {}
+
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Queued {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at_bits, self.seq).cmp(&(other.at_bits, other.seq))
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    heap: BinaryHeap<Reverse<Queued>>,
+    seq: u64,
+}
+
+impl Queue {
+    fn push(&mut self, at: f64, ev: Ev) {
+        self.seq += 1;
+        self.heap.push(Reverse(Queued {
+            at_bits: at.max(0.0).to_bits(),
+            seq: self.seq,
+            ev,
+        }));
+    }
+
+    fn pop(&mut self) -> Option<(f64, Ev)> {
+        let Reverse(q) = self.heap.pop()?;
+        Some((f64::from_bits(q.at_bits), q.ev))
+    }
+}
+
+/// Routes of a network: for every node, the predecessor of each node on its path there
+/// (fewest hops, widest among those, like the testbed's routes).
+struct Routes {
+    pred: Vec<Vec<u32>>,
+}
+
+fn routes(topo: &Topology, caps: &[f64]) -> Routes {
+    let n = topo.nodes.len();
+    let mut adj: Vec<Vec<(usize, usize)>> = vec![Vec::new(); n];
+    for (i, l) in topo.links.iter().enumerate() {
+        adj[l.a].push((l.b, 2 * i));
+        adj[l.b].push((l.a, 2 * i + 1));
+    }
+    let pred = (0..n)
+        .map(|src| {
+            let mut dist = vec![u32::MAX; n];
+            let mut width = vec![0.0f64; n];
+            let mut pred = vec![u32::MAX; n];
+            let mut order = vec![src];
+            dist[src] = 0;
+            width[src] = f64::INFINITY;
+            let mut i = 0;
+            while i < order.len() {
+                let u = order[i];
+                i += 1;
+                for &(v, d) in &adj[u] {
+                    if dist[v] == u32::MAX {
+                        dist[v] = dist[u] + 1;
+                        order.push(v);
+                    }
+                    if dist[v] == dist[u] + 1 {
+                        let w = width[u].min(caps[d]);
+                        if w > width[v] {
+                            width[v] = w;
+                            pred[v] = u as u32;
+                        }
+                    }
+                }
+            }
+            pred
+        })
+        .collect();
+    Routes { pred }
+}
+
+impl Routes {
+    /// Nodes on the path from `a` to `b`, both included.
+    fn path(&self, a: usize, b: usize) -> Option<Vec<usize>> {
+        let mut out = vec![b];
+        let mut x = b;
+        while x != a {
+            let p = self.pred[a][x];
+            if p == u32::MAX {
+                return None;
+            }
+            x = p as usize;
+            out.push(x);
+        }
+        out.reverse();
+        Some(out)
+    }
+}
+
+pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String> {
+    if topo
+        .events
+        .iter()
+        .any(|e| !matches!(e.action, EventAction::SetRate { .. }))
+    {
+        return Err(
+            "the simulator models rate changes only; run links going down and up on the \
+             testbed (`cargo xtask run`)"
+                .into(),
+        );
+    }
+    let n = topo.nodes.len();
+    let chunks = opts.bytes.div_ceil(opts.chunk_bytes) as u32;
+    let chunk_bits = opts.chunk_bytes as f64 * 8.0;
+    let mut caps = vec![0.0; topo.links.len() * 2];
+    let mut dirlink_of: HashMap<(usize, usize), usize> = HashMap::new();
+    for (i, l) in topo.links.iter().enumerate() {
+        caps[2 * i] = l.mbit_ab * 1e6;
+        caps[2 * i + 1] = l.mbit_ba * 1e6;
+        dirlink_of.insert((l.a, l.b), 2 * i);
+        dirlink_of.insert((l.b, l.a), 2 * i + 1);
+    }
+    let routes = routes(topo, &caps);
+    let source = topo.source();
+    // Member ids as the source hands them out: 0 for itself, then destinations in order.
+    let mut member_of = vec![None; n];
+    let mut node_of_member = vec![source];
+    member_of[source] = Some(0u16);
+    for d in topo.destinations() {
+        member_of[d] = Some(node_of_member.len() as u16);
+        node_of_member.push(d);
+    }
+
+    let mut pipes: Vec<Pipe> = Vec::new();
+    let mut nodes: Vec<SimNode> = (0..n)
+        .map(|i| SimNode {
+            member: member_of[i],
+            puller: None,
+            pipes_in: HashMap::new(),
+            pipes_out: HashMap::new(),
+            done_at: None,
+        })
+        .collect();
+    let cfg = SchedConfig::new(opts.chunk_bytes);
+    let mut max_neighbours = 0;
+    let mut q = Queue::default();
+    for d in topo.destinations() {
+        let me = member_of[d].expect("destinations are members");
+        let reach: Vec<(u16, Reach)> = node_of_member
+            .iter()
+            .enumerate()
+            .filter(|&(_, &m)| m != d)
+            .map(|(id, &m)| {
+                let reach = match routes.path(d, m) {
+                    None => Reach::Unreachable,
+                    Some(p) if p[1] == m => Reach::Direct,
+                    Some(p) if topo.is_member(p[1]) => Reach::Behind,
+                    Some(_) => Reach::ViaRouter,
+                };
+                (id as u16, reach)
+            })
+            .collect();
+        let neighbours = overlay::data_neighbours(me, &reach);
+        max_neighbours = max_neighbours.max(neighbours.len());
+        let mut puller = Puller::new(
+            SchedConfig {
+                member: me,
+                ..cfg.clone()
+            },
+            ChunkSet::new(chunks),
+        );
+        for &nb in &neighbours {
+            let from = node_of_member[nb as usize];
+            let hops = routes.path(from, d).expect("reachable");
+            let path: Vec<usize> = hops.windows(2).map(|w| dirlink_of[&(w[0], w[1])]).collect();
+            puller.add_peer(nb, nb == overlay::SOURCE);
+            puller.peer_distance(nb, path.len() as u8);
+            let id = pipes.len();
+            pipes.push(Pipe {
+                from,
+                to: d,
+                latency: path.len() as f64 * opts.hop_delay_s,
+                path,
+                queue: VecDeque::new(),
+                head: None,
+                remaining_bits: 0.0,
+                rate: 0.0,
+                updated: 0.0,
+                version: 0,
+                accepted: HashSet::new(),
+                delivered_bits_tick: 0.0,
+                rate_history: VecDeque::new(),
+                started: 0,
+            });
+            nodes[d].pipes_in.insert(nb, id);
+            nodes[from].pipes_out.insert(d, id);
+            if from == source {
+                let lat = pipes[id].latency;
+                q.push(
+                    lat,
+                    Ev::Deliver {
+                        from,
+                        to: d,
+                        msg: Msg::Bitfield(ChunkSet::full(chunks)),
+                    },
+                );
+            }
+        }
+        nodes[d].puller = Some(puller);
+    }
+    let mut on_link: Vec<Vec<usize>> = vec![Vec::new(); caps.len()];
+    for (id, p) in pipes.iter().enumerate() {
+        for &l in &p.path {
+            on_link[l].push(id);
+        }
+    }
+    let mut active_on_link: Vec<usize> = vec![0; caps.len()];
+    for e in &topo.events {
+        if let EventAction::SetRate { mbit_ab, mbit_ba } = e.action {
+            q.push(
+                e.at_s,
+                Ev::Capacity {
+                    dirlink: 2 * e.link,
+                    bps: mbit_ab * 1e6,
+                },
+            );
+            q.push(
+                e.at_s,
+                Ev::Capacity {
+                    dirlink: 2 * e.link + 1,
+                    bps: mbit_ba * 1e6,
+                },
+            );
+        }
+    }
+    q.push(TICK_S, Ev::Tick);
+
+    let mut fresh = floodclone_sched::sched::FreshServer::new(chunks);
+    let mut remaining = topo.destinations().len();
+    let mut events = 0u64;
+    let mut sim = Sim {
+        pipes: &mut pipes,
+        on_link: &on_link,
+        active_on_link: &mut active_on_link,
+        caps: &mut caps,
+        chunk_bits,
+        started: 0,
+    };
+    while let Some((now, ev)) = q.pop() {
+        if now > opts.horizon_s || remaining == 0 {
+            break;
+        }
+        events += 1;
+        // The node whose scheduler must be polled after this event.
+        let mut poll: Option<usize> = None;
+        match ev {
+            Ev::Tick => {
+                for p in sim.pipes.iter_mut() {
+                    p.rate_history.push_back(p.delivered_bits_tick / TICK_S);
+                    if p.rate_history.len() > RATE_WINDOW_TICKS {
+                        p.rate_history.pop_front();
+                    }
+                    p.delivered_bits_tick = 0.0;
+                    let max = p.rate_history.iter().copied().fold(0.0, f64::max);
+                    if max > 0.0 {
+                        let from = nodes[p.from].member.expect("member");
+                        if let Some(pl) = nodes[p.to].puller.as_mut() {
+                            pl.peer_measured_rate(from, max);
+                        }
+                    }
+                }
+                q.push(now + TICK_S, Ev::Tick);
+            }
+            Ev::Capacity { dirlink, bps } => {
+                sim.caps[dirlink] = bps;
+                if let Some(&p) = sim.on_link[dirlink].first() {
+                    sim.reshare(p, now, &mut q);
+                }
+            }
+            Ev::Deliver { from, to, msg } => {
+                let from_member = nodes[from].member.expect("member");
+                match msg {
+                    Msg::Request(list) => {
+                        let pipe = nodes[to].pipes_out_to(from);
+                        sim.enqueue(pipe, &list, now, &mut q);
+                    }
+                    Msg::RequestFresh(count) => {
+                        let picks = fresh.pick(count.min(1024));
+                        let pipe = nodes[to].pipes_out_to(from);
+                        sim.enqueue(pipe, &picks, now, &mut q);
+                        let lat = sim.pipes[pipe].latency;
+                        q.push(
+                            now + lat,
+                            Ev::Deliver {
+                                from: to,
+                                to: from,
+                                msg: Msg::FreshGrant(picks, fresh.exhausted()),
+                            },
+                        );
+                    }
+                    Msg::Cancel(c) => {
+                        let pipe = nodes[to].pipes_out_to(from);
+                        sim.pipes[pipe].queue.retain(|&x| x != c);
+                    }
+                    other => {
+                        let Some(pl) = nodes[to].puller.as_mut() else {
+                            continue;
+                        };
+                        match other {
+                            Msg::Bitfield(set) => pl.peer_bitfield(from_member, &set),
+                            Msg::Have(c) => {
+                                pl.peer_has(from_member, c);
+                                if pl.have().contains(c) {
+                                    continue;
+                                }
+                            }
+                            Msg::Fetching(list) => {
+                                for c in list {
+                                    pl.peer_fetching(from_member, c, now);
+                                }
+                            }
+                            Msg::FreshGrant(list, exhausted) => {
+                                pl.fresh_granted(from_member, &list, exhausted, now);
+                                if !list.is_empty() {
+                                    announce(
+                                        &nodes,
+                                        sim.pipes,
+                                        to,
+                                        Msg::Fetching(list),
+                                        now,
+                                        &mut q,
+                                    );
+                                }
+                            }
+                            _ => unreachable!("handled above"),
+                        }
+                        poll = Some(to);
+                    }
+                }
+            }
+            Ev::PipeDone { pipe, version } => {
+                if sim.pipes[pipe].version != version {
+                    continue;
+                }
+                let p = &mut sim.pipes[pipe];
+                let chunk = p.head.take().expect("a running pipe has a head");
+                p.delivered_bits_tick += chunk_bits;
+                q.push(now + p.latency, Ev::ChunkArrive { pipe, chunk });
+                sim.start_next(pipe, now, &mut q);
+            }
+            Ev::ChunkStart { pipe, chunk } => {
+                let (from, to) = (sim.pipes[pipe].from, sim.pipes[pipe].to);
+                let from_member = nodes[from].member.expect("member");
+                let pl = nodes[to].puller.as_mut().expect("a receiver");
+                if pl.chunk_started(from_member, chunk, now) == Arrival::Accept {
+                    sim.pipes[pipe].accepted.insert(chunk);
+                } else {
+                    // The receiver stops the stream: the rest of it is not sent.
+                    sim.abort(pipe, chunk, now, &mut q);
+                }
+            }
+            Ev::ChunkArrive { pipe, chunk } => {
+                if !sim.pipes[pipe].accepted.remove(&chunk) {
+                    continue;
+                }
+                let (from, to) = (sim.pipes[pipe].from, sim.pipes[pipe].to);
+                let from_member = nodes[from].member.expect("member");
+                let pl = nodes[to].puller.as_mut().expect("a receiver");
+                pl.chunk_done(from_member, chunk, true, now);
+                if pl.is_complete() && nodes[to].done_at.is_none() {
+                    nodes[to].done_at = Some(now);
+                    remaining -= 1;
+                }
+                announce(&nodes, sim.pipes, to, Msg::Have(chunk), now, &mut q);
+                poll = Some(to);
+            }
+        }
+        let Some(node) = poll else { continue };
+        let Some(pl) = nodes[node].puller.as_mut() else {
+            continue;
+        };
+        let actions = pl.poll(now);
+        for action in actions {
+            let (peer, msg) = match action {
+                Action::Request { peer, chunks } => {
+                    announce(
+                        &nodes,
+                        sim.pipes,
+                        node,
+                        Msg::Fetching(chunks.clone()),
+                        now,
+                        &mut q,
+                    );
+                    (peer, Msg::Request(chunks))
+                }
+                Action::RequestFresh { peer, count } => (peer, Msg::RequestFresh(count)),
+                Action::Cancel { peer, chunk } => (peer, Msg::Cancel(chunk)),
+            };
+            let pipe = nodes[node].pipes_in[&peer];
+            let lat = sim.pipes[pipe].latency;
+            q.push(
+                now + lat,
+                Ev::Deliver {
+                    from: node,
+                    to: node_of_member[peer as usize],
+                    msg,
+                },
+            );
+        }
+    }
+    let completion_s: Vec<(String, Option<f64>)> = topo
+        .destinations()
+        .into_iter()
+        .map(|d| (topo.nodes[d].name.clone(), nodes[d].done_at))
+        .collect();
+    let u_s = completion_s
+        .iter()
+        .map(|(_, t)| *t)
+        .try_fold(0.0f64, |acc, t| t.map(|t| acc.max(t)));
+    let started_total = sim.started;
+    let mut per_dirlink = vec![0u64; topo.links.len() * 2];
+    for p in pipes.iter() {
+        for &l in &p.path {
+            per_dirlink[l] += p.started;
+        }
+    }
+    let mut link_copies: Vec<(String, f64)> = per_dirlink
+        .iter()
+        .enumerate()
+        .filter(|(_, &c)| c > 0)
+        .map(|(l, &c)| {
+            let link = &topo.links[l / 2];
+            let (a, b) = if l % 2 == 0 {
+                (link.a, link.b)
+            } else {
+                (link.b, link.a)
+            };
+            let name = format!("{}>{}", topo.nodes[a].name, topo.nodes[b].name);
+            (name, c as f64 / chunks as f64)
+        })
+        .collect();
+    link_copies.sort_by(|x, y| y.1.total_cmp(&x.1));
+    Ok(SimReport {
+        link_copies,
+        nodes: n,
+        members: node_of_member.len(),
+        links: topo.links.len(),
+        u_s,
+        copies_per_needed: started_total as f64
+            / (chunks as f64 * topo.destinations().len() as f64),
+        completion_s,
+        events,
+        max_neighbours,
+    })
+}
+
+impl SimNode {
+    fn pipes_out_to(&self, to: usize) -> usize {
+        self.pipes_out[&to]
+    }
+}
+
+/// Sends `msg` to every node that pulls from `from` (they dialed it; the daemon broadcasts
+/// announcements on every connection, and only pullers act on them).
+fn announce(nodes: &[SimNode], pipes: &[Pipe], from: usize, msg: Msg, now: f64, q: &mut Queue) {
+    for &pipe in nodes[from].pipes_out.values() {
+        let p = &pipes[pipe];
+        q.push(
+            now + p.latency,
+            Ev::Deliver {
+                from,
+                to: p.to,
+                msg: msg.clone(),
+            },
+        );
+    }
+}
+
+/// The data plane: pipes and the links they share.
+struct Sim<'a> {
+    pipes: &'a mut [Pipe],
+    on_link: &'a [Vec<usize>],
+    active_on_link: &'a mut [usize],
+    caps: &'a mut [f64],
+    chunk_bits: f64,
+    /// Chunk transmissions started.
+    started: u64,
+}
+
+impl Sim<'_> {
+    fn enqueue(&mut self, pipe: usize, list: &[ChunkId], now: f64, q: &mut Queue) {
+        self.pipes[pipe].queue.extend(list.iter().copied());
+        if self.pipes[pipe].head.is_none() {
+            self.start_next(pipe, now, q);
+        }
+    }
+
+    /// Starts the next queued chunk, or marks the pipe idle; re-shares its links if its
+    /// activity changed.
+    fn start_next(&mut self, pipe: usize, now: f64, q: &mut Queue) {
+        let was_active = self.pipes[pipe].rate > 0.0;
+        let p = &mut self.pipes[pipe];
+        match p.queue.pop_front() {
+            Some(c) => {
+                p.head = Some(c);
+                p.remaining_bits = self.chunk_bits;
+                p.updated = now;
+                self.started += 1;
+                p.started += 1;
+                if std::env::var_os("FC_SIM_TRACE").is_some() {
+                    eprintln!(
+                        "TRACE {now:.3} start {} -> {} chunk {c} path {:?}",
+                        p.from, p.to, p.path
+                    );
+                }
+                q.push(now + p.latency, Ev::ChunkStart { pipe, chunk: c });
+                if was_active {
+                    let t = now + p.remaining_bits / p.rate;
+                    p.version += 1;
+                    q.push(
+                        t,
+                        Ev::PipeDone {
+                            pipe,
+                            version: p.version,
+                        },
+                    );
+                } else {
+                    for &l in &p.path {
+                        self.active_on_link[l] += 1;
+                    }
+                    self.reshare(pipe, now, q);
+                }
+            }
+            None if was_active => {
+                p.version += 1;
+                for &l in &p.path {
+                    self.active_on_link[l] -= 1;
+                }
+                p.rate = 0.0;
+                self.reshare(pipe, now, q);
+            }
+            None => {}
+        }
+    }
+
+    /// The receiver refused `chunk`: drop it from the queue, or stop sending it.
+    fn abort(&mut self, pipe: usize, chunk: ChunkId, now: f64, q: &mut Queue) {
+        let p = &mut self.pipes[pipe];
+        if p.head == Some(chunk) {
+            p.head = None;
+            self.start_next(pipe, now, q);
+        } else {
+            p.queue.retain(|&c| c != chunk);
+        }
+    }
+
+    /// Max-min fair rates for the active pipes connected to `start` through shared links
+    /// (progressive filling), then re-times their transmissions.
+    fn reshare(&mut self, start: usize, now: f64, q: &mut Queue) {
+        // The component: active pipes reachable through shared link directions.
+        let mut comp: Vec<usize> = Vec::new();
+        let mut seen_pipe: HashSet<usize> = HashSet::new();
+        let mut links: Vec<usize> = Vec::new();
+        let mut seen_link: HashSet<usize> = HashSet::new();
+        let mut stack = vec![start];
+        seen_pipe.insert(start);
+        while let Some(p) = stack.pop() {
+            if self.pipes[p].head.is_some() || p == start {
+                comp.push(p);
+            }
+            // An idle pipe's links matter only when it is the one that just went idle.
+            if self.pipes[p].head.is_none() && p != start {
+                continue;
+            }
+            for &l in &self.pipes[p].path {
+                if seen_link.insert(l) {
+                    links.push(l);
+                    for &o in &self.on_link[l] {
+                        if self.pipes[o].head.is_some() && seen_pipe.insert(o) {
+                            stack.push(o);
+                        }
+                    }
+                }
+            }
+        }
+        let active: Vec<usize> = comp
+            .into_iter()
+            .filter(|&p| self.pipes[p].head.is_some())
+            .collect();
+        for &p in &active {
+            let pp = &mut self.pipes[p];
+            if pp.rate > 0.0 {
+                pp.remaining_bits = (pp.remaining_bits - pp.rate * (now - pp.updated)).max(0.0);
+            }
+            pp.updated = now;
+        }
+        // Progressive filling.
+        let mut left: HashMap<usize, f64> = links.iter().map(|&l| (l, self.caps[l])).collect();
+        let mut count: HashMap<usize, usize> =
+            links.iter().map(|&l| (l, self.active_on_link[l])).collect();
+        let mut rate: HashMap<usize, f64> = active.iter().map(|&p| (p, 0.0)).collect();
+        let mut unfrozen: Vec<usize> = active.clone();
+        while !unfrozen.is_empty() {
+            let inc = links
+                .iter()
+                .filter(|l| count[l] > 0)
+                .map(|l| left[l] / count[l] as f64)
+                .fold(f64::INFINITY, f64::min);
+            if !inc.is_finite() {
+                break;
+            }
+            for &p in &unfrozen {
+                *rate.get_mut(&p).unwrap() += inc;
+                for l in &self.pipes[p].path {
+                    *left.get_mut(l).unwrap() -= inc;
+                }
+            }
+            let saturated: HashSet<usize> = links
+                .iter()
+                .copied()
+                .filter(|l| count[l] > 0 && left[l] <= 1e-6 * self.caps[*l].max(1.0))
+                .collect();
+            unfrozen.retain(|&p| {
+                let frozen = self.pipes[p].path.iter().any(|l| saturated.contains(l));
+                if frozen {
+                    for l in &self.pipes[p].path {
+                        *count.get_mut(l).unwrap() -= 1;
+                    }
+                }
+                !frozen
+            });
+        }
+        for &p in &active {
+            let pp = &mut self.pipes[p];
+            let new = rate[&p].max(1.0);
+            // Unchanged rate, same head: its completion event still holds.
+            if p != start && (new - pp.rate).abs() <= 1e-9 * new {
+                continue;
+            }
+            pp.rate = new;
+            pp.version += 1;
+            q.push(
+                now + pp.remaining_bits / pp.rate,
+                Ev::PipeDone {
+                    pipe: p,
+                    version: pp.version,
+                },
+            );
+        }
+    }
+}
+
+/// A deterministic generator (SplitMix64), so a seed reproduces a network.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, n).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    /// Uniform in [lo, hi).
+    pub fn range(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Shapes of generated networks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Shape {
+    /// A random connected graph: a random tree plus extra links up to `degree` on average.
+    Random,
+    /// A random tree.
+    Tree,
+    /// A ring with a few random chords.
+    Ring,
+    /// Multi-tier: a core of non-member routers, members in sites hanging off them, some
+    /// members linked to each other across sites.
+    Tiered,
+}
+
+#[derive(Clone, Debug)]
+pub struct GenOptions {
+    pub shape: Shape,
+    pub nodes: usize,
+    pub degree: f64,
+    /// Link rates are drawn uniformly from this range (Mbit/s).
+    pub mbit: (f64, f64),
+    /// Share of links whose reverse direction is slower (by up to 4x).
+    pub asymmetric: f64,
+    /// Rate changes: this many random links change rate at random times in [0, until_s).
+    pub rate_changes: usize,
+    pub until_s: f64,
+    pub seed: u64,
+}
+
+/// A generated network as a [`Topology`] (node 0 is the source).
+pub fn generate(g: &GenOptions) -> Topology {
+    let mut rng = Rng::new(g.seed);
+    let n = g.nodes.max(2);
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut edges: HashSet<(usize, usize)> = HashSet::new();
+    let add = |edges: &mut HashSet<(usize, usize)>, a: usize, b: usize| {
+        a != b && !edges.contains(&(b, a)) && edges.insert((a, b))
+    };
+    let member = |i: usize| Node {
+        name: if i == 0 { "s".into() } else { format!("d{i}") },
+        role: if i == 0 { Role::Source } else { Role::Dest },
+    };
+    match g.shape {
+        Shape::Random | Shape::Tree => {
+            nodes.extend((0..n).map(member));
+            for i in 1..n {
+                let j = rng.below(i);
+                add(&mut edges, j, i);
+            }
+            if g.shape == Shape::Random {
+                let target = (g.degree * n as f64 / 2.0) as usize;
+                let mut tries = 0;
+                while edges.len() < target && tries < target * 20 {
+                    tries += 1;
+                    let (a, b) = (rng.below(n), rng.below(n));
+                    add(&mut edges, a, b);
+                }
+            }
+        }
+        Shape::Ring => {
+            nodes.extend((0..n).map(member));
+            for i in 0..n {
+                add(&mut edges, i, (i + 1) % n);
+            }
+            for _ in 0..n / 20 {
+                let (a, b) = (rng.below(n), rng.below(n));
+                add(&mut edges, a, b);
+            }
+        }
+        Shape::Tiered => {
+            // About one core router per 25 members, in a ring with a few chords.
+            let routers = (n / 25).max(2);
+            let members = n - routers;
+            nodes.extend((0..members).map(member));
+            for r in 0..routers {
+                nodes.push(Node {
+                    name: format!("r{r}"),
+                    role: Role::Router,
+                });
+            }
+            let router = |r: usize| members + r;
+            for r in 0..routers {
+                add(&mut edges, router(r), router((r + 1) % routers));
+            }
+            for _ in 0..routers / 4 {
+                let (a, b) = (rng.below(routers), rng.below(routers));
+                add(&mut edges, router(a), router(b));
+            }
+            // Each member joins a site router; a few join two; some link to each other.
+            for m in 0..members {
+                add(&mut edges, m, router(rng.below(routers)));
+                if rng.range(0.0, 1.0) < 0.1 {
+                    add(&mut edges, m, router(rng.below(routers)));
+                }
+            }
+            for _ in 0..members / 2 {
+                let (a, b) = (rng.below(members), rng.below(members));
+                add(&mut edges, a, b);
+            }
+        }
+    }
+    let mut edge_list: Vec<(usize, usize)> = edges.into_iter().collect();
+    edge_list.sort_unstable();
+    let links: Vec<crate::topology::Link> = edge_list
+        .into_iter()
+        .map(|(a, b)| {
+            let ab = rng.range(g.mbit.0, g.mbit.1).round().max(1.0);
+            let ba = if rng.range(0.0, 1.0) < g.asymmetric {
+                (ab / rng.range(1.0, 4.0)).round().max(1.0)
+            } else {
+                ab
+            };
+            crate::topology::Link {
+                a,
+                b,
+                mbit_ab: ab,
+                mbit_ba: ba,
+            }
+        })
+        .collect();
+    let mut events = Vec::new();
+    for _ in 0..g.rate_changes {
+        let link = rng.below(links.len());
+        let factor = rng.range(0.25, 1.5);
+        events.push(crate::topology::Event {
+            at_s: rng.range(0.0, g.until_s),
+            link,
+            action: EventAction::SetRate {
+                mbit_ab: (links[link].mbit_ab * factor).max(1.0),
+                mbit_ba: (links[link].mbit_ba * factor).max(1.0),
+            },
+        });
+    }
+    events.sort_by(|x, y| x.at_s.total_cmp(&y.at_s));
+    Topology {
+        name: format!("{:?}-{}-seed{}", g.shape, n, g.seed).to_lowercase(),
+        description: String::new(),
+        nodes,
+        links,
+        events,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(bytes: u64) -> SimOptions {
+        SimOptions {
+            bytes,
+            chunk_bytes: 128 * 1024,
+            hop_delay_s: 0.001,
+            horizon_s: 1e4,
+        }
+    }
+
+    #[test]
+    fn one_link_runs_at_its_rate() {
+        let t = Topology::parse(
+            "t",
+            r#"node = [{name="s",role="source"},{name="d",role="dest"}]
+               link = [{a="s",b="d",mbit=8}]"#,
+        )
+        .unwrap();
+        // 8 MiB at 8 Mbit/s: 8.39 s plus a round trip.
+        let r = simulate(&t, &opts(8 << 20)).unwrap();
+        let u = r.u_s.unwrap();
+        assert!((8.39..8.6).contains(&u), "{u}");
+        assert!((r.copies_per_needed - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn connections_share_a_router_link_fairly() {
+        // s - r at 10, r - a and r - b at 100: a and b pull from s through r.
+        let t = Topology::parse(
+            "t",
+            r#"node = [{name="s",role="source"},{name="r",role="router"},
+                       {name="a",role="dest"},{name="b",role="dest"}]
+               link = [{a="s",b="r",mbit=10},{a="r",b="a",mbit=100},{a="r",b="b",mbit=100}]"#,
+        )
+        .unwrap();
+        // The floor is 8 MiB at 10 Mbit/s = 6.7 s; they must not send it twice over s-r.
+        let r = simulate(&t, &opts(8 << 20)).unwrap();
+        let u = r.u_s.unwrap();
+        assert!(u < 6.72 * 1.2, "{u}");
+    }
+
+    #[test]
+    fn generated_networks_are_connected_and_reproducible() {
+        for shape in [Shape::Random, Shape::Tree, Shape::Ring, Shape::Tiered] {
+            let g = GenOptions {
+                shape,
+                nodes: 120,
+                degree: 4.0,
+                mbit: (10.0, 100.0),
+                asymmetric: 0.3,
+                rate_changes: 3,
+                until_s: 5.0,
+                seed: 7,
+            };
+            let t = generate(&g);
+            let d = t.hop_distances(t.source());
+            assert!(
+                t.destinations().iter().all(|&x| d[x].is_some()),
+                "{shape:?}"
+            );
+            assert_eq!(t.links, generate(&g).links);
+        }
+    }
+}
