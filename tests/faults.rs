@@ -1,30 +1,14 @@
 //! Faults and bad input on the testbed: wrong tokens, an output that cannot be written, a
 //! relay killed mid-transfer and restarted.
 
-use floodclone_tests::{addr, root_or_skip, start, Scratch};
-use xtask::{run::write_test_file, testbed::Testbed, topology::Topology};
+use floodclone_tests::{addr, line, root_or_skip, start, Scratch};
+use xtask::{
+    run::write_test_file,
+    testbed::Testbed,
+    topology::{Event, EventAction, Topology},
+};
 
 const MIB: u64 = 1 << 20;
-
-fn line(names: &[&str], mbit: u32) -> Topology {
-    let nodes: Vec<String> = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            let role = if i == 0 { "source" } else { "dest" };
-            format!(r#"{{name="{n}",role="{role}"}}"#)
-        })
-        .collect();
-    let links: Vec<String> = names
-        .windows(2)
-        .map(|w| format!(r#"{{a="{}",b="{}",mbit={mbit}}}"#, w[0], w[1]))
-        .collect();
-    Topology::parse(
-        "line",
-        &format!("node = [{}]\nlink = [{}]", nodes.join(","), links.join(",")),
-    )
-    .unwrap()
-}
 
 fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
@@ -234,4 +218,224 @@ fn killed_relay_is_routed_around_and_resumes_without_refetching() {
             "d{i}"
         );
     }
+}
+
+fn recv_args(source: usize, out: &std::path::Path, extra: &[&str]) -> Vec<String> {
+    let mut v = strings(&[
+        "recv",
+        "--source",
+        &addr(source).to_string(),
+        "--out",
+        out.to_str().unwrap(),
+        "--token",
+        "t",
+    ]);
+    v.extend(strings(extra));
+    v
+}
+
+fn send_args(src: &std::path::Path, dests: impl IntoIterator<Item = usize>) -> Vec<String> {
+    let mut v = strings(&["send", src.to_str().unwrap(), "--token", "t"]);
+    for d in dests {
+        v.extend(["--dest".to_string(), addr(d).to_string()]);
+    }
+    v
+}
+
+#[test]
+fn link_down_and_back_up_mid_transfer_completes() {
+    if !root_or_skip("link_down_and_back_up_mid_transfer_completes") {
+        return;
+    }
+    // The only path to d2 goes down for 6 s, longer than QUIC's idle timeout, so the
+    // connection across it dies and must be re-established when the link is back.
+    let mut topo = line(&["s", "d1", "d2"], 40);
+    topo.events = [(1.5, EventAction::Down), (7.5, EventAction::Up)]
+        .into_iter()
+        .map(|(at_s, action)| Event {
+            at_s,
+            link: 1,
+            action,
+        })
+        .collect();
+    let report = floodclone_tests::transfer(&topo, &xtask::run::RunOptions::new(16 * MIB));
+    let d2 = report.dests.iter().find(|d| d.name == "d2").unwrap();
+    let t = d2.elapsed_s.expect("d2 completed");
+    assert!(
+        t > 6.0,
+        "d2 cannot have finished while its only link was down ({t} s)"
+    );
+}
+
+#[test]
+fn source_killed_and_restarted_destinations_keep_what_they_have() {
+    if !root_or_skip("source_killed_and_restarted_destinations_keep_what_they_have") {
+        return;
+    }
+    let scratch = Scratch::new("srcrestart");
+    let src = scratch.0.join("src");
+    let bytes = 24 * MIB;
+    write_test_file(&src, bytes, 5).unwrap();
+    let mut bed = Testbed::up(&line(&["s", "d1", "d2"], 40)).unwrap();
+    let out = |i: usize| scratch.0.join(format!("d{i}.out"));
+    let mut send = start(&mut bed, 0, &send_args(&src, 1..=2), &scratch.0);
+    let recvs: Vec<_> = (1..=2)
+        .map(|i| start(&mut bed, i, &recv_args(0, &out(i), &[]), &scratch.0))
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    bed.child(send.handle).kill().unwrap();
+    let _ = bed.child(send.handle).wait();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    for (i, r) in recvs.iter().enumerate() {
+        assert!(
+            r.wait_exit(&mut bed, 0.1).is_none(),
+            "d{} gave up while the source was away: {}",
+            i + 1,
+            r.stderr_text()
+        );
+    }
+    send = start(&mut bed, 0, &send_args(&src, 1..=2), &scratch.0);
+    let chunks = bytes.div_ceil(128 << 10);
+    for (i, r) in recvs.iter().enumerate() {
+        let done = r
+            .wait_event("complete", 90.0)
+            .unwrap_or_else(|| panic!("d{} did not complete: {}", i + 1, r.stderr_text()));
+        let received = done["received_chunks"].as_u64().unwrap();
+        eprintln!("d{} received {received} of {chunks} chunks", i + 1);
+        assert_eq!(received, chunks, "d{}: a chunk was fetched twice", i + 1);
+    }
+    let st = send
+        .wait_exit(&mut bed, 30.0)
+        .expect("the restarted source exits");
+    assert!(st.success(), "{}", send.stderr_text());
+    for i in 1..=2 {
+        assert_eq!(std::fs::read(out(i)).unwrap(), std::fs::read(&src).unwrap());
+    }
+}
+
+#[test]
+fn corrupt_chunks_are_rejected_refetched_and_their_sender_cut_off() {
+    if !root_or_skip("corrupt_chunks_are_rejected_refetched_and_their_sender_cut_off") {
+        return;
+    }
+    // Ring plus star: d1 flips a bit in everything it serves. Its ring neighbours d2 and d4
+    // must reject those chunks, stop pulling from d1, and get them elsewhere.
+    let scratch = Scratch::new("corrupt");
+    let src = scratch.0.join("src");
+    write_test_file(&src, 8 * MIB, 6).unwrap();
+    let topo = floodclone_tests::shipped("ring-plus-star");
+    let mut bed = Testbed::up(&topo).unwrap();
+    let out = |i: usize| scratch.0.join(format!("d{i}.out"));
+    let send = start(&mut bed, 0, &send_args(&src, 1..=4), &scratch.0);
+    let recvs: Vec<_> = (1..=4)
+        .map(|i| {
+            let extra: &[&str] = if i == 1 {
+                &["--corrupt-served-chunks"]
+            } else {
+                &[]
+            };
+            start(&mut bed, i, &recv_args(0, &out(i), extra), &scratch.0)
+        })
+        .collect();
+    for (i, r) in recvs.iter().enumerate() {
+        assert!(
+            r.wait_event("complete", 90.0).is_some(),
+            "d{} did not complete: {}",
+            i + 1,
+            r.stderr_text()
+        );
+    }
+    assert!(send.wait_exit(&mut bed, 30.0).is_some_and(|s| s.success()));
+    for i in 1..=4 {
+        assert_eq!(
+            std::fs::read(out(i)).unwrap(),
+            std::fs::read(&src).unwrap(),
+            "d{i}"
+        );
+    }
+    let logs: String = [1, 3].iter().map(|&k| recvs[k].stderr_text()).collect();
+    eprintln!("{logs}");
+    assert!(logs.contains("failed verification"), "no rejection logged");
+    assert!(
+        logs.contains("not pulling from it again"),
+        "d1 was not cut off"
+    );
+}
+
+/// A tmpfs mounted for the test's lifetime.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: std::path::PathBuf, size: &str) -> Self {
+        std::fs::create_dir_all(&dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "fc-test",
+                dir.to_str().unwrap(),
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs");
+        Self(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn full_disk_and_unwritable_path_fail_that_destination_only() {
+    if !root_or_skip("full_disk_and_unwritable_path_fail_that_destination_only") {
+        return;
+    }
+    let scratch = Scratch::new("disk");
+    let src = scratch.0.join("src");
+    write_test_file(&src, 4 * MIB, 7).unwrap();
+    let disk = SmallDisk::mount(scratch.0.join("small"), "1m");
+    let topo = Topology::parse(
+        "star3",
+        r#"node = [{name="s",role="source"},{name="d1",role="dest"},{name="d2",role="dest"},
+                   {name="d3",role="dest"}]
+           link = [{a="s",b="d1",mbit=40},{a="s",b="d2",mbit=40},{a="s",b="d3",mbit=40}]"#,
+    )
+    .unwrap();
+    let mut bed = Testbed::up(&topo).unwrap();
+    let full = disk.0.join("d1.out");
+    let unwritable = std::path::PathBuf::from("/dev/null/d2.out");
+    let fine = scratch.0.join("d3.out");
+    let send = start(&mut bed, 0, &send_args(&src, 1..=3), &scratch.0);
+    let recvs: Vec<_> = [(1, &full), (2, &unwritable), (3, &fine)]
+        .iter()
+        .map(|&(i, o)| start(&mut bed, i, &recv_args(0, o, &[]), &scratch.0))
+        .collect();
+    for (r, what) in recvs[..2].iter().zip(["No space left", "Not a directory"]) {
+        let st = r
+            .wait_exit(&mut bed, 30.0)
+            .expect("a failing destination exits");
+        let err = r.stderr_text();
+        eprintln!("{err}");
+        assert!(!st.success());
+        assert!(err.contains(what), "expected {what:?} in: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+    assert!(!full.exists(), "a partial file at the final path");
+    assert!(
+        recvs[2].wait_event("complete", 30.0).is_some(),
+        "d3 completes"
+    );
+    assert_eq!(std::fs::read(&fine).unwrap(), std::fs::read(&src).unwrap());
+    let st = send.wait_exit(&mut bed, 30.0).expect("send exits");
+    assert!(!st.success());
+    assert!(
+        send.stderr_text().contains("2 of 3 destinations failed"),
+        "{}",
+        send.stderr_text()
+    );
 }

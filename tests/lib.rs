@@ -150,3 +150,24 @@ impl Drop for Scratch {
         }
     }
 }
+
+/// A chain of `names` (the first is the source), every link at `mbit` both ways.
+pub fn line(names: &[&str], mbit: u32) -> xtask::topology::Topology {
+    let nodes: Vec<String> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let role = if i == 0 { "source" } else { "dest" };
+            format!(r#"{{name="{n}",role="{role}"}}"#)
+        })
+        .collect();
+    let links: Vec<String> = names
+        .windows(2)
+        .map(|w| format!(r#"{{a="{}",b="{}",mbit={mbit}}}"#, w[0], w[1]))
+        .collect();
+    xtask::topology::Topology::parse(
+        "line",
+        &format!("node = [{}]\nlink = [{}]", nodes.join(","), links.join(",")),
+    )
+    .unwrap()
+}

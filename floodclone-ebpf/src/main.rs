@@ -13,6 +13,7 @@ use aya_ebpf::{
     maps::{LruHashMap, LruPerCpuHashMap},
     programs::TcContext,
 };
+use aya_log_ebpf::debug;
 use floodclone_common::{
     LinkCounters, LinkKey, SpinKey, SpinState, DIR_EGRESS, DIR_INGRESS, LINK_MAP_ENTRIES,
     SPIN_MAP_ENTRIES,
@@ -102,6 +103,13 @@ fn account(ctx: &TcContext, direction: u8) -> Result<(), i64> {
             (*c).ttl = ttl;
         },
         None => {
+            // Once per peer, interface and direction (until the LRU evicts it): rare enough
+            // to log, and it tells the daemon's log when traffic with a new peer began.
+            if direction == DIR_EGRESS {
+                debug!(ctx, target: "floodclone_ebpf", "first packet to {:i} on ifindex {}", u32::from_be(peer), ifindex);
+            } else {
+                debug!(ctx, target: "floodclone_ebpf", "first packet from {:i} on ifindex {} (ttl {})", u32::from_be(peer), ifindex, ttl);
+            }
             let c = LinkCounters {
                 bytes: wire_bytes,
                 packets: segs,

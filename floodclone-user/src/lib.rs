@@ -12,6 +12,7 @@ pub mod linkstats;
 pub mod manifest;
 pub mod meter;
 pub mod node;
+pub mod progress;
 pub mod sched;
 pub mod stats;
 pub mod storage;

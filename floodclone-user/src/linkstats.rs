@@ -208,8 +208,53 @@ pub fn sweep_dead_instances(root: &Path) {
 /// detaches them and removes the pins.
 pub struct LinkStats {
     ebpf: Ebpf,
-    pin_dir: PathBuf,
+    /// None when the maps could not be pinned (no bpffs and no right to mount one): the
+    /// daemon still measures, only `floodclone stats` cannot read it from outside.
+    pin_dir: Option<PathBuf>,
     interfaces: Vec<(u32, String)>,
+    /// Forwards the programs' log lines into `tracing` (target `floodclone_ebpf`).
+    _log_drain: Option<LogDrain>,
+}
+
+/// A thread that waits on the programs' log ring buffer and hands each record to the `log`
+/// facade, which `tracing` subscribes to. Stopped and joined on drop, so its descriptor
+/// does not outlive the programs.
+struct LogDrain {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LogDrain {
+    fn start(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> Self {
+        use std::{os::fd::AsRawFd, sync::atomic::Ordering};
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                let mut pfd = libc::pollfd {
+                    fd: logger.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd; a timeout so the stop flag is seen.
+                unsafe { libc::poll(&mut pfd, 1, 200) };
+                logger.flush();
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for LogDrain {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl LinkStats {
@@ -224,6 +269,14 @@ impl LinkStats {
                 LinkStatsError::Load(format!("{e:#}"))
             }
         })?;
+        // Before the programs load: they reference the log ring buffer.
+        let log_drain = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(LogDrain::start(logger)),
+            Err(e) => {
+                tracing::debug!("eBPF log lines unavailable: {e}");
+                None
+            }
+        };
         let interfaces = non_loopback_interfaces();
         for (prog_name, attach_type) in [
             ("floodclone_egress", TcAttachType::Egress),
@@ -249,32 +302,44 @@ impl LinkStats {
                     })?;
             }
         }
-        ensure_bpffs(Path::new(PIN_ROOT))?;
-        sweep_dead_instances(Path::new(PIN_ROOT));
-        fs::create_dir_all(&pin_dir)?;
         for name in [LINK_MAP_NAME, SPIN_MAP_NAME] {
-            let map = ebpf
-                .map(name)
+            ebpf.map(name)
                 .ok_or_else(|| LinkStatsError::Load(format!("map {name} missing")))?;
-            map.pin(pin_dir.join(name))
-                .map_err(|e| LinkStatsError::Pin {
-                    path: pin_dir.clone(),
-                    reason: e.to_string(),
-                })?;
+        }
+        let pinned = Self::pin(&ebpf, &pin_dir);
+        if let Err(e) = &pinned {
+            let _ = fs::remove_dir_all(&pin_dir);
+            tracing::warn!("link stats are measured but not published for `floodclone stats`: {e}");
         }
         Ok(Self {
             ebpf,
-            pin_dir,
+            pin_dir: pinned.ok().map(|_| pin_dir),
             interfaces,
+            _log_drain: log_drain,
         })
+    }
+
+    fn pin(ebpf: &Ebpf, pin_dir: &Path) -> Result<(), LinkStatsError> {
+        ensure_bpffs(Path::new(PIN_ROOT))?;
+        sweep_dead_instances(Path::new(PIN_ROOT));
+        fs::create_dir_all(pin_dir)?;
+        for name in [LINK_MAP_NAME, SPIN_MAP_NAME] {
+            let map = ebpf.map(name).expect("checked above");
+            map.pin(pin_dir.join(name))
+                .map_err(|e| LinkStatsError::Pin {
+                    path: pin_dir.into(),
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(())
     }
 
     pub fn interfaces(&self) -> &[(u32, String)] {
         &self.interfaces
     }
 
-    pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
     }
 
     pub fn snapshot(&self) -> Result<Snapshot, LinkStatsError> {
@@ -286,8 +351,9 @@ impl LinkStats {
 
 impl Drop for LinkStats {
     fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.pin_dir);
-        if let Some(parent) = self.pin_dir.parent() {
+        let Some(pin_dir) = &self.pin_dir else { return };
+        let _ = fs::remove_dir_all(pin_dir);
+        if let Some(parent) = pin_dir.parent() {
             let _ = fs::remove_dir(parent); // only succeeds when no other instance is left
         }
     }

@@ -47,6 +47,9 @@ struct NodeArgs {
     /// One JSON object per line on stdout instead of human-readable lines on stderr.
     #[arg(long)]
     json: bool,
+    /// Testing only: flip a bit in every chunk this node serves (peers must detect it).
+    #[arg(long, hide = true)]
+    corrupt_served_chunks: bool,
 }
 
 #[derive(Subcommand)]
@@ -131,7 +134,7 @@ fn attach_link_stats() -> SharedLinkStats {
     std::thread::spawn(move || {
         match LinkStats::attach() {
         Ok(s) => {
-            tracing::debug!(pins = %s.pin_dir().display(), "link stats attached");
+            tracing::debug!(pins = ?s.pin_dir(), "link stats attached");
             *slot.lock().unwrap() = Some(s);
         }
         Err(e) => eprintln!(
@@ -179,7 +182,7 @@ fn run(cli: Cli) -> Result<()> {
             node: n,
         } => {
             let stats = attach_link_stats();
-            let output = Output { json: n.json };
+            let output = Output::new(n.json);
             let cfg = SendConfig {
                 common: Common {
                     port: n.port,
@@ -187,6 +190,7 @@ fn run(cli: Cli) -> Result<()> {
                     output: output.clone(),
                     chunk_bytes: chunk_size,
                     link_stats: stats.clone(),
+                    corrupt_served: n.corrupt_served_chunks,
                 },
                 dests: dests
                     .into_iter()
@@ -243,9 +247,10 @@ fn run(cli: Cli) -> Result<()> {
                 common: Common {
                     port: n.port,
                     token: n.token,
-                    output: Output { json: n.json },
+                    output: Output::new(n.json),
                     chunk_bytes: DEFAULT_CHUNK_BYTES,
                     link_stats: stats.clone(),
+                    corrupt_served: n.corrupt_served_chunks,
                 },
                 source: SocketAddrV4::new(source.0, source.1.unwrap_or(n.port)),
                 out,

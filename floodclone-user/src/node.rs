@@ -25,6 +25,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::{
     discovery::{self, Kernel},
     manifest::{ChunkId, Manifest},
+    progress::{self, DestProgress, FeederRates, RateTracker},
     sched::{Action, Arrival, FreshServer, Puller, SchedConfig},
     storage::{ChunkStore, StorageError},
     transport::{self, Control, TransportError, CLOSE_DONE, CLOSE_NOT_MEMBER, CLOSE_PROTOCOL},
@@ -57,18 +58,68 @@ pub enum NodeError {
     Other(String),
 }
 
-/// How events are shown: JSON lines on stdout, or plain lines on stderr.
+/// How events are shown: JSON lines on stdout, or plain lines on stderr, with progress
+/// redrawn in place when stderr is a terminal.
 #[derive(Clone)]
 pub struct Output {
     pub json: bool,
+    /// At a terminal: how many progress lines are drawn (to redraw them in place).
+    live: Option<Arc<Mutex<usize>>>,
 }
 
 impl Output {
+    pub fn new(json: bool) -> Self {
+        use std::io::IsTerminal;
+        Self {
+            json,
+            live: (!json && std::io::stderr().is_terminal()).then(Default::default),
+        }
+    }
+
+    /// Progress redraws in place (a terminal) rather than printing plain lines.
+    pub fn is_live(&self) -> bool {
+        self.live.is_some()
+    }
+
     pub fn event(&self, value: serde_json::Value, plain: impl FnOnce() -> String) {
         if self.json {
             println!("{value}");
         } else {
+            self.clear_progress();
             eprintln!("{}", plain());
+        }
+    }
+
+    /// A `progress` event: the JSON object, or `lines` drawn over the previous ones.
+    pub fn progress(&self, value: serde_json::Value, lines: &[String]) {
+        if self.json {
+            println!("{value}");
+            return;
+        }
+        let mut text = String::new();
+        if let Some(drawn) = &self.live {
+            let mut drawn = drawn.lock().unwrap();
+            if *drawn > 0 {
+                // To the start of the first drawn line, then clear to the end of screen.
+                text.push_str(&format!("\x1b[{}F", *drawn));
+            }
+            text.push_str("\x1b[J");
+            *drawn = lines.len();
+        }
+        for l in lines {
+            text.push_str(l);
+            text.push('\n');
+        }
+        eprint!("{text}");
+    }
+
+    fn clear_progress(&self) {
+        if let Some(drawn) = &self.live {
+            let mut drawn = drawn.lock().unwrap();
+            if *drawn > 0 {
+                eprint!("\x1b[{}F\x1b[J", *drawn);
+                *drawn = 0;
+            }
         }
     }
 }
@@ -83,6 +134,8 @@ pub struct Common {
     pub output: Output,
     pub chunk_bytes: u32,
     pub link_stats: SharedLinkStats,
+    /// Testing only: flip a bit in every chunk served, so peers must reject them.
+    pub corrupt_served: bool,
 }
 
 pub struct SendConfig {
@@ -162,11 +215,14 @@ enum Event {
         error: TransportError,
     },
     Finalized(Result<PathBuf, StorageError>),
+    /// Storing a verified chunk failed: a local problem (disk), not the peer's fault.
+    StoreFailed(StorageError),
 }
 
 /// State shared with connection tasks.
 struct Shared {
     token: String,
+    corrupt_served: bool,
     store: OnceLock<Arc<ChunkStore>>,
     /// Source only: set once the file is hashed.
     fresh: OnceLock<Mutex<FreshServer>>,
@@ -179,10 +235,14 @@ struct Shared {
 impl Shared {
     /// Shared state and the core's event receiver; `announce_capacity` bounds how far a
     /// connection may lag behind the announcements.
-    fn new(token: &str, announce_capacity: usize) -> (Arc<Self>, mpsc::UnboundedReceiver<Event>) {
+    fn new(
+        common: &Common,
+        announce_capacity: usize,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<Event>) {
         let (events, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Self {
-            token: token.to_string(),
+            token: common.token.clone(),
+            corrupt_served: common.corrupt_served,
             store: OnceLock::new(),
             fresh: OnceLock::new(),
             announce: broadcast::channel(announce_capacity).0,
@@ -231,9 +291,11 @@ fn spawn_dial(
     deadline: Option<Instant>,
 ) {
     tokio::spawn(async move {
-        // Short first attempts: peers start in any order and a missing one never answers.
-        let mut patience = Duration::from_millis(250);
-        let wait = Duration::from_millis(50);
+        // Short first attempts, doubling: peers start in any order, a packet sent before
+        // the peer was up is simply lost, and on a LAN the handshake takes a millisecond.
+        // A far peer costs a few quick failures once.
+        let mut patience = Duration::from_millis(50);
+        let wait = Duration::from_millis(20);
         let started = Instant::now();
         let mut reported = false;
         loop {
@@ -325,13 +387,18 @@ async fn connection_task(
                 let Some(store) = shared.store.get() else {
                     continue;
                 };
-                let data = match store.read_chunk(c) {
+                let mut data = match store.read_chunk(c) {
                     Ok(d) => d,
                     Err(_) => {
                         let _ = tx.send(Msg::DontHave { chunk: c });
                         continue;
                     }
                 };
+                if shared.corrupt_served {
+                    if let Some(b) = data.last_mut() {
+                        *b ^= 1;
+                    }
+                }
                 let Ok(mut s) = conn.open_uni().await else {
                     break;
                 };
@@ -384,8 +451,8 @@ async fn connection_task(
                         Ok(data) => match store.write_chunk(chunk, &data) {
                             Ok(ok) => ok,
                             Err(e) => {
-                                tracing::error!("{e}");
-                                false
+                                let _ = shared.events.send(Event::StoreFailed(e));
+                                return;
                             }
                         },
                         // Too long counts as corrupt; a reset stream as merely lost.
@@ -603,7 +670,7 @@ impl Core {
 pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
     // Destinations announce every chunk they receive and fetch; a lagging connection
     // catches up with a whole Bitfield.
-    let (shared, mut events) = Shared::new(&cfg.common.token, 1 << 14);
+    let (shared, mut events) = Shared::new(&cfg.common, 1 << 14);
     let ep = transport::endpoint(cfg.common.port)?;
     spawn_acceptor(ep.clone(), shared.clone());
     let kernel = Kernel::open()?;
@@ -628,7 +695,11 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
     let mut relay = true;
     // Members whose process is gone (their kernel may still forward): the members behind
     // them become our neighbours until they are back.
+    let mut rate = RateTracker::default();
+    let mut feeders = FeederRates::default();
     let mut dead: HashSet<u16> = HashSet::new();
+    // Members that sent chunks failing verification: never pulled from again.
+    let mut banned: HashSet<u16> = HashSet::new();
     let mut resumed_chunks = 0u32;
     let mut members: Vec<Member> = Vec::new();
     let mut puller: Option<Puller> = None;
@@ -665,6 +736,11 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                     if !store.is_complete() && ticks.is_multiple_of(5) {
                         if let Err(e) = store.save_state() { break Err(e.into()); }
                     }
+                    // Progress each second where it is cheap to look at, every 5 s in logs.
+                    let every = if core.out.json || core.out.is_live() { 5 } else { 25 };
+                    if ticks.is_multiple_of(every) {
+                        report_progress(&mut core, store, &mut rate, &mut feeders);
+                    }
                 }
                 // Complete, and the source is gone for good: nothing left to serve for.
                 if complete.is_some() && source_lost_at.is_some_and(|t| t.elapsed() > Duration::from_secs(10)) {
@@ -692,6 +768,12 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                 if dialed && peer == Some(SOURCE_ID) {
                     source_key = Some(key);
                     source_lost_at = None;
+                    // A restarted source must hear again that we are done.
+                    if let Some(elapsed) = complete {
+                        let _ = tx.send(Msg::Done {
+                            elapsed_ms: (elapsed * 1000.0) as u64,
+                        });
+                    }
                 }
                 core.conns.insert(key, info);
                 if let (true, Some(p)) = (dialed, peer) {
@@ -806,13 +888,21 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                 };
                 pl.chunk_done(p, chunk, ok, now);
                 if ok {
+                    if let Some(store) = shared.store.get() {
+                        feeders.received(p, store.manifest().chunk_range(chunk).1 as u64);
+                    }
+                }
+                if ok {
                     let _ = shared.announce.send(Announce::Have(chunk));
                 } else if pl.bad_chunks(p) >= 3 {
                     tracing::warn!(
                         peer = p,
-                        "disconnecting: {} chunks failed verification",
+                        "disconnecting: {} chunks failed verification; not pulling from it again",
                         pl.bad_chunks(p)
                     );
+                    pl.remove_peer(p);
+                    banned.insert(p);
+                    need_rediscover = true;
                     if let Some(c) = core.conns.get(&key) {
                         c.conn.close(
                             VarInt::from_u32(transport::CLOSE_BAD_DATA),
@@ -827,6 +917,7 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                     );
                 }
             }
+            Event::StoreFailed(e) => break Err(e.into()),
             Event::Finalized(res) => {
                 let path = match res {
                     Ok(p) => p,
@@ -888,7 +979,7 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                             hello,
                             None,
                         );
-                    } else if neighbours.contains(&p) {
+                    } else if neighbours.contains(&p) && !banned.contains(&p) {
                         if reason.contains("timed out") || reason.contains("reset") {
                             tracing::warn!(member = p, "neighbour vanished; routing around it");
                             dead.insert(p);
@@ -938,6 +1029,7 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                 me,
                 relay,
                 &dead,
+                &banned,
                 &members,
                 &mut neighbours,
                 &mut puller,
@@ -1006,6 +1098,46 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
 }
 
 /// Peak resident memory of this process, in bytes.
+/// Starts the transfer: every joined member learns the member list and the file.
+fn welcome_all(
+    core: &Core,
+    control: &HashMap<u16, ConnKey>,
+    members: &[Member],
+    welcome: &impl Fn(u16, &[Member]) -> Msg,
+    chunks: u32,
+) {
+    for (&id, &k) in control {
+        core.send(k, welcome(id, members));
+        core.send(
+            k,
+            Msg::Bitfield {
+                bits: ChunkSet::full(chunks).to_bytes(),
+            },
+        );
+    }
+}
+
+/// A destination's `progress` event / lines.
+fn report_progress(
+    core: &mut Core,
+    store: &ChunkStore,
+    rate: &mut RateTracker,
+    feeders: &mut FeederRates,
+) {
+    let now = core.now();
+    let have = store.have();
+    let total = store.manifest().size;
+    let done = (have.count() as u64 * store.manifest().chunk_bytes as u64).min(total);
+    let bps = rate.update(done, now);
+    let from = feeders.take(now);
+    let value = json!({"event": "progress", "elapsed_s": now, "bytes": done, "total_bytes": total,
+                       "rate_bps": bps, "eta_s": progress::eta_s(total - done, bps),
+                       "from": from.iter().map(|(m, b)| json!({"member": m, "rate_bps": b})).collect::<Vec<_>>(),
+                       "tx_bytes_by_iface": core.tx_bytes_by_iface()});
+    core.out
+        .progress(value, &progress::dest_lines(done, total, bps, &from));
+}
+
 pub fn peak_rss_bytes() -> u64 {
     // SAFETY: getrusage fills the struct it is given.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
@@ -1033,6 +1165,7 @@ async fn rediscover(
     me: u16,
     relay: bool,
     dead: &HashSet<u16>,
+    banned: &HashSet<u16>,
     members: &[Member],
     neighbours: &mut Vec<u16>,
     puller: &mut Option<Puller>,
@@ -1057,11 +1190,12 @@ async fn rediscover(
             },
         );
     }
-    let next = if relay {
+    let mut next = if relay {
         discovery::data_neighbours(me, &views)
     } else {
         vec![SOURCE_ID]
     };
+    next.retain(|n| !banned.contains(n));
     for &gone in neighbours.iter().filter(|n| !next.contains(n)) {
         if let Some(pl) = puller.as_mut() {
             pl.remove_peer(gone);
@@ -1123,7 +1257,7 @@ fn view_json(v: &RouteView) -> serde_json::Value {
 /// `floodclone send`: serves the file until every destination holds a verified copy.
 pub async fn run_send(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
     // The source holds everything: it never announces.
-    let (shared, mut events) = Shared::new(&cfg.common.token, 16);
+    let (shared, mut events) = Shared::new(&cfg.common, 16);
     // Listen first: destinations may join while the file is being hashed.
     let ep = transport::endpoint(cfg.common.port)?;
     spawn_acceptor(ep.clone(), shared.clone());
@@ -1175,6 +1309,7 @@ pub async fn run_send(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
     let mut finishing: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut source_ticks = 0u64;
+    let mut dest_rates: HashMap<u16, RateTracker> = HashMap::new();
     loop {
         let event = tokio::select! {
             ev = events.recv() => match ev { Some(ev) => ev, None => break },
@@ -1183,13 +1318,42 @@ pub async fn run_send(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
                 if source_ticks.is_multiple_of(5) {
                     core.measure();
                 }
+                let every = if core.out.json || core.out.is_live() { 10 } else { 50 };
+                if started && finishing.is_none() && source_ticks.is_multiple_of(every) {
+                    let now = core.now();
+                    let total = manifest.size;
+                    let dests: Vec<DestProgress> = members[1..]
+                        .iter()
+                        .map(|m| {
+                            let held = control
+                                .get(&m.id)
+                                .and_then(|k| core.peer_have.get(k))
+                                .map_or(0, |set| set.count() as u64 * manifest.chunk_bytes as u64)
+                                .min(total);
+                            let (bytes, state) = if done.contains_key(&m.id) {
+                                (total, "done")
+                            } else if failed.contains_key(&m.id) {
+                                (held, "failed")
+                            } else if m.joined {
+                                (held, "receiving")
+                            } else {
+                                (held, "joining")
+                            };
+                            let rate_bps = dest_rates.entry(m.id).or_default().update(bytes, now);
+                            DestProgress { member: m.id, addr: m.addr.to_string(), bytes, rate_bps, state }
+                        })
+                        .collect();
+                    let tx = core.tx_bytes_by_iface();
+                    core.out.progress(
+                        json!({"event": "progress", "elapsed_s": now, "total_bytes": total, "destinations": dests,
+                               "tx_bytes_by_iface": tx}),
+                        &progress::source_lines(total, now, &dests),
+                    );
+                }
                 let joined = members.iter().filter(|m| m.joined).count();
-                if !started && joined > 1 && (joined == members.len() || core.start.elapsed() >= cfg.join_grace) {
+                if !started && joined > 1 && core.start.elapsed() >= cfg.join_grace {
                     started = true;
-                    for (&id, &k) in &control {
-                        core.send(k, welcome(id, &members));
-                        core.send(k, Msg::Bitfield { bits: ChunkSet::full(manifest.chunk_count()).to_bytes() });
-                    }
+                    welcome_all(&core, &control, &members, &welcome, manifest.chunk_count());
                 }
                 if let Some(t) = finishing {
                     if core.conns.is_empty() || t.elapsed() > Duration::from_secs(3) { break; }
@@ -1263,6 +1427,11 @@ pub async fn run_send(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
                             }
                         }
                     }
+                    // Everyone is here: start now rather than at the next tick.
+                    if !started && members.iter().all(|m| m.joined) {
+                        started = true;
+                        welcome_all(&core, &control, &members, &welcome, manifest.chunk_count());
+                    }
                 }
                 Msg::Bitfield { .. } | Msg::Have { .. } => {
                     let new = core.note_peer_have(key, &msg);
@@ -1332,7 +1501,8 @@ pub async fn run_send(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
             Event::ChunkDone { .. }
             | Event::DialFailed { .. }
             | Event::Unreachable { .. }
-            | Event::Finalized(_) => {}
+            | Event::Finalized(_)
+            | Event::StoreFailed(_) => {}
         }
     }
     let tx_bytes_by_iface = core.tx_bytes_by_iface();

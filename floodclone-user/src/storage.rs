@@ -39,6 +39,12 @@ pub enum StorageError {
     FileHashMismatch,
     #[error("chunk {0} is not held")]
     NotHeld(ChunkId),
+    #[error("no room for {bytes} bytes at {path}: {source}; free space or choose another --out")]
+    NoRoom {
+        path: PathBuf,
+        bytes: u64,
+        source: std::io::Error,
+    },
 }
 
 /// Paths of a destination's temporary files for output `out`.
@@ -52,6 +58,25 @@ pub fn state_path(out: &Path) -> PathBuf {
     let mut p = out.as_os_str().to_owned();
     p.push(".floodclone-state");
     p.into()
+}
+
+/// Reserves the file's blocks up front, so a full disk is a clear error at the start, not a
+/// failed write halfway through. Filesystems that cannot reserve are left to fail later.
+fn reserve(file: &File, bytes: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if bytes == 0 {
+        return Ok(());
+    }
+    // SAFETY: a valid open descriptor; fallocate does not touch our memory.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, bytes as libc::off_t) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
+        _ => Err(err),
+    }
 }
 
 /// A node's chunk store, shared by its connection tasks.
@@ -101,6 +126,11 @@ impl ChunkStore {
             .open(&part)
             .map_err(create_err)?;
         file.set_len(manifest.size).map_err(create_err)?;
+        reserve(&file, manifest.size).map_err(|source| StorageError::NoRoom {
+            path: part.clone(),
+            bytes: manifest.size,
+            source,
+        })?;
         let mut have = ChunkSet::new(manifest.chunk_count());
         if let Some(claimed) = resumable {
             let mut buf = Vec::new();

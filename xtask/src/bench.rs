@@ -44,6 +44,7 @@ pub fn bench(
     runs: usize,
     baseline_runs: usize,
     jsonl: &mut impl Write,
+    pictures: &Path,
 ) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
     for topo in topos {
@@ -55,7 +56,9 @@ pub fn bench(
         direct_opts.send_args.push("--direct".into());
         for i in 0..runs.max(baseline_runs) {
             if i < runs {
-                let r = run_transfer(topo, bin, &opts)?;
+                let mut o = opts.clone();
+                o.picture = Some(pictures.join(format!("{}-run{}.svg", topo.name, i + 1)));
+                let r = run_transfer(topo, bin, &o)?;
                 eprint!("[{} run {}] {}", topo.name, i + 1, render(&r));
                 writeln!(
                     jsonl,

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod bound;
 pub mod build;
+pub mod picture;
 pub mod run;
 pub mod setup;
 pub mod sim;

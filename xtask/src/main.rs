@@ -345,11 +345,22 @@ fn main() -> Result<()> {
             if let Some(c) = chunk_size {
                 opts.send_args = vec!["--chunk-size".into(), c.to_string()];
             }
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs();
+            opts.picture = Some(
+                workspace_root()
+                    .join("results")
+                    .join(format!("run-{}-{stamp}.svg", topo.name)),
+            );
             let report = xtask::run::run_transfer(&topo, &bin, &opts)?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
                 print!("{}", xtask::run::render(&report));
+                if let Some(p) = &report.picture {
+                    println!("picture: {}", p.display());
+                }
             }
             xtask::run::check(&report)?;
         }
@@ -387,15 +398,25 @@ fn main() -> Result<()> {
                 .as_secs();
             let jsonl_path = dir.join(format!("bench-{stamp}.jsonl"));
             let mut jsonl = std::fs::File::create(&jsonl_path)?;
-            let rows = xtask::bench::bench(&topos, &bin, size, runs, baseline_runs, &mut jsonl)?;
+            let pictures = dir.join(format!("bench-{stamp}"));
+            let rows = xtask::bench::bench(
+                &topos,
+                &bin,
+                size,
+                runs,
+                baseline_runs,
+                &mut jsonl,
+                &pictures,
+            )?;
             let table = xtask::bench::table(&rows);
             let md_path = dir.join(format!("bench-{stamp}.md"));
             std::fs::write(&md_path, &table)?;
             println!("{table}");
             println!(
-                "runs: {}\ntable: {}",
+                "runs: {}\ntable: {}\npictures: {}/",
                 jsonl_path.display(),
-                md_path.display()
+                md_path.display(),
+                pictures.display()
             );
         }
         Cmd::BenchOverhead { secs } => {

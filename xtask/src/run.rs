@@ -29,6 +29,8 @@ pub struct RunOptions {
     /// Give up after this long (default: 10 x U_min + 60 s).
     pub timeout: Option<Duration>,
     pub quiet: bool,
+    /// Write a picture of the run (SVG) here.
+    pub picture: Option<PathBuf>,
 }
 
 impl RunOptions {
@@ -39,6 +41,7 @@ impl RunOptions {
             recv_args: Vec::new(),
             timeout: None,
             quiet: false,
+            picture: None,
         }
     }
 }
@@ -69,6 +72,8 @@ pub struct RunReport {
     /// Copies of the file each member sent over each link direction (from -> to), from
     /// the in-kernel counters (wire bytes / file bytes, so ~1.05 is one copy plus headers).
     pub link_copies: Vec<(String, String, f64)>,
+    /// Where the picture of the run was written.
+    pub picture: Option<PathBuf>,
 }
 
 /// Fills `path` with `bytes` of reproducible pseudo-random data.
@@ -188,7 +193,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
             }
         }
         while let Ok((who, line)) = rx.try_recv() {
-            seen[who].note(&line);
+            seen[who].note(&line, started.elapsed().as_secs_f64());
         }
         send_status = bed.child(sh).try_wait()?;
         std::thread::sleep(Duration::from_millis(10));
@@ -201,7 +206,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         }
     }
     while let Ok((who, line)) = rx.recv_timeout(Duration::from_millis(100)) {
-        seen[who].note(&line);
+        seen[who].note(&line, started.elapsed().as_secs_f64());
     }
     let send_exit_ok = send_status.is_some_and(|s| s.success());
     bed.down();
@@ -234,7 +239,39 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         }
     }
     drop(cleanup);
+    let picture = match &opts.picture {
+        Some(path) => {
+            let name_of = |n: &str| topo.nodes.iter().position(|x| x.name == n);
+            let mut tx = Vec::new();
+            for (u, ev) in seen.iter().enumerate() {
+                for (iface, samples) in &ev.tx_timeline {
+                    if let Some(v) = iface.strip_prefix("v-").and_then(name_of) {
+                        tx.push(((u, v), samples.clone()));
+                    }
+                }
+            }
+            tx.sort_by_key(|x| x.0);
+            let svg = crate::picture::render(&crate::picture::Timeline {
+                topo,
+                bytes: opts.bytes,
+                u_min_s: floor.u_min_s,
+                u_s: u,
+                progress: dests
+                    .iter()
+                    .map(|&d| (d, seen[d].progress.clone()))
+                    .collect(),
+                tx,
+            });
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
+            Some(path.clone())
+        }
+        None => None,
+    };
     Ok(RunReport {
+        picture,
         topology: topo.name.clone(),
         bytes: opts.bytes,
         dests: outcomes,
@@ -275,17 +312,40 @@ struct NodeEvents {
     duplicates: Option<u64>,
     peak_rss_bytes: Option<u64>,
     tx_bytes_by_iface: Vec<(String, u64)>,
+    /// (t, bytes held), from progress events, t on the run's clock.
+    progress: Vec<(f64, u64)>,
+    /// Per interface: (t, bytes sent so far).
+    tx_timeline: std::collections::BTreeMap<String, Vec<(f64, u64)>>,
 }
 
 impl NodeEvents {
-    fn note(&mut self, line: &str) {
+    /// Notes one JSON line received at `t` seconds into the run.
+    fn note(&mut self, line: &str, t: f64) {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             return;
         };
+        if let Some(m) = v["tx_bytes_by_iface"].as_object() {
+            for (iface, b) in m {
+                if let Some(b) = b.as_u64() {
+                    self.tx_timeline
+                        .entry(iface.clone())
+                        .or_default()
+                        .push((t, b));
+                }
+            }
+        }
         match v["event"].as_str() {
+            Some("progress") => {
+                if let Some(b) = v["bytes"].as_u64() {
+                    self.progress.push((t, b));
+                }
+            }
             Some("complete") => {
                 self.elapsed_s = v["elapsed_s"].as_f64();
                 self.duplicates = v["duplicates"].as_u64();
+                if let Some(b) = v["bytes"].as_u64() {
+                    self.progress.push((t, b));
+                }
             }
             Some("swarm_done") => {
                 self.peak_rss_bytes = v["peak_rss_bytes"].as_u64();

@@ -1,0 +1,128 @@
+//! Many transfers in a row leave nothing behind: no namespace, pinned map, status file,
+//! loaded program, process or file descriptor. Its own test binary, so that no other test
+//! runs alongside and the machine-wide counts below are this test's alone.
+
+use std::path::Path;
+
+use floodclone_tests::{floodclone_bin, root_or_skip};
+use xtask::{run::RunOptions, topology::Topology};
+
+/// Entries two levels down (`<netns>/<pid>`) under `root`.
+fn instances(root: &str) -> usize {
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|ns| std::fs::read_dir(ns.path()).map_or(0, |d| d.count()))
+        .sum()
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Running processes whose executable is `bin`.
+fn processes_of(bin: &Path) -> usize {
+    let bin = bin.canonicalize().unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name().to_string_lossy().parse::<u32>().is_ok()
+                && std::fs::read_link(e.path().join("exe")).is_ok_and(|exe| exe == bin)
+        })
+        .count()
+}
+
+/// BPF programs loaded machine-wide whose name is one of ours (None: bpftool missing).
+fn our_programs() -> Option<usize> {
+    let out = std::process::Command::new("bpftool")
+        .args(["prog", "list"])
+        .output()
+        .ok()?;
+    Some(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("floodclone_"))
+            .count(),
+    )
+}
+
+#[test]
+fn fifty_transfers_leave_nothing_behind() {
+    if !root_or_skip("fifty_transfers_leave_nothing_behind") {
+        return;
+    }
+    let topo = floodclone_tests::line(&["s", "d1", "d2"], 40);
+    let bin = floodclone_bin();
+    let mut opts = RunOptions::new(256 << 10);
+    opts.quiet = true;
+    let once = || {
+        let r = xtask::run::run_transfer(&topo, &bin, &opts).unwrap();
+        xtask::run::check(&r).unwrap();
+    };
+    // One run first: whatever is created once per test process (thread pools, the built
+    // binary's lookup) is not a leak.
+    once();
+    let (fds, pins, status) = (
+        open_fds(),
+        instances(floodclone::linkstats::PIN_ROOT),
+        instances(floodclone::stats::STATUS_ROOT),
+    );
+    let prefix = format!("{}{}-", xtask::testbed::NETNS_PREFIX, std::process::id());
+    for _ in 0..50 {
+        once();
+    }
+    let left: Vec<String> = xtask::testbed::list_namespaces()
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    assert!(left.is_empty(), "namespaces left: {left:?}");
+    assert_eq!(processes_of(&bin), 0, "floodclone processes still running");
+    // Leftovers of processes killed by earlier tests may be swept meanwhile: fewer is fine.
+    let (pins_now, status_now) = (
+        instances(floodclone::linkstats::PIN_ROOT),
+        instances(floodclone::stats::STATUS_ROOT),
+    );
+    assert!(
+        pins_now <= pins,
+        "pinned map directories grew: {pins} -> {pins_now}"
+    );
+    assert!(
+        status_now <= status,
+        "status files grew: {status} -> {status_now}"
+    );
+    match our_programs() {
+        Some(n) => assert_eq!(n, 0, "floodclone BPF programs still loaded"),
+        None => eprintln!("bpftool not found: loaded programs not checked"),
+    }
+    let now = open_fds();
+    assert!(now <= fds + 2, "file descriptors grew from {fds} to {now}");
+}
+
+#[test]
+fn thirty_destinations_on_one_testbed_complete() {
+    if !root_or_skip("thirty_destinations_on_one_testbed_complete") {
+        return;
+    }
+    // A two-level tree: S feeds 5 destinations at 20 Mbit/s, each of which feeds 5 more at
+    // 10 Mbit/s: 30 destinations, 31 QUIC endpoints on the machine's cores.
+    let mut nodes = vec![r#"{name="s",role="source"}"#.to_string()];
+    let mut links = Vec::new();
+    for i in 1..=30 {
+        nodes.push(format!(r#"{{name="d{i}",role="dest"}}"#));
+        let (parent, mbit) = if i <= 5 {
+            ("s".to_string(), 20)
+        } else {
+            (format!("d{}", (i - 6) / 5 + 1), 10)
+        };
+        links.push(format!(r#"{{a="{parent}",b="d{i}",mbit={mbit}}}"#));
+    }
+    let topo = Topology::parse(
+        "thirty",
+        &format!("node = [{}]\nlink = [{}]", nodes.join(","), links.join(",")),
+    )
+    .unwrap();
+    let report = floodclone_tests::transfer(&topo, &RunOptions::new(4 << 20));
+    assert_eq!(report.dests.len(), 30);
+}
