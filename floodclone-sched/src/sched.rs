@@ -584,7 +584,16 @@ impl Puller {
             .filter(|&c| !self.have.contains(c) && !self.flights.contains_key(&c))
             .filter(|&c| !left_to_nearer(c) && !held_elsewhere(c))
             .filter(|&c| !designated_elsewhere(c))
-            .map(|c| (self.holders[c as usize], tie_rank(salt, c), c))
+            .map(|c| {
+                // A chunk a neighbour is fetching will soon be held there: count it, so
+                // that what enters a group of nodes from outside is not the same twice.
+                let soon = self
+                    .peers
+                    .values()
+                    .filter(|q| q.coming.get(&c).is_some_and(|&t| now - t < COMING_TTL_S))
+                    .count() as u16;
+                (self.holders[c as usize] + soon, tie_rank(salt, c), c)
+            })
             .collect();
         if cands.len() > k {
             cands.select_nth_unstable(k);
