@@ -439,3 +439,81 @@ fn full_disk_and_unwritable_path_fail_that_destination_only() {
         send.stderr_text()
     );
 }
+
+#[test]
+fn intruders_are_refused_and_a_malformed_message_closes_one_connection() {
+    if !root_or_skip("intruders_are_refused_and_a_malformed_message_closes_one_connection") {
+        return;
+    }
+    use floodclone::transport::{self, TransportError, CLOSE_PROTOCOL};
+    use std::net::{SocketAddr, SocketAddrV4};
+    let scratch = Scratch::new("intruder");
+    let src = scratch.0.join("src");
+    write_test_file(&src, 16 * MIB, 8).unwrap();
+    let mut bed = Testbed::up(&line(&["s", "d1", "d2"], 40)).unwrap();
+    let out = |i: usize| scratch.0.join(format!("d{i}.out"));
+    let send = start(&mut bed, 0, &send_args(&src, 1..=2), &scratch.0);
+    let recvs: Vec<_> = (1..=2)
+        .map(|i| start(&mut bed, i, &recv_args(0, &out(i), &[]), &scratch.0))
+        .collect();
+    assert!(
+        recvs[1].wait_event("welcome", 30.0).is_some(),
+        "the swarm started"
+    );
+    // From d2's namespace, mid-transfer: one stranger with a wrong token, one holder of the
+    // token who sends garbage, both at the source's port.
+    let source = SocketAddr::V4(SocketAddrV4::new(addr(0), 7878));
+    let (stranger, garbler) = bed
+        .in_netns(2, move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let ep = transport::endpoint(0).unwrap();
+                let patience = std::time::Duration::from_secs(2);
+                let conn = transport::dial(&ep, source, patience).await.unwrap();
+                let stranger = match transport::authenticate_dialer(&conn, "wrong").await {
+                    Ok(_) => "admitted".to_string(),
+                    Err(e @ (TransportError::BadToken | TransportError::Refused)) => e.to_string(),
+                    Err(e) => format!("unexpected: {e}"),
+                };
+                let conn = transport::dial(&ep, source, patience).await.unwrap();
+                let mut ctl = transport::authenticate_dialer(&conn, "t").await.unwrap();
+                // A frame of one byte whose message tag does not exist.
+                ctl.send.write_all(&[0, 0, 0, 1, 0xff]).await.unwrap();
+                let closed = tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed())
+                    .await
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|_| "still open".into());
+                let code = match conn.close_reason() {
+                    Some(quinn::ConnectionError::ApplicationClosed(c)) => Some(c.error_code),
+                    _ => None,
+                };
+                ep.close(0u32.into(), b"");
+                (stranger, (closed, code))
+            })
+        })
+        .join()
+        .unwrap();
+    eprintln!("stranger: {stranger}; garbler: {garbler:?}");
+    assert_ne!(stranger, "admitted", "a wrong token got in");
+    assert!(!stranger.starts_with("unexpected"), "{stranger}");
+    assert_eq!(
+        garbler.1,
+        Some(quinn::VarInt::from_u32(CLOSE_PROTOCOL)),
+        "{garbler:?}"
+    );
+    for (i, r) in recvs.iter().enumerate() {
+        assert!(
+            r.wait_event("complete", 60.0).is_some(),
+            "d{} did not complete: {}",
+            i + 1,
+            r.stderr_text()
+        );
+    }
+    assert!(send.wait_exit(&mut bed, 30.0).is_some_and(|s| s.success()));
+    for i in 1..=2 {
+        assert_eq!(std::fs::read(out(i)).unwrap(), std::fs::read(&src).unwrap());
+    }
+}
