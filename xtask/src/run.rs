@@ -178,6 +178,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
     let mut events = topo.events.clone().into_iter().peekable();
     let mut seen = vec![NodeEvents::default(); topo.nodes.len()];
     let mut send_status = None;
+    let mut last_live = Instant::now();
     while send_status.is_none() && started.elapsed() < timeout {
         while let Some(e) = events.next_if(|e| started.elapsed().as_secs_f64() >= e.at_s) {
             bed.apply(e.link, &e.action)?;
@@ -194,6 +195,27 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         }
         while let Ok((who, line)) = rx.try_recv() {
             seen[who].note(&line, started.elapsed().as_secs_f64());
+        }
+        // Live: each destination's share every second, from its progress events.
+        if !opts.quiet && last_live.elapsed() >= Duration::from_secs(1) {
+            last_live = Instant::now();
+            let shares: Vec<String> = dests
+                .iter()
+                .map(|&d| {
+                    let held = seen[d].progress.last().map_or(0, |p| p.1);
+                    let pct = if opts.bytes == 0 {
+                        100.0
+                    } else {
+                        held as f64 * 100.0 / opts.bytes as f64
+                    };
+                    format!("{} {pct:3.0}%", topo.nodes[d].name)
+                })
+                .collect();
+            eprintln!(
+                "  t={:5.1}s  {}",
+                started.elapsed().as_secs_f64(),
+                shares.join("  ")
+            );
         }
         send_status = bed.child(sh).try_wait()?;
         std::thread::sleep(Duration::from_millis(10));
