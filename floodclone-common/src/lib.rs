@@ -68,7 +68,9 @@ pub struct SpinKey {
 pub struct SpinState {
     /// Last spin value seen (0 or 1); 0xff before the first packet.
     pub last_spin: u8,
-    pub _pad: [u8; 7],
+    /// 1 once the first edge was seen: the period it ends is partial and not sampled.
+    pub first_edge_seen: u8,
+    pub _pad: [u8; 6],
     /// Time of the last edge.
     pub edge_ns: u64,
     /// Interval between the last two edges: the latest RTT sample.

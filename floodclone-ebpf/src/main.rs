@@ -163,8 +163,14 @@ fn track_spin(
         Some(s) => unsafe {
             (*s).packets += 1;
             if (*s).last_spin != spin {
-                if (*s).edge_ns != 0 {
-                    let interval = now - (*s).edge_ns;
+                let interval = now - (*s).edge_ns;
+                // A flip far sooner than a round trip is reordering (an older packet with
+                // the previous value), not an edge: keep the last real edge as reference,
+                // so it neither shortens this sample nor the next one.
+                let spurious = (*s).srtt_ns != 0 && interval < (*s).srtt_ns / 8;
+                // The first edge after the flow appears ends a partial period: it only
+                // starts the clock.
+                if (*s).edge_ns != 0 && (*s).first_edge_seen != 0 && !spurious {
                     (*s).last_interval_ns = interval;
                     if (*s).min_interval_ns == 0 || interval < (*s).min_interval_ns {
                         (*s).min_interval_ns = interval;
@@ -176,7 +182,12 @@ fn track_spin(
                         (*s).srtt_ns - (*s).srtt_ns / 8 + interval / 8
                     };
                 }
-                (*s).edge_ns = now;
+                if !spurious {
+                    if (*s).edge_ns != 0 {
+                        (*s).first_edge_seen = 1;
+                    }
+                    (*s).edge_ns = now;
+                }
                 (*s).last_spin = spin;
             }
         },
