@@ -1,7 +1,7 @@
 //! Faults and bad input on the testbed: wrong tokens, an output that cannot be written, a
 //! relay killed mid-transfer and restarted.
 
-use floodclone_tests::{addr, line, root_or_skip, start, Scratch};
+use floodclone_tests::{addr, assert_copies, line, root_or_skip, start, Scratch};
 use xtask::{
     run::write_test_file,
     testbed::Testbed,
@@ -136,11 +136,8 @@ fn unwritable_output_fails_that_destination_only() {
         b"precious",
         "existing output untouched"
     );
-    assert!(
-        recvs[1].wait_event("complete", 30.0).is_some(),
-        "d2 completes"
-    );
-    assert_eq!(std::fs::read(&fine).unwrap(), std::fs::read(&src).unwrap());
+    recvs[1].expect_complete("d2", 30.0);
+    assert_copies(&src, [fine.clone()]);
     let st = send.wait_exit(&mut bed, 30.0).expect("send exits");
     assert!(!st.success(), "send reports the failed destination");
     assert!(
@@ -187,19 +184,11 @@ fn killed_relay_is_routed_around_and_resumes_without_refetching() {
     let _ = bed.child(recvs[0].handle).wait();
     // Its kernel still forwards: d2 and d3 must complete through it.
     for (i, r) in recvs.iter().enumerate().skip(1) {
-        let done = r.wait_event("complete", 90.0);
-        assert!(
-            done.is_some(),
-            "d{} did not complete: {}",
-            i + 1,
-            r.stderr_text()
-        );
+        r.expect_complete(&format!("d{}", i + 1), 90.0);
     }
     // Restarted, d1 resumes and fetches only what it lacked.
     recvs[0] = start(&mut bed, 1, &recv_args(1), &scratch.0);
-    let done = recvs[0]
-        .wait_event("complete", 90.0)
-        .expect("restarted d1 completes");
+    let done = recvs[0].expect_complete("restarted d1", 90.0);
     let chunks = bytes.div_ceil(128 << 10);
     let resumed = done["resumed_chunks"].as_u64().unwrap();
     let received = done["received_chunks"].as_u64().unwrap();
@@ -211,13 +200,7 @@ fn killed_relay_is_routed_around_and_resumes_without_refetching() {
         "re-fetched chunks it had verified"
     );
     assert!(send.wait_exit(&mut bed, 30.0).is_some_and(|s| s.success()));
-    for i in 1..=3 {
-        assert_eq!(
-            std::fs::read(out(i)).unwrap(),
-            std::fs::read(&src).unwrap(),
-            "d{i}"
-        );
-    }
+    assert_copies(&src, (1..=3).map(out));
 }
 
 fn recv_args(source: usize, out: &std::path::Path, extra: &[&str]) -> Vec<String> {
@@ -297,9 +280,7 @@ fn source_killed_and_restarted_destinations_keep_what_they_have() {
     send = start(&mut bed, 0, &send_args(&src, 1..=2), &scratch.0);
     let chunks = bytes.div_ceil(128 << 10);
     for (i, r) in recvs.iter().enumerate() {
-        let done = r
-            .wait_event("complete", 90.0)
-            .unwrap_or_else(|| panic!("d{} did not complete: {}", i + 1, r.stderr_text()));
+        let done = r.expect_complete(&format!("d{}", i + 1), 90.0);
         let received = done["received_chunks"].as_u64().unwrap();
         eprintln!("d{} received {received} of {chunks} chunks", i + 1);
         assert_eq!(received, chunks, "d{}: a chunk was fetched twice", i + 1);
@@ -308,9 +289,7 @@ fn source_killed_and_restarted_destinations_keep_what_they_have() {
         .wait_exit(&mut bed, 30.0)
         .expect("the restarted source exits");
     assert!(st.success(), "{}", send.stderr_text());
-    for i in 1..=2 {
-        assert_eq!(std::fs::read(out(i)).unwrap(), std::fs::read(&src).unwrap());
-    }
+    assert_copies(&src, (1..=2).map(out));
 }
 
 #[test]
@@ -338,21 +317,10 @@ fn corrupt_chunks_are_rejected_refetched_and_their_sender_cut_off() {
         })
         .collect();
     for (i, r) in recvs.iter().enumerate() {
-        assert!(
-            r.wait_event("complete", 90.0).is_some(),
-            "d{} did not complete: {}",
-            i + 1,
-            r.stderr_text()
-        );
+        r.expect_complete(&format!("d{}", i + 1), 90.0);
     }
     assert!(send.wait_exit(&mut bed, 30.0).is_some_and(|s| s.success()));
-    for i in 1..=4 {
-        assert_eq!(
-            std::fs::read(out(i)).unwrap(),
-            std::fs::read(&src).unwrap(),
-            "d{i}"
-        );
-    }
+    assert_copies(&src, (1..=4).map(out));
     let logs: String = [1, 3].iter().map(|&k| recvs[k].stderr_text()).collect();
     eprintln!("{logs}");
     assert!(logs.contains("failed verification"), "no rejection logged");
@@ -426,11 +394,8 @@ fn full_disk_and_unwritable_path_fail_that_destination_only() {
         assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     }
     assert!(!full.exists(), "a partial file at the final path");
-    assert!(
-        recvs[2].wait_event("complete", 30.0).is_some(),
-        "d3 completes"
-    );
-    assert_eq!(std::fs::read(&fine).unwrap(), std::fs::read(&src).unwrap());
+    recvs[2].expect_complete("d3", 30.0);
+    assert_copies(&src, [fine.clone()]);
     let st = send.wait_exit(&mut bed, 30.0).expect("send exits");
     assert!(!st.success());
     assert!(
@@ -505,15 +470,8 @@ fn intruders_are_refused_and_a_malformed_message_closes_one_connection() {
         "{garbler:?}"
     );
     for (i, r) in recvs.iter().enumerate() {
-        assert!(
-            r.wait_event("complete", 60.0).is_some(),
-            "d{} did not complete: {}",
-            i + 1,
-            r.stderr_text()
-        );
+        r.expect_complete(&format!("d{}", i + 1), 60.0);
     }
     assert!(send.wait_exit(&mut bed, 30.0).is_some_and(|s| s.success()));
-    for i in 1..=2 {
-        assert_eq!(std::fs::read(out(i)).unwrap(), std::fs::read(&src).unwrap());
-    }
+    assert_copies(&src, (1..=2).map(out));
 }

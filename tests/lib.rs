@@ -128,6 +128,24 @@ impl NodeProc {
     pub fn stderr_text(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
+
+    /// Waits up to `secs` for the `complete` event; fails naming `who`, with its stderr.
+    pub fn expect_complete(&self, who: &str, secs: f64) -> serde_json::Value {
+        self.wait_event("complete", secs)
+            .unwrap_or_else(|| panic!("{who} did not complete: {}", self.stderr_text()))
+    }
+}
+
+/// Fails unless every file in `outs` holds exactly the bytes of `src`.
+pub fn assert_copies(src: &std::path::Path, outs: impl IntoIterator<Item = PathBuf>) {
+    let want = std::fs::read(src).unwrap();
+    for out in outs {
+        assert!(
+            std::fs::read(&out).unwrap() == want,
+            "{} differs from the source",
+            out.display()
+        );
+    }
 }
 
 /// A scratch directory removed when dropped.

@@ -505,12 +505,24 @@ impl Puller {
     }
 
     /// Up to `k` chunks `peer` holds that are neither held nor in flight, rarest first
-    /// (ties: in an order of this node's own, see [`SchedConfig::tie_salt`]). Chunks a
+    /// (ties: in an order of this node's own, see [`SchedConfig::member`]). Chunks a
     /// strictly nearer neighbour holds or is fetching are left to it.
     /// Also returns the chunks held back because another node is designated to fetch
     /// them from afar.
     fn rarest_candidates(&self, peer: PeerId, k: usize, now: f64) -> (Vec<ChunkId>, Vec<ChunkId>) {
         let p = &self.peers[&peer];
+        // How far the source is, when it is reached through routers.
+        let source_hops = self
+            .peers
+            .values()
+            .find(|q| q.is_source)
+            .and_then(|q| q.hops)
+            .filter(|&h| h > 1);
+        // A neighbour farther than such a source: its path likely runs through the
+        // source's links, which the source would better fill with fresh chunks.
+        if !p.is_source && p.hops.is_some_and(|h| source_hops.is_some_and(|sh| h > sh)) {
+            return (Vec::new(), Vec::new());
+        }
         let nearer_ids: Vec<PeerId> = match p.hops {
             Some(h) => self
                 .peers
@@ -552,8 +564,7 @@ impl Puller {
         // (A source on a link of our own costs nobody else: use it freely.)
         // Only neighbours no farther than the source count: a farther one is likely reached
         // through the source's own links.
-        let source_hops = p.hops.filter(|_| p.is_source);
-        let spare_the_source = source_hops.is_some_and(|h| h > 1);
+        let spare_the_source = p.is_source && source_hops.is_some();
         let held_elsewhere = |c: ChunkId| {
             spare_the_source
                 && self.peers.iter().any(|(&id, q)| {
@@ -562,21 +573,6 @@ impl Puller {
                         && q.hops.is_none_or(|qh| Some(qh) <= source_hops)
                 })
         };
-        // A neighbour farther than a source reached through routers: its path likely runs
-        // through the source's links, which the source would better fill with fresh chunks.
-        if !p.is_source {
-            let src_hops = self
-                .peers
-                .values()
-                .find(|q| q.is_source)
-                .and_then(|q| q.hops)
-                .filter(|&h| h > 1);
-            if let (Some(sh), Some(h)) = (src_hops, p.hops) {
-                if h > sh {
-                    return (Vec::new(), Vec::new());
-                }
-            }
-        }
         let salt = me as u64;
         let mut cands: Vec<(u16, u32, ChunkId)> = p
             .have

@@ -76,6 +76,12 @@ impl Manifest {
         self.chunk_hashes.len() as u32
     }
 
+    /// Bytes held by a node holding `chunks` chunks (exact unless the short last chunk is
+    /// among them; for progress reports).
+    pub fn bytes_in(&self, chunks: u32) -> u64 {
+        (chunks as u64 * self.chunk_bytes as u64).min(self.size)
+    }
+
     /// Byte offset and length of chunk `c`.
     pub fn chunk_range(&self, c: ChunkId) -> (u64, usize) {
         let off = c as u64 * self.chunk_bytes as u64;

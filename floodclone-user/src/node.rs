@@ -99,11 +99,7 @@ impl Output {
         let mut text = String::new();
         if let Some(drawn) = &self.live {
             let mut drawn = drawn.lock().unwrap();
-            if *drawn > 0 {
-                // To the start of the first drawn line, then clear to the end of screen.
-                text.push_str(&format!("\x1b[{}F", *drawn));
-            }
-            text.push_str("\x1b[J");
+            text.push_str(&erase_lines(*drawn));
             *drawn = lines.len();
         }
         for l in lines {
@@ -117,10 +113,20 @@ impl Output {
         if let Some(drawn) = &self.live {
             let mut drawn = drawn.lock().unwrap();
             if *drawn > 0 {
-                eprint!("\x1b[{}F\x1b[J", *drawn);
+                eprint!("{}", erase_lines(*drawn));
                 *drawn = 0;
             }
         }
+    }
+}
+
+/// Terminal codes that move to the start of the `n` lines drawn last and clear from there
+/// to the end of the screen.
+fn erase_lines(n: usize) -> String {
+    if n > 0 {
+        format!("\x1b[{n}F\x1b[J")
+    } else {
+        "\x1b[J".to_string()
     }
 }
 
@@ -587,9 +593,9 @@ impl Core {
         }
     }
 
-    /// Bytes sent per interface so far, from the in-kernel counters (empty without them).
-    fn tx_bytes_by_iface(&mut self) -> serde_json::Value {
-        self.measure();
+    /// Bytes sent per interface as of the last [`Self::measure`], from the in-kernel
+    /// counters (empty without them).
+    fn tx_bytes_by_iface(&self) -> serde_json::Value {
         let mut by: std::collections::BTreeMap<String, u64> = Default::default();
         for m in self.meters.links.values() {
             *by.entry(crate::linkstats::interface_name(m.ifindex))
@@ -739,7 +745,7 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                     // Progress each second where it is cheap to look at, every 5 s in logs.
                     let every = if core.out.json || core.out.is_live() { 5 } else { 25 };
                     if ticks.is_multiple_of(every) {
-                        report_progress(&mut core, store, &mut rate, &mut feeders);
+                        report_progress(&core, store, &mut rate, &mut feeders);
                     }
                 }
                 // Complete, and the source is gone for good: nothing left to serve for.
@@ -891,8 +897,6 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                     if let Some(store) = shared.store.get() {
                         feeders.received(p, store.manifest().chunk_range(chunk).1 as u64);
                     }
-                }
-                if ok {
                     let _ = shared.announce.send(Announce::Have(chunk));
                 } else if pl.bad_chunks(p) >= 3 {
                     tracing::warn!(
@@ -1082,10 +1086,12 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
     }
     ep.close(VarInt::from_u32(CLOSE_DONE), b"done");
     let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
+    // Last reading before the status file goes (measuring publishes it again).
+    core.measure();
+    let tx = core.tx_bytes_by_iface();
     crate::stats::remove_status();
     match result {
         Ok(()) => {
-            let tx = core.tx_bytes_by_iface();
             core.out.event(
                 json!({"event": "swarm_done", "peak_rss_bytes": peak_rss_bytes(),
                        "tx_bytes_by_iface": tx}),
@@ -1097,7 +1103,6 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
     }
 }
 
-/// Peak resident memory of this process, in bytes.
 /// Starts the transfer: every joined member learns the member list and the file.
 fn welcome_all(
     core: &Core,
@@ -1119,7 +1124,7 @@ fn welcome_all(
 
 /// A destination's `progress` event / lines.
 fn report_progress(
-    core: &mut Core,
+    core: &Core,
     store: &ChunkStore,
     rate: &mut RateTracker,
     feeders: &mut FeederRates,
@@ -1127,7 +1132,7 @@ fn report_progress(
     let now = core.now();
     let have = store.have();
     let total = store.manifest().size;
-    let done = (have.count() as u64 * store.manifest().chunk_bytes as u64).min(total);
+    let done = store.manifest().bytes_in(have.count());
     let bps = rate.update(done, now);
     let from = feeders.take(now);
     let value = json!({"event": "progress", "elapsed_s": now, "bytes": done, "total_bytes": total,
@@ -1138,6 +1143,7 @@ fn report_progress(
         .progress(value, &progress::dest_lines(done, total, bps, &from));
 }
 
+/// Peak resident memory of this process, in bytes.
 pub fn peak_rss_bytes() -> u64 {
     // SAFETY: getrusage fills the struct it is given.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
@@ -1328,8 +1334,7 @@ pub async fn run_send(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
                             let held = control
                                 .get(&m.id)
                                 .and_then(|k| core.peer_have.get(k))
-                                .map_or(0, |set| set.count() as u64 * manifest.chunk_bytes as u64)
-                                .min(total);
+                                .map_or(0, |set| manifest.bytes_in(set.count()));
                             let (bytes, state) = if done.contains_key(&m.id) {
                                 (total, "done")
                             } else if failed.contains_key(&m.id) {
@@ -1343,10 +1348,9 @@ pub async fn run_send(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
                             DestProgress { member: m.id, addr: m.addr.to_string(), bytes, rate_bps, state }
                         })
                         .collect();
-                    let tx = core.tx_bytes_by_iface();
                     core.out.progress(
                         json!({"event": "progress", "elapsed_s": now, "total_bytes": total, "destinations": dests,
-                               "tx_bytes_by_iface": tx}),
+                               "tx_bytes_by_iface": core.tx_bytes_by_iface()}),
                         &progress::source_lines(total, now, &dests),
                     );
                 }
@@ -1505,6 +1509,7 @@ pub async fn run_send(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
             | Event::StoreFailed(_) => {}
         }
     }
+    core.measure();
     let tx_bytes_by_iface = core.tx_bytes_by_iface();
     ep.close(VarInt::from_u32(CLOSE_DONE), b"done");
     let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;

@@ -128,9 +128,14 @@ fn intervals(topo: &Topology) -> Vec<(f64, Rates)> {
 
 /// maxflow(S -> d) in bit/s with the initial rates.
 pub fn max_flow_bps(topo: &Topology, dest: usize) -> f64 {
+    max_flow_at(topo, &intervals(topo)[0].1, dest)
+}
+
+/// maxflow(S -> d) in bit/s with the given rates.
+fn max_flow_at(topo: &Topology, rates: &Rates, dest: usize) -> f64 {
     let mut net = FlowNetwork::new(topo.nodes.len());
-    for (u, v, c) in &intervals(topo)[0].1 {
-        net.add_edge(*u, *v, *c);
+    for &(u, v, c) in rates {
+        net.add_edge(u, v, c);
     }
     net.max_flow(topo.source(), dest)
 }
@@ -201,18 +206,7 @@ pub fn u_min_s(topo: &Topology, bits: f64) -> Option<f64> {
     let dests = topo.destinations();
     let mf: Vec<Vec<f64>> = ivs
         .iter()
-        .map(|(_, rates)| {
-            dests
-                .iter()
-                .map(|&d| {
-                    let mut net = FlowNetwork::new(topo.nodes.len());
-                    for &(u, v, c) in rates {
-                        net.add_edge(u, v, c);
-                    }
-                    net.max_flow(topo.source(), d)
-                })
-                .collect()
-        })
+        .map(|(_, rates)| dests.iter().map(|&d| max_flow_at(topo, rates, d)).collect())
         .collect();
     if ivs.len() == 1 {
         let worst = mf[0].iter().copied().fold(f64::INFINITY, f64::min);

@@ -386,7 +386,6 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
         active_on_link: &mut active_on_link,
         caps: &mut caps,
         chunk_bits,
-        started: 0,
     };
     while let Some((now, ev)) = q.pop() {
         if now > opts.horizon_s || remaining == 0 {
@@ -423,12 +422,12 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
                 let from_member = nodes[from].member.expect("member");
                 match msg {
                     Msg::Request(list) => {
-                        let pipe = nodes[to].pipes_out_to(from);
+                        let pipe = nodes[to].pipes_out[&from];
                         sim.enqueue(pipe, &list, now, &mut q);
                     }
                     Msg::RequestFresh(count) => {
                         let picks = fresh.pick(count.min(1024));
-                        let pipe = nodes[to].pipes_out_to(from);
+                        let pipe = nodes[to].pipes_out[&from];
                         sim.enqueue(pipe, &picks, now, &mut q);
                         let lat = sim.pipes[pipe].latency;
                         q.push(
@@ -441,7 +440,7 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
                         );
                     }
                     Msg::Cancel(c) => {
-                        let pipe = nodes[to].pipes_out_to(from);
+                        let pipe = nodes[to].pipes_out[&from];
                         sim.pipes[pipe].queue.retain(|&x| x != c);
                     }
                     other => {
@@ -559,7 +558,7 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
         .iter()
         .map(|(_, t)| *t)
         .try_fold(0.0f64, |acc, t| t.map(|t| acc.max(t)));
-    let started_total = sim.started;
+    let started_total: u64 = pipes.iter().map(|p| p.started).sum();
     let mut per_dirlink = vec![0u64; topo.links.len() * 2];
     for p in pipes.iter() {
         for &l in &p.path {
@@ -596,12 +595,6 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
     })
 }
 
-impl SimNode {
-    fn pipes_out_to(&self, to: usize) -> usize {
-        self.pipes_out[&to]
-    }
-}
-
 /// Sends `msg` to every node that pulls from `from` (they dialed it; the daemon broadcasts
 /// announcements on every connection, and only pullers act on them).
 fn announce(nodes: &[SimNode], pipes: &[Pipe], from: usize, msg: Msg, now: f64, q: &mut Queue) {
@@ -625,8 +618,6 @@ struct Sim<'a> {
     active_on_link: &'a mut [usize],
     caps: &'a mut [f64],
     chunk_bits: f64,
-    /// Chunk transmissions started.
-    started: u64,
 }
 
 impl Sim<'_> {
@@ -647,7 +638,6 @@ impl Sim<'_> {
                 p.head = Some(c);
                 p.remaining_bits = self.chunk_bits;
                 p.updated = now;
-                self.started += 1;
                 p.started += 1;
                 if std::env::var_os("FC_SIM_TRACE").is_some() {
                     eprintln!(
@@ -699,20 +689,17 @@ impl Sim<'_> {
     /// Max-min fair rates for the active pipes connected to `start` through shared links
     /// (progressive filling), then re-times their transmissions.
     fn reshare(&mut self, start: usize, now: f64, q: &mut Queue) {
-        // The component: active pipes reachable through shared link directions.
-        let mut comp: Vec<usize> = Vec::new();
+        // The component: active pipes reachable through shared link directions, starting
+        // from `start` (which may just have gone idle: its links are then freed).
+        let mut active: Vec<usize> = Vec::new();
         let mut seen_pipe: HashSet<usize> = HashSet::new();
         let mut links: Vec<usize> = Vec::new();
         let mut seen_link: HashSet<usize> = HashSet::new();
         let mut stack = vec![start];
         seen_pipe.insert(start);
         while let Some(p) = stack.pop() {
-            if self.pipes[p].head.is_some() || p == start {
-                comp.push(p);
-            }
-            // An idle pipe's links matter only when it is the one that just went idle.
-            if self.pipes[p].head.is_none() && p != start {
-                continue;
+            if self.pipes[p].head.is_some() {
+                active.push(p);
             }
             for &l in &self.pipes[p].path {
                 if seen_link.insert(l) {
@@ -725,10 +712,6 @@ impl Sim<'_> {
                 }
             }
         }
-        let active: Vec<usize> = comp
-            .into_iter()
-            .filter(|&p| self.pipes[p].head.is_some())
-            .collect();
         for &p in &active {
             let pp = &mut self.pipes[p];
             if pp.rate > 0.0 {
