@@ -27,6 +27,10 @@ pub const CLOSE_AUTH: u32 = 1;
 pub const CLOSE_PROTOCOL: u32 = 2;
 pub const CLOSE_NOT_MEMBER: u32 = 3;
 pub const CLOSE_BAD_DATA: u32 = 4;
+/// Send priority of the control stream: above every chunk stream, so requests, grants and
+/// announcements never wait behind the chunk data queued on the same connection (quinn
+/// sends a lower priority stream only when all higher ones are idle).
+pub const CONTROL_PRIORITY: i32 = i32::MAX;
 
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-floodclone-token-v1";
 
@@ -288,6 +292,7 @@ pub async fn authenticate_dialer(
         .open_bi()
         .await
         .map_err(|e| TransportError::Lost(e.to_string()))?;
+    let _ = send.set_priority(CONTROL_PRIORITY);
     let mut ctl = Control {
         send,
         recv: ControlRecv {
@@ -321,6 +326,7 @@ pub async fn authenticate_acceptor(
         .await
         .map_err(|_| TransportError::Lost("no control stream within 5 s".into()))?
         .map_err(|e| TransportError::Lost(e.to_string()))?;
+    let _ = send.set_priority(CONTROL_PRIORITY);
     let mut ctl = Control {
         send,
         recv: ControlRecv {
