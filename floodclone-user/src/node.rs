@@ -376,7 +376,7 @@ async fn connection_task(
     });
 
     // Serving: a FIFO of requested chunks, sent one stream each with falling priority so
-    // the wire carries them in request order.
+    // the wire carries them in request order (all below the control stream's).
     let (queue_tx, mut queue_rx) = mpsc::unbounded_channel::<ChunkId>();
     let cancelled: Arc<Mutex<HashSet<ChunkId>>> = Arc::default();
     let sender = {
@@ -408,7 +408,7 @@ async fn connection_task(
                 let Ok(mut s) = conn.open_uni().await else {
                     break;
                 };
-                let _ = s.set_priority(i32::MAX - seq);
+                let _ = s.set_priority(transport::CONTROL_PRIORITY - 1 - seq);
                 seq = seq.wrapping_add(1).max(0);
                 let conn = conn.clone();
                 // Write in the background so the next chunk's stream opens at once.
@@ -893,6 +893,7 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                     continue;
                 };
                 pl.chunk_done(p, chunk, ok, now);
+                tracing::trace!(target: "floodclone::chunks", peer = p, chunk, ok, "chunk arrived");
                 if ok {
                     if let Some(store) = shared.store.get() {
                         feeders.received(p, store.manifest().chunk_range(chunk).1 as u64);
@@ -1062,6 +1063,7 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
             for action in pl.poll(now) {
                 let (peer, msg) = match action {
                     Action::Request { peer, chunks } => {
+                        tracing::trace!(target: "floodclone::chunks", peer, ?chunks, "requested");
                         let _ = shared.announce.send(Announce::Fetching(chunks.clone()));
                         (peer, Msg::Request { chunks })
                     }
@@ -1268,9 +1270,15 @@ pub async fn run_send(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
     let ep = transport::endpoint(cfg.common.port)?;
     spawn_acceptor(ep.clone(), shared.clone());
     let (file, chunk_bytes) = (cfg.file.clone(), cfg.common.chunk_bytes);
+    let hashing = Instant::now();
     let manifest = tokio::task::spawn_blocking(move || Manifest::from_file(&file, chunk_bytes))
         .await
         .map_err(|e| NodeError::Other(e.to_string()))??;
+    tracing::debug!(
+        chunks = manifest.chunk_count(),
+        ms = hashing.elapsed().as_millis() as u64,
+        "file hashed"
+    );
     let _ = shared
         .store
         .set(Arc::new(ChunkStore::source(&cfg.file, manifest.clone())?));

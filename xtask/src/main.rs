@@ -57,6 +57,10 @@ enum Cmd {
         /// Chunk size for `floodclone send` (default: floodclone's).
         #[arg(long, value_parser = parse_size)]
         chunk_size: Option<u64>,
+        /// Keep every node's log here as `<node>.log` (their level: RUST_LOG, e.g.
+        /// `floodclone::chunks=trace` for every chunk requested and received).
+        #[arg(long)]
+        logs: Option<PathBuf>,
     },
     /// Every topology on the real testbed, several runs each, against the floor and the
     /// direct baseline; prints a markdown table and writes JSON lines and the table under
@@ -324,6 +328,7 @@ fn main() -> Result<()> {
             size,
             json,
             chunk_size,
+            logs,
         } => {
             if !testbed::is_root() {
                 bail!("`cargo xtask run` builds network namespaces and loads eBPF: run it as root");
@@ -342,6 +347,7 @@ fn main() -> Result<()> {
                 xtask::run::member_count(&topo)
             );
             let mut opts = xtask::run::RunOptions::new(size);
+            opts.logs = logs;
             if let Some(c) = chunk_size {
                 opts.send_args = vec!["--chunk-size".into(), c.to_string()];
             }

@@ -31,6 +31,8 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Write a picture of the run (SVG) here.
     pub picture: Option<PathBuf>,
+    /// Keep every node's log (stderr) in this directory, as `<node>.log`.
+    pub logs: Option<PathBuf>,
 }
 
 impl RunOptions {
@@ -42,6 +44,7 @@ impl RunOptions {
             timeout: None,
             quiet: false,
             picture: None,
+            logs: None,
         }
     }
 }
@@ -126,6 +129,27 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let cleanup = ScratchDir(work.clone());
+    let log_dir = opts.logs.clone().unwrap_or_else(|| work.clone());
+    std::fs::create_dir_all(&log_dir)
+        .with_context(|| format!("creating the log directory {}", log_dir.display()))?;
+    let log_file = |name: &str| std::fs::File::create(log_dir.join(format!("{name}.log")));
+    // With `opts.logs`, every node's JSON events too, each after the harness clock.
+    let mut event_logs: Vec<Option<std::fs::File>> = Vec::new();
+    for n in &topo.nodes {
+        event_logs.push(match &opts.logs {
+            Some(dir) => Some(std::fs::File::create(
+                dir.join(format!("{}.events", n.name)),
+            )?),
+            None => None,
+        });
+    }
+    let mut note = |seen: &mut Vec<NodeEvents>, who: usize, line: &str, t: f64| {
+        if let Some(f) = event_logs[who].as_mut() {
+            use std::io::Write;
+            let _ = writeln!(f, "{t:.3} {line}");
+        }
+        seen[who].note(line, t);
+    };
     let src = work.join("source.bin");
     write_test_file(&src, opts.bytes, 0x5eed ^ opts.bytes)?;
     let want = file_hash(&src).context("hashing the source file")?;
@@ -150,9 +174,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
             .arg(out_path(d))
             .args(&opts.recv_args)
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(
-                work.join(format!("{}.err", topo.nodes[d].name)),
-            )?);
+            .stderr(log_file(&topo.nodes[d].name)?);
         let h = bed.spawn(cmd)?;
         pipe_lines(bed.child(h), d, tx.clone());
         recv_handles.push((d, h));
@@ -167,7 +189,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         )
         .args(&opts.send_args)
         .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(work.join("source.err"))?);
+        .stderr(log_file(&topo.nodes[s].name)?);
     let started = Instant::now();
     let sh = bed.spawn(cmd)?;
     pipe_lines(bed.child(sh), s, tx);
@@ -194,7 +216,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
             }
         }
         while let Ok((who, line)) = rx.try_recv() {
-            seen[who].note(&line, started.elapsed().as_secs_f64());
+            note(&mut seen, who, &line, started.elapsed().as_secs_f64());
         }
         // Live: each destination's share every second, from its progress events.
         if !opts.quiet && last_live.elapsed() >= Duration::from_secs(1) {
@@ -228,7 +250,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         }
     }
     while let Ok((who, line)) = rx.recv_timeout(Duration::from_millis(100)) {
-        seen[who].note(&line, started.elapsed().as_secs_f64());
+        note(&mut seen, who, &line, started.elapsed().as_secs_f64());
     }
     let send_exit_ok = send_status.is_some_and(|s| s.success());
     bed.down();
