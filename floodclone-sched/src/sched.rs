@@ -141,6 +141,8 @@ struct Peer {
     bad_chunks: u32,
     /// Router hops to this neighbour (from the TTL its packets arrive with).
     hops: Option<u8>,
+    /// The link its data arrives on (an interface index, or any id naming the link).
+    ingress: Option<u32>,
     /// Chunks this neighbour announced it is fetching, with when.
     coming: HashMap<ChunkId, f64>,
 }
@@ -247,6 +249,7 @@ impl Puller {
             measured_bps: None,
             bad_chunks: 0,
             hops: None,
+            ingress: None,
             coming: HashMap::new(),
         });
     }
@@ -289,6 +292,14 @@ impl Puller {
     pub fn peer_distance(&mut self, peer: PeerId, hops: u8) {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.hops = Some(hops);
+        }
+    }
+
+    /// The link `peer`'s data arrives on (the interface of the route to it). Neighbours
+    /// on different links do not share the path next to this node.
+    pub fn peer_ingress(&mut self, peer: PeerId, link: u32) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.ingress = Some(link);
         }
     }
 
@@ -511,16 +522,23 @@ impl Puller {
     /// them from afar.
     fn rarest_candidates(&self, peer: PeerId, k: usize, now: f64) -> (Vec<ChunkId>, Vec<ChunkId>) {
         let p = &self.peers[&peer];
+        // Whether `q`'s path and `p`'s share the link next to this node (when unknown,
+        // assume they do). Only then is one nearer than the other along a common path:
+        // neighbours on links of their own cost each other nothing.
+        let shares_path = |q: &Peer| match (q.ingress, p.ingress) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
         // How far the source is, when it is reached through routers.
-        let source_hops = self
-            .peers
-            .values()
-            .find(|q| q.is_source)
-            .and_then(|q| q.hops)
-            .filter(|&h| h > 1);
-        // A neighbour farther than such a source: its path likely runs through the
-        // source's links, which the source would better fill with fresh chunks.
-        if !p.is_source && p.hops.is_some_and(|h| source_hops.is_some_and(|sh| h > sh)) {
+        let source = self.peers.values().find(|q| q.is_source);
+        let source_hops = source.and_then(|q| q.hops).filter(|&h| h > 1);
+        // A neighbour farther than such a source along the same path: its path likely
+        // runs through the source's links, which the source would better fill with fresh
+        // chunks.
+        if !p.is_source
+            && source.is_some_and(shares_path)
+            && p.hops.is_some_and(|h| source_hops.is_some_and(|sh| h > sh))
+        {
             return (Vec::new(), Vec::new());
         }
         let nearer_ids: Vec<PeerId> = match p.hops {
@@ -529,7 +547,7 @@ impl Puller {
                 .iter()
                 // The source is never a reason to wait: it holds everything, and behind a
                 // router it is asked only for what nobody else holds (no deadlock).
-                .filter(|(_, q)| !q.is_source && q.hops.is_some_and(|qh| qh < h))
+                .filter(|(_, q)| !q.is_source && q.hops.is_some_and(|qh| qh < h) && shares_path(q))
                 .map(|(&id, _)| id)
                 .collect(),
             None => Vec::new(),
@@ -840,6 +858,36 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn a_nearer_neighbour_on_another_link_is_no_reason_to_wait() {
+        // Peer 1 is 2 hops away through a router on link 7, peer 2 on a link of its own
+        // (link 8), 1 hop, holding and fetching the same chunks. Their paths share
+        // nothing here, so peer 1's link is used for them too.
+        let cfg = SchedConfig {
+            far_defer_s: 0.0,
+            ..SchedConfig::new(128 << 10)
+        };
+        let mut p = Puller::new(cfg, ChunkSet::new(8));
+        for (peer, hops, link) in [(1, 2, 7), (2, 1, 8)] {
+            p.add_peer(peer, false);
+            p.peer_distance(peer, hops);
+            p.peer_ingress(peer, link);
+            p.peer_bitfield(peer, &ChunkSet::full(8));
+        }
+        let asked = requests_by_peer(p.poll(0.0));
+        assert!(asked.get(&1).is_some_and(|c| !c.is_empty()), "{asked:?}");
+        // On the same link, the farther one waits for the nearer one.
+        let mut q = Puller::new(SchedConfig::new(128 << 10), ChunkSet::new(8));
+        for (peer, hops) in [(1, 2), (2, 1)] {
+            q.add_peer(peer, false);
+            q.peer_distance(peer, hops);
+            q.peer_ingress(peer, 7);
+            q.peer_bitfield(peer, &ChunkSet::full(8));
+        }
+        let asked = requests_by_peer(q.poll(0.0));
+        assert!(!asked.contains_key(&1), "{asked:?}");
     }
 
     #[test]

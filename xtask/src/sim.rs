@@ -317,6 +317,7 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
             let path: Vec<usize> = hops.windows(2).map(|w| dirlink_of[&(w[0], w[1])]).collect();
             puller.add_peer(nb, nb == overlay::SOURCE);
             puller.peer_distance(nb, path.len() as u8);
+            puller.peer_ingress(nb, *path.last().expect("a path to a neighbour") as u32);
             let id = pipes.len();
             pipes.push(Pipe {
                 from,
