@@ -128,19 +128,27 @@ fn seconds(what: &str, s: f64) -> Result<Duration> {
 /// Attaches the link-stats programs on a thread of its own, so the transfer does not wait
 /// for it; they stay attached until the returned value is emptied. Without permission the
 /// transfer goes on with userspace measurements only, after one warning.
-fn attach_link_stats() -> SharedLinkStats {
+/// Then a `ready` JSON event says this node's start-up work is done (a harness may wait
+/// for it before it starts the clock of a transfer).
+fn attach_link_stats(output: &Output) -> SharedLinkStats {
     let shared = SharedLinkStats::default();
     let slot = shared.clone();
+    let output = output.clone();
     std::thread::spawn(move || {
-        match LinkStats::attach() {
-        Ok(s) => {
-            tracing::debug!(pins = ?s.pin_dir(), "link stats attached");
-            *slot.lock().unwrap() = Some(s);
-        }
-        Err(e) => eprintln!(
-            "warning: in-kernel link stats unavailable ({e}); continuing with userspace measurements"
-        ),
-    }
+        let attached = match LinkStats::attach() {
+            Ok(s) => {
+                tracing::debug!(pins = ?s.pin_dir(), "link stats attached");
+                *slot.lock().unwrap() = Some(s);
+                true
+            }
+            Err(e) => {
+                eprintln!(
+                    "warning: in-kernel link stats unavailable ({e}); continuing with userspace measurements"
+                );
+                false
+            }
+        };
+        output.json_event(json!({"event": "ready", "link_stats": attached}));
     });
     shared
 }
@@ -183,8 +191,9 @@ fn run(cli: Cli) -> Result<()> {
             direct,
             node: n,
         } => {
-            let stats = attach_link_stats();
+            let started = std::time::Instant::now();
             let output = Output::new(n.json);
+            let stats = attach_link_stats(&output);
             let cfg = SendConfig {
                 common: Common {
                     port: n.port,
@@ -193,6 +202,7 @@ fn run(cli: Cli) -> Result<()> {
                     chunk_bytes: chunk_size,
                     link_stats: stats.clone(),
                     corrupt_served: n.corrupt_served_chunks,
+                    started,
                 },
                 dests: dests
                     .into_iter()
@@ -202,7 +212,6 @@ fn run(cli: Cli) -> Result<()> {
                 join_grace: seconds("--join-grace", join_grace)?,
                 direct,
             };
-            let started = std::time::Instant::now();
             let outcome = runtime()?.block_on(async {
                 tokio::select! {
                     r = node::run_send(cfg) => r.map_err(anyhow::Error::from),
@@ -244,15 +253,18 @@ fn run(cli: Cli) -> Result<()> {
             connect_timeout,
             node: n,
         } => {
-            let stats = attach_link_stats();
+            let started = std::time::Instant::now();
+            let output = Output::new(n.json);
+            let stats = attach_link_stats(&output);
             let cfg = RecvConfig {
                 common: Common {
                     port: n.port,
                     token: n.token,
-                    output: Output::new(n.json),
+                    output,
                     chunk_bytes: DEFAULT_CHUNK_BYTES,
                     link_stats: stats.clone(),
                     corrupt_served: n.corrupt_served_chunks,
+                    started,
                 },
                 source: SocketAddrV4::new(source.0, source.1.unwrap_or(n.port)),
                 out,

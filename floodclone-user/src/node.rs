@@ -76,6 +76,13 @@ impl Output {
         }
     }
 
+    /// An event only JSON readers care about (nothing in plain mode).
+    pub fn json_event(&self, value: serde_json::Value) {
+        if self.json {
+            println!("{value}");
+        }
+    }
+
     /// Progress redraws in place (a terminal) rather than printing plain lines.
     pub fn is_live(&self) -> bool {
         self.live.is_some()
@@ -142,6 +149,9 @@ pub struct Common {
     pub link_stats: SharedLinkStats,
     /// Testing only: flip a bit in every chunk served, so peers must reject them.
     pub corrupt_served: bool,
+    /// When the command started: the source reports each destination's completion from
+    /// here, the time the user waited for it.
+    pub started: Instant,
 }
 
 pub struct SendConfig {
@@ -575,6 +585,8 @@ struct Core {
     role: &'static str,
     /// Members being dialed (so each is dialed once at a time).
     dialing: HashSet<u16>,
+    /// The interface each member's route leaves by (its data arrives on the same link).
+    ingress: HashMap<u16, u32>,
 }
 
 impl Core {
@@ -590,6 +602,7 @@ impl Core {
             meters: Default::default(),
             role,
             dialing: HashSet::new(),
+            ingress: HashMap::new(),
         }
     }
 
@@ -734,6 +747,9 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                             }
                             if let Some(hops) = core.meters.hops_to(m.addr) {
                                 pl.peer_distance(p, hops);
+                            }
+                            if let Some(&ifindex) = core.ingress.get(&p) {
+                                pl.peer_ingress(p, ifindex);
                             }
                         }
                     }
@@ -1183,6 +1199,7 @@ async fn rediscover(
     let joined: Vec<Member> = members.iter().filter(|m| m.joined).cloned().collect();
     let lookups = kernel.lookups(&joined, me).await?;
     let mut views = discovery::classify(members, &lookups);
+    core.ingress = views.iter().map(|v| (v.member, v.ifindex)).collect();
     for v in &mut views {
         // Behind a member whose process is gone: its kernel still forwards, so the member
         // behind it is reached as if through a router.
@@ -1485,8 +1502,10 @@ pub async fn run_send(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
                     let elapsed = elapsed_ms as f64 / 1000.0;
                     if done.insert(id, elapsed).is_none() {
                         let addr = members[id as usize].addr;
+                        let at = cfg.common.started.elapsed().as_secs_f64();
                         core.out.event(
-                            json!({"event": "dest_done", "member": id, "addr": addr.to_string(), "elapsed_s": elapsed}),
+                            json!({"event": "dest_done", "member": id, "addr": addr.to_string(),
+                                   "elapsed_s": elapsed, "at_s": at}),
                             || format!("{addr} has a verified copy ({elapsed:.2} s)"),
                         );
                     }

@@ -19,6 +19,9 @@ use crate::{
     topology::{Role, Topology},
 };
 
+/// How long a run waits for its destinations to be ready before it starts the source.
+const READY_WITHIN: Duration = Duration::from_secs(20);
+
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     pub bytes: u64,
@@ -52,7 +55,9 @@ impl RunOptions {
 #[derive(Clone, Debug, Serialize)]
 pub struct DestOutcome {
     pub name: String,
-    /// Seconds from the destination's start until its copy was complete and verified.
+    /// Seconds from the start of `floodclone send` (destinations already up and ready)
+    /// until the source heard this destination's copy is complete and verified; the
+    /// destination's own count (from its start) when the source did not report it.
     pub elapsed_s: Option<f64>,
     pub verified: bool,
     pub duplicates: Option<u64>,
@@ -165,6 +170,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
     let dests = topo.destinations();
     let (tx, rx) = mpsc::channel();
     let out_path = |d: usize| work.join(format!("{}.out", topo.nodes[d].name));
+    let mut seen = vec![NodeEvents::default(); topo.nodes.len()];
     let mut recv_handles = Vec::new();
     for &d in &dests {
         let mut cmd = bed.command(d, bin.to_str().unwrap());
@@ -178,6 +184,32 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         let h = bed.spawn(cmd)?;
         pipe_lines(bed.child(h), d, tx.clone());
         recv_handles.push((d, h));
+    }
+    // U is what a user waits after starting `floodclone send`, with the destinations
+    // already running (as services would be): each must first say it is ready (its
+    // eBPF programs loaded), at most `READY_WITHIN`.
+    let ready_by = Instant::now() + READY_WITHIN;
+    let mut ready = std::collections::HashSet::new();
+    while ready.len() < dests.len() && Instant::now() < ready_by {
+        match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok((who, line)) => {
+                if serde_json::from_str::<serde_json::Value>(&line)
+                    .is_ok_and(|v| v["event"] == "ready")
+                {
+                    ready.insert(who);
+                }
+                note(&mut seen, who, &line, 0.0);
+            }
+            Err(_) => {
+                let mut exited = false;
+                for &(_, h) in &recv_handles {
+                    exited |= bed.child(h).try_wait()?.is_some();
+                }
+                if exited {
+                    break;
+                }
+            }
+        }
     }
     let mut cmd = bed.command(s, bin.to_str().unwrap());
     cmd.args(["send", "--json", "--token", &token])
@@ -198,7 +230,6 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         .timeout
         .unwrap_or_else(|| Duration::from_secs_f64(floor.u_min_s * 10.0 + 60.0));
     let mut events = topo.events.clone().into_iter().peekable();
-    let mut seen = vec![NodeEvents::default(); topo.nodes.len()];
     let mut send_status = None;
     let mut last_live = Instant::now();
     while send_status.is_none() && started.elapsed() < timeout {
@@ -256,9 +287,15 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
     bed.down();
     let outcomes: Vec<DestOutcome> = dests
         .iter()
-        .map(|&d| DestOutcome {
+        .enumerate()
+        .map(|(i, &d)| DestOutcome {
             name: topo.nodes[d].name.clone(),
-            elapsed_s: seen[d].elapsed_s,
+            // Member ids are 1.. in the order of `--dest`.
+            elapsed_s: seen[s]
+                .dest_done_at
+                .get(&(i as u64 + 1))
+                .copied()
+                .or(seen[d].elapsed_s),
             verified: file_hash(&out_path(d)) == Some(want),
             duplicates: seen[d].duplicates,
             peak_rss_bytes: seen[d].peak_rss_bytes,
@@ -353,6 +390,8 @@ fn link_copies(topo: &Topology, seen: &[NodeEvents], bytes: u64) -> Vec<(String,
 #[derive(Clone, Debug, Default)]
 struct NodeEvents {
     elapsed_s: Option<f64>,
+    /// At the source: member id -> seconds from its start until that member was done.
+    dest_done_at: std::collections::HashMap<u64, f64>,
     duplicates: Option<u64>,
     peak_rss_bytes: Option<u64>,
     tx_bytes_by_iface: Vec<(String, u64)>,
@@ -389,6 +428,11 @@ impl NodeEvents {
                 self.duplicates = v["duplicates"].as_u64();
                 if let Some(b) = v["bytes"].as_u64() {
                     self.progress.push((t, b));
+                }
+            }
+            Some("dest_done") => {
+                if let (Some(m), Some(at)) = (v["member"].as_u64(), v["at_s"].as_f64()) {
+                    self.dest_done_at.insert(m, at);
                 }
             }
             Some("swarm_done") => {
