@@ -73,6 +73,9 @@ pub enum Action {
     Cancel { peer: PeerId, chunk: ChunkId },
 }
 
+/// Shortest interval a first rate sample is taken to span, in seconds.
+const MIN_FIRST_SAMPLE_S: f64 = 0.01;
+
 /// Delivery rate of one neighbour, measured over the time it had requests outstanding.
 #[derive(Clone, Debug)]
 pub struct RateEstimate {
@@ -109,7 +112,13 @@ impl RateEstimate {
         };
         let dt = now - start;
         if dt > 1e-4 {
-            let sample = bytes as f64 * 8.0 / dt;
+            // Deliveries handled back to back (a busy event loop, two streams ending
+            // together) give near-zero intervals: a sample may at most double the
+            // estimate, and a first one must span a plausible interval.
+            let sample = match self.bps {
+                Some(old) => (bytes as f64 * 8.0 / dt).min(2.0 * old),
+                None => bytes as f64 * 8.0 / dt.max(MIN_FIRST_SAMPLE_S),
+            };
             // Quick to follow: re-estimate all the time, never trust an old figure for long.
             self.bps = Some(match self.bps {
                 Some(old) => 0.7 * old + 0.3 * sample,
@@ -697,6 +706,26 @@ mod tests {
 
     fn cfg() -> SchedConfig {
         SchedConfig::new(1000)
+    }
+
+    #[test]
+    fn back_to_back_deliveries_do_not_inflate_the_rate() {
+        // 128 KiB every 0.1 s is 10.5 Mbit/s; then two deliveries handled 0.2 ms apart
+        // (a busy event loop) must not make a 5 Gbit/s neighbour of it.
+        let mut r = RateEstimate::new();
+        r.became_busy(0.0);
+        for i in 1..=5 {
+            r.delivered(128 << 10, i as f64 * 0.1);
+        }
+        let steady = r.bps().unwrap();
+        assert!((steady - 10.5e6).abs() < 0.1e6, "{steady}");
+        r.delivered(128 << 10, 0.5002);
+        assert!(r.bps().unwrap() <= 1.3 * steady + 1.0);
+        // A first sample that short is taken to span 10 ms at least.
+        let mut first = RateEstimate::new();
+        first.became_busy(0.0);
+        first.delivered(128 << 10, 0.0002);
+        assert!(first.bps().unwrap() <= 128.0 * 1024.0 * 8.0 / MIN_FIRST_SAMPLE_S + 1.0);
     }
 
     #[test]

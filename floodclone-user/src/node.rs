@@ -869,6 +869,7 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                         }
                     }
                     Msg::FreshGrant { chunks, exhausted } => {
+                        tracing::trace!(target: "floodclone::chunks", peer = ?from, ?chunks, exhausted, "fresh granted");
                         if let (Some(p), Some(pl)) = (from, puller.as_mut()) {
                             pl.fresh_granted(p, &chunks, exhausted, core.now());
                             if !chunks.is_empty() {
