@@ -137,7 +137,8 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
     let log_dir = opts.logs.clone().unwrap_or_else(|| work.clone());
     std::fs::create_dir_all(&log_dir)
         .with_context(|| format!("creating the log directory {}", log_dir.display()))?;
-    let log_file = |name: &str| std::fs::File::create(log_dir.join(format!("{name}.log")));
+    let log_path = |name: &str| log_dir.join(format!("{name}.log"));
+    let log_file = |name: &str| std::fs::File::create(log_path(name));
     // With `opts.logs`, every node's JSON events too, each after the harness clock.
     let mut event_logs: Vec<Option<std::fs::File>> = Vec::new();
     for n in &topo.nodes {
@@ -189,17 +190,9 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
     // already running (as services would be): each must first say it is ready (its
     // eBPF programs loaded), at most `READY_WITHIN`.
     let ready_by = Instant::now() + READY_WITHIN;
-    let mut ready = std::collections::HashSet::new();
-    while ready.len() < dests.len() && Instant::now() < ready_by {
+    while dests.iter().any(|&d| !seen[d].ready) && Instant::now() < ready_by {
         match rx.recv_timeout(Duration::from_millis(20)) {
-            Ok((who, line)) => {
-                if serde_json::from_str::<serde_json::Value>(&line)
-                    .is_ok_and(|v| v["event"] == "ready")
-                {
-                    ready.insert(who);
-                }
-                note(&mut seen, who, &line, 0.0);
-            }
+            Ok((who, line)) => note(&mut seen, who, &line, 0.0),
             Err(_) => {
                 let mut exited = false;
                 for &(_, h) in &recv_handles {
@@ -309,13 +302,11 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
             .fold(0.0, f64::max)
     });
     if !all_ok && !opts.quiet {
-        for n in std::fs::read_dir(&work).into_iter().flatten().flatten() {
-            let p = n.path();
-            if p.extension().is_some_and(|e| e == "err") {
-                let text = std::fs::read_to_string(&p).unwrap_or_default();
-                if !text.trim().is_empty() {
-                    eprintln!("--- {}:\n{}", p.display(), text.trim());
-                }
+        for n in &topo.nodes {
+            let p = log_path(&n.name);
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            if !text.trim().is_empty() {
+                eprintln!("--- {}:\n{}", p.display(), text.trim());
             }
         }
     }
@@ -389,6 +380,8 @@ fn link_copies(topo: &Topology, seen: &[NodeEvents], bytes: u64) -> Vec<(String,
 /// What a node's JSON events said.
 #[derive(Clone, Debug, Default)]
 struct NodeEvents {
+    /// Said it is ready (start-up work done).
+    ready: bool,
     elapsed_s: Option<f64>,
     /// At the source: member id -> seconds from its start until that member was done.
     dest_done_at: std::collections::HashMap<u64, f64>,
@@ -430,6 +423,7 @@ impl NodeEvents {
                     self.progress.push((t, b));
                 }
             }
+            Some("ready") => self.ready = true,
             Some("dest_done") => {
                 if let (Some(m), Some(at)) = (v["member"].as_u64(), v["at_s"].as_f64()) {
                     self.dest_done_at.insert(m, at);
