@@ -10,7 +10,6 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use floodclone::{
     linkstats::LinkStats,
-    manifest::DEFAULT_CHUNK_BYTES,
     node::{self, Common, Output, RecvConfig, SendConfig, SharedLinkStats, DEFAULT_PORT},
     stats,
 };
@@ -61,9 +60,10 @@ enum Cmd {
         /// A destination, as ADDR or ADDR:PORT (port defaults to --port). Repeat for each.
         #[arg(long = "dest", required = true, value_parser = parse_addr)]
         dests: Vec<(Ipv4Addr, Option<u16>)>,
-        /// Chunk size in bytes.
-        #[arg(long, default_value_t = DEFAULT_CHUNK_BYTES)]
-        chunk_size: u32,
+        /// Chunk size in bytes [default: 64 KiB; doubled for files over 64 GiB so the file
+        /// has at most 2^20 chunks].
+        #[arg(long)]
+        chunk_size: Option<u32>,
         /// Seconds to wait for every destination before starting with those present.
         #[arg(long, default_value_t = 3.0)]
         join_grace: f64,
@@ -199,7 +199,6 @@ fn run(cli: Cli) -> Result<()> {
                     port: n.port,
                     token: n.token,
                     output: output.clone(),
-                    chunk_bytes: chunk_size,
                     link_stats: stats.clone(),
                     corrupt_served: n.corrupt_served_chunks,
                     started,
@@ -209,6 +208,7 @@ fn run(cli: Cli) -> Result<()> {
                     .map(|(ip, port)| SocketAddrV4::new(ip, port.unwrap_or(n.port)))
                     .collect(),
                 file,
+                chunk_bytes: chunk_size,
                 join_grace: seconds("--join-grace", join_grace)?,
                 direct,
             };
@@ -261,7 +261,6 @@ fn run(cli: Cli) -> Result<()> {
                     port: n.port,
                     token: n.token,
                     output,
-                    chunk_bytes: DEFAULT_CHUNK_BYTES,
                     link_stats: stats.clone(),
                     corrupt_served: n.corrupt_served_chunks,
                     started,

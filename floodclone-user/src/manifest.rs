@@ -3,13 +3,7 @@
 
 use std::{fs::File, io::Read, path::Path};
 
-/// Default chunk size. Small enough that a relay forwards a chunk ~26 ms after it started
-/// arriving at 40 Mbit/s (store-and-forward delay per hop), large enough that per-chunk
-/// messages and hashes cost well under 0.1%. Measured on the chain (README, "Chunk size"):
-/// 64 KiB 1.125, 128 KiB 1.141, 256 KiB 1.163 x U_min; 64 KiB was within noise of 128.
-pub const DEFAULT_CHUNK_BYTES: u32 = 128 * 1024;
-
-pub use floodclone_sched::ChunkId;
+pub use floodclone_sched::{default_chunk_bytes, ChunkId};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Manifest {
@@ -28,19 +22,35 @@ pub enum ManifestError {
     },
     #[error("chunk size must be between 4 KiB and 64 MiB, got {0}")]
     ChunkSize(u32),
+    #[error("{chunks} chunks of {chunk_bytes} bytes are too many (at most {MAX_CHUNKS}): use a larger --chunk-size, or leave it out")]
+    TooManyChunks { chunks: u64, chunk_bytes: u32 },
 }
 
+/// Most chunks a file may have: the manifest (32 bytes of hash per chunk) must fit in one
+/// control frame ([`crate::wire::MAX_FRAME`]) with room to spare.
+pub const MAX_CHUNKS: u64 = 2_000_000;
+
 impl Manifest {
-    /// Hashes `path` in one streaming pass; memory stays at one chunk.
-    pub fn from_file(path: &Path, chunk_bytes: u32) -> Result<Self, ManifestError> {
-        if !(4096..=64 << 20).contains(&chunk_bytes) {
-            return Err(ManifestError::ChunkSize(chunk_bytes));
-        }
+    /// Hashes `path` in one streaming pass; memory stays at one chunk. Without a chunk
+    /// size, the default for the file's size ([`default_chunk_bytes`]).
+    pub fn from_file(path: &Path, chunk_bytes: Option<u32>) -> Result<Self, ManifestError> {
         let err = |source| ManifestError::Read {
             path: path.display().to_string(),
             source,
         };
         let mut file = File::open(path).map_err(err)?;
+        let file_bytes = file.metadata().map_err(err)?.len();
+        let chunk_bytes = chunk_bytes.unwrap_or_else(|| default_chunk_bytes(file_bytes));
+        if !(4096..=64 << 20).contains(&chunk_bytes) {
+            return Err(ManifestError::ChunkSize(chunk_bytes));
+        }
+        let chunks = file_bytes.div_ceil(chunk_bytes as u64);
+        if chunks > MAX_CHUNKS {
+            return Err(ManifestError::TooManyChunks {
+                chunks,
+                chunk_bytes,
+            });
+        }
         let mut whole = blake3::Hasher::new();
         let mut chunk_hashes = Vec::new();
         let mut buf = vec![0u8; chunk_bytes as usize];
@@ -115,6 +125,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn too_many_chunks_is_refused_before_hashing() {
+        let p = std::env::temp_dir().join(format!("fc-manifest-big-{}", std::process::id()));
+        let f = File::create(&p).unwrap();
+        // Sparse: nothing is written, and the check comes before the first read.
+        f.set_len((MAX_CHUNKS + 1) * 4096).unwrap();
+        let e = Manifest::from_file(&p, Some(4096)).unwrap_err();
+        std::fs::remove_file(&p).unwrap();
+        assert!(
+            matches!(e, ManifestError::TooManyChunks { chunks, .. } if chunks == MAX_CHUNKS + 1)
+        );
+        assert!(e.to_string().contains("--chunk-size"));
+    }
+
+    #[test]
     fn chunking_covers_the_file_exactly() {
         let dir = std::env::temp_dir().join(format!("fc-manifest-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -122,7 +146,7 @@ mod tests {
             let p = dir.join(format!("f{size}"));
             let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
             std::fs::write(&p, &data).unwrap();
-            let m = Manifest::from_file(&p, 4096).unwrap();
+            let m = Manifest::from_file(&p, Some(4096)).unwrap();
             assert!(m.is_consistent(), "size {size}");
             assert_eq!(m.size, size as u64);
             assert_eq!(m.file_hash, *blake3::hash(&data).as_bytes());

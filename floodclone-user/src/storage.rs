@@ -287,7 +287,7 @@ mod tests {
         let data: Vec<u8> = (0..size).map(|i| (i * 31 % 253) as u8).collect();
         let src = dir.join("src");
         fs::write(&src, &data).unwrap();
-        let m = Manifest::from_file(&src, 4096).unwrap();
+        let m = Manifest::from_file(&src, Some(4096)).unwrap();
         (dir, data, m)
     }
 

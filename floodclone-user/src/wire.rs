@@ -11,8 +11,8 @@ pub use floodclone_sched::{overlay::Reach, ChunkSet};
 
 use crate::manifest::{ChunkId, Manifest};
 
-/// Largest control frame accepted (a manifest of a 1 TiB file in 128 KiB chunks is 256 MiB
-/// of hashes; that is past what one frame may carry, so big files need bigger chunks).
+/// Largest control frame accepted: room for a manifest of [`crate::manifest::MAX_CHUNKS`]
+/// chunks (the source refuses a chunk size that gives more).
 pub const MAX_FRAME: usize = 64 << 20;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -122,9 +122,9 @@ enum Cmd {
         /// File size, e.g. 64MiB.
         #[arg(long, default_value = "64MiB", value_parser = parse_size)]
         size: u64,
-        /// Chunk size, e.g. 128KiB (floodclone's default).
-        #[arg(long, default_value = "128KiB", value_parser = parse_size)]
-        chunk_size: u64,
+        /// Chunk size, e.g. 128KiB [default: floodclone's for the file size].
+        #[arg(long, value_parser = parse_size)]
+        chunk_size: Option<u64>,
         /// One-way delay per link, milliseconds.
         #[arg(long, default_value_t = 1.0)]
         hop_delay_ms: f64,
@@ -200,7 +200,8 @@ fn main() -> Result<()> {
         } => {
             let opts = xtask::sim::SimOptions {
                 bytes: size,
-                chunk_bytes: chunk_size,
+                chunk_bytes: chunk_size
+                    .unwrap_or_else(|| floodclone_sched::default_chunk_bytes(size) as u64),
                 hop_delay_s: hop_delay_ms / 1e3,
                 horizon_s: 1e5,
             };

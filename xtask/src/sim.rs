@@ -953,7 +953,7 @@ mod tests {
     fn opts(bytes: u64) -> SimOptions {
         SimOptions {
             bytes,
-            chunk_bytes: 128 * 1024,
+            chunk_bytes: floodclone_sched::default_chunk_bytes(bytes) as u64,
             hop_delay_s: 0.001,
             horizon_s: 1e4,
         }
