@@ -655,6 +655,15 @@ impl Core {
                 self.meters.update(&snap, at);
             }
         }
+        if tracing::enabled!(target: "floodclone::quic", tracing::Level::TRACE) {
+            for c in self.conns.values() {
+                let st = c.conn.stats();
+                tracing::trace!(target: "floodclone::quic", peer = c.peer, dialed = c.dialed,
+                    rtt_ms = st.path.rtt.as_secs_f64() * 1e3, cwnd = st.path.cwnd,
+                    lost = st.path.lost_packets, congestion_events = st.path.congestion_events,
+                    tx_bytes = st.udp_tx.bytes, "connection");
+            }
+        }
         let peers = self
             .conns
             .values()
