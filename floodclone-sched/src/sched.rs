@@ -150,6 +150,8 @@ struct Peer {
     bad_chunks: u32,
     /// Router hops to this neighbour (from the TTL its packets arrive with).
     hops: Option<u8>,
+    /// This neighbour's own hops to the source, as it reports them.
+    source_hops: Option<u8>,
     /// The link its data arrives on (an interface index, or any id naming the link).
     ingress: Option<u32>,
     /// Chunks this neighbour announced it is fetching, with when.
@@ -258,6 +260,7 @@ impl Puller {
             measured_bps: None,
             bad_chunks: 0,
             hops: None,
+            source_hops: None,
             ingress: None,
             coming: HashMap::new(),
         });
@@ -301,6 +304,14 @@ impl Puller {
     pub fn peer_distance(&mut self, peer: PeerId, hops: u8) {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.hops = Some(hops);
+        }
+    }
+
+    /// How many hops `peer` itself is from the source (it says so). With our own hops to
+    /// both, tells whether the path to `peer` plausibly runs through the source.
+    pub fn peer_source_distance(&mut self, peer: PeerId, hops: u8) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.source_hops = Some(hops);
         }
     }
 
@@ -541,13 +552,18 @@ impl Puller {
         // How far the source is, when it is reached through routers.
         let source = self.peers.values().find(|q| q.is_source);
         let source_hops = source.and_then(|q| q.hops).filter(|&h| h > 1);
-        // A neighbour farther than such a source along the same path: its path likely
-        // runs through the source's links, which the source would better fill with fresh
-        // chunks.
-        if !p.is_source
-            && source.is_some_and(shares_path)
-            && p.hops.is_some_and(|h| source_hops.is_some_and(|sh| h > sh))
-        {
+        // Whether the path to `q` plausibly runs through the source (and its links, which
+        // the source would better fill with fresh chunks): our hops to `q` add up to ours
+        // to the source plus `q`'s own to the source. Without `q`'s figure, a neighbour
+        // farther than the source is taken to lie beyond it.
+        let via_source = |q: &Peer| match (q.hops, source_hops) {
+            (Some(h), Some(sh)) if !q.is_source => match q.source_hops {
+                Some(qs) => h >= sh.saturating_add(qs),
+                None => h > sh,
+            },
+            _ => false,
+        };
+        if source.is_some_and(shares_path) && via_source(p) {
             return (Vec::new(), Vec::new());
         }
         let nearer_ids: Vec<PeerId> = match p.hops {
@@ -589,16 +605,15 @@ impl Puller {
         // A source behind a router sits on a path shared with everyone behind it, and its
         // uplink is usually the min-cut: ask it only for chunks no other neighbour holds.
         // (A source on a link of our own costs nobody else: use it freely.)
-        // Only neighbours no farther than the source count: a farther one is likely reached
-        // through the source's own links.
+        // Neighbours reached through the source do not count: their copy would come back
+        // over the source's own links.
         let spare_the_source = p.is_source && source_hops.is_some();
         let held_elsewhere = |c: ChunkId| {
             spare_the_source
-                && self.peers.iter().any(|(&id, q)| {
-                    id != peer
-                        && q.have.contains(c)
-                        && q.hops.is_none_or(|qh| Some(qh) <= source_hops)
-                })
+                && self
+                    .peers
+                    .iter()
+                    .any(|(&id, q)| id != peer && q.have.contains(c) && !via_source(q))
         };
         let salt = me as u64;
         let mut cands: Vec<(u16, u32, ChunkId)> = p
@@ -939,6 +954,35 @@ mod tests {
         }
         let asked = requests_by_peer(p.poll(0.0));
         assert_eq!(asked, BTreeMap::from([(0, vec![1]), (3, vec![0])]));
+    }
+
+    #[test]
+    fn a_neighbour_beyond_the_source_is_skipped_one_beside_it_is_not() {
+        // The source is 2 hops away behind a router and holds everything. Neighbour 3 is 3
+        // hops away and 1 hop from the source: our path to it runs through the source, so it
+        // is not pulled from. Neighbour 4 is as far from us but 3 hops from the source (the
+        // far side of a dumbbell): its path does not touch the source's links, and what it
+        // holds is not asked of the source.
+        let mut p = Puller::new(SchedConfig::new(128 << 10), ChunkSet::new(3));
+        p.add_peer(0, true);
+        p.peer_distance(0, 2);
+        p.fresh_granted(0, &[], true, 0.0);
+        p.peer_bitfield(0, &ChunkSet::full(3));
+        let mut first_two = ChunkSet::new(3);
+        first_two.insert(0);
+        first_two.insert(1);
+        for (peer, hops, to_source) in [(3, 3, 1), (4, 3, 3)] {
+            p.add_peer(peer, false);
+            p.peer_distance(peer, hops);
+            p.peer_source_distance(peer, to_source);
+            p.peer_bitfield(peer, &first_two);
+        }
+        let asked = requests_by_peer(p.poll(0.0));
+        assert_eq!(asked.get(&3), None);
+        assert_eq!(asked.get(&0), Some(&vec![2]));
+        let mut from_4 = asked.get(&4).cloned().unwrap_or_default();
+        from_4.sort_unstable();
+        assert_eq!(from_4, vec![0, 1]);
     }
 
     #[test]

@@ -202,6 +202,7 @@ type ConnKey = u64;
 enum Announce {
     Have(ChunkId),
     Fetching(Vec<ChunkId>),
+    SourceDistance(u8),
 }
 
 enum Event {
@@ -571,6 +572,9 @@ async fn connection_task(
                 Ok(Announce::Fetching(chunks)) => {
                     let _ = tx.send(Msg::Fetching { chunks });
                 }
+                Ok(Announce::SourceDistance(hops)) => {
+                    let _ = tx.send(Msg::SourceDistance { hops });
+                }
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     if let Some(store) = shared.store.get() {
                         let _ = tx.send(Msg::Bitfield { bits: store.have().to_bytes() });
@@ -763,6 +767,8 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
     let mut pull: HashMap<u16, ConnKey> = HashMap::new();
     let mut neighbours: Vec<u16> = Vec::new();
     let mut source_key: Option<ConnKey> = None;
+    // Our hops to the source as last told to the neighbours.
+    let mut source_hops: Option<u8> = None;
     let mut complete: Option<f64> = None;
     let mut finalizing = false;
     let mut source_lost_at: Option<Instant> = None;
@@ -774,6 +780,12 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
             _ = tick.tick() => {
                 ticks += 1;
                 core.measure();
+                // Neighbours compare it with their own hops to us and to the source.
+                let hops = core.meters.hops_to(*cfg.source.ip());
+                if let Some(h) = hops.filter(|_| hops != source_hops) {
+                    source_hops = hops;
+                    let _ = shared.announce.send(Announce::SourceDistance(h));
+                }
                 // The plan follows measured rates: each neighbour's receive rate as the
                 // kernel sees it (windowed max) informs its pipeline depth.
                 if let Some(pl) = puller.as_mut() {
@@ -824,6 +836,9 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                     let _ = tx.send(Msg::Bitfield {
                         bits: store.have().to_bytes(),
                     });
+                }
+                if let Some(hops) = source_hops {
+                    let _ = tx.send(Msg::SourceDistance { hops });
                 }
                 if dialed && peer == Some(SOURCE_ID) {
                     source_key = Some(key);
@@ -913,6 +928,11 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                             if !chunks.is_empty() {
                                 let _ = shared.announce.send(Announce::Fetching(chunks));
                             }
+                        }
+                    }
+                    Msg::SourceDistance { hops } => {
+                        if let (Some(p), Some(pl)) = (from, puller.as_mut()) {
+                            pl.peer_source_distance(p, hops);
                         }
                     }
                     Msg::Fetching { chunks } => {

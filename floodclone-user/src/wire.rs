@@ -101,6 +101,9 @@ pub enum Msg {
     /// Any node -> its neighbours: I am fetching these chunks (so a farther neighbour need
     /// not be asked for them).
     Fetching { chunks: Vec<ChunkId> },
+    /// Destination -> its neighbours: how many hops I am from the source (so a neighbour
+    /// can tell whether its path to me runs through the source).
+    SourceDistance { hops: u8 },
 }
 
 struct Writer(Vec<u8>);
@@ -236,6 +239,7 @@ impl Msg {
             Msg::SwarmDone => 16,
             Msg::Fetching { .. } => 17,
             Msg::Failed { .. } => 18,
+            Msg::SourceDistance { .. } => 19,
         }
     }
 
@@ -289,6 +293,7 @@ impl Msg {
             Msg::RequestFresh { count } => w.u32(*count),
             Msg::Done { elapsed_ms } => w.u64(*elapsed_ms),
             Msg::Progress { have } => w.u32(*have),
+            Msg::SourceDistance { hops } => w.u8(*hops),
             Msg::SwarmDone => {}
         }
         let len = (w.0.len() - 4) as u32;
@@ -387,6 +392,7 @@ impl Msg {
                 reason: String::from_utf8(r.bytes()?)
                     .map_err(|_| WireError::Invalid("reason is not UTF-8"))?,
             },
+            19 => Msg::SourceDistance { hops: r.u8()? },
             t => return Err(WireError::UnknownType(t)),
         };
         if !r.0.is_empty() {
@@ -477,6 +483,7 @@ mod tests {
             Msg::Progress { have: 3 },
             Msg::SwarmDone,
             Msg::Fetching { chunks: vec![7] },
+            Msg::SourceDistance { hops: 3 },
             Msg::Failed {
                 reason: "disk full".into(),
             },
