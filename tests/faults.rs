@@ -189,7 +189,7 @@ fn killed_relay_is_routed_around_and_resumes_without_refetching() {
     // Restarted, d1 resumes and fetches only what it lacked.
     recvs[0] = start(&mut bed, 1, &recv_args(1), &scratch.0);
     let done = recvs[0].expect_complete("restarted d1", 90.0);
-    let chunks = bytes.div_ceil(128 << 10);
+    let chunks = bytes.div_ceil(floodclone::manifest::default_chunk_bytes(bytes) as u64);
     let resumed = done["resumed_chunks"].as_u64().unwrap();
     let received = done["received_chunks"].as_u64().unwrap();
     eprintln!("d1 resumed {resumed} chunks and received {received} of {chunks}");
@@ -278,7 +278,7 @@ fn source_killed_and_restarted_destinations_keep_what_they_have() {
         );
     }
     send = start(&mut bed, 0, &send_args(&src, 1..=2), &scratch.0);
-    let chunks = bytes.div_ceil(128 << 10);
+    let chunks = bytes.div_ceil(floodclone::manifest::default_chunk_bytes(bytes) as u64);
     for (i, r) in recvs.iter().enumerate() {
         let done = r.expect_complete(&format!("d{}", i + 1), 90.0);
         let received = done["received_chunks"].as_u64().unwrap();

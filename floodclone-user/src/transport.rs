@@ -20,7 +20,10 @@ use rustls::{
 
 use crate::wire::{drain_frames, Msg};
 
-pub const ALPN: &[u8] = b"floodclone/1";
+/// The protocol's name and version, checked in the TLS handshake: raised whenever the
+/// control messages change (2: `SourceDistance`), so that nodes of different versions do
+/// not connect instead of closing each other's connections on an unknown message.
+pub const ALPN: &[u8] = b"floodclone/2";
 /// Application close codes.
 pub const CLOSE_DONE: u32 = 0;
 pub const CLOSE_AUTH: u32 = 1;
