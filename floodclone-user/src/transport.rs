@@ -110,7 +110,7 @@ impl ServerCertVerifier for TokenTrust {
 /// busy; CUBIC's cut to 70% (Reno's to 50%) left it below that until the window grew back,
 /// for seconds: on a 10 Mbit/s link used both ways, cwnd swung 41-84 KB against the 87 KB
 /// a 70 ms RTT needed, and the link ran at 6-8 Mbit/s. Reno's additive increase with a cut
-/// to 85% keeps it full (triangle of two destinations: 1.10-1.12 -> 1.08-1.09 x U_min; mesh
+/// to 85% keeps it full (triangle of two destinations: 1.10-1.12 -> 1.08-1.11 x U_min; mesh
 /// median 1.170 -> 1.116, 3 runs each, alternating). Among FloodClone's own connections this
 /// still converges like any AIMD; against foreign Reno or CUBIC flows it takes a larger
 /// share than they do. A delay-based controller (grow while the RTT stays near its minimum)
