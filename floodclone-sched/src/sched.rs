@@ -73,6 +73,13 @@ pub enum Action {
     Cancel { peer: PeerId, chunk: ChunkId },
 }
 
+/// A chunk in flight this many seconds (and [`STALL_FACTOR`] times its expected time) is
+/// asked of the same neighbour again: a request or a stream lost somewhere must not hang
+/// a node whose only holder is that neighbour (seen once in CI: a leaf of the tree waited
+/// 40 s for its last chunk; cause not found).
+pub const STALL_MIN_S: f64 = 2.0;
+pub const STALL_FACTOR: f64 = 10.0;
+
 /// Shortest interval a first rate sample is taken to span, in seconds.
 const MIN_FIRST_SAMPLE_S: f64 = 0.01;
 
@@ -528,7 +535,33 @@ impl Puller {
                 chunks: picks,
             });
         }
+        self.re_request_stalled(now);
         std::mem::take(&mut self.actions)
+    }
+
+    /// Asks again for chunks in flight far longer than their sender should take (see
+    /// [`STALL_MIN_S`]). The flight keeps its place; only its clock restarts. If the first
+    /// copy was merely slow, the second is refused on arrival.
+    fn re_request_stalled(&mut self, now: f64) {
+        let mut again: BTreeMap<PeerId, Vec<ChunkId>> = BTreeMap::new();
+        // A chunk raced from two neighbours has its remedy already.
+        for (&c, fl) in self.flights.iter_mut().filter(|(_, fl)| fl.len() == 1) {
+            for f in fl.iter_mut() {
+                let Some(p) = self.peers.get(&f.peer) else {
+                    continue;
+                };
+                let per_chunk = self.cfg.chunk_bytes as f64 * 8.0 / p.rate_bps(&self.cfg);
+                let expected = per_chunk * p.in_use().max(1) as f64;
+                if now - f.since > STALL_MIN_S.max(STALL_FACTOR * expected) {
+                    f.since = now;
+                    again.entry(f.peer).or_default().push(c);
+                }
+            }
+        }
+        for (peer, mut chunks) in again {
+            chunks.sort_unstable();
+            self.actions.push(Action::Request { peer, chunks });
+        }
     }
 
     fn wanted(&self) -> usize {
@@ -902,6 +935,29 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn a_stalled_chunk_is_asked_again_of_its_only_holder() {
+        let mut p = Puller::new(SchedConfig::new(64 << 10), ChunkSet::new(1));
+        p.add_peer(1, false);
+        p.peer_bitfield(1, &ChunkSet::full(1));
+        assert_eq!(
+            requests_by_peer(p.poll(0.0)),
+            BTreeMap::from([(1, vec![0])])
+        );
+        // Nothing arrives: no second request while it could still be on its way...
+        assert!(requests_by_peer(p.poll(1.0)).is_empty());
+        // ...then the same request again, the flight's place kept (one chunk in flight).
+        assert_eq!(
+            requests_by_peer(p.poll(2.5)),
+            BTreeMap::from([(1, vec![0])])
+        );
+        assert_eq!(p.in_flight(), 1);
+        assert!(requests_by_peer(p.poll(3.0)).is_empty());
+        p.chunk_started(1, 0, 3.1);
+        p.chunk_done(1, 0, true, 3.2);
+        assert!(p.is_complete());
     }
 
     #[test]
