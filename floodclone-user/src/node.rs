@@ -37,12 +37,6 @@ pub const DEFAULT_PORT: u16 = 7878;
 pub const SOURCE_ID: u16 = 0;
 /// A member that has not answered dials for this long is routed around until it does.
 const UNREACHABLE_AFTER: Duration = Duration::from_secs(5);
-/// Interval between overlapping dial attempts to a peer that has not answered yet.
-const DIAL_SPACING: Duration = Duration::from_millis(100);
-/// How long one dial attempt waits for the handshake and the token exchange.
-const DIAL_PATIENCE: Duration = Duration::from_secs(3);
-/// Attempts in flight at once (DIAL_PATIENCE / DIAL_SPACING).
-const DIAL_MAX_PENDING: usize = (DIAL_PATIENCE.as_millis() / DIAL_SPACING.as_millis()) as usize;
 /// Hello id of a destination that has not been told its id yet.
 const JOINING: u16 = u16::MAX;
 
@@ -298,10 +292,6 @@ fn spawn_acceptor(ep: Endpoint, shared: Arc<Shared>) {
                 let Ok(conn) = incoming.await else { return };
                 match transport::authenticate_acceptor(&conn, &shared.token).await {
                     Ok(ctl) => connection_task(shared, conn, ctl, false, None, Vec::new()).await,
-                    // A dialer drops its other attempts once one is through.
-                    Err(e @ TransportError::Lost(_)) => {
-                        tracing::debug!(remote = %conn.remote_address(), "dropped: {e}")
-                    }
                     Err(e) => tracing::warn!(remote = %conn.remote_address(), "refused: {e}"),
                 }
             });
@@ -319,60 +309,42 @@ fn spawn_dial(
     deadline: Option<Instant>,
 ) {
     tokio::spawn(async move {
-        // A handshake sent before the peer was up is lost, and quinn resends it only after
-        // a second or more. So attempts overlap: a new one every DIAL_SPACING (at first
-        // sooner), each waiting up to DIAL_PATIENCE (time for a far peer's handshake); the
-        // first to finish wins and the others are dropped. A peer that comes up is joined
-        // within about one spacing, however long we waited for it.
+        // Short first attempts, doubling: peers start in any order, a packet sent before
+        // the peer was up is simply lost, and on a LAN the handshake takes a millisecond.
+        // A far peer costs a few quick failures once.
+        let mut patience = Duration::from_millis(50);
+        let wait = Duration::from_millis(20);
         let started = Instant::now();
-        let mut spacing = DIAL_SPACING / 4;
-        let mut attempts = tokio::task::JoinSet::new();
         let mut reported = false;
-        let mut last_error = None;
         loop {
-            if attempts.len() < DIAL_MAX_PENDING {
-                let (ep, shared) = (ep.clone(), shared.clone());
-                attempts.spawn(async move {
-                    let conn = transport::dial(&ep, addr, DIAL_PATIENCE).await?;
-                    let ctl = transport::authenticate_dialer(&conn, &shared.token).await?;
-                    Ok::<_, TransportError>((conn, ctl))
-                });
-            }
-            let next_attempt = tokio::time::sleep(spacing);
-            tokio::pin!(next_attempt);
-            loop {
-                tokio::select! {
-                    _ = &mut next_attempt => break,
-                    Some(done) = attempts.join_next() => match done {
-                        Ok(Ok((conn, ctl))) => {
-                            attempts.abort_all();
-                            connection_task(shared, conn, ctl, true, Some(peer), hello).await;
-                            return;
-                        }
-                        Ok(Err(e @ (TransportError::Refused | TransportError::BadToken))) => {
-                            let _ = shared.events.send(Event::DialFailed { peer, error: e });
-                            return;
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(%addr, "dial failed, retrying: {e}");
-                            last_error = Some(e);
-                        }
-                        Err(_) => {}
-                    },
+            let attempt = async {
+                let conn = transport::dial(&ep, addr, patience).await?;
+                let ctl = transport::authenticate_dialer(&conn, &shared.token).await?;
+                Ok::<_, TransportError>((conn, ctl))
+            };
+            match attempt.await {
+                Ok((conn, ctl)) => {
+                    connection_task(shared, conn, ctl, true, Some(peer), hello).await;
+                    return;
+                }
+                Err(e @ (TransportError::Refused | TransportError::BadToken)) => {
+                    let _ = shared.events.send(Event::DialFailed { peer, error: e });
+                    return;
+                }
+                Err(e) => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        let _ = shared.events.send(Event::DialFailed { peer, error: e });
+                        return;
+                    }
+                    tracing::debug!(%addr, "dial failed, retrying: {e}");
+                    if !reported && peer != SOURCE_ID && started.elapsed() > UNREACHABLE_AFTER {
+                        reported = true;
+                        let _ = shared.events.send(Event::Unreachable { peer });
+                    }
+                    tokio::time::sleep(wait).await;
+                    patience = (patience * 2).min(Duration::from_secs(3));
                 }
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                let error = last_error.unwrap_or_else(|| {
-                    TransportError::Lost(format!("no answer from {addr} within the deadline"))
-                });
-                let _ = shared.events.send(Event::DialFailed { peer, error });
-                return;
-            }
-            if !reported && peer != SOURCE_ID && started.elapsed() > UNREACHABLE_AFTER {
-                reported = true;
-                let _ = shared.events.send(Event::Unreachable { peer });
-            }
-            spacing = (spacing * 2).min(DIAL_SPACING);
         }
     });
 }
