@@ -17,6 +17,9 @@ pub type ChunkId = u32;
 /// clean-clone CI runs had a transfer stall at its very end (cause not found).
 pub const MIN_DEFAULT_CHUNK_BYTES: u32 = 128 * 1024;
 
+/// Largest chunk a file may be cut into (and the largest default).
+pub const MAX_CHUNK_BYTES: u32 = 64 << 20;
+
 /// Most chunks a default chunk size gives: the manifest (32 bytes of hash per chunk) stays
 /// at most 32 MiB and bitfields at most 128 KiB.
 pub const MAX_DEFAULT_CHUNKS: u64 = 1 << 20;
@@ -25,7 +28,7 @@ pub const MAX_DEFAULT_CHUNKS: u64 = 1 << 20;
 /// file would have more than [`MAX_DEFAULT_CHUNKS`] chunks (files over 128 GiB).
 pub fn default_chunk_bytes(file_bytes: u64) -> u32 {
     let mut chunk = MIN_DEFAULT_CHUNK_BYTES as u64;
-    while file_bytes.div_ceil(chunk) > MAX_DEFAULT_CHUNKS && chunk < 64 << 20 {
+    while file_bytes.div_ceil(chunk) > MAX_DEFAULT_CHUNKS && chunk < MAX_CHUNK_BYTES as u64 {
         chunk *= 2;
     }
     chunk as u32
@@ -166,6 +169,6 @@ mod tests {
         assert_eq!(default_chunk_bytes(128 << 30), 128 * 1024);
         assert_eq!(default_chunk_bytes((128 << 30) + 1), 256 * 1024);
         assert_eq!(default_chunk_bytes(1 << 40), 1 << 20);
-        assert_eq!(default_chunk_bytes(u64::MAX), 64 << 20);
+        assert_eq!(default_chunk_bytes(u64::MAX), MAX_CHUNK_BYTES);
     }
 }

@@ -182,6 +182,17 @@ impl Peer {
     fn in_use(&self) -> u32 {
         self.outstanding + self.fresh_asked.iter().sum::<u32>()
     }
+
+    /// Seconds one chunk takes from this neighbour at its measured rate.
+    fn chunk_time_s(&self, cfg: &SchedConfig) -> f64 {
+        cfg.chunk_bytes as f64 * 8.0 / self.rate_bps(cfg)
+    }
+
+    /// Seconds until a chunk requested from this neighbour now should have arrived: its
+    /// pipeline (at least one chunk) at its measured rate.
+    fn expected_delivery_s(&self, cfg: &SchedConfig) -> f64 {
+        self.chunk_time_s(cfg) * self.in_use().max(1) as f64
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -546,16 +557,13 @@ impl Puller {
         let mut again: BTreeMap<PeerId, Vec<ChunkId>> = BTreeMap::new();
         // A chunk raced from two neighbours has its remedy already.
         for (&c, fl) in self.flights.iter_mut().filter(|(_, fl)| fl.len() == 1) {
-            for f in fl.iter_mut() {
-                let Some(p) = self.peers.get(&f.peer) else {
-                    continue;
-                };
-                let per_chunk = self.cfg.chunk_bytes as f64 * 8.0 / p.rate_bps(&self.cfg);
-                let expected = per_chunk * p.in_use().max(1) as f64;
-                if now - f.since > STALL_MIN_S.max(STALL_FACTOR * expected) {
-                    f.since = now;
-                    again.entry(f.peer).or_default().push(c);
-                }
+            let f = &mut fl[0];
+            let Some(p) = self.peers.get(&f.peer) else {
+                continue;
+            };
+            if now - f.since > STALL_MIN_S.max(STALL_FACTOR * p.expected_delivery_s(&self.cfg)) {
+                f.since = now;
+                again.entry(f.peer).or_default().push(c);
             }
         }
         for (peer, mut chunks) in again {
@@ -678,16 +686,14 @@ impl Puller {
     /// `peer` holds and could deliver sooner. At most two copies of a chunk are in flight.
     fn endgame_candidates(&self, peer: PeerId, k: usize, now: f64) -> Vec<ChunkId> {
         let me = &self.peers[&peer];
-        let my_time =
-            self.cfg.chunk_bytes as f64 * 8.0 / me.rate_bps(&self.cfg) * (me.in_use() + 1) as f64;
+        let my_time = me.chunk_time_s(&self.cfg) * (me.in_use() + 1) as f64;
         let mut late: Vec<(f64, ChunkId)> = self
             .flights
             .iter()
             .filter(|(c, fl)| fl.len() == 1 && fl[0].peer != peer && me.have.contains(**c))
             .filter_map(|(&c, fl)| {
                 let other = self.peers.get(&fl[0].peer)?;
-                let per_chunk = self.cfg.chunk_bytes as f64 * 8.0 / other.rate_bps(&self.cfg);
-                let expected = per_chunk * other.in_use().max(1) as f64;
+                let expected = other.expected_delivery_s(&self.cfg);
                 let age = now - fl[0].since;
                 let remaining = (expected - age).max(0.0);
                 let stuck = age > self.cfg.endgame_slowness * expected;

@@ -3,7 +3,10 @@
 
 use std::{fs::File, io::Read, path::Path};
 
-pub use floodclone_sched::{default_chunk_bytes, ChunkId};
+pub use floodclone_sched::{default_chunk_bytes, ChunkId, MAX_CHUNK_BYTES};
+
+/// Smallest chunk a file may be cut into.
+pub const MIN_CHUNK_BYTES: u32 = 4096;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Manifest {
@@ -41,7 +44,7 @@ impl Manifest {
         let mut file = File::open(path).map_err(err)?;
         let file_bytes = file.metadata().map_err(err)?.len();
         let chunk_bytes = chunk_bytes.unwrap_or_else(|| default_chunk_bytes(file_bytes));
-        if !(4096..=64 << 20).contains(&chunk_bytes) {
+        if !(MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(&chunk_bytes) {
             return Err(ManifestError::ChunkSize(chunk_bytes));
         }
         let chunks = file_bytes.div_ceil(chunk_bytes as u64);
@@ -107,7 +110,7 @@ impl Manifest {
 
     /// Consistency of a decoded manifest: the chunk count must match size and chunk size.
     pub fn is_consistent(&self) -> bool {
-        (4096..=64 << 20).contains(&self.chunk_bytes)
+        (MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(&self.chunk_bytes)
             && self.size.div_ceil(self.chunk_bytes as u64) == self.chunk_hashes.len() as u64
     }
 
