@@ -43,8 +43,9 @@ pub struct SchedConfig {
     /// Nodes that hear of a chunk at the same moment would all fetch it over the same
     /// shared path. For a chunk only a farther neighbour offers, one node among itself and
     /// its nearer neighbours is designated (by a hash of member id and chunk, which all of
-    /// them compute alike); the others leave it for this long, time enough to hear that
-    /// the designated one is fetching it, and fetch it from nearby instead.
+    /// them compute alike); the others leave it for this long times their place in the
+    /// same order, time enough to hear that an earlier one is fetching it, and fetch it
+    /// from nearby instead.
     pub far_defer_s: f64,
 }
 
@@ -79,6 +80,10 @@ pub enum Action {
 /// 40 s for its last chunk; cause not found).
 pub const STALL_MIN_S: f64 = 2.0;
 pub const STALL_FACTOR: f64 = 10.0;
+
+/// Deferrals of a chunk from afar grow with a node's place in its group's order (see
+/// [`SchedConfig::far_defer_s`]) up to this many times `far_defer_s`.
+pub const MAX_DEFER_PLACE: usize = 4;
 
 /// Shortest interval a first rate sample is taken to span, in seconds.
 const MIN_FIRST_SAMPLE_S: f64 = 0.01;
@@ -181,6 +186,11 @@ impl Peer {
 
     fn in_use(&self) -> u32 {
         self.outstanding + self.fresh_asked.iter().sum::<u32>()
+    }
+
+    /// This neighbour announced, less than [`COMING_TTL_S`] ago, that it is fetching `c`.
+    fn is_fetching(&self, c: ChunkId, now: f64) -> bool {
+        self.coming.get(&c).is_some_and(|&t| now - t < COMING_TTL_S)
     }
 
     /// Seconds one chunk takes from this neighbour at its measured rate.
@@ -625,12 +635,20 @@ impl Puller {
             if nearer_ids.is_empty() || p.is_source {
                 return false;
             }
+            // Our place in the group's order for this chunk: the first fetches at once,
+            // the others one after the other, `far_defer_s` apart, so that when the first
+            // is too busy to fetch it, one (not all) of the rest does.
             let mine = tie_rank(me as u64 + 1, c);
-            if nearer_ids.iter().all(|&q| tie_rank(q as u64 + 1, c) > mine) {
+            let place = nearer_ids
+                .iter()
+                .filter(|&&q| tie_rank(q as u64 + 1, c) < mine)
+                .count()
+                .min(MAX_DEFER_PLACE);
+            if place == 0 {
                 return false;
             }
             match self.deferred.get(&c) {
-                Some(&since) => now - since < self.cfg.far_defer_s,
+                Some(&since) => now - since < self.cfg.far_defer_s * place as f64,
                 None if self.cfg.far_defer_s > 0.0 => {
                     deferred.push(c);
                     true
@@ -638,13 +656,12 @@ impl Puller {
                 None => false,
             }
         };
-        let left_to_nearer = |c: ChunkId| {
-            nearer.iter().any(|q| {
-                q.have.contains(c) || q.coming.get(&c).is_some_and(|&t| now - t < COMING_TTL_S)
-            })
-        };
+        let holds_or_fetches = |q: &Peer, c: ChunkId| q.have.contains(c) || q.is_fetching(c, now);
+        let left_to_nearer = |c: ChunkId| nearer.iter().any(|q| holds_or_fetches(q, c));
         // A source behind a router sits on a path shared with everyone behind it, and its
-        // uplink is usually the min-cut: ask it only for chunks no other neighbour holds.
+        // uplink is usually the min-cut: ask it only for chunks no other neighbour holds or
+        // is fetching (the last fresh chunks are in flight to others when the source runs
+        // out: asking for them would send them up that uplink twice).
         // (A source on a link of our own costs nobody else: use it freely.)
         // Neighbours reached through the source do not count: their copy would come back
         // over the source's own links.
@@ -654,7 +671,7 @@ impl Puller {
                 && self
                     .peers
                     .iter()
-                    .any(|(&id, q)| id != peer && q.have.contains(c) && !via_source(q))
+                    .any(|(&id, q)| id != peer && holds_or_fetches(q, c) && !via_source(q))
         };
         let salt = me as u64;
         let mut cands: Vec<(u16, u32, ChunkId)> = p
@@ -669,7 +686,7 @@ impl Puller {
                 let soon = self
                     .peers
                     .values()
-                    .filter(|q| q.coming.get(&c).is_some_and(|&t| now - t < COMING_TTL_S))
+                    .filter(|q| q.is_fetching(c, now))
                     .count() as u16;
                 (self.holders[c as usize] + soon, tie_rank(salt, c), c)
             })
@@ -1019,6 +1036,27 @@ mod tests {
     }
 
     #[test]
+    fn a_chunk_a_neighbour_fetches_is_not_asked_of_a_source_behind_a_router() {
+        // The source ran out of fresh chunks while its last ones are still on their way to
+        // others: chunk 1 to neighbour 3 (which announced it). Asking the source for it
+        // again would send it up the source's uplink twice; we wait for neighbour 3's copy,
+        // unless its announcement grows stale.
+        let mut p = Puller::new(SchedConfig::new(128 << 10), ChunkSet::new(2));
+        p.add_peer(0, true);
+        p.peer_distance(0, 2);
+        p.fresh_granted(0, &[], true, 0.0);
+        p.peer_bitfield(0, &ChunkSet::full(2));
+        p.add_peer(3, false);
+        p.peer_distance(3, 2);
+        p.peer_fetching(3, 1, 0.0);
+        let asked = requests_by_peer(p.poll(0.0));
+        assert_eq!(asked, BTreeMap::from([(0, vec![0])]));
+        p.chunk_done(0, 0, true, 0.5);
+        let asked = requests_by_peer(p.poll(COMING_TTL_S + 0.1));
+        assert_eq!(asked, BTreeMap::from([(0, vec![1])]));
+    }
+
+    #[test]
     fn a_neighbour_beyond_the_source_is_skipped_one_beside_it_is_not() {
         // The source is 2 hops away behind a router and holds everything. Neighbour 3 is 3
         // hops away and 1 hop from the source: our path to it runs through the source, so it
@@ -1060,7 +1098,7 @@ mod tests {
                     SchedConfig {
                         member: me,
                         max_outstanding: 64,
-                        queue_target_s: 100.0,
+                        queue_target_s: 0.12,
                         ..SchedConfig::new(128 << 10)
                     },
                     ChunkSet::new(32),
