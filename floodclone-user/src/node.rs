@@ -37,6 +37,12 @@ pub const DEFAULT_PORT: u16 = 7878;
 pub const SOURCE_ID: u16 = 0;
 /// A member that has not answered dials for this long is routed around until it does.
 const UNREACHABLE_AFTER: Duration = Duration::from_secs(5);
+/// Interval between overlapping dial attempts to a peer that has not answered yet.
+const DIAL_SPACING: Duration = Duration::from_millis(100);
+/// How long one dial attempt waits for the handshake and the token exchange.
+const DIAL_PATIENCE: Duration = Duration::from_secs(3);
+/// Attempts in flight at once (DIAL_PATIENCE / DIAL_SPACING).
+const DIAL_MAX_PENDING: usize = (DIAL_PATIENCE.as_millis() / DIAL_SPACING.as_millis()) as usize;
 /// Hello id of a destination that has not been told its id yet.
 const JOINING: u16 = u16::MAX;
 
@@ -292,6 +298,10 @@ fn spawn_acceptor(ep: Endpoint, shared: Arc<Shared>) {
                 let Ok(conn) = incoming.await else { return };
                 match transport::authenticate_acceptor(&conn, &shared.token).await {
                     Ok(ctl) => connection_task(shared, conn, ctl, false, None, Vec::new()).await,
+                    // A dialer closes its other attempts once one is through.
+                    Err(e @ TransportError::Lost(_)) => {
+                        tracing::debug!(remote = %conn.remote_address(), "dropped: {e}")
+                    }
                     Err(e) => tracing::warn!(remote = %conn.remote_address(), "refused: {e}"),
                 }
             });
@@ -309,41 +319,67 @@ fn spawn_dial(
     deadline: Option<Instant>,
 ) {
     tokio::spawn(async move {
-        // Short first attempts, doubling: peers start in any order, a packet sent before
-        // the peer was up is simply lost, and on a LAN the handshake takes a millisecond.
-        // A far peer costs a few quick failures once.
-        let mut patience = Duration::from_millis(50);
-        let wait = Duration::from_millis(20);
+        // A handshake sent before the peer was up is lost, and quinn resends it only after
+        // a second or more. So attempts overlap: a new one every DIAL_SPACING (at first
+        // sooner), each waiting up to DIAL_PATIENCE (time for a far peer's handshake); the
+        // first through wins. A peer that comes up is joined within about one spacing,
+        // however long we waited for it.
         let started = Instant::now();
+        let mut spacing = DIAL_SPACING / 4;
+        let mut attempts = tokio::task::JoinSet::new();
         let mut reported = false;
-        loop {
-            let attempt = async {
-                let conn = transport::dial(&ep, addr, patience).await?;
-                let ctl = transport::authenticate_dialer(&conn, &shared.token).await?;
-                Ok::<_, TransportError>((conn, ctl))
-            };
-            match attempt.await {
-                Ok((conn, ctl)) => {
-                    connection_task(shared, conn, ctl, true, Some(peer), hello).await;
-                    return;
+        let mut last_error = None;
+        let won = 'dialing: loop {
+            if attempts.len() < DIAL_MAX_PENDING {
+                let (ep, shared) = (ep.clone(), shared.clone());
+                attempts.spawn(async move {
+                    let conn = transport::dial(&ep, addr, DIAL_PATIENCE).await?;
+                    let ctl = transport::authenticate_dialer(&conn, &shared.token).await?;
+                    Ok::<_, TransportError>((conn, ctl))
+                });
+            }
+            let next_attempt = tokio::time::sleep(spacing);
+            tokio::pin!(next_attempt);
+            loop {
+                tokio::select! {
+                    _ = &mut next_attempt => break,
+                    Some(done) = attempts.join_next() => match done {
+                        Ok(Ok(won)) => break 'dialing Ok(won),
+                        Ok(Err(e @ (TransportError::Refused | TransportError::BadToken))) => {
+                            break 'dialing Err(e);
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%addr, "dial failed, retrying: {e}");
+                            last_error = Some(e);
+                        }
+                        Err(_) => {}
+                    },
                 }
-                Err(e @ (TransportError::Refused | TransportError::BadToken)) => {
-                    let _ = shared.events.send(Event::DialFailed { peer, error: e });
-                    return;
-                }
-                Err(e) => {
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        let _ = shared.events.send(Event::DialFailed { peer, error: e });
-                        return;
-                    }
-                    tracing::debug!(%addr, "dial failed, retrying: {e}");
-                    if !reported && peer != SOURCE_ID && started.elapsed() > UNREACHABLE_AFTER {
-                        reported = true;
-                        let _ = shared.events.send(Event::Unreachable { peer });
-                    }
-                    tokio::time::sleep(wait).await;
-                    patience = (patience * 2).min(Duration::from_secs(3));
-                }
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break Err(last_error.unwrap_or_else(|| {
+                    TransportError::Lost(format!("no answer from {addr} within the deadline"))
+                }));
+            }
+            if !reported && peer != SOURCE_ID && started.elapsed() > UNREACHABLE_AFTER {
+                reported = true;
+                let _ = shared.events.send(Event::Unreachable { peer });
+            }
+            spacing = (spacing * 2).min(DIAL_SPACING);
+        };
+        // Only one connection to a peer may live: every other attempt is stopped, and one
+        // that got through meanwhile is closed (left open, the peer would keep a connection
+        // nobody reads, queueing every announcement for it).
+        attempts.abort_all();
+        while let Some(done) = attempts.join_next().await {
+            if let Ok(Ok((conn, _))) = done {
+                conn.close(VarInt::from_u32(CLOSE_DONE), b"another attempt won");
+            }
+        }
+        match won {
+            Ok((conn, ctl)) => connection_task(shared, conn, ctl, true, Some(peer), hello).await,
+            Err(error) => {
+                let _ = shared.events.send(Event::DialFailed { peer, error });
             }
         }
     });
