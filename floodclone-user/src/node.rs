@@ -412,6 +412,11 @@ async fn connection_task(
             }
         }
     });
+    // Subscribe before the main loop hears of the connection: it answers `Up` with our
+    // bitfield, and a chunk that arrives after that must reach this connection as a
+    // `Have`. Subscribing later lost such a `Have` now and then (a tree leaf never asked
+    // for chunk 0, which its only neighbour got while the connection came up).
+    let mut announcements = shared.announce.subscribe();
     let _ = shared.events.send(Event::Up {
         key,
         info: ConnInfo {
@@ -528,7 +533,6 @@ async fn connection_task(
         None
     };
 
-    let mut announcements = shared.announce.subscribe();
     let reason = loop {
         tokio::select! {
             batch = ctl_recv.recv_batch() => match batch {
