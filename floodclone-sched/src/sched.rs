@@ -1098,7 +1098,7 @@ mod tests {
                     SchedConfig {
                         member: me,
                         max_outstanding: 64,
-                        queue_target_s: 0.12,
+                        queue_target_s: 100.0,
                         ..SchedConfig::new(128 << 10)
                     },
                     ChunkSet::new(32),
