@@ -13,9 +13,10 @@ pub type ChunkId = u32;
 /// verified it, so a chunk costs one chunk-time of delay per hop while a transfer starts
 /// and ends; smaller chunks shorten that ramp. Measured on the mesh (README, "Chunk size"):
 /// 64 KiB 1.146, 128 KiB 1.16 x U_min on the testbed (simulator 1.022, 1.036); 32 KiB is
-/// worse again (1.177) as per-chunk work grows. Kept at 128 KiB: with 64 KiB, three of five
-/// clean-clone CI runs had a transfer stall at its very end (cause not found).
-pub const MIN_DEFAULT_CHUNK_BYTES: u32 = 128 * 1024;
+/// worse again (1.177) as per-chunk work grows. (Session 4 went back to 128 KiB for a while
+/// after CI stalls that turned out to be a lost announcement, fixed in ae0e8e5; more
+/// chunks early in a transfer only made that race likelier.)
+pub const MIN_DEFAULT_CHUNK_BYTES: u32 = 64 * 1024;
 
 /// Largest chunk a file may be cut into (and the largest default).
 pub const MAX_CHUNK_BYTES: u32 = 64 << 20;
@@ -25,7 +26,7 @@ pub const MAX_CHUNK_BYTES: u32 = 64 << 20;
 pub const MAX_DEFAULT_CHUNKS: u64 = 1 << 20;
 
 /// The chunk size used when none is given: [`MIN_DEFAULT_CHUNK_BYTES`], doubled while the
-/// file would have more than [`MAX_DEFAULT_CHUNKS`] chunks (files over 128 GiB).
+/// file would have more than [`MAX_DEFAULT_CHUNKS`] chunks (files over 64 GiB).
 pub fn default_chunk_bytes(file_bytes: u64) -> u32 {
     let mut chunk = MIN_DEFAULT_CHUNK_BYTES as u64;
     while file_bytes.div_ceil(chunk) > MAX_DEFAULT_CHUNKS && chunk < MAX_CHUNK_BYTES as u64 {
@@ -164,10 +165,10 @@ mod tests {
 
     #[test]
     fn default_chunk_size_grows_only_for_huge_files() {
-        assert_eq!(default_chunk_bytes(0), 128 * 1024);
-        assert_eq!(default_chunk_bytes(64 << 20), 128 * 1024);
-        assert_eq!(default_chunk_bytes(128 << 30), 128 * 1024);
-        assert_eq!(default_chunk_bytes((128 << 30) + 1), 256 * 1024);
+        assert_eq!(default_chunk_bytes(0), 64 * 1024);
+        assert_eq!(default_chunk_bytes(64 << 20), 64 * 1024);
+        assert_eq!(default_chunk_bytes(64 << 30), 64 * 1024);
+        assert_eq!(default_chunk_bytes((64 << 30) + 1), 128 * 1024);
         assert_eq!(default_chunk_bytes(1 << 40), 1 << 20);
         assert_eq!(default_chunk_bytes(u64::MAX), MAX_CHUNK_BYTES);
     }

@@ -60,7 +60,7 @@ enum Cmd {
         /// A destination, as ADDR or ADDR:PORT (port defaults to --port). Repeat for each.
         #[arg(long = "dest", required = true, value_parser = parse_addr)]
         dests: Vec<(Ipv4Addr, Option<u16>)>,
-        /// Chunk size in bytes [default: 128 KiB; doubled for files over 128 GiB so the file
+        /// Chunk size in bytes [default: 64 KiB; doubled for files over 64 GiB so the file
         /// has at most 2^20 chunks].
         #[arg(long)]
         chunk_size: Option<u32>,

@@ -122,7 +122,7 @@ enum Cmd {
         /// File size, e.g. 64MiB.
         #[arg(long, default_value = "64MiB", value_parser = parse_size)]
         size: u64,
-        /// Chunk size, e.g. 128KiB [default: floodclone's for the file size].
+        /// Chunk size, e.g. 64KiB [default: floodclone's for the file size].
         #[arg(long, value_parser = parse_size)]
         chunk_size: Option<u64>,
         /// One-way delay per link, milliseconds.
