@@ -1126,6 +1126,41 @@ mod tests {
     }
 
     #[test]
+    fn a_group_fetches_a_chunk_from_afar_in_order_not_all_at_once() {
+        // Three members sit together (5, 6, 7); member 1 is far and holds everything. For
+        // each chunk the group's order (a hash all compute alike) gives member 5 a place:
+        // it fetches its first-place chunks at once, its second-place ones after
+        // `far_defer_s` and its third-place ones after twice that, so that two who were
+        // not first do not fetch the same chunk together.
+        let cfg = SchedConfig {
+            member: 5,
+            max_outstanding: 64,
+            queue_target_s: 100.0,
+            ..SchedConfig::new(128 << 10)
+        };
+        let defer = cfg.far_defer_s;
+        let mut p = Puller::new(cfg, ChunkSet::new(32));
+        for (peer, hops) in [(1, 3), (6, 2), (7, 2)] {
+            p.add_peer(peer, false);
+            p.peer_distance(peer, hops);
+        }
+        p.peer_bitfield(1, &ChunkSet::full(32));
+        let place = |c: ChunkId| {
+            let mine = tie_rank(6, c);
+            [7u64, 8].iter().filter(|&&q| tie_rank(q, c) < mine).count()
+        };
+        let mut asked = Vec::new();
+        for (now, upto) in [(0.0, 0), (defer + 0.01, 1), (2.0 * defer + 0.01, 2)] {
+            let mut got = requests_by_peer(p.poll(now)).remove(&1).unwrap_or_default();
+            got.sort_unstable();
+            let want: Vec<ChunkId> = (0..32).filter(|&c| place(c) == upto).collect();
+            assert_eq!(got, want, "place {upto}");
+            asked.extend(got);
+        }
+        assert_eq!(asked.len(), 32);
+    }
+
+    #[test]
     fn fresh_server_serves_each_chunk_once() {
         let mut f = FreshServer::new(5);
         f.known_held(1);
