@@ -677,7 +677,9 @@ impl Core {
                 tracing::trace!(target: "floodclone::quic", peer = c.peer, dialed = c.dialed,
                     rtt_ms = st.path.rtt.as_secs_f64() * 1e3, cwnd = st.path.cwnd,
                     lost = st.path.lost_packets, congestion_events = st.path.congestion_events,
-                    tx_bytes = st.udp_tx.bytes, "connection");
+                    tx_bytes = st.udp_tx.bytes, tx_datagrams = st.udp_tx.datagrams,
+                    mtu = st.path.current_mtu, black_holes = st.path.black_holes_detected,
+                    "connection");
             }
         }
         let peers = self

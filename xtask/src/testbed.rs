@@ -25,6 +25,12 @@ use crate::topology::{EventAction, Topology};
 pub const NETNS_PREFIX: &str = "fc-";
 /// Queue each shaped direction may hold, in milliseconds at its rate.
 pub const QUEUE_MS: f64 = 25.0;
+/// Largest packet a sender may hand a veth at once (segmentation offload). The shaping
+/// FIFO sits before segmentation and counts such a packet whole: with the default 64 KB a
+/// FIFO of 25 ms at 10 Mbit/s (31 KB) could never take one of TCP's, and TCP crawled.
+const GSO_MAX_SIZE: &str = "16384";
+/// Least queue of a shaped direction: two of the largest packets.
+const MIN_QUEUE_BYTES: u64 = 2 * 16384;
 /// HTB burst, in milliseconds at the rate (at least one jumbo GSO packet).
 pub const BURST_MS: f64 = 4.0;
 
@@ -223,6 +229,8 @@ impl Testbed {
                 &iface_name(nb),
                 "netns",
                 &self.netns(l.a),
+                "gso_max_size",
+                GSO_MAX_SIZE,
                 "type",
                 "veth",
                 "peer",
@@ -230,6 +238,8 @@ impl Testbed {
                 &iface_name(na),
                 "netns",
                 &self.netns(l.b),
+                "gso_max_size",
+                GSO_MAX_SIZE,
             ])?;
         }
         for i in 0..topo.nodes.len() {
@@ -264,11 +274,15 @@ impl Testbed {
         Ok(())
     }
 
-    /// HTB at `mbit` on the egress of `dev` in `netns`, with a pfifo of [`QUEUE_MS`].
+    /// HTB at `mbit` on the egress of `dev` in `netns`, with a FIFO of [`QUEUE_MS`].
+    ///
+    /// The FIFO's limit is in bytes: a packet limit counts a GSO super-packet (QUIC and TCP
+    /// senders hand the kernel many segments at once) as one, and a "25 ms" pfifo held
+    /// 100 ms and more of a QUIC sender's data (RTT 128 ms on a 40 Mbit/s star link).
     fn shape_one(&self, netns: &str, dev: &str, mbit: f64, verb: &str) -> Result<()> {
         let bytes_per_ms = mbit * 1e6 / 8.0 / 1e3;
         let burst = ((bytes_per_ms * BURST_MS) as u64).max(70_000);
-        let limit = ((bytes_per_ms * QUEUE_MS / 1514.0) as u64).max(16);
+        let limit = ((bytes_per_ms * QUEUE_MS) as u64).max(MIN_QUEUE_BYTES);
         let rate = format!("{}kbit", (mbit * 1000.0).round() as u64);
         let class = format!(
             "class {verb} dev {dev} parent 1: classid 1:10 htb rate {rate} ceil {rate} \
@@ -277,10 +291,10 @@ impl Testbed {
         let batch = if verb == "add" {
             format!(
                 "qdisc add dev {dev} root handle 1: htb default 10\n{class}\
-                 qdisc add dev {dev} parent 1:10 handle 10: pfifo limit {limit}\n"
+                 qdisc add dev {dev} parent 1:10 handle 10: bfifo limit {limit}\n"
             )
         } else {
-            class
+            format!("{class}qdisc change dev {dev} parent 1:10 handle 10: bfifo limit {limit}\n")
         };
         run(
             Command::new("tc").args(["-n", netns, "-batch", "-"]),
