@@ -37,12 +37,18 @@ pub const DEFAULT_PORT: u16 = 7878;
 pub const SOURCE_ID: u16 = 0;
 /// A member that has not answered dials for this long is routed around until it does.
 const UNREACHABLE_AFTER: Duration = Duration::from_secs(5);
-/// Interval between overlapping dial attempts to a peer that has not answered yet.
+/// Interval between overlapping dial attempts to a peer that has not answered yet, for the
+/// first [`DIAL_EARLY_FOR`]: members usually start within seconds of each other, and each
+/// interval is start-up time every destination waits (one 1200-byte packet per attempt).
+const DIAL_SPACING_EARLY: Duration = Duration::from_millis(25);
+const DIAL_EARLY_FOR: Duration = Duration::from_secs(5);
+/// Interval between attempts after that.
 const DIAL_SPACING: Duration = Duration::from_millis(100);
 /// How long one dial attempt waits for the handshake and the token exchange.
 const DIAL_PATIENCE: Duration = Duration::from_secs(3);
-/// Attempts in flight at once (DIAL_PATIENCE / DIAL_SPACING).
-const DIAL_MAX_PENDING: usize = (DIAL_PATIENCE.as_millis() / DIAL_SPACING.as_millis()) as usize;
+/// Attempts in flight at once (DIAL_PATIENCE / DIAL_SPACING_EARLY).
+const DIAL_MAX_PENDING: usize =
+    (DIAL_PATIENCE.as_millis() / DIAL_SPACING_EARLY.as_millis()) as usize;
 /// Hello id of a destination that has not been told its id yet.
 const JOINING: u16 = u16::MAX;
 
@@ -320,12 +326,10 @@ fn spawn_dial(
 ) {
     tokio::spawn(async move {
         // A handshake sent before the peer was up is lost, and quinn resends it only after
-        // a second or more. So attempts overlap: a new one every DIAL_SPACING (at first
-        // sooner), each waiting up to DIAL_PATIENCE (time for a far peer's handshake); the
-        // first through wins. A peer that comes up is joined within about one spacing,
-        // however long we waited for it.
+        // a second or more. So attempts overlap: a new one every DIAL_SPACING_EARLY (later
+        // DIAL_SPACING), each waiting up to DIAL_PATIENCE (time for a far peer's handshake);
+        // the first through wins. A peer that comes up is joined within about one spacing.
         let started = Instant::now();
-        let mut spacing = DIAL_SPACING / 4;
         let mut attempts = tokio::task::JoinSet::new();
         let mut reported = false;
         let mut last_error = None;
@@ -338,6 +342,11 @@ fn spawn_dial(
                     Ok::<_, TransportError>((conn, ctl))
                 });
             }
+            let spacing = if started.elapsed() < DIAL_EARLY_FOR {
+                DIAL_SPACING_EARLY
+            } else {
+                DIAL_SPACING
+            };
             let next_attempt = tokio::time::sleep(spacing);
             tokio::pin!(next_attempt);
             loop {
@@ -365,7 +374,6 @@ fn spawn_dial(
                 reported = true;
                 let _ = shared.events.send(Event::Unreachable { peer });
             }
-            spacing = (spacing * 2).min(DIAL_SPACING);
         };
         // Only one connection to a peer may live: every other attempt is stopped, and one
         // that got through meanwhile is closed (left open, the peer would keep a connection
