@@ -1013,17 +1013,24 @@ mod tests {
         assert!(!asked.contains_key(&1), "{asked:?}");
     }
 
+    /// A puller of `chunks` chunks whose only neighbour so far is the source, 2 hops away
+    /// behind a router, holding everything and having served every chunk once already.
+    fn behind_a_router_with_the_source(chunks: u32) -> Puller {
+        let mut p = Puller::new(SchedConfig::new(128 << 10), ChunkSet::new(chunks));
+        p.add_peer(0, true);
+        p.peer_distance(0, 2);
+        p.fresh_granted(0, &[], true, 0.0);
+        p.peer_bitfield(0, &ChunkSet::full(chunks));
+        p
+    }
+
     #[test]
     fn a_source_behind_a_router_is_spared_without_deadlock() {
         // The source (2 hops) holds everything; a neighbour as near as it (2 hops) holds
         // chunk 0, one beyond it (3 hops) holds both. Chunk 0 comes from the equally near
         // neighbour, chunk 1 (held by nobody else that near) from the source, and nothing
         // from the neighbour whose path likely runs through the source's links.
-        let mut p = Puller::new(SchedConfig::new(128 << 10), ChunkSet::new(2));
-        p.add_peer(0, true);
-        p.peer_distance(0, 2);
-        p.fresh_granted(0, &[], true, 0.0); // every chunk already served once
-        p.peer_bitfield(0, &ChunkSet::full(2));
+        let mut p = behind_a_router_with_the_source(2);
         let mut only_0 = ChunkSet::new(2);
         only_0.insert(0);
         for (peer, hops, have) in [(3, 2, only_0), (4, 3, ChunkSet::full(2))] {
@@ -1041,11 +1048,7 @@ mod tests {
         // others: chunk 1 to neighbour 3 (which announced it). Asking the source for it
         // again would send it up the source's uplink twice; we wait for neighbour 3's copy,
         // unless its announcement grows stale.
-        let mut p = Puller::new(SchedConfig::new(128 << 10), ChunkSet::new(2));
-        p.add_peer(0, true);
-        p.peer_distance(0, 2);
-        p.fresh_granted(0, &[], true, 0.0);
-        p.peer_bitfield(0, &ChunkSet::full(2));
+        let mut p = behind_a_router_with_the_source(2);
         p.add_peer(3, false);
         p.peer_distance(3, 2);
         p.peer_fetching(3, 1, 0.0);
@@ -1063,11 +1066,7 @@ mod tests {
         // is not pulled from. Neighbour 4 is as far from us but 3 hops from the source (the
         // far side of a dumbbell): its path does not touch the source's links, and what it
         // holds is not asked of the source.
-        let mut p = Puller::new(SchedConfig::new(128 << 10), ChunkSet::new(3));
-        p.add_peer(0, true);
-        p.peer_distance(0, 2);
-        p.fresh_granted(0, &[], true, 0.0);
-        p.peer_bitfield(0, &ChunkSet::full(3));
+        let mut p = behind_a_router_with_the_source(3);
         let mut first_two = ChunkSet::new(3);
         first_two.insert(0);
         first_two.insert(1);

@@ -319,7 +319,6 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
             puller.peer_distance(nb, path.len() as u8);
             puller.peer_ingress(nb, *path.last().expect("a path to a neighbour") as u32);
             // What the neighbour reports of its own distance to the source.
-            let source = node_of_member[overlay::SOURCE as usize];
             let to_source = routes.path(from, source).expect("reachable").len() - 1;
             puller.peer_source_distance(nb, to_source as u8);
             let id = pipes.len();

@@ -28,9 +28,9 @@ pub const QUEUE_MS: f64 = 25.0;
 /// Largest packet a sender may hand a veth at once (segmentation offload). The shaping
 /// FIFO sits before segmentation and counts such a packet whole: with the default 64 KB a
 /// FIFO of 25 ms at 10 Mbit/s (31 KB) could never take one of TCP's, and TCP crawled.
-const GSO_MAX_SIZE: &str = "16384";
+const GSO_MAX_SIZE: u64 = 16384;
 /// Least queue of a shaped direction: two of the largest packets.
-const MIN_QUEUE_BYTES: u64 = 2 * 16384;
+const MIN_QUEUE_BYTES: u64 = 2 * GSO_MAX_SIZE;
 /// HTB burst, in milliseconds at the rate (at least one jumbo GSO packet).
 pub const BURST_MS: f64 = 4.0;
 
@@ -220,6 +220,7 @@ impl Testbed {
         for i in 0..topo.nodes.len() {
             ip(&["netns", "add", &self.netns(i)])?;
         }
+        let gso_max_size = GSO_MAX_SIZE.to_string();
         for l in &topo.links {
             let (na, nb) = (&topo.nodes[l.a].name, &topo.nodes[l.b].name);
             ip(&[
@@ -230,7 +231,7 @@ impl Testbed {
                 "netns",
                 &self.netns(l.a),
                 "gso_max_size",
-                GSO_MAX_SIZE,
+                &gso_max_size,
                 "type",
                 "veth",
                 "peer",
@@ -239,7 +240,7 @@ impl Testbed {
                 "netns",
                 &self.netns(l.b),
                 "gso_max_size",
-                GSO_MAX_SIZE,
+                &gso_max_size,
             ])?;
         }
         for i in 0..topo.nodes.len() {
