@@ -424,7 +424,13 @@ async fn connection_task(
     // bitfield, and a chunk that arrives after that must reach this connection as a
     // `Have`. Subscribing later lost such a `Have` now and then (a tree leaf never asked
     // for chunk 0, which its only neighbour got while the connection came up).
-    let mut announcements = shared.announce.subscribe();
+    // A destination reads announcements only on the connection it dialed (the one it pulls
+    // over), so ours go out on the connections dialed to us, and to the source, which
+    // counts what each destination holds. Sent on both connections of a pair they cost a
+    // small packet each on every link between the two: on the narrow-source dumbbell
+    // about 1% of the bottleneck, carrying 2,600 ignored packets per pair.
+    let peer_listens = !dialed || peer == Some(SOURCE_ID);
+    let mut announcements = peer_listens.then(|| shared.announce.subscribe());
     let _ = shared.events.send(Event::Up {
         key,
         info: ConnInfo {
@@ -585,7 +591,7 @@ async fn connection_task(
                     break e.to_string();
                 }
             },
-            news = announcements.recv() => match news {
+            news = next_announcement(&mut announcements) => match news {
                 Ok(Announce::Have(c)) => {
                     let _ = tx.send(Msg::Have { chunk: c });
                 }
@@ -606,6 +612,16 @@ async fn connection_task(
         }
     };
     finish(&shared, key, reason, &writer, &sender, &receiver);
+}
+
+/// The next announcement for a connection that forwards them; never, for one that does not.
+async fn next_announcement(
+    rx: &mut Option<broadcast::Receiver<Announce>>,
+) -> Result<Announce, broadcast::error::RecvError> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn finish(
@@ -668,6 +684,24 @@ impl Core {
                 .or_default() += m.tx.bytes;
         }
         json!(by)
+    }
+
+    /// Tells the scheduler what the kernel shows of the path to neighbour `p`: its receive
+    /// rate (windowed max), router hops and the link its data arrives on.
+    fn tell_path(&self, pl: &mut Puller, members: &[Member], p: u16) {
+        let Some(m) = members.iter().find(|m| m.id == p) else {
+            return;
+        };
+        let (_, max_bps) = self.meters.rx_from(m.addr);
+        if max_bps > 0.0 {
+            pl.peer_measured_rate(p, max_bps);
+        }
+        if let Some(hops) = self.meters.hops_to(m.addr) {
+            pl.peer_distance(p, hops);
+        }
+        if let Some(&ifindex) = self.ingress.get(&p) {
+            pl.peer_ingress(p, ifindex);
+        }
     }
 
     /// Reads the in-kernel counters (when attached) and publishes what only this process
@@ -811,19 +845,8 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                 // The plan follows measured rates: each neighbour's receive rate as the
                 // kernel sees it (windowed max) informs its pipeline depth.
                 if let Some(pl) = puller.as_mut() {
-                    for (&p, _) in pull.iter() {
-                        if let Some(m) = members.iter().find(|m| m.id == p) {
-                            let (_, max_bps) = core.meters.rx_from(m.addr);
-                            if max_bps > 0.0 {
-                                pl.peer_measured_rate(p, max_bps);
-                            }
-                            if let Some(hops) = core.meters.hops_to(m.addr) {
-                                pl.peer_distance(p, hops);
-                            }
-                            if let Some(&ifindex) = core.ingress.get(&p) {
-                                pl.peer_ingress(p, ifindex);
-                            }
-                        }
+                    for &p in pull.keys() {
+                        core.tell_path(pl, &members, p);
                     }
                 }
                 if let Some(store) = shared.store.get() {
@@ -877,6 +900,11 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                     pull.insert(p, key);
                     if let Some(pl) = puller.as_mut().filter(|_| neighbours.contains(&p)) {
                         pl.add_peer(p, p == SOURCE_ID);
+                        // The handshake's packets already tell the hops: the scheduler
+                        // needs them from its first requests on (which member of a group
+                        // fetches a chunk from afar), not one tick later.
+                        core.measure();
+                        core.tell_path(pl, &members, p);
                     }
                 }
             }
@@ -1326,6 +1354,8 @@ async fn rediscover(
                     if let Some(set) = core.peer_have.get(&k) {
                         pl.peer_bitfield(new, set);
                     }
+                    core.measure();
+                    core.tell_path(pl, members, new);
                 }
             }
             None if new != SOURCE_ID && !core.dialing.contains(&new) => {
