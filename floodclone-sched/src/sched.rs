@@ -85,6 +85,14 @@ pub const STALL_FACTOR: f64 = 10.0;
 /// [`SchedConfig::far_defer_s`]) up to this many times `far_defer_s`.
 pub const MAX_DEFER_PLACE: usize = 4;
 
+/// Seconds over which the source's hand-out of fresh chunks is counted (see
+/// [`Puller::too_slow_for_fresh`]).
+pub const FRESH_WINDOW_S: f64 = 1.0;
+
+/// A node whose fresh chunks arrive at less than this share of the source's average rate
+/// per fresh receiver is far behind the others (its path has a bottleneck of its own).
+pub const STARVED_SHARE: f64 = 0.25;
+
 /// Shortest interval a first rate sample is taken to span, in seconds.
 const MIN_FIRST_SAMPLE_S: f64 = 0.01;
 
@@ -232,6 +240,12 @@ pub struct Puller {
     actions: Vec<Action>,
     /// Chunks this node was not designated to fetch from afar, since when.
     deferred: HashMap<ChunkId, f64>,
+    /// Chunks known to have left the source: held or fetched here or by a neighbour.
+    seen: ChunkSet,
+    seen_count: u32,
+    /// Fetches of chunks not seen before (fresh ones, as far as this node can tell) in the
+    /// last [`FRESH_WINDOW_S`]: when, and by whom (`None`: this node).
+    fresh_log: std::collections::VecDeque<(f64, Option<PeerId>)>,
     /// Chunks that arrived and were not needed (raced copies, refused streams).
     pub duplicates: u64,
     /// Chunks received and verified.
@@ -249,6 +263,9 @@ impl Puller {
             holders: vec![0; n],
             actions: Vec::new(),
             deferred: HashMap::new(),
+            seen: ChunkSet::new(n as u32),
+            seen_count: 0,
+            fresh_log: Default::default(),
             duplicates: 0,
             received: 0,
         }
@@ -312,9 +329,15 @@ impl Puller {
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
+        let from_source = p.is_source;
         for c in set.iter() {
             if p.have.insert(c) {
                 self.holders[c as usize] += 1;
+            }
+        }
+        if !from_source {
+            for c in set.iter() {
+                self.mark_seen(c, None);
             }
         }
     }
@@ -324,6 +347,9 @@ impl Puller {
             p.coming.remove(&chunk);
             if p.have.insert(chunk) {
                 self.holders[chunk as usize] += 1;
+            }
+            if !p.is_source {
+                self.mark_seen(chunk, None);
             }
         }
     }
@@ -357,6 +383,9 @@ impl Puller {
         if let Some(p) = self.peers.get_mut(&peer) {
             if !p.have.contains(chunk) {
                 p.coming.insert(chunk, now);
+            }
+            if !p.is_source {
+                self.mark_seen(chunk, Some((now, Some(peer))));
             }
         }
     }
@@ -439,9 +468,8 @@ impl Puller {
                 self.flights.insert(chunk, rest);
             }
         }
-        if from_peer {
-            self.release(peer);
-        }
+        // Measured before the release: a delivery that leaves the neighbour idle still
+        // spans the time since it became busy.
         if let Some(p) = self.peers.get_mut(&peer) {
             if ok {
                 p.rate.delivered(self.cfg.chunk_bytes, now);
@@ -449,8 +477,12 @@ impl Puller {
                 p.bad_chunks += 1;
             }
         }
+        if from_peer {
+            self.release(peer);
+        }
         if ok {
             self.deferred.remove(&chunk);
+            self.mark_seen(chunk, None);
             if self.have.insert(chunk) {
                 self.received += 1;
             } else {
@@ -491,6 +523,7 @@ impl Puller {
             p.outstanding += 1;
             p.rate.became_busy(now);
         }
+        self.mark_seen(chunk, Some((now, None)));
         self.flights
             .entry(chunk)
             .or_default()
@@ -504,6 +537,56 @@ impl Puller {
                 p.rate.became_idle();
             }
         }
+    }
+
+    /// `chunk` has left the source. A fetch (when, by whom) of one not seen before is, as
+    /// far as this node can tell, a fresh chunk handed out by the source.
+    fn mark_seen(&mut self, chunk: ChunkId, fetch: Option<(f64, Option<PeerId>)>) {
+        if chunk >= self.seen.len() || !self.seen.insert(chunk) {
+            return;
+        }
+        self.seen_count += 1;
+        if let Some(event) = fetch {
+            self.fresh_log.push_back(event);
+        }
+    }
+
+    /// Whether fresh chunks asked of the source `p` now would reach this node only after
+    /// the source has handed out all the rest, while others receive theirs many times
+    /// faster: the last fresh chunks would then wait on this node's slow path and hold up
+    /// everyone (traced on the narrow-source dumbbell: the far group's fresh chunks crossed
+    /// two bottlenecks in 4-5 s, the near group's in 0.1 s, and the last ones granted to
+    /// the far group were the last chunks anyone received). Such a node leaves the source's
+    /// last chunks to the faster receivers and gets them from its neighbours. Nobody stops
+    /// for long: the average receiver is never starved, and when fresh chunks stop leaving
+    /// the source the time left looks endless again.
+    fn too_slow_for_fresh(&mut self, p: PeerId, now: f64) -> bool {
+        while self
+            .fresh_log
+            .front()
+            .is_some_and(|&(t, _)| now - t > FRESH_WINDOW_S)
+        {
+            self.fresh_log.pop_front();
+        }
+        let Some(bps) = self.peers[&p].rate.bps() else {
+            return false;
+        };
+        if self.fresh_log.is_empty() {
+            return false;
+        }
+        let mut receivers: Vec<Option<PeerId>> = self.fresh_log.iter().map(|&(_, q)| q).collect();
+        receivers.sort_unstable();
+        receivers.dedup();
+        let handed_out = self.fresh_log.len() as f64 / FRESH_WINDOW_S;
+        let mine = bps / 8.0 / self.cfg.chunk_bytes as f64;
+        if mine >= STARVED_SHARE * handed_out / receivers.len() as f64 {
+            return false;
+        }
+        let unseen = (self.seen.len() - self.seen_count) as f64;
+        let source_done_in = unseen / handed_out;
+        let peer = &self.peers[&p];
+        let arrives_in = peer.chunk_time_s(&self.cfg) * (peer.in_use() + 1) as f64;
+        2.0 * arrives_in > source_done_in
     }
 
     /// Decides what to request now. Call after every event.
@@ -528,6 +611,9 @@ impl Puller {
                 continue;
             }
             if p.fresh_open {
+                if self.too_slow_for_fresh(id, now) {
+                    continue;
+                }
                 let p = self.peers.get_mut(&id).unwrap();
                 p.fresh_asked.push_back(spare);
                 p.rate.became_busy(now);
@@ -1157,6 +1243,46 @@ mod tests {
             asked.extend(got);
         }
         assert_eq!(asked.len(), 32);
+    }
+
+    /// A puller of `chunks` 1 MB chunks whose first fresh chunk from the source (peer 0)
+    /// took 4 s, and whose neighbours 1 and 2 announced fetching chunks 1..=40 (unseen
+    /// before: fresh ones) in the second before t = 4 s.
+    fn slow_from_the_source(chunks: u32) -> Puller {
+        let mut p = Puller::new(SchedConfig::new(1 << 20), ChunkSet::new(chunks));
+        p.add_peer(0, true);
+        p.peer_bitfield(0, &ChunkSet::full(chunks));
+        p.add_peer(1, false);
+        p.add_peer(2, false);
+        assert!(matches!(
+            p.poll(0.0)[..],
+            [Action::RequestFresh { peer: 0, .. }]
+        ));
+        p.fresh_granted(0, &[0], false, 0.0);
+        p.chunk_done(0, 0, true, 4.0);
+        for c in 1..=40 {
+            p.peer_fetching(1 + c as PeerId % 2, c, 3.0 + c as f64 / 40.0);
+        }
+        p
+    }
+
+    fn asks_fresh(actions: &[Action]) -> bool {
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::RequestFresh { peer: 0, .. }))
+    }
+
+    #[test]
+    fn a_starved_receiver_leaves_the_last_fresh_chunks_to_faster_ones() {
+        // 40 fresh chunks a second leave the source, 20 for each neighbour; ours took 4 s.
+        // With 59 left (1.5 s of the source's work) a chunk asked now would come last.
+        let mut p = slow_from_the_source(100);
+        assert!(!asks_fresh(&p.poll(4.0)));
+        // Once fresh chunks stop leaving the source, the time left looks endless: ask.
+        assert!(asks_fresh(&p.poll(5.5)));
+        // With 959 left (24 s of work), a 4 s chunk is in time.
+        let mut p = slow_from_the_source(1000);
+        assert!(asks_fresh(&p.poll(4.0)));
     }
 
     #[test]
