@@ -558,9 +558,17 @@ impl Puller {
     /// two bottlenecks in 4-5 s, the near group's in 0.1 s, and the last ones granted to
     /// the far group were the last chunks anyone received). Such a node leaves the source's
     /// last chunks to the faster receivers and gets them from its neighbours. Nobody stops
-    /// for long: the average receiver is never starved, and when fresh chunks stop leaving
-    /// the source the time left looks endless again.
+    /// for long: the average receiver is never starved, when none are left unseen the
+    /// source's answer is that it has no more, and when fresh chunks stop leaving the
+    /// source the time left looks endless again.
+    /// Only a source behind a router: on a link of our own, what it sends us takes nothing
+    /// from anyone, and a slow link of our own (not a crowded path) may be the very one
+    /// that sets this node's time.
     fn too_slow_for_fresh(&mut self, p: PeerId, now: f64) -> bool {
+        let peer = &self.peers[&p];
+        if peer.hops.is_none_or(|h| h <= 1) || self.seen_count == self.seen.len() {
+            return false;
+        }
         while self
             .fresh_log
             .front()
@@ -1245,12 +1253,13 @@ mod tests {
         assert_eq!(asked.len(), 32);
     }
 
-    /// A puller of `chunks` 1 MB chunks whose first fresh chunk from the source (peer 0)
-    /// took 4 s, and whose neighbours 1 and 2 announced fetching chunks 1..=40 (unseen
-    /// before: fresh ones) in the second before t = 4 s.
+    /// A puller of `chunks` 1 MB chunks whose first fresh chunk from the source (peer 0,
+    /// behind two routers) took 4 s, and whose neighbours 1 and 2 announced fetching chunks
+    /// 1..=40 (unseen before: fresh ones) in the second before t = 4 s.
     fn slow_from_the_source(chunks: u32) -> Puller {
         let mut p = Puller::new(SchedConfig::new(1 << 20), ChunkSet::new(chunks));
         p.add_peer(0, true);
+        p.peer_distance(0, 3);
         p.peer_bitfield(0, &ChunkSet::full(chunks));
         p.add_peer(1, false);
         p.add_peer(2, false);
@@ -1282,6 +1291,13 @@ mod tests {
         assert!(asks_fresh(&p.poll(5.5)));
         // With 959 left (24 s of work), a 4 s chunk is in time.
         let mut p = slow_from_the_source(1000);
+        assert!(asks_fresh(&p.poll(4.0)));
+        // A source on a link of our own is asked whatever it costs us.
+        let mut p = slow_from_the_source(100);
+        p.peer_distance(0, 1);
+        assert!(asks_fresh(&p.poll(4.0)));
+        // Nothing left unseen: the source will say it has no more fresh chunks.
+        let mut p = slow_from_the_source(41);
         assert!(asks_fresh(&p.poll(4.0)));
     }
 
