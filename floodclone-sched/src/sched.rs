@@ -555,7 +555,7 @@ impl Puller {
     /// the source has handed out all the rest, while others receive theirs many times
     /// faster: the last fresh chunks would then wait on this node's slow path and hold up
     /// everyone (traced on the narrow-source dumbbell: the far group's fresh chunks crossed
-    /// two bottlenecks in 4-5 s, the near group's in 0.1 s, and the last ones granted to
+    /// two bottlenecks in 4-6 s, the near group's in 0.1 s, and the last ones granted to
     /// the far group were the last chunks anyone received). Such a node leaves the source's
     /// last chunks to the faster receivers and gets them from its neighbours. Nobody stops
     /// for long: the average receiver is never starved, when none are left unseen the
@@ -565,10 +565,6 @@ impl Puller {
     /// from anyone, and a slow link of our own (not a crowded path) may be the very one
     /// that sets this node's time.
     fn too_slow_for_fresh(&mut self, p: PeerId, now: f64) -> bool {
-        let peer = &self.peers[&p];
-        if peer.hops.is_none_or(|h| h <= 1) || self.seen_count == self.seen.len() {
-            return false;
-        }
         while self
             .fresh_log
             .front()
@@ -576,12 +572,14 @@ impl Puller {
         {
             self.fresh_log.pop_front();
         }
-        let Some(bps) = self.peers[&p].rate.bps() else {
-            return false;
-        };
-        if self.fresh_log.is_empty() {
+        let peer = &self.peers[&p];
+        let behind_router = peer.hops.is_some_and(|h| h > 1);
+        if !behind_router || self.seen_count == self.seen.len() || self.fresh_log.is_empty() {
             return false;
         }
+        let Some(bps) = peer.rate.bps() else {
+            return false;
+        };
         let mut receivers: Vec<Option<PeerId>> = self.fresh_log.iter().map(|&(_, q)| q).collect();
         receivers.sort_unstable();
         receivers.dedup();
@@ -592,7 +590,6 @@ impl Puller {
         }
         let unseen = (self.seen.len() - self.seen_count) as f64;
         let source_done_in = unseen / handed_out;
-        let peer = &self.peers[&p];
         let arrives_in = peer.chunk_time_s(&self.cfg) * (peer.in_use() + 1) as f64;
         2.0 * arrives_in > source_done_in
     }

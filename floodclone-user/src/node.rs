@@ -1346,6 +1346,8 @@ async fn rediscover(
             }
         }
     }
+    // Fresh counters for the hops of neighbours whose connections are already up.
+    core.measure();
     for &new in next.iter().filter(|n| !neighbours.contains(n)) {
         match pull.get(&new) {
             Some(&k) => {
@@ -1354,7 +1356,6 @@ async fn rediscover(
                     if let Some(set) = core.peer_have.get(&k) {
                         pl.peer_bitfield(new, set);
                     }
-                    core.measure();
                     core.tell_path(pl, members, new);
                 }
             }
