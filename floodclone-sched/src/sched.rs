@@ -242,7 +242,6 @@ pub struct Puller {
     deferred: HashMap<ChunkId, f64>,
     /// Chunks known to have left the source: held or fetched here or by a neighbour.
     seen: ChunkSet,
-    seen_count: u32,
     /// Fetches of chunks not seen before (fresh ones, as far as this node can tell) in the
     /// last [`FRESH_WINDOW_S`]: when, and by whom (`None`: this node).
     fresh_log: std::collections::VecDeque<(f64, Option<PeerId>)>,
@@ -264,7 +263,6 @@ impl Puller {
             actions: Vec::new(),
             deferred: HashMap::new(),
             seen: ChunkSet::new(n as u32),
-            seen_count: 0,
             fresh_log: Default::default(),
             duplicates: 0,
             received: 0,
@@ -542,10 +540,9 @@ impl Puller {
     /// `chunk` has left the source. A fetch (when, by whom) of one not seen before is, as
     /// far as this node can tell, a fresh chunk handed out by the source.
     fn mark_seen(&mut self, chunk: ChunkId, fetch: Option<(f64, Option<PeerId>)>) {
-        if chunk >= self.seen.len() || !self.seen.insert(chunk) {
+        if !self.seen.insert(chunk) {
             return;
         }
-        self.seen_count += 1;
         if let Some(event) = fetch {
             self.fresh_log.push_back(event);
         }
@@ -574,7 +571,7 @@ impl Puller {
         }
         let peer = &self.peers[&p];
         let behind_router = peer.hops.is_some_and(|h| h > 1);
-        if !behind_router || self.seen_count == self.seen.len() || self.fresh_log.is_empty() {
+        if !behind_router || self.seen.is_full() || self.fresh_log.is_empty() {
             return false;
         }
         let Some(bps) = peer.rate.bps() else {
@@ -588,7 +585,7 @@ impl Puller {
         if mine >= STARVED_SHARE * handed_out / receivers.len() as f64 {
             return false;
         }
-        let unseen = (self.seen.len() - self.seen_count) as f64;
+        let unseen = (self.seen.len() - self.seen.count()) as f64;
         let source_done_in = unseen / handed_out;
         let arrives_in = peer.chunk_time_s(&self.cfg) * (peer.in_use() + 1) as f64;
         2.0 * arrives_in > source_done_in
