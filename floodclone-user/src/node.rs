@@ -704,15 +704,20 @@ impl Core {
         }
     }
 
-    /// Reads the in-kernel counters (when attached) and publishes what only this process
-    /// knows (QUIC RTTs) for `floodclone stats`.
-    fn measure(&mut self) {
+    /// Reads the in-kernel counters (when attached) into the link meters.
+    fn read_link_counters(&mut self) {
         if let Some(ls) = self.link_stats.lock().unwrap().as_ref() {
             if let Ok(snap) = ls.snapshot() {
                 let at = snap.at.duration_since(self.start).as_secs_f64();
                 self.meters.update(&snap, at);
             }
         }
+    }
+
+    /// Reads the in-kernel counters and publishes what only this process knows (QUIC
+    /// RTTs) for `floodclone stats`.
+    fn measure(&mut self) {
+        self.read_link_counters();
         if tracing::enabled!(target: "floodclone::quic", tracing::Level::TRACE) {
             for c in self.conns.values() {
                 let st = c.conn.stats();
@@ -903,7 +908,7 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
                         // The handshake's packets already tell the hops: the scheduler
                         // needs them from its first requests on (which member of a group
                         // fetches a chunk from afar), not one tick later.
-                        core.measure();
+                        core.read_link_counters();
                         core.tell_path(pl, &members, p);
                     }
                 }
@@ -1347,7 +1352,7 @@ async fn rediscover(
         }
     }
     // Fresh counters for the hops of neighbours whose connections are already up.
-    core.measure();
+    core.read_link_counters();
     for &new in next.iter().filter(|n| !neighbours.contains(n)) {
         match pull.get(&new) {
             Some(&k) => {
