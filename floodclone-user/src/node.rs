@@ -354,7 +354,13 @@ fn spawn_dial(
                     _ = &mut next_attempt => break,
                     Some(done) = attempts.join_next() => match done {
                         Ok(Ok(won)) => break 'dialing Ok(won),
-                        Ok(Err(e @ (TransportError::Refused | TransportError::BadToken))) => {
+                        // A node shutting down dials no more (it would retry every
+                        // spacing until it exits).
+                        Ok(Err(
+                            e @ (TransportError::Refused
+                            | TransportError::BadToken
+                            | TransportError::Stopping),
+                        )) => {
                             break 'dialing Err(e);
                         }
                         Ok(Err(e)) => {
@@ -386,6 +392,7 @@ fn spawn_dial(
         }
         match won {
             Ok((conn, ctl)) => connection_task(shared, conn, ctl, true, Some(peer), hello).await,
+            Err(TransportError::Stopping) => {}
             Err(error) => {
                 let _ = shared.events.send(Event::DialFailed { peer, error });
             }

@@ -51,6 +51,8 @@ pub enum TransportError {
     Lost(String),
     #[error("protocol error: {0}")]
     Protocol(String),
+    #[error("this node's endpoint is shutting down")]
+    Stopping,
 }
 
 /// Verifies signatures but accepts any certificate: trust comes from the token MAC.
@@ -394,9 +396,10 @@ pub async fn dial(
     addr: SocketAddr,
     patience: Duration,
 ) -> Result<Connection, TransportError> {
-    let connecting = ep
-        .connect(addr, "floodclone")
-        .map_err(|e| TransportError::Lost(e.to_string()))?;
+    let connecting = ep.connect(addr, "floodclone").map_err(|e| match e {
+        quinn::ConnectError::EndpointStopping => TransportError::Stopping,
+        e => TransportError::Lost(e.to_string()),
+    })?;
     tokio::time::timeout(patience, connecting)
         .await
         .map_err(|_| TransportError::Lost(format!("no answer from {addr} within {patience:?}")))?
