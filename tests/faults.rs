@@ -428,39 +428,30 @@ fn intruders_are_refused_and_a_malformed_message_closes_one_connection() {
     // From d2's namespace, mid-transfer: one stranger with a wrong token, one holder of the
     // token who sends garbage, both at the source's port.
     let source = SocketAddr::V4(SocketAddrV4::new(addr(0), 7878));
-    let (stranger, garbler) = bed
-        .in_netns(2, move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let ep = transport::endpoint(0).unwrap();
-                let patience = std::time::Duration::from_secs(2);
-                let conn = transport::dial(&ep, source, patience).await.unwrap();
-                let stranger = match transport::authenticate_dialer(&conn, "wrong").await {
-                    Ok(_) => "admitted".to_string(),
-                    Err(e @ (TransportError::BadToken | TransportError::Refused)) => e.to_string(),
-                    Err(e) => format!("unexpected: {e}"),
-                };
-                let conn = transport::dial(&ep, source, patience).await.unwrap();
-                let mut ctl = transport::authenticate_dialer(&conn, "t").await.unwrap();
-                // A frame of one byte whose message tag does not exist.
-                ctl.send.write_all(&[0, 0, 0, 1, 0xff]).await.unwrap();
-                let closed = tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed())
-                    .await
-                    .map(|e| e.to_string())
-                    .unwrap_or_else(|_| "still open".into());
-                let code = match conn.close_reason() {
-                    Some(quinn::ConnectionError::ApplicationClosed(c)) => Some(c.error_code),
-                    _ => None,
-                };
-                ep.close(0u32.into(), b"");
-                (stranger, (closed, code))
-            })
-        })
-        .join()
-        .unwrap();
+    let (stranger, garbler) = by_hand(&bed, 2, move |ep| async move {
+        let patience = std::time::Duration::from_secs(2);
+        let conn = transport::dial(&ep, source, patience).await.unwrap();
+        let stranger = match transport::authenticate_dialer(&conn, "wrong").await {
+            Ok(_) => "admitted".to_string(),
+            Err(e @ (TransportError::BadToken | TransportError::Refused)) => e.to_string(),
+            Err(e) => format!("unexpected: {e}"),
+        };
+        let conn = transport::dial(&ep, source, patience).await.unwrap();
+        let mut ctl = transport::authenticate_dialer(&conn, "t").await.unwrap();
+        // A frame of one byte whose message tag does not exist.
+        ctl.send.write_all(&[0, 0, 0, 1, 0xff]).await.unwrap();
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed())
+            .await
+            .map(|e| e.to_string())
+            .unwrap_or_else(|_| "still open".into());
+        let code = match conn.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(c)) => Some(c.error_code),
+            _ => None,
+        };
+        (stranger, (closed, code))
+    })
+    .join()
+    .unwrap();
     eprintln!("stranger: {stranger}; garbler: {garbler:?}");
     assert_ne!(stranger, "admitted", "a wrong token got in");
     assert!(!stranger.starts_with("unexpected"), "{stranger}");
@@ -474,4 +465,78 @@ fn intruders_are_refused_and_a_malformed_message_closes_one_connection() {
     }
     assert!(send.wait_exit(&mut bed, 30.0).is_some_and(|s| s.success()));
     assert_copies(&src, (1..=2).map(out));
+}
+
+#[test]
+fn a_member_that_never_answers_holds_the_start_back_half_a_second_only() {
+    if !root_or_skip("a_member_that_never_answers_holds_the_start_back_half_a_second_only") {
+        return;
+    }
+    use floodclone::{transport, wire::Msg};
+    use std::net::{SocketAddr, SocketAddrV4};
+    let scratch = Scratch::new("silent-member");
+    let src = scratch.0.join("src");
+    write_test_file(&src, 8 * MIB, 9).unwrap();
+    let mut bed = Testbed::up(&line(&["s", "d1", "d2"], 40)).unwrap();
+    let out = scratch.0.join("d1.out");
+    let send = start(&mut bed, 0, &send_args(&src, 1..=2), &scratch.0);
+    assert!(
+        send.wait_event("serving", 30.0).is_some(),
+        "the source serves"
+    );
+    // d2 holds the token and joins, then says nothing: it never answers its Welcome.
+    let source = SocketAddr::V4(SocketAddrV4::new(addr(0), 7878));
+    let (joined_tx, joined_rx) = std::sync::mpsc::channel();
+    let silent = by_hand(&bed, 2, move |ep| async move {
+        let patience = std::time::Duration::from_secs(2);
+        let conn = transport::dial(&ep, source, patience).await.unwrap();
+        let mut ctl = transport::authenticate_dialer(&conn, "t").await.unwrap();
+        ctl.send(&Msg::Hello { id: u16::MAX }).await.unwrap();
+        let join = Msg::Join {
+            port: 7878,
+            addrs: vec![addr(2)],
+        };
+        ctl.send(&join).await.unwrap();
+        let _ = joined_tx.send(());
+        tokio::time::sleep(std::time::Duration::from_secs(8)).await;
+    });
+    joined_rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the silent member joined");
+    let recv = start(&mut bed, 1, &recv_args(0, &out, &[]), &scratch.0);
+    let open = send
+        .wait_event("fresh_open", 30.0)
+        .expect("the source hands out chunks");
+    eprintln!("{open}");
+    assert_eq!(open["silent"], serde_json::json!([2]), "{open}");
+    let held = open["held_ms"].as_u64().unwrap();
+    assert!((450..2000).contains(&held), "held {held} ms");
+    recv.expect_complete("d1", 60.0);
+    assert_copies(&src, [out]);
+    silent.join().unwrap();
+}
+
+/// Runs `f` with a QUIC endpoint of its own on a thread in `node`'s namespace: a client
+/// that speaks to the swarm by hand.
+fn by_hand<T, F>(
+    bed: &Testbed,
+    node: usize,
+    f: impl FnOnce(quinn::Endpoint) -> F + Send + 'static,
+) -> std::thread::JoinHandle<T>
+where
+    F: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    bed.in_netns(node, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let ep = floodclone::transport::endpoint(0).unwrap();
+            let out = f(ep.clone()).await;
+            ep.close(0u32.into(), b"");
+            out
+        })
+    })
 }

@@ -20,7 +20,7 @@ use std::{
 
 use quinn::{Connection, Endpoint, VarInt};
 use serde_json::json;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::{
     discovery::{self, Kernel},
@@ -51,6 +51,16 @@ const DIAL_MAX_PENDING: usize =
     (DIAL_PATIENCE.as_millis() / DIAL_SPACING_EARLY.as_millis()) as usize;
 /// Hello id of a destination that has not been told its id yet.
 const JOINING: u16 = u16::MAX;
+
+/// The source hands out no fresh chunk until every member it welcomed at the start has
+/// answered (with its first View), or this long. The Welcome carries the manifest (32 bytes
+/// per chunk: 32 KB for 64 MiB), and a member several hops away receives it through links
+/// the first data may already fill: traced on the mesh, once in about seven runs the
+/// source's connection to such a member lost 40% of its packets in the slow-start
+/// overshoot of the data beside it, its window fell to the 2-packet minimum and the Welcome
+/// took 3.4 s (U 1.28 x U_min instead of 1.10). Waiting costs the start the time the last
+/// Welcome takes on quiet links (tens of ms).
+const FRESH_HOLD_MAX: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -256,6 +266,9 @@ struct Shared {
     store: OnceLock<Arc<ChunkStore>>,
     /// Source only: set once the file is hashed.
     fresh: OnceLock<Mutex<FreshServer>>,
+    /// Source only: fresh chunks are handed out once this is true (see [`FRESH_HOLD_MAX`]);
+    /// requests that come earlier wait.
+    fresh_gate: watch::Sender<bool>,
     /// What this node tells every neighbour: chunks it now holds, chunks it is fetching.
     announce: broadcast::Sender<Announce>,
     events: mpsc::UnboundedSender<Event>,
@@ -275,6 +288,7 @@ impl Shared {
             corrupt_served: common.corrupt_served,
             store: OnceLock::new(),
             fresh: OnceLock::new(),
+            fresh_gate: watch::channel(false).0,
             announce: broadcast::channel(announce_capacity).0,
             events,
             next_key: AtomicU64::new(0),
@@ -554,6 +568,28 @@ async fn connection_task(
         None
     };
 
+    // Source only: fresh requests answered in order, once the gate is open.
+    let mut fresh_gate = shared.fresh_gate.subscribe();
+    let mut held_fresh: Vec<u32> = Vec::new();
+    let serve_fresh = |held: &mut Vec<u32>| {
+        let Some(fresh) = shared.fresh.get() else {
+            return;
+        };
+        for count in held.drain(..) {
+            let (picks, exhausted) = {
+                let mut f = fresh.lock().unwrap();
+                let p = f.pick(count.min(1024));
+                (p, f.exhausted())
+            };
+            for &c in &picks {
+                let _ = queue_tx.send(c);
+            }
+            let _ = tx.send(Msg::FreshGrant {
+                chunks: picks,
+                exhausted,
+            });
+        }
+    };
     let reason = loop {
         tokio::select! {
             batch = ctl_recv.recv_batch() => match batch {
@@ -567,19 +603,14 @@ async fn connection_task(
                                 }
                             }
                             Msg::RequestFresh { count } => {
-                                let Some(fresh) = shared.fresh.get() else {
+                                if shared.fresh.get().is_none() {
                                     conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"not a source");
                                     continue;
-                                };
-                                let (picks, exhausted) = {
-                                    let mut f = fresh.lock().unwrap();
-                                    let p = f.pick(count.min(1024));
-                                    (p, f.exhausted())
-                                };
-                                for &c in &picks {
-                                    let _ = queue_tx.send(c);
                                 }
-                                let _ = tx.send(Msg::FreshGrant { chunks: picks, exhausted });
+                                held_fresh.push(count);
+                                if *shared.fresh_gate.borrow() {
+                                    serve_fresh(&mut held_fresh);
+                                }
                             }
                             Msg::Cancel { chunk } => {
                                 cancelled.lock().unwrap().insert(chunk);
@@ -615,6 +646,9 @@ async fn connection_task(
                 }
                 Err(broadcast::error::RecvError::Closed) => break "shutting down".to_string(),
             },
+            _ = fresh_gate.wait_for(|open| *open), if !held_fresh.is_empty() => {
+                serve_fresh(&mut held_fresh);
+            }
             e = conn.closed() => break e.to_string(),
         }
     };
@@ -1245,14 +1279,15 @@ pub async fn run_recv(cfg: RecvConfig) -> Result<f64, NodeError> {
     }
 }
 
-/// Starts the transfer: every joined member learns the member list and the file.
+/// Starts the transfer: every joined member learns the member list and the file. Returns
+/// the ids welcomed.
 fn welcome_all(
     core: &Core,
     control: &HashMap<u16, ConnKey>,
     members: &[Member],
     welcome: &impl Fn(u16, &[Member]) -> Msg,
     chunks: u32,
-) {
+) -> HashSet<u16> {
     for (&id, &k) in control {
         core.send(k, welcome(id, members));
         core.send(
@@ -1262,6 +1297,23 @@ fn welcome_all(
             },
         );
     }
+    control.keys().copied().collect()
+}
+
+/// Opens the source's fresh chunks (see [`FRESH_HOLD_MAX`]) and says who had not answered.
+fn open_fresh(core: &Core, held_for: Duration, silent: &HashSet<u16>) {
+    core.shared.fresh_gate.send_replace(true);
+    let mut silent: Vec<u16> = silent.iter().copied().collect();
+    silent.sort_unstable();
+    core.out.event(
+        json!({"event": "fresh_open", "held_ms": held_for.as_millis() as u64, "silent": silent}),
+        || {
+            format!(
+                "handing out chunks after {} ms (not yet answered: {silent:?})",
+                held_for.as_millis()
+            )
+        },
+    );
 }
 
 /// A destination's `progress` event / lines.
@@ -1462,6 +1514,8 @@ pub async fn run_send(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
     // Member id -> its control connection.
     let mut control: HashMap<u16, ConnKey> = HashMap::new();
     let mut started = false;
+    // Members welcomed at the start that have not answered yet, and since when.
+    let mut fresh_hold: Option<(HashSet<u16>, Instant)> = None;
     let mut done: HashMap<u16, f64> = HashMap::new();
     let mut failed: HashMap<u16, String> = HashMap::new();
     let mut finishing: Option<Instant> = None;
@@ -1509,7 +1563,11 @@ pub async fn run_send(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
                 let joined = members.iter().filter(|m| m.joined).count();
                 if !started && joined > 1 && core.start.elapsed() >= cfg.join_grace {
                     started = true;
-                    welcome_all(&core, &control, &members, &welcome, manifest.chunk_count());
+                    let welcomed = welcome_all(&core, &control, &members, &welcome, manifest.chunk_count());
+                    fresh_hold = Some((welcomed, Instant::now()));
+                }
+                if let Some((silent, since)) = fresh_hold.take_if(|(_, since)| since.elapsed() >= FRESH_HOLD_MAX) {
+                    open_fresh(&core, since.elapsed(), &silent);
                 }
                 if let Some(t) = finishing {
                     if core.conns.is_empty() || t.elapsed() > Duration::from_secs(3) { break; }
@@ -1586,7 +1644,14 @@ pub async fn run_send(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
                     // Everyone is here: start now rather than at the next tick.
                     if !started && members.iter().all(|m| m.joined) {
                         started = true;
-                        welcome_all(&core, &control, &members, &welcome, manifest.chunk_count());
+                        let welcomed = welcome_all(
+                            &core,
+                            &control,
+                            &members,
+                            &welcome,
+                            manifest.chunk_count(),
+                        );
+                        fresh_hold = Some((welcomed, Instant::now()));
                     }
                 }
                 Msg::Bitfield { .. } | Msg::Have { .. } => {
@@ -1600,6 +1665,12 @@ pub async fn run_send(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
                 }
                 Msg::View { routes } => {
                     let from = core.conns.get(&key).and_then(|c| c.peer);
+                    if let Some((silent, since)) = fresh_hold.as_mut() {
+                        if from.is_some_and(|id| silent.remove(&id)) && silent.is_empty() {
+                            open_fresh(&core, since.elapsed(), silent);
+                            fresh_hold = None;
+                        }
+                    }
                     core.out.event(
                         json!({"event": "view", "member": from, "routes": routes.iter().map(view_json).collect::<Vec<_>>()}),
                         || format!("member {from:?} reaches: {}", routes.iter().map(|r| format!("{}:{:?}", r.member, r.reach)).collect::<Vec<_>>().join(" ")),
