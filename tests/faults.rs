@@ -1,12 +1,13 @@
 //! Faults and bad input on the testbed: wrong tokens, an output that cannot be written, a
 //! relay killed mid-transfer and restarted.
 
-use floodclone_tests::{addr, assert_copies, line, root_or_skip, start, Scratch};
-use xtask::{
+use floodclone_events::Event as JsonEvent;
+use floodclone_testbed::{
     run::write_test_file,
-    testbed::Testbed,
     topology::{Event, EventAction, Topology},
+    Testbed,
 };
+use floodclone_tests::{addr, assert_copies, line, root_or_skip, start, Scratch};
 
 const MIB: u64 = 1 << 20;
 
@@ -189,9 +190,8 @@ fn killed_relay_is_routed_around_and_resumes_without_refetching() {
     // Restarted, d1 resumes and fetches only what it lacked.
     recvs[0] = start(&mut bed, 1, &recv_args(1), &scratch.0);
     let done = recvs[0].expect_complete("restarted d1", 90.0);
-    let chunks = bytes.div_ceil(floodclone::manifest::default_chunk_bytes(bytes) as u64);
-    let resumed = done["resumed_chunks"].as_u64().unwrap();
-    let received = done["received_chunks"].as_u64().unwrap();
+    let chunks = bytes.div_ceil(floodclone_sched::default_chunk_bytes(bytes) as u64);
+    let (resumed, received) = (done.resumed_chunks as u64, done.received_chunks);
     eprintln!("d1 resumed {resumed} chunks and received {received} of {chunks}");
     assert!(resumed > 0, "nothing was resumed");
     assert_eq!(
@@ -241,7 +241,8 @@ fn link_down_and_back_up_mid_transfer_completes() {
             action,
         })
         .collect();
-    let report = floodclone_tests::transfer(&topo, &xtask::run::RunOptions::new(16 * MIB));
+    let report =
+        floodclone_tests::transfer(&topo, &floodclone_testbed::run::RunOptions::new(16 * MIB));
     let d2 = report.dests.iter().find(|d| d.name == "d2").unwrap();
     let t = d2.elapsed_s.expect("d2 completed");
     assert!(
@@ -278,10 +279,10 @@ fn source_killed_and_restarted_destinations_keep_what_they_have() {
         );
     }
     send = start(&mut bed, 0, &send_args(&src, 1..=2), &scratch.0);
-    let chunks = bytes.div_ceil(floodclone::manifest::default_chunk_bytes(bytes) as u64);
+    let chunks = bytes.div_ceil(floodclone_sched::default_chunk_bytes(bytes) as u64);
     for (i, r) in recvs.iter().enumerate() {
         let done = r.expect_complete(&format!("d{}", i + 1), 90.0);
-        let received = done["received_chunks"].as_u64().unwrap();
+        let received = done.received_chunks;
         eprintln!("d{} received {received} of {chunks} chunks", i + 1);
         assert_eq!(received, chunks, "d{}: a chunk was fetched twice", i + 1);
     }
@@ -504,12 +505,14 @@ fn a_member_that_never_answers_holds_the_start_back_half_a_second_only() {
         .recv_timeout(std::time::Duration::from_secs(10))
         .expect("the silent member joined");
     let recv = start(&mut bed, 1, &recv_args(0, &out, &[]), &scratch.0);
-    let open = send
-        .wait_event("fresh_open", 30.0)
+    let (held, unanswered) = send
+        .wait_for(30.0, |e| match e {
+            JsonEvent::FreshOpen { held_ms, silent } => Some((held_ms, silent)),
+            _ => None,
+        })
         .expect("the source hands out chunks");
-    eprintln!("{open}");
-    assert_eq!(open["silent"], serde_json::json!([2]), "{open}");
-    let held = open["held_ms"].as_u64().unwrap();
+    eprintln!("fresh chunks after {held} ms; not answered: {unanswered:?}");
+    assert_eq!(unanswered, vec![2]);
     assert!((450..2000).contains(&held), "held {held} ms");
     recv.expect_complete("d1", 60.0);
     assert_copies(&src, [out]);

@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
+use floodclone_testbed::{netns, run, run::RunOptions, Topology};
 use floodclone_tests::{floodclone_bin, root_or_skip};
-use xtask::{run::RunOptions, topology::Topology};
 
 /// Entries two levels down (`<netns>/<pid>`) under `root`.
 fn instances(root: &str) -> usize {
@@ -58,8 +58,8 @@ fn fifty_transfers_leave_nothing_behind() {
     let mut opts = RunOptions::new(256 << 10);
     opts.quiet = true;
     let once = || {
-        let r = xtask::run::run_transfer(&topo, &bin, &opts).unwrap();
-        xtask::run::check(&r).unwrap();
+        let r = run::run_transfer(&topo, &bin, &opts).unwrap();
+        run::check(&r).unwrap();
     };
     // One run first: whatever is created once per test process (thread pools, the built
     // binary's lookup) is not a leak.
@@ -69,11 +69,11 @@ fn fifty_transfers_leave_nothing_behind() {
         instances(floodclone::linkstats::PIN_ROOT),
         instances(floodclone::stats::STATUS_ROOT),
     );
-    let prefix = format!("{}{}-", xtask::testbed::NETNS_PREFIX, std::process::id());
+    let prefix = format!("{}{}-", netns::NETNS_PREFIX, std::process::id());
     for _ in 0..50 {
         once();
     }
-    let left: Vec<String> = xtask::testbed::list_namespaces()
+    let left: Vec<String> = netns::list_namespaces()
         .into_iter()
         .filter(|n| n.starts_with(&prefix))
         .collect();

@@ -8,13 +8,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use xtask::testbed::{identity_addr, Testbed};
+use floodclone_events::Event;
+use floodclone_testbed::{
+    netns::{self, identity_addr},
+    run::{RunOptions, RunReport},
+    Testbed, Topology,
+};
 
 /// True when the test may touch namespaces and BPF; otherwise prints why it skips.
 pub fn root_or_skip(test: &str) -> bool {
-    if xtask::testbed::is_root() {
-        let _ = xtask::testbed::remove_stale();
-        let _ = xtask::testbed::ensure_host_bpffs();
+    if netns::is_root() {
+        let _ = netns::remove_stale();
+        let _ = netns::ensure_host_bpffs();
         true
     } else {
         eprintln!("SKIP {test}: needs root (network namespaces, veth, tc, BPF); run as root");
@@ -25,14 +30,14 @@ pub fn root_or_skip(test: &str) -> bool {
 /// The release `floodclone` binary, built once per test process.
 pub fn floodclone_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| xtask::build::floodclone_binary().expect("building floodclone"))
+    BIN.get_or_init(|| floodclone_testbed::build::floodclone_binary().expect("building floodclone"))
         .clone()
 }
 
 /// Sends TCP from node `from` to node `to` for `secs`; returns the payload rate in Mbit/s
 /// the receiver saw after a warm-up.
 pub fn tcp_rate_mbit(bed: &Testbed, from: usize, to: usize, secs: f64) -> f64 {
-    xtask::traffic::tcp_transfer(bed, from, to, secs).0
+    floodclone_testbed::traffic::tcp_transfer(bed, from, to, secs).0
 }
 
 /// The identity address of `node`.
@@ -41,28 +46,26 @@ pub fn addr(node: usize) -> Ipv4Addr {
 }
 
 /// A topology shipped in `topologies/`.
-pub fn shipped(name: &str) -> xtask::topology::Topology {
+pub fn shipped(name: &str) -> Topology {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../topologies")
         .join(format!("{name}.toml"));
-    xtask::topology::Topology::load(&path).unwrap()
+    Topology::load(&path).unwrap()
 }
 
 /// Runs one transfer and fails the test unless every copy arrived verified.
-pub fn transfer(
-    topo: &xtask::topology::Topology,
-    opts: &xtask::run::RunOptions,
-) -> xtask::run::RunReport {
-    let report = xtask::run::run_transfer(topo, &floodclone_bin(), opts).unwrap();
-    eprint!("{}", xtask::run::render(&report));
-    xtask::run::check(&report).unwrap();
+pub fn transfer(topo: &Topology, opts: &RunOptions) -> RunReport {
+    use floodclone_testbed::run;
+    let report = run::run_transfer(topo, &floodclone_bin(), opts).unwrap();
+    eprint!("{}", run::render(&report));
+    run::check(&report).unwrap();
     report
 }
 
 /// A floodclone process in a testbed node, with its JSON events on a channel.
 pub struct NodeProc {
     pub handle: usize,
-    pub events: std::sync::mpsc::Receiver<serde_json::Value>,
+    pub events: std::sync::mpsc::Receiver<Event>,
     pub stderr: PathBuf,
 }
 
@@ -85,8 +88,8 @@ pub fn start(
     let (tx, events) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str(&line) {
-                if tx.send(v).is_err() {
+            if let Some(event) = Event::parse(&line) {
+                if tx.send(event).is_err() {
                     break;
                 }
             }
@@ -100,17 +103,25 @@ pub fn start(
 }
 
 impl NodeProc {
-    /// Waits for an event named `name`, up to `secs`.
-    pub fn wait_event(&self, name: &str, secs: f64) -> Option<serde_json::Value> {
+    /// Waits up to `secs` for the first event `pick` takes.
+    pub fn wait_for<T>(&self, secs: f64, pick: impl Fn(Event) -> Option<T>) -> Option<T> {
         let end = Instant::now() + Duration::from_secs_f64(secs);
         while let Some(left) = end.checked_duration_since(Instant::now()) {
             match self.events.recv_timeout(left) {
-                Ok(v) if v["event"] == name => return Some(v),
-                Ok(_) => {}
+                Ok(e) => {
+                    if let Some(t) = pick(e) {
+                        return Some(t);
+                    }
+                }
                 Err(_) => return None,
             }
         }
         None
+    }
+
+    /// Waits for an event named `name`, up to `secs`.
+    pub fn wait_event(&self, name: &str, secs: f64) -> Option<Event> {
+        self.wait_for(secs, |e| (e.name() == name).then_some(e))
     }
 
     /// Waits for the process to exit, up to `secs`; `None` if it is still running.
@@ -130,10 +141,27 @@ impl NodeProc {
     }
 
     /// Waits up to `secs` for the `complete` event; fails naming `who`, with its stderr.
-    pub fn expect_complete(&self, who: &str, secs: f64) -> serde_json::Value {
-        self.wait_event("complete", secs)
-            .unwrap_or_else(|| panic!("{who} did not complete: {}", self.stderr_text()))
+    pub fn expect_complete(&self, who: &str, secs: f64) -> Completion {
+        self.wait_for(secs, |e| match e {
+            Event::Complete {
+                received_chunks,
+                resumed_chunks,
+                ..
+            } => Some(Completion {
+                received_chunks,
+                resumed_chunks,
+            }),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{who} did not complete: {}", self.stderr_text()))
     }
+}
+
+/// What a destination's `complete` event counted.
+#[derive(Clone, Copy, Debug)]
+pub struct Completion {
+    pub received_chunks: u64,
+    pub resumed_chunks: u32,
 }
 
 /// Fails unless every file in `outs` holds exactly the bytes of `src`.
@@ -170,7 +198,7 @@ impl Drop for Scratch {
 }
 
 /// A chain of `names` (the first is the source), every link at `mbit` both ways.
-pub fn line(names: &[&str], mbit: u32) -> xtask::topology::Topology {
+pub fn line(names: &[&str], mbit: u32) -> Topology {
     let nodes: Vec<String> = names
         .iter()
         .enumerate()
@@ -183,7 +211,7 @@ pub fn line(names: &[&str], mbit: u32) -> xtask::topology::Topology {
         .windows(2)
         .map(|w| format!(r#"{{a="{}",b="{}",mbit={mbit}}}"#, w[0], w[1]))
         .collect();
-    xtask::topology::Topology::parse(
+    Topology::parse(
         "line",
         &format!("node = [{}]\nlink = [{}]", nodes.join(","), links.join(",")),
     )

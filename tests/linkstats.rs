@@ -8,8 +8,8 @@ use std::{
 };
 
 use floodclone::{linkstats::LinkStats, meter::Meters, transport};
+use floodclone_testbed::{Testbed, Topology};
 use floodclone_tests::{addr, root_or_skip, tcp_rate_mbit};
-use xtask::{testbed::Testbed, topology::Topology};
 
 fn pair(mbit: u32) -> Topology {
     Topology::parse(

@@ -1,11 +1,11 @@
 //! The emulated testbed itself: shaping, routing, teardown, and the eBPF programs loading in a
 //! namespace.
 
-use floodclone_tests::{floodclone_bin, root_or_skip, tcp_rate_mbit};
-use xtask::{
-    testbed::{list_namespaces, Testbed},
-    topology::Topology,
+use floodclone_testbed::{
+    netns::{self, list_namespaces},
+    Testbed, Topology,
 };
+use floodclone_tests::{floodclone_bin, root_or_skip, tcp_rate_mbit};
 
 fn two_nodes(ab: u32, ba: u32) -> Topology {
     Topology::parse(
@@ -100,7 +100,7 @@ fn persisted_testbed_is_removed_by_name() {
             .count()
     };
     assert_eq!(count(), 5);
-    xtask::testbed::remove_namespaces(&prefix);
+    netns::remove_namespaces(&prefix);
     assert_eq!(count(), 0);
 }
 

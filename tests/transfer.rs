@@ -2,8 +2,8 @@
 //! larger than the memory a node may use. Speed is not asserted here (see `cargo xtask
 //! bench`); what is asserted is that every copy arrives byte-identical.
 
+use floodclone_testbed::{run::RunOptions, Topology};
 use floodclone_tests::{root_or_skip, shipped, transfer};
-use xtask::{run::RunOptions, topology::Topology};
 
 const MIB: u64 = 1 << 20;
 

@@ -1,21 +1,31 @@
 //! The scheduling core of FloodClone, free of I/O so that the daemon, unit tests and the
 //! simulator (`cargo xtask sim`) run the same code: chunk sets, the receiver-side
-//! scheduler ([`sched::Puller`]), the source's fresh-chunk server and the overlay rule
+//! scheduler ([`puller::Puller`]), the source's fresh-chunk server and the overlay rule
 //! that picks data neighbours from route lookups ([`overlay`]).
 
+pub mod fresh;
 pub mod overlay;
-pub mod sched;
+pub mod puller;
+pub mod rate;
+
+pub use fresh::FreshServer;
+pub use puller::{Action, Arrival, Puller, SchedConfig};
+
+/// A member of the swarm: 0 is the source, destinations are 1..=M in the order `send`
+/// was given them. Every crate names members by this type.
+pub type MemberId = u16;
+
+/// The source's member id.
+pub const SOURCE: MemberId = 0;
 
 /// Index of a chunk in the file.
 pub type ChunkId = u32;
 
 /// Smallest default chunk. Each relay forwards a chunk only once it has all of it and has
 /// verified it, so a chunk costs one chunk-time of delay per hop while a transfer starts
-/// and ends; smaller chunks shorten that ramp. Measured on the mesh (README, "Chunk size"):
-/// 64 KiB 1.146, 128 KiB 1.16 x U_min on the testbed (simulator 1.022, 1.036); 32 KiB is
-/// worse again (1.177) as per-chunk work grows. (Session 4 went back to 128 KiB for a while
-/// after CI stalls that turned out to be a lost announcement, fixed in ae0e8e5; more
-/// chunks early in a transfer only made that race likelier.)
+/// and ends; smaller chunks shorten that ramp, until per-chunk work (a stream, a request,
+/// an announcement to every neighbour, a hash) costs more than it wins (measured: README,
+/// "Chunk size").
 pub const MIN_DEFAULT_CHUNK_BYTES: u32 = 64 * 1024;
 
 /// Largest chunk a file may be cut into (and the largest default).

@@ -14,7 +14,12 @@ use netlink_packet_route::{
 };
 use rtnetlink::RouteMessageBuilder;
 
-use crate::wire::{Member, Reach, RouteView};
+use floodclone_sched::{
+    overlay::{self, FirstHop, Reach},
+    MemberId,
+};
+
+use crate::wire::{Member, RouteView};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
@@ -31,12 +36,12 @@ pub struct RouteLookup {
     pub gateway: Option<Ipv4Addr>,
 }
 
-/// A netlink handle for route and address queries.
-pub struct Kernel {
+/// Route and address lookups in this host's kernel (a netlink handle).
+pub struct Routes {
     handle: rtnetlink::Handle,
 }
 
-impl Kernel {
+impl Routes {
     /// Opens a netlink connection (must run inside a tokio runtime).
     pub fn open() -> Result<Self, DiscoveryError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(DiscoveryError::Socket)?;
@@ -95,8 +100,8 @@ impl Kernel {
     pub async fn lookups(
         &self,
         members: &[Member],
-        me: u16,
-    ) -> Result<Vec<(u16, Option<RouteLookup>)>, DiscoveryError> {
+        me: MemberId,
+    ) -> Result<Vec<(MemberId, Option<RouteLookup>)>, DiscoveryError> {
         let mut out = Vec::new();
         for m in members.iter().filter(|m| m.id != me) {
             out.push((m.id, self.route_to(m.addr).await?));
@@ -106,7 +111,7 @@ impl Kernel {
 }
 
 /// Classifies each member from the route lookups (pure: unit-tested).
-pub fn classify(members: &[Member], lookups: &[(u16, Option<RouteLookup>)]) -> Vec<RouteView> {
+pub fn classify(members: &[Member], lookups: &[(MemberId, Option<RouteLookup>)]) -> Vec<RouteView> {
     let owner = |addr: Ipv4Addr| {
         members
             .iter()
@@ -116,28 +121,19 @@ pub fn classify(members: &[Member], lookups: &[(u16, Option<RouteLookup>)]) -> V
     lookups
         .iter()
         .map(|&(member, lookup)| {
-            let Some(l) = lookup else {
-                return RouteView {
-                    member,
-                    reach: Reach::Unreachable,
-                    ifindex: 0,
-                    gateway: None,
-                    via_member: None,
-                };
+            let first = match lookup {
+                None => FirstHop::NoRoute,
+                Some(RouteLookup { gateway: None, .. }) => FirstHop::OnLink,
+                Some(RouteLookup {
+                    gateway: Some(gw), ..
+                }) => FirstHop::Gateway(owner(gw)),
             };
-            let (reach, via_member) = match l.gateway {
-                None => (Reach::Direct, None),
-                Some(gw) => match owner(gw) {
-                    Some(id) if id == member => (Reach::Direct, None),
-                    Some(id) => (Reach::Behind, Some(id)),
-                    None => (Reach::ViaRouter, None),
-                },
-            };
+            let (reach, via_member) = overlay::reach(member, first);
             RouteView {
                 member,
                 reach,
-                ifindex: l.ifindex,
-                gateway: l.gateway,
+                ifindex: lookup.map_or(0, |l| l.ifindex),
+                gateway: lookup.and_then(|l| l.gateway),
                 via_member,
             }
         })
@@ -145,8 +141,8 @@ pub fn classify(members: &[Member], lookups: &[(u16, Option<RouteLookup>)]) -> V
 }
 
 /// Members `me` exchanges data with ([`floodclone_sched::overlay::data_neighbours`]).
-pub fn data_neighbours(me: u16, views: &[RouteView]) -> Vec<u16> {
-    let reach: Vec<(u16, Reach)> = views.iter().map(|v| (v.member, v.reach)).collect();
+pub fn data_neighbours(me: MemberId, views: &[RouteView]) -> Vec<MemberId> {
+    let reach: Vec<(MemberId, Reach)> = views.iter().map(|v| (v.member, v.reach)).collect();
     floodclone_sched::overlay::data_neighbours(me, &reach)
 }
 
@@ -154,7 +150,7 @@ pub fn data_neighbours(me: u16, views: &[RouteView]) -> Vec<u16> {
 mod tests {
     use super::*;
 
-    fn member(id: u16, addr: [u8; 4], links: &[[u8; 4]]) -> Member {
+    fn member(id: MemberId, addr: [u8; 4], links: &[[u8; 4]]) -> Member {
         Member {
             id,
             addr: addr.into(),

@@ -1,20 +1,34 @@
 //! FloodClone: delivers one file from a source to many destinations over an unknown network,
 //! pipelining verified chunks over every link in both directions.
 //!
-//! Modules follow the data flow of one transfer (DESIGN.md section 2): `manifest` (what is
-//! sent), `wire` (how nodes talk), `auth` and `transport` (QUIC with the swarm token),
-//! `discovery` (who is behind which link), `sched` (what to ask of whom), `storage` (chunks
-//! on disk, resumable), `node` (the daemon tying them together), `linkstats` and `stats`
-//! (measurements in the kernel).
+//! Modules follow the data flow of one transfer (README, "How it moves data"):
+//! - what is sent: [`manifest`] (the file's chunks and hashes), [`wire`] (the messages);
+//! - how nodes talk: [`transport`] (QUIC and the swarm token), `conn` (one connection:
+//!   serving requested chunks, receiving chunk streams);
+//! - the two roles over them: [`source`] and [`destination`], each a struct with one handler
+//!   per event, run by the one event loop in [`node`];
+//! - who is behind which link: [`discovery`] (kernel route lookups);
+//! - what to ask of whom: the scheduler in the `floodclone-sched` crate;
+//! - chunks on disk, resumable: [`storage`];
+//! - measurements in the kernel: [`linkstats`] (the eBPF programs' maps), [`meter`] (rates
+//!   from counters), [`stats`] (`floodclone stats`);
+//! - what a person or a script sees: [`events`] (the `--json` events), [`output`],
+//!   [`progress`].
 
+pub(crate) mod conn;
+pub mod destination;
 pub mod discovery;
 pub mod linkstats;
 pub mod manifest;
 pub mod meter;
 pub mod node;
+pub mod output;
 pub mod progress;
-pub mod sched;
+pub mod source;
 pub mod stats;
 pub mod storage;
 pub mod transport;
 pub mod wire;
+
+/// The `--json` events (the `floodclone-events` crate).
+pub use floodclone_events as events;

@@ -9,11 +9,14 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use floodclone::{
+    destination::{self, RecvConfig},
+    events::{Event, SwarmDone},
     linkstats::LinkStats,
-    node::{self, Common, Output, RecvConfig, SendConfig, SharedLinkStats, DEFAULT_PORT},
+    node::{self, NodeOptions, SharedLinkStats, DEFAULT_PORT},
+    output::Output,
+    source::{self, SendConfig},
     stats,
 };
-use serde_json::json;
 
 #[derive(Parser)]
 #[command(
@@ -148,7 +151,9 @@ fn attach_link_stats(output: &Output) -> SharedLinkStats {
                 false
             }
         };
-        output.json_event(json!({"event": "ready", "link_stats": attached}));
+        output.json_only(&Event::Ready {
+            link_stats: attached,
+        });
     });
     shared
 }
@@ -195,7 +200,7 @@ fn run(cli: Cli) -> Result<()> {
             let output = Output::new(n.json);
             let stats = attach_link_stats(&output);
             let cfg = SendConfig {
-                common: Common {
+                node: NodeOptions {
                     port: n.port,
                     token: n.token,
                     output: output.clone(),
@@ -214,7 +219,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let outcome = runtime()?.block_on(async {
                 tokio::select! {
-                    r = node::run_send(cfg) => r.map_err(anyhow::Error::from),
+                    r = source::run(cfg) => r.map_err(anyhow::Error::from),
                     _ = tokio::signal::ctrl_c() => bail!("interrupted"),
                 }
             })?;
@@ -234,14 +239,17 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             output.event(
-                json!({"event": "swarm_done", "elapsed_s": elapsed, "destinations": outcome.dests,
-                       "peak_rss_bytes": node::peak_rss_bytes(),
-                       "tx_bytes_by_iface": outcome.tx_bytes_by_iface}),
+                &Event::SwarmDone(SwarmDone::Source {
+                    elapsed_s: elapsed,
+                    destinations: outcome.dests.clone(),
+                    peak_rss_bytes: node::peak_rss_bytes(),
+                    tx_bytes_by_iface: outcome.tx_bytes_by_iface,
+                }),
                 || {
                     let mut s =
                         format!("every destination holds a verified copy ({elapsed:.2} s):");
                     for r in &outcome.dests {
-                        s += &format!("\n  {:15} {:8.2} s", r.addr.to_string(), r.elapsed_s);
+                        s += &format!("\n  {:15} {:8.2} s", r.addr, r.elapsed_s);
                     }
                     s
                 },
@@ -257,7 +265,7 @@ fn run(cli: Cli) -> Result<()> {
             let output = Output::new(n.json);
             let stats = attach_link_stats(&output);
             let cfg = RecvConfig {
-                common: Common {
+                node: NodeOptions {
                     port: n.port,
                     token: n.token,
                     output,
@@ -271,7 +279,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             runtime()?.block_on(async {
                 tokio::select! {
-                    r = node::run_recv(cfg) => r.map(|_| ()).map_err(anyhow::Error::from),
+                    r = destination::run(cfg) => r.map(|_| ()).map_err(anyhow::Error::from),
                     _ = tokio::signal::ctrl_c() => bail!("interrupted (progress is kept: run the same command to resume)"),
                 }
             })?;

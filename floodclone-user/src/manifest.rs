@@ -3,7 +3,7 @@
 
 use std::{fs::File, io::Read, path::Path};
 
-pub use floodclone_sched::{default_chunk_bytes, ChunkId, MAX_CHUNK_BYTES};
+use floodclone_sched::{default_chunk_bytes, ChunkId, MAX_CHUNK_BYTES};
 
 /// Smallest chunk a file may be cut into.
 pub const MIN_CHUNK_BYTES: u32 = 4096;

@@ -1,9 +1,13 @@
 //! Progress for people: at a destination, bytes, rate, ETA and the neighbours feeding it;
 //! at the source, a line per destination. Redrawn in place at a terminal, plain lines every
 //! few seconds otherwise, `progress` events with `--json`. Formatting is pure (unit-tested);
-//! [`crate::node::Output`] owns the terminal.
+//! [`crate::output::Output`] owns the terminal.
 
 use std::collections::HashMap;
+
+use floodclone_sched::{MemberId, SOURCE};
+
+use crate::events::{DestProgress, DestState, Feeder};
 
 /// Lines stay within this width so an 80-column terminal never wraps them.
 pub const WIDTH: usize = 80;
@@ -73,7 +77,7 @@ fn fit(mut s: String) -> String {
 }
 
 /// A destination's progress: one line for the file, one for who feeds it.
-pub fn dest_lines(done: u64, total: u64, bps: Option<f64>, feeders: &[(u16, f64)]) -> Vec<String> {
+pub fn dest_lines(done: u64, total: u64, bps: Option<f64>, feeders: &[Feeder]) -> Vec<String> {
     let frac = if total == 0 {
         1.0
     } else {
@@ -88,20 +92,20 @@ pub fn dest_lines(done: u64, total: u64, bps: Option<f64>, feeders: &[(u16, f64)
         mbit(bps),
         duration(eta_s(total.saturating_sub(done), bps)),
     );
-    let mut from: Vec<(u16, f64)> = feeders.iter().copied().filter(|f| f.1 > 0.0).collect();
-    from.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut from: Vec<&Feeder> = feeders.iter().filter(|f| f.rate_bps > 0.0).collect();
+    from.sort_by(|a, b| b.rate_bps.total_cmp(&a.rate_bps));
     let feeding = if from.is_empty() {
         "  from: (waiting)".to_string()
     } else {
         let parts: Vec<String> = from
             .iter()
-            .map(|(m, b)| {
-                let who = if *m == 0 {
+            .map(|f| {
+                let who = if f.member == SOURCE {
                     "source".to_string()
                 } else {
-                    format!("#{m}")
+                    format!("#{}", f.member)
                 };
-                format!("{who} {}", mbit(Some(*b)))
+                format!("{who} {}", mbit(Some(f.rate_bps)))
             })
             .collect();
         format!("  from (Mbit/s): {}", parts.join(", "))
@@ -109,20 +113,9 @@ pub fn dest_lines(done: u64, total: u64, bps: Option<f64>, feeders: &[(u16, f64)
     vec![fit(head), fit(feeding)]
 }
 
-/// One destination as the source sees it.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct DestProgress {
-    pub member: u16,
-    pub addr: String,
-    pub bytes: u64,
-    pub rate_bps: Option<f64>,
-    /// "joining", "receiving", "done" or "failed".
-    pub state: &'static str,
-}
-
 /// The source's view: a header and a line per destination.
 pub fn source_lines(total: u64, elapsed_s: f64, dests: &[DestProgress]) -> Vec<String> {
-    let done = dests.iter().filter(|d| d.state == "done").count();
+    let done = dests.iter().filter(|d| d.state == DestState::Done).count();
     let mut out = vec![fit(format!(
         "serving {} MiB to {} destinations: {done} done, {:.1}s elapsed",
         mib(total),
@@ -142,7 +135,7 @@ pub fn source_lines(total: u64, elapsed_s: f64, dests: &[DestProgress]) -> Vec<S
             bar(frac, 16),
             frac * 100.0,
             mbit(d.rate_bps),
-            d.state
+            d.state.as_str()
         )));
     }
     out
@@ -151,25 +144,28 @@ pub fn source_lines(total: u64, elapsed_s: f64, dests: &[DestProgress]) -> Vec<S
 /// Bytes received per neighbour since the last call, turned into rates.
 #[derive(Clone, Debug, Default)]
 pub struct FeederRates {
-    bytes: HashMap<u16, u64>,
+    bytes: HashMap<MemberId, u64>,
     since: f64,
 }
 
 impl FeederRates {
-    pub fn received(&mut self, peer: u16, bytes: u64) {
+    pub fn received(&mut self, peer: MemberId, bytes: u64) {
         *self.bytes.entry(peer).or_default() += bytes;
     }
 
     /// Rates in bit/s over the window ending at `now`; starts a new window.
-    pub fn take(&mut self, now: f64) -> Vec<(u16, f64)> {
+    pub fn take(&mut self, now: f64) -> Vec<Feeder> {
         let dt = (now - self.since).max(1e-3);
         self.since = now;
-        let mut out: Vec<(u16, f64)> = self
+        let mut out: Vec<Feeder> = self
             .bytes
             .drain()
-            .map(|(p, b)| (p, b as f64 * 8.0 / dt))
+            .map(|(member, b)| Feeder {
+                member,
+                rate_bps: b as f64 * 8.0 / dt,
+            })
             .collect();
-        out.sort_by_key(|x| x.0);
+        out.sort_by_key(|f| f.member);
         out
     }
 }
@@ -180,7 +176,12 @@ mod tests {
 
     #[test]
     fn lines_fit_eighty_columns() {
-        let feeders: Vec<(u16, f64)> = (0..40).map(|m| (m, 12.3e6)).collect();
+        let feeders: Vec<Feeder> = (0..40)
+            .map(|member| Feeder {
+                member,
+                rate_bps: 12.3e6,
+            })
+            .collect();
         let d = dest_lines(33 << 20, 64 << 20, Some(31.4e6), &feeders);
         assert!(d.iter().all(|l| l.chars().count() <= WIDTH), "{d:?}");
         assert!(
@@ -194,7 +195,7 @@ mod tests {
                 addr: "10.100.100.100".into(),
                 bytes: 1 << 30,
                 rate_bps: Some(1e9),
-                state: "receiving",
+                state: DestState::Receiving,
             })
             .collect();
         let s = source_lines(2 << 30, 12.0, &dests);

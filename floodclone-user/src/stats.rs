@@ -30,7 +30,7 @@ pub struct DaemonStatus {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PeerStatus {
     pub addr: Ipv4Addr,
-    pub member: Option<u16>,
+    pub member: Option<floodclone_sched::MemberId>,
     pub rtt_ms: f64,
 }
 

@@ -11,10 +11,9 @@ use std::{
     sync::Mutex,
 };
 
-use crate::{
-    manifest::{ChunkId, Manifest},
-    wire::ChunkSet,
-};
+use floodclone_sched::{ChunkId, ChunkSet};
+
+use crate::manifest::Manifest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {

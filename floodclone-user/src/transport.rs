@@ -110,10 +110,8 @@ impl ServerCertVerifier for TokenTrust {
 /// wait in the queue the other direction keeps full and each connection's RTT includes
 /// both queues. A loss-based controller needs a window of rate x that RTT to keep its link
 /// busy; CUBIC's cut to 70% (Reno's to 50%) left it below that until the window grew back,
-/// for seconds: on a 10 Mbit/s link used both ways, cwnd swung 41-84 KB against the 87 KB
-/// a 70 ms RTT needed, and the link ran at 6-8 Mbit/s. Reno's additive increase with a cut
-/// to 85% keeps it full (triangle of two destinations: 1.10-1.12 -> 1.08-1.11 x U_min; mesh
-/// median 1.170 -> 1.116, 3 runs each, alternating). Among FloodClone's own connections this
+/// for seconds. Reno's additive increase with a cut to 85% keeps it full (measured: README,
+/// "Design notes"). Among FloodClone's own connections this
 /// still converges like any AIMD; against foreign Reno or CUBIC flows it takes a larger
 /// share than they do. A delay-based controller (grow while the RTT stays near its minimum)
 /// was tried and starved one direction of a link used both ways: the RTT it sees includes
@@ -128,9 +126,8 @@ fn congestion() -> quinn::congestion::NewRenoConfig {
 
 /// How long after quinn declares a path MTU black hole it searches for a larger MTU again
 /// (quinn's default: 60 s). On a congested path a tail-drop queue drops bursts of
-/// consecutive full-size packets, which quinn takes for a black hole: the MTU fell to 1200
-/// bytes on 7 of the 9 connections crossing the narrow-source dumbbell's middle and stayed
-/// there for the rest of the transfer, 1% more headers on the bottleneck. A search only
+/// consecutive full-size packets, which quinn takes for a black hole, and the MTU then stays
+/// at 1200 bytes (more headers on the very link that is short of capacity). A search only
 /// raises the MTU when its probes get through, so searching again soon costs a real black
 /// hole a few lost probes per second and nothing else.
 pub const BLACK_HOLE_COOLDOWN: Duration = Duration::from_secs(1);

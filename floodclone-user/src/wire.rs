@@ -7,9 +7,9 @@
 
 use std::net::Ipv4Addr;
 
-pub use floodclone_sched::{overlay::Reach, ChunkSet};
+use floodclone_sched::{overlay::Reach, ChunkId, MemberId};
 
-use crate::manifest::{ChunkId, Manifest};
+use crate::manifest::Manifest;
 
 /// Largest control frame accepted: room for a manifest of [`crate::manifest::MAX_CHUNKS`]
 /// chunks (the source refuses a chunk size that gives more).
@@ -32,7 +32,7 @@ pub enum WireError {
 /// A member of the swarm as the source describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Member {
-    pub id: u16,
+    pub id: MemberId,
     /// The address others dial (identity address in the testbed).
     pub addr: Ipv4Addr,
     pub port: u16,
@@ -43,12 +43,12 @@ pub struct Member {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RouteView {
-    pub member: u16,
+    pub member: MemberId,
     pub reach: Reach,
     pub ifindex: u32,
     pub gateway: Option<Ipv4Addr>,
     /// With [`Reach::Behind`], the member in the way.
-    pub via_member: Option<u16>,
+    pub via_member: Option<MemberId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,7 +60,7 @@ pub enum Msg {
     /// Source -> destination: your member id, the manifest, the members, and whether
     /// destinations relay (false: the "direct" baseline, everyone pulls from the source).
     Welcome {
-        you: u16,
+        you: MemberId,
         manifest: Manifest,
         members: Vec<Member>,
         relay: bool,
@@ -70,7 +70,7 @@ pub enum Msg {
     /// Destination -> source: how this node reaches every member.
     View { routes: Vec<RouteView> },
     /// Puller -> server, first message after auth: who is pulling.
-    Hello { id: u16 },
+    Hello { id: MemberId },
     /// Server -> puller: every chunk the server holds (bit i of byte i/8, LSB first).
     Bitfield { bits: Vec<u8> },
     /// Server -> puller: one more chunk held.
@@ -278,7 +278,7 @@ impl Msg {
                     w.u8(r.reach as u8);
                     w.u32(r.ifindex);
                     w.addr(r.gateway.unwrap_or(Ipv4Addr::UNSPECIFIED));
-                    w.u16(r.via_member.unwrap_or(u16::MAX));
+                    w.u16(r.via_member.unwrap_or(MemberId::MAX));
                 }
             }
             Msg::Hello { id } => w.u16(*id),
@@ -357,7 +357,7 @@ impl Msg {
                             reach,
                             ifindex,
                             gateway: (!gw.is_unspecified()).then_some(gw),
-                            via_member: (via != u16::MAX).then_some(via),
+                            via_member: (via != MemberId::MAX).then_some(via),
                         })
                     })
                     .collect::<Result<_, _>>()?;
@@ -420,6 +420,24 @@ pub fn drain_frames(buf: &mut Vec<u8>) -> Result<Vec<Msg>, WireError> {
     }
     buf.drain(..at);
     Ok(out)
+}
+
+/// A route view as the JSON events show it.
+impl From<&RouteView> for floodclone_events::Route {
+    fn from(v: &RouteView) -> Self {
+        Self {
+            member: v.member,
+            reach: match v.reach {
+                Reach::Direct => floodclone_events::RouteReach::Direct,
+                Reach::Behind => floodclone_events::RouteReach::Behind,
+                Reach::ViaRouter => floodclone_events::RouteReach::ViaRouter,
+                Reach::Unreachable => floodclone_events::RouteReach::Unreachable,
+            },
+            ifindex: v.ifindex,
+            gateway: v.gateway.map(|g| g.to_string()),
+            via_member: v.via_member,
+        }
+    }
 }
 
 #[cfg(test)]

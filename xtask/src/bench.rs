@@ -7,7 +7,7 @@ use std::{io::Write, path::Path, time::Duration};
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::{
+use floodclone_testbed::{
     run::{render, run_transfer, RunOptions, RunReport},
     topology::Topology,
 };
@@ -135,13 +135,13 @@ pub fn table(rows: &[BenchRow]) -> String {
 /// attached (by `floodclone stats --watch` on both ends), in the same run. Returns
 /// (Mbit/s without, Mbit/s with, CPU s per GB without, CPU s per GB with).
 pub fn ebpf_overhead(bin: &Path, secs: f64) -> Result<(f64, f64, f64, f64)> {
-    use crate::{testbed::Testbed, traffic};
+    use floodclone_testbed::{traffic, Testbed};
     let topo = Topology::parse(
         "overhead",
         r#"node = [{name="s",role="source"},{name="d",role="dest"}]
            link = [{a="s",b="d",mbit=100000}]"#,
     )?;
-    crate::testbed::ensure_host_bpffs()?;
+    floodclone_testbed::netns::ensure_host_bpffs()?;
     let mut bed = Testbed::up(&topo)?;
     let measure = |bed: &Testbed| {
         let cpu0 = traffic::machine_busy_s();

@@ -4,14 +4,16 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
-use xtask::{
+use floodclone_testbed::{
     bound,
     build::{cargo, floodclone_binary as build_floodclone, workspace_root},
-    setup,
+    netns as testbed, run, setup,
     size::parse_size,
-    testbed::{self, Testbed},
-    topology::Topology,
+    Testbed, Topology,
 };
+
+mod bench;
+mod sim;
 
 #[derive(Parser)]
 #[command(about = "FloodClone development tasks")]
@@ -94,7 +96,7 @@ enum Cmd {
         topology: Option<PathBuf>,
         /// Shape of generated networks.
         #[arg(long, value_enum, default_value = "random")]
-        shape: xtask::sim::Shape,
+        shape: sim::Shape,
         /// Nodes in a generated network (routers included).
         #[arg(long, default_value_t = 1000)]
         nodes: usize,
@@ -198,7 +200,7 @@ fn main() -> Result<()> {
             hop_delay_ms,
             json,
         } => {
-            let opts = xtask::sim::SimOptions {
+            let opts = sim::SimOptions {
                 bytes: size,
                 chunk_bytes: chunk_size
                     .unwrap_or_else(|| floodclone_sched::default_chunk_bytes(size) as u64),
@@ -209,7 +211,7 @@ fn main() -> Result<()> {
                 Some(file) => vec![Topology::load(&file)?],
                 None => (seed..seed + networks)
                     .map(|seed| {
-                        let mut g = xtask::sim::GenOptions {
+                        let mut g = sim::GenOptions {
                             shape,
                             nodes,
                             degree,
@@ -221,12 +223,12 @@ fn main() -> Result<()> {
                         };
                         if rate_changes > 0 {
                             // Changes fall within the transfer: before 80% of its floor.
-                            let u = bound::u_min_s(&xtask::sim::generate(&g), size as f64 * 8.0)
+                            let u = bound::u_min_s(&sim::generate(&g), size as f64 * 8.0)
                                 .unwrap_or(1.0);
                             g.rate_changes = rate_changes;
                             g.until_s = 0.8 * u;
                         }
-                        xtask::sim::generate(&g)
+                        sim::generate(&g)
                     })
                     .collect(),
             };
@@ -237,7 +239,7 @@ fn main() -> Result<()> {
                     anyhow::anyhow!("{}: a destination is cut off for good", topo.name)
                 })?;
                 let floor_s = started.elapsed().as_secs_f64();
-                let report = xtask::sim::simulate(topo, &opts).map_err(anyhow::Error::msg)?;
+                let report = sim::simulate(topo, &opts).map_err(anyhow::Error::msg)?;
                 let wall = started.elapsed().as_secs_f64();
                 let ratio = report.u_s.map(|u| u / u_min);
                 worst = worst.max(ratio.unwrap_or(f64::INFINITY));
@@ -345,9 +347,9 @@ fn main() -> Result<()> {
                 "running {} bytes over {} ({} members)",
                 size,
                 topo.name,
-                xtask::run::member_count(&topo)
+                run::member_count(&topo)
             );
-            let mut opts = xtask::run::RunOptions::new(size);
+            let mut opts = run::RunOptions::new(size);
             opts.logs = logs;
             if let Some(c) = chunk_size {
                 opts.send_args = vec!["--chunk-size".into(), c.to_string()];
@@ -360,16 +362,16 @@ fn main() -> Result<()> {
                     .join("results")
                     .join(format!("run-{}-{stamp}.svg", topo.name)),
             );
-            let report = xtask::run::run_transfer(&topo, &bin, &opts)?;
+            let report = run::run_transfer(&topo, &bin, &opts)?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
-                print!("{}", xtask::run::render(&report));
+                print!("{}", run::render(&report));
                 if let Some(p) = &report.picture {
                     println!("picture: {}", p.display());
                 }
             }
-            xtask::run::check(&report)?;
+            run::check(&report)?;
         }
         Cmd::Bench {
             topologies,
@@ -406,7 +408,7 @@ fn main() -> Result<()> {
             let jsonl_path = dir.join(format!("bench-{stamp}.jsonl"));
             let mut jsonl = std::fs::File::create(&jsonl_path)?;
             let pictures = dir.join(format!("bench-{stamp}"));
-            let rows = xtask::bench::bench(
+            let rows = bench::bench(
                 &topos,
                 &bin,
                 size,
@@ -415,7 +417,7 @@ fn main() -> Result<()> {
                 &mut jsonl,
                 &pictures,
             )?;
-            let table = xtask::bench::table(&rows);
+            let table = bench::table(&rows);
             let md_path = dir.join(format!("bench-{stamp}.md"));
             std::fs::write(&md_path, &table)?;
             println!("{table}");
@@ -431,7 +433,7 @@ fn main() -> Result<()> {
                 bail!("`cargo xtask bench-overhead` builds network namespaces and loads eBPF: run it as root");
             }
             let bin = build_floodclone()?;
-            let (without, with, cpu_without, cpu_with) = xtask::bench::ebpf_overhead(&bin, secs)?;
+            let (without, with, cpu_without, cpu_with) = bench::ebpf_overhead(&bin, secs)?;
             println!("TCP over an unshaped veth, {secs} s each, same run:");
             println!("  without link stats: {without:8.0} Mbit/s  {cpu_without:6.2} CPU s/GB");
             println!("  with link stats:    {with:8.0} Mbit/s  {cpu_with:6.2} CPU s/GB");

@@ -1,5 +1,5 @@
 //! The simulator: the daemon's scheduler ([`floodclone_sched`]) driven over a modelled
-//! network, at chunk level, in virtual time. It mirrors what `floodclone-user/src/node.rs`
+//! network, at chunk level, in virtual time. It mirrors what `floodclone-user/src/destination.rs`
 //! does around the scheduler (data neighbours from routes, bitfields, "have" and "fetching"
 //! announcements, fresh grants from the source, a FIFO of requested chunks per connection,
 //! rates measured every 200 ms) so that tuning here carries over to the testbed.
@@ -16,12 +16,13 @@ use std::{
 };
 
 use floodclone_sched::{
-    overlay::{self, Reach},
-    sched::{Action, Arrival, Puller, SchedConfig},
-    ChunkId, ChunkSet,
+    overlay::{self, FirstHop, Reach},
+    Action, Arrival, ChunkId, ChunkSet, MemberId, Puller, SchedConfig,
 };
-
-use crate::topology::{EventAction, Node, Role, Topology};
+use floodclone_testbed::{
+    routing,
+    topology::{EventAction, Node, Role, Topology},
+};
 
 /// Matches the daemon's measurement tick.
 const TICK_S: f64 = 0.2;
@@ -117,10 +118,10 @@ struct Pipe {
 }
 
 struct SimNode {
-    member: Option<u16>,
+    member: Option<MemberId>,
     puller: Option<Puller>,
     /// Members this node pulls from, with their pipes (sender -> us).
-    pipes_in: HashMap<u16, usize>,
+    pipes_in: HashMap<MemberId, usize>,
     /// Nodes that pull from us, with their pipes (us -> them).
     pipes_out: HashMap<usize, usize>,
     done_at: Option<f64>,
@@ -176,69 +177,6 @@ impl Queue {
     }
 }
 
-/// Routes of a network: for every node, the predecessor of each node on its path there
-/// (fewest hops, widest among those, like the testbed's routes).
-struct Routes {
-    pred: Vec<Vec<u32>>,
-}
-
-fn routes(topo: &Topology, caps: &[f64]) -> Routes {
-    let n = topo.nodes.len();
-    let mut adj: Vec<Vec<(usize, usize)>> = vec![Vec::new(); n];
-    for (i, l) in topo.links.iter().enumerate() {
-        adj[l.a].push((l.b, 2 * i));
-        adj[l.b].push((l.a, 2 * i + 1));
-    }
-    let pred = (0..n)
-        .map(|src| {
-            let mut dist = vec![u32::MAX; n];
-            let mut width = vec![0.0f64; n];
-            let mut pred = vec![u32::MAX; n];
-            let mut order = vec![src];
-            dist[src] = 0;
-            width[src] = f64::INFINITY;
-            let mut i = 0;
-            while i < order.len() {
-                let u = order[i];
-                i += 1;
-                for &(v, d) in &adj[u] {
-                    if dist[v] == u32::MAX {
-                        dist[v] = dist[u] + 1;
-                        order.push(v);
-                    }
-                    if dist[v] == dist[u] + 1 {
-                        let w = width[u].min(caps[d]);
-                        if w > width[v] {
-                            width[v] = w;
-                            pred[v] = u as u32;
-                        }
-                    }
-                }
-            }
-            pred
-        })
-        .collect();
-    Routes { pred }
-}
-
-impl Routes {
-    /// Nodes on the path from `a` to `b`, both included.
-    fn path(&self, a: usize, b: usize) -> Option<Vec<usize>> {
-        let mut out = vec![b];
-        let mut x = b;
-        while x != a {
-            let p = self.pred[a][x];
-            if p == u32::MAX {
-                return None;
-            }
-            x = p as usize;
-            out.push(x);
-        }
-        out.reverse();
-        Some(out)
-    }
-}
-
 pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String> {
     if topo
         .events
@@ -262,14 +200,16 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
         dirlink_of.insert((l.a, l.b), 2 * i);
         dirlink_of.insert((l.b, l.a), 2 * i + 1);
     }
-    let routes = routes(topo, &caps);
+    // Hop-by-hop forwarding along the testbed's kernel routes.
+    let next = routing::next_hops(topo, &vec![true; topo.links.len()]);
+    let route = |a: usize, b: usize| routing::path(&next, a, b);
     let source = topo.source();
     // Member ids as the source hands them out: 0 for itself, then destinations in order.
     let mut member_of = vec![None; n];
     let mut node_of_member = vec![source];
-    member_of[source] = Some(0u16);
+    member_of[source] = Some(floodclone_sched::SOURCE);
     for d in topo.destinations() {
-        member_of[d] = Some(node_of_member.len() as u16);
+        member_of[d] = Some(node_of_member.len() as MemberId);
         node_of_member.push(d);
     }
 
@@ -288,18 +228,16 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
     let mut q = Queue::default();
     for d in topo.destinations() {
         let me = member_of[d].expect("destinations are members");
-        let reach: Vec<(u16, Reach)> = node_of_member
+        let reach: Vec<(MemberId, Reach)> = node_of_member
             .iter()
             .enumerate()
             .filter(|&(_, &m)| m != d)
             .map(|(id, &m)| {
-                let reach = match routes.path(d, m) {
-                    None => Reach::Unreachable,
-                    Some(p) if p[1] == m => Reach::Direct,
-                    Some(p) if topo.is_member(p[1]) => Reach::Behind,
-                    Some(_) => Reach::ViaRouter,
+                let first = match route(d, m) {
+                    None => FirstHop::NoRoute,
+                    Some(p) => FirstHop::Gateway(member_of[p[1]]),
                 };
-                (id as u16, reach)
+                (id as MemberId, overlay::reach(id as MemberId, first).0)
             })
             .collect();
         let neighbours = overlay::data_neighbours(me, &reach);
@@ -313,13 +251,13 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
         );
         for &nb in &neighbours {
             let from = node_of_member[nb as usize];
-            let hops = routes.path(from, d).expect("reachable");
+            let hops = route(from, d).expect("reachable");
             let path: Vec<usize> = hops.windows(2).map(|w| dirlink_of[&(w[0], w[1])]).collect();
-            puller.add_peer(nb, nb == overlay::SOURCE);
+            puller.add_peer(nb, nb == floodclone_sched::SOURCE);
             puller.peer_distance(nb, path.len() as u8);
             puller.peer_ingress(nb, *path.last().expect("a path to a neighbour") as u32);
             // What the neighbour reports of its own distance to the source.
-            let to_source = routes.path(from, source).expect("reachable").len() - 1;
+            let to_source = route(from, source).expect("reachable").len() - 1;
             puller.peer_source_distance(nb, to_source as u8);
             let id = pipes.len();
             pipes.push(Pipe {
@@ -381,7 +319,7 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
     }
     q.push(TICK_S, Ev::Tick);
 
-    let mut fresh = floodclone_sched::sched::FreshServer::new(chunks);
+    let mut fresh = floodclone_sched::FreshServer::new(chunks);
     let mut remaining = topo.destinations().len();
     let mut events = 0u64;
     let mut sim = Sim {
@@ -909,7 +847,7 @@ pub fn generate(g: &GenOptions) -> Topology {
     }
     let mut edge_list: Vec<(usize, usize)> = edges.into_iter().collect();
     edge_list.sort_unstable();
-    let links: Vec<crate::topology::Link> = edge_list
+    let links: Vec<floodclone_testbed::topology::Link> = edge_list
         .into_iter()
         .map(|(a, b)| {
             let ab = rng.range(g.mbit.0, g.mbit.1).round().max(1.0);
@@ -918,7 +856,7 @@ pub fn generate(g: &GenOptions) -> Topology {
             } else {
                 ab
             };
-            crate::topology::Link {
+            floodclone_testbed::topology::Link {
                 a,
                 b,
                 mbit_ab: ab,
@@ -930,7 +868,7 @@ pub fn generate(g: &GenOptions) -> Topology {
     for _ in 0..g.rate_changes {
         let link = rng.below(links.len());
         let factor = rng.range(0.25, 1.5);
-        events.push(crate::topology::Event {
+        events.push(floodclone_testbed::topology::Event {
             at_s: rng.range(0.0, g.until_s),
             link,
             action: EventAction::SetRate {

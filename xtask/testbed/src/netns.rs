@@ -9,7 +9,7 @@
 //! Ctrl-C.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::BTreeMap,
     io::Write,
     net::Ipv4Addr,
     process::{Child, Command, Stdio},
@@ -19,7 +19,10 @@ use std::{
     },
 };
 
-use crate::topology::{EventAction, Topology};
+use crate::{
+    routing::next_hops,
+    topology::{EventAction, Topology},
+};
 
 /// Prefix of every namespace the testbed creates.
 pub const NETNS_PREFIX: &str = "fc-";
@@ -117,57 +120,6 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// Prefixes of testbeds alive in this process, for the Ctrl-C handler.
 static LIVE: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-/// Next hop from every node to every other node: `next[u][v] = Some((neighbour, link))`.
-/// Shortest hop paths; among equal-hop paths the one with the widest bottleneck in the
-/// direction of travel. Links marked down in `up` are ignored.
-pub fn next_hops(topo: &Topology, up: &[bool]) -> Vec<Vec<Option<(usize, usize)>>> {
-    let n = topo.nodes.len();
-    let rate = |link: usize, from: usize| {
-        let l = &topo.links[link];
-        if l.a == from {
-            l.mbit_ab
-        } else {
-            l.mbit_ba
-        }
-    };
-    let mut next = vec![vec![None; n]; n];
-    for (u, next_u) in next.iter_mut().enumerate() {
-        // BFS levels, then widest bottleneck through the shortest-path DAG, level by level.
-        let mut dist = vec![usize::MAX; n];
-        let mut width = vec![0.0f64; n];
-        let mut first = vec![None; n];
-        dist[u] = 0;
-        width[u] = f64::INFINITY;
-        let mut order = vec![u];
-        let mut queue = VecDeque::from([u]);
-        while let Some(x) = queue.pop_front() {
-            for (y, link) in topo.neighbours(x) {
-                if !up[link] {
-                    continue;
-                }
-                if dist[y] == usize::MAX {
-                    dist[y] = dist[x] + 1;
-                    queue.push_back(y);
-                    order.push(y);
-                }
-            }
-        }
-        for &x in &order[1..] {
-            for (y, link) in topo.neighbours(x) {
-                if up[link] && dist[y] != usize::MAX && dist[y] + 1 == dist[x] {
-                    let w = width[y].min(rate(link, y));
-                    if w > width[x] {
-                        width[x] = w;
-                        first[x] = if y == u { Some((x, link)) } else { first[y] };
-                    }
-                }
-            }
-        }
-        *next_u = first;
-    }
-    next
-}
 
 /// A live testbed. Dropping it kills every process in its namespaces and deletes them.
 pub struct Testbed {
@@ -278,8 +230,8 @@ impl Testbed {
     /// HTB at `mbit` on the egress of `dev` in `netns`, with a FIFO of [`QUEUE_MS`].
     ///
     /// The FIFO's limit is in bytes: a packet limit counts a GSO super-packet (QUIC and TCP
-    /// senders hand the kernel many segments at once) as one, and a "25 ms" pfifo held
-    /// 100 ms and more of a QUIC sender's data (RTT 128 ms on a 40 Mbit/s star link).
+    /// senders hand the kernel many segments at once) as one, so a packet-limited "25 ms"
+    /// FIFO holds several times that.
     fn shape_one(&self, netns: &str, dev: &str, mbit: f64, verb: &str) -> Result<()> {
         let bytes_per_ms = mbit * 1e6 / 8.0 / 1e3;
         let burst = ((bytes_per_ms * BURST_MS) as u64).max(70_000);
@@ -563,28 +515,6 @@ pub fn ensure_host_bpffs() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn routes_prefer_the_widest_of_equal_hop_paths() {
-        // s-a-d at 10, s-b-d at 40: both two hops; s must go through b.
-        let t = Topology::parse(
-            "t",
-            r#"
-            node = [{name="s",role="source"},{name="a",role="router"},{name="b",role="router"},
-                    {name="d",role="dest"}]
-            link = [{a="s",b="a",mbit=10},{a="a",b="d",mbit=10},{a="s",b="b",mbit=40},
-                    {a="b",b="d",mbit=40}]
-        "#,
-        )
-        .unwrap();
-        let up = vec![true; 4];
-        let next = next_hops(&t, &up);
-        assert_eq!(next[0][3], Some((2, 2)));
-        assert_eq!(next[3][0], Some((2, 3)));
-        // With s-b down, d is reached via a.
-        let next = next_hops(&t, &[true, true, false, true]);
-        assert_eq!(next[0][3], Some((1, 0)));
-    }
 
     #[test]
     fn addresses_are_distinct() {

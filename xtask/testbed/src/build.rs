@@ -6,11 +6,12 @@ use anyhow::{bail, Context, Result};
 
 use crate::setup;
 
-/// The workspace root (xtask lives directly below it).
+/// The workspace root (this crate lives in `xtask/testbed`).
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
+        .ancestors()
+        .nth(2)
+        .expect("the testbed crate lives in the workspace's xtask/")
         .to_path_buf()
 }
 

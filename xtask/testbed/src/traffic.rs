@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::testbed::{identity_addr, Testbed};
+use crate::netns::{identity_addr, Testbed};
 
 /// Sends TCP from node `from` to node `to` for `secs`; returns (payload Mbit/s after a
 /// warm-up of a quarter of the time, payload bytes counted).

@@ -11,11 +11,12 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use floodclone_events::{Event, MemberId, Progress, SwarmDone, TxBytesByIface};
 use serde::Serialize;
 
 use crate::{
     bound,
-    testbed::{self, identity_addr, Testbed},
+    netns::{self, identity_addr, Testbed},
     topology::{Role, Topology},
 };
 
@@ -160,7 +161,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
     write_test_file(&src, opts.bytes, 0x5eed ^ opts.bytes)?;
     let want = file_hash(&src).context("hashing the source file")?;
 
-    testbed::ensure_host_bpffs()?;
+    netns::ensure_host_bpffs()?;
     let mut bed = Testbed::up(topo)?;
     let token = format!(
         "run-{}-{}",
@@ -286,7 +287,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
             // Member ids are 1.. in the order of `--dest`.
             elapsed_s: seen[s]
                 .dest_done_at
-                .get(&(i as u64 + 1))
+                .get(&(i as MemberId + 1))
                 .copied()
                 .or(seen[d].elapsed_s),
             verified: file_hash(&out_path(d)) == Some(want),
@@ -384,7 +385,7 @@ struct NodeEvents {
     ready: bool,
     elapsed_s: Option<f64>,
     /// At the source: member id -> seconds from its start until that member was done.
-    dest_done_at: std::collections::HashMap<u64, f64>,
+    dest_done_at: std::collections::HashMap<MemberId, f64>,
     duplicates: Option<u64>,
     peak_rss_bytes: Option<u64>,
     tx_bytes_by_iface: Vec<(String, u64)>,
@@ -397,46 +398,57 @@ struct NodeEvents {
 impl NodeEvents {
     /// Notes one JSON line received at `t` seconds into the run.
     fn note(&mut self, line: &str, t: f64) {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+        let Some(event) = Event::parse(line) else {
             return;
         };
-        if let Some(m) = v["tx_bytes_by_iface"].as_object() {
-            for (iface, b) in m {
-                if let Some(b) = b.as_u64() {
-                    self.tx_timeline
-                        .entry(iface.clone())
-                        .or_default()
-                        .push((t, b));
-                }
+        let mut sent = |tx: &TxBytesByIface| {
+            for (iface, &b) in tx {
+                self.tx_timeline
+                    .entry(iface.clone())
+                    .or_default()
+                    .push((t, b));
             }
-        }
-        match v["event"].as_str() {
-            Some("progress") => {
-                if let Some(b) = v["bytes"].as_u64() {
-                    self.progress.push((t, b));
-                }
+        };
+        match event {
+            Event::Progress(Progress::Destination {
+                bytes,
+                tx_bytes_by_iface,
+                ..
+            }) => {
+                sent(&tx_bytes_by_iface);
+                self.progress.push((t, bytes));
             }
-            Some("complete") => {
-                self.elapsed_s = v["elapsed_s"].as_f64();
-                self.duplicates = v["duplicates"].as_u64();
-                if let Some(b) = v["bytes"].as_u64() {
-                    self.progress.push((t, b));
-                }
+            Event::Progress(Progress::Source {
+                tx_bytes_by_iface, ..
+            }) => sent(&tx_bytes_by_iface),
+            Event::Complete {
+                elapsed_s,
+                duplicates,
+                bytes,
+                ..
+            } => {
+                self.elapsed_s = Some(elapsed_s);
+                self.duplicates = Some(duplicates);
+                self.progress.push((t, bytes));
             }
-            Some("ready") => self.ready = true,
-            Some("dest_done") => {
-                if let (Some(m), Some(at)) = (v["member"].as_u64(), v["at_s"].as_f64()) {
-                    self.dest_done_at.insert(m, at);
-                }
+            Event::Ready { .. } => self.ready = true,
+            Event::DestDone { member, at_s, .. } => {
+                self.dest_done_at.insert(member, at_s);
             }
-            Some("swarm_done") => {
-                self.peak_rss_bytes = v["peak_rss_bytes"].as_u64();
-                if let Some(m) = v["tx_bytes_by_iface"].as_object() {
-                    self.tx_bytes_by_iface = m
-                        .iter()
-                        .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
-                        .collect();
+            Event::SwarmDone(
+                SwarmDone::Source {
+                    peak_rss_bytes,
+                    tx_bytes_by_iface,
+                    ..
                 }
+                | SwarmDone::Destination {
+                    peak_rss_bytes,
+                    tx_bytes_by_iface,
+                },
+            ) => {
+                sent(&tx_bytes_by_iface);
+                self.peak_rss_bytes = Some(peak_rss_bytes);
+                self.tx_bytes_by_iface = tx_bytes_by_iface.into_iter().collect();
             }
             _ => {}
         }

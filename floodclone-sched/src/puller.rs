@@ -9,15 +9,13 @@
 //! chunk stuck behind a slow link may be raced by a faster one and the loser is cancelled.
 //!
 //! From the source a node asks for *fresh* chunks: the source picks ones it has never served
-//! ([`FreshServer`]), which no other node can hold or be sending, so the source serves every
+//! ([`crate::FreshServer`]), which no other node can hold or be sending, so the source serves every
 //! chunk once before any twice without any race. When none are left the source says so and
 //! the node requests from it explicitly, like from any neighbour.
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::{ChunkId, ChunkSet};
-
-pub type PeerId = u16;
+use crate::{rate::RateEstimate, ChunkId, ChunkSet, MemberId};
 
 /// How long a neighbour's "fetching" announcement holds back requests to farther ones.
 pub const COMING_TTL_S: f64 = 2.0;
@@ -39,7 +37,7 @@ pub struct SchedConfig {
     /// This node's member id. Breaks ties among equally rare chunks differently on every
     /// node, and designates which of a group of nodes fetches a chunk from afar (see
     /// [`SchedConfig::far_defer_s`]).
-    pub member: u16,
+    pub member: MemberId,
     /// Nodes that hear of a chunk at the same moment would all fetch it over the same
     /// shared path. For a chunk only a farther neighbour offers, one node among itself and
     /// its nearer neighbours is designated (by a hash of member id and chunk, which all of
@@ -67,17 +65,19 @@ impl SchedConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Ask `peer` for these chunks.
-    Request { peer: PeerId, chunks: Vec<ChunkId> },
+    Request {
+        peer: MemberId,
+        chunks: Vec<ChunkId>,
+    },
     /// Ask the source `peer` for up to `count` chunks it has never served.
-    RequestFresh { peer: PeerId, count: u32 },
+    RequestFresh { peer: MemberId, count: u32 },
     /// Tell `peer` to stop sending `chunk`.
-    Cancel { peer: PeerId, chunk: ChunkId },
+    Cancel { peer: MemberId, chunk: ChunkId },
 }
 
 /// A chunk in flight this many seconds (and [`STALL_FACTOR`] times its expected time) is
 /// asked of the same neighbour again: a request or a stream lost somewhere must not hang
-/// a node whose only holder is that neighbour (seen once in CI: a leaf of the tree waited
-/// 40 s for its last chunk; cause not found).
+/// a node whose only holder is that neighbour.
 pub const STALL_MIN_S: f64 = 2.0;
 pub const STALL_FACTOR: f64 = 10.0;
 
@@ -92,66 +92,6 @@ pub const FRESH_WINDOW_S: f64 = 1.0;
 /// A node whose fresh chunks arrive at less than this share of the source's average rate
 /// per fresh receiver is far behind the others (its path has a bottleneck of its own).
 pub const STARVED_SHARE: f64 = 0.25;
-
-/// Shortest interval a first rate sample is taken to span, in seconds.
-const MIN_FIRST_SAMPLE_S: f64 = 0.01;
-
-/// Delivery rate of one neighbour, measured over the time it had requests outstanding.
-#[derive(Clone, Debug)]
-pub struct RateEstimate {
-    bps: Option<f64>,
-    busy_since: Option<f64>,
-    last_delivery: Option<f64>,
-}
-
-impl RateEstimate {
-    fn new() -> Self {
-        Self {
-            bps: None,
-            busy_since: None,
-            last_delivery: None,
-        }
-    }
-
-    fn became_busy(&mut self, now: f64) {
-        if self.busy_since.is_none() {
-            self.busy_since = Some(now);
-        }
-    }
-
-    fn became_idle(&mut self) {
-        self.busy_since = None;
-    }
-
-    fn delivered(&mut self, bytes: u64, now: f64) {
-        let start = match (self.last_delivery, self.busy_since) {
-            (Some(last), Some(busy)) => last.max(busy),
-            (None, Some(busy)) => busy,
-            (Some(last), None) => last,
-            (None, None) => now,
-        };
-        let dt = now - start;
-        if dt > 1e-4 {
-            // Deliveries handled back to back (a busy event loop, two streams ending
-            // together) give near-zero intervals: a sample may at most double the
-            // estimate, and a first one must span a plausible interval.
-            let sample = match self.bps {
-                Some(old) => (bytes as f64 * 8.0 / dt).min(2.0 * old),
-                None => bytes as f64 * 8.0 / dt.max(MIN_FIRST_SAMPLE_S),
-            };
-            // Quick to follow: re-estimate all the time, never trust an old figure for long.
-            self.bps = Some(match self.bps {
-                Some(old) => 0.7 * old + 0.3 * sample,
-                None => sample,
-            });
-        }
-        self.last_delivery = Some(now);
-    }
-
-    pub fn bps(&self) -> Option<f64> {
-        self.bps
-    }
-}
 
 #[derive(Clone, Debug)]
 struct Peer {
@@ -215,7 +155,7 @@ impl Peer {
 
 #[derive(Clone, Debug)]
 struct Flight {
-    peer: PeerId,
+    peer: MemberId,
     since: f64,
 }
 
@@ -234,7 +174,10 @@ pub struct Puller {
     cfg: SchedConfig,
     have: ChunkSet,
     flights: HashMap<ChunkId, Vec<Flight>>,
-    peers: BTreeMap<PeerId, Peer>,
+    peers: BTreeMap<MemberId, Peer>,
+    /// What members that are not neighbours now hold, as far as they told us: restored
+    /// when they become neighbours (again), so this is the one record of peer holdings.
+    dormant: HashMap<MemberId, ChunkSet>,
     /// For each chunk, how many neighbours hold it (rarest first).
     holders: Vec<u16>,
     actions: Vec<Action>,
@@ -244,7 +187,7 @@ pub struct Puller {
     seen: ChunkSet,
     /// Fetches of chunks not seen before (fresh ones, as far as this node can tell) in the
     /// last [`FRESH_WINDOW_S`]: when, and by whom (`None`: this node).
-    fresh_log: std::collections::VecDeque<(f64, Option<PeerId>)>,
+    fresh_log: std::collections::VecDeque<(f64, Option<MemberId>)>,
     /// Chunks that arrived and were not needed (raced copies, refused streams).
     pub duplicates: u64,
     /// Chunks received and verified.
@@ -259,6 +202,7 @@ impl Puller {
             have,
             flights: HashMap::new(),
             peers: BTreeMap::new(),
+            dormant: HashMap::new(),
             holders: vec![0; n],
             actions: Vec::new(),
             deferred: HashMap::new(),
@@ -281,36 +225,47 @@ impl Puller {
         self.flights.len()
     }
 
-    pub fn peer_rate_bps(&self, peer: PeerId) -> Option<f64> {
+    pub fn peer_rate_bps(&self, peer: MemberId) -> Option<f64> {
         self.peers.get(&peer).and_then(|p| p.rate.bps())
     }
 
-    pub fn peer_ids(&self) -> impl Iterator<Item = PeerId> + '_ {
+    pub fn peer_ids(&self) -> impl Iterator<Item = MemberId> + '_ {
         self.peers.keys().copied()
     }
 
-    /// A data neighbour appeared. Its holdings arrive with [`Self::peer_bitfield`].
-    pub fn add_peer(&mut self, peer: PeerId, is_source: bool) {
+    /// A data neighbour appeared. Its holdings arrive with [`Self::peer_bitfield`] (and
+    /// what it told us while it was not a neighbour counts at once).
+    pub fn add_peer(&mut self, peer: MemberId, is_source: bool) {
+        if self.peers.contains_key(&peer) {
+            return;
+        }
         let n = self.have.len();
-        self.peers.entry(peer).or_insert_with(|| Peer {
-            have: ChunkSet::new(n),
-            is_source,
-            fresh_open: is_source,
-            fresh_asked: Default::default(),
-            fresh_early: Vec::new(),
-            outstanding: 0,
-            rate: RateEstimate::new(),
-            measured_bps: None,
-            bad_chunks: 0,
-            hops: None,
-            source_hops: None,
-            ingress: None,
-            coming: HashMap::new(),
-        });
+        self.peers.insert(
+            peer,
+            Peer {
+                have: ChunkSet::new(n),
+                is_source,
+                fresh_open: is_source,
+                fresh_asked: Default::default(),
+                fresh_early: Vec::new(),
+                outstanding: 0,
+                rate: RateEstimate::new(),
+                measured_bps: None,
+                bad_chunks: 0,
+                hops: None,
+                source_hops: None,
+                ingress: None,
+                coming: HashMap::new(),
+            },
+        );
+        if let Some(held) = self.dormant.remove(&peer) {
+            self.peer_bitfield(peer, &held);
+        }
     }
 
-    /// A neighbour is gone: what it was sending is wanted again.
-    pub fn remove_peer(&mut self, peer: PeerId) {
+    /// A neighbour is no longer one: what it was sending is wanted again; what it holds is
+    /// kept for when it is a neighbour again.
+    pub fn remove_peer(&mut self, peer: MemberId) {
         let Some(p) = self.peers.remove(&peer) else {
             return;
         };
@@ -321,10 +276,28 @@ impl Puller {
             fl.retain(|f| f.peer != peer);
             !fl.is_empty()
         });
+        self.dormant.insert(peer, p.have);
     }
 
-    pub fn peer_bitfield(&mut self, peer: PeerId, set: &ChunkSet) {
+    /// Our connection to `peer` is gone: it is no neighbour, and what it held is forgotten
+    /// (a new connection tells it again).
+    pub fn forget_peer(&mut self, peer: MemberId) {
+        self.remove_peer(peer);
+        self.dormant.remove(&peer);
+    }
+
+    /// Holdings told by a member that is not a neighbour now.
+    fn dormant_has(&mut self, peer: MemberId) -> &mut ChunkSet {
+        let n = self.have.len();
+        self.dormant.entry(peer).or_insert_with(|| ChunkSet::new(n))
+    }
+
+    pub fn peer_bitfield(&mut self, peer: MemberId, set: &ChunkSet) {
         let Some(p) = self.peers.get_mut(&peer) else {
+            let held = self.dormant_has(peer);
+            for c in set.iter() {
+                held.insert(c);
+            }
             return;
         };
         let from_source = p.is_source;
@@ -340,20 +313,22 @@ impl Puller {
         }
     }
 
-    pub fn peer_has(&mut self, peer: PeerId, chunk: ChunkId) {
-        if let Some(p) = self.peers.get_mut(&peer) {
-            p.coming.remove(&chunk);
-            if p.have.insert(chunk) {
-                self.holders[chunk as usize] += 1;
-            }
-            if !p.is_source {
-                self.mark_seen(chunk, None);
-            }
+    pub fn peer_has(&mut self, peer: MemberId, chunk: ChunkId) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            self.dormant_has(peer).insert(chunk);
+            return;
+        };
+        p.coming.remove(&chunk);
+        if p.have.insert(chunk) {
+            self.holders[chunk as usize] += 1;
+        }
+        if !p.is_source {
+            self.mark_seen(chunk, None);
         }
     }
 
     /// How many router hops away `peer` is (1: on-link).
-    pub fn peer_distance(&mut self, peer: PeerId, hops: u8) {
+    pub fn peer_distance(&mut self, peer: MemberId, hops: u8) {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.hops = Some(hops);
         }
@@ -361,7 +336,7 @@ impl Puller {
 
     /// How many hops `peer` itself is from the source (it says so). With our own hops to
     /// both, tells whether the path to `peer` plausibly runs through the source.
-    pub fn peer_source_distance(&mut self, peer: PeerId, hops: u8) {
+    pub fn peer_source_distance(&mut self, peer: MemberId, hops: u8) {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.source_hops = Some(hops);
         }
@@ -369,7 +344,7 @@ impl Puller {
 
     /// The link `peer`'s data arrives on (the interface of the route to it). Neighbours
     /// on different links do not share the path next to this node.
-    pub fn peer_ingress(&mut self, peer: PeerId, link: u32) {
+    pub fn peer_ingress(&mut self, peer: MemberId, link: u32) {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.ingress = Some(link);
         }
@@ -377,7 +352,7 @@ impl Puller {
 
     /// `peer` announced it is fetching `chunk`: a farther neighbour should not be asked for
     /// it, since it will soon be available nearer (so it crosses a shared path once).
-    pub fn peer_fetching(&mut self, peer: PeerId, chunk: ChunkId, now: f64) {
+    pub fn peer_fetching(&mut self, peer: MemberId, chunk: ChunkId, now: f64) {
         if let Some(p) = self.peers.get_mut(&peer) {
             if !p.have.contains(chunk) {
                 p.coming.insert(chunk, now);
@@ -389,14 +364,14 @@ impl Puller {
     }
 
     /// A rate measured outside the scheduler (link stats); used until deliveries give one.
-    pub fn peer_measured_rate(&mut self, peer: PeerId, bps: f64) {
+    pub fn peer_measured_rate(&mut self, peer: MemberId, bps: f64) {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.measured_bps = Some(bps);
         }
     }
 
     /// The source answered our oldest fresh request with these chunks.
-    pub fn fresh_granted(&mut self, peer: PeerId, chunks: &[ChunkId], exhausted: bool, now: f64) {
+    pub fn fresh_granted(&mut self, peer: MemberId, chunks: &[ChunkId], exhausted: bool, now: f64) {
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -418,7 +393,7 @@ impl Puller {
     }
 
     /// A chunk's stream from `peer` started. A fresh chunk may start before its grant.
-    pub fn chunk_started(&mut self, peer: PeerId, chunk: ChunkId, now: f64) -> Arrival {
+    pub fn chunk_started(&mut self, peer: MemberId, chunk: ChunkId, now: f64) -> Arrival {
         if chunk >= self.have.len() || self.have.contains(chunk) {
             self.duplicates += 1;
             return Arrival::Reject;
@@ -444,7 +419,7 @@ impl Puller {
     }
 
     /// A chunk from `peer` finished arriving; `ok` says whether it verified.
-    pub fn chunk_done(&mut self, peer: PeerId, chunk: ChunkId, ok: bool, now: f64) {
+    pub fn chunk_done(&mut self, peer: MemberId, chunk: ChunkId, ok: bool, now: f64) {
         let fl = self.flights.remove(&chunk).unwrap_or_default();
         let mut from_peer = false;
         for f in &fl {
@@ -490,7 +465,7 @@ impl Puller {
     }
 
     /// `peer` says it does not hold `chunk` (any more).
-    pub fn dont_have(&mut self, peer: PeerId, chunk: ChunkId) {
+    pub fn dont_have(&mut self, peer: MemberId, chunk: ChunkId) {
         let mut released = false;
         if let Some(fl) = self.flights.get_mut(&chunk) {
             let before = fl.len();
@@ -511,12 +486,12 @@ impl Puller {
     }
 
     /// How many chunks from `peer` failed verification.
-    pub fn bad_chunks(&self, peer: PeerId) -> u32 {
+    pub fn bad_chunks(&self, peer: MemberId) -> u32 {
         self.peers.get(&peer).map_or(0, |p| p.bad_chunks)
     }
 
     /// `chunk` is now on its way from `peer`.
-    fn add_flight(&mut self, peer: PeerId, chunk: ChunkId, now: f64) {
+    fn add_flight(&mut self, peer: MemberId, chunk: ChunkId, now: f64) {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.outstanding += 1;
             p.rate.became_busy(now);
@@ -528,7 +503,7 @@ impl Puller {
             .push(Flight { peer, since: now });
     }
 
-    fn release(&mut self, peer: PeerId) {
+    fn release(&mut self, peer: MemberId) {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.outstanding = p.outstanding.saturating_sub(1);
             if p.in_use() == 0 {
@@ -539,7 +514,7 @@ impl Puller {
 
     /// `chunk` has left the source. A fetch (when, by whom) of one not seen before is, as
     /// far as this node can tell, a fresh chunk handed out by the source.
-    fn mark_seen(&mut self, chunk: ChunkId, fetch: Option<(f64, Option<PeerId>)>) {
+    fn mark_seen(&mut self, chunk: ChunkId, fetch: Option<(f64, Option<MemberId>)>) {
         if !self.seen.insert(chunk) {
             return;
         }
@@ -551,9 +526,7 @@ impl Puller {
     /// Whether fresh chunks asked of the source `p` now would reach this node only after
     /// the source has handed out all the rest, while others receive theirs many times
     /// faster: the last fresh chunks would then wait on this node's slow path and hold up
-    /// everyone (traced on the narrow-source dumbbell: the far group's fresh chunks crossed
-    /// two bottlenecks in 4-6 s, the near group's in 0.1 s, and the last ones granted to
-    /// the far group were the last chunks anyone received). Such a node leaves the source's
+    /// everyone (README, "Design notes"). Such a node leaves the source's
     /// last chunks to the faster receivers and gets them from its neighbours. Nobody stops
     /// for long: the average receiver is never starved, when none are left unseen the
     /// source's answer is that it has no more, and when fresh chunks stop leaving the
@@ -561,7 +534,7 @@ impl Puller {
     /// Only a source behind a router: on a link of our own, what it sends us takes nothing
     /// from anyone, and a slow link of our own (not a crowded path) may be the very one
     /// that sets this node's time.
-    fn too_slow_for_fresh(&mut self, p: PeerId, now: f64) -> bool {
+    fn too_slow_for_fresh(&mut self, p: MemberId, now: f64) -> bool {
         while self
             .fresh_log
             .front()
@@ -577,7 +550,7 @@ impl Puller {
         let Some(bps) = peer.rate.bps() else {
             return false;
         };
-        let mut receivers: Vec<Option<PeerId>> = self.fresh_log.iter().map(|&(_, q)| q).collect();
+        let mut receivers: Vec<Option<MemberId>> = self.fresh_log.iter().map(|&(_, q)| q).collect();
         receivers.sort_unstable();
         receivers.dedup();
         let handed_out = self.fresh_log.len() as f64 / FRESH_WINDOW_S;
@@ -597,13 +570,13 @@ impl Puller {
             return std::mem::take(&mut self.actions);
         }
         // Nearer neighbours choose first, then faster ones.
-        let mut order: Vec<(PeerId, u8, f64)> = self
+        let mut order: Vec<(MemberId, u8, f64)> = self
             .peers
             .iter()
             .map(|(&id, p)| (id, p.hops.unwrap_or(0), p.rate_bps(&self.cfg)))
             .collect();
         order.sort_by(|a, b| a.1.cmp(&b.1).then(b.2.total_cmp(&a.2)).then(a.0.cmp(&b.0)));
-        let order: Vec<(PeerId, f64)> = order.into_iter().map(|(id, _, r)| (id, r)).collect();
+        let order: Vec<(MemberId, f64)> = order.into_iter().map(|(id, _, r)| (id, r)).collect();
         for &(id, _) in &order {
             let cfg = self.cfg.clone();
             let p = &self.peers[&id];
@@ -652,7 +625,7 @@ impl Puller {
     /// [`STALL_MIN_S`]). The flight keeps its place; only its clock restarts. If the first
     /// copy was merely slow, the second is refused on arrival.
     fn re_request_stalled(&mut self, now: f64) {
-        let mut again: BTreeMap<PeerId, Vec<ChunkId>> = BTreeMap::new();
+        let mut again: BTreeMap<MemberId, Vec<ChunkId>> = BTreeMap::new();
         // A chunk raced from two neighbours has its remedy already.
         for (&c, fl) in self.flights.iter_mut().filter(|(_, fl)| fl.len() == 1) {
             let f = &mut fl[0];
@@ -679,7 +652,12 @@ impl Puller {
     /// strictly nearer neighbour holds or is fetching are left to it.
     /// Also returns the chunks held back because another node is designated to fetch
     /// them from afar.
-    fn rarest_candidates(&self, peer: PeerId, k: usize, now: f64) -> (Vec<ChunkId>, Vec<ChunkId>) {
+    fn rarest_candidates(
+        &self,
+        peer: MemberId,
+        k: usize,
+        now: f64,
+    ) -> (Vec<ChunkId>, Vec<ChunkId>) {
         let p = &self.peers[&peer];
         // Whether `q`'s path and `p`'s share the link next to this node (when unknown,
         // assume they do). Only then is one nearer than the other along a common path:
@@ -705,7 +683,7 @@ impl Puller {
         if source.is_some_and(shares_path) && via_source(p) {
             return (Vec::new(), Vec::new());
         }
-        let nearer_ids: Vec<PeerId> = match p.hops {
+        let nearer_ids: Vec<MemberId> = match p.hops {
             Some(h) => self
                 .peers
                 .iter()
@@ -789,7 +767,7 @@ impl Puller {
 
     /// End game: chunks in flight from a slower neighbour for longer than expected, that
     /// `peer` holds and could deliver sooner. At most two copies of a chunk are in flight.
-    fn endgame_candidates(&self, peer: PeerId, k: usize, now: f64) -> Vec<ChunkId> {
+    fn endgame_candidates(&self, peer: MemberId, k: usize, now: f64) -> Vec<ChunkId> {
         let me = &self.peers[&peer];
         let my_time = me.chunk_time_s(&self.cfg) * (me.in_use() + 1) as f64;
         let mut late: Vec<(f64, ChunkId)> = self
@@ -820,71 +798,13 @@ fn tie_rank(salt: u64, c: ChunkId) -> u32 {
     (x >> 32) as u32
 }
 
-/// The source's choice of fresh chunks: never-served ones, in order.
-#[derive(Clone, Debug)]
-pub struct FreshServer {
-    /// Chunks that have been sent to, or are known to be held by, some destination.
-    served: ChunkSet,
-    cursor: ChunkId,
-}
-
-impl FreshServer {
-    pub fn new(chunks: u32) -> Self {
-        Self {
-            served: ChunkSet::new(chunks),
-            cursor: 0,
-        }
-    }
-
-    /// Some destination holds `chunk` (from a bitfield, e.g. after a restart).
-    pub fn known_held(&mut self, chunk: ChunkId) {
-        self.served.insert(chunk);
-    }
-
-    /// Up to `count` never-served chunks, now counted as served.
-    pub fn pick(&mut self, count: u32) -> Vec<ChunkId> {
-        let mut out = Vec::new();
-        while out.len() < count as usize && self.cursor < self.served.len() {
-            let c = self.cursor;
-            self.cursor += 1;
-            if self.served.insert(c) {
-                out.push(c);
-            }
-        }
-        out
-    }
-
-    pub fn exhausted(&self) -> bool {
-        self.served.is_full()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::FreshServer;
 
     fn cfg() -> SchedConfig {
         SchedConfig::new(1000)
-    }
-
-    #[test]
-    fn back_to_back_deliveries_do_not_inflate_the_rate() {
-        // 128 KiB every 0.1 s is 10.5 Mbit/s; then two deliveries handled 0.2 ms apart
-        // (a busy event loop) must not make a 5 Gbit/s neighbour of it.
-        let mut r = RateEstimate::new();
-        r.became_busy(0.0);
-        for i in 1..=5 {
-            r.delivered(128 << 10, i as f64 * 0.1);
-        }
-        let steady = r.bps().unwrap();
-        assert!((steady - 10.5e6).abs() < 0.1e6, "{steady}");
-        r.delivered(128 << 10, 0.5002);
-        assert!(r.bps().unwrap() <= 1.3 * steady + 1.0);
-        // A first sample that short is taken to span 10 ms at least.
-        let mut first = RateEstimate::new();
-        first.became_busy(0.0);
-        first.delivered(128 << 10, 0.0002);
-        assert!(first.bps().unwrap() <= 128.0 * 1024.0 * 8.0 / MIN_FIRST_SAMPLE_S + 1.0);
     }
 
     #[test]
@@ -1038,8 +958,8 @@ mod tests {
         assert!(!late.is_empty() && late.iter().all(|&c| c < 4), "{late:?}");
     }
 
-    fn requests_by_peer(actions: Vec<Action>) -> BTreeMap<PeerId, Vec<ChunkId>> {
-        let mut out: BTreeMap<PeerId, Vec<ChunkId>> = BTreeMap::new();
+    fn requests_by_peer(actions: Vec<Action>) -> BTreeMap<MemberId, Vec<ChunkId>> {
+        let mut out: BTreeMap<MemberId, Vec<ChunkId>> = BTreeMap::new();
         for a in actions {
             if let Action::Request { peer, chunks } = a {
                 out.entry(peer).or_default().extend(chunks);
@@ -1264,7 +1184,7 @@ mod tests {
         p.fresh_granted(0, &[0], false, 0.0);
         p.chunk_done(0, 0, true, 4.0);
         for c in 1..=40 {
-            p.peer_fetching(1 + c as PeerId % 2, c, 3.0 + c as f64 / 40.0);
+            p.peer_fetching(1 + c as MemberId % 2, c, 3.0 + c as f64 / 40.0);
         }
         p
     }

@@ -1,0 +1,544 @@
+//! The connection layer, the same for both roles: dialing and accepting, the token check,
+//! and one [`Conn`] per QUIC connection with two halves: serving the chunks its peer
+//! requests, and receiving the chunk streams its peer sends. Everything else a connection
+//! hears is passed up to the node's role as a [`ConnEvent`]; the role answers through the
+//! connection's [`ConnHandle`]. Nothing here knows whether it runs at the source.
+//!
+//! Whoever dials a connection pulls data over it and whoever accepts serves, so each
+//! direction of a link has its own connection (and congestion controller).
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, OnceLock,
+    },
+    time::{Duration, Instant},
+};
+
+use floodclone_sched::{ChunkId, MemberId, SOURCE};
+use quinn::{Connection, Endpoint, VarInt};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    storage::{ChunkStore, StorageError},
+    transport::{self, Control, TransportError, CLOSE_DONE, CLOSE_PROTOCOL},
+    wire::Msg,
+};
+
+/// A member that has not answered dials for this long is reported unreachable (and routed
+/// around until it answers; it is still dialed).
+const UNREACHABLE_AFTER: Duration = Duration::from_secs(5);
+/// Interval between overlapping dial attempts to a peer that has not answered yet, for the
+/// first [`DIAL_EARLY_FOR`]: members usually start within seconds of each other, and each
+/// interval is start-up time every destination waits (one 1200-byte packet per attempt).
+pub const DIAL_SPACING_EARLY: Duration = Duration::from_millis(25);
+const DIAL_EARLY_FOR: Duration = Duration::from_secs(5);
+/// Interval between attempts after that.
+const DIAL_SPACING: Duration = Duration::from_millis(100);
+/// How long one dial attempt waits for the handshake and the token exchange.
+const DIAL_PATIENCE: Duration = Duration::from_secs(3);
+/// Attempts in flight at once (DIAL_PATIENCE / DIAL_SPACING_EARLY).
+const DIAL_MAX_PENDING: usize =
+    (DIAL_PATIENCE.as_millis() / DIAL_SPACING_EARLY.as_millis()) as usize;
+
+/// Names one connection for as long as the node runs.
+pub type ConnKey = u64;
+
+/// What a connection tells the node's role.
+pub enum ConnEvent {
+    /// A connection finished its handshake and token exchange.
+    Up(ConnHandle),
+    /// A control message the connection does not handle itself.
+    Msg {
+        key: ConnKey,
+        msg: Msg,
+    },
+    /// A chunk stream began: may it be read? (A copy already held or coming is refused.)
+    ChunkStarted {
+        key: ConnKey,
+        chunk: ChunkId,
+        reply: oneshot::Sender<bool>,
+    },
+    /// A chunk stream ended: `ok` when it verified and was stored.
+    ChunkDone {
+        key: ConnKey,
+        chunk: ChunkId,
+        ok: bool,
+    },
+    /// Storing a verified chunk failed: a local problem (disk), not the peer's fault.
+    StoreFailed(StorageError),
+    Gone {
+        key: ConnKey,
+        reason: String,
+    },
+    /// A member has not answered dials for a while (it is still being dialed).
+    Unreachable {
+        peer: MemberId,
+    },
+    /// Dialing a member gave up or failed for good.
+    DialFailed {
+        peer: MemberId,
+        error: TransportError,
+    },
+}
+
+/// What every connection of a node shares.
+pub struct ConnContext {
+    token: String,
+    /// Testing only: flip a bit in every chunk served, so peers must reject them.
+    corrupt_served: bool,
+    /// The chunks this node holds (the source's from the start, a destination's once it
+    /// is welcomed).
+    pub store: OnceLock<Arc<ChunkStore>>,
+    events: mpsc::UnboundedSender<ConnEvent>,
+    next_key: AtomicU64,
+}
+
+impl ConnContext {
+    /// The context and the receiver of its connections' events.
+    pub fn new(
+        token: String,
+        corrupt_served: bool,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<ConnEvent>) {
+        let (events, rx) = mpsc::unbounded_channel();
+        let ctx = Arc::new(Self {
+            token,
+            corrupt_served,
+            store: OnceLock::new(),
+            events,
+            next_key: AtomicU64::new(0),
+        });
+        (ctx, rx)
+    }
+
+    fn report(&self, event: ConnEvent) -> bool {
+        self.events.send(event).is_ok()
+    }
+}
+
+/// The role's side of one connection.
+#[derive(Clone)]
+pub struct ConnHandle {
+    pub key: ConnKey,
+    /// Who is at the other end, once known (a dialer knows it; an acceptor learns it from
+    /// the peer's Hello or Join).
+    pub peer: Option<MemberId>,
+    /// We dialed it: we pull over it. Otherwise we serve over it.
+    pub dialed: bool,
+    pub remote: SocketAddr,
+    pub conn: Connection,
+    control: mpsc::UnboundedSender<Msg>,
+    serve: mpsc::UnboundedSender<ChunkId>,
+}
+
+impl ConnHandle {
+    /// Queues a control message (control goes before any chunk data).
+    pub fn send(&self, msg: Msg) {
+        let _ = self.control.send(msg);
+    }
+
+    /// Queues chunks to send, after those already queued.
+    pub fn serve(&self, chunks: &[ChunkId]) {
+        for &c in chunks {
+            let _ = self.serve.send(c);
+        }
+    }
+
+    pub fn close(&self, code: u32, reason: &[u8]) {
+        self.conn.close(VarInt::from_u32(code), reason);
+    }
+
+    /// Whether the peer reads our announcements (Have, Fetching, SourceDistance) here. A
+    /// destination reads them only on the connection it dialed (the one it pulls over), so
+    /// they go out on connections dialed to us, and to the source, which counts what each
+    /// destination holds. Sent on both connections of a pair, they cost a small packet each
+    /// on every link between the two.
+    pub fn reads_announcements(&self) -> bool {
+        !self.dialed || self.peer == Some(SOURCE)
+    }
+}
+
+/// The node's connections, and which member each belongs to: the one owner of that map.
+#[derive(Default)]
+pub struct Connections {
+    by_key: HashMap<ConnKey, ConnHandle>,
+    /// (member, dialed by us) -> the live connection of that kind to it.
+    by_member: HashMap<(MemberId, bool), ConnKey>,
+}
+
+impl Connections {
+    pub fn insert(&mut self, handle: ConnHandle) {
+        if let Some(p) = handle.peer {
+            self.by_member.insert((p, handle.dialed), handle.key);
+        }
+        self.by_key.insert(handle.key, handle);
+    }
+
+    /// Names the member at the other end of `key`; returns the connection of the same kind
+    /// that member had before (the caller decides whether to close it).
+    pub fn bind(&mut self, key: ConnKey, member: MemberId) -> Option<ConnKey> {
+        let c = self.by_key.get_mut(&key)?;
+        c.peer = Some(member);
+        self.by_member
+            .insert((member, c.dialed), key)
+            .filter(|&old| old != key)
+    }
+
+    pub fn remove(&mut self, key: ConnKey) -> Option<ConnHandle> {
+        let c = self.by_key.remove(&key)?;
+        if let Some(p) = c.peer {
+            // Unless a newer connection of that kind is bound to the member by now.
+            if self.by_member.get(&(p, c.dialed)) == Some(&key) {
+                self.by_member.remove(&(p, c.dialed));
+            }
+        }
+        Some(c)
+    }
+
+    pub fn get(&self, key: ConnKey) -> Option<&ConnHandle> {
+        self.by_key.get(&key)
+    }
+
+    /// The member at the other end of `key`, if known.
+    pub fn peer(&self, key: ConnKey) -> Option<MemberId> {
+        self.by_key.get(&key).and_then(|c| c.peer)
+    }
+
+    /// The connection we dialed to `member` (the one we pull over).
+    pub fn dialed_to(&self, member: MemberId) -> Option<&ConnHandle> {
+        self.by_member
+            .get(&(member, true))
+            .and_then(|k| self.by_key.get(k))
+    }
+
+    /// The connection `member` dialed to us (the one we serve over).
+    pub fn accepted_from(&self, member: MemberId) -> Option<&ConnHandle> {
+        self.by_member
+            .get(&(member, false))
+            .and_then(|k| self.by_key.get(k))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &ConnHandle> {
+        self.by_key.values()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+}
+
+/// Accepts connections until the endpoint closes.
+pub fn spawn_acceptor(ep: Endpoint, ctx: Arc<ConnContext>) {
+    tokio::spawn(async move {
+        while let Some(incoming) = ep.accept().await {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                match transport::authenticate_acceptor(&conn, &ctx.token).await {
+                    Ok(ctl) => Conn::new(ctx, conn, false, None).run(ctl, Vec::new()).await,
+                    // A dialer closes its other attempts once one is through.
+                    Err(e @ TransportError::Lost(_)) => {
+                        tracing::debug!(remote = %conn.remote_address(), "dropped: {e}")
+                    }
+                    Err(e) => tracing::warn!(remote = %conn.remote_address(), "refused: {e}"),
+                }
+            });
+        }
+    });
+}
+
+/// Dials `addr` until it answers (or `deadline`), then runs the connection, sending
+/// `hello` first.
+pub fn spawn_dial(
+    ep: Endpoint,
+    ctx: Arc<ConnContext>,
+    addr: SocketAddr,
+    peer: MemberId,
+    hello: Vec<Msg>,
+    deadline: Option<Instant>,
+) {
+    tokio::spawn(async move {
+        match dial_until_answered(&ep, &ctx, addr, peer, deadline).await {
+            Ok((conn, ctl)) => Conn::new(ctx, conn, true, Some(peer)).run(ctl, hello).await,
+            Err(TransportError::Stopping) => {}
+            Err(error) => {
+                ctx.report(ConnEvent::DialFailed { peer, error });
+            }
+        }
+    });
+}
+
+/// Overlapping dial attempts until one gets through. A handshake sent before the peer was
+/// up is lost, and quinn resends it only after a second or more. So attempts overlap: a
+/// new one every DIAL_SPACING_EARLY (later DIAL_SPACING), each waiting up to DIAL_PATIENCE
+/// (time for a far peer's handshake); the first through wins. A peer that comes up is
+/// joined within about one spacing.
+async fn dial_until_answered(
+    ep: &Endpoint,
+    ctx: &Arc<ConnContext>,
+    addr: SocketAddr,
+    peer: MemberId,
+    deadline: Option<Instant>,
+) -> Result<(Connection, Control), TransportError> {
+    let started = Instant::now();
+    let mut attempts = tokio::task::JoinSet::new();
+    let mut reported = false;
+    let mut last_error = None;
+    let won = 'dialing: loop {
+        if attempts.len() < DIAL_MAX_PENDING {
+            let (ep, ctx) = (ep.clone(), ctx.clone());
+            attempts.spawn(async move {
+                let conn = transport::dial(&ep, addr, DIAL_PATIENCE).await?;
+                let ctl = transport::authenticate_dialer(&conn, &ctx.token).await?;
+                Ok::<_, TransportError>((conn, ctl))
+            });
+        }
+        let spacing = if started.elapsed() < DIAL_EARLY_FOR {
+            DIAL_SPACING_EARLY
+        } else {
+            DIAL_SPACING
+        };
+        let next_attempt = tokio::time::sleep(spacing);
+        tokio::pin!(next_attempt);
+        loop {
+            tokio::select! {
+                _ = &mut next_attempt => break,
+                Some(done) = attempts.join_next() => match done {
+                    Ok(Ok(won)) => break 'dialing Ok(won),
+                    // A node shutting down dials no more (it would retry every spacing
+                    // until it exits).
+                    Ok(Err(
+                        e @ (TransportError::Refused
+                        | TransportError::BadToken
+                        | TransportError::Stopping),
+                    )) => break 'dialing Err(e),
+                    Ok(Err(e)) => {
+                        tracing::debug!(%addr, "dial failed, retrying: {e}");
+                        last_error = Some(e);
+                    }
+                    Err(_) => {}
+                },
+            }
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break Err(last_error.unwrap_or_else(|| {
+                TransportError::Lost(format!("no answer from {addr} within the deadline"))
+            }));
+        }
+        if !reported && peer != SOURCE && started.elapsed() > UNREACHABLE_AFTER {
+            reported = true;
+            ctx.report(ConnEvent::Unreachable { peer });
+        }
+    };
+    // Only one connection to a peer may live: every other attempt is stopped, and one that
+    // got through meanwhile is closed (left open, the peer would keep a connection nobody
+    // reads, queueing every announcement for it).
+    attempts.abort_all();
+    while let Some(done) = attempts.join_next().await {
+        if let Ok(Ok((conn, _))) = done {
+            conn.close(VarInt::from_u32(CLOSE_DONE), b"another attempt won");
+        }
+    }
+    won
+}
+
+/// One authenticated connection: a writer for control messages, a reader for them, the
+/// serving half and (when we dialed) the receiving half.
+struct Conn {
+    ctx: Arc<ConnContext>,
+    key: ConnKey,
+    conn: Connection,
+    dialed: bool,
+    peer: Option<MemberId>,
+}
+
+impl Conn {
+    fn new(ctx: Arc<ConnContext>, conn: Connection, dialed: bool, peer: Option<MemberId>) -> Self {
+        let key = ctx.next_key.fetch_add(1, Ordering::Relaxed);
+        Self {
+            ctx,
+            key,
+            conn,
+            dialed,
+            peer,
+        }
+    }
+
+    /// Runs the connection until it closes; `hello` goes out first.
+    async fn run(self, ctl: Control, hello: Vec<Msg>) {
+        let Control {
+            send: mut ctl_send,
+            recv: mut ctl_recv,
+        } = ctl;
+        let (control, mut control_rx) = mpsc::unbounded_channel::<Msg>();
+        for m in hello {
+            let _ = control.send(m);
+        }
+        let (serve, serve_rx) = mpsc::unbounded_channel::<ChunkId>();
+        let cancelled: Arc<Mutex<HashSet<ChunkId>>> = Arc::default();
+        let mut halves = tokio::task::JoinSet::new();
+        // Writer: frames from `control` onto the control stream, in order.
+        halves.spawn(async move {
+            while let Some(m) = control_rx.recv().await {
+                if ctl_send.write_all(&m.encode()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        halves.spawn(self.serving_half(serve_rx, cancelled.clone(), control.clone()));
+        if self.dialed {
+            halves.spawn(self.receiving_half());
+        }
+        self.ctx.report(ConnEvent::Up(ConnHandle {
+            key: self.key,
+            peer: self.peer,
+            dialed: self.dialed,
+            remote: self.conn.remote_address(),
+            conn: self.conn.clone(),
+            control,
+            serve: serve.clone(),
+        }));
+        let reason = loop {
+            tokio::select! {
+                batch = ctl_recv.recv_batch() => match batch {
+                    Ok(Some(msgs)) => {
+                        for msg in msgs {
+                            self.on_msg(msg, &serve, &cancelled);
+                        }
+                    }
+                    Ok(None) => break "control stream ended".to_string(),
+                    Err(e) => {
+                        if let TransportError::Protocol(_) = e {
+                            self.conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"malformed message");
+                        }
+                        break e.to_string();
+                    }
+                },
+                e = self.conn.closed() => break e.to_string(),
+            }
+        };
+        halves.abort_all();
+        self.ctx.report(ConnEvent::Gone {
+            key: self.key,
+            reason,
+        });
+    }
+
+    /// Requests and cancels are served here, in arrival order; the rest goes to the role.
+    fn on_msg(
+        &self,
+        msg: Msg,
+        serve: &mpsc::UnboundedSender<ChunkId>,
+        cancelled: &Mutex<HashSet<ChunkId>>,
+    ) {
+        match msg {
+            Msg::Request { chunks } => {
+                for c in chunks {
+                    cancelled.lock().unwrap().remove(&c);
+                    let _ = serve.send(c);
+                }
+            }
+            Msg::Cancel { chunk } => {
+                cancelled.lock().unwrap().insert(chunk);
+            }
+            msg => {
+                self.ctx.report(ConnEvent::Msg { key: self.key, msg });
+            }
+        }
+    }
+
+    /// Serving: a FIFO of requested chunks, sent one stream each with falling priority so
+    /// the wire carries them in request order (all below the control stream's).
+    fn serving_half(
+        &self,
+        mut queue: mpsc::UnboundedReceiver<ChunkId>,
+        cancelled: Arc<Mutex<HashSet<ChunkId>>>,
+        control: mpsc::UnboundedSender<Msg>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (ctx, conn) = (self.ctx.clone(), self.conn.clone());
+        async move {
+            let mut seq: i32 = 0;
+            while let Some(c) = queue.recv().await {
+                if cancelled.lock().unwrap().remove(&c) {
+                    continue;
+                }
+                let Some(store) = ctx.store.get() else {
+                    continue;
+                };
+                let mut data = match store.read_chunk(c) {
+                    Ok(d) => d,
+                    Err(_) => {
+                        let _ = control.send(Msg::DontHave { chunk: c });
+                        continue;
+                    }
+                };
+                if ctx.corrupt_served {
+                    if let Some(b) = data.last_mut() {
+                        *b ^= 1;
+                    }
+                }
+                let Ok(mut s) = conn.open_uni().await else {
+                    break;
+                };
+                let _ = s.set_priority(transport::CONTROL_PRIORITY - 1 - seq);
+                seq = seq.wrapping_add(1).max(0);
+                let conn = conn.clone();
+                // Write in the background so the next chunk's stream opens at once.
+                tokio::spawn(async move {
+                    if s.write_all(&c.to_be_bytes()).await.is_ok()
+                        && s.write_all(&data).await.is_ok()
+                    {
+                        let _ = s.finish();
+                    }
+                    drop(conn);
+                });
+            }
+        }
+    }
+
+    /// Receiving (on connections we dialed): each chunk stream is read only if the role
+    /// wants it, verified and stored before the role hears it arrived.
+    fn receiving_half(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (ctx, conn, key) = (self.ctx.clone(), self.conn.clone(), self.key);
+        async move {
+            while let Ok(s) = conn.accept_uni().await {
+                tokio::spawn(receive_chunk(ctx.clone(), key, s));
+            }
+        }
+    }
+}
+
+/// Reads one chunk stream: its id, the role's yes or no, its bytes, verified and stored.
+async fn receive_chunk(ctx: Arc<ConnContext>, key: ConnKey, mut s: quinn::RecvStream) {
+    let mut head = [0u8; 4];
+    if s.read_exact(&mut head).await.is_err() {
+        return;
+    }
+    let chunk = u32::from_be_bytes(head);
+    let (reply, wanted) = oneshot::channel();
+    if !ctx.report(ConnEvent::ChunkStarted { key, chunk, reply }) {
+        return;
+    }
+    if !wanted.await.unwrap_or(false) {
+        let _ = s.stop(VarInt::from_u32(0));
+        return;
+    }
+    let Some(store) = ctx.store.get() else {
+        return;
+    };
+    let len = store.manifest().chunk_range(chunk).1;
+    let ok = match s.read_to_end(len).await {
+        Ok(data) => match store.write_chunk(chunk, &data) {
+            Ok(ok) => ok,
+            Err(e) => {
+                ctx.report(ConnEvent::StoreFailed(e));
+                return;
+            }
+        },
+        // Too long (corrupt) or reset (lost): either way it is fetched again.
+        Err(_) => false,
+    };
+    ctx.report(ConnEvent::ChunkDone { key, chunk, ok });
+}

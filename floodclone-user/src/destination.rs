@@ -1,0 +1,762 @@
+//! `floodclone recv`: a destination. It joins the source, learns the file and the members
+//! from the source's Welcome, finds its data neighbours from the kernel's routes, pulls
+//! chunks from them as its scheduler ([`Puller`]) says, announces every verified chunk so
+//! neighbours can pull it at once, and keeps serving until the source says the swarm is
+//! done.
+//!
+//! Read top to bottom: [`run`], then the handlers in the order a transfer meets them
+//! ([`Destination::on_welcome`], [`Destination::rediscover`], [`Destination::on_up`],
+//! [`Destination::poll_scheduler`], [`Destination::on_chunk_done`],
+//! [`Destination::maybe_finished`], [`Destination::on_complete`]).
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use floodclone_sched::{
+    overlay::Reach, Action, Arrival, ChunkId, ChunkSet, MemberId, Puller, SchedConfig, SOURCE,
+};
+use tokio::sync::mpsc;
+
+use crate::{
+    conn::{ConnEvent, ConnHandle, ConnKey},
+    discovery::{self, Routes},
+    events::{Event, Progress, Route, SwarmDone},
+    manifest::Manifest,
+    node::{self, Node, NodeError, NodeOptions, Role, Step},
+    progress::{self, FeederRates, RateTracker},
+    storage::{ChunkStore, StorageError},
+    transport::{self, TransportError, CLOSE_DONE, CLOSE_PROTOCOL},
+    wire::{Member, Msg},
+};
+
+/// Hello id of a destination that has not been told its id yet.
+const JOINING: MemberId = MemberId::MAX;
+/// Scheduler tick: link rates read from the kernel, progress, the resume state saved.
+const TICK: Duration = Duration::from_millis(200);
+/// The resume state is saved every this many ticks (1 s).
+const SAVE_STATE_EVERY: u64 = 5;
+/// Complete, with the source gone this long: nothing is left to serve for.
+const SOURCE_GONE_FOR_GOOD: Duration = Duration::from_secs(10);
+/// A failing destination waits this long for its Failed to reach the source.
+const FAILED_NOTICE: Duration = Duration::from_millis(300);
+/// A neighbour whose chunks fail verification this many times is never pulled from again.
+const MAX_BAD_CHUNKS: u32 = 3;
+
+pub struct RecvConfig {
+    pub node: NodeOptions,
+    pub source: SocketAddrV4,
+    pub out: PathBuf,
+    /// How long to keep trying to reach the source at start.
+    pub connect_timeout: Duration,
+}
+
+/// Joins the source, fetches and re-serves chunks, writes the file. Returns seconds from
+/// start until the copy was complete and verified.
+pub async fn run(cfg: RecvConfig) -> Result<f64, NodeError> {
+    let mut node = Node::open(&cfg.node, "destination")?;
+    let (local_tx, mut local) = mpsc::unbounded_channel();
+    let mut dest = Destination::new(cfg, Routes::open()?, local_tx);
+    dest.start(&node).await?;
+    let result = node::drive(&mut node, &mut dest, &mut local).await;
+    dest.shut_down(&mut node, result).await
+}
+
+/// What the destination's own background work reports.
+enum Local {
+    /// The whole file was checked and renamed into place (or why not).
+    Finalized(Result<PathBuf, StorageError>),
+}
+
+/// The destination's state.
+struct Destination {
+    cfg: RecvConfig,
+    routes: Routes,
+    /// Our member id, once welcomed ([`JOINING`] before).
+    me: MemberId,
+    /// Whether the swarm relays (false: `send --direct`, everyone pulls from the source).
+    relay: bool,
+    members: Vec<Member>,
+    /// The scheduler, once the manifest is known; the one record of what we and our
+    /// neighbours hold.
+    puller: Option<Puller>,
+    /// The members we pull from.
+    neighbours: Vec<MemberId>,
+    /// The interface each member's route leaves by (its data arrives on the same link).
+    ingress: HashMap<MemberId, u32>,
+    /// Members being dialed (so each is dialed once at a time).
+    dialing: HashSet<MemberId>,
+    /// Members whose process is gone (their kernel may still forward): the members behind
+    /// them become our neighbours until they are back.
+    dead: HashSet<MemberId>,
+    /// Members that sent chunks failing verification: never pulled from again.
+    banned: HashSet<MemberId>,
+    /// Our hops to the source as last told to the neighbours.
+    source_hops: Option<u8>,
+    source_lost_at: Option<Instant>,
+    resumed_chunks: u32,
+    /// Seconds from start until the copy was verified.
+    complete: Option<f64>,
+    finalizing: bool,
+    /// Something changed that the neighbour set depends on.
+    rediscover_needed: bool,
+    rate: RateTracker,
+    feeders: FeederRates,
+    ticks: u64,
+    local: mpsc::UnboundedSender<Local>,
+}
+
+impl Role for Destination {
+    type Local = Local;
+    const TICK: Duration = TICK;
+
+    async fn on_event(&mut self, node: &mut Node, event: ConnEvent) -> Step {
+        let step = match event {
+            ConnEvent::Up(handle) => {
+                self.on_up(node, handle);
+                Step::Continue
+            }
+            ConnEvent::Msg { key, msg } => self.on_msg(node, key, msg),
+            ConnEvent::ChunkStarted { key, chunk, reply } => {
+                let _ = reply.send(self.wants(node, key, chunk));
+                Step::Continue
+            }
+            ConnEvent::ChunkDone { key, chunk, ok } => {
+                self.on_chunk_done(node, key, chunk, ok);
+                Step::Continue
+            }
+            ConnEvent::StoreFailed(e) => Step::Stop(Err(e.into())),
+            ConnEvent::Gone { key, reason } => {
+                self.on_gone(node, key, &reason).await;
+                Step::Continue
+            }
+            ConnEvent::Unreachable { peer } => {
+                tracing::warn!(
+                    member = peer,
+                    "neighbour does not answer; routing around it"
+                );
+                self.rediscover_needed |= self.dead.insert(peer);
+                Step::Continue
+            }
+            ConnEvent::DialFailed { peer, error } => self.on_dial_failed(peer, error),
+        };
+        self.settle(node, step).await
+    }
+
+    async fn on_local(&mut self, node: &mut Node, event: Local) -> Step {
+        let step = match event {
+            Local::Finalized(Ok(path)) => {
+                self.on_complete(node, &path);
+                Step::Continue
+            }
+            Local::Finalized(Err(e)) => Step::Stop(Err(e.into())),
+        };
+        self.settle(node, step).await
+    }
+
+    async fn on_tick(&mut self, node: &mut Node) -> Step {
+        self.ticks += 1;
+        node.measure();
+        // Neighbours compare it with their own hops to us and to the source.
+        let hops = node.meters.hops_to(*self.cfg.source.ip());
+        if let Some(h) = hops.filter(|_| hops != self.source_hops) {
+            self.source_hops = hops;
+            node.announce(Msg::SourceDistance { hops: h });
+        }
+        // The plan follows measured rates: each neighbour's receive rate as the kernel sees
+        // it (windowed max) informs its pipeline depth.
+        let peers: Vec<MemberId> = self.puller.iter().flat_map(|pl| pl.peer_ids()).collect();
+        for p in peers {
+            self.tell_path(node, p);
+        }
+        if let Some(store) = node.ctx.store.get() {
+            if !store.is_complete() && self.ticks.is_multiple_of(SAVE_STATE_EVERY) {
+                if let Err(e) = store.save_state() {
+                    return Step::Stop(Err(e.into()));
+                }
+            }
+            // Progress each second where it is cheap to look at, every 5 s in logs.
+            let every = if node.out.json || node.out.is_live() {
+                5
+            } else {
+                25
+            };
+            if self.ticks.is_multiple_of(every) {
+                self.report_progress(node, &store.clone());
+            }
+        }
+        if self.complete.is_some()
+            && self
+                .source_lost_at
+                .is_some_and(|t| t.elapsed() > SOURCE_GONE_FOR_GOOD)
+        {
+            return Step::Stop(Ok(()));
+        }
+        Step::Continue
+    }
+}
+
+impl Destination {
+    fn new(cfg: RecvConfig, routes: Routes, local: mpsc::UnboundedSender<Local>) -> Self {
+        Self {
+            cfg,
+            routes,
+            me: JOINING,
+            relay: true,
+            members: Vec::new(),
+            puller: None,
+            neighbours: Vec::new(),
+            ingress: HashMap::new(),
+            dialing: HashSet::new(),
+            dead: HashSet::new(),
+            banned: HashSet::new(),
+            source_hops: None,
+            source_lost_at: None,
+            resumed_chunks: 0,
+            complete: None,
+            finalizing: false,
+            rediscover_needed: false,
+            rate: RateTracker::default(),
+            feeders: FeederRates::default(),
+            ticks: 0,
+            local,
+        }
+    }
+
+    /// Dials the source (until `--connect-timeout`) to join.
+    async fn start(&mut self, node: &Node) -> Result<(), NodeError> {
+        let hello = self.join_hello(self.routes.local_addrs().await?);
+        node.dial(
+            self.cfg.source,
+            SOURCE,
+            hello,
+            Some(Instant::now() + self.cfg.connect_timeout),
+        );
+        Ok(())
+    }
+
+    /// What a connection to the source says first: who we are (if we know), where we are.
+    fn join_hello(&self, addrs: Vec<Ipv4Addr>) -> Vec<Msg> {
+        vec![
+            Msg::Hello { id: self.me },
+            Msg::Join {
+                port: self.cfg.node.port,
+                addrs,
+            },
+        ]
+    }
+
+    /// After every event: neighbours re-derived if something they depend on changed, the
+    /// file checked once every chunk is here, and the scheduler's actions sent.
+    async fn settle(&mut self, node: &mut Node, step: Step) -> Step {
+        if let Step::Stop(_) = step {
+            return step;
+        }
+        if self.rediscover_needed && self.me != JOINING {
+            self.rediscover_needed = false;
+            if let Err(e) = self.rediscover(node).await {
+                return Step::Stop(Err(e));
+            }
+        }
+        self.maybe_finished(node);
+        self.poll_scheduler(node);
+        Step::Continue
+    }
+
+    fn on_msg(&mut self, node: &mut Node, key: ConnKey, msg: Msg) -> Step {
+        let from = node.conns.peer(key);
+        // Holdings and fetches count only as told on the connection we pull over.
+        let pulled_over = from.filter(|&p| node.conns.dialed_to(p).is_some_and(|c| c.key == key));
+        match msg {
+            Msg::Welcome {
+                you,
+                manifest,
+                members,
+                relay,
+            } => return self.on_welcome(node, you, manifest, members, relay),
+            Msg::Members { members } => {
+                self.members = with_source_addr(members, self.cfg.source);
+                self.rediscover_needed = self.me != JOINING;
+            }
+            Msg::Hello { id } => {
+                node.conns.bind(key, id);
+            }
+            Msg::Bitfield { bits } => {
+                if let (Some(p), Some(pl)) = (pulled_over, self.puller.as_mut()) {
+                    for c in ChunkSet::from_bytes(pl.have().len(), &bits).iter() {
+                        pl.peer_has(p, c);
+                    }
+                }
+            }
+            Msg::Have { chunk } => {
+                if let (Some(p), Some(pl)) = (pulled_over, self.puller.as_mut()) {
+                    pl.peer_has(p, chunk);
+                }
+            }
+            Msg::FreshGrant { chunks, exhausted } => {
+                tracing::trace!(target: "floodclone::chunks", peer = ?from, ?chunks, exhausted, "fresh granted");
+                if let (Some(p), Some(pl)) = (from, self.puller.as_mut()) {
+                    pl.fresh_granted(p, &chunks, exhausted, node.now());
+                    if !chunks.is_empty() {
+                        node.announce(Msg::Fetching { chunks });
+                    }
+                }
+            }
+            Msg::SourceDistance { hops } => {
+                if let (Some(p), Some(pl)) = (from, self.puller.as_mut()) {
+                    pl.peer_source_distance(p, hops);
+                }
+            }
+            Msg::Fetching { chunks } => {
+                if let (Some(p), Some(pl)) = (pulled_over, self.puller.as_mut()) {
+                    let now = node.now();
+                    for c in chunks {
+                        pl.peer_fetching(p, c, now);
+                    }
+                }
+            }
+            Msg::DontHave { chunk } => {
+                if let (Some(p), Some(pl)) = (from, self.puller.as_mut()) {
+                    pl.dont_have(p, chunk);
+                }
+            }
+            // Only a source hands out fresh chunks.
+            Msg::RequestFresh { .. } => {
+                if let Some(c) = node.conns.get(key) {
+                    c.close(CLOSE_PROTOCOL, b"not a source");
+                }
+            }
+            Msg::SwarmDone if self.complete.is_some() => return Step::Stop(Ok(())),
+            _ => {}
+        }
+        Step::Continue
+    }
+
+    /// The source's Welcome: the file (the store and the scheduler start here) and the
+    /// members. A Welcome after a source restart must name the same file.
+    fn on_welcome(
+        &mut self,
+        node: &mut Node,
+        you: MemberId,
+        manifest: Manifest,
+        members: Vec<Member>,
+        relay: bool,
+    ) -> Step {
+        self.relay = relay;
+        if let Some(store) = node.ctx.store.get() {
+            if store.manifest() != &manifest {
+                return Step::Stop(Err(NodeError::Other(
+                    "the source restarted with a different file".into(),
+                )));
+            }
+        } else {
+            self.me = you;
+            let store = match ChunkStore::destination(&self.cfg.out, manifest.clone()) {
+                Ok(s) => Arc::new(s),
+                Err(e) => return Step::Stop(Err(e.into())),
+            };
+            let resumed = store.have().count();
+            self.resumed_chunks = resumed;
+            let _ = node.ctx.store.set(store.clone());
+            self.puller = Some(Puller::new(
+                SchedConfig {
+                    member: you,
+                    ..SchedConfig::new(manifest.chunk_bytes as u64)
+                },
+                store.have(),
+            ));
+            let bits = store.have().to_bytes();
+            for c in node.conns.iter() {
+                c.send(Msg::Bitfield { bits: bits.clone() });
+            }
+            node.out.event(
+                &Event::Welcome {
+                    member: you,
+                    bytes: manifest.size,
+                    chunks: manifest.chunk_count(),
+                    chunk_bytes: manifest.chunk_bytes,
+                    resumed_chunks: resumed,
+                },
+                || {
+                    format!(
+                        "joined as member {you}: {} bytes in {} chunks ({resumed} already here)",
+                        manifest.size,
+                        manifest.chunk_count()
+                    )
+                },
+            );
+        }
+        self.members = with_source_addr(members, self.cfg.source);
+        self.rediscover_needed = true;
+        Step::Continue
+    }
+
+    /// Route lookups for every joined member, the view sent to the source, and the data
+    /// neighbours updated (new ones dialed, ones now behind another member dropped).
+    async fn rediscover(&mut self, node: &mut Node) -> Result<(), NodeError> {
+        let joined: Vec<Member> = self.members.iter().filter(|m| m.joined).cloned().collect();
+        let lookups = self.routes.lookups(&joined, self.me).await?;
+        let mut views = discovery::classify(&self.members, &lookups);
+        self.ingress = views.iter().map(|v| (v.member, v.ifindex)).collect();
+        for v in &mut views {
+            // Behind a member whose process is gone: its kernel still forwards, so the
+            // member behind it is reached as if through a router.
+            if v.reach == Reach::Behind && v.via_member.is_some_and(|m| self.dead.contains(&m)) {
+                v.reach = Reach::ViaRouter;
+            }
+        }
+        if let Some(c) = node.conns.dialed_to(SOURCE) {
+            c.send(Msg::View {
+                routes: views.clone(),
+            });
+        }
+        let mut next = if self.relay {
+            discovery::data_neighbours(self.me, &views)
+        } else {
+            vec![SOURCE]
+        };
+        next.retain(|n| !self.banned.contains(n));
+        for &gone in self.neighbours.iter().filter(|n| !next.contains(n)) {
+            if let Some(pl) = self.puller.as_mut() {
+                pl.remove_peer(gone);
+            }
+            if gone != SOURCE {
+                if let Some(c) = node.conns.dialed_to(gone) {
+                    c.close(CLOSE_DONE, b"not a neighbour");
+                }
+            }
+        }
+        // Fresh counters for the hops of neighbours whose connections are already up.
+        node.read_link_counters();
+        let added: Vec<MemberId> = next
+            .iter()
+            .copied()
+            .filter(|n| !self.neighbours.contains(n))
+            .collect();
+        for new in added {
+            if node.conns.dialed_to(new).is_some() {
+                if let Some(pl) = self.puller.as_mut() {
+                    pl.add_peer(new, new == SOURCE);
+                }
+                self.tell_path(node, new);
+            } else if new != SOURCE {
+                self.dial_member(node, new);
+            }
+        }
+        self.neighbours = next;
+        let neighbours = &self.neighbours;
+        node.out.event(
+            &Event::Neighbours {
+                member: self.me,
+                ids: neighbours.clone(),
+                routes: views.iter().map(Route::from).collect(),
+            },
+            || format!("data neighbours: {neighbours:?}"),
+        );
+        Ok(())
+    }
+
+    /// Dials member `id` to pull from it, unless already dialing it.
+    fn dial_member(&mut self, node: &Node, id: MemberId) {
+        if let Some(m) = self.members.iter().find(|m| m.id == id) {
+            if self.dialing.insert(id) {
+                node.dial(
+                    SocketAddrV4::new(m.addr, m.port),
+                    id,
+                    vec![Msg::Hello { id: self.me }],
+                    None,
+                );
+            }
+        }
+    }
+
+    /// A connection is up: it hears what we hold; one we dialed to a neighbour joins the
+    /// scheduler.
+    fn on_up(&mut self, node: &mut Node, handle: ConnHandle) {
+        let (dialed, peer) = (handle.dialed, handle.peer);
+        if let Some(p) = peer.filter(|_| dialed) {
+            self.dialing.remove(&p);
+            // A member we had given up for dead is back: route through it again.
+            self.rediscover_needed |= self.dead.remove(&p);
+        }
+        if let Some(store) = node.ctx.store.get() {
+            handle.send(Msg::Bitfield {
+                bits: store.have().to_bytes(),
+            });
+        }
+        if let Some(hops) = self.source_hops {
+            handle.send(Msg::SourceDistance { hops });
+        }
+        if dialed && peer == Some(SOURCE) {
+            self.source_lost_at = None;
+            // A restarted source must hear again that we are done.
+            if let Some(elapsed) = self.complete {
+                handle.send(Msg::Done {
+                    elapsed_ms: (elapsed * 1000.0) as u64,
+                });
+            }
+        }
+        node.conns.insert(handle);
+        if let (true, Some(p)) = (dialed, peer) {
+            if let Some(pl) = self
+                .puller
+                .as_mut()
+                .filter(|_| self.neighbours.contains(&p))
+            {
+                pl.add_peer(p, p == SOURCE);
+                // The handshake's packets already tell the hops: the scheduler needs them
+                // from its first requests on (which member of a group fetches a chunk from
+                // afar), not one tick later.
+                node.read_link_counters();
+                self.tell_path(node, p);
+            }
+        }
+    }
+
+    /// Tells the scheduler what the kernel shows of the path to neighbour `p`: its receive
+    /// rate (windowed max), router hops and the link its data arrives on.
+    fn tell_path(&mut self, node: &Node, p: MemberId) {
+        let (Some(pl), Some(m)) = (
+            self.puller.as_mut(),
+            self.members.iter().find(|m| m.id == p),
+        ) else {
+            return;
+        };
+        let (_, max_bps) = node.meters.rx_from(m.addr);
+        if max_bps > 0.0 {
+            pl.peer_measured_rate(p, max_bps);
+        }
+        if let Some(hops) = node.meters.hops_to(m.addr) {
+            pl.peer_distance(p, hops);
+        }
+        if let Some(&ifindex) = self.ingress.get(&p) {
+            pl.peer_ingress(p, ifindex);
+        }
+    }
+
+    /// Sends what the scheduler asks for; every request is announced as a fetch so
+    /// neighbours leave those chunks to us.
+    fn poll_scheduler(&mut self, node: &mut Node) {
+        let Some(pl) = self.puller.as_mut() else {
+            return;
+        };
+        for action in pl.poll(node.now()) {
+            let (peer, msg) = match action {
+                Action::Request { peer, chunks } => {
+                    tracing::trace!(target: "floodclone::chunks", peer, ?chunks, "requested");
+                    node.announce(Msg::Fetching {
+                        chunks: chunks.clone(),
+                    });
+                    (peer, Msg::Request { chunks })
+                }
+                Action::RequestFresh { peer, count } => (peer, Msg::RequestFresh { count }),
+                Action::Cancel { peer, chunk } => (peer, Msg::Cancel { chunk }),
+            };
+            if let Some(c) = node.conns.dialed_to(peer) {
+                c.send(msg);
+            }
+        }
+    }
+
+    /// Whether a chunk whose stream is starting should be read.
+    fn wants(&mut self, node: &Node, key: ConnKey, chunk: ChunkId) -> bool {
+        match (node.conns.peer(key), self.puller.as_mut()) {
+            (Some(p), Some(pl)) => pl.chunk_started(p, chunk, node.now()) == Arrival::Accept,
+            _ => false,
+        }
+    }
+
+    /// A chunk stream ended: a verified chunk is announced to every neighbour at once; a
+    /// bad one is fetched again, and its sender cut off after [`MAX_BAD_CHUNKS`].
+    fn on_chunk_done(&mut self, node: &mut Node, key: ConnKey, chunk: ChunkId, ok: bool) {
+        let (Some(p), Some(pl)) = (node.conns.peer(key), self.puller.as_mut()) else {
+            return;
+        };
+        pl.chunk_done(p, chunk, ok, node.now());
+        tracing::trace!(target: "floodclone::chunks", peer = p, chunk, ok, "chunk arrived");
+        if ok {
+            if let Some(store) = node.ctx.store.get() {
+                self.feeders
+                    .received(p, store.manifest().chunk_range(chunk).1 as u64);
+            }
+            node.announce(Msg::Have { chunk });
+        } else if pl.bad_chunks(p) >= MAX_BAD_CHUNKS {
+            tracing::warn!(
+                peer = p,
+                "disconnecting: {} chunks failed verification; not pulling from it again",
+                pl.bad_chunks(p)
+            );
+            pl.remove_peer(p);
+            self.banned.insert(p);
+            self.rediscover_needed = true;
+            if let Some(c) = node.conns.get(key) {
+                c.close(transport::CLOSE_BAD_DATA, b"corrupt chunks");
+            }
+        } else {
+            tracing::warn!(
+                peer = p,
+                chunk,
+                "chunk failed verification; fetching it again"
+            );
+        }
+    }
+
+    /// Every chunk is here: the whole file is checked and renamed into place off the loop.
+    fn maybe_finished(&mut self, node: &Node) {
+        if self.finalizing || !self.puller.as_ref().is_some_and(|pl| pl.is_complete()) {
+            return;
+        }
+        self.finalizing = true;
+        let store = node
+            .ctx
+            .store
+            .get()
+            .expect("a scheduler implies a store")
+            .clone();
+        let local = self.local.clone();
+        tokio::task::spawn_blocking(move || {
+            let checking = Instant::now();
+            let done = store.finalize();
+            tracing::debug!(ms = checking.elapsed().as_millis() as u64, "file checked");
+            let _ = local.send(Local::Finalized(done));
+        });
+    }
+
+    /// The copy is verified and in place: the user and the source are told.
+    fn on_complete(&mut self, node: &Node, path: &std::path::Path) {
+        let elapsed = node.now();
+        self.complete = Some(elapsed);
+        let bytes = node.ctx.store.get().map_or(0, |s| s.manifest().size);
+        let (duplicates, received) = self
+            .puller
+            .as_ref()
+            .map_or((0, 0), |p| (p.duplicates, p.received));
+        node.out.event(
+            &Event::Complete {
+                elapsed_s: elapsed,
+                bytes,
+                path: path.display().to_string(),
+                duplicates,
+                received_chunks: received,
+                resumed_chunks: self.resumed_chunks,
+            },
+            || {
+                format!(
+                    "complete: {bytes} bytes verified in {elapsed:.2} s -> {}",
+                    path.display()
+                )
+            },
+        );
+        if let Some(c) = node.conns.dialed_to(SOURCE) {
+            c.send(Msg::Done {
+                elapsed_ms: (elapsed * 1000.0) as u64,
+            });
+        }
+    }
+
+    /// A connection closed. The source is dialed again at once; a neighbour that vanished
+    /// (timed out, reset) is routed around and dialed again.
+    async fn on_gone(&mut self, node: &mut Node, key: ConnKey, reason: &str) {
+        let Some(gone) = node.conns.remove(key) else {
+            return;
+        };
+        tracing::debug!(peer = ?gone.peer, %reason, "connection closed");
+        let Some(p) = gone.peer.filter(|_| gone.dialed) else {
+            return;
+        };
+        if node.conns.dialed_to(p).is_none() {
+            if let Some(pl) = self.puller.as_mut() {
+                pl.forget_peer(p);
+            }
+        }
+        if p == SOURCE {
+            self.source_lost_at = Some(Instant::now());
+            // `me` is still JOINING if the source never welcomed us.
+            let hello = self.join_hello(self.routes.local_addrs().await.unwrap_or_default());
+            node.dial(self.cfg.source, SOURCE, hello, None);
+        } else if self.neighbours.contains(&p) && !self.banned.contains(&p) {
+            if reason.contains("timed out") || reason.contains("reset") {
+                tracing::warn!(member = p, "neighbour vanished; routing around it");
+                self.dead.insert(p);
+                self.rediscover_needed = true;
+            }
+            self.dial_member(node, p);
+        }
+    }
+
+    fn on_dial_failed(&mut self, peer: MemberId, error: TransportError) -> Step {
+        if peer != SOURCE {
+            tracing::warn!(peer, "giving up on neighbour: {error}");
+            return Step::Continue;
+        }
+        Step::Stop(Err(match error {
+            TransportError::Refused | TransportError::BadToken => error.into(),
+            _ => NodeError::SourceUnreachable {
+                addr: self.cfg.source,
+                secs: self.cfg.connect_timeout.as_secs(),
+            },
+        }))
+    }
+
+    /// The destination's `progress` event / lines.
+    fn report_progress(&mut self, node: &Node, store: &ChunkStore) {
+        let now = node.now();
+        let total = store.manifest().size;
+        let done = store.manifest().bytes_in(store.have().count());
+        let bps = self.rate.update(done, now);
+        let from = self.feeders.take(now);
+        let lines = progress::dest_lines(done, total, bps, &from);
+        node.out.progress(
+            &Event::Progress(Progress::Destination {
+                elapsed_s: now,
+                bytes: done,
+                total_bytes: total,
+                rate_bps: bps,
+                eta_s: progress::eta_s(total - done, bps),
+                from,
+                tx_bytes_by_iface: node.tx_bytes_by_iface(),
+            }),
+            &lines,
+        );
+    }
+
+    /// The one way out: a failure is told to the source (so the swarm finishes without
+    /// us), the endpoint closed, and `swarm_done` printed on success.
+    async fn shut_down(
+        self,
+        node: &mut Node,
+        result: Result<(), NodeError>,
+    ) -> Result<f64, NodeError> {
+        if let (Err(e), Some(c)) = (&result, node.conns.dialed_to(SOURCE)) {
+            c.send(Msg::Failed {
+                reason: e.to_string(),
+            });
+            tokio::time::sleep(FAILED_NOTICE).await;
+        }
+        let tx_bytes_by_iface = node.close().await;
+        result?;
+        node.out.event(
+            &Event::SwarmDone(SwarmDone::Destination {
+                peak_rss_bytes: node::peak_rss_bytes(),
+                tx_bytes_by_iface,
+            }),
+            || "swarm done".into(),
+        );
+        Ok(self.complete.unwrap_or_default())
+    }
+}
+
+/// The source's own entry carries no dialable address: destinations know it as `--source`.
+fn with_source_addr(mut members: Vec<Member>, source: SocketAddrV4) -> Vec<Member> {
+    for m in &mut members {
+        if m.id == SOURCE {
+            m.addr = *source.ip();
+            m.port = source.port();
+        }
+    }
+    members
+}

@@ -1,0 +1,546 @@
+//! `floodclone send`: the source. It hashes the file, admits the destinations named on its
+//! command line, welcomes them all at once with the manifest and the member list, hands
+//! out *fresh* chunks (ones it never served) to whoever asks, serves explicit requests like
+//! any neighbour once none are left, and ends the swarm when every destination holds a
+//! verified copy or has failed.
+//!
+//! Read top to bottom: [`run`], then the handlers in the order a transfer meets them
+//! ([`Source::on_join`], [`Source::start`], [`Source::on_request_fresh`], ...,
+//! [`Source::maybe_finished`]).
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use floodclone_sched::{ChunkId, ChunkSet, FreshServer, MemberId, SOURCE};
+use tokio::sync::mpsc;
+
+use crate::{
+    conn::{ConnEvent, ConnKey},
+    discovery::Routes,
+    events::{DestProgress, DestResult, DestState, Event, Progress, Route, TxBytesByIface},
+    manifest::Manifest,
+    node::{self, Node, NodeError, NodeOptions, Role, Step},
+    progress::{self, RateTracker},
+    storage::ChunkStore,
+    transport::{CLOSE_DONE, CLOSE_NOT_MEMBER},
+    wire::{Member, Msg, RouteView},
+};
+
+/// The source hands out no fresh chunk until every member it welcomed at the start has
+/// answered (with its first View), or this long: a Welcome (the manifest, 32 bytes per
+/// chunk) to a member several hops away crosses links the first data would otherwise
+/// already fill, and lost in that data's slow-start overshoot it arrived seconds late
+/// (README, "Start"). Waiting costs the start the time the last Welcome takes on quiet
+/// links (tens of ms).
+const FRESH_HOLD_MAX: Duration = Duration::from_millis(500);
+/// Largest fresh grant, whatever a destination asks for.
+const MAX_FRESH_GRANT: u32 = 1024;
+/// After the swarm is done, how long the source waits for destinations to hang up.
+const FINISH_GRACE: Duration = Duration::from_secs(3);
+
+pub struct SendConfig {
+    pub node: NodeOptions,
+    pub file: PathBuf,
+    pub dests: Vec<SocketAddrV4>,
+    /// Chunk size in bytes; `None`: the default for the file's size.
+    pub chunk_bytes: Option<u32>,
+    /// How long the source waits for every destination before it starts with those present.
+    pub join_grace: Duration,
+    /// Baseline mode: every destination pulls from the source only, nothing is relayed.
+    pub direct: bool,
+}
+
+/// What the source reports when the swarm is done.
+pub struct SendOutcome {
+    pub dests: Vec<DestResult>,
+    /// Destinations that gave up, with their reason.
+    pub failed: Vec<(Ipv4Addr, String)>,
+    /// Bytes this node sent per interface (in-kernel counters; empty without them).
+    pub tx_bytes_by_iface: TxBytesByIface,
+}
+
+/// Serves the file until every destination holds a verified copy or has failed.
+pub async fn run(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
+    // Listen first: destinations may join while the file is being hashed.
+    let mut node = Node::open(&cfg.node, "source")?;
+    let (file, chunk_bytes) = (cfg.file.clone(), cfg.chunk_bytes);
+    let hashing = Instant::now();
+    let manifest = tokio::task::spawn_blocking(move || Manifest::from_file(&file, chunk_bytes))
+        .await
+        .map_err(|e| NodeError::Other(e.to_string()))??;
+    tracing::debug!(
+        chunks = manifest.chunk_count(),
+        ms = hashing.elapsed().as_millis() as u64,
+        "file hashed"
+    );
+    let _ = node
+        .ctx
+        .store
+        .set(Arc::new(ChunkStore::source(&cfg.file, manifest.clone())?));
+    let local_addrs = Routes::open()?.local_addrs().await?;
+    let mut source = Source::new(&cfg, manifest, local_addrs);
+    node.out.event(
+        &Event::Serving {
+            bytes: source.manifest.size,
+            chunks: source.manifest.chunk_count(),
+            chunk_bytes: source.manifest.chunk_bytes,
+            destinations: cfg.dests.len(),
+            port: cfg.node.port,
+        },
+        || {
+            format!(
+                "serving {} bytes in {} chunks to {} destinations on UDP port {}",
+                source.manifest.size,
+                source.manifest.chunk_count(),
+                cfg.dests.len(),
+                cfg.node.port
+            )
+        },
+    );
+    // The source has no background work of its own.
+    let (_no_local, mut local) = mpsc::unbounded_channel();
+    let result = node::drive(&mut node, &mut source, &mut local).await;
+    let tx_bytes_by_iface = node.close().await;
+    result?;
+    Ok(source.outcome(tx_bytes_by_iface))
+}
+
+/// The source's state.
+struct Source {
+    manifest: Manifest,
+    /// Every member, the source first; destinations in `--dest` order (id = index).
+    members: Vec<Member>,
+    relay: bool,
+    join_grace: Duration,
+    /// When `send` started: destinations' completion is reported from here.
+    started: Instant,
+    /// What each joined destination holds, as it told us.
+    holdings: HashMap<MemberId, ChunkSet>,
+    fresh: FreshServer,
+    /// Whether the transfer has started (the Welcomes went out).
+    welcomed: bool,
+    /// Members welcomed at the start that have not answered yet, and since when; `None`
+    /// once fresh chunks are handed out.
+    fresh_hold: Option<(HashSet<MemberId>, Instant)>,
+    fresh_open: bool,
+    /// Fresh requests that came while the hold lasted, in order.
+    fresh_waiting: Vec<(ConnKey, u32)>,
+    done: HashMap<MemberId, f64>,
+    failed: HashMap<MemberId, String>,
+    /// Since when the swarm is done (SwarmDone sent).
+    finishing: Option<Instant>,
+    ticks: u64,
+    rates: HashMap<MemberId, RateTracker>,
+}
+
+impl Role for Source {
+    type Local = ();
+    const TICK: Duration = Duration::from_millis(100);
+
+    async fn on_event(&mut self, node: &mut Node, event: ConnEvent) -> Step {
+        match event {
+            ConnEvent::Up(handle) => node.conns.insert(handle),
+            ConnEvent::Msg { key, msg } => self.on_msg(node, key, msg),
+            ConnEvent::Gone { key, .. } => {
+                if let Some(gone) = node.conns.remove(key) {
+                    if let Some(p) = gone.peer.filter(|&p| node.conns.accepted_from(p).is_none()) {
+                        self.holdings.remove(&p);
+                    }
+                }
+                if self.finishing.is_some() && node.conns.is_empty() {
+                    return Step::Stop(Ok(()));
+                }
+            }
+            // The source holds every chunk: it takes none.
+            ConnEvent::ChunkStarted { reply, .. } => {
+                let _ = reply.send(false);
+            }
+            ConnEvent::ChunkDone { .. }
+            | ConnEvent::StoreFailed(_)
+            | ConnEvent::Unreachable { .. }
+            | ConnEvent::DialFailed { .. } => {}
+        }
+        Step::Continue
+    }
+
+    async fn on_local(&mut self, _: &mut Node, (): ()) -> Step {
+        Step::Continue
+    }
+
+    async fn on_tick(&mut self, node: &mut Node) -> Step {
+        self.ticks += 1;
+        if self.ticks.is_multiple_of(5) {
+            node.measure();
+        }
+        // Progress each second where it is cheap to look at, every 5 s in logs.
+        let every = if node.out.json || node.out.is_live() {
+            10
+        } else {
+            50
+        };
+        if self.welcomed && self.finishing.is_none() && self.ticks.is_multiple_of(every) {
+            self.report_progress(node);
+        }
+        let joined = self.members.iter().filter(|m| m.joined).count();
+        if !self.welcomed && joined > 1 && node.start.elapsed() >= self.join_grace {
+            self.start(node);
+        }
+        if self
+            .fresh_hold
+            .as_ref()
+            .is_some_and(|(_, since)| since.elapsed() >= FRESH_HOLD_MAX)
+        {
+            self.open_fresh(node);
+        }
+        match self.finishing {
+            Some(t) if node.conns.is_empty() || t.elapsed() > FINISH_GRACE => Step::Stop(Ok(())),
+            _ => Step::Continue,
+        }
+    }
+}
+
+impl Source {
+    fn new(cfg: &SendConfig, manifest: Manifest, local_addrs: Vec<Ipv4Addr>) -> Self {
+        let mut members = vec![Member {
+            id: SOURCE,
+            addr: Ipv4Addr::UNSPECIFIED,
+            port: cfg.node.port,
+            local_addrs,
+            joined: true,
+        }];
+        for (i, d) in cfg.dests.iter().enumerate() {
+            members.push(Member {
+                id: i as MemberId + 1,
+                addr: *d.ip(),
+                port: d.port(),
+                local_addrs: Vec::new(),
+                joined: false,
+            });
+        }
+        Self {
+            fresh: FreshServer::new(manifest.chunk_count()),
+            manifest,
+            members,
+            relay: !cfg.direct,
+            join_grace: cfg.join_grace,
+            started: cfg.node.started,
+            holdings: HashMap::new(),
+            welcomed: false,
+            fresh_hold: None,
+            fresh_open: false,
+            fresh_waiting: Vec::new(),
+            done: HashMap::new(),
+            failed: HashMap::new(),
+            finishing: None,
+            ticks: 0,
+            rates: HashMap::new(),
+        }
+    }
+
+    fn on_msg(&mut self, node: &mut Node, key: ConnKey, msg: Msg) {
+        let from = node.conns.peer(key);
+        match msg {
+            Msg::Join { port, addrs } => self.on_join(node, key, port, addrs),
+            Msg::RequestFresh { count } => self.on_request_fresh(node, key, count),
+            Msg::Bitfield { bits } => {
+                let set = ChunkSet::from_bytes(self.manifest.chunk_count(), &bits);
+                for c in set.iter() {
+                    self.on_held(from, c);
+                }
+            }
+            Msg::Have { chunk } => self.on_held(from, chunk),
+            Msg::View { routes } => self.on_view(node, from, &routes),
+            Msg::Done { elapsed_ms } => {
+                if let Some(id) = from {
+                    self.on_done(node, id, elapsed_ms as f64 / 1000.0);
+                }
+            }
+            Msg::Failed { reason } => {
+                if let Some(id) = from {
+                    self.on_failed(node, id, reason);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A node asks to join: admitted if it is one of the `--dest` addresses (by any of its
+    /// own addresses, or the address it connects from).
+    fn on_join(&mut self, node: &mut Node, key: ConnKey, port: u16, addrs: Vec<Ipv4Addr>) {
+        let remote_ip = node
+            .conns
+            .get(key)
+            .and_then(|c| node::remote_ipv4(c.remote));
+        let Some(id) = self
+            .members
+            .iter()
+            .skip(1)
+            .find(|m| addrs.contains(&m.addr) || Some(m.addr) == remote_ip)
+            .map(|m| m.id)
+        else {
+            tracing::warn!(?remote_ip, "refusing a node that is not in the --dest list");
+            if let Some(c) = node.conns.get(key) {
+                c.close(CLOSE_NOT_MEMBER, b"not in the source's --dest list");
+            }
+            return;
+        };
+        // A member that joins again (a restarted `recv`) replaces its old connection.
+        if let Some(old) = node.conns.bind(key, id) {
+            if let Some(c) = node.conns.get(old) {
+                c.close(CLOSE_DONE, b"replaced");
+            }
+        }
+        let m = &mut self.members[id as usize];
+        m.joined = true;
+        m.local_addrs = addrs;
+        m.port = port;
+        let addr = m.addr;
+        node.out.event(
+            &Event::Joined {
+                member: id,
+                addr: addr.to_string(),
+            },
+            || format!("{addr} joined as member {id}"),
+        );
+        if self.welcomed {
+            // A late joiner gets its Welcome alone; the others learn of it.
+            self.welcome(node, id);
+            for c in node.conns.iter().filter(|c| !c.dialed) {
+                if c.peer.is_some_and(|p| p != id && p != SOURCE) {
+                    c.send(Msg::Members {
+                        members: self.members.clone(),
+                    });
+                }
+            }
+        } else if self.members.iter().all(|m| m.joined) {
+            // Everyone is here: start now rather than at the next tick.
+            self.start(node);
+        }
+    }
+
+    /// Starts the transfer: every joined member gets the manifest and the member list, and
+    /// fresh chunks are held until they answer (see [`FRESH_HOLD_MAX`]).
+    fn start(&mut self, node: &mut Node) {
+        self.welcomed = true;
+        let mut welcomed = HashSet::new();
+        for m in 1..self.members.len() as MemberId {
+            if self.welcome(node, m) {
+                welcomed.insert(m);
+            }
+        }
+        self.fresh_hold = Some((welcomed, Instant::now()));
+    }
+
+    /// Sends `id` its Welcome and the source's bitfield; false if it has no connection.
+    fn welcome(&self, node: &Node, id: MemberId) -> bool {
+        let Some(c) = node.conns.accepted_from(id) else {
+            return false;
+        };
+        c.send(Msg::Welcome {
+            you: id,
+            manifest: self.manifest.clone(),
+            members: self.members.clone(),
+            relay: self.relay,
+        });
+        c.send(Msg::Bitfield {
+            bits: ChunkSet::full(self.manifest.chunk_count()).to_bytes(),
+        });
+        true
+    }
+
+    /// A destination asks for `count` chunks nobody has had yet.
+    fn on_request_fresh(&mut self, node: &mut Node, key: ConnKey, count: u32) {
+        self.fresh_waiting.push((key, count));
+        if self.fresh_open {
+            self.grant_fresh(node);
+        }
+    }
+
+    /// Answers the fresh requests waiting, in order: the chunks queued on the requester's
+    /// connection, then the grant that names them.
+    fn grant_fresh(&mut self, node: &mut Node) {
+        for (key, count) in self.fresh_waiting.drain(..) {
+            let Some(c) = node.conns.get(key) else {
+                continue;
+            };
+            let chunks = self.fresh.pick(count.min(MAX_FRESH_GRANT));
+            c.serve(&chunks);
+            c.send(Msg::FreshGrant {
+                chunks,
+                exhausted: self.fresh.exhausted(),
+            });
+        }
+    }
+
+    /// A member answered its Welcome; when all have (or the hold times out), fresh chunks
+    /// are handed out.
+    fn on_view(&mut self, node: &mut Node, from: Option<MemberId>, routes: &[RouteView]) {
+        if let Some((silent, _)) = self.fresh_hold.as_mut() {
+            if from.is_some_and(|id| silent.remove(&id)) && silent.is_empty() {
+                self.open_fresh(node);
+            }
+        }
+        node.out.event(
+            &Event::View {
+                member: from,
+                routes: routes.iter().map(Route::from).collect(),
+            },
+            || {
+                let reach: Vec<String> = routes
+                    .iter()
+                    .map(|r| format!("{}:{:?}", r.member, r.reach))
+                    .collect();
+                format!("member {from:?} reaches: {}", reach.join(" "))
+            },
+        );
+    }
+
+    /// Opens the source's fresh chunks and says who had not answered.
+    fn open_fresh(&mut self, node: &mut Node) {
+        let Some((silent, since)) = self.fresh_hold.take() else {
+            return;
+        };
+        self.fresh_open = true;
+        self.grant_fresh(node);
+        let held_ms = since.elapsed().as_millis() as u64;
+        let mut silent: Vec<MemberId> = silent.into_iter().collect();
+        silent.sort_unstable();
+        node.out.event(
+            &Event::FreshOpen {
+                held_ms,
+                silent: silent.clone(),
+            },
+            || format!("handing out chunks after {held_ms} ms (not yet answered: {silent:?})"),
+        );
+    }
+
+    /// A destination holds `chunk` (told by its Bitfield or a Have).
+    fn on_held(&mut self, from: Option<MemberId>, chunk: ChunkId) {
+        let Some(id) = from.filter(|&id| id != SOURCE) else {
+            return;
+        };
+        let n = self.manifest.chunk_count();
+        if self
+            .holdings
+            .entry(id)
+            .or_insert_with(|| ChunkSet::new(n))
+            .insert(chunk)
+        {
+            // After a restart of `send`, what destinations already hold is not fresh.
+            self.fresh.known_held(chunk);
+        }
+    }
+
+    fn on_done(&mut self, node: &mut Node, id: MemberId, elapsed: f64) {
+        if self.done.insert(id, elapsed).is_none() {
+            let addr = self.members[id as usize].addr;
+            node.out.event(
+                &Event::DestDone {
+                    member: id,
+                    addr: addr.to_string(),
+                    elapsed_s: elapsed,
+                    at_s: self.started.elapsed().as_secs_f64(),
+                },
+                || format!("{addr} has a verified copy ({elapsed:.2} s)"),
+            );
+        }
+        self.maybe_finished(node);
+    }
+
+    fn on_failed(&mut self, node: &mut Node, id: MemberId, reason: String) {
+        let addr = self.members[id as usize].addr;
+        node.out.event(
+            &Event::DestFailed {
+                member: id,
+                addr: addr.to_string(),
+                reason: reason.clone(),
+            },
+            || format!("{addr} failed: {reason}"),
+        );
+        self.failed.insert(id, reason);
+        self.maybe_finished(node);
+    }
+
+    /// Every destination is done or failed: everyone is told, and the source waits (up to
+    /// [`FINISH_GRACE`]) for them to hang up.
+    fn maybe_finished(&mut self, node: &mut Node) {
+        if self.finishing.is_none() && self.done.len() + self.failed.len() == self.members.len() - 1
+        {
+            for c in node.conns.iter() {
+                c.send(Msg::SwarmDone);
+            }
+            self.finishing = Some(Instant::now());
+        }
+    }
+
+    /// The `progress` event / lines: a line per destination.
+    fn report_progress(&mut self, node: &Node) {
+        let now = node.now();
+        let total = self.manifest.size;
+        let dests: Vec<DestProgress> = self.members[1..]
+            .iter()
+            .map(|m| {
+                let held = self
+                    .holdings
+                    .get(&m.id)
+                    .map_or(0, |set| self.manifest.bytes_in(set.count()));
+                let (bytes, state) = if self.done.contains_key(&m.id) {
+                    (total, DestState::Done)
+                } else if self.failed.contains_key(&m.id) {
+                    (held, DestState::Failed)
+                } else if m.joined {
+                    (held, DestState::Receiving)
+                } else {
+                    (held, DestState::Joining)
+                };
+                DestProgress {
+                    member: m.id,
+                    addr: m.addr.to_string(),
+                    bytes,
+                    rate_bps: self.rates.entry(m.id).or_default().update(bytes, now),
+                    state,
+                }
+            })
+            .collect();
+        let lines = progress::source_lines(total, now, &dests);
+        node.out.progress(
+            &Event::Progress(Progress::Source {
+                elapsed_s: now,
+                total_bytes: total,
+                destinations: dests,
+                tx_bytes_by_iface: node.tx_bytes_by_iface(),
+            }),
+            &lines,
+        );
+    }
+
+    fn outcome(self, tx_bytes_by_iface: TxBytesByIface) -> SendOutcome {
+        let addr = |id: MemberId| self.members[id as usize].addr;
+        let mut dests: Vec<DestResult> = self
+            .done
+            .iter()
+            .map(|(&id, &elapsed_s)| DestResult {
+                id,
+                addr: addr(id).to_string(),
+                elapsed_s,
+            })
+            .collect();
+        dests.sort_by_key(|r| r.id);
+        let mut failed: Vec<(Ipv4Addr, String)> = self
+            .failed
+            .iter()
+            .map(|(&id, reason)| (addr(id), reason.clone()))
+            .collect();
+        failed.sort();
+        SendOutcome {
+            dests,
+            failed,
+            tx_bytes_by_iface,
+        }
+    }
+}
