@@ -18,6 +18,14 @@ pub type MemberId = u16;
 /// The source's member id.
 pub const SOURCE: MemberId = 0;
 
+/// How often a destination reads its link rates from the kernel and tells the scheduler
+/// (the daemon's tick; the simulator measures on the same one).
+pub const MEASURE_TICK_MS: u64 = 200;
+
+/// Window of the max filter on measured link rates: long enough to cover a few round trips
+/// and queue drains, short enough to forget a link that got slower within seconds.
+pub const RATE_WINDOW_S: f64 = 2.0;
+
 /// Index of a chunk in the file.
 pub type ChunkId = u32;
 

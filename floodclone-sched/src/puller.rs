@@ -850,6 +850,37 @@ mod tests {
     }
 
     #[test]
+    fn what_a_non_neighbour_told_counts_once_it_is_a_neighbour() {
+        let mut p = Puller::new(cfg(), ChunkSet::new(4));
+        // Member 3 announces before it is a neighbour (its connection came up first).
+        p.peer_has(3, 1);
+        p.peer_bitfield(3, &ChunkSet::from_bytes(4, &[0b0100]));
+        assert!(p.poll(0.0).is_empty());
+        p.add_peer(3, false);
+        assert_eq!(
+            p.poll(0.0),
+            vec![Action::Request {
+                peer: 3,
+                chunks: vec![1, 2]
+            }]
+        );
+        // No longer a neighbour, then one again: its holdings are kept, its flights not.
+        p.remove_peer(3);
+        p.add_peer(3, false);
+        assert_eq!(
+            p.poll(0.1),
+            vec![Action::Request {
+                peer: 3,
+                chunks: vec![1, 2]
+            }]
+        );
+        // Its connection is gone: a new one starts from what it tells again.
+        p.forget_peer(3);
+        p.add_peer(3, false);
+        assert!(p.poll(0.2).is_empty());
+    }
+
+    #[test]
     fn rarest_first_and_peer_loss_requeues() {
         let mut config = cfg();
         config.max_outstanding = 2;

@@ -194,131 +194,162 @@ fn run(cli: Cli) -> Result<()> {
             chunk_size,
             join_grace,
             direct,
-            node: n,
+            node,
         } => {
-            let started = std::time::Instant::now();
-            let output = Output::new(n.json);
-            let stats = attach_link_stats(&output);
-            let cfg = SendConfig {
-                node: NodeOptions {
-                    port: n.port,
-                    token: n.token,
-                    output: output.clone(),
-                    link_stats: stats.clone(),
-                    corrupt_served: n.corrupt_served_chunks,
-                    started,
-                },
-                dests: dests
-                    .into_iter()
-                    .map(|(ip, port)| SocketAddrV4::new(ip, port.unwrap_or(n.port)))
-                    .collect(),
-                file,
-                chunk_bytes: chunk_size,
-                join_grace: seconds("--join-grace", join_grace)?,
-                direct,
-            };
-            let outcome = runtime()?.block_on(async {
-                tokio::select! {
-                    r = source::run(cfg) => r.map_err(anyhow::Error::from),
-                    _ = tokio::signal::ctrl_c() => bail!("interrupted"),
-                }
-            })?;
-            let elapsed = started.elapsed().as_secs_f64();
-            detach_link_stats(&stats);
-            if !outcome.failed.is_empty() {
-                let list: Vec<String> = outcome
-                    .failed
-                    .iter()
-                    .map(|(a, r)| format!("{a}: {r}"))
-                    .collect();
-                bail!(
-                    "{} of {} destinations failed ({}); the others hold verified copies",
-                    outcome.failed.len(),
-                    outcome.failed.len() + outcome.dests.len(),
-                    list.join("; ")
-                );
-            }
-            output.event(
-                &Event::SwarmDone(SwarmDone::Source {
-                    elapsed_s: elapsed,
-                    destinations: outcome.dests.clone(),
-                    peak_rss_bytes: node::peak_rss_bytes(),
-                    tx_bytes_by_iface: outcome.tx_bytes_by_iface,
-                }),
-                || {
-                    let mut s =
-                        format!("every destination holds a verified copy ({elapsed:.2} s):");
-                    for r in &outcome.dests {
-                        s += &format!("\n  {:15} {:8.2} s", r.addr, r.elapsed_s);
-                    }
-                    s
-                },
-            );
+            let dests = dests
+                .into_iter()
+                .map(|(ip, port)| SocketAddrV4::new(ip, port.unwrap_or(node.port)))
+                .collect();
+            let join_grace = seconds("--join-grace", join_grace)?;
+            send(node, file, dests, chunk_size, join_grace, direct)
         }
         Cmd::Recv {
             source,
             out,
             connect_timeout,
-            node: n,
+            node,
         } => {
-            let started = std::time::Instant::now();
-            let output = Output::new(n.json);
-            let stats = attach_link_stats(&output);
-            let cfg = RecvConfig {
-                node: NodeOptions {
-                    port: n.port,
-                    token: n.token,
-                    output,
-                    link_stats: stats.clone(),
-                    corrupt_served: n.corrupt_served_chunks,
-                    started,
-                },
-                source: SocketAddrV4::new(source.0, source.1.unwrap_or(n.port)),
+            let source = SocketAddrV4::new(source.0, source.1.unwrap_or(node.port));
+            recv(
+                node,
+                source,
                 out,
-                connect_timeout: seconds("--connect-timeout", connect_timeout)?,
-            };
-            runtime()?.block_on(async {
-                tokio::select! {
-                    r = destination::run(cfg) => r.map(|_| ()).map_err(anyhow::Error::from),
-                    _ = tokio::signal::ctrl_c() => bail!("interrupted (progress is kept: run the same command to resume)"),
-                }
-            })?;
-            detach_link_stats(&stats);
+                seconds("--connect-timeout", connect_timeout)?,
+            )
         }
         Cmd::Stats {
             interval,
             watch,
             json,
-        } => {
-            if !(interval > 0.0 && interval.is_finite()) {
-                bail!("--interval must be a positive number of seconds");
+        } => show_stats(interval, watch, json),
+    }
+}
+
+impl NodeArgs {
+    /// The options of a node started now, with the link stats attaching in the background.
+    fn start(self) -> (NodeOptions, SharedLinkStats) {
+        let started = std::time::Instant::now();
+        let output = Output::new(self.json);
+        let link_stats = attach_link_stats(&output);
+        let opts = NodeOptions {
+            port: self.port,
+            token: self.token,
+            output,
+            link_stats: link_stats.clone(),
+            corrupt_served: self.corrupt_served_chunks,
+            started,
+        };
+        (opts, link_stats)
+    }
+}
+
+fn send(
+    node: NodeArgs,
+    file: PathBuf,
+    dests: Vec<SocketAddrV4>,
+    chunk_bytes: Option<u32>,
+    join_grace: Duration,
+    direct: bool,
+) -> Result<()> {
+    let (node, link_stats) = node.start();
+    let (output, started) = (node.output.clone(), node.started);
+    let cfg = SendConfig {
+        node,
+        dests,
+        file,
+        chunk_bytes,
+        join_grace,
+        direct,
+    };
+    let outcome = runtime()?.block_on(async {
+        tokio::select! {
+            r = source::run(cfg) => r.map_err(anyhow::Error::from),
+            _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+        }
+    })?;
+    let elapsed = started.elapsed().as_secs_f64();
+    detach_link_stats(&link_stats);
+    if !outcome.failed.is_empty() {
+        let list: Vec<String> = outcome
+            .failed
+            .iter()
+            .map(|(a, r)| format!("{a}: {r}"))
+            .collect();
+        bail!(
+            "{} of {} destinations failed ({}); the others hold verified copies",
+            outcome.failed.len(),
+            outcome.failed.len() + outcome.dests.len(),
+            list.join("; ")
+        );
+    }
+    output.event(
+        &Event::SwarmDone(SwarmDone::Source {
+            elapsed_s: elapsed,
+            destinations: outcome.dests.clone(),
+            peak_rss_bytes: node::peak_rss_bytes(),
+            tx_bytes_by_iface: outcome.tx_bytes_by_iface,
+        }),
+        || {
+            let mut s = format!("every destination holds a verified copy ({elapsed:.2} s):");
+            for r in &outcome.dests {
+                s += &format!("\n  {:15} {:8.2} s", r.addr, r.elapsed_s);
             }
-            let mut sampler = stats::Sampler::open()?;
-            if watch && !json {
-                print!("\x1b[2J");
+            s
+        },
+    );
+    Ok(())
+}
+
+fn recv(
+    node: NodeArgs,
+    source: SocketAddrV4,
+    out: PathBuf,
+    connect_timeout: Duration,
+) -> Result<()> {
+    let (node, link_stats) = node.start();
+    let cfg = RecvConfig {
+        node,
+        source,
+        out,
+        connect_timeout,
+    };
+    runtime()?.block_on(async {
+        tokio::select! {
+            r = destination::run(cfg) => r.map(|_| ()).map_err(anyhow::Error::from),
+            _ = tokio::signal::ctrl_c() => bail!("interrupted (progress is kept: run the same command to resume)"),
+        }
+    })?;
+    detach_link_stats(&link_stats);
+    Ok(())
+}
+
+fn show_stats(interval: f64, watch: bool, json: bool) -> Result<()> {
+    if !(interval > 0.0 && interval.is_finite()) {
+        bail!("--interval must be a positive number of seconds");
+    }
+    let mut sampler = stats::Sampler::open()?;
+    if watch && !json {
+        print!("\x1b[2J");
+    }
+    loop {
+        let report = sampler.measure(Duration::from_secs_f64(interval))?;
+        if json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else if watch {
+            // Home, redraw each line clearing its tail, clear below: no flicker.
+            let mut screen = String::from("\x1b[H");
+            for line in stats::render(&report).lines() {
+                screen += line;
+                screen += "\x1b[K\n";
             }
-            loop {
-                let report = sampler.measure(Duration::from_secs_f64(interval))?;
-                if json {
-                    println!("{}", serde_json::to_string(&report)?);
-                } else if watch {
-                    // Home, redraw each line clearing its tail, clear below: no flicker.
-                    let mut screen = String::from("\x1b[H");
-                    for line in stats::render(&report).lines() {
-                        screen += line;
-                        screen += "\x1b[K\n";
-                    }
-                    print!("{screen}\x1b[J");
-                    use std::io::Write;
-                    let _ = std::io::stdout().flush();
-                } else {
-                    print!("{}", stats::render(&report));
-                }
-                if !watch {
-                    break;
-                }
-            }
+            print!("{screen}\x1b[J");
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+        } else {
+            print!("{}", stats::render(&report));
+        }
+        if !watch {
+            return Ok(());
         }
     }
-    Ok(())
 }

@@ -10,9 +10,8 @@ use std::{
 
 use crate::linkstats::Snapshot;
 
-/// Window of the max filter. Long enough to cover a few round trips and queue drains,
-/// short enough to forget a link that got slower within seconds.
-pub const MAX_WINDOW_S: f64 = 2.0;
+/// Window of the max filter (shared with the simulator).
+pub const MAX_WINDOW_S: f64 = floodclone_sched::RATE_WINDOW_S;
 /// Shortest interval a rate sample may cover; shorter ones are dominated by bursts.
 pub const MIN_SAMPLE_S: f64 = 0.2;
 /// Time constant of the smoothed rate.

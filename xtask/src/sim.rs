@@ -1,8 +1,10 @@
 //! The simulator: the daemon's scheduler ([`floodclone_sched`]) driven over a modelled
-//! network, at chunk level, in virtual time. It mirrors what `floodclone-user/src/destination.rs`
-//! does around the scheduler (data neighbours from routes, bitfields, "have" and "fetching"
-//! announcements, fresh grants from the source, a FIFO of requested chunks per connection,
-//! rates measured every 200 ms) so that tuning here carries over to the testbed.
+//! network, at chunk level, in virtual time. It mirrors what the daemon's destination role
+//! (`floodclone-user/src/destination/`) does around the scheduler (data neighbours from
+//! routes, bitfields, "have" and "fetching" announcements, fresh grants from the source, a
+//! FIFO of requested chunks per connection, link rates measured on the daemon's tick) so
+//! that tuning here carries over to the testbed. Routes are the testbed's own
+//! (`floodclone_testbed::routing`), followed hop by hop as the kernels forward.
 //!
 //! Network model: every link direction has a capacity (changing at timed events); each
 //! connection (sender -> receiver) sends its requested chunks one after another along its
@@ -24,10 +26,10 @@ use floodclone_testbed::{
     topology::{EventAction, Node, Role, Topology},
 };
 
-/// Matches the daemon's measurement tick.
-const TICK_S: f64 = 0.2;
-/// Windowed max over this many ticks, like the daemon's meter (2 s).
-const RATE_WINDOW_TICKS: usize = 10;
+/// The daemon's measurement tick.
+const TICK_S: f64 = floodclone_sched::MEASURE_TICK_MS as f64 / 1000.0;
+/// Windowed max over this many ticks, like the daemon's meter.
+const RATE_WINDOW_TICKS: usize = (floodclone_sched::RATE_WINDOW_S / TICK_S) as usize;
 
 #[derive(Clone, Debug)]
 pub struct SimOptions {

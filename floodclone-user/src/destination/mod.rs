@@ -5,9 +5,8 @@
 //! done.
 //!
 //! Read top to bottom: [`run`], then the handlers in the order a transfer meets them
-//! ([`Destination::on_welcome`], [`Destination::rediscover`], [`Destination::on_up`],
-//! [`Destination::poll_scheduler`], [`Destination::on_chunk_done`],
-//! [`Destination::maybe_finished`], [`Destination::on_complete`]).
+//! (`on_welcome`, `poll_scheduler`, `on_chunk_done`, `maybe_finished`, `on_complete`);
+//! who the destination pulls from (`rediscover`, `on_up`, `on_gone`) is in `neighbours`.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -17,27 +16,29 @@ use std::{
     time::{Duration, Instant},
 };
 
-use floodclone_sched::{
-    overlay::Reach, Action, Arrival, ChunkId, ChunkSet, MemberId, Puller, SchedConfig, SOURCE,
-};
+use floodclone_sched::{Action, Arrival, ChunkId, ChunkSet, MemberId, Puller, SchedConfig, SOURCE};
 use tokio::sync::mpsc;
 
+mod neighbours;
+
+use neighbours::with_source_addr;
+
 use crate::{
-    conn::{ConnEvent, ConnHandle, ConnKey},
-    discovery::{self, Routes},
-    events::{Event, Progress, Route, SwarmDone},
+    conn::{ConnEvent, ConnKey},
+    discovery::Routes,
+    events::{Event, Progress, SwarmDone},
     manifest::Manifest,
     node::{self, Node, NodeError, NodeOptions, Role, Step},
     progress::{self, FeederRates, RateTracker},
     storage::{ChunkStore, StorageError},
-    transport::{self, TransportError, CLOSE_DONE, CLOSE_PROTOCOL},
+    transport::{self, CLOSE_PROTOCOL},
     wire::{Member, Msg},
 };
 
 /// Hello id of a destination that has not been told its id yet.
 const JOINING: MemberId = MemberId::MAX;
 /// Scheduler tick: link rates read from the kernel, progress, the resume state saved.
-const TICK: Duration = Duration::from_millis(200);
+const TICK: Duration = Duration::from_millis(floodclone_sched::MEASURE_TICK_MS);
 /// The resume state is saved every this many ticks (1 s).
 const SAVE_STATE_EVERY: u64 = 5;
 /// Complete, with the source gone this long: nothing is left to serve for.
@@ -395,149 +396,6 @@ impl Destination {
         Step::Continue
     }
 
-    /// Route lookups for every joined member, the view sent to the source, and the data
-    /// neighbours updated (new ones dialed, ones now behind another member dropped).
-    async fn rediscover(&mut self, node: &mut Node) -> Result<(), NodeError> {
-        let joined: Vec<Member> = self.members.iter().filter(|m| m.joined).cloned().collect();
-        let lookups = self.routes.lookups(&joined, self.me).await?;
-        let mut views = discovery::classify(&self.members, &lookups);
-        self.ingress = views.iter().map(|v| (v.member, v.ifindex)).collect();
-        for v in &mut views {
-            // Behind a member whose process is gone: its kernel still forwards, so the
-            // member behind it is reached as if through a router.
-            if v.reach == Reach::Behind && v.via_member.is_some_and(|m| self.dead.contains(&m)) {
-                v.reach = Reach::ViaRouter;
-            }
-        }
-        if let Some(c) = node.conns.dialed_to(SOURCE) {
-            c.send(Msg::View {
-                routes: views.clone(),
-            });
-        }
-        let mut next = if self.relay {
-            discovery::data_neighbours(self.me, &views)
-        } else {
-            vec![SOURCE]
-        };
-        next.retain(|n| !self.banned.contains(n));
-        for &gone in self.neighbours.iter().filter(|n| !next.contains(n)) {
-            if let Some(pl) = self.puller.as_mut() {
-                pl.remove_peer(gone);
-            }
-            if gone != SOURCE {
-                if let Some(c) = node.conns.dialed_to(gone) {
-                    c.close(CLOSE_DONE, b"not a neighbour");
-                }
-            }
-        }
-        // Fresh counters for the hops of neighbours whose connections are already up.
-        node.read_link_counters();
-        let added: Vec<MemberId> = next
-            .iter()
-            .copied()
-            .filter(|n| !self.neighbours.contains(n))
-            .collect();
-        for new in added {
-            if node.conns.dialed_to(new).is_some() {
-                if let Some(pl) = self.puller.as_mut() {
-                    pl.add_peer(new, new == SOURCE);
-                }
-                self.tell_path(node, new);
-            } else if new != SOURCE {
-                self.dial_member(node, new);
-            }
-        }
-        self.neighbours = next;
-        let neighbours = &self.neighbours;
-        node.out.event(
-            &Event::Neighbours {
-                member: self.me,
-                ids: neighbours.clone(),
-                routes: views.iter().map(Route::from).collect(),
-            },
-            || format!("data neighbours: {neighbours:?}"),
-        );
-        Ok(())
-    }
-
-    /// Dials member `id` to pull from it, unless already dialing it.
-    fn dial_member(&mut self, node: &Node, id: MemberId) {
-        if let Some(m) = self.members.iter().find(|m| m.id == id) {
-            if self.dialing.insert(id) {
-                node.dial(
-                    SocketAddrV4::new(m.addr, m.port),
-                    id,
-                    vec![Msg::Hello { id: self.me }],
-                    None,
-                );
-            }
-        }
-    }
-
-    /// A connection is up: it hears what we hold; one we dialed to a neighbour joins the
-    /// scheduler.
-    fn on_up(&mut self, node: &mut Node, handle: ConnHandle) {
-        let (dialed, peer) = (handle.dialed, handle.peer);
-        if let Some(p) = peer.filter(|_| dialed) {
-            self.dialing.remove(&p);
-            // A member we had given up for dead is back: route through it again.
-            self.rediscover_needed |= self.dead.remove(&p);
-        }
-        if let Some(store) = node.ctx.store.get() {
-            handle.send(Msg::Bitfield {
-                bits: store.have().to_bytes(),
-            });
-        }
-        if let Some(hops) = self.source_hops {
-            handle.send(Msg::SourceDistance { hops });
-        }
-        if dialed && peer == Some(SOURCE) {
-            self.source_lost_at = None;
-            // A restarted source must hear again that we are done.
-            if let Some(elapsed) = self.complete {
-                handle.send(Msg::Done {
-                    elapsed_ms: (elapsed * 1000.0) as u64,
-                });
-            }
-        }
-        node.conns.insert(handle);
-        if let (true, Some(p)) = (dialed, peer) {
-            if let Some(pl) = self
-                .puller
-                .as_mut()
-                .filter(|_| self.neighbours.contains(&p))
-            {
-                pl.add_peer(p, p == SOURCE);
-                // The handshake's packets already tell the hops: the scheduler needs them
-                // from its first requests on (which member of a group fetches a chunk from
-                // afar), not one tick later.
-                node.read_link_counters();
-                self.tell_path(node, p);
-            }
-        }
-    }
-
-    /// Tells the scheduler what the kernel shows of the path to neighbour `p`: its receive
-    /// rate (windowed max), router hops and the link its data arrives on.
-    fn tell_path(&mut self, node: &Node, p: MemberId) {
-        let (Some(pl), Some(m)) = (
-            self.puller.as_mut(),
-            self.members.iter().find(|m| m.id == p),
-        ) else {
-            return;
-        };
-        let (_, max_bps) = node.meters.rx_from(m.addr);
-        if max_bps > 0.0 {
-            pl.peer_measured_rate(p, max_bps);
-        }
-        if let Some(hops) = node.meters.hops_to(m.addr) {
-            pl.peer_distance(p, hops);
-        }
-        if let Some(&ifindex) = self.ingress.get(&p) {
-            pl.peer_ingress(p, ifindex);
-        }
-    }
-
     /// Sends what the scheduler asks for; every request is announced as a fetch so
     /// neighbours leave those chunks to us.
     fn poll_scheduler(&mut self, node: &mut Node) {
@@ -658,50 +516,6 @@ impl Destination {
         }
     }
 
-    /// A connection closed. The source is dialed again at once; a neighbour that vanished
-    /// (timed out, reset) is routed around and dialed again.
-    async fn on_gone(&mut self, node: &mut Node, key: ConnKey, reason: &str) {
-        let Some(gone) = node.conns.remove(key) else {
-            return;
-        };
-        tracing::debug!(peer = ?gone.peer, %reason, "connection closed");
-        let Some(p) = gone.peer.filter(|_| gone.dialed) else {
-            return;
-        };
-        if node.conns.dialed_to(p).is_none() {
-            if let Some(pl) = self.puller.as_mut() {
-                pl.forget_peer(p);
-            }
-        }
-        if p == SOURCE {
-            self.source_lost_at = Some(Instant::now());
-            // `me` is still JOINING if the source never welcomed us.
-            let hello = self.join_hello(self.routes.local_addrs().await.unwrap_or_default());
-            node.dial(self.cfg.source, SOURCE, hello, None);
-        } else if self.neighbours.contains(&p) && !self.banned.contains(&p) {
-            if reason.contains("timed out") || reason.contains("reset") {
-                tracing::warn!(member = p, "neighbour vanished; routing around it");
-                self.dead.insert(p);
-                self.rediscover_needed = true;
-            }
-            self.dial_member(node, p);
-        }
-    }
-
-    fn on_dial_failed(&mut self, peer: MemberId, error: TransportError) -> Step {
-        if peer != SOURCE {
-            tracing::warn!(peer, "giving up on neighbour: {error}");
-            return Step::Continue;
-        }
-        Step::Stop(Err(match error {
-            TransportError::Refused | TransportError::BadToken => error.into(),
-            _ => NodeError::SourceUnreachable {
-                addr: self.cfg.source,
-                secs: self.cfg.connect_timeout.as_secs(),
-            },
-        }))
-    }
-
     /// The destination's `progress` event / lines.
     fn report_progress(&mut self, node: &Node, store: &ChunkStore) {
         let now = node.now();
@@ -748,15 +562,4 @@ impl Destination {
         );
         Ok(self.complete.unwrap_or_default())
     }
-}
-
-/// The source's own entry carries no dialable address: destinations know it as `--source`.
-fn with_source_addr(mut members: Vec<Member>, source: SocketAddrV4) -> Vec<Member> {
-    for m in &mut members {
-        if m.id == SOURCE {
-            m.addr = *source.ip();
-            m.port = source.port();
-        }
-    }
-    members
 }

@@ -1,0 +1,217 @@
+//! Who a destination pulls from: the kernel's routes to every member, the data neighbours
+//! they give, dials to them, and connections coming and going (a vanished neighbour is
+//! routed around, the source is dialed again).
+
+use std::{net::SocketAddrV4, time::Instant};
+
+use floodclone_sched::{overlay::Reach, MemberId, SOURCE};
+
+use super::Destination;
+use crate::{
+    conn::{ConnHandle, ConnKey},
+    discovery,
+    events::{Event, Route},
+    node::{Node, NodeError, Step},
+    transport::{TransportError, CLOSE_DONE},
+    wire::{Member, Msg},
+};
+
+impl Destination {
+    /// Route lookups for every joined member, the view sent to the source, and the data
+    /// neighbours updated (new ones dialed, ones now behind another member dropped).
+    pub(super) async fn rediscover(&mut self, node: &mut Node) -> Result<(), NodeError> {
+        let joined: Vec<Member> = self.members.iter().filter(|m| m.joined).cloned().collect();
+        let lookups = self.routes.lookups(&joined, self.me).await?;
+        let mut views = discovery::classify(&self.members, &lookups);
+        self.ingress = views.iter().map(|v| (v.member, v.ifindex)).collect();
+        for v in &mut views {
+            // Behind a member whose process is gone: its kernel still forwards, so the
+            // member behind it is reached as if through a router.
+            if v.reach == Reach::Behind && v.via_member.is_some_and(|m| self.dead.contains(&m)) {
+                v.reach = Reach::ViaRouter;
+            }
+        }
+        if let Some(c) = node.conns.dialed_to(SOURCE) {
+            c.send(Msg::View {
+                routes: views.clone(),
+            });
+        }
+        let mut next = if self.relay {
+            discovery::data_neighbours(self.me, &views)
+        } else {
+            vec![SOURCE]
+        };
+        next.retain(|n| !self.banned.contains(n));
+        for &gone in self.neighbours.iter().filter(|n| !next.contains(n)) {
+            if let Some(pl) = self.puller.as_mut() {
+                pl.remove_peer(gone);
+            }
+            if gone != SOURCE {
+                if let Some(c) = node.conns.dialed_to(gone) {
+                    c.close(CLOSE_DONE, b"not a neighbour");
+                }
+            }
+        }
+        // Fresh counters for the hops of neighbours whose connections are already up.
+        node.read_link_counters();
+        let added: Vec<MemberId> = next
+            .iter()
+            .copied()
+            .filter(|n| !self.neighbours.contains(n))
+            .collect();
+        for new in added {
+            if node.conns.dialed_to(new).is_some() {
+                if let Some(pl) = self.puller.as_mut() {
+                    pl.add_peer(new, new == SOURCE);
+                }
+                self.tell_path(node, new);
+            } else if new != SOURCE {
+                self.dial_member(node, new);
+            }
+        }
+        self.neighbours = next;
+        let neighbours = &self.neighbours;
+        node.out.event(
+            &Event::Neighbours {
+                member: self.me,
+                ids: neighbours.clone(),
+                routes: views.iter().map(Route::from).collect(),
+            },
+            || format!("data neighbours: {neighbours:?}"),
+        );
+        Ok(())
+    }
+
+    /// Dials member `id` to pull from it, unless already dialing it.
+    pub(super) fn dial_member(&mut self, node: &Node, id: MemberId) {
+        if let Some(m) = self.members.iter().find(|m| m.id == id) {
+            if self.dialing.insert(id) {
+                node.dial(
+                    SocketAddrV4::new(m.addr, m.port),
+                    id,
+                    vec![Msg::Hello { id: self.me }],
+                    None,
+                );
+            }
+        }
+    }
+
+    /// A connection is up: it hears what we hold; one we dialed to a neighbour joins the
+    /// scheduler.
+    pub(super) fn on_up(&mut self, node: &mut Node, handle: ConnHandle) {
+        let (dialed, peer) = (handle.dialed, handle.peer);
+        if let Some(p) = peer.filter(|_| dialed) {
+            self.dialing.remove(&p);
+            // A member we had given up for dead is back: route through it again.
+            self.rediscover_needed |= self.dead.remove(&p);
+        }
+        if let Some(store) = node.ctx.store.get() {
+            handle.send(Msg::Bitfield {
+                bits: store.have().to_bytes(),
+            });
+        }
+        if let Some(hops) = self.source_hops {
+            handle.send(Msg::SourceDistance { hops });
+        }
+        if dialed && peer == Some(SOURCE) {
+            self.source_lost_at = None;
+            // A restarted source must hear again that we are done.
+            if let Some(elapsed) = self.complete {
+                handle.send(Msg::Done {
+                    elapsed_ms: (elapsed * 1000.0) as u64,
+                });
+            }
+        }
+        node.conns.insert(handle);
+        if let (true, Some(p)) = (dialed, peer) {
+            if let Some(pl) = self
+                .puller
+                .as_mut()
+                .filter(|_| self.neighbours.contains(&p))
+            {
+                pl.add_peer(p, p == SOURCE);
+                // The handshake's packets already tell the hops: the scheduler needs them
+                // from its first requests on (which member of a group fetches a chunk from
+                // afar), not one tick later.
+                node.read_link_counters();
+                self.tell_path(node, p);
+            }
+        }
+    }
+
+    /// Tells the scheduler what the kernel shows of the path to neighbour `p`: its receive
+    /// rate (windowed max), router hops and the link its data arrives on.
+    pub(super) fn tell_path(&mut self, node: &Node, p: MemberId) {
+        let (Some(pl), Some(m)) = (
+            self.puller.as_mut(),
+            self.members.iter().find(|m| m.id == p),
+        ) else {
+            return;
+        };
+        let (_, max_bps) = node.meters.rx_from(m.addr);
+        if max_bps > 0.0 {
+            pl.peer_measured_rate(p, max_bps);
+        }
+        if let Some(hops) = node.meters.hops_to(m.addr) {
+            pl.peer_distance(p, hops);
+        }
+        if let Some(&ifindex) = self.ingress.get(&p) {
+            pl.peer_ingress(p, ifindex);
+        }
+    }
+
+    /// A connection closed. The source is dialed again at once; a neighbour that vanished
+    /// (timed out, reset) is routed around and dialed again.
+    pub(super) async fn on_gone(&mut self, node: &mut Node, key: ConnKey, reason: &str) {
+        let Some(gone) = node.conns.remove(key) else {
+            return;
+        };
+        tracing::debug!(peer = ?gone.peer, %reason, "connection closed");
+        let Some(p) = gone.peer.filter(|_| gone.dialed) else {
+            return;
+        };
+        if node.conns.dialed_to(p).is_none() {
+            if let Some(pl) = self.puller.as_mut() {
+                pl.forget_peer(p);
+            }
+        }
+        if p == SOURCE {
+            self.source_lost_at = Some(Instant::now());
+            // `me` is still JOINING if the source never welcomed us.
+            let hello = self.join_hello(self.routes.local_addrs().await.unwrap_or_default());
+            node.dial(self.cfg.source, SOURCE, hello, None);
+        } else if self.neighbours.contains(&p) && !self.banned.contains(&p) {
+            if reason.contains("timed out") || reason.contains("reset") {
+                tracing::warn!(member = p, "neighbour vanished; routing around it");
+                self.dead.insert(p);
+                self.rediscover_needed = true;
+            }
+            self.dial_member(node, p);
+        }
+    }
+
+    pub(super) fn on_dial_failed(&mut self, peer: MemberId, error: TransportError) -> Step {
+        if peer != SOURCE {
+            tracing::warn!(peer, "giving up on neighbour: {error}");
+            return Step::Continue;
+        }
+        Step::Stop(Err(match error {
+            TransportError::Refused | TransportError::BadToken => error.into(),
+            _ => NodeError::SourceUnreachable {
+                addr: self.cfg.source,
+                secs: self.cfg.connect_timeout.as_secs(),
+            },
+        }))
+    }
+}
+
+/// The source's own entry carries no dialable address: destinations know it as `--source`.
+pub(super) fn with_source_addr(mut members: Vec<Member>, source: SocketAddrV4) -> Vec<Member> {
+    for m in &mut members {
+        if m.id == SOURCE {
+            m.addr = *source.ip();
+            m.port = source.port();
+        }
+    }
+    members
+}
