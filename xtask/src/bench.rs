@@ -26,6 +26,12 @@ pub struct BenchRow {
     pub direct_ratio_median: Option<f64>,
     /// Most copies any link direction carried (median run), wire bytes / file bytes.
     pub max_link_copies: Option<f64>,
+    /// The simulator's U/U_min on the same network (no start-up, no headers).
+    pub sim_ratio: Option<f64>,
+    /// Work conservation (median run): seconds link directions idled while needed, in all
+    /// and on the source's links ([`floodclone_testbed::idle`]).
+    pub idle_s: Option<f64>,
+    pub source_idle_s: Option<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -100,22 +106,41 @@ pub fn bench(
             runs,
             direct_ratio_median: median(direct.iter().filter_map(|r| r.ratio).collect()),
             max_link_copies: median_run.and_then(|r| r.link_copies.first().map(|c| c.2)),
+            sim_ratio: sim_ratio(topo, bytes),
+            idle_s: median_run.map(|r| r.idle_s),
+            source_idle_s: median_run.map(|r| r.source_idle_s),
         });
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(rows)
 }
 
-/// The table, as markdown.
+/// The simulator's U/U_min for `topo` (as `cargo xtask sim` runs it).
+fn sim_ratio(topo: &Topology, bytes: u64) -> Option<f64> {
+    let opts = crate::sim::SimOptions {
+        bytes,
+        chunk_bytes: floodclone_sched::default_chunk_bytes(bytes) as u64,
+        hop_delay_s: 1e-3,
+        horizon_s: 1e5,
+    };
+    let u_min = floodclone_testbed::bound::u_min_s(topo, bytes as f64 * 8.0)?;
+    crate::sim::simulate(topo, &opts)
+        .ok()?
+        .u_s
+        .map(|u| u / u_min)
+}
+
+/// The table, as markdown, and for more than one network a summary: median and worst
+/// U/U_min, and how far the simulator was from the testbed.
 pub fn table(rows: &[BenchRow]) -> String {
     let f = |v: Option<f64>, p: usize| v.map_or("-".into(), |x| format!("{x:.p$}"));
     let mut s = String::from(
-        "| topology | U_min s | U median s | U min..max s | U/U_min | direct U/U_min | max copies/link | ok |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| topology | U_min s | U median s | U min..max s | U/U_min | direct U/U_min | max copies/link | sim U/U_min | idle s (source) | ok |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         s += &format!(
-            "| {} | {:.2} | {} | {}..{} | {} | {} | {} | {}/{} |\n",
+            "| {} | {:.2} | {} | {}..{} | {} | {} | {} | {} | {} ({}) | {}/{} |\n",
             r.topology,
             r.u_min_s,
             f(r.u_median_s, 2),
@@ -124,8 +149,29 @@ pub fn table(rows: &[BenchRow]) -> String {
             f(r.ratio_median, 3),
             f(r.direct_ratio_median, 3),
             f(r.max_link_copies, 2),
+            f(r.sim_ratio, 3),
+            f(r.idle_s, 1),
+            f(r.source_idle_s, 1),
             r.runs_ok,
             r.runs
+        );
+    }
+    if rows.len() > 1 {
+        let ratios: Vec<f64> = rows.iter().filter_map(|r| r.ratio_median).collect();
+        let diffs: Vec<f64> = rows
+            .iter()
+            .filter_map(|r| Some((r.ratio_median? - r.sim_ratio?).abs()))
+            .collect();
+        s += &format!(
+            "\n{} networks: U/U_min median {}, worst {}; |sim - testbed| median {}, worst {}; \
+             {} of {} over 1.10\n",
+            rows.len(),
+            f(median(ratios.clone()), 3),
+            f(ratios.iter().copied().reduce(f64::max), 3),
+            f(median(diffs.clone()), 3),
+            f(diffs.iter().copied().reduce(f64::max), 3),
+            ratios.iter().filter(|&&x| x > 1.10).count(),
+            rows.len(),
         );
     }
     s

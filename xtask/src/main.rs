@@ -63,6 +63,9 @@ enum Cmd {
         /// `floodclone::chunks=trace` for every chunk requested and received).
         #[arg(long)]
         logs: Option<PathBuf>,
+        /// Run this floodclone binary instead of building one (to compare two builds).
+        #[arg(long)]
+        floodclone: Option<PathBuf>,
     },
     /// Every topology on the real testbed, several runs each, against the floor and the
     /// direct baseline; prints a markdown table and writes JSON lines and the table under
@@ -80,6 +83,16 @@ enum Cmd {
         /// Runs of the direct baseline per topology.
         #[arg(long, default_value_t = 1)]
         baseline_runs: usize,
+        /// Instead of topology files: this many small random networks (README, "Random
+        /// networks"), seeds --seed, --seed+1, ...
+        #[arg(long)]
+        random: Option<u64>,
+        /// First seed of --random.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Run this floodclone binary instead of building one (to compare two builds).
+        #[arg(long)]
+        floodclone: Option<PathBuf>,
     },
     /// Cost of the in-kernel link stats: TCP throughput and CPU seconds per GB on an
     /// unshaped veth, with and without the programs attached, in the same run.
@@ -332,11 +345,12 @@ fn main() -> Result<()> {
             json,
             chunk_size,
             logs,
+            floodclone,
         } => {
             if !testbed::is_root() {
                 bail!("`cargo xtask run` builds network namespaces and loads eBPF: run it as root");
             }
-            let bin = build_floodclone()?;
+            let bin = floodclone_binary(floodclone)?;
             let topo = Topology::load(
                 &workspace_root()
                     .join(&topology)
@@ -378,28 +392,39 @@ fn main() -> Result<()> {
             size,
             runs,
             baseline_runs,
+            random,
+            seed,
+            floodclone,
         } => {
             if !testbed::is_root() {
                 bail!(
                     "`cargo xtask bench` builds network namespaces and loads eBPF: run it as root"
                 );
             }
-            let bin = build_floodclone()?;
-            let files = if topologies.is_empty() {
-                let mut v: Vec<PathBuf> = std::fs::read_dir(workspace_root().join("topologies"))?
-                    .flatten()
-                    .map(|e| e.path())
-                    .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-                    .collect();
-                v.sort();
-                v
-            } else {
-                topologies
+            let bin = floodclone_binary(floodclone)?;
+            let topos = match random {
+                Some(n) => (seed..seed + n)
+                    .map(floodclone_testbed::random::small_network)
+                    .collect(),
+                None => {
+                    let files = if topologies.is_empty() {
+                        let mut v: Vec<PathBuf> =
+                            std::fs::read_dir(workspace_root().join("topologies"))?
+                                .flatten()
+                                .map(|e| e.path())
+                                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+                                .collect();
+                        v.sort();
+                        v
+                    } else {
+                        topologies
+                    };
+                    files
+                        .iter()
+                        .map(|f| Topology::load(f))
+                        .collect::<Result<Vec<_>, _>>()?
+                }
             };
-            let topos = files
-                .iter()
-                .map(|f| Topology::load(f))
-                .collect::<Result<Vec<_>, _>>()?;
             let dir = workspace_root().join("results");
             std::fs::create_dir_all(&dir)?;
             let stamp = std::time::SystemTime::now()
@@ -408,6 +433,11 @@ fn main() -> Result<()> {
             let jsonl_path = dir.join(format!("bench-{stamp}.jsonl"));
             let mut jsonl = std::fs::File::create(&jsonl_path)?;
             let pictures = dir.join(format!("bench-{stamp}"));
+            // Each network as a file, so any run can be repeated with `cargo xtask run`.
+            std::fs::create_dir_all(&pictures)?;
+            for t in &topos {
+                std::fs::write(pictures.join(format!("{}.toml", t.name)), t.to_toml())?;
+            }
             let rows = bench::bench(
                 &topos,
                 &bin,
@@ -454,4 +484,13 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The binary given, or the one built from this tree.
+fn floodclone_binary(given: Option<PathBuf>) -> Result<PathBuf> {
+    match given {
+        Some(path) if path.is_file() => Ok(path.canonicalize()?),
+        Some(path) => bail!("--floodclone {}: no such file", path.display()),
+        None => build_floodclone(),
+    }
 }

@@ -22,6 +22,7 @@ use floodclone_sched::{
     Action, Arrival, ChunkId, ChunkSet, MemberId, Puller, SchedConfig,
 };
 use floodclone_testbed::{
+    random::{self, Rng},
     routing,
     topology::{EventAction, Node, Role, Topology},
 };
@@ -719,33 +720,6 @@ impl Sim<'_> {
     }
 }
 
-/// A deterministic generator (SplitMix64), so a seed reproduces a network.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, n).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-
-    /// Uniform in [lo, hi).
-    pub fn range(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// Shapes of generated networks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Shape {
@@ -758,6 +732,9 @@ pub enum Shape {
     /// Multi-tier: a core of non-member routers, members in sites hanging off them, some
     /// members linked to each other across sites.
     Tiered,
+    /// The testbed's small random networks (`cargo xtask bench --random`): 4-14 nodes,
+    /// 0-3 routers, the source anywhere; `--nodes` and the rate options do not apply.
+    Small,
 }
 
 #[derive(Clone, Debug)]
@@ -777,6 +754,9 @@ pub struct GenOptions {
 
 /// A generated network as a [`Topology`] (node 0 is the source).
 pub fn generate(g: &GenOptions) -> Topology {
+    if g.shape == Shape::Small {
+        return random::small_network(g.seed);
+    }
     let mut rng = Rng::new(g.seed);
     let n = g.nodes.max(2);
     let mut nodes: Vec<Node> = Vec::new();
@@ -815,6 +795,7 @@ pub fn generate(g: &GenOptions) -> Topology {
                 add(&mut edges, a, b);
             }
         }
+        Shape::Small => unreachable!("generated above"),
         Shape::Tiered => {
             // About one core router per 25 members, in a ring with a few chords.
             let routers = (n / 25).max(2);

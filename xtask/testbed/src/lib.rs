@@ -7,8 +7,10 @@
 
 pub mod bound;
 pub mod build;
+pub mod idle;
 pub mod netns;
 pub mod picture;
+pub mod random;
 pub mod routing;
 pub mod run;
 pub mod setup;

@@ -6,10 +6,13 @@ use std::collections::VecDeque;
 
 use crate::topology::Topology;
 
+/// `next[u][v]`: the neighbour and link node `u` forwards to on its way to `v`.
+pub type NextHops = Vec<Vec<Option<(usize, usize)>>>;
+
 /// Next hop from every node to every other node: `next[u][v] = Some((neighbour, link))`.
 /// Shortest hop paths; among equal-hop paths the one with the widest bottleneck in the
 /// direction of travel. Links marked down in `up` are ignored.
-pub fn next_hops(topo: &Topology, up: &[bool]) -> Vec<Vec<Option<(usize, usize)>>> {
+pub fn next_hops(topo: &Topology, up: &[bool]) -> NextHops {
     let n = topo.nodes.len();
     let rate = |link: usize, from: usize| {
         let l = &topo.links[link];
@@ -59,7 +62,7 @@ pub fn next_hops(topo: &Topology, up: &[bool]) -> Vec<Vec<Option<(usize, usize)>
 
 /// Nodes on the path from `a` to `b` along `next` (from [`next_hops`]), both included;
 /// `None` when `b` is unreachable.
-pub fn path(next: &[Vec<Option<(usize, usize)>>], a: usize, b: usize) -> Option<Vec<usize>> {
+pub fn path(next: &NextHops, a: usize, b: usize) -> Option<Vec<usize>> {
     let mut out = vec![a];
     let mut x = a;
     while x != b {

@@ -83,6 +83,12 @@ pub struct RunReport {
     pub link_copies: Vec<(String, String, f64)>,
     /// Where the picture of the run was written.
     pub picture: Option<PathBuf>,
+    /// Work conservation: link directions that ran under half their capacity while a
+    /// member beyond them lacked data the near end held ([`crate::idle`]), worst first.
+    pub idle: Vec<crate::idle::IdleLink>,
+    /// Their seconds summed, and those of the source's own link directions.
+    pub idle_s: f64,
+    pub source_idle_s: f64,
 }
 
 /// Fills `path` with `bytes` of reproducible pseudo-random data.
@@ -312,29 +318,32 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         }
     }
     drop(cleanup);
+    // Bytes each member sent per link direction over time (interfaces are `v-<peer>`).
+    let name_of = |n: &str| topo.nodes.iter().position(|x| x.name == n);
+    let mut tx = Vec::new();
+    for (u, ev) in seen.iter().enumerate() {
+        for (iface, samples) in &ev.tx_timeline {
+            if let Some(v) = iface.strip_prefix("v-").and_then(name_of) {
+                tx.push(((u, v), samples.clone()));
+            }
+        }
+    }
+    tx.sort_by_key(|x| x.0);
+    let timeline = crate::picture::Timeline {
+        topo,
+        bytes: opts.bytes,
+        u_min_s: floor.u_min_s,
+        u_s: u,
+        progress: dests
+            .iter()
+            .map(|&d| (d, seen[d].progress.clone()))
+            .collect(),
+        tx,
+    };
+    let idle = crate::idle::idle_while_needed(&timeline);
     let picture = match &opts.picture {
         Some(path) => {
-            let name_of = |n: &str| topo.nodes.iter().position(|x| x.name == n);
-            let mut tx = Vec::new();
-            for (u, ev) in seen.iter().enumerate() {
-                for (iface, samples) in &ev.tx_timeline {
-                    if let Some(v) = iface.strip_prefix("v-").and_then(name_of) {
-                        tx.push(((u, v), samples.clone()));
-                    }
-                }
-            }
-            tx.sort_by_key(|x| x.0);
-            let svg = crate::picture::render(&crate::picture::Timeline {
-                topo,
-                bytes: opts.bytes,
-                u_min_s: floor.u_min_s,
-                u_s: u,
-                progress: dests
-                    .iter()
-                    .map(|&d| (d, seen[d].progress.clone()))
-                    .collect(),
-                tx,
-            });
+            let svg = crate::picture::render(&timeline);
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)?;
             }
@@ -355,6 +364,13 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         send_exit_ok,
         source_peak_rss_bytes: seen[s].peak_rss_bytes,
         link_copies: link_copies(topo, &seen, opts.bytes),
+        idle_s: idle.iter().map(|l| l.seconds).sum(),
+        source_idle_s: idle
+            .iter()
+            .filter(|l| l.from == topo.nodes[s].name)
+            .map(|l| l.seconds)
+            .sum(),
+        idle,
     })
 }
 
@@ -485,6 +501,19 @@ pub fn render(r: &RunReport) -> String {
     if let Some((from, to, c)) = r.link_copies.first() {
         s += &format!("  busiest link direction: {from}->{to} carried {c:.2} copies (wire bytes / file bytes)\n");
     }
+    let worst: Vec<String> = r
+        .idle
+        .iter()
+        .take(3)
+        .map(|l| format!("{}->{} {:.1} s", l.from, l.to, l.seconds))
+        .collect();
+    s += &format!(
+        "  idle while needed: {:.1} s in all, {:.1} s on the source's links{}{}\n",
+        r.idle_s,
+        r.source_idle_s,
+        if worst.is_empty() { "" } else { "; worst: " },
+        worst.join(", ")
+    );
     match (r.u_s, r.ratio) {
         (Some(u), Some(ratio)) => {
             s += &format!(

@@ -349,6 +349,53 @@ impl Topology {
     }
 }
 
+impl Topology {
+    /// The topology as a file [`Topology::parse`] reads back (rate changes only for events
+    /// that change rates; links going down and up are written as such).
+    pub fn to_toml(&self) -> String {
+        let role = |r: Role| match r {
+            Role::Source => "source",
+            Role::Dest => "dest",
+            Role::Router => "router",
+        };
+        let name = |i: usize| &self.nodes[i].name;
+        let mut s = format!("description = {:?}\n\n", self.description);
+        for n in &self.nodes {
+            s += &format!(
+                "[[node]]\nname = {:?}\nrole = \"{}\"\n",
+                n.name,
+                role(n.role)
+            );
+        }
+        for l in &self.links {
+            s += &format!(
+                "\n[[link]]\na = {:?}\nb = {:?}\nmbit_ab = {}\nmbit_ba = {}\n",
+                name(l.a),
+                name(l.b),
+                l.mbit_ab,
+                l.mbit_ba
+            );
+        }
+        for e in &self.events {
+            let l = &self.links[e.link];
+            s += &format!(
+                "\n[[event]]\nat_s = {}\nlink = [{:?}, {:?}]\n",
+                e.at_s,
+                name(l.a),
+                name(l.b)
+            );
+            s += &match e.action {
+                EventAction::SetRate { mbit_ab, mbit_ba } => {
+                    format!("mbit_ab = {mbit_ab}\nmbit_ba = {mbit_ba}\n")
+                }
+                EventAction::Down => "down = true\n".into(),
+                EventAction::Up => "up = true\n".into(),
+            };
+        }
+        s
+    }
+}
+
 impl fmt::Display for Topology {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "topology {}: {}", self.name, self.description.trim())?;

@@ -1,0 +1,211 @@
+//! Work conservation, measured: for every link direction a member sends on, the seconds it
+//! ran under half its capacity while some member beyond it (reached from the near end
+//! through that link) still lacked a chunk the near end held and was itself receiving at
+//! under half its max-flow rate (a member already receiving at the rate its own links
+//! allow is not waiting on this link). The first thing it must catch is the source's
+//! uplink idling while others starve.
+//!
+//! From what a run records each second: the bytes each member sent on each interface (the
+//! in-kernel counters) and the bytes each destination held. Holdings are counts, not sets,
+//! so "lacked a chunk the near end held" is taken when the far member held fewer bytes than
+//! the near end (then it surely lacks one of the near end's chunks); the source holds all.
+//! That makes the figure a lower bound.
+
+use crate::{
+    bound,
+    picture::Timeline,
+    routing::{self, NextHops},
+    topology::{EventAction, Topology},
+};
+
+/// Under this share of its capacity a link direction counts as idle.
+pub const IDLE_BELOW: f64 = 0.5;
+
+/// Idle seconds of one link direction, `from` -> `to` (node indices).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct IdleLink {
+    pub from: String,
+    pub to: String,
+    pub seconds: f64,
+}
+
+/// Idle seconds per link direction, busiest offender first; directions never idle while
+/// needed are left out.
+/// From what a run recorded each second ([`Timeline`], on the run's clock).
+pub fn idle_while_needed(r: &Timeline) -> Vec<IdleLink> {
+    let topo = r.topo;
+    let source = topo.source();
+    let held_at = |node: usize, t: f64| -> u64 {
+        if node == source {
+            return r.bytes;
+        }
+        r.progress
+            .iter()
+            .find(|(d, _)| *d == node)
+            .and_then(|(_, s)| s.iter().take_while(|(at, _)| *at <= t).last())
+            .map_or(0, |&(_, b)| b)
+    };
+    let max_flow_bps: Vec<f64> = (0..topo.nodes.len())
+        .map(|m| {
+            if m == source || !topo.is_member(m) {
+                0.0
+            } else {
+                bound::max_flow_bps(topo, m)
+            }
+        })
+        .collect();
+    let mut out = Vec::new();
+    for ((u, v), samples) in &r.tx {
+        let (u, v) = (*u, *v);
+        let Some(link) = topo
+            .links
+            .iter()
+            .position(|l| (l.a, l.b) == (u, v) || (l.a, l.b) == (v, u))
+        else {
+            continue;
+        };
+        let mut idle = 0.0;
+        for w in samples.windows(2) {
+            let ((t0, b0), (t1, b1)) = (w[0], w[1]);
+            if t1 <= t0 {
+                continue;
+            }
+            let (up, next) = links_at(topo, t0);
+            let cap_bps = capacity_mbit(topo, link, u, t0, &up) * 1e6;
+            let rate_bps = b1.saturating_sub(b0) as f64 * 8.0 / (t1 - t0);
+            if cap_bps <= 0.0 || rate_bps >= IDLE_BELOW * cap_bps {
+                continue;
+            }
+            let near = held_at(u, t0);
+            let starving = |m: usize| {
+                let got_bps =
+                    held_at(m, t1).saturating_sub(held_at(m, t0)) as f64 * 8.0 / (t1 - t0);
+                got_bps < IDLE_BELOW * max_flow_bps[m]
+            };
+            let lacking = (0..topo.nodes.len()).any(|m| {
+                m != u
+                    && topo.is_member(m)
+                    && next[u][m].is_some_and(|(hop, l)| hop == v && l == link)
+                    && held_at(m, t0) < near
+                    && starving(m)
+            });
+            if lacking {
+                idle += t1 - t0;
+            }
+        }
+        if idle > 0.0 {
+            out.push(IdleLink {
+                from: topo.nodes[u].name.clone(),
+                to: topo.nodes[v].name.clone(),
+                seconds: idle,
+            });
+        }
+    }
+    out.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+    out
+}
+
+/// Which links are up at `t`, and the routes over them.
+fn links_at(topo: &Topology, t: f64) -> (Vec<bool>, NextHops) {
+    let mut up = vec![true; topo.links.len()];
+    for e in topo.events.iter().take_while(|e| e.at_s <= t) {
+        match e.action {
+            EventAction::Down => up[e.link] = false,
+            EventAction::Up => up[e.link] = true,
+            EventAction::SetRate { .. } => {}
+        }
+    }
+    let next = routing::next_hops(topo, &up);
+    (up, next)
+}
+
+/// The rate of `link` in the direction leaving `from` at `t` (0 when down).
+fn capacity_mbit(topo: &Topology, link: usize, from: usize, t: f64, up: &[bool]) -> f64 {
+    if !up[link] {
+        return 0.0;
+    }
+    let l = &topo.links[link];
+    let (mut ab, mut ba) = (l.mbit_ab, l.mbit_ba);
+    for e in topo.events.iter().filter(|e| e.link == link && e.at_s <= t) {
+        if let EventAction::SetRate { mbit_ab, mbit_ba } = e.action {
+            (ab, ba) = (mbit_ab, mbit_ba);
+        }
+    }
+    if l.a == from {
+        ab
+    } else {
+        ba
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::picture::Series;
+
+    const MB: u64 = 1_000_000;
+
+    fn chain() -> Topology {
+        Topology::parse(
+            "c",
+            r#"node = [{name="s",role="source"},{name="r",role="router"},{name="d1",role="dest"},
+                       {name="d2",role="dest"}]
+               link = [{a="s",b="r",mbit=8},{a="r",b="d1",mbit=8},{a="r",b="d2",mbit=8}]"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn an_idle_uplink_counts_only_while_someone_beyond_starves() {
+        let mut t = chain();
+        // The source sends 1 MB/s (full rate) for 2 s, then nothing for 3 s.
+        let tx = vec![(
+            (0, 1),
+            vec![
+                (0.0, 0),
+                (1.0, MB),
+                (2.0, 2 * MB),
+                (3.0, 2 * MB),
+                (4.0, 2 * MB),
+                (5.0, 2 * MB),
+            ],
+        )];
+        // d1 is complete at 2 s; d2 crawls at 0.8 Mbit/s from 2 s to 4 s (it lacks data
+        // and is starving), then gets the rest from elsewhere by 5 s.
+        let progress = vec![
+            (2, vec![(1.0, MB), (2.0, 4 * MB)]),
+            (
+                3,
+                vec![
+                    (1.0, MB),
+                    (2.0, 2 * MB),
+                    (3.0, 2 * MB + 100_000),
+                    (4.0, 2 * MB + 200_000),
+                    (5.0, 4 * MB),
+                ],
+            ),
+        ];
+        fn timeline<'a>(
+            topo: &'a Topology,
+            progress: &[(usize, Series)],
+            tx: &[((usize, usize), Series)],
+        ) -> Timeline<'a> {
+            Timeline {
+                topo,
+                bytes: 4 * MB,
+                u_min_s: 4.0,
+                u_s: Some(5.0),
+                progress: progress.to_vec(),
+                tx: tx.to_vec(),
+            }
+        }
+        let idle = idle_while_needed(&timeline(&t, &progress, &tx));
+        // Idle from 2 s to 5 s, but d2 starved only until 4 s.
+        assert_eq!(idle.len(), 1);
+        assert_eq!((idle[0].from.as_str(), idle[0].to.as_str()), ("s", "r"));
+        assert!((idle[0].seconds - 2.0).abs() < 1e-9, "{idle:?}");
+        // A member receiving at over half its max-flow rate is not waiting on the link.
+        t.links[2].mbit_ab = 1.0;
+        assert!(idle_while_needed(&timeline(&t, &progress, &tx)).is_empty());
+    }
+}
