@@ -146,6 +146,9 @@ enum Cmd {
         /// One JSON object per network instead of text.
         #[arg(long)]
         json: bool,
+        /// Write every network simulated as a topology file in this directory.
+        #[arg(long)]
+        save: Option<PathBuf>,
     },
     /// Setup, then run every test (the README's test command).
     Test {
@@ -212,6 +215,7 @@ fn main() -> Result<()> {
             chunk_size,
             hop_delay_ms,
             json,
+            save,
         } => {
             let opts = sim::SimOptions {
                 bytes: size,
@@ -245,6 +249,12 @@ fn main() -> Result<()> {
                     })
                     .collect(),
             };
+            if let Some(dir) = &save {
+                std::fs::create_dir_all(dir)?;
+                for t in &topos {
+                    std::fs::write(dir.join(format!("{}.toml", t.name)), t.to_toml())?;
+                }
+            }
             let mut worst: f64 = 0.0;
             for topo in &topos {
                 let started = std::time::Instant::now();

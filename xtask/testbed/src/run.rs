@@ -364,12 +364,11 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         send_exit_ok,
         source_peak_rss_bytes: seen[s].peak_rss_bytes,
         link_copies: link_copies(topo, &seen, opts.bytes),
-        idle_s: idle.iter().map(|l| l.seconds).sum(),
+        idle_s: idle.iter().fold(0.0, |sum, l| sum + l.seconds),
         source_idle_s: idle
             .iter()
             .filter(|l| l.from == topo.nodes[s].name)
-            .map(|l| l.seconds)
-            .sum(),
+            .fold(0.0, |sum, l| sum + l.seconds),
         idle,
     })
 }
