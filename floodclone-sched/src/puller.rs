@@ -564,6 +564,18 @@ impl Puller {
         2.0 * arrives_in > source_done_in
     }
 
+    /// Whether the source `p` still hands out fresh chunks, as far as this node can tell:
+    /// it has not said it has none left while some chunk has not been seen leaving it, or
+    /// a chunk was seen leaving it for the first time within [`FRESH_WINDOW_S`] (the
+    /// last ones take that long to clear its uplink).
+    fn source_hands_out_fresh(&self, p: &Peer, now: f64) -> bool {
+        (p.fresh_open && !self.seen.is_full())
+            || self
+                .fresh_log
+                .back()
+                .is_some_and(|&(t, _)| now - t < FRESH_WINDOW_S)
+    }
+
     /// Decides what to request now. Call after every event.
     pub fn poll(&mut self, now: f64) -> Vec<Action> {
         if self.have.is_full() {
@@ -725,19 +737,24 @@ impl Puller {
         let holds_or_fetches = |q: &Peer, c: ChunkId| q.have.contains(c) || q.is_fetching(c, now);
         let left_to_nearer = |c: ChunkId| nearer.iter().any(|q| holds_or_fetches(q, c));
         // A source behind a router sits on a path shared with everyone behind it, and its
-        // uplink is usually the min-cut: ask it only for chunks no other neighbour holds or
-        // is fetching (the last fresh chunks are in flight to others when the source runs
-        // out: asking for them would send them up that uplink twice).
+        // uplink is often the min-cut. While it still hands out fresh chunks, each chunk
+        // must cross that uplink once before any crosses it twice: ask it only for chunks
+        // no other neighbour holds or is fetching. Once it has handed out the last one,
+        // its uplink carries nothing new and would idle while others lack data (work
+        // conservation): it is asked like any neighbour, except for what a neighbour is
+        // fetching (the last fresh chunks, still on their way up that uplink).
         // (A source on a link of our own costs nobody else: use it freely.)
         // Neighbours reached through the source do not count: their copy would come back
         // over the source's own links.
         let spare_the_source = p.is_source && source_hops.is_some();
+        let source_hands_out = spare_the_source && self.source_hands_out_fresh(p, now);
         let held_elsewhere = |c: ChunkId| {
             spare_the_source
-                && self
-                    .peers
-                    .iter()
-                    .any(|(&id, q)| id != peer && holds_or_fetches(q, c) && !via_source(q))
+                && self.peers.iter().any(|(&id, q)| {
+                    id != peer
+                        && !via_source(q)
+                        && (q.is_fetching(c, now) || (source_hands_out && q.have.contains(c)))
+                })
         };
         let salt = me as u64;
         let mut cands: Vec<(u16, u32, ChunkId)> = p
@@ -1065,20 +1082,39 @@ mod tests {
 
     #[test]
     fn a_source_behind_a_router_is_spared_without_deadlock() {
-        // The source (2 hops) holds everything; a neighbour as near as it (2 hops) holds
-        // chunk 0, one beyond it (3 hops) holds both. Chunk 0 comes from the equally near
-        // neighbour, chunk 1 (held by nobody else that near) from the source, and nothing
-        // from the neighbour whose path likely runs through the source's links.
-        let mut p = behind_a_router_with_the_source(2);
-        let mut only_0 = ChunkSet::new(2);
+        // The source (2 hops) holds everything and still hands out fresh chunks to others
+        // (neighbour 5 fetches chunk 2, never seen before). A neighbour as near as it (2
+        // hops) holds chunk 0, one beyond it (3 hops) holds chunks 0 and 1. Chunk 0 comes
+        // from the equally near neighbour, chunk 1 (held by nobody else that near) from the
+        // source, and nothing from the neighbour whose path likely runs through the
+        // source's links.
+        let mut p = behind_a_router_with_the_source(3);
+        let mut only_0 = ChunkSet::new(3);
         only_0.insert(0);
-        for (peer, hops, have) in [(3, 2, only_0), (4, 3, ChunkSet::full(2))] {
+        let mut first_two = only_0.clone();
+        first_two.insert(1);
+        for (peer, hops, have) in [(3, 2, only_0), (4, 3, first_two), (5, 2, ChunkSet::new(3))] {
             p.add_peer(peer, false);
             p.peer_distance(peer, hops);
             p.peer_bitfield(peer, &have);
         }
+        p.peer_fetching(5, 2, 0.0);
         let asked = requests_by_peer(p.poll(0.0));
         assert_eq!(asked, BTreeMap::from([(0, vec![1]), (3, vec![0])]));
+    }
+
+    #[test]
+    fn a_source_behind_a_router_that_has_handed_out_everything_is_not_left_idle() {
+        // Every chunk has left the source, none for the last FRESH_WINDOW_S: its uplink
+        // carries nothing new and would idle while we lack what an equally near (and busy)
+        // neighbour holds. Both are asked.
+        let mut p = behind_a_router_with_the_source(8);
+        p.add_peer(3, false);
+        p.peer_distance(3, 2);
+        p.peer_bitfield(3, &ChunkSet::full(8));
+        let asked = requests_by_peer(p.poll(FRESH_WINDOW_S + 0.1));
+        assert!(asked.get(&0).is_some_and(|c| !c.is_empty()), "{asked:?}");
+        assert!(asked.get(&3).is_some_and(|c| !c.is_empty()), "{asked:?}");
     }
 
     #[test]
@@ -1103,10 +1139,11 @@ mod tests {
         // The source is 2 hops away behind a router and holds everything. Neighbour 3 is 3
         // hops away and 1 hop from the source: our path to it runs through the source, so it
         // is not pulled from. Neighbour 4 is as far from us but 3 hops from the source (the
-        // far side of a dumbbell): its path does not touch the source's links, and what it
-        // holds is not asked of the source.
-        let mut p = behind_a_router_with_the_source(3);
-        let mut first_two = ChunkSet::new(3);
+        // far side of a dumbbell): its path does not touch the source's links, and while the
+        // source still hands out fresh chunks (neighbour 4 fetches chunk 3, never seen
+        // before) what neighbour 4 holds is not asked of the source.
+        let mut p = behind_a_router_with_the_source(4);
+        let mut first_two = ChunkSet::new(4);
         first_two.insert(0);
         first_two.insert(1);
         for (peer, hops, to_source) in [(3, 3, 1), (4, 3, 3)] {
@@ -1115,6 +1152,7 @@ mod tests {
             p.peer_source_distance(peer, to_source);
             p.peer_bitfield(peer, &first_two);
         }
+        p.peer_fetching(4, 3, 0.0);
         let asked = requests_by_peer(p.poll(0.0));
         assert_eq!(asked.get(&3), None);
         assert_eq!(asked.get(&0), Some(&vec![2]));
