@@ -873,24 +873,16 @@ mod tests {
         p.peer_has(3, 1);
         p.peer_bitfield(3, &ChunkSet::from_bytes(4, &[0b0100]));
         assert!(p.poll(0.0).is_empty());
+        let asks_for_what_it_told = vec![Action::Request {
+            peer: 3,
+            chunks: vec![1, 2],
+        }];
         p.add_peer(3, false);
-        assert_eq!(
-            p.poll(0.0),
-            vec![Action::Request {
-                peer: 3,
-                chunks: vec![1, 2]
-            }]
-        );
+        assert_eq!(p.poll(0.0), asks_for_what_it_told);
         // No longer a neighbour, then one again: its holdings are kept, its flights not.
         p.remove_peer(3);
         p.add_peer(3, false);
-        assert_eq!(
-            p.poll(0.1),
-            vec![Action::Request {
-                peer: 3,
-                chunks: vec![1, 2]
-            }]
-        );
+        assert_eq!(p.poll(0.1), asks_for_what_it_told);
         // Its connection is gone: a new one starts from what it tells again.
         p.forget_peer(3);
         p.add_peer(3, false);

@@ -28,6 +28,8 @@ pub struct BenchRow {
     pub max_link_copies: Option<f64>,
     /// The simulator's U/U_min on the same network (no start-up, no headers).
     pub sim_ratio: Option<f64>,
+    /// Median U over the floor along the routers' routes ([`RunReport::ratio_routed`]).
+    pub ratio_routed_median: Option<f64>,
     /// Work conservation (median run): seconds link directions idled while needed, in all
     /// and on the source's links ([`floodclone_testbed::idle`]).
     pub idle_s: Option<f64>,
@@ -107,6 +109,7 @@ pub fn bench(
             direct_ratio_median: median(direct.iter().filter_map(|r| r.ratio).collect()),
             max_link_copies: median_run.and_then(|r| r.link_copies.first().map(|c| c.2)),
             sim_ratio: sim_ratio(topo, bytes),
+            ratio_routed_median: median(ours.iter().filter_map(|r| r.ratio_routed).collect()),
             idle_s: median_run.map(|r| r.idle_s),
             source_idle_s: median_run.map(|r| r.source_idle_s),
         });
@@ -135,18 +138,19 @@ fn sim_ratio(topo: &Topology, bytes: u64) -> Option<f64> {
 pub fn table(rows: &[BenchRow]) -> String {
     let f = |v: Option<f64>, p: usize| v.map_or("-".into(), |x| format!("{x:.p$}"));
     let mut s = String::from(
-        "| topology | U_min s | U median s | U min..max s | U/U_min | direct U/U_min | max copies/link | sim U/U_min | idle s (source) | ok |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| topology | U_min s | U median s | U min..max s | U/U_min | routed | direct U/U_min | max copies/link | sim U/U_min | idle s (source) | ok |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         s += &format!(
-            "| {} | {:.2} | {} | {}..{} | {} | {} | {} | {} | {} ({}) | {}/{} |\n",
+            "| {} | {:.2} | {} | {}..{} | {} | {} | {} | {} | {} | {} ({}) | {}/{} |\n",
             r.topology,
             r.u_min_s,
             f(r.u_median_s, 2),
             f(r.u_min_run_s, 2),
             f(r.u_max_run_s, 2),
             f(r.ratio_median, 3),
+            f(r.ratio_routed_median, 3),
             f(r.direct_ratio_median, 3),
             f(r.max_link_copies, 2),
             f(r.sim_ratio, 3),
@@ -158,16 +162,19 @@ pub fn table(rows: &[BenchRow]) -> String {
     }
     if rows.len() > 1 {
         let ratios: Vec<f64> = rows.iter().filter_map(|r| r.ratio_median).collect();
+        let routed: Vec<f64> = rows.iter().filter_map(|r| r.ratio_routed_median).collect();
         let diffs: Vec<f64> = rows
             .iter()
             .filter_map(|r| Some((r.ratio_median? - r.sim_ratio?).abs()))
             .collect();
         s += &format!(
-            "\n{} networks: U/U_min median {}, worst {}; |sim - testbed| median {}, worst {}; \
-             {} of {} over 1.10\n",
+            "\n{} networks: U/U_min median {}, worst {} (along the routes: median {}, worst {}); \
+             |sim - testbed| median {}, worst {}; {} of {} over 1.10\n",
             rows.len(),
             f(median(ratios.clone()), 3),
             f(ratios.iter().copied().reduce(f64::max), 3),
+            f(median(routed.clone()), 3),
+            f(routed.iter().copied().reduce(f64::max), 3),
             f(median(diffs.clone()), 3),
             f(diffs.iter().copied().reduce(f64::max), 3),
             ratios.iter().filter(|&&x| x > 1.10).count(),

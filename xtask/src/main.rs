@@ -304,6 +304,9 @@ fn main() -> Result<()> {
                     "U_min = {:.2} s   (wire-aware, QUIC/UDP/IPv4/Ethernet headers: {:.2} s)",
                     floor.u_min_s, floor.u_min_wire_s
                 );
+                if let Some(routed) = floor.u_min_routed_s {
+                    println!("along the routers' single routes: {routed:.2} s");
+                }
             }
         }
         Cmd::Testbed { action } => match action {

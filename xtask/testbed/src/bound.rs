@@ -239,6 +239,146 @@ pub fn u_min_s(topo: &Topology, bits: f64) -> Option<f64> {
     Some(worst)
 }
 
+/// U_min when routers forward as the testbed's kernels do: one route per destination
+/// (fewest hops, widest), not any split a max-flow may choose. Members may relay freely,
+/// but data between two members crosses routers only along the kernel's path from one to
+/// the other. For each destination, the largest flow from the source over such member-to-
+/// member paths whose link directions' sums stay within capacity (a small linear program);
+/// U is at least N over the smallest of these. Equal to [`u_min_s`] without routers; `None`
+/// with timed events (they change rates and routes).
+pub fn routed_u_min_s(topo: &Topology, bits: f64) -> Option<f64> {
+    if !topo.events.is_empty() {
+        return None;
+    }
+    let up = vec![true; topo.links.len()];
+    let next = crate::routing::next_hops(topo, &up);
+    let source = topo.source();
+    let members: Vec<usize> = (0..topo.nodes.len())
+        .filter(|&m| topo.is_member(m))
+        .collect();
+    // Member-to-member paths that cross routers only, as link directions (2 x link + 0 for
+    // a -> b, + 1 for b -> a).
+    let mut pairs: Vec<(usize, usize, Vec<usize>)> = Vec::new();
+    for &a in &members {
+        for &b in members.iter().filter(|&&b| b != a) {
+            let Some(path) = crate::routing::path(&next, a, b) else {
+                continue;
+            };
+            if path[1..path.len() - 1].iter().any(|&x| topo.is_member(x)) {
+                continue;
+            }
+            let dirs = path
+                .windows(2)
+                .map(|w| {
+                    let (hop, link) = next[w[0]][b].expect("on the path");
+                    debug_assert_eq!(hop, w[1]);
+                    2 * link + usize::from(topo.links[link].a != w[0])
+                })
+                .collect();
+            pairs.push((a, b, dirs));
+        }
+    }
+    let capacity = |dir: usize| {
+        let l = &topo.links[dir / 2];
+        if dir % 2 == 0 {
+            l.mbit_ab
+        } else {
+            l.mbit_ba
+        }
+    };
+    let mut worst = f64::INFINITY;
+    for d in topo.destinations() {
+        // Variables: the flow on each pair not into the source nor out of d.
+        let vars: Vec<&(usize, usize, Vec<usize>)> = pairs
+            .iter()
+            .filter(|(a, b, _)| *a != d && *b != source)
+            .collect();
+        let mut rows: Vec<Vec<f64>> = Vec::new();
+        let mut bounds: Vec<f64> = Vec::new();
+        for dir in 0..2 * topo.links.len() {
+            let row: Vec<f64> = vars
+                .iter()
+                .map(|(_, _, dirs)| if dirs.contains(&dir) { 1.0 } else { 0.0 })
+                .collect();
+            if row.iter().any(|&x| x > 0.0) {
+                rows.push(row);
+                bounds.push(capacity(dir));
+            }
+        }
+        // Conservation at every relay: what leaves it equals what enters it.
+        for &m in members.iter().filter(|&&m| m != source && m != d) {
+            let row: Vec<f64> = vars
+                .iter()
+                .map(|(a, b, _)| f64::from(u8::from(*a == m)) - f64::from(u8::from(*b == m)))
+                .collect();
+            bounds.push(0.0);
+            bounds.push(0.0);
+            rows.push(row.iter().map(|x| -x).collect());
+            rows.push(row);
+        }
+        let gain: Vec<f64> = vars
+            .iter()
+            .map(|(_, b, _)| if *b == d { 1.0 } else { 0.0 })
+            .collect();
+        worst = worst.min(simplex_max(&rows, &bounds, &gain));
+    }
+    (worst > 0.0 && worst.is_finite()).then(|| bits / (worst * 1e6))
+}
+
+/// Maximises `c . x` subject to `a x <= b`, `x >= 0`, for `b >= 0` (so the origin is a
+/// feasible start): a dense tableau simplex with Bland's rule (no cycling), for the small
+/// programs of [`routed_u_min_s`]. Infinite when unbounded.
+fn simplex_max(a: &[Vec<f64>], b: &[f64], c: &[f64]) -> f64 {
+    const EPS: f64 = 1e-9;
+    let (m, n) = (a.len(), c.len());
+    let width = n + m + 1;
+    let mut t = vec![vec![0.0; width]; m + 1];
+    for i in 0..m {
+        t[i][..n].copy_from_slice(&a[i]);
+        t[i][n + i] = 1.0;
+        t[i][width - 1] = b[i];
+    }
+    for j in 0..n {
+        t[m][j] = -c[j];
+    }
+    let mut basis: Vec<usize> = (n..n + m).collect();
+    while let Some(enter) = (0..n + m).find(|&j| t[m][j] < -EPS) {
+        let mut leave: Option<(usize, f64)> = None;
+        for i in 0..m {
+            if t[i][enter] > EPS {
+                let ratio = t[i][width - 1] / t[i][enter];
+                let better = match leave {
+                    None => true,
+                    Some((l, best)) => {
+                        ratio < best - EPS || (ratio <= best + EPS && basis[i] < basis[l])
+                    }
+                };
+                if better {
+                    leave = Some((i, ratio));
+                }
+            }
+        }
+        let Some((l, _)) = leave else {
+            return f64::INFINITY;
+        };
+        let pivot = t[l][enter];
+        for x in t[l].iter_mut() {
+            *x /= pivot;
+        }
+        let row = t[l].clone();
+        for (i, r) in t.iter_mut().enumerate() {
+            let f = r[enter];
+            if i != l && f != 0.0 {
+                for (x, y) in r.iter_mut().zip(&row) {
+                    *x -= f * y;
+                }
+            }
+        }
+        basis[l] = enter;
+    }
+    t[m][width - 1]
+}
+
 /// The floor for one transfer of `bytes`.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Floor {
@@ -248,6 +388,9 @@ pub struct Floor {
     pub u_min_s: f64,
     /// U_min counting per-packet header overhead of QUIC over IPv4 on Ethernet.
     pub u_min_wire_s: f64,
+    /// U_min when routers forward along the testbed's single routes
+    /// ([`routed_u_min_s`]); `None` with timed events.
+    pub u_min_routed_s: Option<f64>,
 }
 
 /// Payload share of a full frame: a 1514-byte Ethernet frame carries 1472 bytes of UDP
@@ -274,6 +417,7 @@ pub fn floor(topo: &Topology, bytes: u64) -> Result<Floor, String> {
         per_dest,
         u_min_s: u,
         u_min_wire_s: u_wire,
+        u_min_routed_s: routed_u_min_s(topo, bits),
     })
 }
 
@@ -283,6 +427,39 @@ mod tests {
 
     fn topo(text: &str) -> Topology {
         Topology::parse("t", text).unwrap()
+    }
+
+    #[test]
+    fn routed_floor_equals_the_floor_without_routers_and_bounds_it_with_them() {
+        // Members only: every path between members is a link, as in max-flow.
+        for file in ["ring-plus-star", "mesh", "tree", "asymmetric"] {
+            let path = format!(
+                "{}/../../topologies/{file}.toml",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let t = Topology::load(std::path::Path::new(&path)).unwrap();
+            let (u, routed) = (u_min_s(&t, 8e8).unwrap(), routed_u_min_s(&t, 8e8).unwrap());
+            assert!(routed >= u * (1.0 - 1e-6), "{file}: {routed} < {u}");
+            if !t
+                .nodes
+                .iter()
+                .any(|n| n.role == crate::topology::Role::Router)
+            {
+                assert!((routed - u).abs() < 1e-6 * u, "{file}: {routed} vs {u}");
+            }
+        }
+        // d reaches s over two disjoint 10 Mbit/s paths: d-a-s through member a, and
+        // d-r1-r2-s through routers, but s's single route to d runs through a (fewer hops).
+        // Max-flow gives 20 Mbit/s; along the routes only 10 arrive.
+        let t = topo(
+            r#"node = [{name="s",role="source"},{name="a",role="dest"},{name="d",role="dest"},
+                       {name="r1",role="router"},{name="r2",role="router"}]
+               link = [{a="s",b="a",mbit=10},{a="a",b="d",mbit=10},{a="s",b="r2",mbit=10},
+                       {a="r2",b="r1",mbit=10},{a="r1",b="d",mbit=10}]"#,
+        );
+        let (u, routed) = (u_min_s(&t, 2e7).unwrap(), routed_u_min_s(&t, 2e7).unwrap());
+        assert!((u - 1.0).abs() < 1e-9, "{u}");
+        assert!((routed - 2.0).abs() < 1e-6, "{routed}");
     }
 
     const MIB32: u64 = 32 << 20;

@@ -76,6 +76,10 @@ pub struct RunReport {
     pub u_min_s: f64,
     pub u_min_wire_s: f64,
     pub ratio: Option<f64>,
+    /// The floor when routers forward along the testbed's single routes
+    /// ([`bound::routed_u_min_s`]), and U over it.
+    pub u_min_routed_s: Option<f64>,
+    pub ratio_routed: Option<f64>,
     pub send_exit_ok: bool,
     pub source_peak_rss_bytes: Option<u64>,
     /// Copies of the file each member sent over each link direction (from -> to), from
@@ -361,6 +365,8 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         u_min_s: floor.u_min_s,
         u_min_wire_s: floor.u_min_wire_s,
         ratio: u.map(|u| u / floor.u_min_s),
+        u_min_routed_s: floor.u_min_routed_s,
+        ratio_routed: u.zip(floor.u_min_routed_s).map(|(u, r)| u / r),
         send_exit_ok,
         source_peak_rss_bytes: seen[s].peak_rss_bytes,
         link_copies: link_copies(topo, &seen, opts.bytes),
@@ -522,6 +528,16 @@ pub fn render(r: &RunReport) -> String {
             )
         }
         _ => s += &format!("FAILED: not every copy arrived verified (U_min = {:.2} s)\n", r.u_min_s),
+    }
+    // Routers forward along one route each: a max-flow that needs other paths is out of
+    // reach, and this floor says how far.
+    if let (Some(routed), Some(u)) = (r.u_min_routed_s, r.u_s) {
+        if routed > r.u_min_s * 1.001 {
+            s += &format!(
+                "  along the routers' routes the floor is {routed:.2} s: U/U_min routed = {:.3}\n",
+                u / routed
+            );
+        }
     }
     s
 }
