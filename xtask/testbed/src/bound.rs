@@ -280,7 +280,7 @@ pub fn routed_u_min_s(topo: &Topology, bits: f64) -> Option<f64> {
     }
     let capacity = |dir: usize| {
         let l = &topo.links[dir / 2];
-        if dir % 2 == 0 {
+        if dir.is_multiple_of(2) {
             l.mbit_ab
         } else {
             l.mbit_ba

@@ -11,12 +11,10 @@
 //! the near end (then it surely lacks one of the near end's chunks); the source holds all.
 //! That makes the figure a lower bound.
 
-use crate::{
-    bound,
-    picture::Timeline,
-    routing::{self, NextHops},
-    topology::{EventAction, Topology},
-};
+use crate::{bound, picture::Timeline, routing};
+
+/// Intervals of a run, (from, to) seconds.
+pub type Spans = Vec<(f64, f64)>;
 
 /// Under this share of its capacity a link direction counts as idle.
 pub const IDLE_BELOW: f64 = 0.5;
@@ -31,8 +29,24 @@ pub struct IdleLink {
 
 /// Idle seconds per link direction, busiest offender first; directions never idle while
 /// needed are left out.
-/// From what a run recorded each second ([`Timeline`], on the run's clock).
 pub fn idle_while_needed(r: &Timeline) -> Vec<IdleLink> {
+    let name = |i: usize| r.topo.nodes[i].name.clone();
+    let mut out: Vec<IdleLink> = idle_intervals(r)
+        .into_iter()
+        .map(|((u, v), spans)| IdleLink {
+            from: name(u),
+            to: name(v),
+            seconds: spans.iter().map(|(t0, t1)| t1 - t0).sum(),
+        })
+        .collect();
+    out.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+    out
+}
+
+/// The intervals (from, to seconds) in which each link direction, (from node, to node),
+/// idled while needed; from what a run recorded each second ([`Timeline`], on the run's
+/// clock). Directions never idle while needed are left out.
+pub fn idle_intervals(r: &Timeline) -> Vec<((usize, usize), Spans)> {
     let topo = r.topo;
     let source = topo.source();
     let held_at = |node: usize, t: f64| -> u64 {
@@ -57,25 +71,18 @@ pub fn idle_while_needed(r: &Timeline) -> Vec<IdleLink> {
     let mut out = Vec::new();
     for ((u, v), samples) in &r.tx {
         let (u, v) = (*u, *v);
-        let Some(link) = topo
-            .links
-            .iter()
-            .position(|l| (l.a, l.b) == (u, v) || (l.a, l.b) == (v, u))
-        else {
-            continue;
-        };
-        let mut idle = 0.0;
+        let mut spans = Vec::new();
         for w in samples.windows(2) {
             let ((t0, b0), (t1, b1)) = (w[0], w[1]);
             if t1 <= t0 {
                 continue;
             }
-            let (up, next) = links_at(topo, t0);
-            let cap_bps = capacity_mbit(topo, link, u, t0, &up) * 1e6;
+            let cap_bps = topo.capacity_bps(u, v, t0);
             let rate_bps = b1.saturating_sub(b0) as f64 * 8.0 / (t1 - t0);
             if cap_bps <= 0.0 || rate_bps >= IDLE_BELOW * cap_bps {
                 continue;
             }
+            let next = routing::next_hops(topo, &topo.links_up_at(t0));
             let near = held_at(u, t0);
             let starving = |m: usize| {
                 let got_bps =
@@ -85,63 +92,25 @@ pub fn idle_while_needed(r: &Timeline) -> Vec<IdleLink> {
             let lacking = (0..topo.nodes.len()).any(|m| {
                 m != u
                     && topo.is_member(m)
-                    && next[u][m].is_some_and(|(hop, l)| hop == v && l == link)
+                    && next[u][m].is_some_and(|(hop, _)| hop == v)
                     && held_at(m, t0) < near
                     && starving(m)
             });
             if lacking {
-                idle += t1 - t0;
+                spans.push((t0, t1));
             }
         }
-        if idle > 0.0 {
-            out.push(IdleLink {
-                from: topo.nodes[u].name.clone(),
-                to: topo.nodes[v].name.clone(),
-                seconds: idle,
-            });
+        if !spans.is_empty() {
+            out.push(((u, v), spans));
         }
     }
-    out.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
     out
-}
-
-/// Which links are up at `t`, and the routes over them.
-fn links_at(topo: &Topology, t: f64) -> (Vec<bool>, NextHops) {
-    let mut up = vec![true; topo.links.len()];
-    for e in topo.events.iter().take_while(|e| e.at_s <= t) {
-        match e.action {
-            EventAction::Down => up[e.link] = false,
-            EventAction::Up => up[e.link] = true,
-            EventAction::SetRate { .. } => {}
-        }
-    }
-    let next = routing::next_hops(topo, &up);
-    (up, next)
-}
-
-/// The rate of `link` in the direction leaving `from` at `t` (0 when down).
-fn capacity_mbit(topo: &Topology, link: usize, from: usize, t: f64, up: &[bool]) -> f64 {
-    if !up[link] {
-        return 0.0;
-    }
-    let l = &topo.links[link];
-    let (mut ab, mut ba) = (l.mbit_ab, l.mbit_ba);
-    for e in topo.events.iter().filter(|e| e.link == link && e.at_s <= t) {
-        if let EventAction::SetRate { mbit_ab, mbit_ba } = e.action {
-            (ab, ba) = (mbit_ab, mbit_ba);
-        }
-    }
-    if l.a == from {
-        ab
-    } else {
-        ba
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::picture::Series;
+    use crate::{picture::Series, topology::Topology};
 
     const MB: u64 = 1_000_000;
 

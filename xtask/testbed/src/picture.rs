@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 
-use crate::topology::{EventAction, Topology};
+use crate::topology::Topology;
 
 /// Samples of a counter over time: (seconds into the run, value).
 pub type Series = Vec<(f64, u64)>;
@@ -30,31 +30,6 @@ const COLORS: [&str; 10] = [
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
     "#bcbd22", "#17becf",
 ];
-
-/// Capacity of link direction `from -> to` at time `t`, in bit/s (0 when down).
-fn capacity_bps(topo: &Topology, from: usize, to: usize, t: f64) -> f64 {
-    let Some((i, l)) = topo
-        .links
-        .iter()
-        .enumerate()
-        .find(|(_, l)| (l.a, l.b) == (from, to) || (l.a, l.b) == (to, from))
-    else {
-        return 0.0;
-    };
-    let forward = l.a == from;
-    let (mut ab, mut ba, mut up) = (l.mbit_ab, l.mbit_ba, true);
-    for e in topo.events.iter().filter(|e| e.link == i && e.at_s <= t) {
-        match e.action {
-            EventAction::SetRate { mbit_ab, mbit_ba } => (ab, ba) = (mbit_ab, mbit_ba),
-            EventAction::Down => up = false,
-            EventAction::Up => up = true,
-        }
-    }
-    if !up {
-        return 0.0;
-    }
-    1e6 * if forward { ab } else { ba }
-}
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -161,12 +136,14 @@ pub fn render(tl: &Timeline) -> String {
             esc(&tl.topo.nodes[*node].name)
         );
     }
-    // Utilisation heat strips: one row per link direction, one cell per sample interval.
+    // Utilisation heat strips: one row per link direction, one cell per sample interval;
+    // a red underline where the direction idled while a member beyond it starved.
     let _ = write!(
         s,
-        r#"<text x="{LEFT}" y="{}">link utilisation (sent / capacity), white 0% to dark 100%</text>"#,
+        r#"<text x="{LEFT}" y="{}">link utilisation (sent / capacity), white 0% to dark 100%; red: idle while a member beyond starved</text>"#,
         heat_top - 8.0
     );
+    let idle = crate::idle::idle_intervals(tl);
     for (row, ((from, to), samples)) in tl.tx.iter().enumerate() {
         let ry = heat_top + row as f64 * ROW_H;
         let label = format!("{}>{}", tl.topo.nodes[*from].name, tl.topo.nodes[*to].name);
@@ -183,7 +160,7 @@ pub fn render(tl: &Timeline) -> String {
                 continue;
             }
             let bps = b1.saturating_sub(b0) as f64 * 8.0 / (t1 - t0);
-            let cap = capacity_bps(tl.topo, *from, *to, (t0 + t1) / 2.0);
+            let cap = tl.topo.capacity_bps(*from, *to, (t0 + t1) / 2.0);
             let u = if cap > 0.0 { (bps / cap).min(1.0) } else { 0.0 };
             let shade = (255.0 * (1.0 - u)) as u8;
             let _ = write!(
@@ -197,6 +174,19 @@ pub fn render(tl: &Timeline) -> String {
                 t1,
                 bps / 1e6,
                 u * 100.0
+            );
+        }
+        let marks = idle.iter().filter(|(dir, _)| *dir == (*from, *to));
+        for &(t0, t1) in marks.flat_map(|(_, spans)| spans) {
+            let _ = write!(
+                s,
+                r##"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="3" fill="#d62728"><title>{} idle while needed {:.1}-{:.1}s</title></rect>"##,
+                x(t0),
+                ry + ROW_H - 4.0,
+                (x(t1) - x(t0)).max(0.5),
+                esc(&label),
+                t0,
+                t1
             );
         }
     }
@@ -217,8 +207,8 @@ mod tests {
                event = [{at_s=1.0,link=["s","d"],mbit=4}]"#,
         )
         .unwrap();
-        assert_eq!(capacity_bps(&topo, 0, 1, 0.5), 8e6);
-        assert_eq!(capacity_bps(&topo, 1, 0, 1.5), 4e6);
+        assert_eq!(topo.capacity_bps(0, 1, 0.5), 8e6);
+        assert_eq!(topo.capacity_bps(1, 0, 1.5), 4e6);
         let tl = Timeline {
             topo: &topo,
             bytes: 1_000_000,

@@ -350,6 +350,47 @@ impl Topology {
 }
 
 impl Topology {
+    /// Capacity of link direction `from -> to` at `t` seconds into the transfer, in bit/s
+    /// (0 when down, or when there is no such link).
+    pub fn capacity_bps(&self, from: usize, to: usize, t: f64) -> f64 {
+        let Some((i, l)) = self
+            .links
+            .iter()
+            .enumerate()
+            .find(|(_, l)| (l.a, l.b) == (from, to) || (l.a, l.b) == (to, from))
+        else {
+            return 0.0;
+        };
+        let (mut ab, mut ba, mut up) = (l.mbit_ab, l.mbit_ba, true);
+        for e in self.events.iter().filter(|e| e.link == i && e.at_s <= t) {
+            match e.action {
+                EventAction::SetRate { mbit_ab, mbit_ba } => (ab, ba) = (mbit_ab, mbit_ba),
+                EventAction::Down => up = false,
+                EventAction::Up => up = true,
+            }
+        }
+        match (up, l.a == from) {
+            (false, _) => 0.0,
+            (true, true) => ab * 1e6,
+            (true, false) => ba * 1e6,
+        }
+    }
+
+    /// Which links are up at `t` seconds into the transfer.
+    pub fn links_up_at(&self, t: f64) -> Vec<bool> {
+        let mut up = vec![true; self.links.len()];
+        for e in self.events.iter().take_while(|e| e.at_s <= t) {
+            match e.action {
+                EventAction::Down => up[e.link] = false,
+                EventAction::Up => up[e.link] = true,
+                EventAction::SetRate { .. } => {}
+            }
+        }
+        up
+    }
+}
+
+impl Topology {
     /// The topology as a file [`Topology::parse`] reads back (rate changes only for events
     /// that change rates; links going down and up are written as such).
     pub fn to_toml(&self) -> String {
