@@ -26,7 +26,7 @@ pub struct BenchRow {
     pub direct_ratio_median: Option<f64>,
     /// Most copies any link direction carried (median run), wire bytes / file bytes.
     pub max_link_copies: Option<f64>,
-    /// The simulator's U/U_min on the same network (no start-up, no headers).
+    /// The simulator's U/U_min on the same network (headers counted; no start-up).
     pub sim_ratio: Option<f64>,
     /// Median U over the floor along the routers' routes ([`RunReport::ratio_routed`]).
     pub ratio_routed_median: Option<f64>,
@@ -118,13 +118,15 @@ pub fn bench(
     Ok(rows)
 }
 
-/// The simulator's U/U_min for `topo` (as `cargo xtask sim` runs it).
+/// The simulator's U/U_min for `topo`, counting headers as the testbed's wire does (as
+/// `cargo xtask sim --wire` runs it).
 fn sim_ratio(topo: &Topology, bytes: u64) -> Option<f64> {
     let opts = crate::sim::SimOptions {
         bytes,
         chunk_bytes: floodclone_sched::default_chunk_bytes(bytes) as u64,
         hop_delay_s: 1e-3,
         horizon_s: 1e5,
+        payload_share: crate::sim::WIRE_PAYLOAD_SHARE,
     };
     let u_min = floodclone_testbed::bound::u_min_s(topo, bytes as f64 * 8.0)?;
     crate::sim::simulate(topo, &opts)

@@ -149,6 +149,10 @@ enum Cmd {
         /// Write every network simulated as a topology file in this directory.
         #[arg(long)]
         save: Option<PathBuf>,
+        /// Count QUIC/UDP/IP/Ethernet headers on every link, as the testbed's wire does
+        /// (by default links carry payload only, the ideal the floor assumes).
+        #[arg(long)]
+        wire: bool,
     },
     /// Setup, then run every test (the README's test command).
     Test {
@@ -216,6 +220,7 @@ fn main() -> Result<()> {
             hop_delay_ms,
             json,
             save,
+            wire,
         } => {
             let opts = sim::SimOptions {
                 bytes: size,
@@ -223,6 +228,7 @@ fn main() -> Result<()> {
                     .unwrap_or_else(|| floodclone_sched::default_chunk_bytes(size) as u64),
                 hop_delay_s: hop_delay_ms / 1e3,
                 horizon_s: 1e5,
+                payload_share: if wire { sim::WIRE_PAYLOAD_SHARE } else { 1.0 },
             };
             let topos: Vec<Topology> = match topology {
                 Some(file) => vec![Topology::load(&file)?],

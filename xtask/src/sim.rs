@@ -40,7 +40,14 @@ pub struct SimOptions {
     pub hop_delay_s: f64,
     /// Give up (and report) after this much virtual time.
     pub horizon_s: f64,
+    /// Share of a link's rate that carries chunk payload: 1 for the ideal, or
+    /// [`WIRE_PAYLOAD_SHARE`] to count QUIC/UDP/IP/Ethernet headers as the testbed does.
+    pub payload_share: f64,
 }
+
+/// Payload share of a full frame (see `floodclone_testbed::bound::QUIC_PAYLOAD_PER_FRAME`).
+pub const WIRE_PAYLOAD_SHARE: f64 = floodclone_testbed::bound::QUIC_PAYLOAD_PER_FRAME
+    / floodclone_testbed::bound::WIRE_BYTES_PER_FRAME;
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct SimReport {
@@ -198,8 +205,8 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
     let mut caps = vec![0.0; topo.links.len() * 2];
     let mut dirlink_of: HashMap<(usize, usize), usize> = HashMap::new();
     for (i, l) in topo.links.iter().enumerate() {
-        caps[2 * i] = l.mbit_ab * 1e6;
-        caps[2 * i + 1] = l.mbit_ba * 1e6;
+        caps[2 * i] = l.mbit_ab * 1e6 * opts.payload_share;
+        caps[2 * i + 1] = l.mbit_ba * 1e6 * opts.payload_share;
         dirlink_of.insert((l.a, l.b), 2 * i);
         dirlink_of.insert((l.b, l.a), 2 * i + 1);
     }
@@ -308,14 +315,14 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
                 e.at_s,
                 Ev::Capacity {
                     dirlink: 2 * e.link,
-                    bps: mbit_ab * 1e6,
+                    bps: mbit_ab * 1e6 * opts.payload_share,
                 },
             );
             q.push(
                 e.at_s,
                 Ev::Capacity {
                     dirlink: 2 * e.link + 1,
-                    bps: mbit_ba * 1e6,
+                    bps: mbit_ba * 1e6 * opts.payload_share,
                 },
             );
         }
@@ -880,6 +887,7 @@ mod tests {
             chunk_bytes: floodclone_sched::default_chunk_bytes(bytes) as u64,
             hop_delay_s: 0.001,
             horizon_s: 1e4,
+            payload_share: 1.0,
         }
     }
 
