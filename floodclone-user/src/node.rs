@@ -1,7 +1,7 @@
-//! What both roles share: the options every node takes, the [`Node`] a role runs on (its
-//! endpoint, connections, output and link meters), and [`drive`], the one event loop both
+//! What both roles share: the options every node takes, the `Node` a role runs on (its
+//! endpoint, connections, output and link meters), and `drive`, the one event loop both
 //! roles run in. The roles themselves are [`crate::source`] and [`crate::destination`]; the
-//! connections are [`crate::conn`].
+//! connections are in `conn`.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},

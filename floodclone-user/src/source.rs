@@ -5,8 +5,8 @@
 //! verified copy or has failed.
 //!
 //! Read top to bottom: [`run`], then the handlers in the order a transfer meets them
-//! ([`Source::on_join`], [`Source::start`], [`Source::on_request_fresh`], ...,
-//! [`Source::maybe_finished`]).
+//! (`on_join`, `start`, `on_request_fresh`, `grant_fresh`, `on_view`, `on_done`,
+//! `maybe_finished`).
 
 use std::{
     collections::{HashMap, HashSet},
