@@ -542,3 +542,67 @@ async fn receive_chunk(ctx: Arc<ConnContext>, key: ConnKey, mut s: quinn::RecvSt
     };
     ctx.report(ConnEvent::ChunkDone { key, chunk, ok });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real QUIC connection over loopback (no namespaces, no root needed).
+    async fn loopback_connection() -> (Endpoint, Endpoint, Connection) {
+        let server = transport::endpoint(0).unwrap();
+        let client = transport::endpoint(0).unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], server.local_addr().unwrap().port()));
+        let accepting = async { server.accept().await.unwrap().await.unwrap() };
+        let (dialed, _accepted) = tokio::join!(
+            transport::dial(&client, addr, Duration::from_secs(5)),
+            accepting
+        );
+        (server, client, dialed.unwrap())
+    }
+
+    fn handle(key: ConnKey, peer: Option<MemberId>, dialed: bool, conn: &Connection) -> ConnHandle {
+        ConnHandle {
+            key,
+            peer,
+            dialed,
+            remote: conn.remote_address(),
+            conn: conn.clone(),
+            control: mpsc::unbounded_channel().0,
+            serve: mpsc::unbounded_channel().0,
+        }
+    }
+
+    #[tokio::test]
+    async fn each_member_maps_to_its_newest_connection_of_each_kind() {
+        let (_server, _client, c) = loopback_connection().await;
+        let mut conns = Connections::default();
+        conns.insert(handle(1, Some(3), true, &c));
+        conns.insert(handle(2, None, false, &c));
+        assert_eq!(conns.dialed_to(3).map(|h| h.key), Some(1));
+        assert!(conns.accepted_from(3).is_none(), "not named yet");
+        assert_eq!(conns.bind(2, 3), None);
+        assert_eq!(conns.accepted_from(3).map(|h| h.key), Some(2));
+        // Member 3 connects again: the newer connection is its own, the older one is
+        // returned (for the caller to close) and its going away unbinds nothing.
+        conns.insert(handle(4, None, false, &c));
+        assert_eq!(conns.bind(4, 3), Some(2));
+        assert_eq!(conns.accepted_from(3).map(|h| h.key), Some(4));
+        assert!(conns.remove(2).is_some());
+        assert_eq!(conns.accepted_from(3).map(|h| h.key), Some(4));
+        assert!(conns.remove(4).is_some());
+        assert!(conns.accepted_from(3).is_none());
+        assert_eq!(conns.peer(1), Some(3));
+        assert!(conns.remove(4).is_none());
+    }
+
+    #[tokio::test]
+    async fn announcements_go_where_the_peer_reads_them() {
+        let (_server, _client, c) = loopback_connection().await;
+        // A destination reads them only on the connection it dialed; the source on its
+        // connections from destinations, which we dialed.
+        assert!(handle(1, Some(3), false, &c).reads_announcements());
+        assert!(handle(2, None, false, &c).reads_announcements());
+        assert!(!handle(3, Some(3), true, &c).reads_announcements());
+        assert!(handle(4, Some(SOURCE), true, &c).reads_announcements());
+    }
+}
