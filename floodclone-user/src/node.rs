@@ -150,13 +150,12 @@ impl Node {
         let peers = self
             .conns
             .iter()
-            .filter_map(|c| match c.remote {
-                SocketAddr::V4(a) => Some(crate::stats::PeerStatus {
-                    addr: *a.ip(),
+            .filter_map(|c| {
+                Some(crate::stats::PeerStatus {
+                    addr: remote_ipv4(c.remote)?,
                     member: c.peer,
                     rtt_ms: c.conn.rtt().as_secs_f64() * 1e3,
-                }),
-                _ => None,
+                })
             })
             .collect();
         crate::stats::publish_status(&crate::stats::DaemonStatus {

@@ -187,7 +187,7 @@ impl Role for Destination {
                 25
             };
             if self.ticks.is_multiple_of(every) {
-                self.report_progress(node, &store.clone());
+                self.report_progress(node, store);
             }
         }
         if self.complete.is_some()

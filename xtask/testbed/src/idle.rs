@@ -11,7 +11,13 @@
 //! the near end (then it surely lacks one of the near end's chunks); the source holds all.
 //! That makes the figure a lower bound.
 
-use crate::{bound, picture::Timeline, routing};
+use std::collections::HashMap;
+
+use crate::{
+    bound,
+    picture::{intervals, Timeline},
+    routing::{self, NextHops},
+};
 
 /// Intervals of a run, (from, to) seconds.
 pub type Spans = Vec<(f64, f64)>;
@@ -68,21 +74,20 @@ pub fn idle_intervals(r: &Timeline) -> Vec<((usize, usize), Spans)> {
             }
         })
         .collect();
+    // Routes change only when links go down or up: computed once per such state.
+    let mut routes: HashMap<Vec<bool>, NextHops> = HashMap::new();
     let mut out = Vec::new();
     for ((u, v), samples) in &r.tx {
         let (u, v) = (*u, *v);
         let mut spans = Vec::new();
-        for w in samples.windows(2) {
-            let ((t0, b0), (t1, b1)) = (w[0], w[1]);
-            if t1 <= t0 {
-                continue;
-            }
+        for (t0, t1, rate_bps) in intervals(samples) {
             let cap_bps = topo.capacity_bps(u, v, t0);
-            let rate_bps = b1.saturating_sub(b0) as f64 * 8.0 / (t1 - t0);
             if cap_bps <= 0.0 || rate_bps >= IDLE_BELOW * cap_bps {
                 continue;
             }
-            let next = routing::next_hops(topo, &topo.links_up_at(t0));
+            let next = routes
+                .entry(topo.links_up_at(t0))
+                .or_insert_with_key(|up| routing::next_hops(topo, up));
             let near = held_at(u, t0);
             let starving = |m: usize| {
                 let got_bps =

@@ -9,6 +9,14 @@ use crate::topology::Topology;
 /// Samples of a counter over time: (seconds into the run, value).
 pub type Series = Vec<(f64, u64)>;
 
+/// Consecutive samples of a byte counter as (from s, to s, bit/s), empty intervals skipped.
+pub fn intervals(samples: &[(f64, u64)]) -> impl Iterator<Item = (f64, f64, f64)> + '_ {
+    samples.windows(2).filter_map(|w| {
+        let ((t0, b0), (t1, b1)) = (w[0], w[1]);
+        (t1 > t0).then(|| (t0, t1, b1.saturating_sub(b0) as f64 * 8.0 / (t1 - t0)))
+    })
+}
+
 /// What the picture is drawn from.
 pub struct Timeline<'a> {
     pub topo: &'a Topology,
@@ -154,12 +162,7 @@ pub fn render(tl: &Timeline) -> String {
             ry + ROW_H - 3.0,
             esc(&label)
         );
-        for w in samples.windows(2) {
-            let ((t0, b0), (t1, b1)) = (w[0], w[1]);
-            if t1 <= t0 {
-                continue;
-            }
-            let bps = b1.saturating_sub(b0) as f64 * 8.0 / (t1 - t0);
+        for (t0, t1, bps) in intervals(samples) {
             let cap = tl.topo.capacity_bps(*from, *to, (t0 + t1) / 2.0);
             let u = if cap > 0.0 { (bps / cap).min(1.0) } else { 0.0 };
             let shade = (255.0 * (1.0 - u)) as u8;
