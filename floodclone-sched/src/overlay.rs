@@ -1,6 +1,8 @@
 //! The overlay: which members a node exchanges data with, from how its kernel routes to
 //! each of them. Pure, so the daemon and the simulator apply the same rule.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
 use crate::{MemberId, SOURCE};
 
 /// How a node reaches a member, from a kernel route lookup.
@@ -67,6 +69,150 @@ pub fn data_neighbours(me: MemberId, reach: &[(MemberId, Reach)]) -> Vec<MemberI
     out
 }
 
+/// At most this many paths a sender is asked to trace ([`PathChecks`]): each trace costs
+/// a few probes that routers answer at a limited rate (Linux: a burst of 6 ICMP errors
+/// per destination, then one a second), and a handful of extra neighbours is all the
+/// overlay takes through routers ([`MAX_VIA_ROUTER`]).
+pub const MAX_TRACES_PER_SENDER: usize = 2 * MAX_VIA_ROUTER;
+
+/// What the source does for [`PathChecks`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathCheck {
+    /// Ask `sender` whether its whole path to each of `receivers` crosses another member.
+    Trace {
+        sender: MemberId,
+        receivers: Vec<MemberId>,
+    },
+    /// Tell `receiver` the senders whose path to it crosses no other member, among those
+    /// its own routes show behind one (the full list each time; it may shrink).
+    Tell {
+        receiver: MemberId,
+        senders: Vec<MemberId>,
+    },
+}
+
+/// Neighbours that a receiver's own routes hide. A receiver picks whom to pull from by
+/// its routes, but the data flows along the sender's route, and routes differ by
+/// direction where paths tie: a receiver may reach a sender through another member
+/// ([`Reach::Behind`], so it never pulls from it) while the sender's route back runs
+/// through routers only, often the receiver's only other way in. The invariant served:
+/// a receiver pulls from every member whose path to it crosses no other member (such a
+/// path carries nothing a relay could have carried instead).
+///
+/// A route lookup shows a first hop only; whether the rest crosses a member takes a
+/// trace by the sender. The source hears every member's view, so it asks for exactly
+/// the pairs in doubt: the receiver sees the sender behind a member while the sender's
+/// first hop to it is a router (the source: always in doubt, it keeps no view), at most
+/// [`MAX_TRACES_PER_SENDER`] per sender. Pure: the source and the simulator run it alike.
+#[derive(Debug, Default)]
+pub struct PathChecks {
+    /// Each member's reach to every other member, as its last view said.
+    views: HashMap<MemberId, HashMap<MemberId, Reach>>,
+    /// (sender, receiver) pairs asked, answered or not.
+    asked: HashSet<(MemberId, MemberId)>,
+    /// Pairs in `asked` per sender.
+    asked_of: HashMap<MemberId, usize>,
+    /// Receiver -> senders whose traced path to it crosses no member.
+    clean_to: BTreeMap<MemberId, BTreeSet<MemberId>>,
+}
+
+impl PathChecks {
+    /// Member `member` reaches the others as `reach` says: the traces now in doubt, and
+    /// the receivers whose answer changed because a pair deciding it did.
+    pub fn on_view(&mut self, member: MemberId, reach: &[(MemberId, Reach)]) -> Vec<PathCheck> {
+        let new: HashMap<MemberId, Reach> = reach.iter().copied().collect();
+        let old = self.views.insert(member, new).unwrap_or_default();
+        let new = &self.views[&member];
+        // A pair is decided again when the entry that put it in doubt changed.
+        let stale: Vec<(MemberId, MemberId)> = self
+            .asked
+            .iter()
+            .filter(|&&(s, r)| {
+                (s == member && old.get(&r) != new.get(&r))
+                    || (r == member && old.get(&s) != new.get(&s))
+            })
+            .copied()
+            .collect();
+        let mut told = BTreeSet::new();
+        for (s, r) in stale {
+            self.asked.remove(&(s, r));
+            if let Some(n) = self.asked_of.get_mut(&s) {
+                *n -= 1;
+            }
+            if self.clean_to.get_mut(&r).is_some_and(|c| c.remove(&s)) {
+                told.insert(r);
+            }
+        }
+        let mut pairs: Vec<(MemberId, MemberId)> = new.keys().map(|&r| (member, r)).collect();
+        pairs.extend(new.keys().map(|&s| (s, member)));
+        pairs.sort_unstable();
+        let mut traces: BTreeMap<MemberId, Vec<MemberId>> = BTreeMap::new();
+        for (s, r) in pairs {
+            if !self.asked.contains(&(s, r)) && self.in_doubt(s, r) {
+                let asked_of_s = self.asked_of.entry(s).or_default();
+                if *asked_of_s < MAX_TRACES_PER_SENDER {
+                    *asked_of_s += 1;
+                    self.asked.insert((s, r));
+                    traces.entry(s).or_default().push(r);
+                }
+            }
+        }
+        let mut out: Vec<PathCheck> = traces
+            .into_iter()
+            .map(|(sender, receivers)| PathCheck::Trace { sender, receivers })
+            .collect();
+        out.extend(told.into_iter().map(|r| self.tell(r)));
+        out
+    }
+
+    /// `sender` traced its path to `receiver`: `clean` if it crosses no other member
+    /// (an unknown hop counts as a member). What to tell, if anything changed.
+    pub fn on_traced(
+        &mut self,
+        sender: MemberId,
+        receiver: MemberId,
+        clean: bool,
+    ) -> Option<PathCheck> {
+        if !clean || !self.asked.contains(&(sender, receiver)) {
+            return None;
+        }
+        self.clean_to
+            .entry(receiver)
+            .or_default()
+            .insert(sender)
+            .then(|| self.tell(receiver))
+    }
+
+    fn in_doubt(&self, sender: MemberId, receiver: MemberId) -> bool {
+        let seen_by_receiver = self.views.get(&receiver).and_then(|v| v.get(&sender));
+        let senders_first_hop = self.views.get(&sender).and_then(|v| v.get(&receiver));
+        sender != receiver
+            && seen_by_receiver == Some(&Reach::Behind)
+            && (sender == SOURCE || senders_first_hop == Some(&Reach::ViaRouter))
+    }
+
+    fn tell(&self, receiver: MemberId) -> PathCheck {
+        PathCheck::Tell {
+            receiver,
+            senders: self
+                .clean_to
+                .get(&receiver)
+                .map(|c| c.iter().copied().collect())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// `reach` with the members whose path to us crosses no other member (see [`PathChecks`])
+/// counted as reached through routers rather than behind a member.
+pub fn with_clean_senders(reach: &mut [(MemberId, Reach)], clean: &[MemberId]) {
+    for (m, r) in reach.iter_mut() {
+        if *r == Reach::Behind && clean.contains(m) {
+            *r = Reach::ViaRouter;
+        }
+    }
+}
+
 /// A well-mixed hash of an unordered pair, so both ends rank each other alike.
 fn pair_hash(a: MemberId, b: MemberId) -> u64 {
     let (lo, hi) = (a.min(b) as u64, a.max(b) as u64);
@@ -108,5 +254,84 @@ mod tests {
             .map(|m| (m, Reach::ViaRouter))
             .collect();
         assert_ne!(n, data_neighbours(8, &reach8));
+    }
+    #[test]
+    fn asks_the_sender_whose_route_back_may_avoid_members_and_tells_the_receiver() {
+        let mut pc = PathChecks::default();
+        // Member 1 reaches 3 behind member 2; 3 reaches 1 through a router.
+        assert!(pc
+            .on_view(
+                1,
+                &[(0, Reach::Direct), (2, Reach::Direct), (3, Reach::Behind)]
+            )
+            .is_empty());
+        let out = pc.on_view(
+            3,
+            &[
+                (0, Reach::Direct),
+                (1, Reach::ViaRouter),
+                (2, Reach::Direct),
+            ],
+        );
+        assert_eq!(
+            out,
+            vec![PathCheck::Trace {
+                sender: 3,
+                receivers: vec![1]
+            }]
+        );
+        // The same view again asks nothing; a crossed path tells nothing.
+        assert!(pc
+            .on_view(
+                3,
+                &[
+                    (0, Reach::Direct),
+                    (1, Reach::ViaRouter),
+                    (2, Reach::Direct)
+                ]
+            )
+            .is_empty());
+        assert_eq!(pc.on_traced(3, 2, true), None, "never asked");
+        assert_eq!(
+            pc.on_traced(3, 1, true),
+            Some(PathCheck::Tell {
+                receiver: 1,
+                senders: vec![3]
+            })
+        );
+        // Member 3's route to 1 now starts at member 2: the answer is withdrawn.
+        let out = pc.on_view(
+            3,
+            &[(0, Reach::Direct), (1, Reach::Behind), (2, Reach::Direct)],
+        );
+        assert_eq!(
+            out,
+            vec![PathCheck::Tell {
+                receiver: 1,
+                senders: vec![]
+            }]
+        );
+        let mut reach = [(2, Reach::Direct), (3, Reach::Behind), (4, Reach::Behind)];
+        with_clean_senders(&mut reach, &[3]);
+        assert_eq!(reach[1], (3, Reach::ViaRouter));
+        assert_eq!(reach[2], (4, Reach::Behind));
+    }
+
+    #[test]
+    fn the_source_is_always_asked_and_each_sender_a_bounded_number_of_times() {
+        let mut pc = PathChecks::default();
+        let mut traced = 0;
+        for r in 1..=100 {
+            for c in pc.on_view(r, &[(SOURCE, Reach::Behind)]) {
+                match c {
+                    PathCheck::Trace { sender, receivers } => {
+                        assert_eq!((sender, receivers), (SOURCE, vec![r]));
+                        traced += 1;
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        assert_eq!(traced, MAX_TRACES_PER_SENDER);
     }
 }

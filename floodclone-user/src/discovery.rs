@@ -140,10 +140,17 @@ pub fn classify(members: &[Member], lookups: &[(MemberId, Option<RouteLookup>)])
         .collect()
 }
 
-/// Members `me` exchanges data with ([`floodclone_sched::overlay::data_neighbours`]).
-pub fn data_neighbours(me: MemberId, views: &[RouteView]) -> Vec<MemberId> {
-    let reach: Vec<(MemberId, Reach)> = views.iter().map(|v| (v.member, v.reach)).collect();
-    floodclone_sched::overlay::data_neighbours(me, &reach)
+/// Members `me` exchanges data with ([`floodclone_sched::overlay::data_neighbours`]), the
+/// `clean_senders` our routes show behind a member counted as reached through routers
+/// ([`floodclone_sched::overlay::PathChecks`]).
+pub fn data_neighbours(
+    me: MemberId,
+    views: &[RouteView],
+    clean_senders: &[MemberId],
+) -> Vec<MemberId> {
+    let mut reach: Vec<(MemberId, Reach)> = views.iter().map(|v| (v.member, v.reach)).collect();
+    overlay::with_clean_senders(&mut reach, clean_senders);
+    overlay::data_neighbours(me, &reach)
 }
 
 #[cfg(test)]
@@ -198,6 +205,7 @@ mod tests {
                 (9, Reach::Unreachable, None),
             ]
         );
-        assert_eq!(data_neighbours(1, &views), vec![0, 2, 4]);
+        assert_eq!(data_neighbours(1, &views, &[]), vec![0, 2, 4]);
+        assert_eq!(data_neighbours(1, &views, &[3]), vec![0, 2, 3, 4]);
     }
 }

@@ -7,7 +7,8 @@
 //!   serving requested chunks, receiving chunk streams);
 //! - the two roles over them: [`source`] and [`destination`], each a struct with one handler
 //!   per event, run by the one event loop in [`node`];
-//! - who is behind which link: [`discovery`] (kernel route lookups);
+//! - who is behind which link: [`discovery`] (kernel route lookups), [`trace`] (the whole
+//!   path to a member, where routes differ by direction);
 //! - what to ask of whom: the scheduler in the `floodclone-sched` crate;
 //! - chunks on disk, resumable: [`storage`];
 //! - measurements in the kernel: [`linkstats`] (the eBPF programs' maps), [`meter`] (rates
@@ -27,6 +28,7 @@ pub mod progress;
 pub mod source;
 pub mod stats;
 pub mod storage;
+pub mod trace;
 pub mod transport;
 pub mod wire;
 

@@ -161,6 +161,23 @@ impl Meters {
             .min()
     }
 
+    /// The interface `peer`'s packets arrive on: `expected` (our route's) if any arrive
+    /// there or none have arrived yet, else the one most arrived on (routes can differ by
+    /// direction).
+    pub fn ingress_of(&self, peer: Ipv4Addr, expected: Option<u32>) -> Option<u32> {
+        let arrived = self
+            .links
+            .values()
+            .filter(|m| m.peer == Some(peer) && m.rx.bytes > 0);
+        if arrived.clone().any(|m| Some(m.ifindex) == expected) {
+            return expected;
+        }
+        arrived
+            .max_by_key(|m| m.rx.bytes)
+            .map(|m| m.ifindex)
+            .or(expected)
+    }
+
     /// The receive rate from `peer` summed over interfaces: (smoothed, windowed max).
     pub fn rx_from(&self, peer: Ipv4Addr) -> (f64, f64) {
         self.links

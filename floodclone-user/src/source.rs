@@ -16,7 +16,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use floodclone_sched::{ChunkId, ChunkSet, FreshServer, MemberId, SOURCE};
+use floodclone_sched::{
+    overlay::{PathCheck, PathChecks},
+    ChunkId, ChunkSet, FreshServer, MemberId, SOURCE,
+};
 use tokio::sync::mpsc;
 
 use crate::{
@@ -27,6 +30,7 @@ use crate::{
     node::{self, Node, NodeError, NodeOptions, Role, Step},
     progress::{self, RateTracker},
     storage::ChunkStore,
+    trace,
     transport::{CLOSE_DONE, CLOSE_NOT_MEMBER},
     wire::{Member, Msg, RouteView},
 };
@@ -83,7 +87,8 @@ pub async fn run(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
         .store
         .set(Arc::new(ChunkStore::source(&cfg.file, manifest.clone())?));
     let local_addrs = Routes::open()?.local_addrs().await?;
-    let mut source = Source::new(&cfg, manifest, local_addrs);
+    let (local_tx, mut local) = mpsc::unbounded_channel();
+    let mut source = Source::new(&cfg, manifest, local_addrs, local_tx);
     node.out.event(
         &Event::Serving {
             bytes: source.manifest.size,
@@ -102,8 +107,6 @@ pub async fn run(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
             )
         },
     );
-    // The source has no background work of its own.
-    let (_no_local, mut local) = mpsc::unbounded_channel();
     let result = node::drive(&mut node, &mut source, &mut local).await;
     let tx_bytes_by_iface = node.close().await;
     result?;
@@ -136,10 +139,14 @@ struct Source {
     finishing: Option<Instant>,
     ticks: u64,
     rates: HashMap<MemberId, RateTracker>,
+    /// Which senders' whole paths to which receivers to trace, and what to tell them.
+    path_checks: PathChecks,
+    /// The answers of the source's own path traces (a `PathsTraced`).
+    local: mpsc::UnboundedSender<Msg>,
 }
 
 impl Role for Source {
-    type Local = ();
+    type Local = Msg;
     const TICK: Duration = Duration::from_millis(100);
 
     async fn on_event(&mut self, node: &mut Node, event: ConnEvent) -> Step {
@@ -168,7 +175,8 @@ impl Role for Source {
         Step::Continue
     }
 
-    async fn on_local(&mut self, _: &mut Node, (): ()) -> Step {
+    async fn on_local(&mut self, node: &mut Node, traced: Msg) -> Step {
+        self.on_paths_traced(node, Some(SOURCE), traced);
         Step::Continue
     }
 
@@ -205,7 +213,12 @@ impl Role for Source {
 }
 
 impl Source {
-    fn new(cfg: &SendConfig, manifest: Manifest, local_addrs: Vec<Ipv4Addr>) -> Self {
+    fn new(
+        cfg: &SendConfig,
+        manifest: Manifest,
+        local_addrs: Vec<Ipv4Addr>,
+        local: mpsc::UnboundedSender<Msg>,
+    ) -> Self {
         let mut members = vec![Member {
             id: SOURCE,
             addr: Ipv4Addr::UNSPECIFIED,
@@ -239,6 +252,8 @@ impl Source {
             finishing: None,
             ticks: 0,
             rates: HashMap::new(),
+            path_checks: PathChecks::default(),
+            local,
         }
     }
 
@@ -255,6 +270,7 @@ impl Source {
             }
             Msg::Have { chunk } => self.on_held(from, chunk),
             Msg::View { routes } => self.on_view(node, from, &routes),
+            msg @ Msg::PathsTraced { .. } => self.on_paths_traced(node, from, msg),
             Msg::Done { elapsed_ms } => {
                 if let Some(id) = from {
                     self.on_done(node, id, elapsed_ms as f64 / 1000.0);
@@ -385,6 +401,11 @@ impl Source {
                 self.open_fresh(node);
             }
         }
+        if let Some(id) = from.filter(|&id| id != SOURCE) {
+            let reach: Vec<_> = routes.iter().map(|r| (r.member, r.reach)).collect();
+            let checks = self.path_checks.on_view(id, &reach);
+            self.do_path_checks(node, checks);
+        }
         node.out.event(
             &Event::View {
                 member: from,
@@ -398,6 +419,44 @@ impl Source {
                 format!("member {from:?} reaches: {}", reach.join(" "))
             },
         );
+    }
+
+    /// A sender (a destination, or the source itself) traced the paths it was asked to.
+    fn on_paths_traced(&mut self, node: &mut Node, from: Option<MemberId>, traced: Msg) {
+        let (Some(sender), Msg::PathsTraced { clean, crossed }) = (from, traced) else {
+            return;
+        };
+        let answers = clean.iter().map(|&r| (r, true));
+        let checks: Vec<PathCheck> = answers
+            .chain(crossed.iter().map(|&r| (r, false)))
+            .filter_map(|(r, ok)| self.path_checks.on_traced(sender, r, ok))
+            .collect();
+        self.do_path_checks(node, checks);
+    }
+
+    /// Asks senders to trace (the source's own traces run here), tells receivers.
+    fn do_path_checks(&mut self, node: &mut Node, checks: Vec<PathCheck>) {
+        for check in checks {
+            match check {
+                PathCheck::Trace { sender, receivers } if sender == SOURCE => {
+                    let (members, local) = (self.members.clone(), self.local.clone());
+                    tokio::spawn(async move {
+                        let _ = local.send(trace::check_paths(receivers, members).await);
+                    });
+                }
+                PathCheck::Trace { sender, receivers } => {
+                    if let Some(c) = node.conns.accepted_from(sender) {
+                        c.send(Msg::TracePaths { to: receivers });
+                    }
+                }
+                PathCheck::Tell { receiver, senders } => {
+                    tracing::debug!(receiver, ?senders, "paths that cross no member");
+                    if let Some(c) = node.conns.accepted_from(receiver) {
+                        c.send(Msg::CleanSenders { ids: senders });
+                    }
+                }
+            }
+        }
     }
 
     /// Opens the source's fresh chunks and says who had not answered.

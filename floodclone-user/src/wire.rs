@@ -104,6 +104,18 @@ pub enum Msg {
     /// Destination -> its neighbours: how many hops I am from the source (so a neighbour
     /// can tell whether its path to me runs through the source).
     SourceDistance { hops: u8 },
+    /// Source -> destination: trace your whole path to these members (does it cross
+    /// another member?); see `floodclone_sched::overlay::PathChecks`.
+    TracePaths { to: Vec<MemberId> },
+    /// Destination -> source: the paths traced, by whether they cross no other member
+    /// (`clean`) or may (`crossed`: a member on the way, or a hop that did not answer).
+    PathsTraced {
+        clean: Vec<MemberId>,
+        crossed: Vec<MemberId>,
+    },
+    /// Source -> destination: members your routes show behind another member whose own
+    /// path to you crosses none (pull from them too). The whole list each time.
+    CleanSenders { ids: Vec<MemberId> },
 }
 
 struct Writer(Vec<u8>);
@@ -138,6 +150,12 @@ impl Writer {
         self.u32(ids.len() as u32);
         for c in ids {
             self.u32(*c);
+        }
+    }
+    fn member_ids(&mut self, ids: &[MemberId]) {
+        self.u32(ids.len() as u32);
+        for m in ids {
+            self.u16(*m);
         }
     }
     fn members(&mut self, ms: &[Member]) {
@@ -202,6 +220,10 @@ impl<'a> Reader<'a> {
         let n = self.count(4)?;
         (0..n).map(|_| self.u32()).collect()
     }
+    fn member_ids(&mut self) -> Result<Vec<MemberId>, WireError> {
+        let n = self.count(2)?;
+        (0..n).map(|_| self.u16()).collect()
+    }
     fn members(&mut self) -> Result<Vec<Member>, WireError> {
         let n = self.count(13)?;
         (0..n)
@@ -240,6 +262,9 @@ impl Msg {
             Msg::Fetching { .. } => 17,
             Msg::Failed { .. } => 18,
             Msg::SourceDistance { .. } => 19,
+            Msg::TracePaths { .. } => 20,
+            Msg::PathsTraced { .. } => 21,
+            Msg::CleanSenders { .. } => 22,
         }
     }
 
@@ -294,6 +319,11 @@ impl Msg {
             Msg::Done { elapsed_ms } => w.u64(*elapsed_ms),
             Msg::Progress { have } => w.u32(*have),
             Msg::SourceDistance { hops } => w.u8(*hops),
+            Msg::TracePaths { to: ids } | Msg::CleanSenders { ids } => w.member_ids(ids),
+            Msg::PathsTraced { clean, crossed } => {
+                w.member_ids(clean);
+                w.member_ids(crossed);
+            }
             Msg::SwarmDone => {}
         }
         let len = (w.0.len() - 4) as u32;
@@ -393,6 +423,16 @@ impl Msg {
                     .map_err(|_| WireError::Invalid("reason is not UTF-8"))?,
             },
             19 => Msg::SourceDistance { hops: r.u8()? },
+            20 => Msg::TracePaths {
+                to: r.member_ids()?,
+            },
+            21 => Msg::PathsTraced {
+                clean: r.member_ids()?,
+                crossed: r.member_ids()?,
+            },
+            22 => Msg::CleanSenders {
+                ids: r.member_ids()?,
+            },
             t => return Err(WireError::UnknownType(t)),
         };
         if !r.0.is_empty() {
@@ -502,6 +542,12 @@ mod tests {
             Msg::SwarmDone,
             Msg::Fetching { chunks: vec![7] },
             Msg::SourceDistance { hops: 3 },
+            Msg::TracePaths { to: vec![2, 5] },
+            Msg::PathsTraced {
+                clean: vec![2],
+                crossed: vec![5, 6],
+            },
+            Msg::CleanSenders { ids: vec![4] },
             Msg::Failed {
                 reason: "disk full".into(),
             },

@@ -236,20 +236,53 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
     let cfg = SchedConfig::new(opts.chunk_bytes);
     let mut max_neighbours = 0;
     let mut q = Queue::default();
+    // Every destination's view from its routes' first hops, as the daemon's lookups give.
+    let mut views: HashMap<MemberId, Vec<(MemberId, Reach)>> = topo
+        .destinations()
+        .into_iter()
+        .map(|d| {
+            let reach = node_of_member
+                .iter()
+                .enumerate()
+                .filter(|&(_, &m)| m != d)
+                .map(|(id, &m)| {
+                    let first = match route(d, m) {
+                        None => FirstHop::NoRoute,
+                        Some(p) => FirstHop::Gateway(member_of[p[1]]),
+                    };
+                    (id as MemberId, overlay::reach(id as MemberId, first).0)
+                })
+                .collect();
+            (member_of[d].expect("destinations are members"), reach)
+        })
+        .collect();
+    // The source's path checks, each trace answered from the sender's whole route.
+    let mut checks = overlay::PathChecks::default();
+    let mut clean_senders: HashMap<MemberId, Vec<MemberId>> = HashMap::new();
+    let mut pending: Vec<overlay::PathCheck> = Vec::new();
     for d in topo.destinations() {
         let me = member_of[d].expect("destinations are members");
-        let reach: Vec<(MemberId, Reach)> = node_of_member
-            .iter()
-            .enumerate()
-            .filter(|&(_, &m)| m != d)
-            .map(|(id, &m)| {
-                let first = match route(d, m) {
-                    None => FirstHop::NoRoute,
-                    Some(p) => FirstHop::Gateway(member_of[p[1]]),
-                };
-                (id as MemberId, overlay::reach(id as MemberId, first).0)
-            })
-            .collect();
+        pending.extend(checks.on_view(me, &views[&me]));
+    }
+    while let Some(check) = pending.pop() {
+        match check {
+            overlay::PathCheck::Trace { sender, receivers } => {
+                for r in receivers {
+                    let path = route(node_of_member[sender as usize], node_of_member[r as usize]);
+                    let clean = path
+                        .is_some_and(|p| p[1..p.len() - 1].iter().all(|&x| member_of[x].is_none()));
+                    pending.extend(checks.on_traced(sender, r, clean));
+                }
+            }
+            overlay::PathCheck::Tell { receiver, senders } => {
+                clean_senders.insert(receiver, senders);
+            }
+        }
+    }
+    for d in topo.destinations() {
+        let me = member_of[d].expect("destinations are members");
+        let mut reach = views.remove(&me).expect("a view per destination");
+        overlay::with_clean_senders(&mut reach, clean_senders.get(&me).map_or(&[], |c| c));
         let neighbours = overlay::data_neighbours(me, &reach);
         max_neighbours = max_neighbours.max(neighbours.len());
         let mut puller = Puller::new(

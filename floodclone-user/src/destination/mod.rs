@@ -31,6 +31,7 @@ use crate::{
     node::{self, Node, NodeError, NodeOptions, Role, Step},
     progress::{self, FeederRates, RateTracker},
     storage::{ChunkStore, StorageError},
+    trace,
     transport::{self, CLOSE_PROTOCOL},
     wire::{Member, Msg},
 };
@@ -71,6 +72,8 @@ pub async fn run(cfg: RecvConfig) -> Result<f64, NodeError> {
 enum Local {
     /// The whole file was checked and renamed into place (or why not).
     Finalized(Result<PathBuf, StorageError>),
+    /// Paths the source asked us to trace, traced (a `PathsTraced` for it).
+    Traced(Msg),
 }
 
 /// The destination's state.
@@ -94,6 +97,9 @@ struct Destination {
     /// Members whose process is gone (their kernel may still forward): the members behind
     /// them become our neighbours until they are back.
     dead: HashSet<MemberId>,
+    /// Members our routes show behind another member whose own path to us crosses none
+    /// (the source's path checks): pulled from too.
+    clean_senders: Vec<MemberId>,
     /// Members that sent chunks failing verification: never pulled from again.
     banned: HashSet<MemberId>,
     /// Our hops to the source as last told to the neighbours.
@@ -155,6 +161,12 @@ impl Role for Destination {
                 Step::Continue
             }
             Local::Finalized(Err(e)) => Step::Stop(Err(e.into())),
+            Local::Traced(answer) => {
+                if let Some(c) = node.conns.dialed_to(SOURCE) {
+                    c.send(answer);
+                }
+                Step::Continue
+            }
         };
         self.settle(node, step).await
     }
@@ -215,6 +227,7 @@ impl Destination {
             dialing: HashSet::new(),
             dead: HashSet::new(),
             banned: HashSet::new(),
+            clean_senders: Vec::new(),
             source_hops: None,
             source_lost_at: None,
             resumed_chunks: 0,
@@ -272,6 +285,7 @@ impl Destination {
         let from = node.conns.peer(key);
         // Holdings and fetches count only as told on the connection we pull over.
         let pulled_over = from.filter(|&p| node.conns.dialed_to(p).is_some_and(|c| c.key == key));
+        let from_source = pulled_over == Some(SOURCE);
         match msg {
             Msg::Welcome {
                 you,
@@ -311,6 +325,17 @@ impl Destination {
                 if let (Some(p), Some(pl)) = (from, self.puller.as_mut()) {
                     pl.peer_source_distance(p, hops);
                 }
+            }
+            // Path checks come from the source, on the connection we dialed to it.
+            Msg::TracePaths { to } if from_source => {
+                let (members, local) = (self.members.clone(), self.local.clone());
+                tokio::spawn(async move {
+                    let _ = local.send(Local::Traced(trace::check_paths(to, members).await));
+                });
+            }
+            Msg::CleanSenders { ids } if from_source => {
+                self.rediscover_needed |= ids != self.clean_senders;
+                self.clean_senders = ids;
             }
             Msg::Fetching { chunks } => {
                 if let (Some(p), Some(pl)) = (pulled_over, self.puller.as_mut()) {

@@ -37,7 +37,7 @@ impl Destination {
             });
         }
         let mut next = if self.relay {
-            discovery::data_neighbours(self.me, &views)
+            discovery::data_neighbours(self.me, &views, &self.clean_senders)
         } else {
             vec![SOURCE]
         };
@@ -155,7 +155,10 @@ impl Destination {
         if let Some(hops) = node.meters.hops_to(m.addr) {
             pl.peer_distance(p, hops);
         }
-        if let Some(&ifindex) = self.ingress.get(&p) {
+        if let Some(ifindex) = node
+            .meters
+            .ingress_of(m.addr, self.ingress.get(&p).copied())
+        {
             pl.peer_ingress(p, ifindex);
         }
     }
