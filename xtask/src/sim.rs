@@ -366,6 +366,15 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
     let mut remaining = topo.destinations().len();
     let mut events = 0u64;
     let mut sim = Sim {
+        scratch: Scratch {
+            pipe_seen: vec![0; pipes.len()],
+            link_seen: vec![0; caps.len()],
+            frozen: vec![0; pipes.len()],
+            frozen_bps: vec![0.0; caps.len()],
+            unfrozen: vec![0; caps.len()],
+            rate: vec![0.0; pipes.len()],
+            ..Default::default()
+        },
         pipes: &mut pipes,
         on_link: &on_link,
         active_on_link: &mut active_on_link,
@@ -603,6 +612,20 @@ struct Sim<'a> {
     active_on_link: &'a mut [usize],
     caps: &'a mut [f64],
     chunk_bits: f64,
+    scratch: Scratch,
+}
+
+/// Per-pipe and per-link scratch space of [`Sim::reshare`]; an entry counts in a call
+/// only when its stamp is that call's.
+#[derive(Default)]
+struct Scratch {
+    stamp: u32,
+    pipe_seen: Vec<u32>,
+    link_seen: Vec<u32>,
+    frozen: Vec<u32>,
+    frozen_bps: Vec<f64>,
+    unfrozen: Vec<usize>,
+    rate: Vec<f64>,
 }
 
 impl Sim<'_> {
@@ -674,23 +697,36 @@ impl Sim<'_> {
     /// Max-min fair rates for the active pipes connected to `start` through shared links
     /// (progressive filling), then re-times their transmissions.
     fn reshare(&mut self, start: usize, now: f64, q: &mut Queue) {
+        // Dense scratch arrays stamped per call: this runs on every pipe that starts or
+        // stops, over components of thousands of pipes in large router networks.
+        self.scratch.stamp += 1;
+        let stamp = self.scratch.stamp;
+        let Scratch {
+            pipe_seen,
+            link_seen,
+            frozen,
+            frozen_bps,
+            unfrozen,
+            rate,
+            ..
+        } = &mut self.scratch;
         // The component: active pipes reachable through shared link directions, starting
         // from `start` (which may just have gone idle: its links are then freed).
         let mut active: Vec<usize> = Vec::new();
-        let mut seen_pipe: HashSet<usize> = HashSet::new();
         let mut links: Vec<usize> = Vec::new();
-        let mut seen_link: HashSet<usize> = HashSet::new();
         let mut stack = vec![start];
-        seen_pipe.insert(start);
+        pipe_seen[start] = stamp;
         while let Some(p) = stack.pop() {
             if self.pipes[p].head.is_some() {
                 active.push(p);
             }
             for &l in &self.pipes[p].path {
-                if seen_link.insert(l) {
+                if link_seen[l] != stamp {
+                    link_seen[l] = stamp;
                     links.push(l);
                     for &o in &self.on_link[l] {
-                        if self.pipes[o].head.is_some() && seen_pipe.insert(o) {
+                        if self.pipes[o].head.is_some() && pipe_seen[o] != stamp {
+                            pipe_seen[o] = stamp;
                             stack.push(o);
                         }
                     }
@@ -704,45 +740,53 @@ impl Sim<'_> {
             }
             pp.updated = now;
         }
-        // Progressive filling.
-        let mut left: HashMap<usize, f64> = links.iter().map(|&l| (l, self.caps[l])).collect();
-        let mut count: HashMap<usize, usize> =
-            links.iter().map(|&l| (l, self.active_on_link[l])).collect();
-        let mut rate: HashMap<usize, f64> = active.iter().map(|&p| (p, 0.0)).collect();
-        let mut unfrozen: Vec<usize> = active.clone();
-        while !unfrozen.is_empty() {
-            let inc = links
-                .iter()
-                .filter(|l| count[l] > 0)
-                .map(|l| left[l] / count[l] as f64)
-                .fold(f64::INFINITY, f64::min);
-            if !inc.is_finite() {
-                break;
+        // Progressive filling, one link at a time: the pipes not yet frozen all run at a
+        // common level; the link that fills first at the lowest level freezes its pipes
+        // there. A heap of each link's filling level (stale entries skipped) makes this
+        // O(pipes x path x log links), where raising every pipe by the smallest increment
+        // per round was O(links) rounds: too slow for the giant components of networks
+        // whose members share router links.
+        for &l in &links {
+            frozen_bps[l] = 0.0;
+            unfrozen[l] = self.active_on_link[l];
+        }
+        let caps = &*self.caps;
+        // Non-negative floats order as their bits do.
+        let filling =
+            |l: usize, frozen: f64, n: usize| ((caps[l] - frozen).max(0.0) / n as f64).to_bits();
+        let mut heap: BinaryHeap<std::cmp::Reverse<(u64, usize)>> = links
+            .iter()
+            .filter(|&&l| unfrozen[l] > 0)
+            .map(|&l| std::cmp::Reverse((filling(l, 0.0, unfrozen[l]), l)))
+            .collect();
+        let mut level = 0.0f64;
+        while let Some(std::cmp::Reverse((bits, l))) = heap.pop() {
+            let n = unfrozen[l];
+            if n == 0 || filling(l, frozen_bps[l], n) != bits {
+                continue;
             }
-            for &p in &unfrozen {
-                *rate.get_mut(&p).unwrap() += inc;
-                for l in &self.pipes[p].path {
-                    *left.get_mut(l).unwrap() -= inc;
+            level = level.max(f64::from_bits(bits));
+            for &p in &self.on_link[l] {
+                if self.pipes[p].head.is_none() || frozen[p] == stamp {
+                    continue;
                 }
-            }
-            let saturated: HashSet<usize> = links
-                .iter()
-                .copied()
-                .filter(|l| count[l] > 0 && left[l] <= 1e-6 * self.caps[*l].max(1.0))
-                .collect();
-            unfrozen.retain(|&p| {
-                let frozen = self.pipes[p].path.iter().any(|l| saturated.contains(l));
-                if frozen {
-                    for l in &self.pipes[p].path {
-                        *count.get_mut(l).unwrap() -= 1;
+                frozen[p] = stamp;
+                rate[p] = level;
+                for &m in &self.pipes[p].path {
+                    frozen_bps[m] += level;
+                    unfrozen[m] -= 1;
+                    if m != l && unfrozen[m] > 0 {
+                        heap.push(std::cmp::Reverse((
+                            filling(m, frozen_bps[m], unfrozen[m]),
+                            m,
+                        )));
                     }
                 }
-                !frozen
-            });
+            }
         }
         for &p in &active {
             let pp = &mut self.pipes[p];
-            let new = rate[&p].max(1.0);
+            let new = rate[p].max(1.0);
             // Unchanged rate, same head: its completion event still holds.
             if p != start && (new - pp.rate).abs() <= 1e-9 * new {
                 continue;
