@@ -7,7 +7,7 @@ use floodclone_testbed::{
     topology::{Event, EventAction, Topology},
     Testbed,
 };
-use floodclone_tests::{addr, assert_copies, line, root_or_skip, start, Scratch};
+use floodclone_tests::{addr, assert_copies, line, root_or_skip, start, Scratch, TOKEN};
 
 const MIB: u64 = 1 << 20;
 
@@ -36,7 +36,7 @@ fn wrong_token_is_refused_and_nothing_is_written() {
             "--dest",
             &d,
             "--token",
-            "right",
+            TOKEN,
         ]),
         &scratch.0,
     );
@@ -50,7 +50,7 @@ fn wrong_token_is_refused_and_nothing_is_written() {
             "--out",
             out.to_str().unwrap(),
             "--token",
-            "wrong",
+            "a-wrong-token-but-long-enough",
             "--connect-timeout",
             "10",
         ]),
@@ -104,7 +104,7 @@ fn unwritable_output_fails_that_destination_only() {
             "--dest",
             &addr(2).to_string(),
             "--token",
-            "t",
+            TOKEN,
         ]),
         &scratch.0,
     );
@@ -120,7 +120,7 @@ fn unwritable_output_fails_that_destination_only() {
                 "--out",
                 out.to_str().unwrap(),
                 "--token",
-                "t",
+                TOKEN,
             ]),
             &scratch.0,
         ));
@@ -161,7 +161,7 @@ fn killed_relay_is_routed_around_and_resumes_without_refetching() {
     let dests: Vec<String> = (1..=3)
         .flat_map(|i| ["--dest".to_string(), addr(i).to_string()])
         .collect();
-    let mut send_args = strings(&["send", src.to_str().unwrap(), "--token", "t"]);
+    let mut send_args = strings(&["send", src.to_str().unwrap(), "--token", TOKEN]);
     send_args.extend(dests);
     let send = start(&mut bed, 0, &send_args, &scratch.0);
     let out = |i: usize| scratch.0.join(format!("d{i}.out"));
@@ -173,7 +173,7 @@ fn killed_relay_is_routed_around_and_resumes_without_refetching() {
             "--out",
             out(i).to_str().unwrap(),
             "--token",
-            "t",
+            TOKEN,
         ])
     };
     let mut recvs: Vec<_> = (1..=3)
@@ -211,14 +211,14 @@ fn recv_args(source: usize, out: &std::path::Path, extra: &[&str]) -> Vec<String
         "--out",
         out.to_str().unwrap(),
         "--token",
-        "t",
+        TOKEN,
     ]);
     v.extend(strings(extra));
     v
 }
 
 fn send_args(src: &std::path::Path, dests: impl IntoIterator<Item = usize>) -> Vec<String> {
-    let mut v = strings(&["send", src.to_str().unwrap(), "--token", "t"]);
+    let mut v = strings(&["send", src.to_str().unwrap(), "--token", TOKEN]);
     for d in dests {
         v.extend(["--dest".to_string(), addr(d).to_string()]);
     }
@@ -432,13 +432,14 @@ fn intruders_are_refused_and_a_malformed_message_closes_one_connection() {
     let (stranger, garbler) = by_hand(&bed, 2, move |ep| async move {
         let patience = std::time::Duration::from_secs(2);
         let conn = transport::dial(&ep, source, patience).await.unwrap();
-        let stranger = match transport::authenticate_dialer(&conn, "wrong").await {
-            Ok(_) => "admitted".to_string(),
-            Err(e @ (TransportError::BadToken | TransportError::Refused)) => e.to_string(),
-            Err(e) => format!("unexpected: {e}"),
-        };
+        let stranger =
+            match transport::authenticate_dialer(&conn, "a-wrong-token-but-long-enough").await {
+                Ok(_) => "admitted".to_string(),
+                Err(e @ (TransportError::BadToken | TransportError::Refused)) => e.to_string(),
+                Err(e) => format!("unexpected: {e}"),
+            };
         let conn = transport::dial(&ep, source, patience).await.unwrap();
-        let mut ctl = transport::authenticate_dialer(&conn, "t").await.unwrap();
+        let mut ctl = transport::authenticate_dialer(&conn, TOKEN).await.unwrap();
         // A frame of one byte whose message tag does not exist.
         ctl.send.write_all(&[0, 0, 0, 1, 0xff]).await.unwrap();
         let closed = tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed())
@@ -491,7 +492,7 @@ fn a_member_that_never_answers_holds_the_start_back_half_a_second_only() {
     let silent = by_hand(&bed, 2, move |ep| async move {
         let patience = std::time::Duration::from_secs(2);
         let conn = transport::dial(&ep, source, patience).await.unwrap();
-        let mut ctl = transport::authenticate_dialer(&conn, "t").await.unwrap();
+        let mut ctl = transport::authenticate_dialer(&conn, TOKEN).await.unwrap();
         ctl.send(&Msg::Hello { id: u16::MAX }).await.unwrap();
         let join = Msg::Join {
             port: 7878,
@@ -542,4 +543,134 @@ where
             out
         })
     })
+}
+
+#[test]
+fn a_missing_or_short_token_is_refused_before_anything_starts() {
+    // No root needed: the command refuses before it opens a socket or a file.
+    let scratch = Scratch::new("no-token");
+    let out = scratch.0.join("out");
+    for token in [None, Some("short")] {
+        let mut cmd = std::process::Command::new(floodclone_tests::floodclone_bin());
+        cmd.args(["recv", "--source", "127.0.0.1", "--out"])
+            .arg(&out)
+            .env_remove("FLOODCLONE_TOKEN");
+        if let Some(t) = token {
+            cmd.args(["--token", t]);
+        }
+        let done = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&done.stderr);
+        eprintln!("token {token:?}: {err}");
+        assert!(!done.status.success());
+        assert!(err.contains("floodclone token"), "names the fix: {err}");
+        assert!(!out.exists() && !scratch.0.join("out.floodclone-part").exists());
+    }
+}
+
+#[test]
+fn a_forged_welcome_from_a_token_holder_is_ignored() {
+    if !root_or_skip("a_forged_welcome_from_a_token_holder_is_ignored") {
+        return;
+    }
+    use floodclone::{manifest::Manifest, transport, wire::Msg};
+    use std::net::{SocketAddr, SocketAddrV4};
+    let scratch = Scratch::new("forged-welcome");
+    let (src, fake) = (scratch.0.join("src"), scratch.0.join("fake"));
+    write_test_file(&src, 4 * MIB, 21).unwrap();
+    write_test_file(&fake, 4 * MIB, 22).unwrap();
+    let fake_manifest = Manifest::from_file(&fake, None).unwrap();
+    let mut bed = Testbed::up(&line(&["s", "d1", "d2"], 40)).unwrap();
+    let out = scratch.0.join("d1.out");
+    // d1 waits for its source; before the source starts, d2 (holding the token) dials d1
+    // and hands it a Welcome for another file.
+    let recv = start(&mut bed, 1, &recv_args(0, &out, &[]), &scratch.0);
+    assert!(recv.wait_event("ready", 30.0).is_some());
+    let d1 = SocketAddr::V4(SocketAddrV4::new(addr(1), 7878));
+    let forger = by_hand(&bed, 2, move |ep| async move {
+        let conn = transport::dial(&ep, d1, std::time::Duration::from_secs(5))
+            .await
+            .unwrap();
+        let mut ctl = transport::authenticate_dialer(&conn, TOKEN).await.unwrap();
+        ctl.send(&Msg::Hello { id: 0 }).await.unwrap();
+        let welcome = Msg::Welcome {
+            you: 1,
+            manifest: fake_manifest,
+            members: Vec::new(),
+            relay: true,
+        };
+        ctl.send(&welcome).await.unwrap();
+        ctl.send(&Msg::SwarmDone).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    });
+    forger.join().unwrap();
+    let send = start(&mut bed, 0, &send_args(&src, 1..=1), &scratch.0);
+    recv.expect_complete("d1", 60.0);
+    assert_copies(&src, [out]);
+    assert!(send.wait_exit(&mut bed, 30.0).is_some_and(|s| s.success()));
+}
+
+#[test]
+fn recv_expect_refuses_any_other_file() {
+    if !root_or_skip("recv_expect_refuses_any_other_file") {
+        return;
+    }
+    let scratch = Scratch::new("expect");
+    let src = scratch.0.join("src");
+    write_test_file(&src, 2 * MIB, 23).unwrap();
+    let b3 = floodclone::manifest::Manifest::from_file(&src, None)
+        .unwrap()
+        .b3();
+    let wrong = format!("b3:{}", "ab".repeat(32));
+    let mut bed = Testbed::up(&line(&["s", "d1", "d2"], 40)).unwrap();
+    let out = |i: usize| scratch.0.join(format!("d{i}.out"));
+    let refuses = start(
+        &mut bed,
+        1,
+        &recv_args(0, &out(1), &["--expect", &wrong]),
+        &scratch.0,
+    );
+    let accepts = start(
+        &mut bed,
+        2,
+        &recv_args(0, &out(2), &["--expect", &b3]),
+        &scratch.0,
+    );
+    let send = start(&mut bed, 0, &send_args(&src, 1..=2), &scratch.0);
+    let status = refuses.wait_exit(&mut bed, 30.0).expect("d1 gives up");
+    let err = refuses.stderr_text();
+    eprintln!("d1 said: {err}");
+    assert!(!status.success() && err.contains("--expect"), "{err}");
+    assert!(!out(1).exists() && !scratch.0.join("d1.out.floodclone-part").exists());
+    accepts.expect_complete("d2", 60.0);
+    assert_copies(&src, [out(2)]);
+    let status = send.wait_exit(&mut bed, 30.0).expect("send ends");
+    assert!(!status.success(), "one destination failed");
+}
+
+#[test]
+fn a_source_file_changed_mid_send_stops_the_swarm_with_that_reason() {
+    if !root_or_skip("a_source_file_changed_mid_send_stops_the_swarm_with_that_reason") {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let scratch = Scratch::new("source-changed");
+    let src = scratch.0.join("src");
+    write_test_file(&src, 8 * MIB, 24).unwrap();
+    // 8 MiB over 8 Mbit/s: about 8 s, time to change the file under the source.
+    let mut bed = Testbed::up(&line(&["s", "d1"], 8)).unwrap();
+    let out = scratch.0.join("d1.out");
+    let recv = start(&mut bed, 1, &recv_args(0, &out, &[]), &scratch.0);
+    let send = start(&mut bed, 0, &send_args(&src, 1..=1), &scratch.0);
+    assert!(recv.wait_event("welcome", 30.0).is_some());
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    f.write_all_at(&vec![0x55; 4 * MIB as usize], 4 * MIB)
+        .unwrap();
+    drop(f);
+    let status = send.wait_exit(&mut bed, 30.0).expect("send stops");
+    let err = send.stderr_text();
+    eprintln!("send said: {err}");
+    assert!(!status.success());
+    assert!(err.contains("source file changed"), "{err}");
+    assert!(!out.exists(), "no copy of mixed content");
 }

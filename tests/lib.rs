@@ -15,6 +15,9 @@ use floodclone_testbed::{
     Testbed, Topology,
 };
 
+/// The swarm token every test process uses (a real one must be at least 16 characters).
+pub const TOKEN: &str = "floodclone-tests-token";
+
 /// True when the test may touch namespaces and BPF; otherwise prints why it skips.
 pub fn root_or_skip(test: &str) -> bool {
     if netns::is_root() {

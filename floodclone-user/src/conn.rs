@@ -469,6 +469,10 @@ impl Conn {
                 };
                 let mut data = match store.read_chunk(c) {
                     Ok(d) => d,
+                    Err(e @ StorageError::SourceChanged { .. }) => {
+                        ctx.report(ConnEvent::StoreFailed(e));
+                        break;
+                    }
                     Err(_) => {
                         let _ = control.send(Msg::DontHave { chunk: c });
                         continue;

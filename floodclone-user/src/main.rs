@@ -1,4 +1,4 @@
-//! The `floodclone` command: `send`, `recv` and `stats`.
+//! The `floodclone` command: `send`, `recv`, `stats` and `token`.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -15,7 +15,7 @@ use floodclone::{
     node::{self, NodeOptions, SharedLinkStats, DEFAULT_PORT},
     output::Output,
     source::{self, SendConfig},
-    stats,
+    stats, transport,
 };
 
 #[derive(Parser)]
@@ -34,15 +34,14 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 struct NodeArgs {
-    /// Shared secret of the swarm; peers without it are refused. Also read from
-    /// FLOODCLONE_TOKEN.
-    #[arg(
-        long,
-        env = "FLOODCLONE_TOKEN",
-        default_value = "",
-        hide_env_values = true
-    )]
-    token: String,
+    /// Shared secret of the swarm (at least 16 characters; `floodclone token` makes one);
+    /// peers without it are refused. Also read from FLOODCLONE_TOKEN.
+    #[arg(long, env = "FLOODCLONE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Read the token from this file instead (its first line), so it stays out of the
+    /// process list.
+    #[arg(long, conflicts_with = "token")]
+    token_file: Option<PathBuf>,
     /// UDP port this node listens on.
     #[arg(long, default_value_t = DEFAULT_PORT)]
     port: u16,
@@ -89,9 +88,15 @@ enum Cmd {
         /// Seconds to keep trying to reach the source at start.
         #[arg(long, default_value_t = 60.0)]
         connect_timeout: f64,
+        /// The file's BLAKE3 as `send` prints it (`b3:<hex>`, or what `b3sum` prints):
+        /// refuse any other file, whoever offers it.
+        #[arg(long, value_parser = parse_expect)]
+        expect: Option<[u8; 32]>,
         #[command(flatten)]
         node: NodeArgs,
     },
+    /// Print a fresh random swarm token (256 bits, hex) to pass as --token everywhere.
+    Token,
     /// Live per-link statistics measured in the kernel (eBPF): rates, bytes, QUIC RTT.
     Stats {
         /// Measurement interval in seconds.
@@ -119,6 +124,11 @@ fn parse_addr(s: &str) -> Result<(Ipv4Addr, Option<u16>), String> {
             None,
         )),
     }
+}
+
+fn parse_expect(s: &str) -> Result<[u8; 32], String> {
+    floodclone::manifest::parse_b3(s)
+        .ok_or_else(|| format!("{s:?}: expected b3: and 64 hex digits, as `send` prints it"))
 }
 
 fn seconds(what: &str, s: f64) -> Result<Duration> {
@@ -207,6 +217,7 @@ fn run(cli: Cli) -> Result<()> {
             source,
             out,
             connect_timeout,
+            expect,
             node,
         } => {
             let source = SocketAddrV4::new(source.0, source.1.unwrap_or(node.port));
@@ -215,6 +226,7 @@ fn run(cli: Cli) -> Result<()> {
                 source,
                 out,
                 seconds("--connect-timeout", connect_timeout)?,
+                expect,
             )
         }
         Cmd::Stats {
@@ -222,24 +234,40 @@ fn run(cli: Cli) -> Result<()> {
             watch,
             json,
         } => show_stats(interval, watch, json),
+        Cmd::Token => {
+            println!("{}", transport::new_token()?);
+            Ok(())
+        }
     }
 }
 
 impl NodeArgs {
-    /// The options of a node started now, with the link stats attaching in the background.
-    fn start(self) -> (NodeOptions, SharedLinkStats) {
+    /// The options of a node started now, with the link stats attaching in the background;
+    /// refused before anything starts if the token is missing or weak.
+    fn start(self) -> Result<(NodeOptions, SharedLinkStats)> {
+        let token = match (self.token, &self.token_file) {
+            (Some(t), _) => t,
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .with_context(|| format!("reading --token-file {}", path.display()))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            (None, None) => String::new(),
+        };
+        transport::check_token(&token)?;
         let started = std::time::Instant::now();
         let output = Output::new(self.json);
         let link_stats = attach_link_stats(&output);
         let opts = NodeOptions {
             port: self.port,
-            token: self.token,
+            token,
             output,
             link_stats: link_stats.clone(),
             corrupt_served: self.corrupt_served_chunks,
             started,
         };
-        (opts, link_stats)
+        Ok((opts, link_stats))
     }
 }
 
@@ -251,7 +279,7 @@ fn send(
     join_grace: Duration,
     direct: bool,
 ) -> Result<()> {
-    let (node, link_stats) = node.start();
+    let (node, link_stats) = node.start()?;
     let (output, started) = (node.output.clone(), node.started);
     let cfg = SendConfig {
         node,
@@ -305,13 +333,15 @@ fn recv(
     source: SocketAddrV4,
     out: PathBuf,
     connect_timeout: Duration,
+    expect: Option<[u8; 32]>,
 ) -> Result<()> {
-    let (node, link_stats) = node.start();
+    let (node, link_stats) = node.start()?;
     let cfg = RecvConfig {
         node,
         source,
         out,
         connect_timeout,
+        expect,
     };
     runtime()?.block_on(async {
         tokio::select! {

@@ -34,6 +34,11 @@ pub enum ManifestError {
 pub const MAX_CHUNKS: u64 = 2_000_000;
 
 impl Manifest {
+    /// The whole file's hash as `b3:<hex>`: what `b3sum` prints, and `recv --expect` takes.
+    pub fn b3(&self) -> String {
+        format!("b3:{}", hex(&self.file_hash))
+    }
+
     /// Hashes `path` in one streaming pass; memory stays at one chunk. Without a chunk
     /// size, the default for the file's size ([`default_chunk_bytes`]).
     pub fn from_file(path: &Path, chunk_bytes: Option<u32>) -> Result<Self, ManifestError> {
@@ -123,9 +128,42 @@ impl Manifest {
     }
 }
 
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A whole-file hash given as `b3:<64 hex digits>` (or the bare digits, as `b3sum` prints).
+pub fn parse_b3(s: &str) -> Option<[u8; 32]> {
+    let digits = s.strip_prefix("b3:").unwrap_or(s);
+    if digits.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(digits.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn b3_round_trips_and_rejects_malformed() {
+        let h: [u8; 32] = std::array::from_fn(|i| i as u8 * 7);
+        let m = Manifest {
+            size: 0,
+            chunk_bytes: MIN_CHUNK_BYTES,
+            chunk_hashes: Vec::new(),
+            file_hash: h,
+        };
+        assert_eq!(parse_b3(&m.b3()), Some(h));
+        assert_eq!(parse_b3(m.b3().trim_start_matches("b3:")), Some(h));
+        assert_eq!(parse_b3("b3:00"), None);
+        assert_eq!(parse_b3(&"zz".repeat(32)), None);
+    }
 
     #[test]
     fn too_many_chunks_is_refused_before_hashing() {

@@ -96,14 +96,17 @@ pub async fn run(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
             chunk_bytes: source.manifest.chunk_bytes,
             destinations: cfg.dests.len(),
             port: cfg.node.port,
+            blake3: source.manifest.b3(),
         },
         || {
             format!(
-                "serving {} bytes in {} chunks to {} destinations on UDP port {}",
+                "serving {} bytes in {} chunks to {} destinations on UDP port {}; its BLAKE3 \
+                 (for `recv --expect`): {}",
                 source.manifest.size,
                 source.manifest.chunk_count(),
                 cfg.dests.len(),
-                cfg.node.port
+                cfg.node.port,
+                source.manifest.b3()
             )
         },
     );
@@ -167,8 +170,9 @@ impl Role for Source {
             ConnEvent::ChunkStarted { reply, .. } => {
                 let _ = reply.send(false);
             }
+            // The file changed since it was hashed: nothing more can be served truthfully.
+            ConnEvent::StoreFailed(e) => return Step::Stop(Err(e.into())),
             ConnEvent::ChunkDone { .. }
-            | ConnEvent::StoreFailed(_)
             | ConnEvent::Unreachable { .. }
             | ConnEvent::DialFailed { .. } => {}
         }

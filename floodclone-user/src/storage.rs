@@ -38,6 +38,8 @@ pub enum StorageError {
     FileHashMismatch,
     #[error("chunk {0} is not held")]
     NotHeld(ChunkId),
+    #[error("source file changed: {path} no longer matches what was hashed at start (chunk {chunk}); the swarm stops rather than serve mixed content; run send again once the file is stable")]
+    SourceChanged { path: PathBuf, chunk: ChunkId },
     #[error("no room for {bytes} bytes at {path}: {source}; free space or choose another --out")]
     NoRoom {
         path: PathBuf,
@@ -181,6 +183,15 @@ impl ChunkStore {
                 path: self.path.clone(),
                 source,
             })?;
+        // The source's file may change under it (edited, or a flaky disk): checked on every
+        // read, so no destination ever gets a chunk the manifest does not vouch for. A
+        // destination's chunks were verified when written.
+        if self.out.is_none() && !self.manifest.verify_chunk(c, &buf) {
+            return Err(StorageError::SourceChanged {
+                path: self.path.clone(),
+                chunk: c,
+            });
+        }
         Ok(buf)
     }
 

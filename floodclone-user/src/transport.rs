@@ -53,6 +53,36 @@ pub enum TransportError {
     Protocol(String),
     #[error("this node's endpoint is shutting down")]
     Stopping,
+    #[error(
+        "{0}: every node must present the same secret of at least {MIN_TOKEN_CHARS} characters; \
+         make one with `floodclone token` and pass it as --token, FLOODCLONE_TOKEN or --token-file"
+    )]
+    WeakToken(&'static str),
+}
+
+/// Shortest token accepted: the token keys the MACs both ends prove, and a peer that
+/// records one exchange can guess offline; 16 characters of `floodclone token`'s hex are
+/// 64 bits.
+pub const MIN_TOKEN_CHARS: usize = 16;
+
+/// Refuses a missing or short token before anything starts.
+pub fn check_token(token: &str) -> Result<(), TransportError> {
+    match token.chars().count() {
+        0 => Err(TransportError::WeakToken("no swarm token given")),
+        n if n < MIN_TOKEN_CHARS => Err(TransportError::WeakToken("the swarm token is too short")),
+        _ => Ok(()),
+    }
+}
+
+/// A fresh random token: 256 bits from the kernel, as hex.
+pub fn new_token() -> std::io::Result<String> {
+    let mut bytes = [0u8; 32];
+    // SAFETY: getrandom fills at most the buffer it is given.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Verifies signatures but accepts any certificate: trust comes from the token MAC.

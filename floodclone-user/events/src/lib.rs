@@ -26,6 +26,8 @@ pub enum Event {
         chunk_bytes: u32,
         destinations: usize,
         port: u16,
+        /// The whole file's BLAKE3 as `b3:<hex>` (what `b3sum` prints), for `recv --expect`.
+        blake3: String,
     },
     /// Source: a destination joined.
     Joined { member: MemberId, addr: String },
@@ -254,6 +256,7 @@ mod tests {
                 chunk_bytes: 65536,
                 destinations: 2,
                 port: 7878,
+                blake3: "b3:00".into(),
             },
             Event::Joined {
                 member: 1,

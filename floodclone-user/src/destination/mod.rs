@@ -55,6 +55,9 @@ pub struct RecvConfig {
     pub out: PathBuf,
     /// How long to keep trying to reach the source at start.
     pub connect_timeout: Duration,
+    /// The whole file's BLAKE3 the copy must have (`--expect`): any other file offered is
+    /// refused before a byte of it is written.
+    pub expect: Option<[u8; 32]>,
 }
 
 /// Joins the source, fetches and re-serves chunks, writes the file. Returns seconds from
@@ -285,6 +288,8 @@ impl Destination {
         let from = node.conns.peer(key);
         // Holdings and fetches count only as told on the connection we pull over.
         let pulled_over = from.filter(|&p| node.conns.dialed_to(p).is_some_and(|c| c.key == key));
+        // What only the source may say counts only on the connection we dialed to it: a
+        // token holder that dials us cannot hand us another file, member list or ending.
         let from_source = pulled_over == Some(SOURCE);
         match msg {
             Msg::Welcome {
@@ -292,8 +297,8 @@ impl Destination {
                 manifest,
                 members,
                 relay,
-            } => return self.on_welcome(node, you, manifest, members, relay),
-            Msg::Members { members } => {
+            } if from_source => return self.on_welcome(node, you, manifest, members, relay),
+            Msg::Members { members } if from_source => {
                 self.members = with_source_addr(members, self.cfg.source);
                 self.rediscover_needed = self.me != JOINING;
             }
@@ -312,7 +317,7 @@ impl Destination {
                     pl.peer_has(p, chunk);
                 }
             }
-            Msg::FreshGrant { chunks, exhausted } => {
+            Msg::FreshGrant { chunks, exhausted } if from_source => {
                 tracing::trace!(target: "floodclone::chunks", peer = ?from, ?chunks, exhausted, "fresh granted");
                 if let (Some(p), Some(pl)) = (from, self.puller.as_mut()) {
                     pl.fresh_granted(p, &chunks, exhausted, node.now());
@@ -356,7 +361,7 @@ impl Destination {
                     c.close(CLOSE_PROTOCOL, b"not a source");
                 }
             }
-            Msg::SwarmDone if self.complete.is_some() => return Step::Stop(Ok(())),
+            Msg::SwarmDone if from_source && self.complete.is_some() => return Step::Stop(Ok(())),
             _ => {}
         }
         Step::Continue
@@ -373,6 +378,18 @@ impl Destination {
         relay: bool,
     ) -> Step {
         self.relay = relay;
+        if let Some(want) = self.cfg.expect.filter(|w| *w != manifest.file_hash) {
+            return Step::Stop(Err(NodeError::Other(format!(
+                "the source offers a file whose BLAKE3 is {}, not the {} given to --expect: \
+                 refused, nothing written",
+                manifest.b3(),
+                Manifest {
+                    file_hash: want,
+                    ..manifest.clone()
+                }
+                .b3()
+            ))));
+        }
         if let Some(store) = node.ctx.store.get() {
             if store.manifest() != &manifest {
                 return Step::Stop(Err(NodeError::Other(
@@ -467,7 +484,10 @@ impl Destination {
                     .received(p, store.manifest().chunk_range(chunk).1 as u64);
             }
             node.announce(Msg::Have { chunk });
-        } else if pl.bad_chunks(p) >= MAX_BAD_CHUNKS {
+        } else if p != SOURCE && pl.bad_chunks(p) >= MAX_BAD_CHUNKS {
+            // Never the source: without it the swarm cannot finish (and it checks every
+            // chunk it reads against the manifest, so a bad chunk from it was damaged on
+            // the way, not lied about).
             tracing::warn!(
                 peer = p,
                 "disconnecting: {} chunks failed verification; not pulling from it again",
