@@ -674,3 +674,36 @@ fn a_source_file_changed_mid_send_stops_the_swarm_with_that_reason() {
     assert!(err.contains("source file changed"), "{err}");
     assert!(!out.exists(), "no copy of mixed content");
 }
+
+#[test]
+fn a_destination_never_started_is_given_up_by_name_and_the_others_finish() {
+    if !root_or_skip("a_destination_never_started_is_given_up_by_name_and_the_others_finish") {
+        return;
+    }
+    let scratch = Scratch::new("never-started");
+    let src = scratch.0.join("src");
+    write_test_file(&src, 2 * MIB, 25).unwrap();
+    let mut bed = Testbed::up(&line(&["s", "d1", "d2"], 40)).unwrap();
+    let out = scratch.0.join("d1.out");
+    // d2 is named but never started.
+    let recv = start(&mut bed, 1, &recv_args(0, &out, &[]), &scratch.0);
+    let mut args = send_args(&src, 1..=2);
+    args.extend(strings(&["--dest-timeout", "5"]));
+    let send = start(&mut bed, 0, &args, &scratch.0);
+    recv.expect_complete("d1", 60.0);
+    let status = send
+        .wait_exit(&mut bed, 30.0)
+        .expect("send ends once the absent destination is given up");
+    let err = send.stderr_text();
+    eprintln!("send said: {err}");
+    assert!(!status.success());
+    assert!(
+        err.contains(&addr(2).to_string()) && err.contains("never joined"),
+        "names the absent destination: {err}"
+    );
+    let status = recv
+        .wait_exit(&mut bed, 30.0)
+        .expect("d1 is told the swarm is over");
+    assert!(status.success());
+    assert_copies(&src, [out]);
+}

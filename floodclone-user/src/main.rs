@@ -69,6 +69,11 @@ enum Cmd {
         /// Seconds to wait for every destination before starting with those present.
         #[arg(long, default_value_t = 3.0)]
         join_grace: f64,
+        /// Seconds after which a destination that never joined, or lost its connection
+        /// and did not come back, is given up: reported failed by name, the others
+        /// finish, and send exits non-zero.
+        #[arg(long, default_value_t = 60.0)]
+        dest_timeout: f64,
         /// Baseline for comparisons: every destination fetches from the source only, over
         /// its own connection, and nothing is relayed.
         #[arg(long)]
@@ -85,7 +90,8 @@ enum Cmd {
         /// Where the file goes. Written there only once complete and verified.
         #[arg(long)]
         out: PathBuf,
-        /// Seconds to keep trying to reach the source at start.
+        /// Seconds to keep trying to reach the source at start, and to wait for it to
+        /// come back if it goes away before the copy is complete (progress is kept).
         #[arg(long, default_value_t = 60.0)]
         connect_timeout: f64,
         /// The file's BLAKE3 as `send` prints it (`b3:<hex>`, or what `b3sum` prints):
@@ -203,6 +209,7 @@ fn run(cli: Cli) -> Result<()> {
             dests,
             chunk_size,
             join_grace,
+            dest_timeout,
             direct,
             node,
         } => {
@@ -211,7 +218,15 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|(ip, port)| SocketAddrV4::new(ip, port.unwrap_or(node.port)))
                 .collect();
             let join_grace = seconds("--join-grace", join_grace)?;
-            send(node, file, dests, chunk_size, join_grace, direct)
+            let dest_timeout = seconds("--dest-timeout", dest_timeout)?;
+            send(
+                node,
+                file,
+                dests,
+                chunk_size,
+                (join_grace, dest_timeout),
+                direct,
+            )
         }
         Cmd::Recv {
             source,
@@ -276,7 +291,7 @@ fn send(
     file: PathBuf,
     dests: Vec<SocketAddrV4>,
     chunk_bytes: Option<u32>,
-    join_grace: Duration,
+    (join_grace, dest_timeout): (Duration, Duration),
     direct: bool,
 ) -> Result<()> {
     let (node, link_stats) = node.start()?;
@@ -287,6 +302,7 @@ fn send(
         file,
         chunk_bytes,
         join_grace,
+        dest_timeout,
         direct,
     };
     let outcome = runtime()?.block_on(async {

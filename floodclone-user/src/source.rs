@@ -55,6 +55,9 @@ pub struct SendConfig {
     pub chunk_bytes: Option<u32>,
     /// How long the source waits for every destination before it starts with those present.
     pub join_grace: Duration,
+    /// A destination not joined this long after start, or without a connection to the
+    /// source this long, is given up (failed, by name): the others finish without it.
+    pub dest_timeout: Duration,
     /// Baseline mode: every destination pulls from the source only, nothing is relayed.
     pub direct: bool,
 }
@@ -123,6 +126,9 @@ struct Source {
     members: Vec<Member>,
     relay: bool,
     join_grace: Duration,
+    dest_timeout: Duration,
+    /// Joined destinations whose connection is gone, and since when.
+    lost_since: HashMap<MemberId, Instant>,
     /// When `send` started: destinations' completion is reported from here.
     started: Instant,
     /// What each joined destination holds, as it told us.
@@ -160,6 +166,7 @@ impl Role for Source {
                 if let Some(gone) = node.conns.remove(key) {
                     if let Some(p) = gone.peer.filter(|&p| node.conns.accepted_from(p).is_none()) {
                         self.holdings.remove(&p);
+                        self.lost_since.entry(p).or_insert_with(Instant::now);
                     }
                 }
                 if self.finishing.is_some() && node.conns.is_empty() {
@@ -201,6 +208,9 @@ impl Role for Source {
         let joined = self.members.iter().filter(|m| m.joined).count();
         if !self.welcomed && joined > 1 && node.start.elapsed() >= self.join_grace {
             self.start(node);
+        }
+        if self.finishing.is_none() {
+            self.give_up_on_absent(node);
         }
         if self
             .fresh_hold
@@ -245,6 +255,8 @@ impl Source {
             members,
             relay: !cfg.direct,
             join_grace: cfg.join_grace,
+            dest_timeout: cfg.dest_timeout,
+            lost_since: HashMap::new(),
             started: cfg.node.started,
             holdings: HashMap::new(),
             welcomed: false,
@@ -315,6 +327,7 @@ impl Source {
                 c.close(CLOSE_DONE, b"replaced");
             }
         }
+        self.lost_since.remove(&id);
         let m = &mut self.members[id as usize];
         m.joined = true;
         m.local_addrs = addrs;
@@ -527,6 +540,29 @@ impl Source {
         );
         self.failed.insert(id, reason);
         self.maybe_finished(node);
+    }
+
+    /// Destinations never joined, or gone, for `dest_timeout` are failed by name, so the
+    /// others are told the swarm is over and `send` ends (non-zero, naming them).
+    fn give_up_on_absent(&mut self, node: &mut Node) {
+        let secs = self.dest_timeout.as_secs_f64();
+        let absent: Vec<(MemberId, String)> = self.members[1..]
+            .iter()
+            .filter(|m| !self.done.contains_key(&m.id) && !self.failed.contains_key(&m.id))
+            .filter_map(|m| {
+                if !m.joined && node.start.elapsed() >= self.dest_timeout {
+                    Some((m.id, format!("never joined within {secs:.0} s (is `floodclone recv` running there, with this token and port?)")))
+                } else {
+                    self.lost_since
+                        .get(&m.id)
+                        .filter(|t| t.elapsed() >= self.dest_timeout)
+                        .map(|_| (m.id, format!("no connection for {secs:.0} s (host down or unreachable?)")))
+                }
+            })
+            .collect();
+        for (id, reason) in absent {
+            self.on_failed(node, id, reason);
+        }
     }
 
     /// Every destination is done or failed: everyone is told, and the source waits (up to

@@ -212,6 +212,18 @@ impl Role for Destination {
         {
             return Step::Stop(Ok(()));
         }
+        if self.complete.is_none()
+            && self
+                .source_lost_at
+                .is_some_and(|t| t.elapsed() > self.cfg.connect_timeout)
+        {
+            return Step::Stop(Err(NodeError::Other(format!(
+                "the source at {} has been unreachable for {} s; progress is kept: run the same \
+                 command to resume once it is back",
+                self.cfg.source,
+                self.cfg.connect_timeout.as_secs()
+            ))));
+        }
         Step::Continue
     }
 }
