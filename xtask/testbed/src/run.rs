@@ -173,10 +173,14 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
 
     netns::ensure_host_bpffs()?;
     let mut bed = Testbed::up(topo)?;
+    // A token of a real one's strength (floodclone refuses short ones), new every run.
     let token = format!(
-        "run-{}-{}",
+        "floodclone-run-{}-{}",
         std::process::id(),
-        Instant::now().elapsed().as_nanos()
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
     );
     let s = topo.source();
     let dests = topo.destinations();
