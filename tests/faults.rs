@@ -707,3 +707,116 @@ fn a_destination_never_started_is_given_up_by_name_and_the_others_finish() {
     assert!(status.success());
     assert_copies(&src, [out]);
 }
+
+#[test]
+fn sigterm_stops_recv_like_ctrl_c_and_leaves_no_pins() {
+    if !root_or_skip("sigterm_stops_recv_like_ctrl_c_and_leaves_no_pins") {
+        return;
+    }
+    let scratch = Scratch::new("sigterm");
+    let out = scratch.0.join("d1.out");
+    let mut bed = Testbed::up(&line(&["s", "d1"], 40)).unwrap();
+    // No source: recv waits for it, with its link-stats programs attached and pinned.
+    let recv = start(&mut bed, 1, &recv_args(0, &out, &[]), &scratch.0);
+    assert!(recv.wait_event("ready", 30.0).is_some());
+    let pid = bed.child(recv.handle).id().to_string();
+    let pinned = || {
+        std::fs::read_dir(floodclone::linkstats::PIN_ROOT)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|ns| ns.path().join(&pid).exists())
+    };
+    assert!(
+        pinned(),
+        "recv pinned its maps under {}",
+        floodclone::linkstats::PIN_ROOT
+    );
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = recv
+        .wait_exit(&mut bed, 10.0)
+        .expect("recv exits on SIGTERM");
+    let err = recv.stderr_text();
+    eprintln!("recv said: {err}");
+    assert!(!status.success() && err.contains("terminated"), "{err}");
+    assert!(!pinned(), "its pins are removed on the way out");
+}
+
+#[test]
+fn a_silent_stranger_is_dropped_and_a_request_flood_closes_its_connection() {
+    if !root_or_skip("a_silent_stranger_is_dropped_and_a_request_flood_closes_its_connection") {
+        return;
+    }
+    use floodclone::{
+        transport,
+        wire::{Msg, MAX_QUEUED_CHUNKS},
+    };
+    use std::net::{SocketAddr, SocketAddrV4};
+    let scratch = Scratch::new("flood");
+    let src = scratch.0.join("src");
+    write_test_file(&src, 4 * MIB, 26).unwrap();
+    let mut bed = Testbed::up(&line(&["s", "d1", "d2"], 40)).unwrap();
+    let out = scratch.0.join("d1.out");
+    let send = start(&mut bed, 0, &send_args(&src, 1..=1), &scratch.0);
+    assert!(send.wait_event("serving", 30.0).is_some());
+    let source = SocketAddr::V4(SocketAddrV4::new(addr(0), 7878));
+    let (silent, flood, out_of_range) = by_hand(&bed, 2, move |ep| async move {
+        let patience = std::time::Duration::from_secs(2);
+        let closed_within = |conn: quinn::Connection, secs| async move {
+            let t = std::time::Instant::now();
+            let closed = tokio::time::timeout(std::time::Duration::from_secs(secs), conn.closed())
+                .await
+                .is_ok();
+            let code = match conn.close_reason() {
+                Some(quinn::ConnectionError::ApplicationClosed(c)) => Some(c.error_code),
+                _ => None,
+            };
+            (closed, t.elapsed().as_secs_f64(), code)
+        };
+        // A stranger that completes the handshake, opens its control stream, sends two
+        // bytes of a frame header and then nothing.
+        let conn = transport::dial(&ep, source, patience).await.unwrap();
+        let (mut half, _recv) = conn.open_bi().await.unwrap();
+        half.write_all(&[0, 0]).await.unwrap();
+        let silent = closed_within(conn, 15).await;
+        // A token holder asking for more chunks than any scheduler keeps in flight.
+        let conn = transport::dial(&ep, source, patience).await.unwrap();
+        let mut ctl = transport::authenticate_dialer(&conn, TOKEN).await.unwrap();
+        let many: Vec<u32> = (0..MAX_QUEUED_CHUNKS as u32 + 1).map(|i| i % 64).collect();
+        ctl.send(&Msg::Request { chunks: many }).await.unwrap();
+        let flood = closed_within(conn, 10).await;
+        // And one asking for a chunk the file does not have.
+        let conn = transport::dial(&ep, source, patience).await.unwrap();
+        let mut ctl = transport::authenticate_dialer(&conn, TOKEN).await.unwrap();
+        ctl.send(&Msg::Request {
+            chunks: vec![u32::MAX],
+        })
+        .await
+        .unwrap();
+        let out_of_range = closed_within(conn, 10).await;
+        (silent, flood, out_of_range)
+    })
+    .join()
+    .unwrap();
+    eprintln!("silent {silent:?}, flood {flood:?}, out of range {out_of_range:?}");
+    assert!(
+        silent.0 && silent.1 < 12.0,
+        "a silent stranger is dropped: {silent:?}"
+    );
+    let protocol = Some(quinn::VarInt::from_u32(
+        floodclone::transport::CLOSE_PROTOCOL,
+    ));
+    assert!(flood.0 && flood.2 == protocol, "{flood:?}");
+    assert!(
+        out_of_range.0 && out_of_range.2 == protocol,
+        "{out_of_range:?}"
+    );
+    // The swarm goes on.
+    let recv = start(&mut bed, 1, &recv_args(0, &out, &[]), &scratch.0);
+    recv.expect_complete("d1", 60.0);
+    assert_copies(&src, [out]);
+}

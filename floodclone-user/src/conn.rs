@@ -11,7 +11,7 @@ use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, OnceLock,
     },
     time::{Duration, Instant},
@@ -25,6 +25,7 @@ use crate::{
     storage::{ChunkStore, StorageError},
     transport::{self, Control, TransportError, CLOSE_DONE, CLOSE_PROTOCOL},
     wire::Msg,
+    wire::MAX_QUEUED_CHUNKS,
 };
 
 /// A member that has not answered dials for this long is reported unreachable (and routed
@@ -130,7 +131,36 @@ pub struct ConnHandle {
     pub remote: SocketAddr,
     pub conn: Connection,
     control: mpsc::UnboundedSender<Msg>,
-    serve: mpsc::UnboundedSender<ChunkId>,
+    serve: ServeQueue,
+}
+
+/// Bytes of chunks read and being written on one connection at a time: a peer that opens
+/// streams and never reads them holds this much of our memory, no more.
+const MAX_WRITING_BYTES: u64 = 64 << 20;
+
+/// The chunk ids queued to serve on one connection, counted (so a peer cannot queue
+/// without bound).
+#[derive(Clone)]
+struct ServeQueue {
+    tx: mpsc::UnboundedSender<ChunkId>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl ServeQueue {
+    fn new() -> (Self, mpsc::UnboundedReceiver<ChunkId>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        (Self { tx, queued }, rx)
+    }
+
+    fn push(&self, c: ChunkId) {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        let _ = self.tx.send(c);
+    }
+
+    fn len(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
 }
 
 impl ConnHandle {
@@ -142,7 +172,7 @@ impl ConnHandle {
     /// Queues chunks to send, after those already queued.
     pub fn serve(&self, chunks: &[ChunkId]) {
         for &c in chunks {
-            let _ = self.serve.send(c);
+            self.serve.push(c);
         }
     }
 
@@ -231,12 +261,21 @@ impl Connections {
 
 /// Accepts connections until the endpoint closes.
 pub fn spawn_acceptor(ep: Endpoint, ctx: Arc<ConnContext>) {
+    // Connections not yet authenticated, at most: strangers cannot pile them up.
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_UNAUTHENTICATED));
     tokio::spawn(async move {
         while let Some(incoming) = ep.accept().await {
+            let Ok(permit) = pending.clone().try_acquire_owned() else {
+                tracing::warn!(remote = %incoming.remote_address(), "refused: too many connections authenticating");
+                incoming.refuse();
+                continue;
+            };
             let ctx = ctx.clone();
             tokio::spawn(async move {
                 let Ok(conn) = incoming.await else { return };
-                match transport::authenticate_acceptor(&conn, &ctx.token).await {
+                let authenticated = transport::authenticate_acceptor(&conn, &ctx.token).await;
+                drop(permit);
+                match authenticated {
                     Ok(ctl) => Conn::new(ctx, conn, false, None).run(ctl, Vec::new()).await,
                     // A dialer closes its other attempts once one is through.
                     Err(e @ TransportError::Lost(_)) => {
@@ -248,6 +287,10 @@ pub fn spawn_acceptor(ep: Endpoint, ctx: Arc<ConnContext>) {
         }
     });
 }
+
+/// Most incoming connections authenticating at once (each gets [`transport::AUTH_DEADLINE`]
+/// twice at most): far above what a swarm dials at once, far below what exhausts us.
+const MAX_UNAUTHENTICATED: usize = 256;
 
 /// Dials `addr` until it answers (or `deadline`), then runs the connection, sending
 /// `hello` first.
@@ -376,7 +419,7 @@ impl Conn {
         for m in hello {
             let _ = control.send(m);
         }
-        let (serve, serve_rx) = mpsc::unbounded_channel::<ChunkId>();
+        let (serve, serve_rx) = ServeQueue::new();
         let cancelled: Arc<Mutex<HashSet<ChunkId>>> = Arc::default();
         let mut halves = tokio::task::JoinSet::new();
         // Writer: frames from `control` onto the control stream, in order.
@@ -387,7 +430,12 @@ impl Conn {
                 }
             }
         });
-        halves.spawn(self.serving_half(serve_rx, cancelled.clone(), control.clone()));
+        halves.spawn(self.serving_half(
+            serve_rx,
+            serve.queued.clone(),
+            cancelled.clone(),
+            control.clone(),
+        ));
         if self.dialed {
             halves.spawn(self.receiving_half());
         }
@@ -404,8 +452,9 @@ impl Conn {
             tokio::select! {
                 batch = ctl_recv.recv_batch() => match batch {
                     Ok(Some(msgs)) => {
-                        for msg in msgs {
-                            self.on_msg(msg, &serve, &cancelled);
+                        if let Err(why) = msgs.into_iter().try_for_each(|m| self.on_msg(m, &serve, &cancelled)) {
+                            self.conn.close(VarInt::from_u32(CLOSE_PROTOCOL), why.as_bytes());
+                            break why.to_string();
                         }
                     }
                     Ok(None) => break "control stream ended".to_string(),
@@ -427,26 +476,40 @@ impl Conn {
     }
 
     /// Requests and cancels are served here, in arrival order; the rest goes to the role.
+    /// A request no scheduler makes (a chunk the file does not have, more outstanding than
+    /// [`MAX_QUEUED_CHUNKS`]) is an error: the connection is closed.
     fn on_msg(
         &self,
         msg: Msg,
-        serve: &mpsc::UnboundedSender<ChunkId>,
+        serve: &ServeQueue,
         cancelled: &Mutex<HashSet<ChunkId>>,
-    ) {
+    ) -> Result<(), &'static str> {
         match msg {
             Msg::Request { chunks } => {
+                let count = self.ctx.store.get().map(|s| s.manifest().chunk_count());
+                if count.is_some_and(|n| chunks.iter().any(|&c| c >= n)) {
+                    return Err("request for a chunk the file does not have");
+                }
+                if serve.len() + chunks.len() > MAX_QUEUED_CHUNKS {
+                    return Err("too many chunks requested at once");
+                }
+                let mut cancelled = cancelled.lock().unwrap();
                 for c in chunks {
-                    cancelled.lock().unwrap().remove(&c);
-                    let _ = serve.send(c);
+                    cancelled.remove(&c);
+                    serve.push(c);
                 }
             }
             Msg::Cancel { chunk } => {
-                cancelled.lock().unwrap().insert(chunk);
+                let mut cancelled = cancelled.lock().unwrap();
+                if cancelled.len() < MAX_QUEUED_CHUNKS {
+                    cancelled.insert(chunk);
+                }
             }
             msg => {
                 self.ctx.report(ConnEvent::Msg { key: self.key, msg });
             }
         }
+        Ok(())
     }
 
     /// Serving: a FIFO of requested chunks, sent one stream each with falling priority so
@@ -454,18 +517,30 @@ impl Conn {
     fn serving_half(
         &self,
         mut queue: mpsc::UnboundedReceiver<ChunkId>,
+        queued: Arc<AtomicUsize>,
         cancelled: Arc<Mutex<HashSet<ChunkId>>>,
         control: mpsc::UnboundedSender<Msg>,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let (ctx, conn) = (self.ctx.clone(), self.conn.clone());
         async move {
             let mut seq: i32 = 0;
+            let mut writing: Option<Arc<tokio::sync::Semaphore>> = None;
             while let Some(c) = queue.recv().await {
+                queued.fetch_sub(1, Ordering::Relaxed);
                 if cancelled.lock().unwrap().remove(&c) {
                     continue;
                 }
                 let Some(store) = ctx.store.get() else {
                     continue;
+                };
+                let writing = writing.get_or_insert_with(|| {
+                    let chunk = store.manifest().chunk_bytes.max(1) as u64;
+                    Arc::new(tokio::sync::Semaphore::new(
+                        (MAX_WRITING_BYTES / chunk).max(2) as usize,
+                    ))
+                });
+                let Ok(permit) = writing.clone().acquire_owned().await else {
+                    break;
                 };
                 let mut data = match store.read_chunk(c) {
                     Ok(d) => d,
@@ -496,7 +571,7 @@ impl Conn {
                     {
                         let _ = s.finish();
                     }
-                    drop(conn);
+                    drop((conn, permit));
                 });
             }
         }
@@ -572,7 +647,7 @@ mod tests {
             remote: conn.remote_address(),
             conn: conn.clone(),
             control: mpsc::unbounded_channel().0,
-            serve: mpsc::unbounded_channel().0,
+            serve: ServeQueue::new().0,
         }
     }
 

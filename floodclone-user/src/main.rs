@@ -179,6 +179,22 @@ fn detach_link_stats(stats: &SharedLinkStats) {
     stats.lock().unwrap().take();
 }
 
+/// Ctrl-C, or SIGTERM (what `systemctl stop` and `kill` send): either way the command
+/// returns, so link-stats pins and status files are removed on the way out.
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => "interrupted",
+            _ = term.recv() => "terminated",
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            "interrupted"
+        }
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -308,7 +324,7 @@ fn send(
     let outcome = runtime()?.block_on(async {
         tokio::select! {
             r = source::run(cfg) => r.map_err(anyhow::Error::from),
-            _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+            why = stop_signal() => bail!("{why}"),
         }
     })?;
     let elapsed = started.elapsed().as_secs_f64();
@@ -362,7 +378,7 @@ fn recv(
     runtime()?.block_on(async {
         tokio::select! {
             r = destination::run(cfg) => r.map(|_| ()).map_err(anyhow::Error::from),
-            _ = tokio::signal::ctrl_c() => bail!("interrupted (progress is kept: run the same command to resume)"),
+            why = stop_signal() => bail!("{why} (progress is kept: run the same command to resume)"),
         }
     })?;
     detach_link_stats(&link_stats);

@@ -14,6 +14,9 @@ pub struct Manifest {
     pub chunk_bytes: u32,
     pub chunk_hashes: Vec<[u8; 32]>,
     pub file_hash: [u8; 32],
+    /// The source file's permission bits (at most `0o777`): copies get the same, so a
+    /// private file stays private.
+    pub mode: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +50,9 @@ impl Manifest {
             source,
         };
         let mut file = File::open(path).map_err(err)?;
-        let file_bytes = file.metadata().map_err(err)?.len();
+        let meta = file.metadata().map_err(err)?;
+        let file_bytes = meta.len();
+        let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
         let chunk_bytes = chunk_bytes.unwrap_or_else(|| default_chunk_bytes(file_bytes));
         if !(MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(&chunk_bytes) {
             return Err(ManifestError::ChunkSize(chunk_bytes));
@@ -87,6 +92,7 @@ impl Manifest {
             chunk_bytes,
             chunk_hashes,
             file_hash: *whole.finalize().as_bytes(),
+            mode,
         })
     }
 
@@ -158,6 +164,7 @@ mod tests {
             chunk_bytes: MIN_CHUNK_BYTES,
             chunk_hashes: Vec::new(),
             file_hash: h,
+            mode: 0o600,
         };
         assert_eq!(parse_b3(&m.b3()), Some(h));
         assert_eq!(parse_b3(m.b3().trim_start_matches("b3:")), Some(h));

@@ -529,6 +529,13 @@ impl Source {
     }
 
     fn on_failed(&mut self, node: &mut Node, id: MemberId, reason: String) {
+        // A destination's words reach the operator's terminal: no escape sequences, and
+        // a line, not a page.
+        let reason: String = reason
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(300)
+            .collect();
         let addr = self.members[id as usize].addr;
         node.out.event(
             &Event::DestFailed {

@@ -5,8 +5,11 @@
 
 use std::{
     fs::{self, File, OpenOptions},
-    io::{Read, Write},
-    os::unix::fs::FileExt,
+    io::Write,
+    os::{
+        fd::AsRawFd,
+        unix::fs::{FileExt, OpenOptionsExt, PermissionsExt},
+    },
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -19,6 +22,12 @@ use crate::manifest::Manifest;
 pub enum StorageError {
     #[error("output {0} already exists; remove it or choose another --out")]
     OutputExists(PathBuf),
+    #[error(
+        "{0} is a symbolic link or not a regular file; refusing to write through it (remove it)"
+    )]
+    NotAFile(PathBuf),
+    #[error("another recv is writing {0} (its part file is locked); use another --out")]
+    Locked(PathBuf),
     #[error("cannot create {path}: {source} (is the directory writable, with room for the file?)")]
     Create {
         path: PathBuf,
@@ -119,13 +128,29 @@ impl ChunkStore {
             source,
         };
         let resumable = read_state(&state_path(out), &manifest);
+        // Never through a symlink planted at the part file's name, never a device or a
+        // FIFO, never shared with another recv, never readable by others while partial.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(resumable.is_none())
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&part)
-            .map_err(create_err)?;
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => StorageError::NotAFile(part.clone()),
+                _ => create_err(e),
+            })?;
+        if !file.metadata().map_err(create_err)?.file_type().is_file() {
+            return Err(StorageError::NotAFile(part));
+        }
+        // SAFETY: a valid open descriptor.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(StorageError::Locked(out.into()));
+        }
+        if resumable.is_none() {
+            file.set_len(0).map_err(create_err)?;
+        }
         file.set_len(manifest.size).map_err(create_err)?;
         reserve(&file, manifest.size).map_err(|source| StorageError::NoRoom {
             path: part.clone(),
@@ -225,7 +250,13 @@ impl ChunkStore {
         let mut body = self.manifest.file_hash.to_vec();
         body.extend_from_slice(&self.have().to_bytes());
         let write = || -> std::io::Result<()> {
-            let mut f = File::create(&tmp)?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)?;
             f.write_all(&body)?;
             f.sync_data()?;
             fs::rename(&tmp, &state)
@@ -245,28 +276,33 @@ impl ChunkStore {
             source,
         };
         self.file.sync_all().map_err(read_err)?;
+        // The file we wrote, through our own descriptor: not whatever the path names now.
         let mut hasher = blake3::Hasher::new();
-        let mut f = File::open(&self.path).map_err(read_err)?;
         let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0u64;
         loop {
-            let n = f.read(&mut buf).map_err(read_err)?;
+            let n = self.file.read_at(&mut buf, at).map_err(read_err)?;
             if n == 0 {
                 break;
             }
             hasher.update(&buf[..n]);
+            at += n as u64;
         }
         if *hasher.finalize().as_bytes() != self.manifest.file_hash {
             let _ = fs::remove_file(state_path(&out));
             return Err(StorageError::FileHashMismatch);
         }
-        if out.exists() {
-            return Err(StorageError::OutputExists(out));
-        }
         let write_err = |source| StorageError::Write {
             path: out.clone(),
             source,
         };
-        fs::rename(&self.path, &out).map_err(write_err)?;
+        self.file
+            .set_permissions(fs::Permissions::from_mode(self.manifest.mode & 0o777))
+            .map_err(write_err)?;
+        rename_noreplace(&self.path, &out).map_err(|e| match e.raw_os_error() {
+            Some(libc::EEXIST) => StorageError::OutputExists(out.clone()),
+            _ => write_err(e),
+        })?;
         if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
             if let Ok(d) = File::open(dir) {
                 let _ = d.sync_all();
@@ -274,6 +310,31 @@ impl ChunkStore {
         }
         let _ = fs::remove_file(state_path(&out));
         Ok(out)
+    }
+}
+
+/// Renames `from` to `to` unless `to` exists, atomically (no window between a check and
+/// the rename for another process to create `to`).
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::{ffi::CString, os::unix::ffi::OsStrExt};
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes()).map_err(|_| std::io::ErrorKind::InvalidInput)
+    };
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: two NUL-terminated paths that outlive the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -299,6 +360,42 @@ mod tests {
         fs::write(&src, &data).unwrap();
         let m = Manifest::from_file(&src, Some(4096)).unwrap();
         (dir, data, m)
+    }
+
+    #[test]
+    fn a_planted_symlink_a_second_writer_and_a_private_source_are_handled() {
+        let (dir, data, mut m) = setup("hostile-fs", 4096 + 10);
+        let out = dir.join("out");
+        // A symlink at the part file's name: refused, its target untouched.
+        let victim = dir.join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, part_path(&out)).unwrap();
+        assert!(matches!(
+            ChunkStore::destination(&out, m.clone()),
+            Err(StorageError::NotAFile(_))
+        ));
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        fs::remove_file(part_path(&out)).unwrap();
+        // Two writers for one output: the second is refused while the first lives.
+        m.mode = 0o600;
+        let first = ChunkStore::destination(&out, m.clone()).unwrap();
+        assert!(matches!(
+            ChunkStore::destination(&out, m.clone()),
+            Err(StorageError::Locked(_))
+        ));
+        for c in 0..m.chunk_count() {
+            let (o, l) = m.chunk_range(c);
+            first
+                .write_chunk(c, &data[o as usize..o as usize + l])
+                .unwrap();
+        }
+        // The copy gets the source's permission bits.
+        first.finalize().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 
     #[test]

@@ -180,6 +180,19 @@ fn transport_config() -> TransportConfig {
     t
 }
 
+/// What an accepted connection lets its dialer send us. A dialer pulls: chunk streams flow
+/// only toward it, so all it sends us is its control stream. Small windows and no chunk
+/// streams mean a stranger that has not yet proven the token holds next to nothing of
+/// ours (the full windows were granted before authentication: 32 MiB per connection).
+fn accepting_transport_config() -> TransportConfig {
+    let mut t = transport_config();
+    t.stream_receive_window(VarInt::from_u32(1 << 20))
+        .receive_window(VarInt::from_u32(2 << 20))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .max_concurrent_bidi_streams(VarInt::from_u32(1));
+    t
+}
+
 /// The node's endpoint on `port` (0.0.0.0), serving and dialing.
 pub fn endpoint(port: u16) -> Result<Endpoint, TransportError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -199,7 +212,7 @@ pub fn endpoint(port: u16) -> Result<Endpoint, TransportError> {
     let mut server = ServerConfig::with_crypto(Arc::new(
         QuicServerConfig::try_from(server_tls).map_err(|e| TransportError::Tls(e.to_string()))?,
     ));
-    server.transport_config(transport.clone());
+    server.transport_config(Arc::new(accepting_transport_config()));
 
     let mut client_tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -383,13 +396,17 @@ pub async fn authenticate_dialer(
     }
 }
 
+/// How long a dialer has to open its control stream, and again to prove the token, before
+/// it is dropped.
+pub const AUTH_DEADLINE: Duration = Duration::from_secs(5);
+
 /// Acceptor side: the dialer proves the token first; nothing is sent to a dialer that
 /// cannot.
 pub async fn authenticate_acceptor(
     conn: &Connection,
     token: &str,
 ) -> Result<Control, TransportError> {
-    let (send, recv) = tokio::time::timeout(Duration::from_secs(5), conn.accept_bi())
+    let (send, recv) = tokio::time::timeout(AUTH_DEADLINE, conn.accept_bi())
         .await
         .map_err(|_| TransportError::Lost("no control stream within 5 s".into()))?
         .map_err(|e| TransportError::Lost(e.to_string()))?;
@@ -401,7 +418,10 @@ pub async fn authenticate_acceptor(
             buf: Vec::new(),
         },
     };
-    match ctl.recv.recv_one(conn).await? {
+    let first = tokio::time::timeout(AUTH_DEADLINE, ctl.recv.recv_one(conn))
+        .await
+        .map_err(|_| TransportError::Lost("no token proof within the deadline".into()))??;
+    match first {
         Msg::Auth { mac } if mac_matches(&mac, &session_mac(token, conn, b"dialer")?) => {
             ctl.send(&Msg::Auth {
                 mac: session_mac(token, conn, b"acceptor")?,
