@@ -820,3 +820,41 @@ fn a_silent_stranger_is_dropped_and_a_request_flood_closes_its_connection() {
     recv.expect_complete("d1", 60.0);
     assert_copies(&src, [out]);
 }
+
+#[test]
+fn recv_gives_up_on_a_source_gone_for_good_and_keeps_its_progress() {
+    if !root_or_skip("recv_gives_up_on_a_source_gone_for_good_and_keeps_its_progress") {
+        return;
+    }
+    let scratch = Scratch::new("source-gone");
+    let src = scratch.0.join("src");
+    write_test_file(&src, 8 * MIB, 27).unwrap();
+    // 8 MiB over 8 Mbit/s: the source is killed well before the copy is complete.
+    let mut bed = Testbed::up(&line(&["s", "d1"], 8)).unwrap();
+    let out = scratch.0.join("d1.out");
+    let recv = start(
+        &mut bed,
+        1,
+        &recv_args(0, &out, &["--connect-timeout", "4"]),
+        &scratch.0,
+    );
+    let send = start(&mut bed, 0, &send_args(&src, 1..=1), &scratch.0);
+    assert!(recv.wait_event("welcome", 30.0).is_some());
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    bed.child(send.handle).kill().unwrap();
+    let status = recv
+        .wait_exit(&mut bed, 30.0)
+        .expect("recv gives up on its source");
+    let err = recv.stderr_text();
+    eprintln!("recv said: {err}");
+    assert!(!status.success());
+    assert!(
+        err.contains("unreachable") && err.contains("progress is kept"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    assert!(
+        scratch.0.join("d1.out.floodclone-state").exists(),
+        "progress kept"
+    );
+}

@@ -65,19 +65,36 @@ fn quic_send(
     bytes: usize,
     conns: usize,
 ) -> (LinkStatsResult, Vec<(u64, u64, Duration)>) {
-    let d = addr(1);
+    let (s_addr, d) = (addr(0), addr(1));
+    // The sink dials and the sender serves, as in a swarm (a dialer pulls: an accepted
+    // connection takes no chunk streams from its dialer).
     let sink = bed.in_netns(1, move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(async {
-            let ep = transport::endpoint(7900).unwrap();
             for _ in 0..conns {
-                let conn = ep.accept().await.unwrap().await.unwrap();
+                // An endpoint (a UDP port) per connection: the kernel tells flows apart by
+                // their 4-tuple, and a connection that does not spin randomises its spin
+                // bit, which would pollute a flow shared with spinning ones.
+                let ep = transport::endpoint(0).unwrap();
+                let conn = loop {
+                    match transport::dial(
+                        &ep,
+                        SocketAddr::V4(SocketAddrV4::new(s_addr, 7900)),
+                        Duration::from_secs(1),
+                    )
+                    .await
+                    {
+                        Ok(c) => break c,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                };
                 let mut s = conn.accept_uni().await.unwrap();
                 let _ = s.read_to_end(usize::MAX).await;
                 conn.closed().await;
+                ep.wait_idle().await;
             }
         })
     });
@@ -88,24 +105,10 @@ fn quic_send(
             .build()
             .unwrap();
         let views = rt.block_on(async {
+            let ep = transport::endpoint(7900).unwrap();
             let mut views = Vec::new();
             for _ in 0..conns {
-                // An endpoint (a UDP port) per connection: the kernel tells flows apart by
-                // their 4-tuple, and a connection that does not spin randomises its spin
-                // bit, which would pollute a flow shared with spinning ones.
-                let ep = transport::endpoint(0).unwrap();
-                let conn = loop {
-                    match transport::dial(
-                        &ep,
-                        SocketAddr::V4(SocketAddrV4::new(d, 7900)),
-                        Duration::from_secs(1),
-                    )
-                    .await
-                    {
-                        Ok(c) => break c,
-                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                    }
-                };
+                let conn = ep.accept().await.unwrap().await.unwrap();
                 let mut s = conn.open_uni().await.unwrap();
                 s.write_all(&vec![1u8; bytes]).await.unwrap();
                 s.finish().unwrap();
@@ -113,8 +116,8 @@ fn quic_send(
                 let st = conn.stats();
                 views.push((st.udp_tx.bytes, st.udp_tx.datagrams, conn.rtt()));
                 conn.close(0u32.into(), b"");
-                ep.wait_idle().await;
             }
+            ep.wait_idle().await;
             views
         });
         let snap = stats.snapshot().unwrap();

@@ -353,6 +353,10 @@ impl Puller {
     /// `peer` announced it is fetching `chunk`: a farther neighbour should not be asked for
     /// it, since it will soon be available nearer (so it crosses a shared path once).
     pub fn peer_fetching(&mut self, peer: MemberId, chunk: ChunkId, now: f64) {
+        // Only chunks of the file: what a peer says is fetching stays bounded by it.
+        if chunk >= self.have.len() {
+            return;
+        }
         if let Some(p) = self.peers.get_mut(&peer) {
             if !p.have.contains(chunk) {
                 p.coming.insert(chunk, now);

@@ -323,6 +323,9 @@ impl LinkStats {
         ensure_bpffs(Path::new(PIN_ROOT))?;
         sweep_dead_instances(Path::new(PIN_ROOT));
         fs::create_dir_all(pin_dir)?;
+        // This instance's maps are its owner's only (bpffs grants 0755 by default): they
+        // say who talks to whom. The directories above are shared by every instance.
+        fs::set_permissions(pin_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
         for name in [LINK_MAP_NAME, SPIN_MAP_NAME] {
             let map = ebpf.map(name).expect("checked above");
             map.pin(pin_dir.join(name))

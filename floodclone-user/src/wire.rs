@@ -450,6 +450,20 @@ impl Msg {
     }
 }
 
+/// Largest body a message of type `tag` can have: the manifest's hashes for a Welcome;
+/// for the others what the largest legitimate one holds (2M chunks, 16,384 requested,
+/// 65,535 members), with room.
+fn max_body(tag: u8) -> usize {
+    match tag {
+        3 => MAX_FRAME,         // Welcome: 32 bytes per chunk, and the members
+        4 | 5 => 8 << 20,       // Members, View: per member ~20-100 bytes
+        7 => 1 << 20,           // Bitfield: a bit per chunk
+        9 | 11 | 17 => 1 << 20, // Request, FreshGrant, Fetching: 4 bytes per chunk
+        20..=22 => 256 << 10,   // path checks: 2 bytes per member
+        _ => 64 << 10,          // the rest: a few fields, or a reason to print
+    }
+}
+
 /// Splits complete frames off the front of `buf`: returns the messages decoded and leaves a
 /// partial frame in place.
 pub fn drain_frames(buf: &mut Vec<u8>) -> Result<Vec<Msg>, WireError> {
@@ -459,6 +473,13 @@ pub fn drain_frames(buf: &mut Vec<u8>) -> Result<Vec<Msg>, WireError> {
         let len = u32::from_be_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
         if len > MAX_FRAME {
             return Err(WireError::TooLarge(len));
+        }
+        // Once the type is known, its own limit: nothing but a Welcome needs megabytes, and
+        // a peer must not make us buffer them for a View.
+        if let Some(&tag) = buf.get(at + 4) {
+            if len > max_body(tag) {
+                return Err(WireError::TooLarge(len));
+            }
         }
         if buf.len() - at - 4 < len {
             break;
@@ -598,6 +619,18 @@ mod tests {
             drain_frames(&mut huge),
             Err(WireError::TooLarge(_))
         ));
+        // A View may not claim a Welcome's size, even before its bytes arrive.
+        let mut view = ((8u32 << 20) + 1).to_be_bytes().to_vec();
+        view.push(5);
+        assert!(matches!(
+            drain_frames(&mut view),
+            Err(WireError::TooLarge(_))
+        ));
+        // Every sample is within its type's limit.
+        for m in samples() {
+            let frame = m.encode();
+            assert!(frame.len() - 4 <= max_body(frame[4]), "{m:?}");
+        }
     }
 
     /// A fuzz loop without a fuzzing engine, so it runs in every `cargo test`: random
