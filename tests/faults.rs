@@ -858,3 +858,52 @@ fn recv_gives_up_on_a_source_gone_for_good_and_keeps_its_progress() {
         "progress kept"
     );
 }
+
+#[test]
+fn a_second_claim_to_a_joined_members_address_is_refused() {
+    if !root_or_skip("a_second_claim_to_a_joined_members_address_is_refused") {
+        return;
+    }
+    use floodclone::{transport, wire::Msg};
+    use std::net::{SocketAddr, SocketAddrV4};
+    let scratch = Scratch::new("claimed-address");
+    let src = scratch.0.join("src");
+    // 8 MiB over 8 Mbit/s: d1 is still receiving when the claim comes.
+    write_test_file(&src, 8 * MIB, 28).unwrap();
+    let mut bed = Testbed::up(&line(&["s", "d1", "d2"], 8)).unwrap();
+    let out = scratch.0.join("d1.out");
+    let recv = start(&mut bed, 1, &recv_args(0, &out, &[]), &scratch.0);
+    let send = start(&mut bed, 0, &send_args(&src, 1..=1), &scratch.0);
+    assert!(recv.wait_event("welcome", 30.0).is_some());
+    // d2 holds the token and claims d1's address.
+    let source = SocketAddr::V4(SocketAddrV4::new(addr(0), 7878));
+    let claim = by_hand(&bed, 2, move |ep| async move {
+        let conn = transport::dial(&ep, source, std::time::Duration::from_secs(2))
+            .await
+            .unwrap();
+        let mut ctl = transport::authenticate_dialer(&conn, TOKEN).await.unwrap();
+        ctl.send(&Msg::Hello { id: u16::MAX }).await.unwrap();
+        let join = Msg::Join {
+            port: 7878,
+            addrs: vec![addr(1)],
+        };
+        ctl.send(&join).await.unwrap();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed()).await;
+        match conn.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(c)) => Some(c.error_code),
+            _ => None,
+        }
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        claim,
+        Some(quinn::VarInt::from_u32(
+            floodclone::transport::CLOSE_NOT_MEMBER
+        )),
+        "the claim is refused"
+    );
+    recv.expect_complete("d1", 60.0);
+    assert_copies(&src, [out]);
+    assert!(send.wait_exit(&mut bed, 30.0).is_some_and(|s| s.success()));
+}

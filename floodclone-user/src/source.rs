@@ -321,7 +321,33 @@ impl Source {
             }
             return;
         };
-        // A member that joins again (a restarted `recv`) replaces its old connection.
+        // A member joined and connected keeps its id against a claim from another host: a
+        // token holder claiming its address could otherwise take its place (and report
+        // its copy done). A claim from the member's own --dest address always wins, and a
+        // member that joins again from where it was (a restarted `recv`) replaces its old
+        // connection.
+        let held_from = node
+            .conns
+            .accepted_from(id)
+            .filter(|c| c.key != key)
+            .map(|c| node::remote_ipv4(c.remote));
+        if let Some(held_from) = held_from {
+            if held_from != remote_ip && remote_ip != Some(self.members[id as usize].addr) {
+                tracing::warn!(
+                    member = id,
+                    ?remote_ip,
+                    ?held_from,
+                    "refusing a second claim to a joined member's address"
+                );
+                if let Some(c) = node.conns.get(key) {
+                    c.close(
+                        CLOSE_NOT_MEMBER,
+                        b"that member is joined from another address",
+                    );
+                }
+                return;
+            }
+        }
         if let Some(old) = node.conns.bind(key, id) {
             if let Some(c) = node.conns.get(old) {
                 c.close(CLOSE_DONE, b"replaced");
