@@ -442,15 +442,7 @@ fn intruders_are_refused_and_a_malformed_message_closes_one_connection() {
         let mut ctl = transport::authenticate_dialer(&conn, TOKEN).await.unwrap();
         // A frame of one byte whose message tag does not exist.
         ctl.send.write_all(&[0, 0, 0, 1, 0xff]).await.unwrap();
-        let closed = tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed())
-            .await
-            .map(|e| e.to_string())
-            .unwrap_or_else(|_| "still open".into());
-        let code = match conn.close_reason() {
-            Some(quinn::ConnectionError::ApplicationClosed(c)) => Some(c.error_code),
-            _ => None,
-        };
-        (stranger, (closed, code))
+        (stranger, closed_within(&conn, 5).await)
     })
     .join()
     .unwrap();
@@ -458,7 +450,7 @@ fn intruders_are_refused_and_a_malformed_message_closes_one_connection() {
     assert_ne!(stranger, "admitted", "a wrong token got in");
     assert!(!stranger.starts_with("unexpected"), "{stranger}");
     assert_eq!(
-        garbler.1,
+        garbler.code,
         Some(quinn::VarInt::from_u32(CLOSE_PROTOCOL)),
         "{garbler:?}"
     );
@@ -766,29 +758,18 @@ fn a_silent_stranger_is_dropped_and_a_request_flood_closes_its_connection() {
     let source = SocketAddr::V4(SocketAddrV4::new(addr(0), 7878));
     let (silent, flood, out_of_range) = by_hand(&bed, 2, move |ep| async move {
         let patience = std::time::Duration::from_secs(2);
-        let closed_within = |conn: quinn::Connection, secs| async move {
-            let t = std::time::Instant::now();
-            let closed = tokio::time::timeout(std::time::Duration::from_secs(secs), conn.closed())
-                .await
-                .is_ok();
-            let code = match conn.close_reason() {
-                Some(quinn::ConnectionError::ApplicationClosed(c)) => Some(c.error_code),
-                _ => None,
-            };
-            (closed, t.elapsed().as_secs_f64(), code)
-        };
         // A stranger that completes the handshake, opens its control stream, sends two
         // bytes of a frame header and then nothing.
         let conn = transport::dial(&ep, source, patience).await.unwrap();
         let (mut half, _recv) = conn.open_bi().await.unwrap();
         half.write_all(&[0, 0]).await.unwrap();
-        let silent = closed_within(conn, 15).await;
+        let silent = closed_within(&conn, 15).await;
         // A token holder asking for more chunks than any scheduler keeps in flight.
         let conn = transport::dial(&ep, source, patience).await.unwrap();
         let mut ctl = transport::authenticate_dialer(&conn, TOKEN).await.unwrap();
         let many: Vec<u32> = (0..MAX_QUEUED_CHUNKS as u32 + 1).map(|i| i % 64).collect();
         ctl.send(&Msg::Request { chunks: many }).await.unwrap();
-        let flood = closed_within(conn, 10).await;
+        let flood = closed_within(&conn, 10).await;
         // And one asking for a chunk the file does not have.
         let conn = transport::dial(&ep, source, patience).await.unwrap();
         let mut ctl = transport::authenticate_dialer(&conn, TOKEN).await.unwrap();
@@ -797,22 +778,25 @@ fn a_silent_stranger_is_dropped_and_a_request_flood_closes_its_connection() {
         })
         .await
         .unwrap();
-        let out_of_range = closed_within(conn, 10).await;
+        let out_of_range = closed_within(&conn, 10).await;
         (silent, flood, out_of_range)
     })
     .join()
     .unwrap();
     eprintln!("silent {silent:?}, flood {flood:?}, out of range {out_of_range:?}");
     assert!(
-        silent.0 && silent.1 < 12.0,
+        silent.after_s.is_some_and(|s| s < 12.0),
         "a silent stranger is dropped: {silent:?}"
     );
     let protocol = Some(quinn::VarInt::from_u32(
         floodclone::transport::CLOSE_PROTOCOL,
     ));
-    assert!(flood.0 && flood.2 == protocol, "{flood:?}");
     assert!(
-        out_of_range.0 && out_of_range.2 == protocol,
+        flood.after_s.is_some() && flood.code == protocol,
+        "{flood:?}"
+    );
+    assert!(
+        out_of_range.after_s.is_some() && out_of_range.code == protocol,
         "{out_of_range:?}"
     );
     // The swarm goes on.
@@ -888,11 +872,7 @@ fn a_second_claim_to_a_joined_members_address_is_refused() {
             addrs: vec![addr(1)],
         };
         ctl.send(&join).await.unwrap();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed()).await;
-        match conn.close_reason() {
-            Some(quinn::ConnectionError::ApplicationClosed(c)) => Some(c.error_code),
-            _ => None,
-        }
+        closed_within(&conn, 5).await.code
     })
     .join()
     .unwrap();
@@ -906,4 +886,26 @@ fn a_second_claim_to_a_joined_members_address_is_refused() {
     recv.expect_complete("d1", 60.0);
     assert_copies(&src, [out]);
     assert!(send.wait_exit(&mut bed, 30.0).is_some_and(|s| s.success()));
+}
+
+/// How a connection ended, as its dialer saw it within a wait.
+#[derive(Debug)]
+struct Closed {
+    /// Seconds until it closed, if it did within the wait.
+    after_s: Option<f64>,
+    /// The application close code, if the peer closed it with one.
+    code: Option<quinn::VarInt>,
+}
+
+/// Waits up to `secs` for `conn` to close.
+async fn closed_within(conn: &quinn::Connection, secs: u64) -> Closed {
+    let t = std::time::Instant::now();
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(secs), conn.closed()).await;
+    Closed {
+        after_s: closed.is_ok().then(|| t.elapsed().as_secs_f64()),
+        code: match conn.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(c)) => Some(c.error_code),
+            _ => None,
+        },
+    }
 }
