@@ -270,3 +270,84 @@ fn rate_estimate_tracks_a_saturated_link() {
         );
     }
 }
+
+/// Sends `count` UDP packets to `to` from made-up source addresses 172.16.x.y (a raw
+/// socket writes the IP header itself): what a host flooding spoofed packets does.
+fn spoofed_udp_flood(to: std::net::Ipv4Addr, count: u16) {
+    // SAFETY: plain socket calls on a descriptor this function owns and closes.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        let dst = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(to).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        for i in 0..count {
+            let mut pkt = [0u8; 36];
+            pkt[0] = 0x45; // IPv4, 20-byte header
+            pkt[2..4].copy_from_slice(&36u16.to_be_bytes());
+            pkt[8] = 64; // TTL
+            pkt[9] = 17; // UDP
+            pkt[12..16].copy_from_slice(&[172, 16, (i >> 8) as u8, i as u8]);
+            pkt[16..20].copy_from_slice(&to.octets());
+            pkt[20..22].copy_from_slice(&40000u16.to_be_bytes());
+            pkt[22..24].copy_from_slice(&7878u16.to_be_bytes());
+            pkt[24..26].copy_from_slice(&16u16.to_be_bytes());
+            let sent = libc::sendto(
+                fd,
+                pkt.as_ptr().cast(),
+                pkt.len(),
+                0,
+                (&dst as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            );
+            assert_eq!(sent, 36, "sendto: {}", std::io::Error::last_os_error());
+        }
+        libc::close(fd);
+    }
+}
+
+#[test]
+fn a_daemon_counts_only_members_so_spoofed_packets_cannot_evict_them() {
+    if !root_or_skip("a_daemon_counts_only_members_so_spoofed_packets_cannot_evict_them") {
+        return;
+    }
+    use floodclone::linkstats::PinnedReader;
+    use floodclone_tests::{line, start, Scratch, TOKEN};
+    let scratch = Scratch::new("spoofed");
+    let out = scratch.0.join("d1.out");
+    let mut bed = Testbed::up(&line(&["s", "d1", "d2"], 40)).unwrap();
+    // No source: recv waits for it with its programs attached; it knows one member, `s`.
+    let args: Vec<String> = ["recv", "--source", &addr(0).to_string(), "--out"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([out.to_str().unwrap().into(), "--token".into(), TOKEN.into()])
+        .collect();
+    let recv = start(&mut bed, 1, &args, &scratch.0);
+    assert!(recv.wait_event("ready", 30.0).is_some());
+    std::thread::sleep(Duration::from_millis(500)); // a tick gives the kernel the member list
+    let d1 = addr(1);
+    bed.in_netns(2, move || spoofed_udp_flood(d1, 6000))
+        .join()
+        .unwrap();
+    let peers = bed
+        .in_netns(1, || {
+            let snap = PinnedReader::open_in_this_netns()
+                .unwrap()
+                .snapshot()
+                .unwrap();
+            snap.peers.iter().filter_map(|p| p.peer).collect::<Vec<_>>()
+        })
+        .join()
+        .unwrap();
+    eprintln!("peers counted: {peers:?}");
+    assert!(
+        peers.iter().all(|p| p.octets()[..2] != [172, 16]),
+        "a spoofed source was counted: {peers:?}"
+    );
+    assert!(peers.contains(&addr(0)), "the source is counted: {peers:?}");
+}

@@ -10,13 +10,21 @@ pub const DIR_EGRESS: u8 = 0;
 pub const DIR_INGRESS: u8 = 1;
 
 /// Capacity of the per-peer counter map. LRU: a busy host with many peers evicts the coldest.
-pub const LINK_MAP_ENTRIES: u32 = 4096;
+/// Only watched peers get entries (a daemon's members, up to [`WATCH_MAP_ENTRIES`]), on the
+/// interfaces their traffic crosses, both directions.
+pub const LINK_MAP_ENTRIES: u32 = 16384;
 /// Capacity of the spin-bit flow map (LRU).
 pub const SPIN_MAP_ENTRIES: u32 = 4096;
+
+/// Capacity of the map of peers counted (a swarm's members' addresses).
+pub const WATCH_MAP_ENTRIES: u32 = 8192;
+/// Key of the watched-peers map that means "count every peer" (0.0.0.0 never is one).
+pub const WATCH_ALL: u32 = 0;
 
 /// Names of the maps as they appear in the object and under the pin directory.
 pub const LINK_MAP_NAME: &str = "LINK_STATS";
 pub const SPIN_MAP_NAME: &str = "SPIN_STATS";
+pub const WATCH_MAP_NAME: &str = "WATCHED_PEERS";
 
 /// One direction of traffic on one interface to or from one IPv4 peer.
 #[repr(C)]

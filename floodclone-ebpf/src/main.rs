@@ -10,13 +10,13 @@ use aya_ebpf::{
     bindings::TC_ACT_PIPE,
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::{LruHashMap, LruPerCpuHashMap},
+    maps::{HashMap, LruHashMap, LruPerCpuHashMap},
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
 use floodclone_common::{
     LinkCounters, LinkKey, SpinKey, SpinState, DIR_EGRESS, DIR_INGRESS, LINK_MAP_ENTRIES,
-    SPIN_MAP_ENTRIES,
+    SPIN_MAP_ENTRIES, WATCH_ALL, WATCH_MAP_ENTRIES,
 };
 
 #[map(name = "LINK_STATS")]
@@ -27,6 +27,13 @@ static LINK_STATS: LruPerCpuHashMap<LinkKey, LinkCounters> =
 #[map(name = "SPIN_STATS")]
 static SPIN_STATS: LruHashMap<SpinKey, SpinState> =
     LruHashMap::with_max_entries(SPIN_MAP_ENTRIES, 0);
+
+/// The peers counted (IPv4, network byte order), written by userspace: a daemon lists the
+/// swarm's members, so packets from anyone else (spoofed sources included) cannot evict a
+/// member's counters from the LRU maps. The key [`WATCH_ALL`] counts every peer (what
+/// `floodclone stats` on its own wants).
+#[map(name = "WATCHED_PEERS")]
+static WATCHED_PEERS: HashMap<u32, u8> = HashMap::with_max_entries(WATCH_MAP_ENTRIES, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -87,6 +94,10 @@ fn account(ctx: &TcContext, direction: u8) -> Result<(), i64> {
     } else {
         saddr
     };
+    // SAFETY: plain lookups; the values are not held across anything.
+    if unsafe { WATCHED_PEERS.get(&peer).is_none() && WATCHED_PEERS.get(&WATCH_ALL).is_none() } {
+        return Ok(());
+    }
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let key = LinkKey {
         ifindex,

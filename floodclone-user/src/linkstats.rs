@@ -22,7 +22,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use floodclone_common::{
-    LinkCounters, LinkKey, SpinKey, SpinState, DIR_EGRESS, LINK_MAP_NAME, SPIN_MAP_NAME,
+    LinkCounters, LinkKey, SpinKey, SpinState, DIR_EGRESS, LINK_MAP_NAME, SPIN_MAP_NAME, WATCH_ALL,
+    WATCH_MAP_NAME,
 };
 
 /// The object built by build.rs from `floodclone-ebpf`.
@@ -302,10 +303,14 @@ impl LinkStats {
                     })?;
             }
         }
-        for name in [LINK_MAP_NAME, SPIN_MAP_NAME] {
+        for name in [LINK_MAP_NAME, SPIN_MAP_NAME, WATCH_MAP_NAME] {
             ebpf.map(name)
                 .ok_or_else(|| LinkStatsError::Load(format!("map {name} missing")))?;
         }
+        // Every peer is counted until a daemon says which ones it cares about.
+        watched_peers(&mut ebpf)?
+            .insert(WATCH_ALL, 1, 0)
+            .map_err(|e| LinkStatsError::Load(format!("{WATCH_MAP_NAME}: {e}")))?;
         let pinned = Self::pin(&ebpf, &pin_dir);
         if let Err(e) = &pinned {
             let _ = fs::remove_dir_all(&pin_dir);
@@ -345,6 +350,20 @@ impl LinkStats {
         self.pin_dir.as_deref()
     }
 
+    /// Counts only `peers` (added to those given before) from now on: packets from anyone
+    /// else, spoofed or not, no longer create entries that would evict theirs.
+    pub fn watch_only(&mut self, peers: &[Ipv4Addr]) -> Result<(), LinkStatsError> {
+        let mut map = watched_peers(&mut self.ebpf)?;
+        let err = |e: aya::maps::MapError| LinkStatsError::Load(format!("{WATCH_MAP_NAME}: {e}"));
+        for p in peers {
+            map.insert(u32::from(*p).to_be(), 1, 0).map_err(err)?;
+        }
+        match map.remove(&WATCH_ALL) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(err(e)),
+        }
+    }
+
     pub fn snapshot(&self) -> Result<Snapshot, LinkStatsError> {
         let link = self.ebpf.map(LINK_MAP_NAME).expect("checked at attach");
         let spin = self.ebpf.map(SPIN_MAP_NAME).expect("checked at attach");
@@ -360,6 +379,11 @@ impl Drop for LinkStats {
             let _ = fs::remove_dir(parent); // only succeeds when no other instance is left
         }
     }
+}
+
+fn watched_peers(ebpf: &mut Ebpf) -> Result<BpfHashMap<&mut MapData, u32, u8>, LinkStatsError> {
+    let map = ebpf.map_mut(WATCH_MAP_NAME).expect("checked at attach");
+    BpfHashMap::try_from(map).map_err(|e| LinkStatsError::Load(format!("{WATCH_MAP_NAME}: {e}")))
 }
 
 /// Reads another process's pinned maps.

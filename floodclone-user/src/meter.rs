@@ -44,7 +44,14 @@ impl DirectionMeter {
         if dt < MIN_SAMPLE_S {
             return;
         }
-        let bps = bytes.saturating_sub(self.last_bytes) as f64 * 8.0 / dt;
+        // Fewer bytes than last time: the kernel's entry was evicted and started again at
+        // zero, so everything it holds is new since then.
+        let moved = if bytes >= self.last_bytes {
+            bytes - self.last_bytes
+        } else {
+            bytes
+        };
+        let bps = moved as f64 * 8.0 / dt;
         let alpha = 1.0 - (-dt / SMOOTH_TAU_S).exp();
         self.smoothed_bps = Some(match self.smoothed_bps {
             Some(old) => old + alpha * (bps - old),
@@ -113,7 +120,12 @@ pub struct Meters {
 
 impl Meters {
     /// Feeds a snapshot taken `at` seconds on some monotonic clock.
+    /// Links the kernel no longer holds (evicted, or no longer counted) are dropped, so the
+    /// meters are bounded by its maps.
     pub fn update(&mut self, snap: &Snapshot, at: f64) {
+        let held: std::collections::HashSet<_> =
+            snap.peers.iter().map(|p| (p.ifindex, p.peer)).collect();
+        self.links.retain(|key, _| held.contains(key));
         for p in &snap.peers {
             let m = self
                 .links
@@ -212,6 +224,36 @@ mod tests {
         assert_eq!(hops_from_ttl(62), 3);
         assert_eq!(hops_from_ttl(127), 2);
         assert_eq!(hops_from_ttl(255), 1);
+    }
+
+    #[test]
+    fn a_counter_evicted_and_started_again_still_reads_its_rate() {
+        let mut d = DirectionMeter::default();
+        d.update(0, 0, 0.0);
+        d.update(5_000_000, 0, 1.0); // 40 Mbit/s
+        d.update(2_500_000, 0, 1.5); // evicted, then 2.5 MB in 0.5 s: 40 Mbit/s again
+        assert!((d.last_bps() - 40e6).abs() < 1e3, "{}", d.last_bps());
+    }
+
+    #[test]
+    fn links_the_kernel_no_longer_holds_are_dropped() {
+        use crate::linkstats::PeerCounters;
+        let peer = |last: u8| PeerCounters {
+            ifindex: 2,
+            peer: Some(Ipv4Addr::new(10, 0, 0, last)),
+            ..Default::default()
+        };
+        let snap = |peers| Snapshot {
+            at: std::time::Instant::now(),
+            peers,
+            spin: Vec::new(),
+        };
+        let mut meters = Meters::default();
+        meters.update(&snap(vec![peer(1), peer(2)]), 0.0);
+        assert_eq!(meters.links.len(), 2);
+        meters.update(&snap(vec![peer(2)]), 1.0);
+        let left: Vec<_> = meters.links.keys().collect();
+        assert_eq!(left, vec![&(2, Some(Ipv4Addr::new(10, 0, 0, 2)))]);
     }
 
     #[test]

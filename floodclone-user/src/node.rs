@@ -69,6 +69,10 @@ pub(crate) struct Node {
     pub start: Instant,
     pub conns: Connections,
     link_stats: SharedLinkStats,
+    /// The members' addresses, the only peers the kernel counts once it has them.
+    watched: std::collections::BTreeSet<Ipv4Addr>,
+    /// How many of `watched` the kernel has been given.
+    watched_in_kernel: usize,
     pub meters: crate::meter::Meters,
     role: &'static str,
 }
@@ -87,6 +91,8 @@ impl Node {
             start: Instant::now(),
             conns: Connections::default(),
             link_stats: opts.link_stats.clone(),
+            watched: Default::default(),
+            watched_in_kernel: 0,
             meters: Default::default(),
             role,
         })
@@ -122,9 +128,22 @@ impl Node {
         }
     }
 
+    /// From now on the kernel counts only members (these addresses and those given before).
+    /// Given to the programs at the next reading (they may still be attaching).
+    pub fn watch(&mut self, addrs: impl IntoIterator<Item = Ipv4Addr>) {
+        self.watched.extend(addrs);
+    }
+
     /// Reads the in-kernel counters (when attached) into the link meters.
     pub fn read_link_counters(&mut self) {
-        if let Some(ls) = self.link_stats.lock().unwrap().as_ref() {
+        if let Some(ls) = self.link_stats.lock().unwrap().as_mut() {
+            if self.watched.len() != self.watched_in_kernel {
+                let all: Vec<Ipv4Addr> = self.watched.iter().copied().collect();
+                if let Err(e) = ls.watch_only(&all) {
+                    tracing::warn!("link stats still count every peer, not only members: {e}");
+                }
+                self.watched_in_kernel = all.len();
+            }
             if let Ok(snap) = ls.snapshot() {
                 let at = snap.at.duration_since(self.start).as_secs_f64();
                 self.meters.update(&snap, at);

@@ -92,6 +92,7 @@ pub async fn run(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
     let local_addrs = Routes::open()?.local_addrs().await?;
     let (local_tx, mut local) = mpsc::unbounded_channel();
     let mut source = Source::new(&cfg, manifest, local_addrs, local_tx);
+    node.watch(source.members.iter().skip(1).map(|m| m.addr));
     node.out.event(
         &Event::Serving {
             bytes: source.manifest.size,
@@ -117,6 +118,22 @@ pub async fn run(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
     let tx_bytes_by_iface = node.close().await;
     result?;
     Ok(source.outcome(tx_bytes_by_iface))
+}
+
+/// Which destination a Join is from: the one whose `--dest` address the connection comes
+/// from, else the first whose address the node claims as its own (a host with several
+/// addresses may leave by another one). The address packets come from is proof of a kind;
+/// a claim is not, so it never takes a member's id from the host that has its address.
+fn member_joining(
+    members: &[Member],
+    remote_ip: Option<Ipv4Addr>,
+    claimed: &[Ipv4Addr],
+) -> Option<MemberId> {
+    let dests = || members.iter().skip(1);
+    dests()
+        .find(|m| Some(m.addr) == remote_ip)
+        .or_else(|| dests().find(|m| claimed.contains(&m.addr)))
+        .map(|m| m.id)
 }
 
 /// The source's state.
@@ -308,13 +325,7 @@ impl Source {
             .conns
             .get(key)
             .and_then(|c| node::remote_ipv4(c.remote));
-        let Some(id) = self
-            .members
-            .iter()
-            .skip(1)
-            .find(|m| addrs.contains(&m.addr) || Some(m.addr) == remote_ip)
-            .map(|m| m.id)
-        else {
+        let Some(id) = member_joining(&self.members, remote_ip, &addrs) else {
             tracing::warn!(?remote_ip, "refusing a node that is not in the --dest list");
             if let Some(c) = node.conns.get(key) {
                 c.close(CLOSE_NOT_MEMBER, b"not in the source's --dest list");
@@ -354,6 +365,7 @@ impl Source {
             }
         }
         self.lost_since.remove(&id);
+        node.watch(addrs.iter().copied().chain(remote_ip));
         let m = &mut self.members[id as usize];
         m.joined = true;
         m.local_addrs = addrs;
@@ -674,5 +686,31 @@ impl Source {
             failed,
             tx_bytes_by_iface,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_join_is_matched_by_where_it_comes_from_before_what_it_claims() {
+        let member = |id: MemberId, last: u8| Member {
+            id,
+            addr: Ipv4Addr::new(10, 100, 0, last),
+            port: 7878,
+            local_addrs: Vec::new(),
+            joined: false,
+        };
+        let members = vec![member(0, 1), member(1, 2), member(2, 3)];
+        let ip = |last| Some(Ipv4Addr::new(10, 100, 0, last));
+        // Member 2 claims member 1's address too: it still is member 2.
+        let claims = [Ipv4Addr::new(10, 100, 0, 2), Ipv4Addr::new(10, 100, 0, 3)];
+        assert_eq!(member_joining(&members, ip(3), &claims), Some(2));
+        // A host leaving by another address is matched by what it claims.
+        assert_eq!(member_joining(&members, ip(9), &claims[..1]), Some(1));
+        assert_eq!(member_joining(&members, ip(9), &[]), None);
+        // The source's own entry is never joined.
+        assert_eq!(member_joining(&members, ip(1), &[]), None);
     }
 }

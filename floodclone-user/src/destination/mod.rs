@@ -66,7 +66,7 @@ pub async fn run(cfg: RecvConfig) -> Result<f64, NodeError> {
     let mut node = Node::open(&cfg.node, "destination")?;
     let (local_tx, mut local) = mpsc::unbounded_channel();
     let mut dest = Destination::new(cfg, Routes::open()?, local_tx);
-    dest.start(&node).await?;
+    dest.start(&mut node).await?;
     let result = node::drive(&mut node, &mut dest, &mut local).await;
     dest.shut_down(&mut node, result).await
 }
@@ -257,7 +257,8 @@ impl Destination {
     }
 
     /// Dials the source (until `--connect-timeout`) to join.
-    async fn start(&mut self, node: &Node) -> Result<(), NodeError> {
+    async fn start(&mut self, node: &mut Node) -> Result<(), NodeError> {
+        node.watch([*self.cfg.source.ip()]);
         let hello = self.join_hello(self.routes.local_addrs().await?);
         node.dial(
             self.cfg.source,

@@ -21,6 +21,11 @@ impl Destination {
     /// neighbours updated (new ones dialed, ones now behind another member dropped).
     pub(super) async fn rediscover(&mut self, node: &mut Node) -> Result<(), NodeError> {
         let joined: Vec<Member> = self.members.iter().filter(|m| m.joined).cloned().collect();
+        node.watch(
+            joined
+                .iter()
+                .flat_map(|m| m.local_addrs.iter().copied().chain([m.addr])),
+        );
         let lookups = self.routes.lookups(&joined, self.me).await?;
         let mut views = discovery::classify(&self.members, &lookups);
         self.ingress = views.iter().map(|v| (v.member, v.ifindex)).collect();
