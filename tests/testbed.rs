@@ -143,3 +143,75 @@ fn ebpf_programs_load_and_count_inside_a_namespace() {
     eprintln!("eBPF saw {tx:.2} Mbit/s on the wire while TCP moved {tcp:.2} Mbit/s of payload");
     assert_within(tx, 40.0, 0.10);
 }
+
+fn pair_with(extra: &str) -> Topology {
+    Topology::parse(
+        "pair",
+        &format!(
+            r#"node = [{{name="s",role="source"}},{{name="d",role="dest"}}]
+               link = [{{a="s",b="d",mbit=40,{extra}}}]"#
+        ),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_link_with_delay_has_its_round_trip_and_keeps_its_rate() {
+    if !root_or_skip("a_link_with_delay_has_its_round_trip_and_keeps_its_rate") {
+        return;
+    }
+    use floodclone_testbed::traffic::{tcp_transfer, udp_rtts_ms};
+    let bed = Testbed::up(&pair_with("delay_ms=50")).unwrap();
+    let mut rtts = udp_rtts_ms(&bed, 0, 1, 40, std::time::Duration::from_millis(20));
+    rtts.sort_by(f64::total_cmp);
+    let median = rtts[rtts.len() / 2];
+    eprintln!(
+        "RTT over 50 ms each way: min {:.2} median {median:.2} max {:.2} ms ({} answers)",
+        rtts[0],
+        rtts.last().unwrap(),
+        rtts.len()
+    );
+    assert!(rtts.len() >= 38, "probes lost on a link without loss");
+    assert!((median - 100.0).abs() <= 1.0, "median RTT {median:.2} ms");
+    let cpu_before = bed.delay_line_cpu_s();
+    let (mbit, _) = tcp_transfer(&bed, 0, 1, 8.0);
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // the CPU figure is per second
+    let cpu = bed.delay_line_cpu_s() - cpu_before;
+    eprintln!(
+        "TCP over it: {mbit:.2} Mbit/s of payload; the delay line used {cpu:.2} s of CPU in ~9 s"
+    );
+    // A full frame carries 1448 bytes of TCP payload in 1514 on the wire: 95.6% of 40.
+    assert!(mbit >= 0.90 * 40.0 * 1448.0 / 1514.0, "{mbit:.2} Mbit/s");
+}
+
+#[test]
+fn a_lossy_link_loses_what_it_is_told_and_jitter_keeps_order() {
+    if !root_or_skip("a_lossy_link_loses_what_it_is_told_and_jitter_keeps_order") {
+        return;
+    }
+    use floodclone_testbed::traffic::{udp_delivered, udp_rtts_ms};
+    let bed = Testbed::up(&pair_with("loss_ab=0.05,delay_ms=10,jitter_ms=3")).unwrap();
+    // Round trips first: they also resolve ARP both ways, which would otherwise drop the
+    // first datagrams of a burst (the kernel queues only 101 while it asks).
+    let rtts = udp_rtts_ms(&bed, 0, 1, 100, std::time::Duration::from_millis(5));
+    // The first answer waited for ARP as well.
+    let (lo, hi) = rtts[1..]
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(l, h), &r| (l.min(r), h.max(r)));
+    eprintln!(
+        "RTT with 10 +/- 3 ms each way and 5% loss one way: {lo:.2}..{hi:.2} ms, {} of 100 answered",
+        rtts.len()
+    );
+    assert!(lo >= 13.5 && hi <= 27.0, "{lo:.2}..{hi:.2}");
+    let sent = 50_000;
+    let got = udp_delivered(&bed, 0, 1, sent, 20.0);
+    let loss = 1.0 - got as f64 / sent as f64;
+    eprintln!(
+        "{got} of {sent} datagrams arrived: {:.2}% lost (5% configured); the delay line used {:.2} s of CPU",
+        loss * 100.0,
+        bed.delay_line_cpu_s()
+    );
+    assert!((loss - 0.05).abs() <= 0.005, "loss {loss:.4}");
+    let back = udp_delivered(&bed, 1, 0, 10_000, 20.0);
+    assert_eq!(back, 10_000, "the lossless direction lost datagrams");
+}

@@ -66,6 +66,9 @@ enum Cmd {
         /// Run this floodclone binary instead of building one (to compare two builds).
         #[arg(long)]
         floodclone: Option<PathBuf>,
+        /// Add this one-way delay (ms) to every link that has none.
+        #[arg(long)]
+        delay_ms: Option<f64>,
     },
     /// Every topology on the real testbed, several runs each, against the floor and the
     /// direct baseline; prints a markdown table and writes JSON lines and the table under
@@ -90,6 +93,9 @@ enum Cmd {
         /// First seed of --random.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Add this one-way delay (ms) to every link that has none (the WAN variants).
+        #[arg(long)]
+        delay_ms: Option<f64>,
         /// Run this floodclone binary instead of building one (to compare two builds).
         #[arg(long)]
         floodclone: Option<PathBuf>,
@@ -332,9 +338,22 @@ fn main() -> Result<()> {
                 testbed::ensure_host_bpffs()?;
                 let bed = Testbed::up_with_prefix(&topo, &prefix)?;
                 let nodes: Vec<String> = (0..topo.nodes.len()).map(|i| bed.netns(i)).collect();
-                bed.persist();
                 println!("testbed {} up: {}", topo.name, nodes.join(" "));
                 println!("enter a node:  ip netns exec {} bash", nodes[0]);
+                if bed.delay_lines().is_empty() {
+                    bed.persist();
+                } else {
+                    // The delay lines are threads of this process: the testbed lives as long
+                    // as it does (the signal handler removes it).
+                    println!(
+                        "{} links have delay, jitter or loss, made by this process: the \
+                         testbed stays up until Ctrl-C",
+                        bed.delay_lines().len()
+                    );
+                    loop {
+                        std::thread::park();
+                    }
+                }
             }
             TestbedCmd::Down { file, all } => {
                 if !testbed::is_root() {
@@ -365,6 +384,7 @@ fn main() -> Result<()> {
             chunk_size,
             logs,
             floodclone,
+            delay_ms,
         } => {
             if !testbed::is_root() {
                 bail!("`cargo xtask run` builds network namespaces and loads eBPF: run it as root");
@@ -376,6 +396,10 @@ fn main() -> Result<()> {
                     .canonicalize()
                     .unwrap_or(topology),
             )?;
+            let topo = match delay_ms {
+                Some(d) => topo.with_delay_ms(d),
+                None => topo,
+            };
             eprintln!(
                 "running {} bytes over {} ({} members)",
                 size,
@@ -414,6 +438,7 @@ fn main() -> Result<()> {
             random,
             seed,
             floodclone,
+            delay_ms,
         } => {
             if !testbed::is_root() {
                 bail!(
@@ -443,6 +468,10 @@ fn main() -> Result<()> {
                         .map(|f| Topology::load(f))
                         .collect::<Result<Vec<_>, _>>()?
                 }
+            };
+            let topos: Vec<Topology> = match delay_ms {
+                Some(d) => topos.iter().map(|t| t.with_delay_ms(d)).collect(),
+                None => topos,
             };
             let dir = workspace_root().join("results");
             std::fs::create_dir_all(&dir)?;

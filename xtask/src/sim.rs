@@ -928,6 +928,7 @@ pub fn generate(g: &GenOptions) -> Topology {
                 b,
                 mbit_ab: ab,
                 mbit_ba: ba,
+                ..Default::default()
             }
         })
         .collect();

@@ -379,7 +379,40 @@ fn simplex_max(a: &[Vec<f64>], b: &[f64], c: &[f64]) -> f64 {
     t[m][width - 1]
 }
 
-/// The floor for one transfer of `bytes`.
+/// The least one-way propagation delay from the source to every node, in seconds (the
+/// sum of `delay_ms` along the best path; jitter and loss aside). `None`: not reachable.
+pub fn propagation_from_source_s(topo: &Topology) -> Vec<Option<f64>> {
+    let n = topo.nodes.len();
+    let mut best: Vec<Option<f64>> = vec![None; n];
+    best[topo.source()] = Some(0.0);
+    // Bellman-Ford: every pass relaxes each link both ways; a testbed has few nodes.
+    for _ in 0..n {
+        let mut changed = false;
+        for l in &topo.links {
+            for (u, v, d) in [
+                (l.a, l.b, l.prop_ab.delay_ms),
+                (l.b, l.a, l.prop_ba.delay_ms),
+            ] {
+                if let Some(du) = best[u] {
+                    let via = du + d / 1e3;
+                    if best[v].is_none_or(|dv| via < dv - 1e-12) {
+                        best[v] = Some(via);
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    best
+}
+
+/// The floor for one transfer of `bytes`. With propagation delay, a destination can hold
+/// nothing before the first bit has crossed the least-delay path to it and then receives
+/// at most its maxflow: its earliest completion is that delay plus N over its maxflow
+/// (exact without timed events; with them the delay is added to the delay-free figure).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Floor {
     /// (destination name, maxflow(S -> d) in bit/s at the start, earliest completion s).
@@ -404,11 +437,14 @@ pub fn floor(topo: &Topology, bytes: u64) -> Result<Floor, String> {
     let wire_bits = bits * WIRE_BYTES_PER_FRAME / QUIC_PAYLOAD_PER_FRAME;
     let mut per_dest = Vec::new();
     let (mut u, mut u_wire) = (0.0f64, 0.0f64);
+    let delay = propagation_from_source_s(topo);
     for d in topo.destinations() {
         let name = topo.nodes[d].name.clone();
-        let t = earliest_completion_s(topo, d, bits)
-            .ok_or_else(|| format!("destination {name} is cut off from the source for good"))?;
-        let tw = earliest_completion_s(topo, d, wire_bits).unwrap_or(f64::INFINITY);
+        let d_s = delay[d].unwrap_or(0.0);
+        let t = d_s
+            + earliest_completion_s(topo, d, bits)
+                .ok_or_else(|| format!("destination {name} is cut off from the source for good"))?;
+        let tw = d_s + earliest_completion_s(topo, d, wire_bits).unwrap_or(f64::INFINITY);
         per_dest.push((name, max_flow_bps(topo, d), t));
         u = u.max(t);
         u_wire = u_wire.max(tw);
@@ -417,7 +453,15 @@ pub fn floor(topo: &Topology, bytes: u64) -> Result<Floor, String> {
         per_dest,
         u_min_s: u,
         u_min_wire_s: u_wire,
-        u_min_routed_s: routed_u_min_s(topo, bits),
+        // The routed floor's worst destination is not named: add the least delay of all.
+        u_min_routed_s: routed_u_min_s(topo, bits).map(|r| {
+            r + topo
+                .destinations()
+                .iter()
+                .filter_map(|&d| delay[d])
+                .fold(f64::INFINITY, f64::min)
+                .min(1e9)
+        }),
     })
 }
 
@@ -427,6 +471,23 @@ mod tests {
 
     fn topo(text: &str) -> Topology {
         Topology::parse("t", text).unwrap()
+    }
+
+    #[test]
+    fn the_floor_adds_each_destinations_least_propagation_delay() {
+        // s -20ms- d1 -20ms- d2, and a slow direct s-d2 link of 70 ms: d2's least delay is
+        // 40 ms through d1; its maxflow is 40 + 10 Mbit/s.
+        let t = topo(
+            r#"node = [{name="s",role="source"},{name="d1",role="dest"},{name="d2",role="dest"}]
+               link = [{a="s",b="d1",mbit=40,delay_ms=20},{a="d1",b="d2",mbit=40,delay_ms=20},
+                       {a="s",b="d2",mbit=10,delay_ms=70}]"#,
+        );
+        let delay = propagation_from_source_s(&t);
+        assert_eq!(delay, vec![Some(0.0), Some(0.020), Some(0.040)]);
+        let f = floor(&t, 5_000_000).unwrap();
+        let d2 = f.per_dest.iter().find(|p| p.0 == "d2").unwrap();
+        assert!((d2.2 - (0.040 + 40e6 / 50e6)).abs() < 1e-6, "{d2:?}");
+        assert!((f.u_min_s - d2.2).abs() < 1e-9);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The emulated testbed: one network namespace per node, one veth pair per link (its own
-//! /30), one identity /32 per node on its loopback with `src` on every route, HTB on each
+//! /30; a link with delay, jitter or loss is two pairs with a [`DelayLine`] between), one identity /32 per node on its loopback with `src` on every route, HTB on each
 //! direction, routes along shortest hop paths (ties to the widest bottleneck), forwarding on
 //! and rp_filter off everywhere.
 //!
@@ -20,6 +20,7 @@ use std::{
 };
 
 use crate::{
+    delayline::{self, DelayLine},
     routing::next_hops,
     topology::{EventAction, Topology},
 };
@@ -127,6 +128,8 @@ pub struct Testbed {
     pub prefix: String,
     link_up: Vec<bool>,
     children: Vec<Child>,
+    /// The delay line of each link with propagation (delay, jitter or loss).
+    delay_lines: Vec<(usize, DelayLine)>,
     torn_down: bool,
 }
 
@@ -152,6 +155,7 @@ impl Testbed {
             prefix: prefix.to_string(),
             link_up: vec![true; topo.links.len()],
             children: Vec::new(),
+            delay_lines: Vec::new(),
             torn_down: false,
         };
         // On error, `bed` is dropped and removes what was built so far.
@@ -163,6 +167,22 @@ impl Testbed {
         format!("{}{}", self.prefix, self.topo.nodes[node].name)
     }
 
+    /// The middle namespace of link `k` (only links with propagation have one). Node names
+    /// are letters and digits, so a name with `-wire` never is one.
+    pub fn wire_netns(&self, k: usize) -> String {
+        format!("{}{k}-wire", self.prefix)
+    }
+
+    /// The delay lines running, with the link each serves.
+    pub fn delay_lines(&self) -> &[(usize, DelayLine)] {
+        &self.delay_lines
+    }
+
+    /// CPU seconds the delay lines have used so far (they run in this process).
+    pub fn delay_line_cpu_s(&self) -> f64 {
+        self.delay_lines.iter().map(|(_, l)| l.cpu_s()).sum()
+    }
+
     pub fn node_index(&self, name: &str) -> Option<usize> {
         self.topo.nodes.iter().position(|n| n.name == name)
     }
@@ -172,28 +192,51 @@ impl Testbed {
         for i in 0..topo.nodes.len() {
             ip(&["netns", "add", &self.netns(i)])?;
         }
-        let gso_max_size = GSO_MAX_SIZE.to_string();
-        for l in &topo.links {
+        for (k, l) in topo.links.iter().enumerate() {
             let (na, nb) = (&topo.nodes[l.a].name, &topo.nodes[l.b].name);
-            ip(&[
-                "link",
-                "add",
-                "name",
-                &iface_name(nb),
-                "netns",
-                &self.netns(l.a),
-                "gso_max_size",
-                &gso_max_size,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &iface_name(na),
-                "netns",
-                &self.netns(l.b),
-                "gso_max_size",
-                &gso_max_size,
-            ])?;
+            let (ns_a, ns_b) = (self.netns(l.a), self.netns(l.b));
+            if !l.has_propagation() {
+                veth(&ns_a, &iface_name(nb), &ns_b, &iface_name(na), 0)?;
+                continue;
+            }
+            // a's end - [ea  delay line  eb] - b's end. A lossy link segments at its ends,
+            // so one loss is one packet.
+            let wire = self.wire_netns(k);
+            ip(&["netns", "add", &wire])?;
+            let segs = if l.prop_ab.loss > 0.0 || l.prop_ba.loss > 0.0 {
+                1
+            } else {
+                0
+            };
+            veth(&ns_a, &iface_name(nb), &wire, delayline::END_A, segs)?;
+            veth(&ns_b, &iface_name(na), &wire, delayline::END_B, segs)?;
+            run(
+                Command::new("ip").args(["-n", &wire, "-batch", "-"]),
+                Some(&format!(
+                    "link set lo up\nlink set {} up\nlink set {} up\n",
+                    delayline::END_A,
+                    delayline::END_B
+                )),
+            )?;
+            // The middle has no addresses; it must not speak on the link either.
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", &wire, "sysctl", "-q", "-w"])
+                .args([
+                    "net.ipv6.conf.all.disable_ipv6=1",
+                    "net.ipv6.conf.default.disable_ipv6=1",
+                ]);
+            run(&mut cmd, None)?;
+            let line = DelayLine::start(
+                &format!("/run/netns/{wire}"),
+                l.prop_ab,
+                l.prop_ba,
+                k as u64,
+            )
+            .map_err(|source| TestbedError::Spawn {
+                cmd: format!("delay line of link {na}-{nb}"),
+                source,
+            })?;
+            self.delay_lines.push((k, line));
         }
         for i in 0..topo.nodes.len() {
             let mut sysctl = vec![
@@ -368,6 +411,7 @@ impl Testbed {
             return;
         }
         self.torn_down = true;
+        self.delay_lines.clear();
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
@@ -377,7 +421,8 @@ impl Testbed {
     }
 
     /// Leaves the testbed up after this value is gone (`cargo xtask testbed up`); `testbed
-    /// down` removes it.
+    /// down` removes it. Delay lines run in this process: links with propagation carry
+    /// nothing once it exits.
     pub fn persist(mut self) {
         self.torn_down = true;
         LIVE.lock().unwrap().retain(|p| p != &self.prefix);
@@ -393,6 +438,31 @@ impl Drop for Testbed {
     fn drop(&mut self) {
         self.down();
     }
+}
+
+/// A veth pair: `name_a` in namespace `ns_a`, `name_b` in `ns_b`, both with the testbed's
+/// GSO size; `gso_max_segs` > 0 caps the segments per packet (1: no offload).
+fn veth(ns_a: &str, name_a: &str, ns_b: &str, name_b: &str, gso_max_segs: u32) -> Result<()> {
+    let gso_max_size = GSO_MAX_SIZE.to_string();
+    let segs = gso_max_segs.to_string();
+    let end = |name: &'static str, ns: &str, dev: &str| {
+        let mut v = vec![
+            name.to_string(),
+            dev.to_string(),
+            "netns".into(),
+            ns.to_string(),
+        ];
+        v.extend(["gso_max_size".into(), gso_max_size.clone()]);
+        if gso_max_segs > 0 {
+            v.extend(["gso_max_segs".into(), segs.clone()]);
+        }
+        v
+    };
+    let mut args = vec!["link".to_string(), "add".into()];
+    args.extend(end("name", ns_a, name_a));
+    args.extend(["type".into(), "veth".into(), "peer".into()]);
+    args.extend(end("name", ns_b, name_b));
+    run(Command::new("ip").args(&args), None).map(|_| ())
 }
 
 /// Moves the calling thread into the network namespace at `path`.

@@ -122,6 +122,7 @@ pub fn small_network(seed: u64) -> Topology {
                 b,
                 mbit_ab,
                 mbit_ba,
+                ..Default::default()
             }
         })
         .collect();

@@ -93,6 +93,9 @@ pub struct RunReport {
     /// Their seconds summed, and those of the source's own link directions.
     pub idle_s: f64,
     pub source_idle_s: f64,
+    /// CPU seconds the testbed's delay lines used during the run (0 without propagation):
+    /// the same two cores the nodes run on.
+    pub delay_line_cpu_s: f64,
 }
 
 /// Fills `path` with `bytes` of reproducible pseudo-random data.
@@ -231,6 +234,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         .stdout(Stdio::piped())
         .stderr(log_file(&topo.nodes[s].name)?);
     let started = Instant::now();
+    let delay_cpu_at_start = bed.delay_line_cpu_s();
     let sh = bed.spawn(cmd)?;
     pipe_lines(bed.child(sh), s, tx);
 
@@ -292,6 +296,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         note(&mut seen, who, &line, started.elapsed().as_secs_f64());
     }
     let send_exit_ok = send_status.is_some_and(|s| s.success());
+    let delay_line_cpu_s = bed.delay_line_cpu_s() - delay_cpu_at_start;
     bed.down();
     let outcomes: Vec<DestOutcome> = dests
         .iter()
@@ -361,6 +366,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         None => None,
     };
     Ok(RunReport {
+        delay_line_cpu_s,
         picture,
         topology: topo.name.clone(),
         bytes: opts.bytes,
@@ -532,6 +538,16 @@ pub fn render(r: &RunReport) -> String {
             )
         }
         _ => s += &format!("FAILED: not every copy arrived verified (U_min = {:.2} s)\n", r.u_min_s),
+    }
+    if r.delay_line_cpu_s > 0.0 {
+        s += &format!(
+            "  the delay lines used {:.1} CPU s{}\n",
+            r.delay_line_cpu_s,
+            r.u_s.map_or(String::new(), |u| format!(
+                " ({:.0}% of one core)",
+                100.0 * r.delay_line_cpu_s / u
+            ))
+        );
     }
     // Routers forward along one route each: a max-flow that needs other paths is out of
     // reach, and this floor says how far.

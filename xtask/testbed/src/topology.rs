@@ -9,6 +9,9 @@
 //! a = "s"
 //! b = "d1"
 //! mbit = 40              # both directions, or mbit_ab / mbit_ba
+//! delay_ms = 20          # optional, one way; or delay_ms_ab / delay_ms_ba
+//! jitter_ms = 2          # optional: each packet's delay varies by up to this (order kept)
+//! loss = 0.005           # optional fraction of packets dropped; or loss_ab / loss_ba
 //! [[event]]
 //! at_s = 3.0
 //! link = ["s", "d1"]
@@ -44,21 +47,34 @@ pub enum Role {
 }
 
 #[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Node {
     pub name: String,
     pub role: Role,
 }
 
+// Unknown keys are errors everywhere: a misspelt `delay_ms` must not run with no delay.
 #[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawLink {
     a: String,
     b: String,
     mbit: Option<f64>,
     mbit_ab: Option<f64>,
     mbit_ba: Option<f64>,
+    delay_ms: Option<f64>,
+    delay_ms_ab: Option<f64>,
+    delay_ms_ba: Option<f64>,
+    jitter_ms: Option<f64>,
+    jitter_ms_ab: Option<f64>,
+    jitter_ms_ba: Option<f64>,
+    loss: Option<f64>,
+    loss_ab: Option<f64>,
+    loss_ba: Option<f64>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawEvent {
     at_s: f64,
     link: [String; 2],
@@ -85,12 +101,71 @@ struct RawTopology {
 }
 
 /// A link between node indices `a` and `b` with a rate per direction in Mbit/s.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Link {
     pub a: usize,
     pub b: usize,
     pub mbit_ab: f64,
     pub mbit_ba: f64,
+    /// What happens to packets a->b and b->a besides the rate.
+    pub prop_ab: Propagation,
+    pub prop_ba: Propagation,
+}
+
+impl Link {
+    /// Whether either direction has delay, jitter or loss (the testbed then puts a delay
+    /// line in the middle of the link).
+    pub fn has_propagation(&self) -> bool {
+        !self.prop_ab.is_none() || !self.prop_ba.is_none()
+    }
+}
+
+/// Propagation of one direction of a link: one-way delay, jitter and random loss.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Propagation {
+    pub delay_ms: f64,
+    /// Each packet's delay is `delay_ms` plus a uniform draw in [-jitter_ms, +jitter_ms]
+    /// (not below 0), and never earlier than the packet before it: order is kept.
+    pub jitter_ms: f64,
+    /// Fraction of packets dropped at random, 0..1.
+    pub loss: f64,
+}
+
+impl Propagation {
+    pub fn is_none(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// One value for both directions, or one per direction (`<key>_ab`, `<key>_ba`; a missing
+/// one is 0), checked to lie in `range`.
+fn per_direction(
+    what: &str,
+    key: &str,
+    both: Option<f64>,
+    ab: Option<f64>,
+    ba: Option<f64>,
+    range: std::ops::RangeInclusive<f64>,
+) -> Result<(f64, f64), TopologyError> {
+    let (ab, ba) = match (both, ab, ba) {
+        (Some(v), None, None) => (v, v),
+        (None, ab, ba) => (ab.unwrap_or(0.0), ba.unwrap_or(0.0)),
+        _ => {
+            return Err(TopologyError::Invalid(format!(
+                "{what}: give either `{key}` or `{key}_ab`/`{key}_ba`, not both"
+            )))
+        }
+    };
+    for v in [ab, ba] {
+        if !range.contains(&v) {
+            return Err(TopologyError::Invalid(format!(
+                "{what}: `{key}` must lie in {}..={}, not {v}",
+                range.start(),
+                range.end()
+            )));
+        }
+    }
+    Ok((ab, ba))
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -225,11 +300,40 @@ impl Topology {
                 l.mbit_ab,
                 l.mbit_ba,
             )?;
+            let what = format!("link {}-{}", l.a, l.b);
+            let (delay_ab, delay_ba) = per_direction(
+                &what,
+                "delay_ms",
+                l.delay_ms,
+                l.delay_ms_ab,
+                l.delay_ms_ba,
+                0.0..=10_000.0,
+            )?;
+            let (jitter_ab, jitter_ba) = per_direction(
+                &what,
+                "jitter_ms",
+                l.jitter_ms,
+                l.jitter_ms_ab,
+                l.jitter_ms_ba,
+                0.0..=10_000.0,
+            )?;
+            let (loss_ab, loss_ba) =
+                per_direction(&what, "loss", l.loss, l.loss_ab, l.loss_ba, 0.0..=0.5)?;
             links.push(Link {
                 a,
                 b,
                 mbit_ab,
                 mbit_ba,
+                prop_ab: Propagation {
+                    delay_ms: delay_ab,
+                    jitter_ms: jitter_ab,
+                    loss: loss_ab,
+                },
+                prop_ba: Propagation {
+                    delay_ms: delay_ba,
+                    jitter_ms: jitter_ba,
+                    loss: loss_ba,
+                },
             });
         }
         let mut events = Vec::new();
@@ -393,6 +497,21 @@ impl Topology {
 impl Topology {
     /// The topology as a file [`Topology::parse`] reads back (rate changes only for events
     /// that change rates; links going down and up are written as such).
+    /// The same network with `delay_ms` of one-way delay on every link that has none,
+    /// named `<name>-<delay>ms` (the WAN variants of the shipped files).
+    pub fn with_delay_ms(&self, delay_ms: f64) -> Self {
+        let mut t = self.clone();
+        for l in &mut t.links {
+            for p in [&mut l.prop_ab, &mut l.prop_ba] {
+                if p.delay_ms == 0.0 {
+                    p.delay_ms = delay_ms;
+                }
+            }
+        }
+        t.name = format!("{}-{delay_ms}ms", self.name);
+        t
+    }
+
     pub fn to_toml(&self) -> String {
         let role = |r: Role| match r {
             Role::Source => "source",
@@ -416,6 +535,15 @@ impl Topology {
                 l.mbit_ab,
                 l.mbit_ba
             );
+            for (key, ab, ba) in [
+                ("delay_ms", l.prop_ab.delay_ms, l.prop_ba.delay_ms),
+                ("jitter_ms", l.prop_ab.jitter_ms, l.prop_ba.jitter_ms),
+                ("loss", l.prop_ab.loss, l.prop_ba.loss),
+            ] {
+                if ab != 0.0 || ba != 0.0 {
+                    s += &format!("{key}_ab = {ab}\n{key}_ba = {ba}\n");
+                }
+            }
         }
         for e in &self.events {
             let l = &self.links[e.link];
@@ -498,6 +626,48 @@ mod tests {
                 mbit_ba: 5.0
             }
         );
+    }
+
+    #[test]
+    fn parses_delay_jitter_and_loss_per_direction() {
+        let both = SMALL.replace("mbit_ba = 10", "mbit_ba = 10\ndelay_ms = 20\njitter_ms = 2");
+        let l = &Topology::parse("x", &both).unwrap().links[0];
+        let want = Propagation {
+            delay_ms: 20.0,
+            jitter_ms: 2.0,
+            loss: 0.0,
+        };
+        assert_eq!((l.prop_ab, l.prop_ba), (want, want));
+        assert!(l.has_propagation());
+        let one_way = SMALL.replace(
+            "mbit_ba = 10",
+            "mbit_ba = 10\ndelay_ms_ab = 30\nloss_ba = 0.01",
+        );
+        let l = &Topology::parse("x", &one_way).unwrap().links[0];
+        assert_eq!((l.prop_ab.delay_ms, l.prop_ba.delay_ms), (30.0, 0.0));
+        assert_eq!((l.prop_ab.loss, l.prop_ba.loss), (0.0, 0.01));
+        assert!(!Topology::parse("x", SMALL).unwrap().links[0].has_propagation());
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_naming_it_and_its_line() {
+        // Line 12 of SMALL (counting the empty first line) is `mbit_ba = 10`.
+        let typo = SMALL.replace("mbit_ba = 10", "mbit_ba = 10\ndelay_msec = 20");
+        let err = Topology::parse("x", &typo).unwrap_err().to_string();
+        assert!(
+            err.contains("delay_msec") && err.contains("line 13"),
+            "{err}"
+        );
+        let in_node = SMALL.replace("role = \"dest\"", "role = \"dest\"\ncolour = 1");
+        assert!(Topology::parse("x", &in_node)
+            .unwrap_err()
+            .to_string()
+            .contains("colour"));
+        let too_lossy = SMALL.replace("mbit_ba = 10", "mbit_ba = 10\nloss = 0.9");
+        assert!(Topology::parse("x", &too_lossy)
+            .unwrap_err()
+            .to_string()
+            .contains("loss"));
     }
 
     #[test]

@@ -71,3 +71,81 @@ pub fn machine_busy_s() -> f64 {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     busy / hz
 }
+
+/// Round-trip times in milliseconds of `count` small UDP datagrams from node `from` to an
+/// echo in node `to`, one every `gap` (a ping that needs no ICMP tool).
+pub fn udp_rtts_ms(bed: &Testbed, from: usize, to: usize, count: usize, gap: Duration) -> Vec<f64> {
+    let dst = SocketAddrV4::new(identity_addr(to), 5002);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let echo = bed.in_netns(to, move || {
+        let sock = std::net::UdpSocket::bind(dst).expect("bind");
+        sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        ready_tx.send(()).unwrap();
+        let mut buf = [0u8; 64];
+        while let Ok((n, peer)) = sock.recv_from(&mut buf) {
+            let _ = sock.send_to(&buf[..n], peer);
+        }
+    });
+    ready_rx.recv().unwrap();
+    let rtts = bed
+        .in_netns(from, move || {
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+            sock.connect(dst).unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let mut rtts = Vec::new();
+            let mut buf = [0u8; 64];
+            for i in 0..count as u64 {
+                let sent = Instant::now();
+                sock.send(&i.to_be_bytes()).unwrap();
+                // Answers to earlier (lost or late) probes are skipped.
+                while let Ok(n) = sock.recv(&mut buf) {
+                    if buf[..n] == i.to_be_bytes() {
+                        rtts.push(sent.elapsed().as_secs_f64() * 1e3);
+                        break;
+                    }
+                }
+                std::thread::sleep(gap);
+            }
+            rtts
+        })
+        .join()
+        .unwrap();
+    echo.join().unwrap();
+    rtts
+}
+
+/// Sends `count` UDP datagrams of 200 bytes from node `from` to node `to` at `mbit`
+/// Mbit/s; returns how many arrived.
+pub fn udp_delivered(bed: &Testbed, from: usize, to: usize, count: u64, mbit: f64) -> u64 {
+    let dst = SocketAddrV4::new(identity_addr(to), 5003);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let receiver = bed.in_netns(to, move || {
+        let sock = std::net::UdpSocket::bind(dst).expect("bind");
+        sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        ready_tx.send(()).unwrap();
+        let mut buf = [0u8; 256];
+        let mut got = 0;
+        while sock.recv(&mut buf).is_ok() {
+            got += 1;
+        }
+        got
+    });
+    ready_rx.recv().unwrap();
+    bed.in_netns(from, move || {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        let payload = [0u8; 200];
+        let start = Instant::now();
+        let per_packet_s = (200.0 + 28.0 + 14.0) * 8.0 / (mbit * 1e6);
+        for i in 0..count {
+            let due = start + Duration::from_secs_f64(i as f64 * per_packet_s);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let _ = sock.send_to(&payload, dst);
+        }
+    })
+    .join()
+    .unwrap();
+    receiver.join().unwrap()
+}
