@@ -26,8 +26,9 @@ pub struct SchedConfig {
     /// Requests kept outstanding per neighbour, whatever its rate.
     pub min_outstanding: u32,
     pub max_outstanding: u32,
-    /// Depth of each neighbour's pipeline, in seconds at its measured rate: covers the
-    /// round trip of a request and keeps the link busy between deliveries.
+    /// Depth of each neighbour's pipeline beyond its round trip, in seconds at its
+    /// measured rate: the round trip (when known) is added, so a request's way there and
+    /// the data's way back never leave the link idle, whatever the propagation delay.
     pub queue_target_s: f64,
     /// Rate assumed for a neighbour before its first delivery.
     pub initial_rate_bps: f64,
@@ -52,7 +53,7 @@ impl SchedConfig {
         Self {
             chunk_bytes,
             min_outstanding: 2,
-            max_outstanding: 64,
+            max_outstanding: 256,
             queue_target_s: 0.12,
             initial_rate_bps: 20e6,
             endgame_slowness: 3.0,
@@ -114,6 +115,8 @@ struct Peer {
     source_hops: Option<u8>,
     /// The link its data arrives on (an interface index, or any id naming the link).
     ingress: Option<u32>,
+    /// Least round-trip time to this neighbour, seconds (the transport's).
+    rtt_s: Option<f64>,
     /// Chunks this neighbour announced it is fetching, with when.
     coming: HashMap<ChunkId, f64>,
 }
@@ -127,8 +130,13 @@ impl Peer {
             .max(1e5)
     }
 
+    /// Requests kept outstanding: twice the bandwidth-delay product of the round trip
+    /// plus `queue_target_s`, in chunks, plus one. Twice, as BBR's window gain: the rate is
+    /// measured on what the pipeline let through, and a pipeline of exactly one round trip
+    /// at that rate would hold a rising sender (a slow start) to it.
     fn budget(&self, cfg: &SchedConfig) -> u32 {
-        let chunks = self.rate_bps(cfg) / 8.0 * cfg.queue_target_s / cfg.chunk_bytes as f64;
+        let depth_s = cfg.queue_target_s + 2.0 * self.rtt_s.unwrap_or(0.0);
+        let chunks = self.rate_bps(cfg) / 8.0 * depth_s / cfg.chunk_bytes as f64;
         (chunks.ceil() as u32 + 1).clamp(cfg.min_outstanding, cfg.max_outstanding)
     }
 
@@ -255,6 +263,7 @@ impl Puller {
                 hops: None,
                 source_hops: None,
                 ingress: None,
+                rtt_s: None,
                 coming: HashMap::new(),
             },
         );
@@ -368,6 +377,13 @@ impl Puller {
     }
 
     /// A rate measured outside the scheduler (link stats); used until deliveries give one.
+    /// The least round trip to `peer` the transport has seen (seconds).
+    pub fn peer_rtt(&mut self, peer: MemberId, rtt_s: f64) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.rtt_s = Some(rtt_s.clamp(0.0, 10.0));
+        }
+    }
+
     pub fn peer_measured_rate(&mut self, peer: MemberId, bps: f64) {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.measured_bps = Some(bps);

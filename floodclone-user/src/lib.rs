@@ -3,7 +3,8 @@
 //!
 //! Modules follow the data flow of one transfer (README, "How it moves data"):
 //! - what is sent: [`manifest`] (the file's chunks and hashes), [`wire`] (the messages);
-//! - how nodes talk: [`transport`] (QUIC and the swarm token), `conn` (one connection:
+//! - how nodes talk: [`transport`] (QUIC and the swarm token; [`congestion`], its default
+//!   controller), `conn` (one connection:
 //!   serving requested chunks, receiving chunk streams);
 //! - the two roles over them: [`source`] and [`destination`], each a struct with one handler
 //!   per event, run by the one event loop in [`node`];
@@ -16,6 +17,7 @@
 //! - what a person or a script sees: [`events`] (the `--json` events), [`output`],
 //!   [`progress`].
 
+pub mod congestion;
 pub(crate) mod conn;
 pub mod destination;
 pub mod discovery;

@@ -213,6 +213,8 @@ pub struct LinkStats {
     /// daemon still measures, only `floodclone stats` cannot read it from outside.
     pin_dir: Option<PathBuf>,
     interfaces: Vec<(u32, String)>,
+    /// The programs count only the peers given to [`Self::watch_only`], not everyone.
+    watching_members: bool,
     /// Forwards the programs' log lines into `tracing` (target `floodclone_ebpf`).
     _log_drain: Option<LogDrain>,
 }
@@ -320,6 +322,7 @@ impl LinkStats {
             ebpf,
             pin_dir: pinned.ok().map(|_| pin_dir),
             interfaces,
+            watching_members: false,
             _log_drain: log_drain,
         })
     }
@@ -358,10 +361,11 @@ impl LinkStats {
         for p in peers {
             map.insert(u32::from(*p).to_be(), 1, 0).map_err(err)?;
         }
-        match map.remove(&WATCH_ALL) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(err(e)),
+        if !self.watching_members {
+            map.remove(&WATCH_ALL).map_err(err)?;
+            self.watching_members = true;
         }
+        Ok(())
     }
 
     pub fn snapshot(&self) -> Result<Snapshot, LinkStatsError> {

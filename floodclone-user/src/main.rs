@@ -16,6 +16,7 @@ use floodclone::{
     output::Output,
     source::{self, SendConfig},
     stats, transport,
+    transport::Congestion,
 };
 
 #[derive(Parser)]
@@ -51,6 +52,11 @@ struct NodeArgs {
     /// Testing only: flip a bit in every chunk this node serves (peers must detect it).
     #[arg(long, hide = true)]
     corrupt_served_chunks: bool,
+    /// Congestion controller of this node's connections: veno (additive increase, a cut
+    /// to 85% on a loss with a queue behind it, none on a random one), reno (a cut on
+    /// every loss) or bbr (quinn's BBR v1; unfair where paths are shared).
+    #[arg(long, value_enum, default_value_t = Congestion::Veno)]
+    congestion: Congestion,
 }
 
 #[derive(Subcommand)]
@@ -296,6 +302,7 @@ impl NodeArgs {
             output,
             link_stats: link_stats.clone(),
             corrupt_served: self.corrupt_served_chunks,
+            congestion: self.congestion,
             started,
         };
         Ok((opts, link_stats))

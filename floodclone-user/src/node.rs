@@ -54,6 +54,7 @@ pub struct NodeOptions {
     pub link_stats: SharedLinkStats,
     /// Testing only: flip a bit in every chunk served, so peers must reject them.
     pub corrupt_served: bool,
+    pub congestion: transport::Congestion,
     /// When the command started: the source reports each destination's completion from
     /// here, the time the user waited for it.
     pub started: Instant,
@@ -81,7 +82,7 @@ impl Node {
     /// Opens the endpoint and starts accepting connections.
     pub fn open(opts: &NodeOptions, role: &'static str) -> Result<Self, NodeError> {
         let (ctx, events) = ConnContext::new(opts.token.clone(), opts.corrupt_served);
-        let ep = transport::endpoint(opts.port)?;
+        let ep = transport::endpoint_with(opts.port, opts.congestion)?;
         conn::spawn_acceptor(ep.clone(), ctx.clone());
         Ok(Self {
             ctx,

@@ -145,13 +145,37 @@ impl ServerCertVerifier for TokenTrust {
 /// still converges like any AIMD; against foreign Reno or CUBIC flows it takes a larger
 /// share than they do. A delay-based controller (grow while the RTT stays near its minimum)
 /// was tried and starved one direction of a link used both ways: the RTT it sees includes
-/// the other direction's queue, which it cannot tell from its own.
+/// the other direction's queue, which it cannot tell from its own. The default controller
+/// ([`crate::congestion`]) cuts by this on every loss that has a queue behind it, and
+/// uses the delay only to leave random losses alone (never to cut more).
 pub const LOSS_REDUCTION: f32 = 0.85;
 
-fn congestion() -> quinn::congestion::NewRenoConfig {
-    let mut c = quinn::congestion::NewRenoConfig::default();
-    c.loss_reduction_factor(LOSS_REDUCTION);
-    c
+/// The congestion controller of every connection of a node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Congestion {
+    /// Reno's additive increase, a cut to [`LOSS_REDUCTION`] on every loss (see there).
+    Reno,
+    /// The same, but a loss that came with no queue of its own behind it is taken as
+    /// random and leaves the window alone ([`crate::congestion`]).
+    #[default]
+    Veno,
+    /// quinn's BBR (v1): paces at its estimate of the bottleneck rate and the least RTT,
+    /// so random loss does not shrink its window.
+    Bbr,
+}
+
+fn congestion(
+    kind: Congestion,
+) -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync + 'static> {
+    match kind {
+        Congestion::Reno => {
+            let mut c = quinn::congestion::NewRenoConfig::default();
+            c.loss_reduction_factor(LOSS_REDUCTION);
+            Arc::new(c)
+        }
+        Congestion::Veno => Arc::new(crate::congestion::VenoConfig),
+        Congestion::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
+    }
 }
 
 /// How long after quinn declares a path MTU black hole it searches for a larger MTU again
@@ -165,7 +189,7 @@ pub const BLACK_HOLE_COOLDOWN: Duration = Duration::from_secs(1);
 /// Transport parameters: windows sized for the bandwidth-delay product of fast links with
 /// deep queues (1 Gbit/s x 100 ms = 12.5 MB), liveness checks that notice a dead peer in
 /// seconds.
-fn transport_config() -> TransportConfig {
+fn transport_config(cc: Congestion) -> TransportConfig {
     let mut t = TransportConfig::default();
     t.stream_receive_window(VarInt::from_u32(4 << 20))
         .receive_window(VarInt::from_u32(32 << 20))
@@ -173,7 +197,7 @@ fn transport_config() -> TransportConfig {
         .max_concurrent_uni_streams(VarInt::from_u32(1024))
         .keep_alive_interval(Some(Duration::from_millis(500)))
         .max_idle_timeout(Some(VarInt::from_u32(4_000).into()));
-    t.congestion_controller_factory(Arc::new(congestion()));
+    t.congestion_controller_factory(congestion(cc));
     let mut mtud = quinn::MtuDiscoveryConfig::default();
     mtud.black_hole_cooldown(BLACK_HOLE_COOLDOWN);
     t.mtu_discovery_config(Some(mtud));
@@ -184,8 +208,8 @@ fn transport_config() -> TransportConfig {
 /// only toward it, so all it sends us is its control stream. Small windows and no chunk
 /// streams mean a stranger that has not yet proven the token holds next to nothing of
 /// ours (the full windows were granted before authentication: 32 MiB per connection).
-fn accepting_transport_config() -> TransportConfig {
-    let mut t = transport_config();
+fn accepting_transport_config(cc: Congestion) -> TransportConfig {
+    let mut t = transport_config(cc);
     t.stream_receive_window(VarInt::from_u32(1 << 20))
         .receive_window(VarInt::from_u32(2 << 20))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
@@ -193,8 +217,14 @@ fn accepting_transport_config() -> TransportConfig {
     t
 }
 
-/// The node's endpoint on `port` (0.0.0.0), serving and dialing.
+/// The node's endpoint on `port` (0.0.0.0), serving and dialing, with the default
+/// congestion controller.
 pub fn endpoint(port: u16) -> Result<Endpoint, TransportError> {
+    endpoint_with(port, Congestion::default())
+}
+
+/// The node's endpoint on `port` (0.0.0.0), its connections run by `cc`.
+pub fn endpoint_with(port: u16, cc: Congestion) -> Result<Endpoint, TransportError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = |e: rustls::Error| TransportError::Tls(e.to_string());
     let cert = rcgen::generate_simple_self_signed(vec!["floodclone".to_string()])
@@ -208,11 +238,11 @@ pub fn endpoint(port: u16) -> Result<Endpoint, TransportError> {
         .with_single_cert(vec![cert_der], key.into())
         .map_err(tls)?;
     server_tls.alpn_protocols = vec![ALPN.to_vec()];
-    let transport = Arc::new(transport_config());
+    let transport = Arc::new(transport_config(cc));
     let mut server = ServerConfig::with_crypto(Arc::new(
         QuicServerConfig::try_from(server_tls).map_err(|e| TransportError::Tls(e.to_string()))?,
     ));
-    server.transport_config(Arc::new(accepting_transport_config()));
+    server.transport_config(Arc::new(accepting_transport_config(cc)));
 
     let mut client_tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])

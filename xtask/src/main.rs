@@ -69,6 +69,10 @@ enum Cmd {
         /// Add this one-way delay (ms) to every link that has none.
         #[arg(long)]
         delay_ms: Option<f64>,
+        /// An argument for every `floodclone send` and `recv` (repeat for more), e.g.
+        /// `--node-arg=--congestion=bbr`.
+        #[arg(long, allow_hyphen_values = true)]
+        node_arg: Vec<String>,
     },
     /// Every topology on the real testbed, several runs each, against the floor and the
     /// direct baseline; prints a markdown table and writes JSON lines and the table under
@@ -385,6 +389,7 @@ fn main() -> Result<()> {
             logs,
             floodclone,
             delay_ms,
+            node_arg,
         } => {
             if !testbed::is_root() {
                 bail!("`cargo xtask run` builds network namespaces and loads eBPF: run it as root");
@@ -411,6 +416,8 @@ fn main() -> Result<()> {
             if let Some(c) = chunk_size {
                 opts.send_args = vec!["--chunk-size".into(), c.to_string()];
             }
+            opts.send_args.extend(node_arg.iter().cloned());
+            opts.recv_args.extend(node_arg);
             let stamp = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)?
                 .as_secs();

@@ -298,6 +298,8 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
             let path: Vec<usize> = hops.windows(2).map(|w| dirlink_of[&(w[0], w[1])]).collect();
             puller.add_peer(nb, nb == floodclone_sched::SOURCE);
             puller.peer_distance(nb, path.len() as u8);
+            // The modelled propagation both ways (queueing aside).
+            puller.peer_rtt(nb, 2.0 * path.len() as f64 * opts.hop_delay_s);
             puller.peer_ingress(nb, *path.last().expect("a path to a neighbour") as u32);
             // What the neighbour reports of its own distance to the source.
             let to_source = route(from, source).expect("reachable").len() - 1;

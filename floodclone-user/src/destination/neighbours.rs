@@ -160,6 +160,11 @@ impl Destination {
         if let Some(hops) = node.meters.hops_to(m.addr) {
             pl.peer_distance(p, hops);
         }
+        // The least round trip seen: propagation, without the queueing that a deeper
+        // pipeline would itself add (`queue_target_s` covers that).
+        if let Some(c) = node.conns.dialed_to(p) {
+            pl.peer_rtt(p, c.conn.min_rtt().as_secs_f64());
+        }
         if let Some(ifindex) = node
             .meters
             .ingress_of(m.addr, self.ingress.get(&p).copied())
