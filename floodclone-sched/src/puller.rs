@@ -53,7 +53,7 @@ impl SchedConfig {
         Self {
             chunk_bytes,
             min_outstanding: 2,
-            max_outstanding: 256,
+            max_outstanding: 64,
             queue_target_s: 0.12,
             initial_rate_bps: 20e6,
             endgame_slowness: 3.0,
