@@ -18,6 +18,8 @@ use rustls::{
     DigitallySignedStruct, SignatureScheme,
 };
 
+use spake2::{Ed25519Group, Identity, Password, Spake2};
+
 use crate::wire::{drain_frames, Msg};
 
 /// The protocol's name and version, checked in the TLS handshake: raised whenever the
@@ -306,12 +308,47 @@ fn enlarge_socket_buffers(socket: &std::net::UdpSocket) {
     }
 }
 
-fn session_mac(token: &str, conn: &Connection, role: &[u8]) -> Result<[u8; 32], TransportError> {
+/// The two identities of the key exchange: the side that dials and the side that accepts.
+const PAKE_DIALER: &[u8] = b"floodclone dialer";
+const PAKE_ACCEPTOR: &[u8] = b"floodclone acceptor";
+
+/// SPAKE2 (Ed25519) on the swarm token: each side sends one group element that reveals
+/// nothing about the token, and both derive the same key only if their tokens match. A
+/// peer without the token (or a host that took the port of a stopped node) learns one
+/// yes/no per connection, never material to guess the token offline.
+fn pake_start(token: &str, dialer: bool) -> (Spake2<Ed25519Group>, Vec<u8>) {
+    let (password, a, b) = (
+        Password::new(token.as_bytes()),
+        Identity::new(PAKE_DIALER),
+        Identity::new(PAKE_ACCEPTOR),
+    );
+    if dialer {
+        Spake2::<Ed25519Group>::start_a(&password, &a, &b)
+    } else {
+        Spake2::<Ed25519Group>::start_b(&password, &a, &b)
+    }
+}
+
+/// The exchange's key bound to this TLS session (so it cannot be replayed on another).
+fn session_key(
+    pake: Spake2<Ed25519Group>,
+    theirs: &[u8],
+    conn: &Connection,
+) -> Result<[u8; 32], TransportError> {
+    let shared = pake
+        .finish(theirs)
+        .map_err(|e| TransportError::Protocol(format!("malformed key exchange: {e}")))?;
     let mut ekm = [0u8; 32];
-    conn.export_keying_material(&mut ekm, EXPORTER_LABEL, role)
+    conn.export_keying_material(&mut ekm, EXPORTER_LABEL, b"pake")
         .map_err(|_| TransportError::Tls("keying material export failed".into()))?;
-    let key = blake3::derive_key("floodclone swarm token v1", token.as_bytes());
-    Ok(*blake3::keyed_hash(&key, &ekm).as_bytes())
+    let mut h = blake3::Hasher::new_derive_key("floodclone swarm token v2");
+    h.update(&shared).update(&ekm);
+    Ok(*h.finalize().as_bytes())
+}
+
+/// One side's proof that it holds the session key.
+fn confirmation(key: &[u8; 32], role: &[u8]) -> [u8; 32] {
+    *blake3::keyed_hash(key, role).as_bytes()
 }
 
 fn mac_matches(a: &[u8; 32], b: &[u8; 32]) -> bool {
@@ -392,8 +429,8 @@ impl ControlRecv {
     }
 }
 
-/// Dialer side of the handshake: open the control stream, prove the token, check the
-/// acceptor's proof.
+/// Dialer side of the handshake: open the control stream, run the key exchange, check
+/// the acceptor's confirmation, send ours.
 pub async fn authenticate_dialer(
     conn: &Connection,
     token: &str,
@@ -410,12 +447,25 @@ pub async fn authenticate_dialer(
             buf: Vec::new(),
         },
     };
-    ctl.send(&Msg::Auth {
-        mac: session_mac(token, conn, b"dialer")?,
-    })
-    .await?;
+    let (pake, ours) = pake_start(token, true);
+    ctl.send(&Msg::Pake { msg: ours }).await?;
+    let theirs = match ctl.recv.recv_one(conn).await? {
+        Msg::Pake { msg } => msg,
+        other => {
+            return Err(TransportError::Protocol(format!(
+                "expected a key exchange, got {other:?}"
+            )))
+        }
+    };
+    let key = session_key(pake, &theirs, conn)?;
     match ctl.recv.recv_one(conn).await? {
-        Msg::Auth { mac } if mac_matches(&mac, &session_mac(token, conn, b"acceptor")?) => Ok(ctl),
+        Msg::Auth { mac } if mac_matches(&mac, &confirmation(&key, b"acceptor")) => {
+            ctl.send(&Msg::Auth {
+                mac: confirmation(&key, b"dialer"),
+            })
+            .await?;
+            Ok(ctl)
+        }
         Msg::Auth { .. } => {
             conn.close(VarInt::from_u32(CLOSE_AUTH), b"wrong token");
             Err(TransportError::BadToken)
@@ -430,8 +480,8 @@ pub async fn authenticate_dialer(
 /// it is dropped.
 pub const AUTH_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Acceptor side: the dialer proves the token first; nothing is sent to a dialer that
-/// cannot.
+/// Acceptor side: answers the dialer's key exchange with its own half and confirmation,
+/// and serves nothing until the dialer has confirmed too.
 pub async fn authenticate_acceptor(
     conn: &Connection,
     token: &str,
@@ -448,21 +498,34 @@ pub async fn authenticate_acceptor(
             buf: Vec::new(),
         },
     };
+    let refuse = |conn: &Connection| {
+        conn.close(VarInt::from_u32(CLOSE_AUTH), b"wrong token");
+        TransportError::BadToken
+    };
+    let within = |what: &'static str| {
+        move |_| TransportError::Lost(format!("no {what} within the deadline"))
+    };
     let first = tokio::time::timeout(AUTH_DEADLINE, ctl.recv.recv_one(conn))
         .await
-        .map_err(|_| TransportError::Lost("no token proof within the deadline".into()))??;
-    match first {
-        Msg::Auth { mac } if mac_matches(&mac, &session_mac(token, conn, b"dialer")?) => {
-            ctl.send(&Msg::Auth {
-                mac: session_mac(token, conn, b"acceptor")?,
-            })
-            .await?;
-            Ok(ctl)
-        }
-        _ => {
-            conn.close(VarInt::from_u32(CLOSE_AUTH), b"wrong token");
-            Err(TransportError::BadToken)
-        }
+        .map_err(within("key exchange"))??;
+    let Msg::Pake { msg: theirs } = first else {
+        return Err(refuse(conn));
+    };
+    let (pake, ours) = pake_start(token, false);
+    let Ok(key) = session_key(pake, &theirs, conn) else {
+        return Err(refuse(conn));
+    };
+    ctl.send(&Msg::Pake { msg: ours }).await?;
+    ctl.send(&Msg::Auth {
+        mac: confirmation(&key, b"acceptor"),
+    })
+    .await?;
+    let proof = tokio::time::timeout(AUTH_DEADLINE, ctl.recv.recv_one(conn))
+        .await
+        .map_err(within("token proof"))??;
+    match proof {
+        Msg::Auth { mac } if mac_matches(&mac, &confirmation(&key, b"dialer")) => Ok(ctl),
+        _ => Err(refuse(conn)),
     }
 }
 

@@ -53,8 +53,10 @@ pub struct RouteView {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Msg {
-    /// Proof of the swarm token bound to this TLS session (keyed BLAKE3 over exported keys).
+    /// Proof of the key the token's exchange gave, bound to this TLS session (keyed BLAKE3).
     Auth { mac: [u8; 32] },
+    /// One side's half of the key exchange on the swarm token (SPAKE2, 33 bytes).
+    Pake { msg: Vec<u8> },
     /// Destination -> source: I am here, listening on `port`, with these addresses.
     Join { port: u16, addrs: Vec<Ipv4Addr> },
     /// Source -> destination: your member id, the manifest, the members, and whether
@@ -270,6 +272,7 @@ impl Msg {
             Msg::TracePaths { .. } => 20,
             Msg::PathsTraced { .. } => 21,
             Msg::CleanSenders { .. } => 22,
+            Msg::Pake { .. } => 23,
         }
     }
 
@@ -279,6 +282,7 @@ impl Msg {
         w.u8(self.tag());
         match self {
             Msg::Auth { mac } => w.0.extend_from_slice(mac),
+            Msg::Pake { msg } => w.bytes(msg),
             Msg::Join { port, addrs } => {
                 w.u16(*port);
                 w.addrs(addrs);
@@ -342,6 +346,7 @@ impl Msg {
         let mut r = Reader(body);
         let msg = match r.u8()? {
             1 => Msg::Auth { mac: r.hash()? },
+            23 => Msg::Pake { msg: r.bytes()? },
             2 => Msg::Join {
                 port: r.u16()?,
                 addrs: r.addrs()?,
@@ -530,6 +535,7 @@ mod tests {
         };
         vec![
             Msg::Auth { mac: [9; 32] },
+            Msg::Pake { msg: vec![7; 33] },
             Msg::Join {
                 port: 1,
                 addrs: vec![Ipv4Addr::LOCALHOST],
