@@ -73,6 +73,46 @@ struct RawLink {
     loss_ba: Option<f64>,
 }
 
+impl RawLink {
+    /// Delay, jitter and loss a->b and b->a.
+    fn propagation(&self, what: &str) -> Result<(Propagation, Propagation), TopologyError> {
+        let ms = 0.0..=10_000.0;
+        let (delay_ab, delay_ba) = per_direction(
+            what,
+            "delay_ms",
+            self.delay_ms,
+            self.delay_ms_ab,
+            self.delay_ms_ba,
+            ms.clone(),
+        )?;
+        let (jitter_ab, jitter_ba) = per_direction(
+            what,
+            "jitter_ms",
+            self.jitter_ms,
+            self.jitter_ms_ab,
+            self.jitter_ms_ba,
+            ms,
+        )?;
+        let (loss_ab, loss_ba) = per_direction(
+            what,
+            "loss",
+            self.loss,
+            self.loss_ab,
+            self.loss_ba,
+            0.0..=0.5,
+        )?;
+        let direction = |delay_ms, jitter_ms, loss| Propagation {
+            delay_ms,
+            jitter_ms,
+            loss,
+        };
+        Ok((
+            direction(delay_ab, jitter_ab, loss_ab),
+            direction(delay_ba, jitter_ba, loss_ba),
+        ))
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEvent {
@@ -294,46 +334,16 @@ impl Topology {
                     l.a, l.b
                 )));
             }
-            let (mbit_ab, mbit_ba) = rates(
-                &format!("link {}-{}", l.a, l.b),
-                l.mbit,
-                l.mbit_ab,
-                l.mbit_ba,
-            )?;
             let what = format!("link {}-{}", l.a, l.b);
-            let (delay_ab, delay_ba) = per_direction(
-                &what,
-                "delay_ms",
-                l.delay_ms,
-                l.delay_ms_ab,
-                l.delay_ms_ba,
-                0.0..=10_000.0,
-            )?;
-            let (jitter_ab, jitter_ba) = per_direction(
-                &what,
-                "jitter_ms",
-                l.jitter_ms,
-                l.jitter_ms_ab,
-                l.jitter_ms_ba,
-                0.0..=10_000.0,
-            )?;
-            let (loss_ab, loss_ba) =
-                per_direction(&what, "loss", l.loss, l.loss_ab, l.loss_ba, 0.0..=0.5)?;
+            let (mbit_ab, mbit_ba) = rates(&what, l.mbit, l.mbit_ab, l.mbit_ba)?;
+            let (prop_ab, prop_ba) = l.propagation(&what)?;
             links.push(Link {
                 a,
                 b,
                 mbit_ab,
                 mbit_ba,
-                prop_ab: Propagation {
-                    delay_ms: delay_ab,
-                    jitter_ms: jitter_ab,
-                    loss: loss_ab,
-                },
-                prop_ba: Propagation {
-                    delay_ms: delay_ba,
-                    jitter_ms: jitter_ba,
-                    loss: loss_ba,
-                },
+                prop_ab,
+                prop_ba,
             });
         }
         let mut events = Vec::new();
