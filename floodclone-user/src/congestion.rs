@@ -95,23 +95,24 @@ impl Veno {
         }
     }
 
-    /// Packets of ours waiting in queues, from the RTT above its minimum.
-    fn backlog_packets(&self) -> f64 {
-        let recent = self.srtt_recent_s[0].min(self.srtt_recent_s[1]);
-        if self.srtt_s <= 0.0 || !recent.is_finite() {
+    /// Packets of ours waiting in queues when the smoothed RTT reads `rtt_s`: the window's
+    /// share of that RTT above the connection's least.
+    fn packets_queued_at(&self, rtt_s: f64) -> f64 {
+        if self.srtt_s <= 0.0 || !rtt_s.is_finite() || !self.srtt_base_s.is_finite() {
             return f64::INFINITY;
         }
-        let queued_share = ((recent - self.srtt_base_s) / self.srtt_s).max(0.0);
+        let queued_share = ((rtt_s - self.srtt_base_s) / self.srtt_s).max(0.0);
         self.window as f64 / self.mtu as f64 * queued_share
     }
 
-    /// Packets of ours queued now, from the smoothed RTT above the connection's least.
+    /// The standing queue over the last round trips (what a loss is judged by).
+    fn backlog_packets(&self) -> f64 {
+        self.packets_queued_at(self.srtt_recent_s[0].min(self.srtt_recent_s[1]))
+    }
+
+    /// The queue now (what growth is judged by).
     fn queued_now_packets(&self) -> f64 {
-        if self.srtt_s <= 0.0 || !self.srtt_base_s.is_finite() {
-            return f64::INFINITY;
-        }
-        let queued_share = ((self.srtt_s - self.srtt_base_s) / self.srtt_s).max(0.0);
-        self.window as f64 / self.mtu as f64 * queued_share
+        self.packets_queued_at(self.srtt_s)
     }
 
     fn recent_loss(&self) -> f64 {

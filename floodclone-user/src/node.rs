@@ -71,9 +71,9 @@ pub(crate) struct Node {
     pub conns: Connections,
     link_stats: SharedLinkStats,
     /// The members' addresses, the only peers the kernel counts once it has them.
-    watched: std::collections::BTreeSet<Ipv4Addr>,
-    /// How many of `watched` the kernel has been given.
-    watched_in_kernel: usize,
+    watched: std::collections::HashSet<Ipv4Addr>,
+    /// Those of `watched` the kernel has not been given yet.
+    watch_pending: Vec<Ipv4Addr>,
     pub meters: crate::meter::Meters,
     role: &'static str,
 }
@@ -93,7 +93,7 @@ impl Node {
             conns: Connections::default(),
             link_stats: opts.link_stats.clone(),
             watched: Default::default(),
-            watched_in_kernel: 0,
+            watch_pending: Vec::new(),
             meters: Default::default(),
             role,
         })
@@ -132,18 +132,23 @@ impl Node {
     /// From now on the kernel counts only members (these addresses and those given before).
     /// Given to the programs at the next reading (they may still be attaching).
     pub fn watch(&mut self, addrs: impl IntoIterator<Item = Ipv4Addr>) {
-        self.watched.extend(addrs);
+        for a in addrs {
+            if self.watched.insert(a) {
+                self.watch_pending.push(a);
+            }
+        }
     }
 
     /// Reads the in-kernel counters (when attached) into the link meters.
     pub fn read_link_counters(&mut self) {
         if let Some(ls) = self.link_stats.lock().unwrap().as_mut() {
-            if self.watched.len() != self.watched_in_kernel {
-                let all: Vec<Ipv4Addr> = self.watched.iter().copied().collect();
-                if let Err(e) = ls.watch_only(&all) {
+            // Only the new addresses: a source's joins would otherwise rewrite the whole
+            // list each time, quadratic in the members.
+            if !self.watch_pending.is_empty() {
+                if let Err(e) = ls.watch_only(&self.watch_pending) {
                     tracing::warn!("link stats still count every peer, not only members: {e}");
                 }
-                self.watched_in_kernel = all.len();
+                self.watch_pending.clear();
             }
             if let Ok(snap) = ls.snapshot() {
                 let at = snap.at.duration_since(self.start).as_secs_f64();
