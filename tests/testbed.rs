@@ -213,5 +213,18 @@ fn a_lossy_link_loses_what_it_is_told_and_jitter_keeps_order() {
     );
     assert!((loss - 0.05).abs() <= 0.005, "loss {loss:.4}");
     let back = udp_delivered(&bed, 1, 0, 10_000, 20.0);
-    assert_eq!(back, 10_000, "the lossless direction lost datagrams");
+    let line = &bed.delay_lines()[0].1.counters;
+    eprintln!("the other way: {back} of 10000 arrived; the line: {line:?}");
+    // The line itself drops nothing the other way (exact); end to end, a socket buffer on
+    // this busy 2-core machine may drop a few (seen: 88 of 10,000 once, 0 in other runs).
+    assert_eq!(
+        line.lost[1].load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the lossless direction lost datagrams in the line"
+    );
+    assert!(
+        back >= 9_900,
+        "the lossless direction lost {} datagrams",
+        10_000 - back
+    );
 }
