@@ -12,11 +12,16 @@ use floodclone_testbed::{Testbed, Topology};
 use floodclone_tests::{addr, root_or_skip, tcp_rate_mbit};
 
 fn pair(mbit: u32) -> Topology {
+    pair_with(mbit, "")
+}
+
+/// A pair whose link also has `extra` (e.g. `,delay_ms=20`).
+fn pair_with(mbit: u32, extra: &str) -> Topology {
     Topology::parse(
         "pair",
         &format!(
             r#"node = [{{name="s",role="source"}},{{name="d",role="dest"}}]
-               link = [{{a="s",b="d",mbit={mbit}}}]"#
+               link = [{{a="s",b="d",mbit={mbit}{extra}}}]"#
         ),
     )
     .unwrap()
@@ -217,6 +222,125 @@ fn quic_counters_match_quinn_and_spin_rtt_matches_quinn_rtt() {
         agreeing * 4 >= spins.len() * 3,
         "spin {spins:?} vs quinn {quinn_rtt:?}"
     );
+}
+
+/// The connections between two daemons share one 4-tuple (each dials the other from its one
+/// endpoint). Here `CONNS` connections between two endpoints run at once over a link with
+/// 20 ms each way: the kernel must keep one spin flow per connection (keyed on its
+/// destination connection ID), and each that spins must read the round trip quinn reads.
+#[test]
+fn spin_rtt_is_per_connection_and_agrees_with_quinn_over_20ms() {
+    if !root_or_skip("spin_rtt_is_per_connection_and_agrees_with_quinn_over_20ms") {
+        return;
+    }
+    const CONNS: usize = 4;
+    const BYTES: usize = 2 << 20;
+    let _turn = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+    let bed = Testbed::up(&pair_with(40, ",delay_ms=20")).unwrap();
+    let (s_addr, d) = (addr(0), addr(1));
+    let sink = bed.in_netns(1, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let ep = transport::endpoint(7900).unwrap();
+            let mut tasks = Vec::new();
+            for _ in 0..CONNS {
+                let ep = ep.clone();
+                tasks.push(tokio::spawn(async move {
+                    let server = SocketAddr::V4(SocketAddrV4::new(s_addr, 7900));
+                    let conn = loop {
+                        match transport::dial(&ep, server, Duration::from_secs(1)).await {
+                            Ok(c) => break c,
+                            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                        }
+                    };
+                    let mut s = conn.accept_uni().await.unwrap();
+                    let _ = s.read_to_end(usize::MAX).await;
+                    conn.closed().await;
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            ep.wait_idle().await;
+        })
+    });
+    let (flows, quinn_min_rtt) = bed
+        .in_netns(0, move || {
+            let stats = LinkStats::attach().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let min_rtts = rt.block_on(async {
+                let ep = transport::endpoint(7900).unwrap();
+                let mut conns = Vec::new();
+                while conns.len() < CONNS {
+                    if let Ok(c) = ep.accept().await.unwrap().await {
+                        conns.push(c);
+                    }
+                }
+                // All at once: their packets interleave on the one 4-tuple.
+                let sends = conns.into_iter().map(|conn| {
+                    tokio::spawn(async move {
+                        let mut s = conn.open_uni().await.ok()?;
+                        s.write_all(&vec![1u8; BYTES]).await.ok()?;
+                        s.finish().ok()?;
+                        s.stopped().await.ok()?;
+                        let rtt = conn.min_rtt();
+                        conn.close(0u32.into(), b"");
+                        Some(rtt.as_secs_f64())
+                    })
+                });
+                let mut min_rtts = Vec::new();
+                for t in sends.collect::<Vec<_>>() {
+                    min_rtts.extend(t.await.unwrap());
+                }
+                ep.wait_idle().await;
+                min_rtts
+            });
+            let snap = stats.snapshot().unwrap();
+            let flows: Vec<_> = snap
+                .spin
+                .into_iter()
+                .filter(|f| f.peer() == d && f.key.direction == floodclone_common::DIR_EGRESS)
+                .map(|f| f.state)
+                .collect();
+            (flows, min_rtts)
+        })
+        .join()
+        .unwrap();
+    sink.join().unwrap();
+    assert_eq!(quinn_min_rtt.len(), CONNS, "a connection failed");
+    let quinn = quinn_min_rtt.iter().sum::<f64>() / CONNS as f64;
+    let spinning: Vec<_> = flows.iter().filter(|f| f.is_spinning()).collect();
+    eprintln!(
+        "quinn min RTT {quinn_min_rtt:?}; kernel flows: {:?}",
+        flows
+            .iter()
+            .map(|f| (
+                f.packets,
+                f.samples,
+                f.min_interval_ns as f64 / 1e9,
+                f.srtt_ns as f64 / 1e9
+            ))
+            .collect::<Vec<_>>()
+    );
+    // One flow per connection that carried data (a handshake is long-header only; a
+    // connection's few packets before and after its data may carry other IDs).
+    let data_flows = flows.iter().filter(|f| f.packets >= 64).count();
+    assert_eq!(data_flows, CONNS, "{flows:?}");
+    // quinn spins on a random 7 of 8 connections: none of 4 spinning has odds 1 in 4096.
+    assert!(!spinning.is_empty(), "no connection spun: {flows:?}");
+    for f in spinning {
+        let min = f.min_interval_ns as f64 / 1e9;
+        assert!(
+            (min - quinn).abs() <= 0.05 * quinn,
+            "kernel min RTT {min} vs quinn {quinn_min_rtt:?}"
+        );
+    }
 }
 
 /// Tests that compare measured rates and counters with quinn's or the link's take turns:

@@ -13,8 +13,15 @@ pub const DIR_INGRESS: u8 = 1;
 /// Only watched peers get entries (a daemon's members, up to [`WATCH_MAP_ENTRIES`]), on the
 /// interfaces their traffic crosses, both directions.
 pub const LINK_MAP_ENTRIES: u32 = 16384;
-/// Capacity of the spin-bit flow map (LRU).
+/// Capacity of the spin-bit flow map (LRU): one entry per connection, direction and
+/// interface.
 pub const SPIN_MAP_ENTRIES: u32 = 4096;
+/// Bytes of the destination connection ID that key a spin flow. A short header does not
+/// carry the ID's length; the daemon's endpoints issue IDs of exactly this length
+/// (quinn's default, set explicitly by `transport`). Another stack's shorter IDs put
+/// packet-number bytes in the key: its packets split into one-packet flows that never count
+/// as spinning (and churn the LRU, which matters only where every peer is counted).
+pub const SPIN_DCID_LEN: usize = 8;
 
 /// Capacity of the map of peers counted (a swarm's members' addresses).
 pub const WATCH_MAP_ENTRIES: u32 = 8192;
@@ -67,6 +74,8 @@ pub struct SpinKey {
     pub remote_port: u16,
     pub direction: u8,
     pub _pad: [u8; 3],
+    /// The packets' destination connection ID (its first [`SPIN_DCID_LEN`] bytes).
+    pub dcid: [u8; SPIN_DCID_LEN],
 }
 
 /// Spin-bit edge tracking for a [`SpinKey`] (one shared copy, not per CPU). Two consecutive edges are one RTT apart when the

@@ -16,7 +16,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use floodclone_common::{
     LinkCounters, LinkKey, SpinKey, SpinState, DIR_EGRESS, DIR_INGRESS, LINK_MAP_ENTRIES,
-    SPIN_MAP_ENTRIES, WATCH_ALL, WATCH_MAP_ENTRIES,
+    SPIN_DCID_LEN, SPIN_MAP_ENTRIES, WATCH_ALL, WATCH_MAP_ENTRIES,
 };
 
 #[map(name = "LINK_STATS")]
@@ -43,6 +43,7 @@ const UDP_HLEN: usize = 8;
 /// QUIC short header: form bit (0x80) clear; spin bit is 0x20 (RFC 9000 section 17.3.1).
 const QUIC_LONG_HEADER: u8 = 0x80;
 const QUIC_SPIN_BIT: u8 = 0x20;
+
 #[classifier]
 pub fn floodclone_egress(ctx: TcContext) -> i32 {
     let _ = account(&ctx, DIR_EGRESS);
@@ -141,6 +142,11 @@ fn account(ctx: &TcContext, direction: u8) -> Result<(), i64> {
 
 /// Records spin-bit edges of a QUIC short-header flow. Only the first packet of a GSO batch is
 /// inspected; every segment of a batch carries the same spin value.
+///
+/// A flow is one connection's packets in one direction: the 4-tuple is not enough, since the
+/// two connections between a pair of daemons (each dials the other from its one endpoint)
+/// share it, and one that does not spin (quinn leaves 1 connection in 8 without) would
+/// scramble the other's edges. The destination connection ID tells them apart.
 #[inline(always)]
 fn track_spin(
     ctx: &TcContext,
@@ -162,6 +168,7 @@ fn track_spin(
         (dport, sport)
     };
     let spin = u8::from(first & QUIC_SPIN_BIT != 0);
+    let dcid: [u8; SPIN_DCID_LEN] = ctx.load(l4 + UDP_HLEN + 1)?;
     let key = SpinKey {
         ifindex,
         peer,
@@ -169,6 +176,7 @@ fn track_spin(
         remote_port,
         direction,
         _pad: [0; 3],
+        dcid,
     };
     match SPIN_STATS.get_ptr_mut(key) {
         Some(s) => unsafe {

@@ -164,6 +164,16 @@ impl Meters {
         v
     }
 
+    /// The least round trip to `peer` the kernel measured from spin-bit edges (over its
+    /// interfaces and its connections' flows), once one of them spins.
+    pub fn spin_min_rtt_to(&self, peer: Ipv4Addr) -> Option<f64> {
+        self.links
+            .values()
+            .filter(|m| m.peer == Some(peer))
+            .filter_map(|m| m.spin_min_rtt_s)
+            .min_by(f64::total_cmp)
+    }
+
     /// Router hops to `peer` (the fewest over interfaces), once it has sent something.
     pub fn hops_to(&self, peer: Ipv4Addr) -> Option<u8> {
         self.links

@@ -261,6 +261,12 @@ pub fn endpoint_with(port: u16, cc: Congestion) -> Result<Endpoint, TransportErr
     // Every short header keeps its fixed bit, so the tc programs recognise QUIC packets.
     let mut ep_config = EndpointConfig::default();
     ep_config.grease_quic_bit(false);
+    // The tc programs key spin flows on this many bytes of the destination connection ID.
+    ep_config.cid_generator(|| {
+        Box::new(quinn_proto::RandomConnectionIdGenerator::new(
+            floodclone_common::SPIN_DCID_LEN,
+        ))
+    });
     let socket = std::net::UdpSocket::bind(("0.0.0.0", port))
         .map_err(|source| TransportError::Bind { port, source })?;
     enlarge_socket_buffers(&socket);

@@ -161,9 +161,16 @@ impl Destination {
             pl.peer_distance(p, hops);
         }
         // The least round trip seen: propagation, without the queueing that a deeper
-        // pipeline would itself add (`queue_target_s` covers that).
-        if let Some(c) = node.conns.dialed_to(p) {
-            pl.peer_rtt(p, c.conn.min_rtt().as_secs_f64());
+        // pipeline would itself add (`queue_target_s` covers that). The kernel's, measured
+        // on the packets as they leave and arrive, once a connection to `p` spins; until
+        // then (or on the 1 connection in 8 that does not spin) quinn's.
+        let kernel_rtt = node.meters.spin_min_rtt_to(m.addr);
+        if let Some(rtt) = kernel_rtt.or_else(|| {
+            node.conns
+                .dialed_to(p)
+                .map(|c| c.conn.min_rtt().as_secs_f64())
+        }) {
+            pl.peer_rtt(p, rtt);
         }
         if let Some(ifindex) = node
             .meters
