@@ -106,3 +106,41 @@ fn a_sender_whose_route_back_avoids_members_is_pulled_from() {
         copies("d1", "r")
     );
 }
+
+#[test]
+fn an_upload_cap_holds_and_the_floor_counts_it_and_a_cross_flow() {
+    if !root_or_skip("an_upload_cap_holds_and_the_floor_counts_it_and_a_cross_flow") {
+        return;
+    }
+    // The source capped at 8 Mbit/s on 100 Mbit/s links: nobody can have the file sooner
+    // than the cap allows (a lower bound on time, so noise cannot break it). A TCP flow
+    // from d1 to d2 runs alongside; the run reports it and the floor on what it left.
+    let topo = Topology::parse(
+        "capped-chain",
+        r#"node = [{name="s",role="source",max_mbit=8},{name="d1",role="dest"},
+                   {name="d2",role="dest"}]
+           link = [{a="s",b="d1",mbit=100},{a="d1",b="d2",mbit=100}]
+           cross = [{from="d1",to="d2"}]"#,
+    )
+    .unwrap();
+    let bytes = 4 * MIB;
+    let report = transfer(&topo, &RunOptions::new(bytes));
+    let at_cap_s = bytes as f64 * 8.0 / 8e6;
+    assert!(
+        (report.u_min_s - at_cap_s).abs() < 0.01 * at_cap_s,
+        "the floor {} s must be the cap's {at_cap_s} s",
+        report.u_min_s
+    );
+    let u = report.u_s.unwrap();
+    // The first chunk goes at once and a burst of two more may go ahead of the rate: the
+    // last chunk leaves (chunks - 3) chunk-times after the first.
+    let earliest = (bytes - 3 * 65_536) as f64 * 8.0 / 8e6;
+    assert!(
+        u >= earliest,
+        "U {u} s beats the cap ({earliest} s at 8 Mbit/s)"
+    );
+    let cross = &report.cross[..];
+    assert_eq!(cross.len(), 1);
+    assert!(cross[0].before_mbit > 50.0, "{cross:?}");
+    assert!(report.u_min_left_s.is_some() && report.ratio_left.is_some());
+}

@@ -90,6 +90,8 @@ pub struct ConnContext {
     token: String,
     /// Testing only: flip a bit in every chunk served, so peers must reject them.
     corrupt_served: bool,
+    /// `--max-rate`: chunks served wait for it, over all connections.
+    upload_cap: Option<crate::upload_cap::UploadCap>,
     /// The chunks this node holds (the source's from the start, a destination's once it
     /// is welcomed).
     pub store: OnceLock<Arc<ChunkStore>>,
@@ -102,11 +104,13 @@ impl ConnContext {
     pub fn new(
         token: String,
         corrupt_served: bool,
+        upload_cap: Option<crate::upload_cap::UploadCap>,
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<ConnEvent>) {
         let (events, rx) = mpsc::unbounded_channel();
         let ctx = Arc::new(Self {
             token,
             corrupt_served,
+            upload_cap,
             store: OnceLock::new(),
             events,
             next_key: AtomicU64::new(0),
@@ -557,6 +561,9 @@ impl Conn {
                     if let Some(b) = data.last_mut() {
                         *b ^= 1;
                     }
+                }
+                if let Some(cap) = &ctx.upload_cap {
+                    cap.admit(data.len()).await;
                 }
                 let Ok(mut s) = conn.open_uni().await else {
                     break;

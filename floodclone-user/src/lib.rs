@@ -32,6 +32,7 @@ pub mod stats;
 pub mod storage;
 pub mod trace;
 pub mod transport;
+pub mod upload_cap;
 pub mod wire;
 
 /// The `--json` events (the `floodclone-events` crate).

@@ -57,6 +57,11 @@ struct NodeArgs {
     /// every loss) or bbr (quinn's BBR v1; unfair where paths are shared).
     #[arg(long, value_enum, default_value_t = Congestion::Veno)]
     congestion: Congestion,
+    /// Upload cap: the most chunk data this node sends, over all its peers, in Mbit/s
+    /// (20, 20M, 500k, 1.5G). QUIC and IP headers add ~4% on the wire. Its peers fetch the
+    /// rest elsewhere; on the source it bounds the whole swarm.
+    #[arg(long, value_parser = floodclone::upload_cap::parse_mbit)]
+    max_rate: Option<f64>,
 }
 
 #[derive(Subcommand)]
@@ -303,6 +308,7 @@ impl NodeArgs {
             link_stats: link_stats.clone(),
             corrupt_served: self.corrupt_served_chunks,
             congestion: self.congestion,
+            max_rate_mbit: self.max_rate,
             started,
         };
         Ok((opts, link_stats))

@@ -55,6 +55,8 @@ pub struct NodeOptions {
     /// Testing only: flip a bit in every chunk served, so peers must reject them.
     pub corrupt_served: bool,
     pub congestion: transport::Congestion,
+    /// `--max-rate`: the most chunk data this node uploads, Mbit/s over all connections.
+    pub max_rate_mbit: Option<f64>,
     /// When the command started: the source reports each destination's completion from
     /// here, the time the user waited for it.
     pub started: Instant,
@@ -81,7 +83,11 @@ pub(crate) struct Node {
 impl Node {
     /// Opens the endpoint and starts accepting connections.
     pub fn open(opts: &NodeOptions, role: &'static str) -> Result<Self, NodeError> {
-        let (ctx, events) = ConnContext::new(opts.token.clone(), opts.corrupt_served);
+        let (ctx, events) = ConnContext::new(
+            opts.token.clone(),
+            opts.corrupt_served,
+            opts.max_rate_mbit.map(crate::upload_cap::UploadCap::new),
+        );
         let ep = transport::endpoint_with(opts.port, opts.congestion)?;
         conn::spawn_acceptor(ep.clone(), ctx.clone());
         Ok(Self {

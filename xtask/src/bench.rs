@@ -34,6 +34,13 @@ pub struct BenchRow {
     /// and on the source's links ([`floodclone_testbed::idle`]).
     pub idle_s: Option<f64>,
     pub source_idle_s: Option<f64>,
+    /// With TCP cross flows (median run): the first flow's payload Mbit/s alone and during
+    /// the transfer, its share of its narrowest link during, and U over the floor on the
+    /// capacity the flows left (median of runs).
+    pub cross_before_mbit: Option<f64>,
+    pub cross_during_mbit: Option<f64>,
+    pub cross_share: Option<f64>,
+    pub ratio_left_median: Option<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -112,6 +119,10 @@ pub fn bench(
             ratio_routed_median: median(ours.iter().filter_map(|r| r.ratio_routed).collect()),
             idle_s: median_run.map(|r| r.idle_s),
             source_idle_s: median_run.map(|r| r.source_idle_s),
+            cross_before_mbit: median_run.and_then(|r| r.cross.first().map(|c| c.before_mbit)),
+            cross_during_mbit: median_run.and_then(|r| r.cross.first().map(|c| c.during_mbit)),
+            cross_share: median_run.and_then(|r| r.cross.first().map(|c| c.during_share())),
+            ratio_left_median: median(ours.iter().filter_map(|r| r.ratio_left).collect()),
         });
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -121,6 +132,10 @@ pub fn bench(
 /// The simulator's U/U_min for `topo`, counting headers as the testbed's wire does (as
 /// `cargo xtask sim --wire` runs it).
 fn sim_ratio(topo: &Topology, bytes: u64) -> Option<f64> {
+    // The simulator models neither other people's traffic nor upload caps.
+    if !topo.cross.is_empty() || topo.nodes.iter().any(|n| n.max_mbit.is_some()) {
+        return None;
+    }
     let opts = crate::sim::SimOptions {
         bytes,
         chunk_bytes: floodclone_sched::default_chunk_bytes(bytes) as u64,
@@ -161,6 +176,22 @@ pub fn table(rows: &[BenchRow]) -> String {
             r.runs_ok,
             r.runs
         );
+    }
+    if rows.iter().any(|r| r.cross_before_mbit.is_some()) {
+        s += "\nOther people's traffic (a TCP flow, the kernel's default congestion control):\n\n\
+              | topology | TCP alone Mbit/s | TCP during Mbit/s | its share of the link during | U/U_min on what it left |\n\
+              |---|---:|---:|---:|---:|\n";
+        for r in rows.iter().filter(|r| r.cross_before_mbit.is_some()) {
+            s += &format!(
+                "| {} | {} | {} | {} | {} |\n",
+                r.topology,
+                f(r.cross_before_mbit, 1),
+                f(r.cross_during_mbit, 1),
+                r.cross_share
+                    .map_or("-".into(), |x| format!("{:.0}%", 100.0 * x)),
+                f(r.ratio_left_median, 3),
+            );
+        }
     }
     if rows.len() > 1 {
         let ratios: Vec<f64> = rows.iter().filter_map(|r| r.ratio_median).collect();

@@ -305,7 +305,8 @@ fn main() -> Result<()> {
         }
         Cmd::Bound { file, size, json } => {
             let topo = Topology::load(&file)?;
-            let floor = bound::floor(&topo, size).map_err(anyhow::Error::msg)?;
+            let floor = bound::floor(&topo.with_upload_caps_as_links(), size)
+                .map_err(anyhow::Error::msg)?;
             if json {
                 println!("{}", serde_json::to_string(&floor)?);
             } else {

@@ -853,6 +853,7 @@ pub fn generate(g: &GenOptions) -> Topology {
     let member = |i: usize| Node {
         name: if i == 0 { "s".into() } else { format!("d{i}") },
         role: if i == 0 { Role::Source } else { Role::Dest },
+        max_mbit: None,
     };
     match g.shape {
         Shape::Random | Shape::Tree => {
@@ -891,6 +892,7 @@ pub fn generate(g: &GenOptions) -> Topology {
                 nodes.push(Node {
                     name: format!("r{r}"),
                     role: Role::Router,
+                    max_mbit: None,
                 });
             }
             let router = |r: usize| members + r;
@@ -954,6 +956,7 @@ pub fn generate(g: &GenOptions) -> Topology {
         nodes,
         links,
         events,
+        cross: Vec::new(),
     }
 }
 

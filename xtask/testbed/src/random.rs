@@ -65,6 +65,7 @@ pub fn small_network(seed: u64) -> Topology {
         .map(|r| Node {
             name: format!("r{}", r + 1),
             role: Role::Router,
+            max_mbit: None,
         })
         .collect();
     let mut dest = 0;
@@ -73,12 +74,14 @@ pub fn small_network(seed: u64) -> Topology {
             Node {
                 name: "s".into(),
                 role: Role::Source,
+                max_mbit: None,
             }
         } else {
             dest += 1;
             Node {
                 name: format!("d{dest}"),
                 role: Role::Dest,
+                max_mbit: None,
             }
         });
     }
@@ -132,6 +135,7 @@ pub fn small_network(seed: u64) -> Topology {
         nodes,
         links: Vec::new(),
         events: Vec::new(),
+        cross: Vec::new(),
     };
     if rng.chance(NEAR_MIN_CUT) {
         topo.links = links.clone();

@@ -96,6 +96,76 @@ pub struct RunReport {
     /// CPU seconds the testbed's delay lines used during the run (0 without propagation):
     /// the same two cores the nodes run on.
     pub delay_line_cpu_s: f64,
+    /// The topology's TCP cross flows: what each got before and during the transfer.
+    pub cross: Vec<CrossReport>,
+    /// With cross flows: the floor on the capacity they left (each link direction they
+    /// use less what they carried during the transfer), and U over it.
+    pub u_min_left_s: Option<f64>,
+    pub ratio_left: Option<f64>,
+}
+
+/// One TCP cross flow ([`crate::topology::CrossFlow`]) in a run.
+#[derive(Clone, Debug, Serialize)]
+pub struct CrossReport {
+    pub from: String,
+    pub to: String,
+    /// The narrowest link rate on the flow's route.
+    pub link_mbit: f64,
+    /// TCP payload Mbit/s alone on the link (measured for [`CROSS_ALONE`] before the
+    /// swarm starts) and while the transfer ran (from `send`'s start until U).
+    pub before_mbit: f64,
+    pub during_mbit: f64,
+}
+
+impl CrossReport {
+    /// The share of the link the flow had during the transfer, on the wire: a full TCP
+    /// segment carries 1448 bytes of payload in a 1514-byte frame.
+    pub fn during_share(&self) -> f64 {
+        self.during_mbit * TCP_WIRE_PER_PAYLOAD / self.link_mbit
+    }
+}
+
+const TCP_WIRE_PER_PAYLOAD: f64 = 1514.0 / 1448.0;
+/// Cross flows run this long before they are measured (slow start, queues filled) ...
+const CROSS_SETTLE: Duration = Duration::from_secs(2);
+/// ... and are measured alone this long.
+const CROSS_ALONE: Duration = Duration::from_secs(3);
+
+fn other_end(topo: &Topology, link: usize, end: usize) -> usize {
+    let l = &topo.links[link];
+    if l.a == end {
+        l.b
+    } else {
+        l.a
+    }
+}
+
+/// `--max-rate` for a member with an upload cap.
+fn cap_args(topo: &Topology, node: usize) -> Vec<String> {
+    topo.nodes[node]
+        .max_mbit
+        .map(|m| vec!["--max-rate".to_string(), m.to_string()])
+        .unwrap_or_default()
+}
+
+/// Payload Mbit/s between two samples of (seconds, bytes received), interpolated at `t0`
+/// and `t1`.
+fn mbit_between(samples: &[(f64, u64)], t0: f64, t1: f64) -> f64 {
+    let at = |t: f64| {
+        let i = samples.partition_point(|s| s.0 < t);
+        match (i.checked_sub(1).map(|j| samples[j]), samples.get(i)) {
+            (Some(a), Some(b)) if b.0 > a.0 => {
+                a.1 as f64 + (b.1 as f64 - a.1 as f64) * (t - a.0) / (b.0 - a.0)
+            }
+            (_, Some(b)) => b.1 as f64,
+            (Some(a), None) => a.1 as f64,
+            (None, None) => 0.0,
+        }
+    };
+    if t1 <= t0 {
+        return 0.0;
+    }
+    (at(t1) - at(t0)) * 8.0 / (t1 - t0) / 1e6
 }
 
 /// Fills `path` with `bytes` of reproducible pseudo-random data.
@@ -139,7 +209,8 @@ fn pipe_lines(child: &mut Child, who: usize, tx: mpsc::Sender<(usize, String)>) 
 
 /// Runs one transfer of `opts.bytes` over `topo` with the binary `bin`.
 pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<RunReport> {
-    let floor = bound::floor(topo, opts.bytes).map_err(anyhow::Error::msg)?;
+    let floor =
+        bound::floor(&topo.with_upload_caps_as_links(), opts.bytes).map_err(anyhow::Error::msg)?;
     let work = std::env::temp_dir().join(format!(
         "floodclone-run-{}-{}",
         std::process::id(),
@@ -190,6 +261,23 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
     let (tx, rx) = mpsc::channel();
     let out_path = |d: usize| work.join(format!("{}.out", topo.nodes[d].name));
     let mut seen = vec![NodeEvents::default(); topo.nodes.len()];
+    // Other people's traffic first, measured alone, then left running.
+    let mut cross: Vec<crate::traffic::BackgroundTcp> = topo
+        .cross
+        .iter()
+        .enumerate()
+        .map(|(i, c)| crate::traffic::BackgroundTcp::start(&bed, c.from, c.to, 5101 + i as u16))
+        .collect();
+    let mut cross_before = Vec::new();
+    if !cross.is_empty() {
+        std::thread::sleep(CROSS_SETTLE);
+        let at_start: Vec<u64> = cross.iter().map(|f| f.received()).collect();
+        std::thread::sleep(CROSS_ALONE);
+        for (f, b0) in cross.iter().zip(at_start) {
+            cross_before.push((f.received() - b0) as f64 * 8.0 / CROSS_ALONE.as_secs_f64() / 1e6);
+        }
+    }
+    let mut cross_samples: Vec<Vec<(f64, u64)>> = vec![Vec::new(); cross.len()];
     let mut recv_handles = Vec::new();
     for &d in &dests {
         let mut cmd = bed.command(d, bin.to_str().unwrap());
@@ -198,6 +286,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
             .arg("--out")
             .arg(out_path(d))
             .args(&opts.recv_args)
+            .args(cap_args(topo, d))
             .stdout(Stdio::piped())
             .stderr(log_file(&topo.nodes[d].name)?);
         let h = bed.spawn(cmd)?;
@@ -231,6 +320,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
                 .flat_map(|&d| ["--dest".to_string(), identity_addr(d).to_string()]),
         )
         .args(&opts.send_args)
+        .args(cap_args(topo, s))
         .stdout(Stdio::piped())
         .stderr(log_file(&topo.nodes[s].name)?);
     let started = Instant::now();
@@ -282,6 +372,9 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
                 shares.join("  ")
             );
         }
+        for (f, samples) in cross.iter().zip(&mut cross_samples) {
+            samples.push((started.elapsed().as_secs_f64(), f.received()));
+        }
         send_status = bed.child(sh).try_wait()?;
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -297,6 +390,9 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
     }
     let send_exit_ok = send_status.is_some_and(|s| s.success());
     let delay_line_cpu_s = bed.delay_line_cpu_s() - delay_cpu_at_start;
+    for f in &mut cross {
+        f.stop();
+    }
     bed.down();
     let outcomes: Vec<DestOutcome> = dests
         .iter()
@@ -354,6 +450,40 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         tx,
     };
     let idle = crate::idle::idle_while_needed(&timeline);
+    let cross: Vec<CrossReport> = topo
+        .cross
+        .iter()
+        .zip(cross_before)
+        .zip(&cross_samples)
+        .map(|((c, before_mbit), samples)| CrossReport {
+            from: topo.nodes[c.from].name.clone(),
+            to: topo.nodes[c.to].name.clone(),
+            link_mbit: c
+                .hops
+                .iter()
+                .map(|&(link, from)| {
+                    topo.capacity_bps(from, other_end(topo, link, from), 0.0) / 1e6
+                })
+                .fold(f64::INFINITY, f64::min),
+            before_mbit,
+            during_mbit: u.map_or(0.0, |u| mbit_between(samples, 0.0, u)),
+        })
+        .collect();
+    let u_min_left_s = match (&cross[..], u) {
+        ([], _) | (_, None) => None,
+        (flows, Some(_)) => {
+            let mut left = topo.clone();
+            for (c, r) in topo.cross.iter().zip(flows) {
+                for &(link, from) in &c.hops {
+                    left =
+                        left.with_capacity_taken(link, from, r.during_mbit * TCP_WIRE_PER_PAYLOAD);
+                }
+            }
+            bound::floor(&left.with_upload_caps_as_links(), opts.bytes)
+                .ok()
+                .map(|f| f.u_min_s)
+        }
+    };
     let picture = match &opts.picture {
         Some(path) => {
             let svg = crate::picture::render(&timeline);
@@ -366,6 +496,9 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         None => None,
     };
     Ok(RunReport {
+        ratio_left: u.zip(u_min_left_s).map(|(u, f)| u / f),
+        u_min_left_s,
+        cross,
         delay_line_cpu_s,
         picture,
         topology: topo.name.clone(),
@@ -538,6 +671,22 @@ pub fn render(r: &RunReport) -> String {
             )
         }
         _ => s += &format!("FAILED: not every copy arrived verified (U_min = {:.2} s)\n", r.u_min_s),
+    }
+    for c in &r.cross {
+        s += &format!(
+            "  TCP {}->{} on a {} Mbit/s link: {:.1} Mbit/s alone, {:.1} during the transfer ({:.0}% of the link)\n",
+            c.from,
+            c.to,
+            c.link_mbit,
+            c.before_mbit,
+            c.during_mbit,
+            100.0 * c.during_share()
+        );
+    }
+    if let (Some(left), Some(ratio)) = (r.u_min_left_s, r.ratio_left) {
+        s += &format!(
+            "  on the capacity the TCP flows left, U_min = {left:.2} s: U/U_min left = {ratio:.3}\n"
+        );
     }
     if r.delay_line_cpu_s > 0.0 {
         s += &format!(

@@ -51,6 +51,30 @@ pub enum Role {
 pub struct Node {
     pub name: String,
     pub role: Role,
+    /// An upload cap (`floodclone --max-rate`, Mbit/s of chunk data) for this member.
+    #[serde(default)]
+    pub max_mbit: Option<f64>,
+}
+
+/// A long-running TCP flow (the kernel's default congestion control) between two nodes,
+/// from before the transfer until after it: other people's traffic on links the swarm uses.
+/// Its ends may be routers: a router with one link is a host outside the swarm, and a flow
+/// from one meets the swarm's packets in a router's queue, as other people's traffic does
+/// (a flow from a member shares that member's own qdisc, where Linux's TCP small queues
+/// keep TCP to ~1 ms of it and any UDP sender takes the rest).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CrossFlow {
+    pub from: usize,
+    pub to: usize,
+    /// Its route: (link, the node sending over it), in order.
+    pub hops: Vec<(usize, usize)>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCross {
+    from: String,
+    to: String,
 }
 
 // Unknown keys are errors everywhere: a misspelt `delay_ms` must not run with no delay.
@@ -138,6 +162,8 @@ struct RawTopology {
     links: Vec<RawLink>,
     #[serde(default, rename = "event")]
     events: Vec<RawEvent>,
+    #[serde(default)]
+    cross: Vec<RawCross>,
 }
 
 /// A link between node indices `a` and `b` with a rate per direction in Mbit/s.
@@ -236,6 +262,7 @@ pub struct Topology {
     pub links: Vec<Link>,
     /// Sorted by time.
     pub events: Vec<Event>,
+    pub cross: Vec<CrossFlow>,
 }
 
 fn rates(
@@ -387,12 +414,38 @@ impl Topology {
             });
         }
         events.sort_by(|x, y| x.at_s.total_cmp(&y.at_s));
+        let mut cross = Vec::new();
+        for c in &raw.cross {
+            let (from, to) = (lookup(&c.from)?, lookup(&c.to)?);
+            if from == to {
+                return Err(TopologyError::Invalid(format!(
+                    "cross flow {}->{}: from and to must differ",
+                    c.from, c.to
+                )));
+            }
+            cross.push(CrossFlow {
+                from,
+                to,
+                hops: Vec::new(),
+            });
+        }
+        for n in &raw.nodes {
+            if let Some(m) = n.max_mbit {
+                if !(m >= 0.01 && m.is_finite()) || n.role == Role::Router {
+                    return Err(TopologyError::Invalid(format!(
+                        "node {}: max_mbit is a member's upload cap, at least 0.01 Mbit/s",
+                        n.name
+                    )));
+                }
+            }
+        }
         let topo = Self {
             name: name.to_string(),
             description: raw.description,
             nodes: raw.nodes,
             links,
             events,
+            cross,
         };
         for d in topo.destinations() {
             if topo.hop_distances(topo.source())[d].is_none() {
@@ -401,6 +454,21 @@ impl Topology {
                     topo.nodes[d].name
                 )));
             }
+        }
+        let mut topo = topo;
+        let next = crate::routing::next_hops(&topo, &vec![true; topo.links.len()]);
+        for c in &mut topo.cross {
+            let (from, to) = (c.from, c.to);
+            let path = crate::routing::path(&next, from, to).ok_or_else(|| {
+                TopologyError::Invalid(format!(
+                    "cross flow {}->{}: no route between them",
+                    topo.nodes[from].name, topo.nodes[to].name
+                ))
+            })?;
+            c.hops = path
+                .windows(2)
+                .map(|w| (next[w[0]][to].expect("on the path").1, w[0]))
+                .collect();
         }
         Ok(topo)
     }
@@ -522,6 +590,54 @@ impl Topology {
         t
     }
 
+    /// The same network for the floor: each member with an upload cap gets a link of that
+    /// rate between itself and a new router that takes over all its links, so everything it
+    /// sends crosses the cap (and nothing it receives does).
+    pub fn with_upload_caps_as_links(&self) -> Self {
+        let mut t = self.clone();
+        for v in 0..self.nodes.len() {
+            let Some(cap) = self.nodes[v].max_mbit else {
+                continue;
+            };
+            let r = t.nodes.len();
+            t.nodes.push(Node {
+                name: format!("{}cap", self.nodes[v].name),
+                role: Role::Router,
+                max_mbit: None,
+            });
+            for l in &mut t.links {
+                if l.a == v {
+                    l.a = r;
+                }
+                if l.b == v {
+                    l.b = r;
+                }
+            }
+            t.links.push(Link {
+                a: v,
+                b: r,
+                mbit_ab: cap,
+                mbit_ba: 1e6,
+                ..Default::default()
+            });
+        }
+        t
+    }
+
+    /// The same network with `mbit` of the link `link`'s `from` -> `to` direction taken by
+    /// other traffic (what is left for the swarm; at least 1% of the link stays).
+    pub fn with_capacity_taken(&self, link: usize, from: usize, mbit: f64) -> Self {
+        let mut t = self.clone();
+        let l = &mut t.links[link];
+        let rate = if l.a == from {
+            &mut l.mbit_ab
+        } else {
+            &mut l.mbit_ba
+        };
+        *rate = (*rate - mbit).max(*rate * 0.01);
+        t
+    }
+
     pub fn to_toml(&self) -> String {
         let role = |r: Role| match r {
             Role::Source => "source",
@@ -536,6 +652,9 @@ impl Topology {
                 n.name,
                 role(n.role)
             );
+            if let Some(m) = n.max_mbit {
+                s += &format!("max_mbit = {m}\n");
+            }
         }
         for l in &self.links {
             s += &format!(
@@ -570,6 +689,13 @@ impl Topology {
                 EventAction::Down => "down = true\n".into(),
                 EventAction::Up => "up = true\n".into(),
             };
+        }
+        for c in &self.cross {
+            s += &format!(
+                "\n[[cross]]\nfrom = {:?}\nto = {:?}\n",
+                name(c.from),
+                name(c.to)
+            );
         }
         s
     }
@@ -636,6 +762,37 @@ mod tests {
                 mbit_ba: 5.0
             }
         );
+    }
+
+    #[test]
+    fn cross_flows_follow_the_routes_and_caps_become_links_for_the_floor() {
+        let text = r#"
+            node = [{name="s",role="source",max_mbit=5},{name="d",role="dest"},
+                    {name="r",role="router"},{name="x",role="router"}]
+            link = [{a="s",b="r",mbit=40},{a="r",b="d",mbit=30},{a="x",b="r",mbit=100}]
+            cross = [{from="x",to="d"}]
+        "#;
+        let t = Topology::parse("t", text).unwrap();
+        // x -> r over link 2, then r -> d over link 1.
+        assert_eq!(t.cross[0].hops, vec![(2, 3), (1, 2)]);
+        let capped = t.with_upload_caps_as_links();
+        assert_eq!(crate::bound::max_flow_bps(&capped, 1), 5e6);
+        assert_eq!(Topology::parse("t", &t.to_toml()).unwrap().cross, t.cross);
+        let left = t.with_capacity_taken(1, 2, 20.0);
+        assert_eq!(left.links[1].mbit_ab, 10.0);
+        for (bad, says) in [
+            (text.replace("to=\"d\"", "to=\"q\""), "unknown node"),
+            (
+                text.replace(
+                    "name=\"x\",role=\"router\"",
+                    "name=\"x\",role=\"router\",max_mbit=3",
+                ),
+                "max_mbit",
+            ),
+        ] {
+            let e = Topology::parse("t", &bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
     }
 
     #[test]

@@ -149,3 +149,88 @@ pub fn udp_delivered(bed: &Testbed, from: usize, to: usize, count: u64, mbit: f6
     .unwrap();
     receiver.join().unwrap()
 }
+
+/// A TCP flow from one node to another that runs until stopped (or dropped), counting what
+/// arrives: other people's traffic next to a transfer. The kernel's default congestion
+/// control, a blocking socket writing as fast as it may.
+pub struct BackgroundTcp {
+    received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl BackgroundTcp {
+    /// Starts the flow on `port` of `to` (distinct ports for several flows).
+    pub fn start(bed: &Testbed, from: usize, to: usize, port: u16) -> Self {
+        use std::sync::{
+            atomic::{AtomicBool, AtomicU64, Ordering},
+            Arc,
+        };
+        let received = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let dst = SocketAddrV4::new(identity_addr(to), port);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (count, stopping) = (received.clone(), stop.clone());
+        let receiver = bed.in_netns(to, move || {
+            let listener = TcpListener::bind(dst).expect("bind");
+            ready_tx.send(()).unwrap();
+            let Ok((mut conn, _)) = listener.accept() else {
+                return;
+            };
+            // Wakes up now and then to see the stop flag even if the sender is stuck.
+            let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+            let mut buf = vec![0u8; 1 << 16];
+            while !stopping.load(Ordering::Relaxed) {
+                match conn.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        count.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                    Err(_) => break,
+                }
+            }
+        });
+        ready_rx.recv().unwrap();
+        let stopping = stop.clone();
+        let sender = bed.in_netns(from, move || {
+            let Ok(mut conn) = TcpStream::connect(dst) else {
+                return;
+            };
+            let _ = conn.set_write_timeout(Some(Duration::from_millis(200)));
+            let chunk = vec![0x5au8; 1 << 16];
+            while !stopping.load(Ordering::Relaxed) {
+                match conn.write(&chunk) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                    Err(_) => break,
+                }
+            }
+        });
+        Self {
+            received,
+            stop,
+            threads: vec![receiver, sender],
+        }
+    }
+
+    /// Payload bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn stop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for BackgroundTcp {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
