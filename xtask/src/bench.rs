@@ -143,7 +143,7 @@ fn sim_ratio(topo: &Topology, bytes: u64) -> Option<f64> {
         horizon_s: 1e5,
         payload_share: crate::sim::WIRE_PAYLOAD_SHARE,
     };
-    let u_min = floodclone_testbed::bound::u_min_s(topo, bytes as f64 * 8.0)?;
+    let u_min = floodclone_testbed::bound::u_min_with_delay_s(topo, bytes as f64 * 8.0)?;
     crate::sim::simulate(topo, &opts)
         .ok()?
         .u_s

@@ -150,9 +150,12 @@ enum Cmd {
         /// Chunk size, e.g. 64KiB [default: floodclone's for the file size].
         #[arg(long, value_parser = parse_size)]
         chunk_size: Option<u64>,
-        /// One-way delay per link, milliseconds.
+        /// Forwarding delay per link, milliseconds, on top of a link's own `delay_ms`.
         #[arg(long, default_value_t = 1.0)]
         hop_delay_ms: f64,
+        /// Add this one-way delay (ms) to every link that has none (as `run` and `bench`).
+        #[arg(long)]
+        delay_ms: Option<f64>,
         /// One JSON object per network instead of text.
         #[arg(long)]
         json: bool,
@@ -228,6 +231,7 @@ fn main() -> Result<()> {
             size,
             chunk_size,
             hop_delay_ms,
+            delay_ms,
             json,
             save,
             wire,
@@ -265,6 +269,10 @@ fn main() -> Result<()> {
                     })
                     .collect(),
             };
+            let topos: Vec<Topology> = match delay_ms {
+                Some(d) => topos.iter().map(|t| t.with_delay_ms(d)).collect(),
+                None => topos,
+            };
             if let Some(dir) = &save {
                 std::fs::create_dir_all(dir)?;
                 for t in &topos {
@@ -274,9 +282,10 @@ fn main() -> Result<()> {
             let mut worst: f64 = 0.0;
             for topo in &topos {
                 let started = std::time::Instant::now();
-                let u_min = bound::u_min_s(topo, size as f64 * 8.0).ok_or_else(|| {
-                    anyhow::anyhow!("{}: a destination is cut off for good", topo.name)
-                })?;
+                let u_min =
+                    bound::u_min_with_delay_s(topo, size as f64 * 8.0).ok_or_else(|| {
+                        anyhow::anyhow!("{}: a destination is cut off for good", topo.name)
+                    })?;
                 let floor_s = started.elapsed().as_secs_f64();
                 let report = sim::simulate(topo, &opts).map_err(anyhow::Error::msg)?;
                 let wall = started.elapsed().as_secs_f64();

@@ -36,7 +36,7 @@ const RATE_WINDOW_TICKS: usize = (floodclone_sched::RATE_WINDOW_S / TICK_S) as u
 pub struct SimOptions {
     pub bytes: u64,
     pub chunk_bytes: u64,
-    /// One-way delay per link, seconds.
+    /// One-way delay per link, seconds (forwarding; a link's own `delay_ms` is added).
     pub hop_delay_s: f64,
     /// Give up (and report) after this much virtual time.
     pub horizon_s: f64,
@@ -187,6 +187,10 @@ impl Queue {
     }
 }
 
+/// Round trips between the source and its farthest destination before the first chunk
+/// leaves (see where `simulate` uses it).
+const STARTUP_ROUND_TRIPS: f64 = 3.5;
+
 pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String> {
     if topo
         .events
@@ -203,10 +207,15 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
     let chunks = opts.bytes.div_ceil(opts.chunk_bytes) as u32;
     let chunk_bits = opts.chunk_bytes as f64 * 8.0;
     let mut caps = vec![0.0; topo.links.len() * 2];
+    // One-way delay of each link direction: forwarding plus the link's propagation (jitter
+    // and loss are not modelled).
+    let mut delay_s = vec![0.0; topo.links.len() * 2];
     let mut dirlink_of: HashMap<(usize, usize), usize> = HashMap::new();
     for (i, l) in topo.links.iter().enumerate() {
         caps[2 * i] = l.mbit_ab * 1e6 * opts.payload_share;
         caps[2 * i + 1] = l.mbit_ba * 1e6 * opts.payload_share;
+        delay_s[2 * i] = opts.hop_delay_s + l.prop_ab.delay_ms / 1e3;
+        delay_s[2 * i + 1] = opts.hop_delay_s + l.prop_ba.delay_ms / 1e3;
         dirlink_of.insert((l.a, l.b), 2 * i);
         dirlink_of.insert((l.b, l.a), 2 * i + 1);
     }
@@ -279,6 +288,22 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
             }
         }
     }
+    // The daemon's start: every destination joins (QUIC handshake, then the token's SPAKE2
+    // exchange: 2.5 round trips to the source), then gets its Welcome and answers with its
+    // View (one more) before the source hands out a chunk. Round trips along the routes.
+    let one_way = |a: usize, b: usize| -> f64 {
+        route(a, b)
+            .expect("reachable")
+            .windows(2)
+            .map(|w| delay_s[dirlink_of[&(w[0], w[1])]])
+            .sum()
+    };
+    let start_s = STARTUP_ROUND_TRIPS
+        * topo
+            .destinations()
+            .iter()
+            .map(|&d| one_way(source, d) + one_way(d, source))
+            .fold(0.0, f64::max);
     for d in topo.destinations() {
         let me = member_of[d].expect("destinations are members");
         let mut reach = views.remove(&me).expect("a view per destination");
@@ -296,10 +321,12 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
             let from = node_of_member[nb as usize];
             let hops = route(from, d).expect("reachable");
             let path: Vec<usize> = hops.windows(2).map(|w| dirlink_of[&(w[0], w[1])]).collect();
+            let latency: f64 = path.iter().map(|&dl| delay_s[dl]).sum();
+            let back = one_way(d, from);
             puller.add_peer(nb, nb == floodclone_sched::SOURCE);
             puller.peer_distance(nb, path.len() as u8);
             // The modelled propagation both ways (queueing aside).
-            puller.peer_rtt(nb, 2.0 * path.len() as f64 * opts.hop_delay_s);
+            puller.peer_rtt(nb, latency + back);
             puller.peer_ingress(nb, *path.last().expect("a path to a neighbour") as u32);
             // What the neighbour reports of its own distance to the source.
             let to_source = route(from, source).expect("reachable").len() - 1;
@@ -308,7 +335,7 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
             pipes.push(Pipe {
                 from,
                 to: d,
-                latency: path.len() as f64 * opts.hop_delay_s,
+                latency,
                 path,
                 queue: VecDeque::new(),
                 head: None,
@@ -326,7 +353,7 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
             if from == source {
                 let lat = pipes[id].latency;
                 q.push(
-                    lat,
+                    start_s + lat,
                     Ev::Deliver {
                         from,
                         to: d,

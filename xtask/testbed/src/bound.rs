@@ -239,6 +239,18 @@ pub fn u_min_s(topo: &Topology, bits: f64) -> Option<f64> {
     Some(worst)
 }
 
+/// [`u_min_s`] with each destination's least propagation delay added, as [`floor`] counts
+/// it (without the routed floor's linear programs: fast on large networks).
+pub fn u_min_with_delay_s(topo: &Topology, bits: f64) -> Option<f64> {
+    if !topo.links.iter().any(|l| l.has_propagation()) {
+        return u_min_s(topo, bits);
+    }
+    let delay = propagation_from_source_s(topo);
+    topo.destinations().iter().try_fold(0.0f64, |worst, &d| {
+        Some(worst.max(delay[d].unwrap_or(0.0) + earliest_completion_s(topo, d, bits)?))
+    })
+}
+
 /// U_min when routers forward as the testbed's kernels do: one route per destination
 /// (fewest hops, widest), not any split a max-flow may choose. Members may relay freely,
 /// but data between two members crosses routers only along the kernel's path from one to
