@@ -187,9 +187,10 @@ impl Queue {
     }
 }
 
-/// Round trips between the source and its farthest destination before the first chunk
-/// leaves (see where `simulate` uses it).
-const STARTUP_ROUND_TRIPS: f64 = 3.5;
+/// Round trips between the source and a destination before it is joined (see where
+/// `simulate` uses it), and the congestion window a connection starts with (quinn's).
+const JOIN_ROUND_TRIPS: f64 = 2.5;
+const INITIAL_WINDOW_BYTES: f64 = 14_720.0;
 
 pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String> {
     if topo
@@ -290,7 +291,15 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
     }
     // The daemon's start: every destination joins (QUIC handshake, then the token's SPAKE2
     // exchange: 2.5 round trips to the source), then gets its Welcome and answers with its
-    // View (one more) before the source hands out a chunk. Round trips along the routes.
+    // View before the source hands out a chunk. The Welcome carries the manifest (32 bytes
+    // a chunk) on a connection still in slow start: k round trips where k windows, doubling
+    // from the initial one, first hold it (its last bytes arrive half a round trip after
+    // they leave, the View takes the other half). Round trips along the routes.
+    let manifest_bytes = 32.0 * chunks as f64;
+    let mut welcome_round_trips = 1.0;
+    while INITIAL_WINDOW_BYTES * (2f64.powf(welcome_round_trips) - 1.0) < manifest_bytes {
+        welcome_round_trips += 1.0;
+    }
     let one_way = |a: usize, b: usize| -> f64 {
         route(a, b)
             .expect("reachable")
@@ -298,7 +307,7 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
             .map(|w| delay_s[dirlink_of[&(w[0], w[1])]])
             .sum()
     };
-    let start_s = STARTUP_ROUND_TRIPS
+    let start_s = (JOIN_ROUND_TRIPS + welcome_round_trips)
         * topo
             .destinations()
             .iter()
