@@ -14,14 +14,7 @@ pub type NextHops = Vec<Vec<Option<(usize, usize)>>>;
 /// direction of travel. Links marked down in `up` are ignored.
 pub fn next_hops(topo: &Topology, up: &[bool]) -> NextHops {
     let n = topo.nodes.len();
-    let rate = |link: usize, from: usize| {
-        let l = &topo.links[link];
-        if l.a == from {
-            l.mbit_ab
-        } else {
-            l.mbit_ba
-        }
-    };
+    let rate = |link: usize, from: usize| topo.links[link].mbit_from(from);
     let mut next = vec![vec![None; n]; n];
     for (u, next_u) in next.iter_mut().enumerate() {
         // BFS levels, then widest bottleneck through the shortest-path DAG, level by level.

@@ -131,13 +131,87 @@ const CROSS_SETTLE: Duration = Duration::from_secs(2);
 /// ... and are measured alone this long.
 const CROSS_ALONE: Duration = Duration::from_secs(3);
 
-fn other_end(topo: &Topology, link: usize, end: usize) -> usize {
-    let l = &topo.links[link];
-    if l.a == end {
-        l.b
-    } else {
-        l.a
+/// The topology's TCP cross flows during one run: started before the swarm and measured
+/// alone, then sampled (seconds from `send`'s start, bytes received) until stopped.
+struct CrossTraffic {
+    flows: Vec<crate::traffic::BackgroundTcp>,
+    alone_mbit: Vec<f64>,
+    samples: Vec<Vec<(f64, u64)>>,
+}
+
+impl CrossTraffic {
+    fn start(topo: &Topology, bed: &Testbed) -> Self {
+        let flows: Vec<_> = topo
+            .cross
+            .iter()
+            .enumerate()
+            .map(|(i, c)| crate::traffic::BackgroundTcp::start(bed, c.from, c.to, 5101 + i as u16))
+            .collect();
+        let mut alone_mbit = Vec::new();
+        if !flows.is_empty() {
+            std::thread::sleep(CROSS_SETTLE);
+            let at_start: Vec<u64> = flows.iter().map(|f| f.received()).collect();
+            std::thread::sleep(CROSS_ALONE);
+            for (f, b0) in flows.iter().zip(at_start) {
+                alone_mbit.push((f.received() - b0) as f64 * 8.0 / CROSS_ALONE.as_secs_f64() / 1e6);
+            }
+        }
+        let samples = vec![Vec::new(); flows.len()];
+        Self {
+            flows,
+            alone_mbit,
+            samples,
+        }
     }
+
+    fn sample(&mut self, t: f64) {
+        for (f, samples) in self.flows.iter().zip(&mut self.samples) {
+            samples.push((t, f.received()));
+        }
+    }
+
+    fn stop(&mut self) {
+        for f in &mut self.flows {
+            f.stop();
+        }
+    }
+
+    /// Each flow alone and during the transfer (until `u`, when every copy arrived).
+    fn report(&self, topo: &Topology, u: Option<f64>) -> Vec<CrossReport> {
+        topo.cross
+            .iter()
+            .zip(&self.alone_mbit)
+            .zip(&self.samples)
+            .map(|((c, &before_mbit), samples)| CrossReport {
+                from: topo.nodes[c.from].name.clone(),
+                to: topo.nodes[c.to].name.clone(),
+                link_mbit: c
+                    .hops
+                    .iter()
+                    .map(|&(link, from)| topo.links[link].mbit_from(from))
+                    .fold(f64::INFINITY, f64::min),
+                before_mbit,
+                during_mbit: u.map_or(0.0, |u| mbit_between(samples, 0.0, u)),
+            })
+            .collect()
+    }
+}
+
+/// The floor on the capacity the cross flows left: every link direction on each flow's
+/// route less what it carried (on the wire); `None` without cross flows.
+fn floor_left_by(topo: &Topology, flows: &[CrossReport], bytes: u64) -> Option<f64> {
+    if flows.is_empty() {
+        return None;
+    }
+    let mut left = topo.clone();
+    for (c, r) in topo.cross.iter().zip(flows) {
+        for &(link, from) in &c.hops {
+            left = left.with_capacity_taken(link, from, r.during_mbit * TCP_WIRE_PER_PAYLOAD);
+        }
+    }
+    bound::floor(&left.with_upload_caps_as_links(), bytes)
+        .ok()
+        .map(|f| f.u_min_s)
 }
 
 /// `--max-rate` for a member with an upload cap.
@@ -262,22 +336,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
     let out_path = |d: usize| work.join(format!("{}.out", topo.nodes[d].name));
     let mut seen = vec![NodeEvents::default(); topo.nodes.len()];
     // Other people's traffic first, measured alone, then left running.
-    let mut cross: Vec<crate::traffic::BackgroundTcp> = topo
-        .cross
-        .iter()
-        .enumerate()
-        .map(|(i, c)| crate::traffic::BackgroundTcp::start(&bed, c.from, c.to, 5101 + i as u16))
-        .collect();
-    let mut cross_before = Vec::new();
-    if !cross.is_empty() {
-        std::thread::sleep(CROSS_SETTLE);
-        let at_start: Vec<u64> = cross.iter().map(|f| f.received()).collect();
-        std::thread::sleep(CROSS_ALONE);
-        for (f, b0) in cross.iter().zip(at_start) {
-            cross_before.push((f.received() - b0) as f64 * 8.0 / CROSS_ALONE.as_secs_f64() / 1e6);
-        }
-    }
-    let mut cross_samples: Vec<Vec<(f64, u64)>> = vec![Vec::new(); cross.len()];
+    let mut cross = CrossTraffic::start(topo, &bed);
     let mut recv_handles = Vec::new();
     for &d in &dests {
         let mut cmd = bed.command(d, bin.to_str().unwrap());
@@ -372,9 +431,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
                 shares.join("  ")
             );
         }
-        for (f, samples) in cross.iter().zip(&mut cross_samples) {
-            samples.push((started.elapsed().as_secs_f64(), f.received()));
-        }
+        cross.sample(started.elapsed().as_secs_f64());
         send_status = bed.child(sh).try_wait()?;
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -390,9 +447,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
     }
     let send_exit_ok = send_status.is_some_and(|s| s.success());
     let delay_line_cpu_s = bed.delay_line_cpu_s() - delay_cpu_at_start;
-    for f in &mut cross {
-        f.stop();
-    }
+    cross.stop();
     bed.down();
     let outcomes: Vec<DestOutcome> = dests
         .iter()
@@ -450,40 +505,8 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         tx,
     };
     let idle = crate::idle::idle_while_needed(&timeline);
-    let cross: Vec<CrossReport> = topo
-        .cross
-        .iter()
-        .zip(cross_before)
-        .zip(&cross_samples)
-        .map(|((c, before_mbit), samples)| CrossReport {
-            from: topo.nodes[c.from].name.clone(),
-            to: topo.nodes[c.to].name.clone(),
-            link_mbit: c
-                .hops
-                .iter()
-                .map(|&(link, from)| {
-                    topo.capacity_bps(from, other_end(topo, link, from), 0.0) / 1e6
-                })
-                .fold(f64::INFINITY, f64::min),
-            before_mbit,
-            during_mbit: u.map_or(0.0, |u| mbit_between(samples, 0.0, u)),
-        })
-        .collect();
-    let u_min_left_s = match (&cross[..], u) {
-        ([], _) | (_, None) => None,
-        (flows, Some(_)) => {
-            let mut left = topo.clone();
-            for (c, r) in topo.cross.iter().zip(flows) {
-                for &(link, from) in &c.hops {
-                    left =
-                        left.with_capacity_taken(link, from, r.during_mbit * TCP_WIRE_PER_PAYLOAD);
-                }
-            }
-            bound::floor(&left.with_upload_caps_as_links(), opts.bytes)
-                .ok()
-                .map(|f| f.u_min_s)
-        }
-    };
+    let cross = cross.report(topo, u);
+    let u_min_left_s = u.and_then(|_| floor_left_by(topo, &cross, opts.bytes));
     let picture = match &opts.picture {
         Some(path) => {
             let svg = crate::picture::render(&timeline);

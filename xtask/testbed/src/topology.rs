@@ -184,6 +184,15 @@ impl Link {
     pub fn has_propagation(&self) -> bool {
         !self.prop_ab.is_none() || !self.prop_ba.is_none()
     }
+
+    /// The initial rate (Mbit/s) of the direction leaving `from`, one of its ends.
+    pub fn mbit_from(&self, from: usize) -> f64 {
+        if self.a == from {
+            self.mbit_ab
+        } else {
+            self.mbit_ba
+        }
+    }
 }
 
 /// Propagation of one direction of a link: one-way delay, jitter and random loss.
