@@ -27,6 +27,25 @@ fn pair_with(mbit: u32, extra: &str) -> Topology {
     .unwrap()
 }
 
+/// Runs `f` to completion on a runtime of this thread (each testbed node runs on one).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// Dials `server` until it answers (its listener may not be up yet).
+async fn dial_until_up(ep: &quinn::Endpoint, server: SocketAddr) -> quinn::Connection {
+    loop {
+        match transport::dial(ep, server, Duration::from_secs(1)).await {
+            Ok(c) => return c,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 /// Egress counters of `stats` towards `peer` on the interface `v-d`: (bytes, packets).
 fn egress_to(stats: &LinkStats, peer: std::net::Ipv4Addr) -> (u64, u64) {
     let snap = stats.snapshot().unwrap();
@@ -74,28 +93,14 @@ fn quic_send(
     // The sink dials and the sender serves, as in a swarm (a dialer pulls: an accepted
     // connection takes no chunk streams from its dialer).
     let sink = bed.in_netns(1, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        block_on(async {
             for _ in 0..conns {
                 // An endpoint (a UDP port) per connection: the kernel tells flows apart by
                 // their 4-tuple, and a connection that does not spin randomises its spin
                 // bit, which would pollute a flow shared with spinning ones.
                 let ep = transport::endpoint(0).unwrap();
-                let conn = loop {
-                    match transport::dial(
-                        &ep,
-                        SocketAddr::V4(SocketAddrV4::new(s_addr, 7900)),
-                        Duration::from_secs(1),
-                    )
-                    .await
-                    {
-                        Ok(c) => break c,
-                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                    }
-                };
+                let conn =
+                    dial_until_up(&ep, SocketAddr::V4(SocketAddrV4::new(s_addr, 7900))).await;
                 let mut s = conn.accept_uni().await.unwrap();
                 let _ = s.read_to_end(usize::MAX).await;
                 conn.closed().await;
@@ -105,11 +110,7 @@ fn quic_send(
     });
     let sender = bed.in_netns(0, move || {
         let stats = LinkStats::attach().unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let views = rt.block_on(async {
+        let views = block_on(async {
             let ep = transport::endpoint(7900).unwrap();
             let mut views = Vec::new();
             while views.len() < conns {
@@ -239,23 +240,14 @@ fn spin_rtt_is_per_connection_and_agrees_with_quinn_over_20ms() {
     let bed = Testbed::up(&pair_with(40, ",delay_ms=20")).unwrap();
     let (s_addr, d) = (addr(0), addr(1));
     let sink = bed.in_netns(1, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        block_on(async {
             let ep = transport::endpoint(7900).unwrap();
             let mut tasks = Vec::new();
             for _ in 0..CONNS {
                 let ep = ep.clone();
                 tasks.push(tokio::spawn(async move {
                     let server = SocketAddr::V4(SocketAddrV4::new(s_addr, 7900));
-                    let conn = loop {
-                        match transport::dial(&ep, server, Duration::from_secs(1)).await {
-                            Ok(c) => break c,
-                            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                        }
-                    };
+                    let conn = dial_until_up(&ep, server).await;
                     let mut s = conn.accept_uni().await.unwrap();
                     let _ = s.read_to_end(usize::MAX).await;
                     conn.closed().await;
@@ -270,11 +262,7 @@ fn spin_rtt_is_per_connection_and_agrees_with_quinn_over_20ms() {
     let (flows, quinn_min_rtt) = bed
         .in_netns(0, move || {
             let stats = LinkStats::attach().unwrap();
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let min_rtts = rt.block_on(async {
+            let min_rtts = block_on(async {
                 let ep = transport::endpoint(7900).unwrap();
                 let mut conns = Vec::new();
                 while conns.len() < CONNS {
