@@ -334,6 +334,14 @@ impl Topology {
                     n.name
                 )));
             }
+            if n.max_mbit
+                .is_some_and(|m| !(m >= 0.01 && m.is_finite()) || n.role == Role::Router)
+            {
+                return Err(TopologyError::Invalid(format!(
+                    "node {}: max_mbit is a member's upload cap, at least 0.01 Mbit/s",
+                    n.name
+                )));
+            }
             if index.insert(n.name.clone(), i).is_some() {
                 return Err(TopologyError::Invalid(format!("node {} twice", n.name)));
             }
@@ -423,38 +431,13 @@ impl Topology {
             });
         }
         events.sort_by(|x, y| x.at_s.total_cmp(&y.at_s));
-        let mut cross = Vec::new();
-        for c in &raw.cross {
-            let (from, to) = (lookup(&c.from)?, lookup(&c.to)?);
-            if from == to {
-                return Err(TopologyError::Invalid(format!(
-                    "cross flow {}->{}: from and to must differ",
-                    c.from, c.to
-                )));
-            }
-            cross.push(CrossFlow {
-                from,
-                to,
-                hops: Vec::new(),
-            });
-        }
-        for n in &raw.nodes {
-            if let Some(m) = n.max_mbit {
-                if !(m >= 0.01 && m.is_finite()) || n.role == Role::Router {
-                    return Err(TopologyError::Invalid(format!(
-                        "node {}: max_mbit is a member's upload cap, at least 0.01 Mbit/s",
-                        n.name
-                    )));
-                }
-            }
-        }
-        let topo = Self {
+        let mut topo = Self {
             name: name.to_string(),
             description: raw.description,
             nodes: raw.nodes,
             links,
             events,
-            cross,
+            cross: Vec::new(),
         };
         for d in topo.destinations() {
             if topo.hop_distances(topo.source())[d].is_none() {
@@ -464,22 +447,37 @@ impl Topology {
                 )));
             }
         }
-        let mut topo = topo;
-        let next = crate::routing::next_hops(&topo, &vec![true; topo.links.len()]);
-        for c in &mut topo.cross {
-            let (from, to) = (c.from, c.to);
-            let path = crate::routing::path(&next, from, to).ok_or_else(|| {
-                TopologyError::Invalid(format!(
-                    "cross flow {}->{}: no route between them",
-                    topo.nodes[from].name, topo.nodes[to].name
-                ))
-            })?;
-            c.hops = path
-                .windows(2)
-                .map(|w| (next[w[0]][to].expect("on the path").1, w[0]))
-                .collect();
-        }
+        topo.cross = topo.cross_flows(&raw.cross)?;
         Ok(topo)
+    }
+
+    /// The file's cross flows, each with its route (the testbed's, with every link up).
+    fn cross_flows(&self, raw: &[RawCross]) -> Result<Vec<CrossFlow>, TopologyError> {
+        let lookup = |n: &str| {
+            self.nodes
+                .iter()
+                .position(|x| x.name == n)
+                .ok_or_else(|| TopologyError::Invalid(format!("unknown node {n:?}")))
+        };
+        let next = crate::routing::next_hops(self, &vec![true; self.links.len()]);
+        raw.iter()
+            .map(|c| {
+                let (from, to) = (lookup(&c.from)?, lookup(&c.to)?);
+                let invalid = |why: &str| {
+                    TopologyError::Invalid(format!("cross flow {}->{}: {why}", c.from, c.to))
+                };
+                if from == to {
+                    return Err(invalid("from and to must differ"));
+                }
+                let path = crate::routing::path(&next, from, to)
+                    .ok_or_else(|| invalid("no route between them"))?;
+                let hops = path
+                    .windows(2)
+                    .map(|w| (next[w[0]][to].expect("on the path").1, w[0]))
+                    .collect();
+                Ok(CrossFlow { from, to, hops })
+            })
+            .collect()
     }
 
     pub fn source(&self) -> usize {
