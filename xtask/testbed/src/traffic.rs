@@ -11,42 +11,14 @@ use crate::netns::{identity_addr, Testbed};
 /// Sends TCP from node `from` to node `to` for `secs`; returns (payload Mbit/s after a
 /// warm-up of a quarter of the time, payload bytes counted).
 pub fn tcp_transfer(bed: &Testbed, from: usize, to: usize, secs: f64) -> (f64, u64) {
-    let dst = SocketAddrV4::new(identity_addr(to), 5001);
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let receiver = bed.in_netns(to, move || {
-        let listener = TcpListener::bind(dst).expect("bind");
-        ready_tx.send(()).unwrap();
-        let (mut conn, _) = listener.accept().expect("accept");
-        let mut buf = vec![0u8; 1 << 16];
-        let start = Instant::now();
-        let warm = Duration::from_secs_f64(secs / 4.0);
-        let (mut counted, mut since) = (0u64, None::<Instant>);
-        loop {
-            let n = conn.read(&mut buf).unwrap_or(0);
-            if n == 0 {
-                break;
-            }
-            if start.elapsed() >= warm {
-                since.get_or_insert_with(Instant::now);
-                counted += n as u64;
-            }
-        }
-        let dur = since.map_or(1.0, |s| s.elapsed().as_secs_f64());
-        (counted as f64 * 8.0 / dur / 1e6, counted)
-    });
-    ready_rx.recv().unwrap();
-    let sender = bed.in_netns(from, move || {
-        let mut conn = TcpStream::connect(dst).expect("connect");
-        let chunk = vec![0x5au8; 1 << 16];
-        let end = Instant::now() + Duration::from_secs_f64(secs);
-        while Instant::now() < end {
-            if conn.write_all(&chunk).is_err() {
-                break;
-            }
-        }
-    });
-    sender.join().unwrap();
-    receiver.join().unwrap()
+    let mut flow = BackgroundTcp::start(bed, from, to, 5001);
+    std::thread::sleep(Duration::from_secs_f64(secs / 4.0));
+    let (warm, since) = (flow.received(), Instant::now());
+    std::thread::sleep(Duration::from_secs_f64(secs * 3.0 / 4.0));
+    let counted = flow.received() - warm;
+    let dur = since.elapsed().as_secs_f64();
+    flow.stop();
+    (counted as f64 * 8.0 / dur / 1e6, counted)
 }
 
 /// Busy CPU time of the whole machine so far, in seconds (all cores, from /proc/stat).
