@@ -119,6 +119,9 @@ struct Peer {
     rtt_s: Option<f64>,
     /// Chunks this neighbour announced it is fetching, with when.
     coming: HashMap<ChunkId, f64>,
+    /// It let a chunk stall that someone else held (see [`Puller::re_request_stalled`]):
+    /// one request at a time until it delivers again.
+    on_probation: bool,
 }
 
 impl Peer {
@@ -135,6 +138,9 @@ impl Peer {
     /// measured on what the pipeline let through, and a pipeline of exactly one round trip
     /// at that rate would hold a rising sender (a slow start) to it.
     fn budget(&self, cfg: &SchedConfig) -> u32 {
+        if self.on_probation {
+            return 1;
+        }
         let depth_s = cfg.queue_target_s + 2.0 * self.rtt_s.unwrap_or(0.0);
         let chunks = self.rate_bps(cfg) / 8.0 * depth_s / cfg.chunk_bytes as f64;
         (chunks.ceil() as u32 + 1).clamp(cfg.min_outstanding, cfg.max_outstanding)
@@ -158,6 +164,16 @@ impl Peer {
     /// pipeline (at least one chunk) at its measured rate.
     fn expected_delivery_s(&self, cfg: &SchedConfig) -> f64 {
         self.chunk_time_s(cfg) * self.in_use().max(1) as f64
+    }
+
+    /// Seconds after which a chunk requested from this neighbour has stalled: far longer
+    /// than its pipeline takes at the rate it delivered at (before its first delivery, the
+    /// prior rate: the link's measured rate would be what the neighbour chooses to send,
+    /// and one that sends nothing would never stall).
+    fn stall_after_s(&self, cfg: &SchedConfig) -> f64 {
+        let bps = self.rate.bps().unwrap_or(cfg.initial_rate_bps).max(1e5);
+        let pipeline_s = cfg.chunk_bytes as f64 * 8.0 / bps * self.in_use().max(1) as f64;
+        STALL_MIN_S.max(STALL_FACTOR * pipeline_s)
     }
 }
 
@@ -265,6 +281,7 @@ impl Puller {
                 ingress: None,
                 rtt_s: None,
                 coming: HashMap::new(),
+                on_probation: false,
             },
         );
         if let Some(held) = self.dormant.remove(&peer) {
@@ -466,6 +483,7 @@ impl Puller {
         if let Some(p) = self.peers.get_mut(&peer) {
             if ok {
                 p.rate.delivered(self.cfg.chunk_bytes, now);
+                p.on_probation = false;
             } else {
                 p.bad_chunks += 1;
             }
@@ -653,18 +671,34 @@ impl Puller {
         std::mem::take(&mut self.actions)
     }
 
-    /// Asks again for chunks in flight far longer than their sender should take (see
-    /// [`STALL_MIN_S`]). The flight keeps its place; only its clock restarts. If the first
-    /// copy was merely slow, the second is refused on arrival.
+    /// Chunks in flight far longer than their sender should take (see [`STALL_MIN_S`]).
+    /// Held by someone else too, such a chunk is cancelled with its sender and left to
+    /// them: no chunk waits on one neighbour while another could send it. The sender then
+    /// counts as holding nothing it has not delivered or announced since, and gets one
+    /// request at a time until it delivers (a neighbour that claims chunks and never sends
+    /// them, or has lost its way, must not hold back more). A chunk only its sender holds
+    /// (or one from the source, which holds every chunk and lies about none) is asked of it
+    /// again, the flight's place kept; if the first copy was merely slow, the second is
+    /// refused on arrival.
     fn re_request_stalled(&mut self, now: f64) {
         let mut again: BTreeMap<MemberId, Vec<ChunkId>> = BTreeMap::new();
+        let mut stalled: Vec<(MemberId, ChunkId)> = Vec::new();
         // A chunk raced from two neighbours has its remedy already.
         for (&c, fl) in self.flights.iter_mut().filter(|(_, fl)| fl.len() == 1) {
             let f = &mut fl[0];
             let Some(p) = self.peers.get(&f.peer) else {
                 continue;
             };
-            if now - f.since > STALL_MIN_S.max(STALL_FACTOR * p.expected_delivery_s(&self.cfg)) {
+            if now - f.since <= p.stall_after_s(&self.cfg) {
+                continue;
+            }
+            let elsewhere = self
+                .peers
+                .iter()
+                .any(|(&q, qp)| q != f.peer && qp.have.contains(c));
+            if elsewhere && !p.is_source {
+                stalled.push((f.peer, c));
+            } else {
                 f.since = now;
                 again.entry(f.peer).or_default().push(c);
             }
@@ -672,6 +706,17 @@ impl Puller {
         for (peer, mut chunks) in again {
             chunks.sort_unstable();
             self.actions.push(Action::Request { peer, chunks });
+        }
+        for (peer, chunk) in stalled {
+            self.actions.push(Action::Cancel { peer, chunk });
+            self.dont_have(peer, chunk);
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.on_probation = true;
+                for c in p.have.iter().collect::<Vec<_>>() {
+                    p.have.remove(c);
+                    self.holders[c as usize] = self.holders[c as usize].saturating_sub(1);
+                }
+            }
         }
     }
 
@@ -1026,6 +1071,48 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn a_neighbour_that_claims_chunks_and_sends_none_holds_them_back_once_only() {
+        // Peers 1 and 2 both claim all 16 chunks; 2 delivers what it is asked, 1 nothing
+        // (so the kernel measures nothing coming from it).
+        let mut p = Puller::new(SchedConfig::new(64 << 10), ChunkSet::new(16));
+        for peer in [1, 2] {
+            p.add_peer(peer, false);
+            p.peer_bitfield(peer, &ChunkSet::full(16));
+        }
+        p.peer_measured_rate(1, 1e3);
+        let mut asked_of_liar = Vec::new();
+        let mut t = 0.0;
+        while !p.is_complete() && t < 30.0 {
+            let actions = p.poll(t);
+            for a in &actions {
+                if let Action::Cancel { peer, .. } = a {
+                    assert_eq!(*peer, 1, "only the silent one's chunks are cancelled");
+                }
+            }
+            for (peer, chunks) in requests_by_peer(actions) {
+                for c in chunks {
+                    if peer == 1 {
+                        asked_of_liar.push((t, c));
+                    } else {
+                        p.chunk_started(2, c, t);
+                        p.chunk_done(2, c, true, t + 0.01);
+                    }
+                }
+            }
+            t += 0.1;
+        }
+        assert!(p.is_complete(), "complete from peer 2 by {t:.1} s");
+        // What the silent one was asked before its first stall is all it held back: after
+        // it, it counts as holding nothing.
+        let first_stall = STALL_MIN_S;
+        assert!(
+            asked_of_liar.iter().all(|&(at, _)| at <= first_stall),
+            "{asked_of_liar:?}"
+        );
+        assert!(t < first_stall + 1.0, "done at {t:.1} s");
     }
 
     #[test]
