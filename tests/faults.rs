@@ -844,45 +844,55 @@ fn recv_gives_up_on_a_source_gone_for_good_and_keeps_its_progress() {
 }
 
 #[test]
-fn a_second_claim_to_a_joined_members_address_is_refused() {
-    if !root_or_skip("a_second_claim_to_a_joined_members_address_is_refused") {
+fn claims_to_a_members_address_are_refused_before_and_after_it_joins() {
+    if !root_or_skip("claims_to_a_members_address_are_refused_before_and_after_it_joins") {
         return;
     }
     use floodclone::{transport, wire::Msg};
     use std::net::{SocketAddr, SocketAddrV4};
     let scratch = Scratch::new("claimed-address");
     let src = scratch.0.join("src");
-    // 8 MiB over 8 Mbit/s: d1 is still receiving when the claim comes.
+    // 8 MiB over 8 Mbit/s: d1 is still receiving when the second claim comes.
     write_test_file(&src, 8 * MIB, 28).unwrap();
     let mut bed = Testbed::up(&line(&["s", "d1", "d2"], 8)).unwrap();
     let out = scratch.0.join("d1.out");
-    let recv = start(&mut bed, 1, &recv_args(0, &out, &[]), &scratch.0);
     let send = start(&mut bed, 0, &send_args(&src, 1..=1), &scratch.0);
-    assert!(recv.wait_event("welcome", 30.0).is_some());
-    // d2 holds the token and claims d1's address.
+    // d2 holds the token and joins from its own address claiming d1's, first before d1 is
+    // up (the source dials d1's address to check: nothing answers), then once d1 is.
     let source = SocketAddr::V4(SocketAddrV4::new(addr(0), 7878));
-    let claim = by_hand(&bed, 2, move |ep| async move {
-        let conn = transport::dial(&ep, source, std::time::Duration::from_secs(2))
-            .await
-            .unwrap();
-        let mut ctl = transport::authenticate_dialer(&conn, TOKEN).await.unwrap();
-        ctl.send(&Msg::Hello { id: u16::MAX }).await.unwrap();
-        let join = Msg::Join {
-            port: 7878,
-            addrs: vec![addr(1)],
-        };
-        ctl.send(&join).await.unwrap();
-        closed_within(&conn, 5).await.code
-    })
-    .join()
-    .unwrap();
-    assert_eq!(
-        claim,
-        Some(quinn::VarInt::from_u32(
-            floodclone::transport::CLOSE_NOT_MEMBER
-        )),
-        "the claim is refused"
-    );
+    let claim = |bed: &Testbed| {
+        by_hand(bed, 2, move |ep| async move {
+            let conn = transport::dial(&ep, source, std::time::Duration::from_secs(2))
+                .await
+                .unwrap();
+            let mut ctl = transport::authenticate_dialer(&conn, TOKEN).await.unwrap();
+            ctl.send(&Msg::Hello { id: u16::MAX }).await.unwrap();
+            let join = Msg::Join {
+                port: 7878,
+                addrs: vec![addr(1)],
+            };
+            ctl.send(&join).await.unwrap();
+            closed_within(&conn, 10).await
+        })
+        .join()
+        .unwrap()
+    };
+    let not_member = Some(quinn::VarInt::from_u32(
+        floodclone::transport::CLOSE_NOT_MEMBER,
+    ));
+    let early = claim(&bed);
+    eprintln!("claim before d1 joined: {early:?}");
+    assert_eq!(early.code, not_member, "the early claim is refused");
+    let refused = send.wait_for(5.0, |e| match e {
+        JsonEvent::ClaimRefused { member, addr, .. } => Some((member, addr)),
+        _ => None,
+    });
+    assert_eq!(refused, Some((1, addr(1).to_string())), "and said");
+    let recv = start(&mut bed, 1, &recv_args(0, &out, &[]), &scratch.0);
+    assert!(recv.wait_event("welcome", 30.0).is_some());
+    let late = claim(&bed);
+    eprintln!("claim after d1 joined: {late:?}");
+    assert_eq!(late.code, not_member, "the claim is refused");
     recv.expect_complete("d1", 60.0);
     assert_copies(&src, [out]);
     assert!(send.wait_exit(&mut bed, 30.0).is_some_and(|s| s.success()));
@@ -908,4 +918,93 @@ async fn closed_within(conn: &quinn::Connection, secs: u64) -> Closed {
             _ => None,
         },
     }
+}
+
+#[test]
+fn a_member_claiming_the_routers_addresses_is_not_believed() {
+    if !root_or_skip("a_member_claiming_the_routers_addresses_is_not_believed") {
+        return;
+    }
+    use floodclone::{transport, wire::Msg};
+    use floodclone_testbed::netns::link_addrs;
+    use std::net::{SocketAddr, SocketAddrV4};
+    let scratch = Scratch::new("claimed-router");
+    let src = scratch.0.join("src");
+    write_test_file(&src, 8 * MIB, 29).unwrap();
+    // s, d1 and d2 each behind router r. Member d2, holding the token, lists r's addresses
+    // as its own: d1's gateway and the hop the source's trace to d1 shows then are "d2",
+    // so d1 would pull only from d2, which says it holds everything and sends nothing.
+    let topo = Topology::parse(
+        "claimed-router",
+        r#"node = [{name="s",role="source"},{name="d1",role="dest"},{name="d2",role="dest"},
+                   {name="r",role="router"}]
+           link = [{a="s",b="r",mbit=20},{a="r",b="d1",mbit=20},{a="r",b="d2",mbit=20}]"#,
+    )
+    .unwrap();
+    let mut bed = Testbed::up(&topo).unwrap();
+    let routers = vec![addr(3), link_addrs(0).1, link_addrs(1).0, link_addrs(2).0];
+    let source = SocketAddr::V4(SocketAddrV4::new(addr(0), 7878));
+    let out = scratch.0.join("d1.out");
+    let send = start(&mut bed, 0, &send_args(&src, 1..=2), &scratch.0);
+    let recv = start(&mut bed, 1, &recv_args(0, &out, &[]), &scratch.0);
+    let liar = bed.in_netns(2, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let ep = transport::endpoint(7878).unwrap();
+            let server = ep.clone();
+            tokio::spawn(async move {
+                while let Some(incoming) = server.accept().await {
+                    tokio::spawn(async move {
+                        let Ok(conn) = incoming.await else { return };
+                        let Ok(mut ctl) = transport::authenticate_acceptor(&conn, TOKEN).await
+                        else {
+                            return;
+                        };
+                        let all = Msg::Bitfield {
+                            bits: vec![0xff; 1024],
+                        };
+                        let _ = ctl.send(&all).await;
+                        conn.closed().await;
+                    });
+                }
+            });
+            let conn = transport::dial(&ep, source, std::time::Duration::from_secs(5))
+                .await
+                .unwrap();
+            let mut ctl = transport::authenticate_dialer(&conn, TOKEN).await.unwrap();
+            ctl.send(&Msg::Hello { id: u16::MAX }).await.unwrap();
+            let mut addrs = vec![addr(2)];
+            addrs.extend(routers);
+            ctl.send(&Msg::Join { port: 7878, addrs }).await.unwrap();
+            // Welcomed: its own copy is "done"; it stays until the source ends the swarm.
+            let mut told_done = false;
+            while let Ok(Some(msgs)) = ctl.recv.recv_batch().await {
+                if !told_done && msgs.iter().any(|m| matches!(m, Msg::Welcome { .. })) {
+                    told_done = true;
+                    ctl.send(&Msg::Done { elapsed_ms: 1 }).await.unwrap();
+                }
+            }
+            ep.close(0u32.into(), b"");
+        })
+    });
+    // d1 asks who is at its gateway: nothing answers as d2 there, so d1 stops taking
+    // what lies beyond the router as behind d2.
+    let refused = recv.wait_for(30.0, |e| match e {
+        JsonEvent::ClaimRefused {
+            member,
+            addr,
+            reason,
+        } => Some((member, addr, reason)),
+        _ => None,
+    });
+    eprintln!("d1: {refused:?}");
+    let (member, gateway, _) = refused.expect("d1 refuses d2's claim to its gateway");
+    assert_eq!((member, gateway), (2, link_addrs(1).0.to_string()));
+    recv.expect_complete("d1", 60.0);
+    assert_copies(&src, [out]);
+    assert!(send.wait_exit(&mut bed, 30.0).is_some_and(|s| s.success()));
+    liar.join().unwrap();
 }

@@ -317,6 +317,27 @@ pub fn spawn_dial(
     });
 }
 
+/// Dials `addr` once (quinn resends the handshake itself) and runs the connection,
+/// sending `hello` first; nothing is reported if it fails. For a dial whose silence is an
+/// answer (an address proof: [`crate::claims`]), where retries would only load the path.
+pub fn spawn_dial_once(
+    ep: Endpoint,
+    ctx: Arc<ConnContext>,
+    addr: SocketAddr,
+    peer: MemberId,
+    hello: Vec<Msg>,
+    patience: Duration,
+) {
+    tokio::spawn(async move {
+        let Ok(conn) = transport::dial(&ep, addr, patience).await else {
+            return;
+        };
+        if let Ok(ctl) = transport::authenticate_dialer(&conn, &ctx.token).await {
+            Conn::new(ctx, conn, true, Some(peer)).run(ctl, hello).await;
+        }
+    });
+}
+
 /// Overlapping dial attempts until one gets through. A handshake sent before the peer was
 /// up is lost, and quinn resends it only after a second or more. So attempts overlap: a
 /// new one every DIAL_SPACING_EARLY (later DIAL_SPACING), each waiting up to DIAL_PATIENCE

@@ -9,7 +9,8 @@
 //! - the two roles over them: [`source`] and [`destination`], each a struct with one handler
 //!   per event, run by the one event loop in [`node`];
 //! - who is behind which link: [`discovery`] (kernel route lookups), [`trace`] (the whole
-//!   path to a member, where routes differ by direction);
+//!   path to a member, where routes differ by direction), [`claims`] (a member's addresses,
+//!   believed once proven);
 //! - what to ask of whom: the scheduler in the `floodclone-sched` crate;
 //! - chunks on disk, resumable: [`storage`];
 //! - measurements in the kernel: [`linkstats`] (the eBPF programs' maps), [`meter`] (rates
@@ -17,6 +18,7 @@
 //! - what a person or a script sees: [`events`] (the `--json` events), [`output`],
 //!   [`progress`].
 
+pub mod claims;
 pub mod congestion;
 pub(crate) mod conn;
 pub mod destination;

@@ -128,6 +128,24 @@ impl Node {
         );
     }
 
+    /// Dials `addr` once, for `peer` ([`conn::spawn_dial_once`]).
+    pub fn dial_once(
+        &self,
+        addr: SocketAddrV4,
+        peer: floodclone_sched::MemberId,
+        hello: Vec<Msg>,
+        patience: Duration,
+    ) {
+        conn::spawn_dial_once(
+            self.ep.clone(),
+            self.ctx.clone(),
+            SocketAddr::V4(addr),
+            peer,
+            hello,
+            patience,
+        );
+    }
+
     /// Sends `msg` on every connection whose peer reads announcements there.
     pub fn announce(&self, msg: Msg) {
         for c in self.conns.iter().filter(|c| c.reads_announcements()) {

@@ -23,7 +23,8 @@ use floodclone_sched::{
 use tokio::sync::mpsc;
 
 use crate::{
-    conn::{ConnEvent, ConnKey},
+    claims::{self, ClaimedJoin, JoinProofs},
+    conn::{ConnEvent, ConnHandle, ConnKey},
     discovery::Routes,
     events::{DestProgress, DestResult, DestState, Event, Progress, Route, TxBytesByIface},
     manifest::Manifest,
@@ -31,7 +32,7 @@ use crate::{
     progress::{self, RateTracker},
     storage::ChunkStore,
     trace,
-    transport::{CLOSE_DONE, CLOSE_NOT_MEMBER},
+    transport::{self, CLOSE_DONE, CLOSE_NOT_MEMBER},
     wire::{Member, Msg, RouteView},
 };
 
@@ -169,6 +170,11 @@ struct Source {
     path_checks: PathChecks,
     /// The answers of the source's own path traces (a `PathsTraced`).
     local: mpsc::UnboundedSender<Msg>,
+    /// Joins matched by a claimed address, proven by dialing it ([`crate::claims`]).
+    join_proofs: JoinProofs,
+    /// The connections the source dialed to prove Joins, and since when: closed once
+    /// [`claims::CHECK_TIMEOUT`] is over (the answerer usually closes first).
+    proof_conns: Vec<(Instant, ConnHandle)>,
 }
 
 impl Role for Source {
@@ -177,9 +183,14 @@ impl Role for Source {
 
     async fn on_event(&mut self, node: &mut Node, event: ConnEvent) -> Step {
         match event {
+            // The source dials only to prove claims: those connections carry nothing else.
+            ConnEvent::Up(handle) if handle.dialed => {
+                self.proof_conns.push((Instant::now(), handle))
+            }
             ConnEvent::Up(handle) => node.conns.insert(handle),
             ConnEvent::Msg { key, msg } => self.on_msg(node, key, msg),
             ConnEvent::Gone { key, .. } => {
+                self.proof_conns.retain(|(_, c)| c.key != key);
                 if let Some(gone) = node.conns.remove(key) {
                     if let Some(p) = gone.peer.filter(|&p| node.conns.accepted_from(p).is_none()) {
                         self.holdings.remove(&p);
@@ -229,6 +240,16 @@ impl Role for Source {
         if self.finishing.is_none() {
             self.give_up_on_absent(node);
         }
+        for join in self.join_proofs.expired(Instant::now()) {
+            self.on_join_proof(node, join, Some("nothing answered at that address"));
+        }
+        self.proof_conns.retain(|(since, c)| {
+            let over = since.elapsed() >= claims::CHECK_TIMEOUT;
+            if over {
+                c.close(CLOSE_DONE, b"proof over");
+            }
+            !over
+        });
         if self
             .fresh_hold
             .as_ref()
@@ -287,6 +308,8 @@ impl Source {
             rates: HashMap::new(),
             path_checks: PathChecks::default(),
             local,
+            join_proofs: JoinProofs::default(),
+            proof_conns: Vec::new(),
         }
     }
 
@@ -294,6 +317,12 @@ impl Source {
         let from = node.conns.peer(key);
         match msg {
             Msg::Join { port, addrs } => self.on_join(node, key, port, addrs),
+            Msg::AddressProof { nonce } => {
+                if let Some((join, proven)) = self.join_proofs.on_proof(&nonce, key) {
+                    let refused = (!proven).then_some("another host answered at that address");
+                    self.on_join_proof(node, join, refused);
+                }
+            }
             Msg::RequestFresh { count } => self.on_request_fresh(node, key, count),
             Msg::Bitfield { bits } => {
                 let set = ChunkSet::from_bytes(self.manifest.chunk_count(), &bits);
@@ -318,53 +347,133 @@ impl Source {
         }
     }
 
-    /// A node asks to join: admitted if it is one of the `--dest` addresses (by any of its
-    /// own addresses, or the address it connects from).
+    /// A node asks to join: admitted if it is one of the `--dest` addresses: by the address
+    /// it connects from, or (proven first) one it claims as its own.
     fn on_join(&mut self, node: &mut Node, key: ConnKey, port: u16, addrs: Vec<Ipv4Addr>) {
+        let refuse = |node: &Node, why: &'static [u8]| {
+            if let Some(c) = node.conns.get(key) {
+                c.close(CLOSE_NOT_MEMBER, why);
+            }
+        };
         let remote_ip = node
             .conns
             .get(key)
             .and_then(|c| node::remote_ipv4(c.remote));
         let Some(id) = member_joining(&self.members, remote_ip, &addrs) else {
             tracing::warn!(?remote_ip, "refusing a node that is not in the --dest list");
-            if let Some(c) = node.conns.get(key) {
-                c.close(CLOSE_NOT_MEMBER, b"not in the source's --dest list");
-            }
-            return;
+            return refuse(node, b"not in the source's --dest list");
         };
         // A member joined and connected keeps its id against a claim from another host: a
         // token holder claiming its address could otherwise take its place (and report
         // its copy done). A claim from the member's own --dest address always wins, and a
         // member that joins again from where it was (a restarted `recv`) replaces its old
         // connection.
+        let dest_addr = self.members[id as usize].addr;
         let held_from = node
             .conns
             .accepted_from(id)
             .filter(|c| c.key != key)
             .map(|c| node::remote_ipv4(c.remote));
-        if let Some(held_from) = held_from {
-            if held_from != remote_ip && remote_ip != Some(self.members[id as usize].addr) {
-                tracing::warn!(
-                    member = id,
-                    ?remote_ip,
-                    ?held_from,
-                    "refusing a second claim to a joined member's address"
-                );
-                if let Some(c) = node.conns.get(key) {
-                    c.close(
-                        CLOSE_NOT_MEMBER,
-                        b"that member is joined from another address",
-                    );
-                }
-                return;
+        if held_from.is_some_and(|h| h != remote_ip) && remote_ip != Some(dest_addr) {
+            tracing::warn!(
+                member = id,
+                ?remote_ip,
+                ?held_from,
+                "refusing a second claim to a joined member's address"
+            );
+            return refuse(node, b"that member is joined from another address");
+        }
+        if remote_ip == Some(dest_addr) {
+            return self.admit(node, key, id, port, addrs);
+        }
+        // Matched by a claim only: the member's id is given once its --dest address is
+        // proven to be the joiner's.
+        let Ok(nonce) = transport::random_bytes() else {
+            return refuse(node, b"no randomness to prove the claimed address with");
+        };
+        let join = ClaimedJoin {
+            member: id,
+            addr: dest_addr,
+            key,
+            port,
+            addrs,
+        };
+        if !self.join_proofs.start(join, nonce, Instant::now()) {
+            return refuse(
+                node,
+                b"a join claiming that address is being proven already",
+            );
+        }
+        tracing::debug!(member = id, ?remote_ip, "proving a join's claimed address");
+        node.dial_once(
+            SocketAddrV4::new(dest_addr, port),
+            id,
+            vec![Msg::ProveAddress { nonce }],
+            claims::CHECK_TIMEOUT,
+        );
+    }
+
+    /// A Join's claimed address is proven (admitted) or `refused` (said, and closed).
+    fn on_join_proof(&mut self, node: &mut Node, join: ClaimedJoin, refused: Option<&str>) {
+        let Some(reason) = refused else {
+            if node.conns.get(join.key).is_some() {
+                self.admit(node, join.key, join.member, join.port, join.addrs);
+            }
+            return;
+        };
+        let (member, addr) = (join.member, join.addr);
+        node.out.event(
+            &Event::ClaimRefused {
+                member,
+                addr: addr.to_string(),
+                reason: reason.into(),
+            },
+            || format!("a join claiming member {member}'s address {addr} refused: {reason}"),
+        );
+        if let Some(c) = node.conns.get(join.key) {
+            c.close(
+                CLOSE_NOT_MEMBER,
+                b"not proven to be at the address it claims",
+            );
+        }
+    }
+
+    /// The addresses member `id` may list as its own, of those it claims: at most
+    /// [`claims::MAX_CLAIMED_ADDRS`], none plainly someone else's (the source's own,
+    /// another's `--dest`). The destinations that rely on one check it
+    /// ([`claims::GatewayChecks`]).
+    fn listed_addrs(&self, id: MemberId, claimed: Vec<Ipv4Addr>) -> Vec<Ipv4Addr> {
+        let mut listed = Vec::new();
+        for a in claimed.into_iter().take(claims::MAX_CLAIMED_ADDRS) {
+            let someone_elses = self.members[0].local_addrs.contains(&a)
+                || self.members[1..].iter().any(|m| m.id != id && m.addr == a);
+            if !someone_elses && !listed.contains(&a) {
+                listed.push(a);
             }
         }
+        listed
+    }
+
+    /// Admits member `id` on connection `key` (its Join matched, or proven).
+    fn admit(
+        &mut self,
+        node: &mut Node,
+        key: ConnKey,
+        id: MemberId,
+        port: u16,
+        addrs: Vec<Ipv4Addr>,
+    ) {
+        let remote_ip = node
+            .conns
+            .get(key)
+            .and_then(|c| node::remote_ipv4(c.remote));
         if let Some(old) = node.conns.bind(key, id) {
             if let Some(c) = node.conns.get(old) {
                 c.close(CLOSE_DONE, b"replaced");
             }
         }
         self.lost_since.remove(&id);
+        let addrs = self.listed_addrs(id, addrs);
         node.watch(addrs.iter().copied().chain(remote_ip));
         let m = &mut self.members[id as usize];
         m.joined = true;
@@ -381,16 +490,21 @@ impl Source {
         if self.welcomed {
             // A late joiner gets its Welcome alone; the others learn of it.
             self.welcome(node, id);
-            for c in node.conns.iter().filter(|c| !c.dialed) {
-                if c.peer.is_some_and(|p| p != id && p != SOURCE) {
-                    c.send(Msg::Members {
-                        members: self.members.clone(),
-                    });
-                }
-            }
+            self.tell_members(node, Some(id));
         } else if self.members.iter().all(|m| m.joined) {
             // Everyone is here: start now rather than at the next tick.
             self.start(node);
+        }
+    }
+
+    /// Sends the member list to every joined destination but `except`.
+    fn tell_members(&self, node: &Node, except: Option<MemberId>) {
+        for c in node.conns.iter().filter(|c| !c.dialed) {
+            if c.peer.is_some_and(|p| Some(p) != except && p != SOURCE) {
+                c.send(Msg::Members {
+                    members: self.members.clone(),
+                });
+            }
         }
     }
 

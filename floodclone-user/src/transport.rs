@@ -78,13 +78,19 @@ pub fn check_token(token: &str) -> Result<(), TransportError> {
 
 /// A fresh random token: 256 bits from the kernel, as hex.
 pub fn new_token() -> std::io::Result<String> {
-    let mut bytes = [0u8; 32];
+    let bytes: [u8; 32] = random_bytes()?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// `N` random bytes from the kernel.
+pub fn random_bytes<const N: usize>() -> std::io::Result<[u8; N]> {
+    let mut bytes = [0u8; N];
     // SAFETY: getrandom fills at most the buffer it is given.
     let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
     if n != bytes.len() as isize {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(bytes)
 }
 
 /// Verifies signatures but accepts any certificate: trust comes from the token MAC.

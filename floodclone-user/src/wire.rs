@@ -118,6 +118,17 @@ pub enum Msg {
     /// Source -> destination: members your routes show behind another member whose own
     /// path to you crosses none (pull from them too). The whole list each time.
     CleanSenders { ids: Vec<MemberId> },
+    /// Source -> whoever answers at an address a member claims as its own (on a connection
+    /// the source dialed there): send this nonce back to me on your own connection.
+    ProveAddress { nonce: [u8; 16] },
+    /// Destination -> source, on the connection it dialed to the source: the nonce a
+    /// ProveAddress brought to one of my addresses.
+    AddressProof { nonce: [u8; 16] },
+    /// Destination -> whoever answers at an address a member claims (the destination's
+    /// gateway): which member are you?
+    WhoAreYou,
+    /// Destination -> the asker of a WhoAreYou, on that connection: this member.
+    IAm { id: MemberId },
 }
 
 /// Most chunk ids queued to serve on one connection. A scheduler keeps about 0.12 s of a
@@ -223,6 +234,9 @@ impl<'a> Reader<'a> {
     fn hash(&mut self) -> Result<[u8; 32], WireError> {
         Ok(self.take(32)?.try_into().unwrap())
     }
+    fn nonce(&mut self) -> Result<[u8; 16], WireError> {
+        Ok(self.take(16)?.try_into().unwrap())
+    }
     fn chunk_ids(&mut self) -> Result<Vec<ChunkId>, WireError> {
         let n = self.count(4)?;
         (0..n).map(|_| self.u32()).collect()
@@ -273,6 +287,10 @@ impl Msg {
             Msg::PathsTraced { .. } => 21,
             Msg::CleanSenders { .. } => 22,
             Msg::Pake { .. } => 23,
+            Msg::ProveAddress { .. } => 24,
+            Msg::AddressProof { .. } => 25,
+            Msg::WhoAreYou => 26,
+            Msg::IAm { .. } => 27,
         }
     }
 
@@ -334,7 +352,11 @@ impl Msg {
                 w.member_ids(clean);
                 w.member_ids(crossed);
             }
-            Msg::SwarmDone => {}
+            Msg::ProveAddress { nonce } | Msg::AddressProof { nonce } => {
+                w.0.extend_from_slice(nonce)
+            }
+            Msg::IAm { id } => w.u16(*id),
+            Msg::SwarmDone | Msg::WhoAreYou => {}
         }
         let len = (w.0.len() - 4) as u32;
         w.0[..4].copy_from_slice(&len.to_be_bytes());
@@ -446,6 +468,10 @@ impl Msg {
             22 => Msg::CleanSenders {
                 ids: r.member_ids()?,
             },
+            24 => Msg::ProveAddress { nonce: r.nonce()? },
+            25 => Msg::AddressProof { nonce: r.nonce()? },
+            26 => Msg::WhoAreYou,
+            27 => Msg::IAm { id: r.u16()? },
             t => return Err(WireError::UnknownType(t)),
         };
         if !r.0.is_empty() {
@@ -584,6 +610,10 @@ mod tests {
                 crossed: vec![5, 6],
             },
             Msg::CleanSenders { ids: vec![4] },
+            Msg::ProveAddress { nonce: [5; 16] },
+            Msg::AddressProof { nonce: [6; 16] },
+            Msg::WhoAreYou,
+            Msg::IAm { id: 3 },
             Msg::Failed {
                 reason: "disk full".into(),
             },

@@ -31,6 +31,15 @@ pub enum Event {
     },
     /// Source: a destination joined.
     Joined { member: MemberId, addr: String },
+    /// Both: an address a member claimed as its own is not believed. At a destination: its
+    /// gateway there is not that member's (nothing answered, or another member did), so
+    /// what lies beyond is no longer taken as behind it. At the source: a Join claiming a
+    /// `--dest` address it does not come from could not prove it.
+    ClaimRefused {
+        member: MemberId,
+        addr: String,
+        reason: String,
+    },
     /// Source: how a member's kernel routes to every other member.
     View {
         member: Option<MemberId>,
@@ -191,6 +200,7 @@ impl Event {
             Event::Ready { .. } => "ready",
             Event::Serving { .. } => "serving",
             Event::Joined { .. } => "joined",
+            Event::ClaimRefused { .. } => "claim_refused",
             Event::View { .. } => "view",
             Event::FreshOpen { .. } => "fresh_open",
             Event::Progress(_) => "progress",
@@ -221,7 +231,7 @@ mod tests {
     /// Where each event is emitted, as the README's table says it.
     fn where_emitted(e: &Event) -> &'static str {
         match e {
-            Event::Ready { .. } => "both",
+            Event::Ready { .. } | Event::ClaimRefused { .. } => "both",
             Event::Serving { .. }
             | Event::Joined { .. }
             | Event::View { .. }
@@ -261,6 +271,11 @@ mod tests {
             Event::Joined {
                 member: 1,
                 addr: "10.0.0.2".into(),
+            },
+            Event::ClaimRefused {
+                member: 2,
+                addr: "10.0.0.1".into(),
+                reason: "nothing answered at that address".into(),
             },
             Event::View {
                 member: Some(1),

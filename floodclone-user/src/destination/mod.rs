@@ -19,12 +19,14 @@ use std::{
 use floodclone_sched::{Action, Arrival, ChunkId, ChunkSet, MemberId, Puller, SchedConfig, SOURCE};
 use tokio::sync::mpsc;
 
+mod gateways;
 mod neighbours;
 
 use neighbours::with_source_addr;
 
 use crate::{
-    conn::{ConnEvent, ConnKey},
+    claims::GatewayChecks,
+    conn::{ConnEvent, ConnHandle, ConnKey},
     discovery::Routes,
     events::{Event, Progress, SwarmDone},
     manifest::Manifest,
@@ -32,7 +34,7 @@ use crate::{
     progress::{self, FeederRates, RateTracker},
     storage::{ChunkStore, StorageError},
     trace,
-    transport::{self, CLOSE_PROTOCOL},
+    transport::{self, CLOSE_DONE, CLOSE_PROTOCOL},
     wire::{Member, Msg},
 };
 
@@ -118,6 +120,12 @@ struct Destination {
     feeders: FeederRates,
     ticks: u64,
     local: mpsc::UnboundedSender<Local>,
+    /// Who answered at gateways that members claim as theirs.
+    gateway_checks: GatewayChecks,
+    /// Our connections asking who is at such a gateway, and since when.
+    asking: Vec<(Instant, ConnHandle)>,
+    /// Connections that asked who we are before we knew (answered once welcomed).
+    asked_who: Vec<ConnKey>,
 }
 
 impl Role for Destination {
@@ -126,6 +134,10 @@ impl Role for Destination {
 
     async fn on_event(&mut self, node: &mut Node, event: ConnEvent) -> Step {
         let step = match event {
+            ConnEvent::Up(handle) if handle.dialed && handle.peer == Some(gateways::ASKING) => {
+                self.on_asking_up(handle);
+                Step::Continue
+            }
             ConnEvent::Up(handle) => {
                 self.on_up(node, handle);
                 Step::Continue
@@ -141,6 +153,7 @@ impl Role for Destination {
             }
             ConnEvent::StoreFailed(e) => Step::Stop(Err(e.into())),
             ConnEvent::Gone { key, reason } => {
+                self.asking.retain(|(_, c)| c.key != key);
                 self.on_gone(node, key, &reason).await;
                 Step::Continue
             }
@@ -174,9 +187,19 @@ impl Role for Destination {
         self.settle(node, step).await
     }
 
+    /// Settled like any event: a check that expired may change the neighbours, and a
+    /// neighbour that went silent is noticed only when the scheduler looks.
     async fn on_tick(&mut self, node: &mut Node) -> Step {
+        let step = self.tick(node);
+        self.settle(node, step).await
+    }
+}
+
+impl Destination {
+    fn tick(&mut self, node: &mut Node) -> Step {
         self.ticks += 1;
         node.measure();
+        self.expire_gateway_checks(node);
         // Neighbours compare it with their own hops to us and to the source.
         let hops = node.meters.hops_to(*self.cfg.source.ip());
         if let Some(h) = hops.filter(|_| hops != self.source_hops) {
@@ -253,6 +276,9 @@ impl Destination {
             feeders: FeederRates::default(),
             ticks: 0,
             local,
+            gateway_checks: GatewayChecks::default(),
+            asking: Vec::new(),
+            asked_who: Vec::new(),
         }
     }
 
@@ -313,6 +339,7 @@ impl Destination {
             } if from_source => return self.on_welcome(node, you, manifest, members, relay),
             Msg::Members { members } if from_source => {
                 self.members = with_source_addr(members, self.cfg.source);
+                let _ = self.gateway_checks.drop_refuted(&mut self.members);
                 self.rediscover_needed = self.me != JOINING;
             }
             Msg::Hello { id } => {
@@ -375,6 +402,19 @@ impl Destination {
                 }
             }
             Msg::SwarmDone if from_source && self.complete.is_some() => return Step::Stop(Ok(())),
+            // Someone dialed one of our addresses to check that we claimed it: the nonce
+            // goes back on our own connection to the source (`crate::claims`), and this
+            // connection has served its purpose (one answer per handshake, for a flooder).
+            Msg::WhoAreYou => self.on_who_are_you(node, key),
+            Msg::IAm { id } => self.on_i_am(node, key, id),
+            Msg::ProveAddress { nonce } => {
+                if let Some(c) = node.conns.dialed_to(SOURCE) {
+                    c.send(Msg::AddressProof { nonce });
+                }
+                if let Some(c) = node.conns.get(key).filter(|c| !c.dialed) {
+                    c.close(CLOSE_DONE, b"proof sent");
+                }
+            }
             _ => {}
         }
         Step::Continue
@@ -447,6 +487,8 @@ impl Destination {
             );
         }
         self.members = with_source_addr(members, self.cfg.source);
+        let _ = self.gateway_checks.drop_refuted(&mut self.members);
+        self.answer_who_asked(node);
         self.rediscover_needed = true;
         Step::Continue
     }

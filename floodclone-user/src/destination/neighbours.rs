@@ -27,6 +27,7 @@ impl Destination {
                 .flat_map(|m| m.local_addrs.iter().copied().chain([m.addr])),
         );
         let lookups = self.routes.lookups(&joined, self.me).await?;
+        self.ask_gateways(node, &lookups);
         let mut views = discovery::classify(&self.members, &lookups);
         self.ingress = views.iter().map(|v| (v.member, v.ifindex)).collect();
         for v in &mut views {

@@ -1,0 +1,115 @@
+//! Gateways at addresses members claim, checked before they are believed for long
+//! ([`crate::claims::GatewayChecks`]): we dial each once and ask who answers; a router does
+//! not, another member names itself. And the other side: answering such a question.
+
+use std::{net::SocketAddrV4, time::Instant};
+
+use floodclone_sched::MemberId;
+
+use super::{Destination, JOINING};
+use crate::{
+    claims::CHECK_TIMEOUT,
+    conn::{ConnHandle, ConnKey},
+    discovery::RouteLookup,
+    events::Event,
+    node::{self, Node},
+    transport::CLOSE_DONE,
+    wire::Msg,
+};
+
+/// The peer id our gateway-check connections carry: who answers is what we ask.
+pub(super) const ASKING: MemberId = MemberId::MAX - 1;
+
+impl Destination {
+    /// Asks who is at every gateway of `lookups` that a member claims and nobody was asked
+    /// about yet.
+    pub(super) fn ask_gateways(
+        &mut self,
+        node: &Node,
+        lookups: &[(MemberId, Option<RouteLookup>)],
+    ) {
+        let gateways = lookups
+            .iter()
+            .filter_map(|(_, l)| l.and_then(|l| l.gateway));
+        for (gw, port) in self
+            .gateway_checks
+            .to_ask(&self.members, gateways, Instant::now())
+        {
+            tracing::debug!(%gw, "asking who is at a claimed gateway");
+            let ask = SocketAddrV4::new(gw, port);
+            node.dial_once(ask, ASKING, vec![Msg::WhoAreYou], CHECK_TIMEOUT);
+        }
+    }
+
+    /// A gateway-check connection is up: it waits for its answer.
+    pub(super) fn on_asking_up(&mut self, handle: ConnHandle) {
+        self.asking.push((Instant::now(), handle));
+    }
+
+    /// `id` answered on connection `key`: if that is one of our checks, its verdict applies.
+    pub(super) fn on_i_am(&mut self, node: &Node, key: ConnKey, id: MemberId) {
+        let Some(at) = self.asking.iter().position(|(_, c)| c.key == key) else {
+            return;
+        };
+        let (_, c) = self.asking.swap_remove(at);
+        c.close(CLOSE_DONE, b"answered");
+        let settled =
+            node::remote_ipv4(c.remote).is_some_and(|gw| self.gateway_checks.on_answer(gw, id));
+        if settled {
+            self.apply_gateway_checks(node);
+        }
+    }
+
+    /// Each tick: gateways silent too long are nobody's; their connections are closed.
+    pub(super) fn expire_gateway_checks(&mut self, node: &Node) {
+        if self.gateway_checks.expire(Instant::now()) {
+            self.apply_gateway_checks(node);
+        }
+        self.asking.retain(|(since, c)| {
+            let over = since.elapsed() >= CHECK_TIMEOUT;
+            if over {
+                c.close(CLOSE_DONE, b"no answer");
+            }
+            !over
+        });
+    }
+
+    /// Claims refuted are dropped from the member list (and said), and the neighbours
+    /// follow.
+    pub(super) fn apply_gateway_checks(&mut self, node: &Node) {
+        for r in self.gateway_checks.drop_refuted(&mut self.members) {
+            let reason = r.reason();
+            node.out.event(
+                &Event::ClaimRefused {
+                    member: r.member,
+                    addr: r.addr.to_string(),
+                    reason: reason.clone(),
+                },
+                || {
+                    format!(
+                        "member {}'s claim to {} refused: {reason}",
+                        r.member, r.addr
+                    )
+                },
+            );
+            self.rediscover_needed = true;
+        }
+    }
+
+    /// Someone asks who we are on a connection it dialed to us: we say, once we know.
+    pub(super) fn on_who_are_you(&mut self, node: &Node, key: ConnKey) {
+        if self.me == JOINING {
+            // Each needs a connection of its own: bounded by the connections we accept.
+            self.asked_who.push(key);
+        } else if let Some(c) = node.conns.get(key).filter(|c| !c.dialed) {
+            c.send(Msg::IAm { id: self.me });
+        }
+    }
+
+    /// Welcomed: those who asked before hear who we are.
+    pub(super) fn answer_who_asked(&mut self, node: &Node) {
+        for key in std::mem::take(&mut self.asked_who) {
+            self.on_who_are_you(node, key);
+        }
+    }
+}
