@@ -35,20 +35,31 @@ pub const RANDOM_LOSS_BACKLOG: f64 = 3.0;
 /// as congestion (BBRv2 leaves a path alone at 2% too).
 pub const MAX_RANDOM_LOSS: f64 = 0.02;
 /// Initial window, as quinn's default (RFC 9002: min(10 x MTU, max(2 x MTU, 14720))).
-const INITIAL_WINDOW: u64 = 14_720;
+pub const INITIAL_WINDOW: u64 = 14_720;
 
-#[derive(Debug, Clone, Default)]
-pub struct VenoConfig;
+#[derive(Debug, Clone)]
+pub struct VenoConfig {
+    pub initial_window: u64,
+}
+
+impl Default for VenoConfig {
+    fn default() -> Self {
+        Self {
+            initial_window: INITIAL_WINDOW,
+        }
+    }
+}
 
 impl ControllerFactory for VenoConfig {
     fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
-        Box::new(Veno::new(now, current_mtu))
+        Box::new(Veno::new(now, current_mtu, self.initial_window))
     }
 }
 
 #[derive(Debug, Clone)]
 struct Veno {
     mtu: u64,
+    initial_window: u64,
     window: u64,
     ssthresh: u64,
     recovery_start: Instant,
@@ -64,10 +75,11 @@ struct Veno {
 }
 
 impl Veno {
-    fn new(now: Instant, mtu: u16) -> Self {
+    fn new(now: Instant, mtu: u16, initial_window: u64) -> Self {
         Self {
             mtu: mtu as u64,
-            window: INITIAL_WINDOW,
+            initial_window,
+            window: initial_window,
             ssthresh: u64::MAX,
             recovery_start: now,
             bytes_acked: 0,
@@ -169,7 +181,7 @@ impl Controller for Veno {
     }
 
     fn initial_window(&self) -> u64 {
-        INITIAL_WINDOW
+        self.initial_window
     }
 
     fn into_any(self: Box<Self>) -> Box<dyn Any> {
@@ -262,7 +274,7 @@ mod tests {
     /// having seen acks for a while at that RTT.
     fn settled(window: u64, base_s: f64) -> (Veno, Instant) {
         let start = Instant::now();
-        let mut v = Veno::new(start, MTU as u16);
+        let mut v = Veno::new(start, MTU as u16, INITIAL_WINDOW);
         v.window = window;
         v.ssthresh = window;
         let mut now = start;
@@ -298,7 +310,7 @@ mod tests {
     #[test]
     fn slow_start_goes_on_through_random_loss_and_much_loss_counts_as_congestion() {
         let start = Instant::now();
-        let mut v = Veno::new(start, MTU as u16);
+        let mut v = Veno::new(start, MTU as u16, INITIAL_WINDOW);
         let mut now = start;
         for _ in 0..200 {
             now += Duration::from_millis(1);

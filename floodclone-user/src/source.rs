@@ -75,7 +75,7 @@ pub struct SendOutcome {
 /// Serves the file until every destination holds a verified copy or has failed.
 pub async fn run(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
     // Listen first: destinations may join while the file is being hashed.
-    let mut node = Node::open(&cfg.node, "source")?;
+    let mut node = Node::open(&cfg.node, "source", transport::SOURCE_INITIAL_WINDOW)?;
     let (file, chunk_bytes) = (cfg.file.clone(), cfg.chunk_bytes);
     let hashing = Instant::now();
     let manifest = tokio::task::spawn_blocking(move || Manifest::from_file(&file, chunk_bytes))

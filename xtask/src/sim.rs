@@ -188,9 +188,10 @@ impl Queue {
 }
 
 /// Round trips between the source and a destination before it is joined (see where
-/// `simulate` uses it), and the congestion window a connection starts with (quinn's).
+/// `simulate` uses it), and the congestion window the source's connections start with
+/// (the daemon's `transport::SOURCE_INITIAL_WINDOW`).
 const JOIN_ROUND_TRIPS: f64 = 2.5;
-const INITIAL_WINDOW_BYTES: f64 = 14_720.0;
+const INITIAL_WINDOW_BYTES: f64 = 65_536.0;
 
 pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String> {
     if topo

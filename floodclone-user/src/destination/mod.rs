@@ -65,7 +65,7 @@ pub struct RecvConfig {
 /// Joins the source, fetches and re-serves chunks, writes the file. Returns seconds from
 /// start until the copy was complete and verified.
 pub async fn run(cfg: RecvConfig) -> Result<f64, NodeError> {
-    let mut node = Node::open(&cfg.node, "destination")?;
+    let mut node = Node::open(&cfg.node, "destination", crate::congestion::INITIAL_WINDOW)?;
     let (local_tx, mut local) = mpsc::unbounded_channel();
     let mut dest = Destination::new(cfg, Routes::open()?, local_tx);
     dest.start(&mut node).await?;
