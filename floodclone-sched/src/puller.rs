@@ -86,6 +86,10 @@ pub const STALL_FACTOR: f64 = 10.0;
 /// [`SchedConfig::far_defer_s`]) up to this many times `far_defer_s`.
 pub const MAX_DEFER_PLACE: usize = 4;
 
+/// A place's deferral is at least this many round trips to the nearer neighbours (whose
+/// Fetching takes half of one to arrive; the rest covers their own decision and jitter).
+pub const FAR_DEFER_RTTS: f64 = 2.0;
+
 /// Seconds over which the source's hand-out of fresh chunks is counted (see
 /// [`Puller::too_slow_for_fresh`]).
 pub const FRESH_WINDOW_S: f64 = 1.0;
@@ -772,6 +776,13 @@ impl Puller {
             None => Vec::new(),
         };
         let nearer: Vec<&Peer> = nearer_ids.iter().map(|id| &self.peers[id]).collect();
+        // Each place waits long enough to hear that an earlier one fetches the chunk: that
+        // news takes half a round trip from a nearer neighbour, so on long paths the wait
+        // is counted in their round trips.
+        let defer_s = nearer
+            .iter()
+            .filter_map(|q| q.rtt_s)
+            .fold(self.cfg.far_defer_s, |d, rtt| d.max(FAR_DEFER_RTTS * rtt));
         let me = self.cfg.member;
         let mut deferred = Vec::new();
         let mut designated_elsewhere = |c: ChunkId| {
@@ -791,7 +802,7 @@ impl Puller {
                 return false;
             }
             match self.deferred.get(&c) {
-                Some(&since) => now - since < self.cfg.far_defer_s * place as f64,
+                Some(&since) => now - since < defer_s * place as f64,
                 None if self.cfg.far_defer_s > 0.0 => {
                     deferred.push(c);
                     true
@@ -1306,33 +1317,48 @@ mod tests {
         // each chunk the group's order (a hash all compute alike) gives member 5 a place:
         // it fetches its first-place chunks at once, its second-place ones after
         // `far_defer_s` and its third-place ones after twice that, so that two who were
-        // not first do not fetch the same chunk together.
-        let cfg = SchedConfig {
-            member: 5,
-            max_outstanding: 64,
-            queue_target_s: 100.0,
-            ..SchedConfig::new(128 << 10)
-        };
-        let defer = cfg.far_defer_s;
-        let mut p = Puller::new(cfg, ChunkSet::new(32));
-        for (peer, hops) in [(1, 3), (6, 2), (7, 2)] {
-            p.add_peer(peer, false);
-            p.peer_distance(peer, hops);
+        // not first do not fetch the same chunk together. Where the group's own round trips
+        // are long (0.3 s), the step is counted in them instead (FAR_DEFER_RTTS of them).
+        for group_rtt in [None, Some(0.3)] {
+            let cfg = SchedConfig {
+                member: 5,
+                max_outstanding: 64,
+                queue_target_s: 100.0,
+                ..SchedConfig::new(128 << 10)
+            };
+            let defer = group_rtt.map_or(cfg.far_defer_s, |r| FAR_DEFER_RTTS * r);
+            assert!(defer >= cfg.far_defer_s);
+            let mut p = Puller::new(cfg, ChunkSet::new(32));
+            for (peer, hops) in [(1, 3), (6, 2), (7, 2)] {
+                p.add_peer(peer, false);
+                p.peer_distance(peer, hops);
+            }
+            if let Some(rtt) = group_rtt {
+                p.peer_rtt(6, rtt);
+                p.peer_rtt(7, rtt / 2.0);
+            }
+            p.peer_bitfield(1, &ChunkSet::full(32));
+            let place = |c: ChunkId| {
+                let mine = tie_rank(6, c);
+                [7u64, 8].iter().filter(|&&q| tie_rank(q, c) < mine).count()
+            };
+            let mut asked = Vec::new();
+            for (now, upto) in [
+                (0.0, 0),
+                (defer - 0.01, 0),
+                (defer + 0.01, 1),
+                (2.0 * defer + 0.01, 2),
+            ] {
+                let mut got = requests_by_peer(p.poll(now)).remove(&1).unwrap_or_default();
+                got.sort_unstable();
+                let want: Vec<ChunkId> = (0..32)
+                    .filter(|&c| place(c) == upto && !asked.contains(&c))
+                    .collect();
+                assert_eq!(got, want, "place {upto} at {now} s (rtt {group_rtt:?})");
+                asked.extend(got);
+            }
+            assert_eq!(asked.len(), 32);
         }
-        p.peer_bitfield(1, &ChunkSet::full(32));
-        let place = |c: ChunkId| {
-            let mine = tie_rank(6, c);
-            [7u64, 8].iter().filter(|&&q| tie_rank(q, c) < mine).count()
-        };
-        let mut asked = Vec::new();
-        for (now, upto) in [(0.0, 0), (defer + 0.01, 1), (2.0 * defer + 0.01, 2)] {
-            let mut got = requests_by_peer(p.poll(now)).remove(&1).unwrap_or_default();
-            got.sort_unstable();
-            let want: Vec<ChunkId> = (0..32).filter(|&c| place(c) == upto).collect();
-            assert_eq!(got, want, "place {upto}");
-            asked.extend(got);
-        }
-        assert_eq!(asked.len(), 32);
     }
 
     /// A puller of `chunks` 1 MB chunks whose first fresh chunk from the source (peer 0,
