@@ -20,6 +20,9 @@ use crate::{
 /// The peer id our gateway-check connections carry: who answers is what we ask.
 pub(super) const ASKING: MemberId = MemberId::MAX - 1;
 
+/// Questions kept for answering once we are welcomed (one per connection that asked).
+const MAX_ASKED_BEFORE_WELCOME: usize = 256;
+
 impl Destination {
     /// Asks who is at every gateway of `lookups` that a member claims and nobody was asked
     /// about yet.
@@ -99,8 +102,11 @@ impl Destination {
     /// Someone asks who we are on a connection it dialed to us: we say, once we know.
     pub(super) fn on_who_are_you(&mut self, node: &Node, key: ConnKey) {
         if self.me == JOINING {
-            // Each needs a connection of its own: bounded by the connections we accept.
-            self.asked_who.push(key);
+            // Once per connection (a peer may repeat the question), and no more connections
+            // than a swarm's members would check us from.
+            if !self.asked_who.contains(&key) && self.asked_who.len() < MAX_ASKED_BEFORE_WELCOME {
+                self.asked_who.push(key);
+            }
         } else if let Some(c) = node.conns.get(key).filter(|c| !c.dialed) {
             c.send(Msg::IAm { id: self.me });
         }
