@@ -677,9 +677,13 @@ fn a_destination_never_started_is_given_up_by_name_and_the_others_finish() {
     write_test_file(&src, 2 * MIB, 25).unwrap();
     let mut bed = Testbed::up(&line(&["s", "d1", "d2"], 40)).unwrap();
     let out = scratch.0.join("d1.out");
-    // d2 is named but never started.
+    // d2 is named but never started; d1 by --dest, d2 in a --dests-file.
     let recv = start(&mut bed, 1, &recv_args(0, &out, &[]), &scratch.0);
-    let mut args = send_args(&src, 1..=2);
+    let dests_file = scratch.0.join("dests");
+    let listing = format!("# the rest of the fleet\n\n{}:7878  # d2\n", addr(2));
+    std::fs::write(&dests_file, listing).unwrap();
+    let mut args = send_args(&src, 1..=1);
+    args.extend(strings(&["--dests-file", dests_file.to_str().unwrap()]));
     args.extend(strings(&["--dest-timeout", "5"]));
     let send = start(&mut bed, 0, &args, &scratch.0);
     recv.expect_complete("d1", 60.0);

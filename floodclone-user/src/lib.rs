@@ -16,13 +16,14 @@
 //! - measurements in the kernel: [`linkstats`] (the eBPF programs' maps), [`meter`] (rates
 //!   from counters), [`stats`] (`floodclone stats`);
 //! - what a person or a script sees: [`events`] (the `--json` events), [`output`],
-//!   [`progress`].
+//!   [`progress`]; what they type: [`hosts`] (destinations by address or name).
 
 pub mod claims;
 pub mod congestion;
 pub(crate) mod conn;
 pub mod destination;
 pub mod discovery;
+pub mod hosts;
 pub mod linkstats;
 pub mod manifest;
 pub mod meter;

@@ -1,16 +1,13 @@
 //! The `floodclone` command: `send`, `recv`, `stats` and `token`.
 
-use std::{
-    net::{Ipv4Addr, SocketAddrV4},
-    path::PathBuf,
-    time::Duration,
-};
+use std::{net::SocketAddrV4, path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use floodclone::{
     destination::{self, RecvConfig},
     events::{Event, SwarmDone},
+    hosts::{self, HostPort},
     linkstats::LinkStats,
     node::{self, NodeOptions, SharedLinkStats, DEFAULT_PORT},
     output::Output,
@@ -70,9 +67,14 @@ enum Cmd {
     Send {
         /// The file to deliver.
         file: PathBuf,
-        /// A destination, as ADDR or ADDR:PORT (port defaults to --port). Repeat for each.
-        #[arg(long = "dest", required = true, value_parser = parse_addr)]
-        dests: Vec<(Ipv4Addr, Option<u16>)>,
+        /// A destination, as ADDR, HOST, ADDR:PORT or HOST:PORT (port defaults to --port;
+        /// a name is resolved at start to its first IPv4 address). Repeat for each.
+        #[arg(long = "dest", value_parser = floodclone::hosts::parse_host)]
+        dests: Vec<HostPort>,
+        /// A file of destinations, one per line as --dest takes them; `#` starts a comment.
+        /// Adds to --dest.
+        #[arg(long)]
+        dests_file: Option<PathBuf>,
         /// Chunk size in bytes [default: 64 KiB; doubled for files over 64 GiB so the file
         /// has at most 2^20 chunks].
         #[arg(long)]
@@ -95,9 +97,9 @@ enum Cmd {
     /// Fetch the file from a source (and from other destinations), write it to --out, and
     /// keep serving others until the source says everyone is done.
     Recv {
-        /// The source, as ADDR or ADDR:PORT.
-        #[arg(long, value_parser = parse_addr)]
-        source: (Ipv4Addr, Option<u16>),
+        /// The source, as ADDR, HOST, ADDR:PORT or HOST:PORT.
+        #[arg(long, value_parser = floodclone::hosts::parse_host)]
+        source: HostPort,
         /// Where the file goes. Written there only once complete and verified.
         #[arg(long)]
         out: PathBuf,
@@ -126,21 +128,6 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-}
-
-fn parse_addr(s: &str) -> Result<(Ipv4Addr, Option<u16>), String> {
-    match s.split_once(':') {
-        Some((ip, port)) => Ok((
-            ip.parse()
-                .map_err(|_| format!("{s:?}: not an IPv4 address"))?,
-            Some(port.parse().map_err(|_| format!("{s:?}: bad port"))?),
-        )),
-        None => Ok((
-            s.parse()
-                .map_err(|_| format!("{s:?}: not an IPv4 address"))?,
-            None,
-        )),
-    }
 }
 
 fn parse_expect(s: &str) -> Result<[u8; 32], String> {
@@ -233,13 +220,21 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Send {
             file,
-            dests,
+            mut dests,
+            dests_file,
             chunk_size,
             join_grace,
             dest_timeout,
             direct,
             node,
         } => {
+            if let Some(path) = dests_file {
+                dests.extend(hosts::read_dests_file(&path).map_err(anyhow::Error::msg)?);
+            }
+            if dests.is_empty() {
+                bail!("no destinations: give --dest ADDR (repeated) or --dests-file FILE");
+            }
+            hosts::check_unique(&dests).map_err(anyhow::Error::msg)?;
             let dests = dests
                 .into_iter()
                 .map(|(ip, port)| SocketAddrV4::new(ip, port.unwrap_or(node.port)))
