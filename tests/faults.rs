@@ -61,7 +61,7 @@ fn wrong_token_is_refused_and_nothing_is_written() {
         .expect("recv with a wrong token must exit");
     let err = recv.stderr_text();
     eprintln!("recv said: {err}");
-    assert!(!status.success());
+    assert_eq!(status.code(), Some(1), "exit code 1: an error of its own");
     assert!(
         err.contains("token"),
         "the error should name the token: {err}"
@@ -126,7 +126,7 @@ fn unwritable_output_fails_that_destination_only() {
         ));
     }
     let st1 = recvs[0].wait_exit(&mut bed, 30.0).expect("d1 exits");
-    assert!(!st1.success());
+    assert_eq!(st1.code(), Some(1), "exit code 1: an error of its own");
     assert!(
         recvs[0].stderr_text().contains("already exists"),
         "{}",
@@ -692,7 +692,11 @@ fn a_destination_never_started_is_given_up_by_name_and_the_others_finish() {
         .expect("send ends once the absent destination is given up");
     let err = send.stderr_text();
     eprintln!("send said: {err}");
-    assert!(!status.success());
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "exit code 3: some destinations failed"
+    );
     assert!(
         err.contains(&addr(2).to_string()) && err.contains("never joined"),
         "names the absent destination: {err}"
@@ -710,36 +714,39 @@ fn sigterm_stops_recv_like_ctrl_c_and_leaves_no_pins() {
         return;
     }
     let scratch = Scratch::new("sigterm");
-    let out = scratch.0.join("d1.out");
     let mut bed = Testbed::up(&line(&["s", "d1"], 40)).unwrap();
     // No source: recv waits for it, with its link-stats programs attached and pinned.
-    let recv = start(&mut bed, 1, &recv_args(0, &out, &[]), &scratch.0);
-    assert!(recv.wait_event("ready", 30.0).is_some());
-    let pid = bed.child(recv.handle).id().to_string();
-    let pinned = || {
-        std::fs::read_dir(floodclone::linkstats::PIN_ROOT)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|ns| ns.path().join(&pid).exists())
-    };
-    assert!(
-        pinned(),
-        "recv pinned its maps under {}",
-        floodclone::linkstats::PIN_ROOT
-    );
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = recv
-        .wait_exit(&mut bed, 10.0)
-        .expect("recv exits on SIGTERM");
-    let err = recv.stderr_text();
-    eprintln!("recv said: {err}");
-    assert!(!status.success() && err.contains("terminated"), "{err}");
-    assert!(!pinned(), "its pins are removed on the way out");
+    for (signal, code, says) in [("TERM", 143, "terminated"), ("INT", 130, "interrupted")] {
+        let out = scratch.0.join(format!("d1-{signal}.out"));
+        let recv = start(&mut bed, 1, &recv_args(0, &out, &[]), &scratch.0);
+        assert!(recv.wait_event("ready", 30.0).is_some());
+        let pid = bed.child(recv.handle).id().to_string();
+        let pinned = || {
+            std::fs::read_dir(floodclone::linkstats::PIN_ROOT)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|ns| ns.path().join(&pid).exists())
+        };
+        assert!(
+            pinned(),
+            "recv pinned its maps under {}",
+            floodclone::linkstats::PIN_ROOT
+        );
+        let killed = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let status = recv
+            .wait_exit(&mut bed, 10.0)
+            .unwrap_or_else(|| panic!("recv exits on SIG{signal}"));
+        let err = recv.stderr_text();
+        eprintln!("recv said: {err}");
+        assert!(err.contains(says), "{err}");
+        assert_eq!(status.code(), Some(code), "SIG{signal}'s exit code");
+        assert!(!pinned(), "its pins are removed on the way out");
+    }
 }
 
 #[test]

@@ -177,19 +177,45 @@ fn detach_link_stats(stats: &SharedLinkStats) {
     stats.lock().unwrap().take();
 }
 
+/// Exit statuses (README, "Exit codes"): 0 done, 1 any other error, 2 a usage error (clap),
+/// and these.
+const EXIT_SOME_FAILED: i32 = 3;
+const EXIT_INTERRUPTED: i32 = 130;
+const EXIT_TERMINATED: i32 = 143;
+
+/// An error that ends the command with a status of its own (otherwise 1).
+#[derive(Debug)]
+struct ExitWith {
+    code: i32,
+    message: String,
+}
+
+impl std::fmt::Display for ExitWith {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ExitWith {}
+
 /// Ctrl-C, or SIGTERM (what `systemctl stop` and `kill` send): either way the command
-/// returns, so link-stats pins and status files are removed on the way out.
-async fn stop_signal() -> &'static str {
+/// returns, so link-stats pins and status files are removed on the way out. The error to
+/// end with, `then` appended to what happened.
+async fn stop_signal(then: &str) -> ExitWith {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
+    let (code, why) = match signal(SignalKind::terminate()) {
         Ok(mut term) => tokio::select! {
-            _ = tokio::signal::ctrl_c() => "interrupted",
-            _ = term.recv() => "terminated",
+            _ = tokio::signal::ctrl_c() => (EXIT_INTERRUPTED, "interrupted"),
+            _ = term.recv() => (EXIT_TERMINATED, "terminated"),
         },
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
-            "interrupted"
+            (EXIT_INTERRUPTED, "interrupted")
         }
+    };
+    ExitWith {
+        code,
+        message: format!("{why}{then}"),
     }
 }
 
@@ -212,7 +238,7 @@ fn main() {
         .init();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("floodclone: {e:#}");
-        std::process::exit(1);
+        std::process::exit(e.downcast_ref::<ExitWith>().map_or(1, |x| x.code));
     }
 }
 
@@ -332,7 +358,7 @@ fn send(
     let outcome = runtime()?.block_on(async {
         tokio::select! {
             r = source::run(cfg) => r.map_err(anyhow::Error::from),
-            why = stop_signal() => bail!("{why}"),
+            stop = stop_signal("") => Err(stop.into()),
         }
     })?;
     let elapsed = started.elapsed().as_secs_f64();
@@ -343,12 +369,16 @@ fn send(
             .iter()
             .map(|(a, r)| format!("{a}: {r}"))
             .collect();
-        bail!(
-            "{} of {} destinations failed ({}); the others hold verified copies",
-            outcome.failed.len(),
-            outcome.failed.len() + outcome.dests.len(),
-            list.join("; ")
-        );
+        return Err(ExitWith {
+            code: EXIT_SOME_FAILED,
+            message: format!(
+                "{} of {} destinations failed ({}); the others hold verified copies",
+                outcome.failed.len(),
+                outcome.failed.len() + outcome.dests.len(),
+                list.join("; ")
+            ),
+        }
+        .into());
     }
     output.event(
         &Event::SwarmDone(SwarmDone::Source {
@@ -386,7 +416,7 @@ fn recv(
     runtime()?.block_on(async {
         tokio::select! {
             r = destination::run(cfg) => r.map(|_| ()).map_err(anyhow::Error::from),
-            why = stop_signal() => bail!("{why} (progress is kept: run the same command to resume)"),
+            stop = stop_signal(" (progress is kept: run the same command to resume)") => Err(stop.into()),
         }
     })?;
     detach_link_stats(&link_stats);
