@@ -523,13 +523,27 @@ where
     F: std::future::Future<Output = T>,
     T: Send + 'static,
 {
+    by_hand_on(bed, node, 0, f)
+}
+
+/// [`by_hand`] with the endpoint on `port` (a peer others dial).
+fn by_hand_on<T, F>(
+    bed: &Testbed,
+    node: usize,
+    port: u16,
+    f: impl FnOnce(quinn::Endpoint) -> F + Send + 'static,
+) -> std::thread::JoinHandle<T>
+where
+    F: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
     bed.in_netns(node, move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(async move {
-            let ep = floodclone::transport::endpoint(0).unwrap();
+            let ep = floodclone::transport::endpoint(port).unwrap();
             let out = f(ep.clone()).await;
             ep.close(0u32.into(), b"");
             out
@@ -958,48 +972,39 @@ fn a_member_claiming_the_routers_addresses_is_not_believed() {
     let out = scratch.0.join("d1.out");
     let send = start(&mut bed, 0, &send_args(&src, 1..=2), &scratch.0);
     let recv = start(&mut bed, 1, &recv_args(0, &out, &[]), &scratch.0);
-    let liar = bed.in_netns(2, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let ep = transport::endpoint(7878).unwrap();
-            let server = ep.clone();
-            tokio::spawn(async move {
-                while let Some(incoming) = server.accept().await {
-                    tokio::spawn(async move {
-                        let Ok(conn) = incoming.await else { return };
-                        let Ok(mut ctl) = transport::authenticate_acceptor(&conn, TOKEN).await
-                        else {
-                            return;
-                        };
-                        let all = Msg::Bitfield {
-                            bits: vec![0xff; 1024],
-                        };
-                        let _ = ctl.send(&all).await;
-                        conn.closed().await;
-                    });
-                }
-            });
-            let conn = transport::dial(&ep, source, std::time::Duration::from_secs(5))
-                .await
-                .unwrap();
-            let mut ctl = transport::authenticate_dialer(&conn, TOKEN).await.unwrap();
-            ctl.send(&Msg::Hello { id: u16::MAX }).await.unwrap();
-            let mut addrs = vec![addr(2)];
-            addrs.extend(routers);
-            ctl.send(&Msg::Join { port: 7878, addrs }).await.unwrap();
-            // Welcomed: its own copy is "done"; it stays until the source ends the swarm.
-            let mut told_done = false;
-            while let Ok(Some(msgs)) = ctl.recv.recv_batch().await {
-                if !told_done && msgs.iter().any(|m| matches!(m, Msg::Welcome { .. })) {
-                    told_done = true;
-                    ctl.send(&Msg::Done { elapsed_ms: 1 }).await.unwrap();
-                }
+    let liar = by_hand_on(&bed, 2, 7878, move |ep| async move {
+        let server = ep.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = server.accept().await {
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    let Ok(mut ctl) = transport::authenticate_acceptor(&conn, TOKEN).await else {
+                        return;
+                    };
+                    let all = Msg::Bitfield {
+                        bits: vec![0xff; 1024],
+                    };
+                    let _ = ctl.send(&all).await;
+                    conn.closed().await;
+                });
             }
-            ep.close(0u32.into(), b"");
-        })
+        });
+        let conn = transport::dial(&ep, source, std::time::Duration::from_secs(5))
+            .await
+            .unwrap();
+        let mut ctl = transport::authenticate_dialer(&conn, TOKEN).await.unwrap();
+        ctl.send(&Msg::Hello { id: u16::MAX }).await.unwrap();
+        let mut addrs = vec![addr(2)];
+        addrs.extend(routers);
+        ctl.send(&Msg::Join { port: 7878, addrs }).await.unwrap();
+        // Welcomed: its own copy is "done"; it stays until the source ends the swarm.
+        let mut told_done = false;
+        while let Ok(Some(msgs)) = ctl.recv.recv_batch().await {
+            if !told_done && msgs.iter().any(|m| matches!(m, Msg::Welcome { .. })) {
+                told_done = true;
+                ctl.send(&Msg::Done { elapsed_ms: 1 }).await.unwrap();
+            }
+        }
     });
     // d1 asks who is at its gateway: nothing answers as d2 there, so d1 stops taking
     // what lies beyond the router as behind d2.

@@ -263,6 +263,44 @@ impl Connections {
     }
 }
 
+/// Connections dialed for one question (an address proof, a gateway check): each lives
+/// until it is answered, gone, or `lifetime` is over.
+pub struct ShortLived {
+    conns: Vec<(Instant, ConnHandle)>,
+    lifetime: Duration,
+}
+
+impl ShortLived {
+    pub fn new(lifetime: Duration) -> Self {
+        Self {
+            conns: Vec::new(),
+            lifetime,
+        }
+    }
+
+    pub fn push(&mut self, handle: ConnHandle) {
+        self.conns.push((Instant::now(), handle));
+    }
+
+    /// Takes connection `key` out (it is answered or gone), if it is one of these.
+    pub fn remove(&mut self, key: ConnKey) -> Option<ConnHandle> {
+        let at = self.conns.iter().position(|(_, c)| c.key == key)?;
+        Some(self.conns.swap_remove(at).1)
+    }
+
+    /// Closes those whose lifetime is over.
+    pub fn close_expired(&mut self) {
+        let lifetime = self.lifetime;
+        self.conns.retain(|(since, c)| {
+            let over = since.elapsed() >= lifetime;
+            if over {
+                c.close(CLOSE_DONE, b"no answer in time");
+            }
+            !over
+        });
+    }
+}
+
 /// Accepts connections until the endpoint closes.
 pub fn spawn_acceptor(ep: Endpoint, ctx: Arc<ConnContext>) {
     // Connections not yet authenticated, at most: strangers cannot pile them up.

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     claims::{self, ClaimedJoin, JoinProofs},
-    conn::{ConnEvent, ConnHandle, ConnKey},
+    conn::{ConnEvent, ConnKey, ShortLived},
     discovery::Routes,
     events::{DestProgress, DestResult, DestState, Event, Progress, Route, TxBytesByIface},
     manifest::Manifest,
@@ -172,9 +172,9 @@ struct Source {
     local: mpsc::UnboundedSender<Msg>,
     /// Joins matched by a claimed address, proven by dialing it ([`crate::claims`]).
     join_proofs: JoinProofs,
-    /// The connections the source dialed to prove Joins, and since when: closed once
+    /// The connections the source dialed to prove Joins: closed once
     /// [`claims::CHECK_TIMEOUT`] is over (the answerer usually closes first).
-    proof_conns: Vec<(Instant, ConnHandle)>,
+    proof_conns: ShortLived,
 }
 
 impl Role for Source {
@@ -184,13 +184,11 @@ impl Role for Source {
     async fn on_event(&mut self, node: &mut Node, event: ConnEvent) -> Step {
         match event {
             // The source dials only to prove claims: those connections carry nothing else.
-            ConnEvent::Up(handle) if handle.dialed => {
-                self.proof_conns.push((Instant::now(), handle))
-            }
+            ConnEvent::Up(handle) if handle.dialed => self.proof_conns.push(handle),
             ConnEvent::Up(handle) => node.conns.insert(handle),
             ConnEvent::Msg { key, msg } => self.on_msg(node, key, msg),
             ConnEvent::Gone { key, .. } => {
-                self.proof_conns.retain(|(_, c)| c.key != key);
+                self.proof_conns.remove(key);
                 if let Some(gone) = node.conns.remove(key) {
                     if let Some(p) = gone.peer.filter(|&p| node.conns.accepted_from(p).is_none()) {
                         self.holdings.remove(&p);
@@ -243,13 +241,7 @@ impl Role for Source {
         for join in self.join_proofs.expired(Instant::now()) {
             self.on_join_proof(node, join, Some("nothing answered at that address"));
         }
-        self.proof_conns.retain(|(since, c)| {
-            let over = since.elapsed() >= claims::CHECK_TIMEOUT;
-            if over {
-                c.close(CLOSE_DONE, b"proof over");
-            }
-            !over
-        });
+        self.proof_conns.close_expired();
         if self
             .fresh_hold
             .as_ref()
@@ -309,7 +301,7 @@ impl Source {
             path_checks: PathChecks::default(),
             local,
             join_proofs: JoinProofs::default(),
-            proof_conns: Vec::new(),
+            proof_conns: ShortLived::new(claims::CHECK_TIMEOUT),
         }
     }
 

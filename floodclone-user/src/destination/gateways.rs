@@ -46,15 +46,14 @@ impl Destination {
 
     /// A gateway-check connection is up: it waits for its answer.
     pub(super) fn on_asking_up(&mut self, handle: ConnHandle) {
-        self.asking.push((Instant::now(), handle));
+        self.asking.push(handle);
     }
 
     /// `id` answered on connection `key`: if that is one of our checks, its verdict applies.
     pub(super) fn on_i_am(&mut self, node: &Node, key: ConnKey, id: MemberId) {
-        let Some(at) = self.asking.iter().position(|(_, c)| c.key == key) else {
+        let Some(c) = self.asking.remove(key) else {
             return;
         };
-        let (_, c) = self.asking.swap_remove(at);
         c.close(CLOSE_DONE, b"answered");
         let settled =
             node::remote_ipv4(c.remote).is_some_and(|gw| self.gateway_checks.on_answer(gw, id));
@@ -68,13 +67,7 @@ impl Destination {
         if self.gateway_checks.expire(Instant::now()) {
             self.apply_gateway_checks(node);
         }
-        self.asking.retain(|(since, c)| {
-            let over = since.elapsed() >= CHECK_TIMEOUT;
-            if over {
-                c.close(CLOSE_DONE, b"no answer");
-            }
-            !over
-        });
+        self.asking.close_expired();
     }
 
     /// Claims refuted are dropped from the member list (and said), and the neighbours

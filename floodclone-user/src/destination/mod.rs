@@ -25,8 +25,8 @@ mod neighbours;
 use neighbours::with_source_addr;
 
 use crate::{
-    claims::GatewayChecks,
-    conn::{ConnEvent, ConnHandle, ConnKey},
+    claims::{GatewayChecks, CHECK_TIMEOUT},
+    conn::{ConnEvent, ConnKey, ShortLived},
     discovery::Routes,
     events::{Event, Progress, SwarmDone},
     manifest::Manifest,
@@ -122,8 +122,8 @@ struct Destination {
     local: mpsc::UnboundedSender<Local>,
     /// Who answered at gateways that members claim as theirs.
     gateway_checks: GatewayChecks,
-    /// Our connections asking who is at such a gateway, and since when.
-    asking: Vec<(Instant, ConnHandle)>,
+    /// Our connections asking who is at such a gateway.
+    asking: ShortLived,
     /// Connections that asked who we are before we knew (answered once welcomed).
     asked_who: Vec<ConnKey>,
 }
@@ -153,7 +153,7 @@ impl Role for Destination {
             }
             ConnEvent::StoreFailed(e) => Step::Stop(Err(e.into())),
             ConnEvent::Gone { key, reason } => {
-                self.asking.retain(|(_, c)| c.key != key);
+                self.asking.remove(key);
                 self.on_gone(node, key, &reason).await;
                 Step::Continue
             }
@@ -277,7 +277,7 @@ impl Destination {
             ticks: 0,
             local,
             gateway_checks: GatewayChecks::default(),
-            asking: Vec::new(),
+            asking: ShortLived::new(CHECK_TIMEOUT),
             asked_who: Vec::new(),
         }
     }
