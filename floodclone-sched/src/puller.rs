@@ -123,6 +123,10 @@ struct Peer {
     rtt_s: Option<f64>,
     /// Chunks this neighbour announced it is fetching, with when.
     coming: HashMap<ChunkId, f64>,
+    /// Chunks this neighbour told us one of its own neighbours is fetching, with when.
+    coming_beyond: HashMap<ChunkId, f64>,
+    /// Size of `coming_beyond` at which its expired entries are swept.
+    sweep_beyond_at: usize,
     /// It let a chunk stall that someone else held (see [`Puller::re_request_stalled`]):
     /// one request at a time until it delivers again.
     on_probation: bool,
@@ -157,6 +161,14 @@ impl Peer {
     /// This neighbour announced, less than [`COMING_TTL_S`] ago, that it is fetching `c`.
     fn is_fetching(&self, c: ChunkId, now: f64) -> bool {
         self.coming.get(&c).is_some_and(|&t| now - t < COMING_TTL_S)
+    }
+
+    /// This neighbour said, less than [`COMING_TTL_S`] ago, that one of its own
+    /// neighbours is fetching `c`.
+    fn hears_fetching(&self, c: ChunkId, now: f64) -> bool {
+        self.coming_beyond
+            .get(&c)
+            .is_some_and(|&t| now - t < COMING_TTL_S)
     }
 
     /// Seconds one chunk takes from this neighbour at its measured rate.
@@ -285,6 +297,8 @@ impl Puller {
                 ingress: None,
                 rtt_s: None,
                 coming: HashMap::new(),
+                coming_beyond: HashMap::new(),
+                sweep_beyond_at: 1024,
                 on_probation: false,
             },
         );
@@ -393,6 +407,25 @@ impl Puller {
             }
             if !p.is_source {
                 self.mark_seen(chunk, Some((now, Some(peer))));
+            }
+        }
+    }
+
+    /// `peer` relayed that one of its own neighbours is fetching `chunk`: the chunk will
+    /// soon be near `peer`, so fetching it here from elsewhere may bring it into the same
+    /// group twice. Counts only towards how rare the chunk is, never as a reason to wait.
+    pub fn peer_fetching_beyond(&mut self, peer: MemberId, chunk: ChunkId, now: f64) {
+        if chunk >= self.have.len() {
+            return;
+        }
+        if let Some(p) = self.peers.get_mut(&peer) {
+            if !p.have.contains(chunk) {
+                // Expired entries go in sweeps, so the map stays a few seconds' worth.
+                if p.coming_beyond.len() >= p.sweep_beyond_at {
+                    p.coming_beyond.retain(|_, &mut t| now - t < COMING_TTL_S);
+                    p.sweep_beyond_at = (2 * p.coming_beyond.len()).max(1024);
+                }
+                p.coming_beyond.insert(chunk, now);
             }
         }
     }
@@ -832,8 +865,10 @@ impl Puller {
                         && (q.is_fetching(c, now) || (source_hands_out && q.have.contains(c)))
                 })
         };
+        let on_other_link =
+            |q: &Peer| matches!((q.ingress, p.ingress), (Some(a), Some(b)) if a != b);
         let salt = me as u64;
-        let mut cands: Vec<(u16, u32, ChunkId)> = p
+        let mut cands: Vec<(u16, u16, u32, ChunkId)> = p
             .have
             .iter()
             .filter(|&c| !self.have.contains(c) && !self.flights.contains_key(&c))
@@ -847,7 +882,23 @@ impl Puller {
                     .values()
                     .filter(|q| q.is_fetching(c, now))
                     .count() as u16;
-                (self.holders[c as usize] + soon, tie_rank(salt, c), c)
+                // Among equally rare chunks, first those not on their way to a neighbour's
+                // neighbour on another link: two members that are not neighbours of each
+                // other, on two paths into the same group, would otherwise each bring in
+                // the same one. Only news from other links counts: what comes over this
+                // one says nothing about what only this one can bring, and members behind
+                // the same link hear the same news (it would make them choose alike).
+                let beyond = self
+                    .peers
+                    .values()
+                    .filter(|q| on_other_link(q) && q.hears_fetching(c, now))
+                    .count() as u16;
+                (
+                    self.holders[c as usize] + soon,
+                    beyond,
+                    tie_rank(salt, c),
+                    c,
+                )
             })
             .collect();
         if cands.len() > k {
@@ -855,7 +906,7 @@ impl Puller {
             cands.truncate(k);
         }
         cands.sort_unstable();
-        (cands.into_iter().map(|(_, _, c)| c).collect(), deferred)
+        (cands.into_iter().map(|(_, _, _, c)| c).collect(), deferred)
     }
 
     /// End game: chunks in flight from a slower neighbour for longer than expected, that
@@ -940,6 +991,38 @@ mod tests {
             }
         }
         assert!(seen.len() >= 6);
+    }
+
+    #[test]
+    fn of_equally_rare_chunks_one_coming_to_a_neighbours_neighbour_is_asked_last() {
+        // A neighbour holds chunks 0-3, equally rare; another neighbour, on another link,
+        // says a member beyond it is fetching 0-2 (random-30: two entries into one group
+        // that cannot see each other). With room for one request at a time, chunk 3 goes
+        // first.
+        let mut cfg = cfg();
+        cfg.min_outstanding = 1;
+        cfg.max_outstanding = 1;
+        let mut p = Puller::new(cfg, ChunkSet::new(4));
+        p.add_peer(1, false);
+        p.add_peer(2, false);
+        p.peer_bitfield(1, &ChunkSet::full(4));
+        for c in [0, 1, 2, 9] {
+            p.peer_fetching_beyond(2, c, 0.0);
+        }
+        let ask = |chunks: Vec<ChunkId>| vec![Action::Request { peer: 1, chunks }];
+        // Behind the same link, the news says nothing about this link: rarity and the
+        // node's own order decide (here chunk 0 first).
+        p.peer_ingress(1, 7);
+        p.peer_ingress(2, 7);
+        let mut same_link = p.clone();
+        assert_eq!(same_link.poll(0.0), ask(vec![0]));
+        p.peer_ingress(2, 8);
+        assert_eq!(p.poll(0.0), ask(vec![3]));
+        // It is news of a fetch, not a holding: once it is old, rarity alone orders them
+        // (and nothing waits for the member beyond).
+        p.chunk_done(1, 3, true, 0.1);
+        let a = p.poll(0.1);
+        assert!(matches!(&a[..], [Action::Request { peer: 1, chunks }] if chunks.len() == 1));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use floodclone_sched::{MemberId, SOURCE};
 use quinn::{Endpoint, VarInt};
 use tokio::sync::mpsc;
 
@@ -155,6 +156,16 @@ impl Node {
     pub fn announce(&self, msg: Msg) {
         for c in self.conns.iter().filter(|c| c.reads_announcements()) {
             c.send(msg.clone());
+        }
+    }
+
+    /// Passes on what neighbour `from` announced to the other destinations that read our
+    /// announcements (not back to `from`, not to the source, which does not use it).
+    pub fn announce_beyond(&self, msg: Msg, from: MemberId) {
+        for c in self.conns.iter().filter(|c| c.reads_announcements()) {
+            if c.peer.is_some_and(|p| p != from && p != SOURCE) {
+                c.send(msg.clone());
+            }
         }
     }
 

@@ -103,6 +103,9 @@ pub enum Msg {
     /// Any node -> its neighbours: I am fetching these chunks (so a farther neighbour need
     /// not be asked for them).
     Fetching { chunks: Vec<ChunkId> },
+    /// Destination -> its neighbours: a neighbour of mine is fetching these chunks, which I
+    /// lack (so they will soon be near me; better not fetch them into my side twice).
+    FetchingBeyond { chunks: Vec<ChunkId> },
     /// Destination -> its neighbours: how many hops I am from the source (so a neighbour
     /// can tell whether its path to me runs through the source).
     SourceDistance { hops: u8 },
@@ -291,6 +294,7 @@ impl Msg {
             Msg::AddressProof { .. } => 25,
             Msg::WhoAreYou => 26,
             Msg::IAm { .. } => 27,
+            Msg::FetchingBeyond { .. } => 28,
         }
     }
 
@@ -337,7 +341,9 @@ impl Msg {
             Msg::Hello { id } => w.u16(*id),
             Msg::Bitfield { bits } => w.bytes(bits),
             Msg::Have { chunk } | Msg::Cancel { chunk } | Msg::DontHave { chunk } => w.u32(*chunk),
-            Msg::Request { chunks } | Msg::Fetching { chunks } => w.chunk_ids(chunks),
+            Msg::Request { chunks } | Msg::Fetching { chunks } | Msg::FetchingBeyond { chunks } => {
+                w.chunk_ids(chunks)
+            }
             Msg::Failed { reason } => w.bytes(reason.as_bytes()),
             Msg::FreshGrant { chunks, exhausted } => {
                 w.chunk_ids(chunks);
@@ -472,6 +478,9 @@ impl Msg {
             25 => Msg::AddressProof { nonce: r.nonce()? },
             26 => Msg::WhoAreYou,
             27 => Msg::IAm { id: r.u16()? },
+            28 => Msg::FetchingBeyond {
+                chunks: r.chunk_ids()?,
+            },
             t => return Err(WireError::UnknownType(t)),
         };
         if !r.0.is_empty() {
@@ -486,12 +495,12 @@ impl Msg {
 /// 65,535 members), with room.
 fn max_body(tag: u8) -> usize {
     match tag {
-        3 => MAX_FRAME,         // Welcome: 32 bytes per chunk, and the members
-        4 | 5 => 8 << 20,       // Members, View: per member ~20-100 bytes
-        7 => 1 << 20,           // Bitfield: a bit per chunk
-        9 | 11 | 17 => 1 << 20, // Request, FreshGrant, Fetching: 4 bytes per chunk
-        20..=22 => 256 << 10,   // path checks: 2 bytes per member
-        _ => 64 << 10,          // the rest: a few fields, or a reason to print
+        3 => MAX_FRAME,              // Welcome: 32 bytes per chunk, and the members
+        4 | 5 => 8 << 20,            // Members, View: per member ~20-100 bytes
+        7 => 1 << 20,                // Bitfield: a bit per chunk
+        9 | 11 | 17 | 28 => 1 << 20, // Request, FreshGrant, Fetching(Beyond): 4 B a chunk
+        20..=22 => 256 << 10,        // path checks: 2 bytes per member
+        _ => 64 << 10,               // the rest: a few fields, or a reason to print
     }
 }
 
@@ -603,6 +612,7 @@ mod tests {
             Msg::Progress { have: 3 },
             Msg::SwarmDone,
             Msg::Fetching { chunks: vec![7] },
+            Msg::FetchingBeyond { chunks: vec![8, 9] },
             Msg::SourceDistance { hops: 3 },
             Msg::TracePaths { to: vec![2, 5] },
             Msg::PathsTraced {

@@ -71,6 +71,7 @@ enum Msg {
     Bitfield(ChunkSet),
     Have(ChunkId),
     Fetching(Vec<ChunkId>),
+    FetchingBeyond(Vec<ChunkId>),
     Request(Vec<ChunkId>),
     RequestFresh(u32),
     FreshGrant(Vec<ChunkId>, bool),
@@ -489,8 +490,33 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
                                 }
                             }
                             Msg::Fetching(list) => {
-                                for c in list {
+                                let mut fwd = Vec::new();
+                                for &c in &list {
                                     pl.peer_fetching(from_member, c, now);
+                                    if !pl.have().contains(c) {
+                                        fwd.push(c);
+                                    }
+                                }
+                                // Passed on one hop, as the daemon does.
+                                if !fwd.is_empty() {
+                                    for &pipe in nodes[to].pipes_out.values() {
+                                        let p = &sim.pipes[pipe];
+                                        if p.to != from && p.to != source {
+                                            q.push(
+                                                now + p.latency,
+                                                Ev::Deliver {
+                                                    from: to,
+                                                    to: p.to,
+                                                    msg: Msg::FetchingBeyond(fwd.clone()),
+                                                },
+                                            );
+                                        }
+                                    }
+                                }
+                            }
+                            Msg::FetchingBeyond(list) => {
+                                for c in list {
+                                    pl.peer_fetching_beyond(from_member, c, now);
                                 }
                             }
                             Msg::FreshGrant(list, exhausted) => {

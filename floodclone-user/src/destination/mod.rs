@@ -385,8 +385,25 @@ impl Destination {
             Msg::Fetching { chunks } => {
                 if let (Some(p), Some(pl)) = (pulled_over, self.puller.as_mut()) {
                     let now = node.now();
-                    for c in chunks {
+                    for &c in &chunks {
                         pl.peer_fetching(p, c, now);
+                    }
+                    // One hop further (see `Puller::peer_fetching_beyond`): what we lack
+                    // will soon be near us.
+                    let beyond: Vec<ChunkId> = chunks
+                        .into_iter()
+                        .filter(|&c| c < pl.have().len() && !pl.have().contains(c))
+                        .collect();
+                    if !beyond.is_empty() {
+                        node.announce_beyond(Msg::FetchingBeyond { chunks: beyond }, p);
+                    }
+                }
+            }
+            Msg::FetchingBeyond { chunks } => {
+                if let (Some(p), Some(pl)) = (pulled_over, self.puller.as_mut()) {
+                    let now = node.now();
+                    for c in chunks {
+                        pl.peer_fetching_beyond(p, c, now);
                     }
                 }
             }
