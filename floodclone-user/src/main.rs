@@ -6,7 +6,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use floodclone::{
     destination::{self, RecvConfig},
-    events::{Event, SwarmDone},
+    events::{
+        units::{parse_duration, parse_size},
+        Event, SwarmDone,
+    },
     hosts::{self, HostPort},
     linkstats::LinkStats,
     node::{self, NodeOptions, SharedLinkStats, DEFAULT_PORT},
@@ -75,18 +78,19 @@ enum Cmd {
         /// Adds to --dest.
         #[arg(long)]
         dests_file: Option<PathBuf>,
-        /// Chunk size in bytes [default: 64 KiB; doubled for files over 64 GiB so the file
-        /// has at most 2^20 chunks].
-        #[arg(long)]
+        /// Chunk size (65536, 64KiB, 1MiB; a plain number is bytes) [default: 64 KiB;
+        /// doubled for files over 64 GiB so the file has at most 2^20 chunks].
+        #[arg(long, value_parser = parse_chunk_size)]
         chunk_size: Option<u32>,
-        /// Seconds to wait for every destination before starting with those present.
-        #[arg(long, default_value_t = 3.0)]
-        join_grace: f64,
-        /// Seconds after which a destination that never joined, or lost its connection
-        /// and did not come back, is given up: reported failed by name, the others
-        /// finish, and send exits non-zero.
-        #[arg(long, default_value_t = 60.0)]
-        dest_timeout: f64,
+        /// How long to wait for every destination before starting with those present
+        /// (3, 3s, 500ms, 2m; a plain number is seconds).
+        #[arg(long, default_value = "3s", value_parser = parse_duration)]
+        join_grace: Duration,
+        /// How long until a destination that never joined, or lost its connection and
+        /// did not come back, is given up: reported failed by name, the others finish,
+        /// and send exits non-zero (60, 90s, 2m).
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        dest_timeout: Duration,
         /// Baseline for comparisons: every destination fetches from the source only, over
         /// its own connection, and nothing is relayed.
         #[arg(long)]
@@ -103,10 +107,11 @@ enum Cmd {
         /// Where the file goes. Written there only once complete and verified.
         #[arg(long)]
         out: PathBuf,
-        /// Seconds to keep trying to reach the source at start, and to wait for it to
-        /// come back if it goes away before the copy is complete (progress is kept).
-        #[arg(long, default_value_t = 60.0)]
-        connect_timeout: f64,
+        /// How long to keep trying to reach the source at start, and to wait for it to
+        /// come back if it goes away before the copy is complete (progress is kept)
+        /// (60, 90s, 2m; a plain number is seconds).
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        connect_timeout: Duration,
         /// The file's BLAKE3 as `send` prints it (`b3:<hex>`, or what `b3sum` prints):
         /// refuse any other file, whoever offers it.
         #[arg(long, value_parser = parse_expect)]
@@ -118,9 +123,9 @@ enum Cmd {
     Token,
     /// Live per-link statistics measured in the kernel (eBPF): rates, bytes, QUIC RTT.
     Stats {
-        /// Measurement interval in seconds.
-        #[arg(long, default_value_t = 1.0)]
-        interval: f64,
+        /// Measurement interval (1, 500ms, 2s; a plain number is seconds).
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        interval: Duration,
         /// Refresh in place until interrupted.
         #[arg(long)]
         watch: bool,
@@ -135,11 +140,12 @@ fn parse_expect(s: &str) -> Result<[u8; 32], String> {
         .ok_or_else(|| format!("{s:?}: expected b3: and 64 hex digits, as `send` prints it"))
 }
 
-fn seconds(what: &str, s: f64) -> Result<Duration> {
-    if !(s >= 0.0 && s.is_finite()) {
-        bail!("{what} must be a non-negative number of seconds");
-    }
-    Ok(Duration::from_secs_f64(s))
+fn parse_chunk_size(s: &str) -> Result<u32, String> {
+    let bytes = parse_size(s)?;
+    u32::try_from(bytes)
+        .ok()
+        .filter(|&b| b > 0)
+        .ok_or_else(|| format!("chunk size {s:?}: must be between 1 byte and 4 GiB"))
 }
 
 /// Attaches the link-stats programs on a thread of its own, so the transfer does not wait
@@ -265,8 +271,6 @@ fn run(cli: Cli) -> Result<()> {
                 .into_iter()
                 .map(|(ip, port)| SocketAddrV4::new(ip, port.unwrap_or(node.port)))
                 .collect();
-            let join_grace = seconds("--join-grace", join_grace)?;
-            let dest_timeout = seconds("--dest-timeout", dest_timeout)?;
             send(
                 node,
                 file,
@@ -284,13 +288,7 @@ fn run(cli: Cli) -> Result<()> {
             node,
         } => {
             let source = SocketAddrV4::new(source.0, source.1.unwrap_or(node.port));
-            recv(
-                node,
-                source,
-                out,
-                seconds("--connect-timeout", connect_timeout)?,
-                expect,
-            )
+            recv(node, source, out, connect_timeout, expect)
         }
         Cmd::Stats {
             interval,
@@ -423,16 +421,16 @@ fn recv(
     Ok(())
 }
 
-fn show_stats(interval: f64, watch: bool, json: bool) -> Result<()> {
-    if !(interval > 0.0 && interval.is_finite()) {
-        bail!("--interval must be a positive number of seconds");
+fn show_stats(interval: Duration, watch: bool, json: bool) -> Result<()> {
+    if interval.is_zero() {
+        bail!("--interval must be longer than zero");
     }
     let mut sampler = stats::Sampler::open()?;
     if watch && !json {
         print!("\x1b[2J");
     }
     loop {
-        let report = sampler.measure(Duration::from_secs_f64(interval))?;
+        let report = sampler.measure(interval)?;
         if json {
             println!("{}", serde_json::to_string(&report)?);
         } else if watch {

@@ -4,12 +4,11 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
+use floodclone_events::units::parse_size;
 use floodclone_testbed::{
     bound,
     build::{cargo, floodclone_binary as build_floodclone, workspace_root},
-    netns as testbed, run, setup,
-    size::parse_size,
-    Testbed, Topology,
+    netns as testbed, run, setup, Testbed, Topology,
 };
 
 mod bench;

@@ -7,6 +7,8 @@
 
 use std::collections::BTreeMap;
 
+pub mod units;
+
 pub use floodclone_sched::MemberId;
 use serde::{Deserialize, Serialize};
 

@@ -16,7 +16,6 @@ pub mod random;
 pub mod routing;
 pub mod run;
 pub mod setup;
-pub mod size;
 pub mod topology;
 pub mod traffic;
 
