@@ -732,7 +732,11 @@ fn sigterm_stops_recv_like_ctrl_c_and_leaves_no_pins() {
     let scratch = Scratch::new("sigterm");
     let mut bed = Testbed::up(&line(&["s", "d1"], 40)).unwrap();
     // No source: recv waits for it, with its link-stats programs attached and pinned.
-    for (signal, code, says) in [("TERM", 143, "terminated"), ("INT", 130, "interrupted")] {
+    for (signal, code, says) in [
+        ("TERM", 143, "terminated"),
+        ("INT", 130, "interrupted"),
+        ("HUP", 129, "hung up"),
+    ] {
         let out = scratch.0.join(format!("d1-{signal}.out"));
         let recv = start(&mut bed, 1, &recv_args(0, &out, &[]), &scratch.0);
         assert!(recv.wait_event("ready", 30.0).is_some());

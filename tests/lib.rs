@@ -79,12 +79,26 @@ pub fn start(
     args: &[String],
     scratch: &std::path::Path,
 ) -> NodeProc {
+    start_with(bed, node, args, scratch, true)
+}
+
+/// Starts `floodclone ARGS` in `node`'s namespace, with `--json` or as a person would
+/// (plain lines on stderr, no events).
+pub fn start_with(
+    bed: &mut Testbed,
+    node: usize,
+    args: &[String],
+    scratch: &std::path::Path,
+    json: bool,
+) -> NodeProc {
     use std::{io::BufRead, process::Stdio};
     let stderr = scratch.join(format!("{}-{}.err", bed.topo.nodes[node].name, args[0]));
     let mut cmd = bed.command(node, floodclone_bin().to_str().unwrap());
-    cmd.args(args)
-        .arg("--json")
-        .stdout(Stdio::piped())
+    cmd.args(args);
+    if json {
+        cmd.arg("--json");
+    }
+    cmd.stdout(Stdio::piped())
         .stderr(std::fs::File::create(&stderr).unwrap());
     let handle = bed.spawn(cmd).unwrap();
     let out = bed.child(handle).stdout.take().unwrap();

@@ -5,7 +5,7 @@ use floodclone_testbed::{
     netns::{self, list_namespaces},
     Testbed, Topology,
 };
-use floodclone_tests::{floodclone_bin, root_or_skip, tcp_rate_mbit};
+use floodclone_tests::{floodclone_bin, root_or_skip, start, tcp_rate_mbit, Scratch, TOKEN};
 
 fn two_nodes(ab: u32, ba: u32) -> Topology {
     Topology::parse(
@@ -235,4 +235,143 @@ fn a_lossy_link_loses_what_it_is_told_and_jitter_keeps_order() {
         "the lossless direction lost {} datagrams",
         10_000 - back
     );
+}
+
+/// `stats --watch` reads the newest floodclone in its namespace; when that one exits, it
+/// reads the one still running within two refreshes, and says so.
+#[test]
+fn stats_watch_moves_to_the_live_instance_when_the_one_it_reads_exits() {
+    if !root_or_skip("stats_watch_moves_to_the_live_instance_when_the_one_it_reads_exits") {
+        return;
+    }
+    use std::io::BufRead;
+    let scratch = Scratch::new("watch");
+    let mut bed = Testbed::up(&two_nodes(40, 40)).unwrap();
+    // Two destinations in d's namespace, waiting for a source that never comes: both have
+    // their programs attached and pinned.
+    let waiting = |bed: &mut Testbed, port: &str| {
+        let out = scratch.0.join(format!("out-{port}"));
+        let args: Vec<String> = [
+            "recv",
+            "--source",
+            "10.100.0.1",
+            "--out",
+            out.to_str().unwrap(),
+            "--token",
+            TOKEN,
+            "--port",
+            port,
+            "--connect-timeout",
+            "120",
+        ]
+        .map(String::from)
+        .into();
+        let p = start(bed, 1, &args, &scratch.0);
+        assert!(p.wait_event("ready", 30.0).is_some(), "{}", p.stderr_text());
+        let pid = bed.child(p.handle).id();
+        (p, pid)
+    };
+    let (_older, older_pid) = waiting(&mut bed, "7001");
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let (newer, newer_pid) = waiting(&mut bed, "7002");
+    let mut cmd = bed.command(1, floodclone_bin().to_str().unwrap());
+    cmd.args(["stats", "--watch", "--json", "--interval", "0.5"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let watch = bed.spawn(cmd).unwrap();
+    let out = bed.child(watch).stdout.take().unwrap();
+    let (tx, reports) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(serde_json::from_str(&line).unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || {
+        reports
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("a report every 0.5 s")
+    };
+    let first = next();
+    assert_eq!(first["pid"], newer_pid, "it reads the newest: {first}");
+    let killed = std::process::Command::new("kill")
+        .arg(newer_pid.to_string())
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert!(
+        newer.wait_exit(&mut bed, 10.0).is_some(),
+        "the newer one exits"
+    );
+    // The report under way when it exited may still be its; the next must not be.
+    let (a, b) = (next(), next());
+    let after = if a["pid"] == older_pid { a } else { b };
+    assert_eq!(
+        after["pid"], older_pid,
+        "it reads the live one now: {after}"
+    );
+    let note = after["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains(&format!("pid {newer_pid} exited"))
+            && note.contains(&format!("now reading floodclone pid {older_pid}")),
+        "{note}"
+    );
+}
+
+/// The shipped systemd units pass `systemd-analyze verify`, and the receiving unit's
+/// example writes where its made-up user may: its state directory (`ReadWritePaths`
+/// grants no permission, so a root-owned /srv is not writable by a DynamicUser).
+#[test]
+fn deploy_units_verify_and_write_where_they_may() {
+    let analyze = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output();
+    if !analyze.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipping deploy_units_verify_and_write_where_they_may: no systemd-analyze");
+        return;
+    }
+    let scratch = Scratch::new("units");
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let env_file = scratch.0.join("floodclone.env");
+    std::fs::write(&env_file, "FLOODCLONE_TOKEN=x\n").unwrap();
+    let bin = floodclone_bin();
+    for name in ["floodclone-recv.service", "floodclone-send.service"] {
+        let unit = std::fs::read_to_string(deploy.join(name)).unwrap();
+        if name == "floodclone-recv.service" {
+            let state = unit
+                .lines()
+                .find_map(|l| l.strip_prefix("StateDirectory="))
+                .expect("a StateDirectory");
+            let example = unit
+                .lines()
+                .find_map(|l| l.split("OUT=").nth(1))
+                .expect("an example OUT");
+            assert!(
+                example.starts_with(&format!("/var/lib/{state}/")),
+                "the example OUT ({example}) is inside the state directory /var/lib/{state}"
+            );
+            assert!(
+                !unit.contains("\nReadWritePaths="),
+                "DynamicUser cannot write a ReadWritePaths directory it does not own"
+            );
+        }
+        // Verified as installed, with the binary and environment file where they are here.
+        let local = unit
+            .replace("/usr/local/bin/floodclone", bin.to_str().unwrap())
+            .replace("/etc/floodclone.env", env_file.to_str().unwrap());
+        let path = scratch.0.join(name);
+        std::fs::write(&path, local).unwrap();
+        let out = std::process::Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        let about_it: Vec<&str> = said.lines().filter(|l| l.contains(name)).collect();
+        assert!(
+            out.status.success() && about_it.is_empty(),
+            "systemd-analyze verify {name}: {said}"
+        );
+    }
 }

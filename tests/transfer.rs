@@ -2,8 +2,13 @@
 //! larger than the memory a node may use. Speed is not asserted here (see `cargo xtask
 //! bench`); what is asserted is that every copy arrives byte-identical.
 
-use floodclone_testbed::{run::RunOptions, Topology};
-use floodclone_tests::{root_or_skip, shipped, transfer};
+use floodclone_testbed::{
+    run::{write_test_file, RunOptions},
+    Testbed, Topology,
+};
+use floodclone_tests::{
+    addr, assert_copies, line, root_or_skip, shipped, start_with, transfer, Scratch, TOKEN,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -143,4 +148,102 @@ fn an_upload_cap_holds_and_the_floor_counts_it_and_a_cross_flow() {
     assert_eq!(cross.len(), 1);
     assert!(cross[0].before_mbit > 50.0, "{cross:?}");
     assert!(report.u_min_left_s.is_some() && report.ratio_left.is_some());
+}
+
+/// What a person reads at the terminal (plain output, not `--json`): sentences naming
+/// addresses, no internal values (`Some(..)`, `[]`, member numbers), and one clock in
+/// `send`'s summary (the last destination's time is the total).
+#[test]
+fn plain_output_names_addresses_and_keeps_one_clock() {
+    if !root_or_skip("plain_output_names_addresses_and_keeps_one_clock") {
+        return;
+    }
+    let scratch = Scratch::new("plain");
+    let src = scratch.0.join("src");
+    write_test_file(&src, 2 * MIB, 23).unwrap();
+    let mut bed = Testbed::up(&line(&["s", "d1", "d2"], 40)).unwrap();
+    let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let (s, d1, d2) = (
+        addr(0).to_string(),
+        addr(1).to_string(),
+        addr(2).to_string(),
+    );
+    let send_args = args(&[
+        "send",
+        src.to_str().unwrap(),
+        "--token",
+        TOKEN,
+        "--dest",
+        &d1,
+        "--dest",
+        &d2,
+    ]);
+    let send = start_with(&mut bed, 0, &send_args, &scratch.0, false);
+    let outs: Vec<_> = [1, 2].map(|n| scratch.0.join(format!("d{n}.out"))).into();
+    let recvs: Vec<_> = [1, 2]
+        .into_iter()
+        .zip(&outs)
+        .map(|(n, out)| {
+            let recv_args = args(&[
+                "recv",
+                "--source",
+                &s,
+                "--out",
+                out.to_str().unwrap(),
+                "--token",
+                TOKEN,
+            ]);
+            start_with(&mut bed, n, &recv_args, &scratch.0, false)
+        })
+        .collect();
+    let status = send.wait_exit(&mut bed, 60.0).expect("send finishes");
+    let said = send.stderr_text();
+    assert!(status.success(), "send: {said}");
+    let mut texts = vec![("send", said.clone())];
+    for (r, who) in recvs.iter().zip(["d1", "d2"]) {
+        assert!(r.wait_exit(&mut bed, 30.0).is_some(), "{who} exits");
+        texts.push((who, r.stderr_text()));
+    }
+    assert_copies(&src, outs);
+    for (who, text) in &texts {
+        eprintln!("--- {who} said:\n{text}");
+        for internal in ["Some(", "None", "[]", "member ", "#1", "#2", "0.0.0.0"] {
+            assert!(
+                !text.contains(internal),
+                "{who} printed {internal:?}: {text}"
+            );
+        }
+        if *who != "send" {
+            assert!(
+                text.contains("pulling from 10."),
+                "{who} names its neighbours: {text}"
+            );
+        }
+    }
+    // One clock: the summary's total is the last destination's time, and each per-
+    // destination figure is the one its "has a verified copy" line said.
+    let mut lines = said
+        .lines()
+        .skip_while(|l| !l.starts_with("every destination holds"));
+    let head = lines.next().expect("send's summary");
+    let total: f64 = head
+        .split(", ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("a time in {head:?}"));
+    let per_dest: Vec<(String, f64)> = lines
+        .take(2)
+        .map(|l| {
+            let cells: Vec<&str> = l.split_whitespace().collect();
+            (cells[0].to_string(), cells[1].parse().unwrap())
+        })
+        .collect();
+    assert_eq!(per_dest.len(), 2, "{said}");
+    let last = per_dest.iter().map(|d| d.1).fold(0.0, f64::max);
+    assert_eq!(format!("{total:.2}"), format!("{last:.2}"), "{said}");
+    for (addr, at) in &per_dest {
+        let line = format!("{addr} has a verified copy, {at:.2} s after send started");
+        assert!(said.contains(&line), "{line:?} in {said}");
+    }
 }

@@ -18,6 +18,18 @@ pub enum Reach {
     Unreachable = 3,
 }
 
+impl Reach {
+    /// How a route reaches a member, in words.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Reach::Direct => "directly",
+            Reach::Behind => "behind another member",
+            Reach::ViaRouter => "through routers",
+            Reach::Unreachable => "not at all",
+        }
+    }
+}
+
 /// The first hop of the route to a member, as a route lookup shows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FirstHop {

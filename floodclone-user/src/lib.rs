@@ -16,7 +16,8 @@
 //! - measurements in the kernel: [`linkstats`] (the eBPF programs' maps), [`meter`] (rates
 //!   from counters), [`stats`] (`floodclone stats`);
 //! - what a person or a script sees: [`events`] (the `--json` events), [`output`],
-//!   [`progress`]; what they type: [`hosts`] (destinations by address or name).
+//!   [`progress`]; what they type: [`hosts`] (destinations by address or name); systemd's
+//!   readiness: [`sd_notify`].
 
 pub mod claims;
 pub mod congestion;
@@ -30,6 +31,7 @@ pub mod meter;
 pub mod node;
 pub mod output;
 pub mod progress;
+pub mod sd_notify;
 pub mod source;
 pub mod stats;
 pub mod storage;

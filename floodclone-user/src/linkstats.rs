@@ -169,8 +169,77 @@ fn instance_pid(name: &std::ffi::OsStr) -> Option<u32> {
     name.strip_suffix(".json").unwrap_or(&name).parse().ok()
 }
 
+/// The pid of the instance whose entry (pin directory or status file) is `path`.
+pub fn instance_pid_of(path: &Path) -> Option<u32> {
+    instance_pid(path.file_name()?)
+}
+
+/// Whether the instance whose pins are in `dir` still runs (and has not removed them).
+pub fn instance_is_live(dir: &Path) -> bool {
+    dir.exists() && instance_pid_of(dir).is_some_and(pid_alive)
+}
+
+/// Where each running floodclone holds its liveness lock, `<pid>.lock`.
+pub const LIVE_ROOT: &str = "/run/floodclone/live";
+
+fn lock_path(root: &Path, pid: u32) -> PathBuf {
+    root.join(format!("{pid}.lock"))
+}
+
+/// Takes this process's liveness lock (once; held until the process exits), before it
+/// pins maps or publishes a status: others tell it is alive by the lock being held, which a
+/// dead process's reused pid cannot fake. Without permission to write `LIVE_ROOT`, it has
+/// no pins or status either.
+pub fn hold_liveness_lock() {
+    static HELD: std::sync::OnceLock<Option<fs::File>> = std::sync::OnceLock::new();
+    HELD.get_or_init(|| take_liveness_lock(Path::new(LIVE_ROOT), std::process::id()));
+}
+
+fn take_liveness_lock(root: &Path, pid: u32) -> Option<fs::File> {
+    use std::os::fd::AsRawFd;
+    fs::create_dir_all(root).ok()?;
+    sweep_free_locks(root);
+    // Locked under a private name, then renamed into place: no one ever sees the file
+    // unlocked (a sweep would take it for a dead process's).
+    let tmp = root.join(format!(".{pid}.lock.new"));
+    let file = fs::File::create(&tmp).ok()?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return None;
+    }
+    fs::rename(&tmp, lock_path(root, pid)).ok()?;
+    Some(file)
+}
+
+/// Removes this process's liveness lock file (at its end; the lock itself goes with it).
+pub fn release_liveness_lock() {
+    let _ = fs::remove_file(lock_path(Path::new(LIVE_ROOT), std::process::id()));
+}
+
+/// Whether the lock file at `path` is held by a live process.
+fn lock_held(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = fs::File::open(path) else {
+        return false;
+    };
+    // SAFETY: flock on a descriptor we own; a shared lock we get is released on drop.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 }
+}
+
+/// Removes lock files no process holds (left by processes killed with SIGKILL).
+fn sweep_free_locks(root: &Path) {
+    for entry in fs::read_dir(root).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "lock") && !lock_held(&path) {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+/// Whether floodclone `pid` runs: it holds its liveness lock (a pid alone may name another
+/// process by now).
 fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    lock_held(&lock_path(Path::new(LIVE_ROOT), pid))
 }
 
 /// The newest instance entry under `dir` whose process is alive (what a process that died
@@ -188,8 +257,12 @@ pub fn newest_live_instance(dir: &Path) -> Option<PathBuf> {
 /// (a process killed with SIGKILL cannot clean up after itself; pinned maps would hold
 /// kernel memory for good). Empty namespace directories go too.
 pub fn sweep_dead_instances(root: &Path) {
+    sweep_dead_instances_by(root, pid_alive)
+}
+
+fn sweep_dead_instances_by(root: &Path, pid_alive: impl Fn(u32) -> bool) {
     // Entries that are not instances are not ours: leave them.
-    let alive = |name: &std::ffi::OsStr| instance_pid(name).is_none_or(pid_alive);
+    let alive = |name: &std::ffi::OsStr| instance_pid(name).is_none_or(&pid_alive);
     for ns in fs::read_dir(root).into_iter().flatten().flatten() {
         for inst in fs::read_dir(ns.path()).into_iter().flatten().flatten() {
             if !alive(&inst.file_name()) {
@@ -313,6 +386,7 @@ impl LinkStats {
         watched_peers(&mut ebpf)?
             .insert(WATCH_ALL, 1, 0)
             .map_err(|e| LinkStatsError::Load(format!("{WATCH_MAP_NAME}: {e}")))?;
+        hold_liveness_lock();
         let pinned = Self::pin(&ebpf, &pin_dir);
         if let Err(e) = &pinned {
             let _ = fs::remove_dir_all(&pin_dir);
@@ -485,10 +559,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_process_is_alive_while_it_holds_its_lock_whatever_its_pid() {
+        let root = std::env::temp_dir().join(format!("fc-live-{}", std::process::id()));
+        let held = take_liveness_lock(&root, 4242).expect("lock taken");
+        assert!(lock_held(&lock_path(&root, 4242)));
+        // Pid 1 exists but holds no floodclone lock: a reused pid is not taken for alive.
+        assert!(!lock_held(&lock_path(&root, 1)));
+        // A holder gone (its descriptor closed, as at exit): the file is free, and swept
+        // at the next start.
+        drop(held);
+        assert!(!lock_held(&lock_path(&root, 4242)));
+        let _again = take_liveness_lock(&root, 4243).expect("lock taken");
+        assert!(
+            !lock_path(&root, 4242).exists(),
+            "a free lock file is swept"
+        );
+        assert!(lock_path(&root, 4243).exists());
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn sweep_removes_only_dead_instances() {
         let root = std::env::temp_dir().join(format!("fc-sweep-{}", std::process::id()));
         let live = std::process::id().to_string();
-        // A pid that cannot exist (above the kernel's pid_max of 2^22).
         let dead = "99999999";
         for (ns, inst, dir) in [
             ("1", &live[..], true),
@@ -508,7 +601,8 @@ mod tests {
             }
         }
         fs::create_dir_all(root.join("1").join("not-a-pid")).unwrap();
-        sweep_dead_instances(&root);
+        let me = std::process::id();
+        sweep_dead_instances_by(&root, |pid| pid == me);
         assert!(root.join("1").join(&live).exists());
         assert!(root.join("1").join("not-a-pid").exists());
         assert!(!root.join("1").join(dead).exists());

@@ -188,6 +188,7 @@ fn detach_link_stats(stats: &SharedLinkStats) {
 const EXIT_SOME_FAILED: i32 = 3;
 const EXIT_INTERRUPTED: i32 = 130;
 const EXIT_TERMINATED: i32 = 143;
+const EXIT_HUNG_UP: i32 = 129;
 
 /// An error that ends the command with a status of its own (otherwise 1).
 #[derive(Debug)]
@@ -209,12 +210,18 @@ impl std::error::Error for ExitWith {}
 /// end with, `then` appended to what happened.
 async fn stop_signal(then: &str) -> ExitWith {
     use tokio::signal::unix::{signal, SignalKind};
-    let (code, why) = match signal(SignalKind::terminate()) {
-        Ok(mut term) => tokio::select! {
+    // A closed terminal (SIGHUP) stops it like the others, cleanly: its pins and status
+    // file would otherwise stay until the next start.
+    let (code, why) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(mut term), Ok(mut hup)) => tokio::select! {
             _ = tokio::signal::ctrl_c() => (EXIT_INTERRUPTED, "interrupted"),
             _ = term.recv() => (EXIT_TERMINATED, "terminated"),
+            _ = hup.recv() => (EXIT_HUNG_UP, "hung up"),
         },
-        Err(_) => {
+        _ => {
             let _ = tokio::signal::ctrl_c().await;
             (EXIT_INTERRUPTED, "interrupted")
         }
@@ -386,9 +393,12 @@ fn send(
             tx_bytes_by_iface: outcome.tx_bytes_by_iface,
         }),
         || {
-            let mut s = format!("every destination holds a verified copy ({elapsed:.2} s):");
+            // One clock: seconds since `send` started, as each `dest_done` line said.
+            let last = outcome.dests.iter().map(|r| r.at_s).fold(0.0, f64::max);
+            let mut s =
+                format!("every destination holds a verified copy, {last:.2} s after send started:");
             for r in &outcome.dests {
-                s += &format!("\n  {:15} {:8.2} s", r.addr, r.elapsed_s);
+                s += &format!("\n  {:15} {:8.2} s", r.addr, r.at_s);
             }
             s
         },

@@ -99,6 +99,16 @@ pub enum RttSource {
     Quic,
 }
 
+impl RttSource {
+    /// Its name in a table column (and the JSON).
+    pub fn short_name(self) -> &'static str {
+        match self {
+            RttSource::Spin => "spin",
+            RttSource::Quic => "quic",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct LinkMeter {
     pub ifindex: u32,

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use floodclone_sched::{MemberId, SOURCE};
+use floodclone_sched::MemberId;
 
 use crate::events::{DestProgress, DestState, Feeder};
 
@@ -76,8 +76,15 @@ fn fit(mut s: String) -> String {
     s
 }
 
-/// A destination's progress: one line for the file, one for who feeds it.
-pub fn dest_lines(done: u64, total: u64, bps: Option<f64>, feeders: &[Feeder]) -> Vec<String> {
+/// A destination's progress: one line for the file, one for who feeds it (each named by
+/// `name`, an address: member ids are internal).
+pub fn dest_lines(
+    done: u64,
+    total: u64,
+    bps: Option<f64>,
+    feeders: &[Feeder],
+    name: impl Fn(MemberId) -> String,
+) -> Vec<String> {
     let frac = if total == 0 {
         1.0
     } else {
@@ -99,14 +106,7 @@ pub fn dest_lines(done: u64, total: u64, bps: Option<f64>, feeders: &[Feeder]) -
     } else {
         let parts: Vec<String> = from
             .iter()
-            .map(|f| {
-                let who = if f.member == SOURCE {
-                    "source".to_string()
-                } else {
-                    format!("#{}", f.member)
-                };
-                format!("{who} {}", mbit(Some(f.rate_bps)))
-            })
+            .map(|f| format!("{} {}", name(f.member), mbit(Some(f.rate_bps))))
             .collect();
         format!("  from (Mbit/s): {}", parts.join(", "))
     };
@@ -129,8 +129,7 @@ pub fn source_lines(total: u64, elapsed_s: f64, dests: &[DestProgress]) -> Vec<S
             d.bytes as f64 / total as f64
         };
         out.push(fit(format!(
-            "  #{:<3} {:<15} {} {:>3.0}%  {:>7} Mbit/s  {}",
-            d.member,
+            "  {:<15} {} {:>3.0}%  {:>7} Mbit/s  {}",
             d.addr,
             bar(frac, 16),
             frac * 100.0,
@@ -182,7 +181,9 @@ mod tests {
                 rate_bps: 12.3e6,
             })
             .collect();
-        let d = dest_lines(33 << 20, 64 << 20, Some(31.4e6), &feeders);
+        let d = dest_lines(33 << 20, 64 << 20, Some(31.4e6), &feeders, |m| {
+            format!("10.100.0.{m}")
+        });
         assert!(d.iter().all(|l| l.chars().count() <= WIDTH), "{d:?}");
         assert!(
             d[0].contains("52%") && d[0].contains("31.4 Mbit/s"),

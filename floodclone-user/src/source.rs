@@ -115,6 +115,7 @@ pub async fn run(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
             )
         },
     );
+    crate::sd_notify::ready();
     let result = node::drive(&mut node, &mut source, &mut local).await;
     let tx_bytes_by_iface = node.close().await;
     result?;
@@ -135,6 +136,14 @@ fn member_joining(
         .find(|m| Some(m.addr) == remote_ip)
         .or_else(|| dests().find(|m| claimed.contains(&m.addr)))
         .map(|m| m.id)
+}
+
+/// A destination's verified copy: its own count of seconds, and when the source heard of
+/// it (seconds since `send` started, the clock of everything `send` prints).
+#[derive(Clone, Copy, Debug)]
+struct Done {
+    elapsed: f64,
+    at_s: f64,
 }
 
 /// The source's state.
@@ -160,7 +169,7 @@ struct Source {
     fresh_open: bool,
     /// Fresh requests that came while the hold lasted, in order.
     fresh_waiting: Vec<(ConnKey, u32)>,
-    done: HashMap<MemberId, f64>,
+    done: HashMap<MemberId, Done>,
     failed: HashMap<MemberId, String>,
     /// Since when the swarm is done (SwarmDone sent).
     finishing: Option<Instant>,
@@ -352,7 +361,8 @@ impl Source {
             .get(key)
             .and_then(|c| node::remote_ipv4(c.remote));
         let Some(id) = member_joining(&self.members, remote_ip, &addrs) else {
-            tracing::warn!(?remote_ip, "refusing a node that is not in the --dest list");
+            let from = remote_ip.map_or("an unknown address".into(), |a| a.to_string());
+            tracing::warn!("refusing {from}: it is not in the --dest list");
             return refuse(node, b"not in the source's --dest list");
         };
         // A member joined and connected keeps its id against a claim from another host: a
@@ -367,12 +377,8 @@ impl Source {
             .filter(|c| c.key != key)
             .map(|c| node::remote_ipv4(c.remote));
         if held_from.is_some_and(|h| h != remote_ip) && remote_ip != Some(dest_addr) {
-            tracing::warn!(
-                member = id,
-                ?remote_ip,
-                ?held_from,
-                "refusing a second claim to a joined member's address"
-            );
+            let from = remote_ip.map_or("an unknown address".into(), |a| a.to_string());
+            tracing::warn!("refusing {from}: it claims {dest_addr}, joined from another address");
             return refuse(node, b"that member is joined from another address");
         }
         if remote_ip == Some(dest_addr) {
@@ -420,7 +426,7 @@ impl Source {
                 addr: addr.to_string(),
                 reason: reason.into(),
             },
-            || format!("a join claiming member {member}'s address {addr} refused: {reason}"),
+            || format!("a join claiming {addr} (the address of a destination) refused: {reason}"),
         );
         if let Some(c) = node.conns.get(join.key) {
             c.close(
@@ -477,7 +483,7 @@ impl Source {
                 member: id,
                 addr: addr.to_string(),
             },
-            || format!("{addr} joined as member {id}"),
+            || format!("{addr} joined"),
         );
         if self.welcomed {
             // A late joiner gets its Welcome alone; the others learn of it.
@@ -573,11 +579,17 @@ impl Source {
                 routes: routes.iter().map(Route::from).collect(),
             },
             || {
+                let name = |id: MemberId| match self.members.get(id as usize) {
+                    _ if id == SOURCE => "the source".into(),
+                    Some(m) => m.addr.to_string(),
+                    None => "an unknown member".into(),
+                };
                 let reach: Vec<String> = routes
                     .iter()
-                    .map(|r| format!("{}:{:?}", r.member, r.reach))
+                    .map(|r| format!("{} {}", name(r.member), r.reach.describe()))
                     .collect();
-                format!("member {from:?} reaches: {}", reach.join(" "))
+                let who = from.map_or("an unknown member".into(), name);
+                format!("{who} reaches {}", reach.join(", "))
             },
         );
     }
@@ -635,7 +647,19 @@ impl Source {
                 held_ms,
                 silent: silent.clone(),
             },
-            || format!("handing out chunks after {held_ms} ms (not yet answered: {silent:?})"),
+            || {
+                let silent: Vec<String> = silent
+                    .iter()
+                    .map(|&id| self.members[id as usize].addr.to_string())
+                    .collect();
+                match silent.is_empty() {
+                    true => format!("handing out chunks after {held_ms} ms"),
+                    false => format!(
+                        "handing out chunks after {held_ms} ms, not waiting longer for {}",
+                        silent.join(", ")
+                    ),
+                }
+            },
         );
     }
 
@@ -657,16 +681,18 @@ impl Source {
     }
 
     fn on_done(&mut self, node: &mut Node, id: MemberId, elapsed: f64) {
-        if self.done.insert(id, elapsed).is_none() {
+        if !self.done.contains_key(&id) {
+            let at_s = self.started.elapsed().as_secs_f64();
+            self.done.insert(id, Done { elapsed, at_s });
             let addr = self.members[id as usize].addr;
             node.out.event(
                 &Event::DestDone {
                     member: id,
                     addr: addr.to_string(),
                     elapsed_s: elapsed,
-                    at_s: self.started.elapsed().as_secs_f64(),
+                    at_s,
                 },
-                || format!("{addr} has a verified copy ({elapsed:.2} s)"),
+                || format!("{addr} has a verified copy, {at_s:.2} s after send started"),
             );
         }
         self.maybe_finished(node);
@@ -774,10 +800,11 @@ impl Source {
         let mut dests: Vec<DestResult> = self
             .done
             .iter()
-            .map(|(&id, &elapsed_s)| DestResult {
+            .map(|(&id, done)| DestResult {
                 id,
                 addr: addr(id).to_string(),
-                elapsed_s,
+                elapsed_s: done.elapsed,
+                at_s: done.at_s,
             })
             .collect();
         dests.sort_by_key(|r| r.id);

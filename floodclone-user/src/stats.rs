@@ -48,6 +48,7 @@ pub fn status_path(pid: u32) -> std::io::Result<PathBuf> {
 pub fn publish_status(status: &DaemonStatus) {
     static SWEPT: std::sync::Once = std::sync::Once::new();
     SWEPT.call_once(|| linkstats::sweep_dead_instances(Path::new(STATUS_ROOT)));
+    linkstats::hold_liveness_lock();
     let Ok(path) = status_path(std::process::id()) else {
         return;
     };
@@ -65,6 +66,7 @@ pub fn remove_status() {
     if let Ok(p) = status_path(std::process::id()) {
         let _ = std::fs::remove_file(p);
     }
+    linkstats::release_liveness_lock();
 }
 
 /// The newest status of a live daemon in this network namespace.
@@ -100,8 +102,14 @@ pub struct Report {
     pub event: &'static str,
     /// "pinned" when read from a running floodclone, "attached" when this command measured.
     pub source: &'static str,
+    /// The floodclone read (pinned), by process id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
     pub interval_s: f64,
     pub links: Vec<LinkRow>,
+    /// Said once under the table: the floodclone read went away and another is read now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 enum Reader {
@@ -117,6 +125,8 @@ pub struct Sampler {
     /// Bytes per link at the start of the current report interval.
     marks: HashMap<(u32, Option<Ipv4Addr>), (u64, u64)>,
     mark_at: Instant,
+    /// What changed in what is read (see [`Sampler::follow_live`]), said under the table.
+    note: Option<String>,
 }
 
 /// How often counters are read while measuring.
@@ -136,6 +146,7 @@ impl Sampler {
             epoch: Instant::now(),
             marks: HashMap::new(),
             mark_at: Instant::now(),
+            note: None,
         };
         s.sample()?;
         s.mark();
@@ -166,8 +177,39 @@ impl Sampler {
         self.mark_at = Instant::now();
     }
 
+    /// When the floodclone whose pins it reads has exited, reads the newest live one in
+    /// this namespace instead (counting from zero), and says so; with none live, says that
+    /// and keeps the last figures.
+    fn follow_live(&mut self) {
+        let Reader::Pinned(r) = &self.reader else {
+            return;
+        };
+        if linkstats::instance_is_live(&r.pin_dir) {
+            return;
+        }
+        let gone = linkstats::instance_pid_of(&r.pin_dir).unwrap_or(0);
+        match PinnedReader::open_in_this_netns() {
+            Ok(live) => {
+                let now = linkstats::instance_pid_of(&live.pin_dir).unwrap_or(0);
+                self.note = Some(format!(
+                    "floodclone pid {gone} exited; now reading floodclone pid {now} (counting from here)"
+                ));
+                self.reader = Reader::Pinned(live);
+                self.meters = Meters::default();
+                self.marks.clear();
+                self.mark_at = Instant::now();
+            }
+            Err(_) => {
+                self.note = Some(format!(
+                    "floodclone pid {gone} exited and no other runs here; its last figures are shown"
+                ));
+            }
+        }
+    }
+
     /// Samples for `interval`, then reports the interval.
     pub fn measure(&mut self, interval: Duration) -> Result<Report, LinkStatsError> {
+        self.follow_live();
         let end = Instant::now() + interval;
         while Instant::now() < end {
             std::thread::sleep(SAMPLE_EVERY.min(end.saturating_duration_since(Instant::now())));
@@ -221,23 +263,29 @@ impl Sampler {
                 Reader::Pinned(_) => "pinned",
                 Reader::Own(_) => "attached",
             },
+            pid: match &self.reader {
+                Reader::Pinned(r) => linkstats::instance_pid_of(&r.pin_dir),
+                Reader::Own(_) => None,
+            },
             interval_s: secs,
             links,
+            note: self.note.clone(),
         })
     }
 }
 
-fn sparkline(values: &[f64], width: usize) -> String {
+/// The last `width` values as bars, `top` drawn full (one `top` for every row, so that a
+/// link at 0.3 Mbit/s does not look like one at 40).
+fn sparkline(values: &[f64], width: usize, top: f64) -> String {
     const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
     let tail = &values[values.len().saturating_sub(width)..];
-    let top = tail.iter().copied().fold(0.0, f64::max);
     let mut s: String = tail
         .iter()
         .map(|&v| {
             if top <= 0.0 || v <= 0.0 {
                 ' '
             } else {
-                BARS[((v / top) * 7.0).round() as usize]
+                BARS[((v / top).min(1.0) * 7.0).round() as usize]
             }
         })
         .collect();
@@ -247,40 +295,73 @@ fn sparkline(values: &[f64], width: usize) -> String {
     s
 }
 
+const SPARK_WIDTH: usize = 12;
+
 /// Plain-text table of a report, at most 80 columns wide.
 pub fn render(r: &Report) -> String {
-    let mut s = format!(
-        "{:<8} {:<15} {:>6} {:>6} {:>6} {:>6} {:>8}  {:<12}\n",
-        "iface", "peer", "tx", "max", "rx", "max", "rtt ms", "busier dir"
-    );
-    s += &format!(
-        "{:<8} {:<15} {:>6} {:>6} {:>6} {:>6} {:>8}  {:<12}\n",
-        "", "", "Mbit/s", "", "Mbit/s", "", "", ""
-    );
+    let row = |cells: [&str; 9]| {
+        format!(
+            "{:<8} {:<15} {:>6} {:>6} {:>6} {:>6} {:>7} {:<4}  {}\n",
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3],
+            cells[4],
+            cells[5],
+            cells[6],
+            cells[7],
+            cells[8]
+        )
+    };
+    let mut s = row([
+        "iface",
+        "peer",
+        "tx",
+        "max",
+        "rx",
+        "max",
+        "rtt",
+        "from",
+        "busier dir",
+    ]);
+    s += &row(["", "", "Mbit/s", "", "Mbit/s", "", "ms", "", ""]);
+    // One scale for every row's bars: the busiest sample shown.
+    let top = r
+        .links
+        .iter()
+        .flat_map(|l| l.history_mbit_s.iter().rev().take(SPARK_WIDTH))
+        .copied()
+        .fold(0.0, f64::max);
     for l in &r.links {
-        let rtt = match (l.rtt_ms, l.rtt_source) {
-            (Some(v), Some(RttSource::Spin)) => format!("{v:.1}s"),
-            (Some(v), Some(RttSource::Quic)) => format!("{v:.1}q"),
-            _ => "-".into(),
+        let (rtt, from) = match (l.rtt_ms, l.rtt_source) {
+            (Some(v), Some(src)) => (format!("{v:.1}"), src.short_name()),
+            _ => ("-".into(), ""),
         };
         let iface: String = l.iface.chars().take(8).collect();
-        s += &format!(
-            "{:<8} {:<15} {:>6.1} {:>6.1} {:>6.1} {:>6.1} {:>8}  {}\n",
-            iface,
-            l.peer.to_string(),
-            l.tx_mbit_s,
-            l.tx_max_mbit_s,
-            l.rx_mbit_s,
-            l.rx_max_mbit_s,
-            rtt,
-            sparkline(&l.history_mbit_s, 12)
-        );
+        let f = |v: f64| format!("{v:.1}");
+        s += &row([
+            &iface,
+            &l.peer.to_string(),
+            &f(l.tx_mbit_s),
+            &f(l.tx_max_mbit_s),
+            &f(l.rx_mbit_s),
+            &f(l.rx_max_mbit_s),
+            &rtt,
+            from,
+            &sparkline(&l.history_mbit_s, SPARK_WIDTH, top),
+        ]);
     }
     if r.links.is_empty() {
         s += "(no IPv4 traffic seen yet)\n";
     }
+    if let Some(note) = &r.note {
+        s += note;
+        s.push('\n');
+    }
     s += &format!(
-        "{} over {:.1} s. rtt: s = spin bit, q = QUIC estimate\n",
+        "{} over {:.1} s.\n\
+         rtt from: spin = the QUIC spin bit seen in the kernel; quic = quinn's estimate.\n\
+         Bars: the busier direction, one scale for all rows, full = {top:.1} Mbit/s.\n",
         if r.source == "pinned" {
             "from the running floodclone"
         } else {
@@ -294,6 +375,79 @@ pub fn render(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(peer: u8, history_mbit_s: Vec<f64>, rtt: Option<(f64, RttSource)>) -> LinkRow {
+        LinkRow {
+            iface: "v-s".into(),
+            peer: Ipv4Addr::new(10, 0, 0, peer),
+            tx_mbit_s: history_mbit_s.last().copied().unwrap_or(0.0),
+            rx_mbit_s: 0.0,
+            tx_max_mbit_s: 0.0,
+            rx_max_mbit_s: 0.0,
+            tx_bytes: 0,
+            rx_bytes: 0,
+            tx_packets: 0,
+            rx_packets: 0,
+            rtt_ms: rtt.map(|r| r.0),
+            min_rtt_ms: None,
+            rtt_source: rtt.map(|r| r.1),
+            history_mbit_s,
+        }
+    }
+
+    fn report(links: Vec<LinkRow>) -> Report {
+        Report {
+            event: "stats",
+            source: "pinned",
+            pid: None,
+            interval_s: 1.0,
+            links,
+            note: None,
+        }
+    }
+
+    /// The rendered row of `peer`'s link.
+    fn line_of(table: &str, peer: u8) -> String {
+        let addr = format!(" 10.0.0.{peer} ");
+        table
+            .lines()
+            .find(|l| l.contains(&addr))
+            .unwrap()
+            .to_string()
+    }
+
+    #[test]
+    fn an_idle_links_bars_are_low_beside_a_busy_ones() {
+        let busy = row(1, vec![40.0; 12], None);
+        let idle = row(2, vec![0.3; 12], None);
+        let table = render(&report(vec![busy, idle]));
+        let bars = |l: String| l.chars().rev().take(12).collect::<String>();
+        assert_eq!(bars(line_of(&table, 1)), "█".repeat(12), "{table}");
+        assert_eq!(bars(line_of(&table, 2)), "▁".repeat(12), "{table}");
+        assert!(
+            table.contains("one scale for all rows, full = 40.0 Mbit/s"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn the_rtt_and_where_it_came_from_are_separate_columns() {
+        let spin = row(1, vec![1.0], Some((5.4, RttSource::Spin)));
+        let quic = row(2, vec![1.0], Some((65.7, RttSource::Quic)));
+        let none = row(3, vec![1.0], None);
+        let table = render(&report(vec![spin, quic, none]));
+        let cells = |peer| {
+            line_of(&table, peer)
+                .split_whitespace()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(cells(1)[6..8], ["5.4", "spin"], "{table}");
+        assert_eq!(cells(2)[6..8], ["65.7", "quic"], "{table}");
+        assert_eq!(cells(3)[6], "-", "{table}");
+        let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+        assert_eq!(header[6..8], ["rtt", "from"]);
+    }
 
     #[test]
     fn table_fits_80_columns() {
@@ -313,12 +467,7 @@ mod tests {
             rtt_source: Some(RttSource::Quic),
             history_mbit_s: (0..30).map(f64::from).collect(),
         };
-        let r = Report {
-            event: "stats",
-            source: "pinned",
-            interval_s: 1.0,
-            links: vec![row],
-        };
+        let r = report(vec![row]);
         for line in render(&r).lines() {
             assert!(
                 line.chars().count() <= 80,

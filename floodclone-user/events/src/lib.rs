@@ -155,7 +155,10 @@ pub enum DestState {
 pub struct DestResult {
     pub id: MemberId,
     pub addr: String,
+    /// The destination's own count, from its start to its verified copy.
     pub elapsed_s: f64,
+    /// When the source heard of it, seconds since `send` started.
+    pub at_s: f64,
 }
 
 /// A neighbour feeding a destination, at what rate over the last interval.
@@ -348,6 +351,7 @@ mod tests {
                     id: 1,
                     addr: "10.0.0.2".into(),
                     elapsed_s: 1.5,
+                    at_s: 1.7,
                 }],
                 peak_rss_bytes: 1,
                 tx_bytes_by_iface: tx.clone(),

@@ -83,8 +83,9 @@ impl Destination {
                 },
                 || {
                     format!(
-                        "member {}'s claim to {} refused: {reason}",
-                        r.member, r.addr
+                        "{}'s claim to {} refused: {reason}",
+                        super::member_name(&self.members, r.member),
+                        r.addr
                     )
                 },
             );

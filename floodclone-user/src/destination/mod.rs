@@ -51,6 +51,15 @@ const FAILED_NOTICE: Duration = Duration::from_millis(300);
 /// A neighbour whose chunks fail verification this many times is never pulled from again.
 const MAX_BAD_CHUNKS: u32 = 3;
 
+/// How a member is named to a person: its address (member ids are internal).
+fn member_name(members: &[Member], id: MemberId) -> String {
+    match members.iter().find(|m| m.id == id) {
+        Some(m) if id == SOURCE => format!("{} (the source)", m.addr),
+        Some(m) => m.addr.to_string(),
+        None => "a member not known yet".into(),
+    }
+}
+
 pub struct RecvConfig {
     pub node: NodeOptions,
     pub source: SocketAddrV4,
@@ -69,6 +78,7 @@ pub async fn run(cfg: RecvConfig) -> Result<f64, NodeError> {
     let (local_tx, mut local) = mpsc::unbounded_channel();
     let mut dest = Destination::new(cfg, Routes::open()?, local_tx);
     dest.start(&mut node).await?;
+    crate::sd_notify::ready();
     let result = node::drive(&mut node, &mut dest, &mut local).await;
     dest.shut_down(&mut node, result).await
 }
@@ -159,8 +169,8 @@ impl Role for Destination {
             }
             ConnEvent::Unreachable { peer } => {
                 tracing::warn!(
-                    member = peer,
-                    "neighbour does not answer; routing around it"
+                    "neighbour {} does not answer; routing around it",
+                    member_name(&self.members, peer)
                 );
                 self.rediscover_needed |= self.dead.insert(peer);
                 Step::Continue
@@ -496,7 +506,7 @@ impl Destination {
                 },
                 || {
                     format!(
-                        "joined as member {you}: {} bytes in {} chunks ({resumed} already here)",
+                        "joined the swarm: {} bytes in {} chunks ({resumed} already here)",
                         manifest.size,
                         manifest.chunk_count()
                     )
@@ -561,8 +571,8 @@ impl Destination {
             // chunk it reads against the manifest, so a bad chunk from it was damaged on
             // the way, not lied about).
             tracing::warn!(
-                peer = p,
-                "disconnecting: {} chunks failed verification; not pulling from it again",
+                "disconnecting from {}: {} chunks failed verification; not pulling from it again",
+                member_name(&self.members, p),
                 pl.bad_chunks(p)
             );
             pl.remove_peer(p);
@@ -573,9 +583,8 @@ impl Destination {
             }
         } else {
             tracing::warn!(
-                peer = p,
-                chunk,
-                "chunk failed verification; fetching it again"
+                "chunk {chunk} from {} failed verification; fetching it again",
+                member_name(&self.members, p)
             );
         }
     }
@@ -640,7 +649,10 @@ impl Destination {
         let done = store.manifest().bytes_in(store.have().count());
         let bps = self.rate.update(done, now);
         let from = self.feeders.take(now);
-        let lines = progress::dest_lines(done, total, bps, &from);
+        let lines = progress::dest_lines(done, total, bps, &from, |id| match id {
+            SOURCE => "source".into(),
+            _ => member_name(&self.members, id),
+        });
         node.out.progress(
             &Event::Progress(Progress::Destination {
                 elapsed_s: now,

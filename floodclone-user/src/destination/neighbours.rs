@@ -83,7 +83,16 @@ impl Destination {
                 ids: neighbours.clone(),
                 routes: views.iter().map(Route::from).collect(),
             },
-            || format!("data neighbours: {neighbours:?}"),
+            || {
+                let names: Vec<String> = neighbours
+                    .iter()
+                    .map(|&id| super::member_name(&self.members, id))
+                    .collect();
+                match names.is_empty() {
+                    true => "no data neighbours yet".into(),
+                    false => format!("pulling from {}", names.join(", ")),
+                }
+            },
         );
         Ok(())
     }
@@ -203,7 +212,10 @@ impl Destination {
             node.dial(self.cfg.source, SOURCE, hello, None);
         } else if self.neighbours.contains(&p) && !self.banned.contains(&p) {
             if reason.contains("timed out") || reason.contains("reset") {
-                tracing::warn!(member = p, "neighbour vanished; routing around it");
+                tracing::warn!(
+                    "neighbour {} vanished; routing around it",
+                    super::member_name(&self.members, p)
+                );
                 self.dead.insert(p);
                 self.rediscover_needed = true;
             }
@@ -213,7 +225,10 @@ impl Destination {
 
     pub(super) fn on_dial_failed(&mut self, peer: MemberId, error: TransportError) -> Step {
         if peer != SOURCE {
-            tracing::warn!(peer, "giving up on neighbour: {error}");
+            tracing::warn!(
+                "giving up on neighbour {}: {error}",
+                super::member_name(&self.members, peer)
+            );
             return Step::Continue;
         }
         Step::Stop(Err(match error {
