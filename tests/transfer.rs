@@ -7,7 +7,8 @@ use floodclone_testbed::{
     Testbed, Topology,
 };
 use floodclone_tests::{
-    addr, assert_copies, line, root_or_skip, shipped, start_with, transfer, Scratch, TOKEN,
+    addr, assert_copies, floodclone_bin, line, root_or_skip, shipped, start_with, transfer,
+    NodeProc, Scratch, TOKEN,
 };
 
 const MIB: u64 = 1 << 20;
@@ -150,9 +151,10 @@ fn an_upload_cap_holds_and_the_floor_counts_it_and_a_cross_flow() {
     assert!(report.u_min_left_s.is_some() && report.ratio_left.is_some());
 }
 
-/// What a person reads at the terminal (plain output, not `--json`): sentences naming
+/// What a person reads (not `--json`), in a log and at a terminal: sentences naming
 /// addresses, no internal values (`Some(..)`, `[]`, member numbers), and one clock in
-/// `send`'s summary (the last destination's time is the total).
+/// `send`'s summary (the last destination's time is the total). d2 runs at a terminal (a
+/// pseudo-terminal made by `script`), so its live progress lines are checked too.
 #[test]
 fn plain_output_names_addresses_and_keeps_one_clock() {
     if !root_or_skip("plain_output_names_addresses_and_keeps_one_clock") {
@@ -160,7 +162,8 @@ fn plain_output_names_addresses_and_keeps_one_clock() {
     }
     let scratch = Scratch::new("plain");
     let src = scratch.0.join("src");
-    write_test_file(&src, 2 * MIB, 23).unwrap();
+    // Long enough (~2 s at 40 Mbit/s) for a progress redraw at the terminal.
+    write_test_file(&src, 8 * MIB, 23).unwrap();
     let mut bed = Testbed::up(&line(&["s", "d1", "d2"], 40)).unwrap();
     let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let (s, d1, d2) = (
@@ -193,7 +196,25 @@ fn plain_output_names_addresses_and_keeps_one_clock() {
                 "--token",
                 TOKEN,
             ]);
-            start_with(&mut bed, n, &recv_args, &scratch.0, false)
+            if n == 1 {
+                return start_with(&mut bed, n, &recv_args, &scratch.0, false);
+            }
+            let typed = std::iter::once(floodclone_bin().display().to_string())
+                .chain(recv_args)
+                .collect::<Vec<_>>()
+                .join(" ");
+            let tty_log = scratch.0.join("d2-terminal.log");
+            let mut cmd = bed.command(n, "script");
+            cmd.args(["-q", "-e", "-c", &typed, tty_log.to_str().unwrap()])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null());
+            let handle = bed.spawn(cmd).unwrap();
+            let (_, events) = std::sync::mpsc::channel();
+            NodeProc {
+                handle,
+                events,
+                stderr: tty_log,
+            }
         })
         .collect();
     let status = send.wait_exit(&mut bed, 60.0).expect("send finishes");

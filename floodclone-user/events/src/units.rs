@@ -46,9 +46,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => value / 1e3,
         "m" | "min" => value * 60.0,
         "h" => value * 3600.0,
-        other => return Err(format!(
+        other => {
+            return Err(format!(
             "duration {s:?}: unknown unit {other:?} (use ms, s, m, h; a plain number is seconds)"
-        )),
+        ))
+        }
     };
     Duration::try_from_secs_f64(secs).map_err(|_| format!("duration {s:?} is out of range"))
 }
