@@ -7,13 +7,11 @@ use floodclone_testbed::{
     topology::{Event, EventAction, Topology},
     Testbed,
 };
-use floodclone_tests::{addr, assert_copies, line, root_or_skip, start, Scratch, TOKEN};
+use floodclone_tests::{
+    addr, assert_copies, line, recv_args, root_or_skip, send_args, start, strings, Scratch, TOKEN,
+};
 
 const MIB: u64 = 1 << 20;
-
-fn strings(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
-}
 
 #[test]
 fn wrong_token_is_refused_and_nothing_is_written() {
@@ -201,28 +199,6 @@ fn killed_relay_is_routed_around_and_resumes_without_refetching() {
     );
     assert!(send.wait_exit(&mut bed, 30.0).is_some_and(|s| s.success()));
     assert_copies(&src, (1..=3).map(out));
-}
-
-fn recv_args(source: usize, out: &std::path::Path, extra: &[&str]) -> Vec<String> {
-    let mut v = strings(&[
-        "recv",
-        "--source",
-        &addr(source).to_string(),
-        "--out",
-        out.to_str().unwrap(),
-        "--token",
-        TOKEN,
-    ]);
-    v.extend(strings(extra));
-    v
-}
-
-fn send_args(src: &std::path::Path, dests: impl IntoIterator<Item = usize>) -> Vec<String> {
-    let mut v = strings(&["send", src.to_str().unwrap(), "--token", TOKEN]);
-    for d in dests {
-        v.extend(["--dest".to_string(), addr(d).to_string()]);
-    }
-    v
 }
 
 #[test]

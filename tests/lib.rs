@@ -234,3 +234,31 @@ pub fn line(names: &[&str], mbit: u32) -> Topology {
     )
     .unwrap()
 }
+
+pub fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// `recv` from testbed node `source`, writing `out`, with the tests' token and `extra`.
+pub fn recv_args(source: usize, out: &std::path::Path, extra: &[&str]) -> Vec<String> {
+    let mut v = strings(&[
+        "recv",
+        "--source",
+        &addr(source).to_string(),
+        "--out",
+        out.to_str().unwrap(),
+        "--token",
+        TOKEN,
+    ]);
+    v.extend(strings(extra));
+    v
+}
+
+/// `send src` to testbed nodes `dests`, with the tests' token.
+pub fn send_args(src: &std::path::Path, dests: impl IntoIterator<Item = usize>) -> Vec<String> {
+    let mut v = strings(&["send", src.to_str().unwrap(), "--token", TOKEN]);
+    for d in dests {
+        v.extend(["--dest".to_string(), addr(d).to_string()]);
+    }
+    v
+}

@@ -7,8 +7,8 @@ use floodclone_testbed::{
     Testbed, Topology,
 };
 use floodclone_tests::{
-    addr, assert_copies, floodclone_bin, line, root_or_skip, shipped, start_with, transfer,
-    NodeProc, Scratch, TOKEN,
+    assert_copies, floodclone_bin, line, recv_args, root_or_skip, send_args, shipped, start_with,
+    transfer, NodeProc, Scratch,
 };
 
 const MIB: u64 = 1 << 20;
@@ -165,37 +165,13 @@ fn plain_output_names_addresses_and_keeps_one_clock() {
     // Long enough (~2 s at 40 Mbit/s) for a progress redraw at the terminal.
     write_test_file(&src, 8 * MIB, 23).unwrap();
     let mut bed = Testbed::up(&line(&["s", "d1", "d2"], 40)).unwrap();
-    let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let (s, d1, d2) = (
-        addr(0).to_string(),
-        addr(1).to_string(),
-        addr(2).to_string(),
-    );
-    let send_args = args(&[
-        "send",
-        src.to_str().unwrap(),
-        "--token",
-        TOKEN,
-        "--dest",
-        &d1,
-        "--dest",
-        &d2,
-    ]);
-    let send = start_with(&mut bed, 0, &send_args, &scratch.0, false);
+    let send = start_with(&mut bed, 0, &send_args(&src, 1..=2), &scratch.0, false);
     let outs: Vec<_> = [1, 2].map(|n| scratch.0.join(format!("d{n}.out"))).into();
     let recvs: Vec<_> = [1, 2]
         .into_iter()
         .zip(&outs)
         .map(|(n, out)| {
-            let recv_args = args(&[
-                "recv",
-                "--source",
-                &s,
-                "--out",
-                out.to_str().unwrap(),
-                "--token",
-                TOKEN,
-            ]);
+            let recv_args = recv_args(0, out, &[]);
             if n == 1 {
                 return start_with(&mut bed, n, &recv_args, &scratch.0, false);
             }
