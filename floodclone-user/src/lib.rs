@@ -28,6 +28,7 @@ pub mod hosts;
 pub mod linkstats;
 pub mod manifest;
 pub mod meter;
+pub mod metrics;
 pub mod node;
 pub mod output;
 pub mod progress;

@@ -62,6 +62,10 @@ struct NodeArgs {
     /// rest elsewhere; on the source it bounds the whole swarm.
     #[arg(long, value_parser = floodclone::upload_cap::parse_mbit)]
     max_rate: Option<f64>,
+    /// Serve this node's figures for Prometheus at http://ADDR/metrics (ADDR as
+    /// 127.0.0.1:9100): per-link bytes and packets from the kernel, RTTs, progress, chunks.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -336,6 +340,7 @@ impl NodeArgs {
             congestion: self.congestion,
             max_rate_mbit: self.max_rate,
             started,
+            metrics: self.metrics,
         };
         Ok((opts, link_stats))
     }

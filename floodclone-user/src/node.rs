@@ -39,6 +39,11 @@ pub enum NodeError {
     SourceUnreachable { addr: SocketAddrV4, secs: u64 },
     #[error("the source refused this node: {0}")]
     NotMember(String),
+    #[error("cannot serve --metrics on {addr}: {source} (is the address this host's, and the port free?)")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Other(String),
 }
@@ -61,6 +66,8 @@ pub struct NodeOptions {
     /// When the command started: the source reports each destination's completion from
     /// here, the time the user waited for it.
     pub started: Instant,
+    /// `--metrics`: serve the node's figures for Prometheus here.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// What a role runs on: the endpoint and its connections, the output, the link meters.
@@ -79,6 +86,9 @@ pub(crate) struct Node {
     watch_pending: Vec<Ipv4Addr>,
     pub meters: crate::meter::Meters,
     role: &'static str,
+    /// What the role counts (progress, chunks), for `--metrics`.
+    pub counts: crate::metrics::Counts,
+    metrics: Option<crate::metrics::Exporter>,
 }
 
 impl Node {
@@ -96,6 +106,13 @@ impl Node {
         );
         let ep = transport::endpoint_with(opts.port, opts.congestion, initial_window)?;
         conn::spawn_acceptor(ep.clone(), ctx.clone());
+        let metrics = opts
+            .metrics
+            .map(|addr| {
+                crate::metrics::Exporter::serve(addr)
+                    .map_err(|source| NodeError::Metrics { addr, source })
+            })
+            .transpose()?;
         Ok(Self {
             ctx,
             events,
@@ -108,6 +125,8 @@ impl Node {
             watch_pending: Vec::new(),
             meters: Default::default(),
             role,
+            counts: Default::default(),
+            metrics,
         })
     }
 
@@ -223,10 +242,52 @@ impl Node {
                 })
             })
             .collect();
+        if let Some(exporter) = &self.metrics {
+            exporter.publish(self.metrics_page());
+        }
         crate::stats::publish_status(&crate::stats::DaemonStatus {
             role: self.role.into(),
             peers,
         });
+    }
+
+    /// The `--metrics` page as of now: each peer's RTT from the spin bit where the kernel
+    /// saw one, else quinn's.
+    fn metrics_page(&self) -> String {
+        use crate::{meter::RttSource, metrics::PeerRtt};
+        // One row per peer (two connections may join a pair): the lesser RTT.
+        let mut by_peer: std::collections::BTreeMap<Ipv4Addr, PeerRtt> = Default::default();
+        let rtts = self.conns.iter().filter_map(|c| {
+            let peer = remote_ipv4(c.remote)?;
+            let spin = self
+                .meters
+                .links
+                .values()
+                .filter(|m| m.peer == Some(peer))
+                .filter_map(|m| m.spin_rtt_s)
+                .reduce(f64::min);
+            Some(match spin {
+                Some(rtt_s) => PeerRtt {
+                    peer,
+                    rtt_s,
+                    source: RttSource::Spin,
+                },
+                None => PeerRtt {
+                    peer,
+                    rtt_s: c.conn.rtt().as_secs_f64(),
+                    source: RttSource::Quic,
+                },
+            })
+        });
+        for r in rtts {
+            let kept = by_peer.entry(r.peer).or_insert(r);
+            if r.rtt_s < kept.rtt_s {
+                *kept = r;
+            }
+        }
+        let rtts: Vec<PeerRtt> = by_peer.into_values().collect();
+        let peers = self.conns.iter().count();
+        crate::metrics::render(self.role, &self.counts, &self.meters, peers, &rtts)
     }
 
     /// Bytes sent per interface as of the last [`Self::measure`], from the in-kernel

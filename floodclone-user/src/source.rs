@@ -229,6 +229,8 @@ impl Role for Source {
     async fn on_tick(&mut self, node: &mut Node) -> Step {
         self.ticks += 1;
         if self.ticks.is_multiple_of(5) {
+            node.counts.file_bytes = self.manifest.size;
+            node.counts.held_bytes = self.manifest.size;
             node.measure();
         }
         // Progress each second where it is cheap to look at, every 5 s in logs.

@@ -208,6 +208,13 @@ impl Role for Destination {
 impl Destination {
     fn tick(&mut self, node: &mut Node) -> Step {
         self.ticks += 1;
+        if let (Some(store), Some(pl)) = (node.ctx.store.get(), self.puller.as_ref()) {
+            let manifest = store.manifest();
+            node.counts.file_bytes = manifest.size;
+            node.counts.held_bytes = manifest.bytes_in(store.have().count());
+            node.counts.chunks_verified = pl.received;
+            node.counts.chunks_duplicate = pl.duplicates;
+        }
         node.measure();
         self.expire_gateway_checks(node);
         // Neighbours compare it with their own hops to us and to the source.
@@ -560,6 +567,7 @@ impl Destination {
         };
         pl.chunk_done(p, chunk, ok, node.now());
         tracing::trace!(target: "floodclone::chunks", peer = p, chunk, ok, "chunk arrived");
+        node.counts.chunks_failed += u64::from(!ok);
         if ok {
             if let Some(store) = node.ctx.store.get() {
                 self.feeders
