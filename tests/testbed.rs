@@ -375,3 +375,57 @@ fn deploy_units_verify_and_write_where_they_may() {
         );
     }
 }
+
+/// `floodclone completions bash` loads in bash and completes the subcommands;
+/// `floodclone man` is a page `man -l` renders (skipped, saying so, without man).
+#[test]
+fn completions_load_in_bash_and_the_man_page_renders() {
+    let bin = floodclone_bin();
+    let scratch = Scratch::new("completions");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&bin)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "floodclone {args:?}: {out:?}");
+        out.stdout
+    };
+    let script = scratch.0.join("floodclone.bash");
+    std::fs::write(&script, run(&["completions", "bash"])).unwrap();
+    // What bash offers after `floodclone ` (the completion function run by hand).
+    let probe = format!(
+        "source {} && COMP_WORDS=(floodclone '') COMP_CWORD=1 COMP_LINE='floodclone ' \
+         COMP_POINT=11 && _floodclone floodclone '' floodclone && echo \"${{COMPREPLY[*]}}\"",
+        script.display()
+    );
+    let out = std::process::Command::new("bash")
+        .args(["-c", &probe])
+        .output()
+        .unwrap();
+    let offered = String::from_utf8_lossy(&out.stdout);
+    for sub in ["send", "recv", "stats", "token", "completions", "man"] {
+        assert!(
+            offered.split_whitespace().any(|w| w == sub),
+            "bash offers {sub}: {offered} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let page = scratch.0.join("floodclone.1");
+    std::fs::write(&page, run(&["man"])).unwrap();
+    let man = std::process::Command::new("man")
+        .args(["-P", "cat", "-l"])
+        .arg(&page)
+        .env("MANWIDTH", "80")
+        .output();
+    match man {
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "man -l: {out:?}");
+            assert!(
+                text.contains("floodclone") && text.contains("send"),
+                "{text}"
+            );
+        }
+        Err(e) => eprintln!("man not found ({e}): the page was written but not rendered"),
+    }
+}

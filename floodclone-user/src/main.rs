@@ -137,6 +137,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print shell completions for SHELL (bash: `floodclone completions bash >
+    /// /usr/share/bash-completion/completions/floodclone`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff; `floodclone man > floodclone.1 && man -l floodclone.1`).
+    Man,
 }
 
 fn parse_expect(s: &str) -> Result<[u8; 32], String> {
@@ -309,6 +317,18 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Token => {
             println!("{}", transport::new_token()?);
             Ok(())
+        }
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "floodclone", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .context("writing the manual page")
         }
     }
 }
