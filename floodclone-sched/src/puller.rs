@@ -225,6 +225,8 @@ pub struct Puller {
     deferred: HashMap<ChunkId, f64>,
     /// Chunks known to have left the source: held or fetched here or by a neighbour.
     seen: ChunkSet,
+    /// Chunks whose fetching this node has passed on (see [`Puller::pass_on_fetching`]).
+    passed_on: ChunkSet,
     /// Fetches of chunks not seen before (fresh ones, as far as this node can tell) in the
     /// last [`FRESH_WINDOW_S`]: when, and by whom (`None`: this node).
     fresh_log: std::collections::VecDeque<(f64, Option<MemberId>)>,
@@ -247,6 +249,7 @@ impl Puller {
             actions: Vec::new(),
             deferred: HashMap::new(),
             seen: ChunkSet::new(n as u32),
+            passed_on: ChunkSet::new(n as u32),
             fresh_log: Default::default(),
             duplicates: 0,
             received: 0,
@@ -409,6 +412,19 @@ impl Puller {
                 self.mark_seen(chunk, Some((now, Some(peer))));
             }
         }
+    }
+
+    /// Of the chunks a neighbour says it is fetching, those to pass on to the other
+    /// neighbours (as news of a fetch beyond them, [`Self::peer_fetching_beyond`]): the
+    /// ones this node lacks, each once. Once is what matters (the first fetch into a group
+    /// is the one others might repeat), and it bounds what a neighbour repeating its news
+    /// can make this node send to everyone.
+    pub fn pass_on_fetching(&mut self, chunks: &[ChunkId]) -> Vec<ChunkId> {
+        chunks
+            .iter()
+            .copied()
+            .filter(|&c| c < self.have.len() && !self.have.contains(c) && self.passed_on.insert(c))
+            .collect()
     }
 
     /// `peer` relayed that one of its own neighbours is fetching `chunk`: the chunk will
@@ -1021,6 +1037,10 @@ mod tests {
         // It is news of a fetch, not a holding: once it is old, rarity alone orders them
         // (and nothing waits for the member beyond).
         p.chunk_done(1, 3, true, 0.1);
+        // What this node passes on of a neighbour's Fetching: chunks it lacks, each once
+        // (a neighbour repeating itself cannot make it repeat to everyone).
+        assert_eq!(p.pass_on_fetching(&[0, 3, 9, 1]), vec![0, 1]);
+        assert_eq!(p.pass_on_fetching(&[0, 1, 2]), vec![2]);
         let a = p.poll(0.1);
         assert!(matches!(&a[..], [Action::Request { peer: 1, chunks }] if chunks.len() == 1));
     }

@@ -490,13 +490,10 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
                                 }
                             }
                             Msg::Fetching(list) => {
-                                let mut fwd = Vec::new();
                                 for &c in &list {
                                     pl.peer_fetching(from_member, c, now);
-                                    if !pl.have().contains(c) {
-                                        fwd.push(c);
-                                    }
                                 }
+                                let fwd = pl.pass_on_fetching(&list);
                                 // Passed on one hop, as the daemon does.
                                 if !fwd.is_empty() {
                                     for &pipe in nodes[to].pipes_out.values() {

@@ -407,10 +407,7 @@ impl Destination {
                     }
                     // One hop further (see `Puller::peer_fetching_beyond`): what we lack
                     // will soon be near us.
-                    let beyond: Vec<ChunkId> = chunks
-                        .into_iter()
-                        .filter(|&c| c < pl.have().len() && !pl.have().contains(c))
-                        .collect();
+                    let beyond = pl.pass_on_fetching(&chunks);
                     if !beyond.is_empty() {
                         node.announce_beyond(Msg::FetchingBeyond { chunks: beyond }, p);
                     }
