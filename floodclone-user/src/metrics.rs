@@ -187,42 +187,43 @@ pub fn render(
         "Round trip to the peer: from the QUIC spin bit seen in the kernel (source=spin), else quinn's estimate (source=quic).",
         &rtt_rows,
     );
-    metric(
-        "peers",
-        "gauge",
-        "Open connections to peers.",
-        &[(String::new(), peers as f64)],
-    );
-    metric(
-        "file_bytes",
-        "gauge",
-        "Size of the file being delivered.",
-        &[(String::new(), counts.file_bytes as f64)],
-    );
-    metric(
-        "held_bytes",
-        "gauge",
-        "Bytes of the file this node holds, verified.",
-        &[(String::new(), counts.held_bytes as f64)],
-    );
-    metric(
-        "chunks_verified_total",
-        "counter",
-        "Chunks received here and verified.",
-        &[(String::new(), counts.chunks_verified as f64)],
-    );
-    metric(
-        "chunks_failed_total",
-        "counter",
-        "Chunks received here that failed verification (fetched again).",
-        &[(String::new(), counts.chunks_failed as f64)],
-    );
-    metric(
-        "chunks_duplicate_total",
-        "counter",
-        "Chunks received here that were already held (a race's loser).",
-        &[(String::new(), counts.chunks_duplicate as f64)],
-    );
+    // The node-wide figures: one unlabelled value each.
+    let scalars: [(&str, &str, &str, f64); 6] = [
+        ("peers", "gauge", "Open connections to peers.", peers as f64),
+        (
+            "file_bytes",
+            "gauge",
+            "Size of the file being delivered.",
+            counts.file_bytes as f64,
+        ),
+        (
+            "held_bytes",
+            "gauge",
+            "Bytes of the file this node holds, verified.",
+            counts.held_bytes as f64,
+        ),
+        (
+            "chunks_verified_total",
+            "counter",
+            "Chunks received here and verified.",
+            counts.chunks_verified as f64,
+        ),
+        (
+            "chunks_failed_total",
+            "counter",
+            "Chunks received here that failed verification (fetched again).",
+            counts.chunks_failed as f64,
+        ),
+        (
+            "chunks_duplicate_total",
+            "counter",
+            "Chunks received here that were already held (a race's loser).",
+            counts.chunks_duplicate as f64,
+        ),
+    ];
+    for (name, kind, help, value) in scalars {
+        metric(name, kind, help, &[(String::new(), value)]);
+    }
     s
 }
 
