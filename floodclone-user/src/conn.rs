@@ -62,11 +62,11 @@ pub enum ConnEvent {
         chunk: ChunkId,
         reply: oneshot::Sender<bool>,
     },
-    /// A chunk stream ended: `ok` when it verified and was stored.
+    /// A chunk stream ended: [`ChunkOutcome::Stored`] when it verified and was stored.
     ChunkDone {
         key: ConnKey,
         chunk: ChunkId,
-        ok: bool,
+        outcome: ChunkOutcome,
     },
     /// Storing a verified chunk failed: a local problem (disk), not the peer's fault.
     StoreFailed(StorageError),
@@ -674,18 +674,58 @@ async fn receive_chunk(ctx: Arc<ConnContext>, key: ConnKey, mut s: quinn::RecvSt
         return;
     };
     let len = store.manifest().chunk_range(chunk).1;
-    let ok = match s.read_to_end(len).await {
+    let outcome = match s.read_to_end(len).await {
+        Ok(data) if data.len() < len => ChunkOutcome::Short(data.len()),
         Ok(data) => match store.write_chunk(chunk, &data) {
-            Ok(ok) => ok,
+            Ok(true) => ChunkOutcome::Stored,
+            Ok(false) => ChunkOutcome::Corrupt,
             Err(e) => {
                 ctx.report(ConnEvent::StoreFailed(e));
                 return;
             }
         },
-        // Too long (corrupt) or reset (lost): either way it is fetched again.
-        Err(_) => false,
+        Err(quinn::ReadToEndError::TooLong) => ChunkOutcome::TooLong,
+        Err(quinn::ReadToEndError::Read(e)) => ChunkOutcome::Broken(e.to_string()),
     };
-    ctx.report(ConnEvent::ChunkDone { key, chunk, ok });
+    ctx.report(ConnEvent::ChunkDone {
+        key,
+        chunk,
+        outcome,
+    });
+}
+
+/// How a chunk stream that was read ended. Every outcome but `Stored` means the chunk is
+/// fetched again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChunkOutcome {
+    /// Verified against the manifest and written.
+    Stored,
+    /// All its bytes came and they do not match the manifest's hash.
+    Corrupt,
+    /// The stream ended after this many bytes, fewer than the chunk has.
+    Short(usize),
+    /// The stream carried more bytes than the chunk has.
+    TooLong,
+    /// The stream was reset or its connection lost.
+    Broken(String),
+}
+
+impl ChunkOutcome {
+    pub fn is_stored(&self) -> bool {
+        *self == ChunkOutcome::Stored
+    }
+}
+
+impl std::fmt::Display for ChunkOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChunkOutcome::Stored => write!(f, "verified"),
+            ChunkOutcome::Corrupt => write!(f, "failed verification"),
+            ChunkOutcome::Short(n) => write!(f, "ended after {n} bytes"),
+            ChunkOutcome::TooLong => write!(f, "was longer than the chunk"),
+            ChunkOutcome::Broken(e) => write!(f, "broke off ({e})"),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,16 @@
 //! The manifest: file size, chunk size, the BLAKE3 hash of every chunk and of the whole file.
 //! Every chunk is verified against it before it is stored or forwarded.
+//!
+//! A chunk's hash is its BLAKE3 *chaining value*: the hash of its subtree in the file's own
+//! BLAKE3 tree (chunks are a power of two bytes, at offsets that are multiples of their
+//! size, so each is one whole subtree). The whole-file hash, what `b3sum` prints, is the
+//! chunk hashes merged up the tree ([`root_of`]), so each byte is hashed once at the source,
+//! and a destination whose every chunk verified holds a file with that hash without reading
+//! it again.
 
 use std::{fs::File, io::Read, path::Path};
+
+use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, HasherExt, Mode};
 
 use floodclone_sched::{default_chunk_bytes, ChunkId, MAX_CHUNK_BYTES};
 
@@ -26,7 +35,7 @@ pub enum ManifestError {
         path: String,
         source: std::io::Error,
     },
-    #[error("chunk size must be between 4 KiB and 64 MiB, got {0}")]
+    #[error("chunk size must be a power of two between 4 KiB and 64 MiB (4KiB, 8KiB, ... 64MiB), got {0}")]
     ChunkSize(u32),
     #[error("{chunks} chunks of {chunk_bytes} bytes are too many (at most {MAX_CHUNKS}): use a larger --chunk-size, or leave it out")]
     TooManyChunks { chunks: u64, chunk_bytes: u32 },
@@ -54,7 +63,7 @@ impl Manifest {
         let file_bytes = meta.len();
         let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
         let chunk_bytes = chunk_bytes.unwrap_or_else(|| default_chunk_bytes(file_bytes));
-        if !(MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(&chunk_bytes) {
+        if !chunk_size_ok(chunk_bytes) {
             return Err(ManifestError::ChunkSize(chunk_bytes));
         }
         let chunks = file_bytes.div_ceil(chunk_bytes as u64);
@@ -64,7 +73,7 @@ impl Manifest {
                 chunk_bytes,
             });
         }
-        let mut whole = blake3::Hasher::new();
+        let one_chunk = chunks <= 1;
         let mut chunk_hashes = Vec::new();
         let mut buf = vec![0u8; chunk_bytes as usize];
         let mut size = 0u64;
@@ -80,8 +89,7 @@ impl Manifest {
             if filled == 0 {
                 break;
             }
-            whole.update(&buf[..filled]);
-            chunk_hashes.push(*blake3::hash(&buf[..filled]).as_bytes());
+            chunk_hashes.push(chunk_hash(one_chunk, size, &buf[..filled]));
             size += filled as u64;
             if filled < buf.len() {
                 break;
@@ -90,8 +98,8 @@ impl Manifest {
         Ok(Self {
             size,
             chunk_bytes,
+            file_hash: root_of(&chunk_hashes),
             chunk_hashes,
-            file_hash: *whole.finalize().as_bytes(),
             mode,
         })
     }
@@ -114,15 +122,19 @@ impl Manifest {
     }
 
     pub fn verify_chunk(&self, c: ChunkId, data: &[u8]) -> bool {
-        self.chunk_hashes
-            .get(c as usize)
-            .is_some_and(|h| data.len() == self.chunk_range(c).1 && blake3::hash(data) == *h)
+        let (off, len) = self.chunk_range(c);
+        self.chunk_hashes.get(c as usize).is_some_and(|h| {
+            data.len() == len && chunk_hash(self.chunk_hashes.len() == 1, off, data) == *h
+        })
     }
 
-    /// Consistency of a decoded manifest: the chunk count must match size and chunk size.
+    /// Consistency of a decoded manifest: the chunk count must match size and chunk size,
+    /// and the chunk hashes must merge into the whole-file hash (so chunks that verify make
+    /// up the file `recv --expect` names).
     pub fn is_consistent(&self) -> bool {
-        (MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(&self.chunk_bytes)
+        chunk_size_ok(self.chunk_bytes)
             && self.size.div_ceil(self.chunk_bytes as u64) == self.chunk_hashes.len() as u64
+            && root_of(&self.chunk_hashes) == self.file_hash
     }
 
     /// A short identity of this file (hex of the whole-file hash's first 8 bytes).
@@ -135,6 +147,48 @@ impl Manifest {
 }
 
 /// Lower-case hex of `bytes`.
+/// Chunks are whole subtrees of the BLAKE3 tree only when their size is a power of two (of
+/// at least BLAKE3's own 1 KiB chunk).
+fn chunk_size_ok(chunk_bytes: u32) -> bool {
+    (MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(&chunk_bytes) && chunk_bytes.is_power_of_two()
+}
+
+/// The hash of the chunk `data` that starts `offset` bytes into the file: its subtree's
+/// chaining value, or, when it is the file's only chunk, the file's hash itself.
+fn chunk_hash(only_chunk: bool, offset: u64, data: &[u8]) -> [u8; 32] {
+    if only_chunk {
+        return *blake3::hash(data).as_bytes();
+    }
+    blake3::Hasher::new()
+        .set_input_offset(offset)
+        .update(data)
+        .finalize_non_root()
+}
+
+/// The whole file's BLAKE3 hash from its chunks' hashes: BLAKE3's tree is left-complete,
+/// so each parent's left side holds the largest power of two of chunks short of all of
+/// them.
+pub fn root_of(chunk_hashes: &[[u8; 32]]) -> [u8; 32] {
+    fn subtree(cvs: &[[u8; 32]]) -> [u8; 32] {
+        if cvs.len() == 1 {
+            return cvs[0];
+        }
+        let (l, r) = cvs.split_at(left_len(cvs.len()));
+        merge_subtrees_non_root(&subtree(l), &subtree(r), Mode::Hash)
+    }
+    fn left_len(n: usize) -> usize {
+        1 << (usize::BITS - 1 - (n - 1).leading_zeros())
+    }
+    match chunk_hashes.len() {
+        0 => *blake3::hash(&[]).as_bytes(),
+        1 => chunk_hashes[0],
+        n => {
+            let (l, r) = chunk_hashes.split_at(left_len(n));
+            *merge_subtrees_root(&subtree(l), &subtree(r), Mode::Hash).as_bytes()
+        }
+    }
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -190,7 +244,19 @@ mod tests {
     fn chunking_covers_the_file_exactly() {
         let dir = std::env::temp_dir().join(format!("fc-manifest-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        for size in [0usize, 1, 4096, 4097, 3 * 4096 + 5] {
+        // Up to 13 chunks: trees of several levels, complete and not, the last chunk short
+        // or whole.
+        let sizes = [
+            0usize,
+            1,
+            4096,
+            4097,
+            3 * 4096 + 5,
+            4 * 4096,
+            5 * 4096,
+            13 * 4096 - 1,
+        ];
+        for size in sizes {
             let p = dir.join(format!("f{size}"));
             let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
             std::fs::write(&p, &data).unwrap();
@@ -207,7 +273,25 @@ mod tests {
                 bad[0] ^= 1;
                 assert!(!m.verify_chunk(0, &bad));
             }
+            if m.chunk_count() > 1 {
+                // A chunk's hash is bound to its place: chunk 0's bytes are not chunk 1.
+                assert!(!m.verify_chunk(1, &data[..4096]));
+                // Chunk hashes that do not merge into the file's hash are refused.
+                let mut lying = m.clone();
+                lying.chunk_hashes.swap(0, 1);
+                assert!(!lying.is_consistent());
+            }
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn chunk_sizes_are_powers_of_two() {
+        let p = std::env::temp_dir().join(format!("fc-manifest-pow-{}", std::process::id()));
+        std::fs::write(&p, [7u8; 20_000]).unwrap();
+        let e = Manifest::from_file(&p, Some(6000)).unwrap_err();
+        assert!(e.to_string().contains("power of two"), "{e}");
+        assert!(Manifest::from_file(&p, Some(8192)).unwrap().is_consistent());
+        std::fs::remove_file(&p).unwrap();
     }
 }

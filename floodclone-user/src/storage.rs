@@ -43,8 +43,8 @@ pub enum StorageError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("the assembled file does not match the source's hash; it was discarded")]
-    FileHashMismatch,
+    #[error("finalize called before every chunk is held (a bug in floodclone)")]
+    Incomplete,
     #[error("chunk {0} is not held")]
     NotHeld(ChunkId),
     #[error("source file changed: {path} no longer matches what was hashed at start (chunk {chunk}); the swarm stops rather than serve mixed content; run send again once the file is stable")]
@@ -236,6 +236,18 @@ impl ChunkStore {
                 path: self.path.clone(),
                 source,
             })?;
+        // Start writing it to disk now, so the fsync before the final rename finds little
+        // left to do: the disk keeps up with the network as it goes instead of taking a
+        // whole file's write-back onto the end of the transfer (1 GiB: ~0.5 s here).
+        // SAFETY: a valid open descriptor; the call only schedules write-back.
+        unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                off as i64,
+                data.len() as i64,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
         self.have.lock().unwrap().insert(c);
         Ok(true)
     }
@@ -275,23 +287,15 @@ impl ChunkStore {
             path: self.path.clone(),
             source,
         };
+        // Every chunk verified against a manifest whose chunk hashes merge into the file's
+        // hash ([`Manifest::is_consistent`]) before it was written: the file has that hash
+        // without being read again (a read back would come from the page cache we just
+        // wrote, not from the disk). What is left is to make it durable before its name
+        // says it is whole; most of it already is ([`ChunkStore::write_chunk`]).
+        if !self.is_complete() {
+            return Err(StorageError::Incomplete);
+        }
         self.file.sync_all().map_err(read_err)?;
-        // The file we wrote, through our own descriptor: not whatever the path names now.
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut at = 0u64;
-        loop {
-            let n = self.file.read_at(&mut buf, at).map_err(read_err)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            at += n as u64;
-        }
-        if *hasher.finalize().as_bytes() != self.manifest.file_hash {
-            let _ = fs::remove_file(state_path(&out));
-            return Err(StorageError::FileHashMismatch);
-        }
         let write_err = |source| StorageError::Write {
             path: out.clone(),
             source,

@@ -558,7 +558,7 @@ mod tests {
             size: 5000,
             chunk_bytes: 4096,
             chunk_hashes: vec![[1; 32], [2; 32]],
-            file_hash: [3; 32],
+            file_hash: crate::manifest::root_of(&[[1; 32], [2; 32]]),
             mode: 0o640,
         };
         let member = Member {

@@ -26,7 +26,7 @@ use neighbours::with_source_addr;
 
 use crate::{
     claims::{GatewayChecks, CHECK_TIMEOUT},
-    conn::{ConnEvent, ConnKey, ShortLived},
+    conn::{ChunkOutcome, ConnEvent, ConnKey, ShortLived},
     discovery::Routes,
     events::{Event, Progress, SwarmDone},
     manifest::Manifest,
@@ -157,8 +157,12 @@ impl Role for Destination {
                 let _ = reply.send(self.wants(node, key, chunk));
                 Step::Continue
             }
-            ConnEvent::ChunkDone { key, chunk, ok } => {
-                self.on_chunk_done(node, key, chunk, ok);
+            ConnEvent::ChunkDone {
+                key,
+                chunk,
+                outcome,
+            } => {
+                self.on_chunk_done(node, key, chunk, &outcome);
                 Step::Continue
             }
             ConnEvent::StoreFailed(e) => Step::Stop(Err(e.into())),
@@ -558,12 +562,19 @@ impl Destination {
 
     /// A chunk stream ended: a verified chunk is announced to every neighbour at once; a
     /// bad one is fetched again, and its sender cut off after [`MAX_BAD_CHUNKS`].
-    fn on_chunk_done(&mut self, node: &mut Node, key: ConnKey, chunk: ChunkId, ok: bool) {
+    fn on_chunk_done(
+        &mut self,
+        node: &mut Node,
+        key: ConnKey,
+        chunk: ChunkId,
+        outcome: &ChunkOutcome,
+    ) {
         let (Some(p), Some(pl)) = (node.conns.peer(key), self.puller.as_mut()) else {
             return;
         };
+        let ok = outcome.is_stored();
         pl.chunk_done(p, chunk, ok, node.now());
-        tracing::trace!(target: "floodclone::chunks", peer = p, chunk, ok, "chunk arrived");
+        tracing::trace!(target: "floodclone::chunks", peer = p, chunk, %outcome, "chunk arrived");
         node.counts.chunks_failed += u64::from(!ok);
         if ok {
             if let Some(store) = node.ctx.store.get() {
@@ -588,7 +599,7 @@ impl Destination {
             }
         } else {
             tracing::warn!(
-                "chunk {chunk} from {} failed verification; fetching it again",
+                "chunk {chunk} from {} {outcome}; fetching it again",
                 member_name(&self.members, p)
             );
         }
