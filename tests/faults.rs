@@ -603,7 +603,8 @@ fn recv_expect_refuses_any_other_file() {
     write_test_file(&src, 2 * MIB, 23).unwrap();
     let b3 = floodclone::manifest::Manifest::from_file(&src, None)
         .unwrap()
-        .b3();
+        .b3()
+        .unwrap();
     let wrong = format!("b3:{}", "ab".repeat(32));
     let mut bed = Testbed::up(&line(&["s", "d1", "d2"], 40)).unwrap();
     let out = |i: usize| scratch.0.join(format!("d{i}.out"));

@@ -26,8 +26,15 @@ impl FreshServer {
 
     /// Up to `count` never-served chunks, now counted as served.
     pub fn pick(&mut self, count: u32) -> Vec<ChunkId> {
+        self.pick_below(count, self.served.len())
+    }
+
+    /// Up to `count` never-served chunks below `end` (those the receivers can verify: the
+    /// source hands out chunks in file order as it hashes them), now counted as served.
+    pub fn pick_below(&mut self, count: u32, end: ChunkId) -> Vec<ChunkId> {
+        let end = end.min(self.served.len());
         let mut out = Vec::new();
-        while out.len() < count as usize && self.cursor < self.served.len() {
+        while out.len() < count as usize && self.cursor < end {
             let c = self.cursor;
             self.cursor += 1;
             if self.served.insert(c) {

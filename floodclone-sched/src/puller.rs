@@ -230,6 +230,9 @@ pub struct Puller {
     /// Fetches of chunks not seen before (fresh ones, as far as this node can tell) in the
     /// last [`FRESH_WINDOW_S`]: when, and by whom (`None`: this node).
     fresh_log: std::collections::VecDeque<(f64, Option<MemberId>)>,
+    /// Chunks `0..verifiable` can be verified here (their hashes are known): only those are
+    /// requested. The source sends hashes as it reads its file ([`Puller::set_verifiable`]).
+    verifiable: u32,
     /// Chunks that arrived and were not needed (raced copies, refused streams).
     pub duplicates: u64,
     /// Chunks received and verified.
@@ -251,9 +254,16 @@ impl Puller {
             seen: ChunkSet::new(n as u32),
             passed_on: ChunkSet::new(n as u32),
             fresh_log: Default::default(),
+            verifiable: n as u32,
             duplicates: 0,
             received: 0,
         }
+    }
+
+    /// Only chunks `0..n` can be verified here for now: the others are not requested (a
+    /// chunk that cannot be verified would count against its sender).
+    pub fn set_verifiable(&mut self, n: u32) {
+        self.verifiable = n.min(self.have.len());
     }
 
     pub fn have(&self) -> &ChunkSet {
@@ -887,6 +897,7 @@ impl Puller {
         let mut cands: Vec<(u16, u16, u32, ChunkId)> = p
             .have
             .iter()
+            .take_while(|&c| c < self.verifiable)
             .filter(|&c| !self.have.contains(c) && !self.flights.contains_key(&c))
             .filter(|&c| !left_to_nearer(c) && !held_elsewhere(c))
             .filter(|&c| !designated_elsewhere(c))
@@ -988,6 +999,44 @@ mod tests {
         assert_eq!(p.duplicates, 0);
         // An unrequested chunk is refused.
         assert_eq!(p.chunk_started(0, 2, 0.4), Arrival::Reject);
+    }
+
+    #[test]
+    fn only_chunks_whose_hashes_are_known_are_requested() {
+        let mut p = Puller::new(SchedConfig::new(128 << 10), ChunkSet::new(100));
+        p.set_verifiable(10);
+        p.add_peer(1, false);
+        p.peer_bitfield(1, &ChunkSet::full(100));
+        let asked = |a: Vec<Action>| -> Vec<ChunkId> {
+            a.into_iter()
+                .flat_map(|a| match a {
+                    Action::Request { chunks, .. } => chunks,
+                    _ => Vec::new(),
+                })
+                .collect()
+        };
+        // Until more hashes are known, all it asks for are the first ten, each once.
+        let mut t = 0.0;
+        let mut all = Vec::new();
+        loop {
+            let got = asked(p.poll(t));
+            if got.is_empty() {
+                break;
+            }
+            for &c in &got {
+                p.chunk_done(1, c, true, t + 0.01);
+            }
+            all.extend(got);
+            t += 0.1;
+        }
+        all.sort_unstable();
+        assert_eq!(all, (0..10).collect::<Vec<_>>());
+        p.set_verifiable(100);
+        let more = asked(p.poll(t));
+        assert!(
+            !more.is_empty() && more.iter().all(|&c| c >= 10),
+            "{more:?}"
+        );
     }
 
     #[test]
@@ -1517,7 +1566,10 @@ mod tests {
         let mut f = FreshServer::new(5);
         f.known_held(1);
         assert_eq!(f.pick(2), vec![0, 2]);
-        assert_eq!(f.pick(5), vec![3, 4]);
+        // Only chunks whose hashes are out.
+        assert_eq!(f.pick_below(5, 4), vec![3]);
+        assert!(f.pick_below(5, 4).is_empty() && !f.exhausted());
+        assert_eq!(f.pick(5), vec![4]);
         assert!(f.exhausted());
         assert!(f.pick(1).is_empty());
     }

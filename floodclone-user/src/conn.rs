@@ -95,6 +95,8 @@ pub struct ConnContext {
     /// The chunks this node holds (the source's from the start, a destination's once it
     /// is welcomed).
     pub store: OnceLock<Arc<ChunkStore>>,
+    /// When this node's first chunk stream opened (time to first byte).
+    pub first_chunk: OnceLock<Instant>,
     events: mpsc::UnboundedSender<ConnEvent>,
     next_key: AtomicU64,
 }
@@ -112,6 +114,7 @@ impl ConnContext {
             corrupt_served,
             upload_cap,
             store: OnceLock::new(),
+            first_chunk: OnceLock::new(),
             events,
             next_key: AtomicU64::new(0),
         });
@@ -549,7 +552,7 @@ impl Conn {
     ) -> Result<(), &'static str> {
         match msg {
             Msg::Request { chunks } => {
-                let count = self.ctx.store.get().map(|s| s.manifest().chunk_count());
+                let count = self.ctx.store.get().map(|s| s.layout().chunk_count());
                 if count.is_some_and(|n| chunks.iter().any(|&c| c >= n)) {
                     return Err("request for a chunk the file does not have");
                 }
@@ -597,7 +600,7 @@ impl Conn {
                     continue;
                 };
                 let writing = writing.get_or_insert_with(|| {
-                    let chunk = store.manifest().chunk_bytes.max(1) as u64;
+                    let chunk = store.layout().chunk_bytes.max(1) as u64;
                     Arc::new(tokio::sync::Semaphore::new(
                         (MAX_WRITING_BYTES / chunk).max(2) as usize,
                     ))
@@ -627,6 +630,7 @@ impl Conn {
                 let Ok(mut s) = conn.open_uni().await else {
                     break;
                 };
+                ctx.first_chunk.get_or_init(Instant::now);
                 let _ = s.set_priority(transport::CONTROL_PRIORITY - 1 - seq);
                 seq = seq.wrapping_add(1).max(0);
                 let conn = conn.clone();
@@ -673,9 +677,16 @@ async fn receive_chunk(ctx: Arc<ConnContext>, key: ConnKey, mut s: quinn::RecvSt
     let Some(store) = ctx.store.get() else {
         return;
     };
-    let len = store.manifest().chunk_range(chunk).1;
+    let len = store.layout().chunk_range(chunk).1;
     let outcome = match s.read_to_end(len).await {
         Ok(data) if data.len() < len => ChunkOutcome::Short(data.len()),
+        Ok(_)
+            if tokio::time::timeout(HASH_WAIT, store.hash_known(chunk))
+                .await
+                .is_err() =>
+        {
+            ChunkOutcome::NoHash
+        }
         Ok(data) => match store.write_chunk(chunk, &data) {
             Ok(true) => ChunkOutcome::Stored,
             Ok(false) => ChunkOutcome::Corrupt,
@@ -708,7 +719,13 @@ pub enum ChunkOutcome {
     TooLong,
     /// The stream was reset or its connection lost.
     Broken(String),
+    /// The source did not send its hash within [`HASH_WAIT`] of the chunk's arrival.
+    NoHash,
 }
+
+/// How long a chunk that arrived before its hash waits for it (hashes and chunks travel on
+/// different streams; the source sends a chunk's hash before it hands the chunk out).
+pub const HASH_WAIT: Duration = Duration::from_secs(30);
 
 impl ChunkOutcome {
     pub fn is_stored(&self) -> bool {
@@ -724,6 +741,7 @@ impl std::fmt::Display for ChunkOutcome {
             ChunkOutcome::Short(n) => write!(f, "ended after {n} bytes"),
             ChunkOutcome::TooLong => write!(f, "was longer than the chunk"),
             ChunkOutcome::Broken(e) => write!(f, "broke off ({e})"),
+            ChunkOutcome::NoHash => write!(f, "came, and its hash did not"),
         }
     }
 }

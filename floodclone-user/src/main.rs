@@ -82,8 +82,9 @@ enum Cmd {
         /// Adds to --dest.
         #[arg(long)]
         dests_file: Option<PathBuf>,
-        /// Chunk size (65536, 64KiB, 1MiB; a plain number is bytes) [default: 64 KiB;
-        /// doubled for files over 64 GiB so the file has at most 2^20 chunks].
+        /// Chunk size, a power of two from 4 KiB to 64 MiB (65536, 64KiB, 1MiB; a plain
+        /// number is bytes) [default: 64 KiB; doubled for files over 64 GiB so the file has
+        /// at most 2^20 chunks].
         #[arg(long, value_parser = parse_chunk_size)]
         chunk_size: Option<u32>,
         /// How long to wait for every destination before starting with those present
@@ -156,8 +157,10 @@ fn parse_chunk_size(s: &str) -> Result<u32, String> {
     let bytes = parse_size(s)?;
     u32::try_from(bytes)
         .ok()
-        .filter(|&b| b > 0)
-        .ok_or_else(|| format!("chunk size {s:?}: must be between 1 byte and 4 GiB"))
+        .filter(|&b| (4096..=64 << 20).contains(&b) && b.is_power_of_two())
+        .ok_or_else(|| {
+            format!("chunk size {s:?}: must be a power of two from 4KiB to 64MiB (each chunk is one subtree of the file's BLAKE3 tree)")
+        })
 }
 
 /// Attaches the link-stats programs on a thread of its own, so the transfer does not wait
@@ -415,6 +418,8 @@ fn send(
             elapsed_s: elapsed,
             destinations: outcome.dests.clone(),
             peak_rss_bytes: node::peak_rss_bytes(),
+            cpu_s: node::cpu_s(),
+            first_chunk_s: outcome.first_chunk_s,
             tx_bytes_by_iface: outcome.tx_bytes_by_iface,
         }),
         || {

@@ -21,8 +21,11 @@ pub const MIN_CHUNK_BYTES: u32 = 4096;
 pub struct Manifest {
     pub size: u64,
     pub chunk_bytes: u32,
+    /// The hashes of chunks `0..k`, `k <= chunk_count()`: the source sends them as it hashes
+    /// the file, so its first chunks leave before its last are read.
     pub chunk_hashes: Vec<[u8; 32]>,
-    pub file_hash: [u8; 32],
+    /// The whole file's hash, once every chunk's is known.
+    pub file_hash: Option<[u8; 32]>,
     /// The source file's permission bits (at most `0o777`): copies get the same, so a
     /// private file stays private.
     pub mode: u32,
@@ -39,6 +42,14 @@ pub enum ManifestError {
     ChunkSize(u32),
     #[error("{chunks} chunks of {chunk_bytes} bytes are too many (at most {MAX_CHUNKS}): use a larger --chunk-size, or leave it out")]
     TooManyChunks { chunks: u64, chunk_bytes: u32 },
+    #[error(
+        "{path} changed size while it was being hashed; run send again once the file is stable"
+    )]
+    Changed { path: String },
+    #[error(
+        "the source's chunk hashes do not fit together ({0}); nothing from it can be verified"
+    )]
+    Inconsistent(&'static str),
 }
 
 /// Most chunks a file may have: the manifest (32 bytes of hash per chunk) must fit in one
@@ -46,66 +57,96 @@ pub enum ManifestError {
 pub const MAX_CHUNKS: u64 = 2_000_000;
 
 impl Manifest {
-    /// The whole file's hash as `b3:<hex>`: what `b3sum` prints, and `recv --expect` takes.
-    pub fn b3(&self) -> String {
-        format!("b3:{}", hex(&self.file_hash))
+    /// The whole file's hash as `b3:<hex>`: what `b3sum` prints, and `recv --expect` takes;
+    /// `None` until every chunk is hashed.
+    pub fn b3(&self) -> Option<String> {
+        self.file_hash.map(|h| b3(&h))
     }
 
     /// Hashes `path` in one streaming pass; memory stays at one chunk. Without a chunk
     /// size, the default for the file's size ([`default_chunk_bytes`]).
     pub fn from_file(path: &Path, chunk_bytes: Option<u32>) -> Result<Self, ManifestError> {
-        let err = |source| ManifestError::Read {
-            path: path.display().to_string(),
-            source,
-        };
-        let mut file = File::open(path).map_err(err)?;
-        let meta = file.metadata().map_err(err)?;
-        let file_bytes = meta.len();
-        let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
-        let chunk_bytes = chunk_bytes.unwrap_or_else(|| default_chunk_bytes(file_bytes));
-        if !chunk_size_ok(chunk_bytes) {
-            return Err(ManifestError::ChunkSize(chunk_bytes));
+        let mut hasher = ChunkHasher::open(path, chunk_bytes)?;
+        let mut manifest = hasher.layout();
+        while let Some(h) = hasher.next_hash()? {
+            manifest.chunk_hashes.push(h);
         }
-        let chunks = file_bytes.div_ceil(chunk_bytes as u64);
-        if chunks > MAX_CHUNKS {
-            return Err(ManifestError::TooManyChunks {
-                chunks,
-                chunk_bytes,
-            });
-        }
-        let one_chunk = chunks <= 1;
-        let mut chunk_hashes = Vec::new();
-        let mut buf = vec![0u8; chunk_bytes as usize];
-        let mut size = 0u64;
-        loop {
-            let mut filled = 0;
-            while filled < buf.len() {
-                let n = file.read(&mut buf[filled..]).map_err(err)?;
-                if n == 0 {
-                    break;
-                }
-                filled += n;
-            }
-            if filled == 0 {
-                break;
-            }
-            chunk_hashes.push(chunk_hash(one_chunk, size, &buf[..filled]));
-            size += filled as u64;
-            if filled < buf.len() {
-                break;
-            }
-        }
-        Ok(Self {
-            size,
-            chunk_bytes,
-            file_hash: root_of(&chunk_hashes),
-            chunk_hashes,
-            mode,
-        })
+        manifest.file_hash = Some(root_of(&manifest.chunk_hashes));
+        Ok(manifest)
     }
 
     pub fn chunk_count(&self) -> u32 {
+        self.size.div_ceil(self.chunk_bytes as u64) as u32
+    }
+
+    /// How many chunks' hashes are known (chunks `0..known()`).
+    pub fn known(&self) -> u32 {
         self.chunk_hashes.len() as u32
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.file_hash.is_some()
+    }
+
+    /// The first `k` chunk hashes of this manifest, and the file's hash if that is all of
+    /// them: what a member told of hashes `0..k` knows.
+    pub fn prefix(&self, k: u32) -> Manifest {
+        let k = k.min(self.known());
+        Manifest {
+            chunk_hashes: self.chunk_hashes[..k as usize].to_vec(),
+            file_hash: self.file_hash.filter(|_| k == self.chunk_count()),
+            ..self.clone()
+        }
+    }
+
+    /// Adds the hashes of chunks `first..` (and the file's, with the last of them). Hashes
+    /// already known must be repeated exactly; none may be skipped. Returns whether the
+    /// manifest became complete.
+    pub fn extend(
+        &mut self,
+        first: u32,
+        hashes: &[[u8; 32]],
+        file_hash: Option<[u8; 32]>,
+    ) -> Result<bool, ManifestError> {
+        if first > self.known() || first as u64 + hashes.len() as u64 > self.chunk_count() as u64 {
+            return Err(ManifestError::Inconsistent(
+                "chunk hashes skipped or past the end",
+            ));
+        }
+        for (c, h) in (first as usize..).zip(hashes) {
+            match self.chunk_hashes.get(c) {
+                Some(known) if known != h => {
+                    return Err(ManifestError::Inconsistent("a chunk's hash changed"))
+                }
+                Some(_) => {}
+                None => self.chunk_hashes.push(*h),
+            }
+        }
+        let Some(f) = file_hash else {
+            return Ok(false);
+        };
+        if self.known() != self.chunk_count() || root_of(&self.chunk_hashes) != f {
+            return Err(ManifestError::Inconsistent(
+                "the chunk hashes do not make up the file's hash",
+            ));
+        }
+        match self.file_hash.replace(f) {
+            Some(old) if old != f => Err(ManifestError::Inconsistent("the file's hash changed")),
+            old => Ok(old.is_none()),
+        }
+    }
+
+    /// Whether `other` can describe the same file: the same layout, the same hashes where
+    /// both know them.
+    pub fn agrees_with(&self, other: &Manifest) -> bool {
+        let common = self.known().min(other.known()) as usize;
+        self.size == other.size
+            && self.chunk_bytes == other.chunk_bytes
+            && self.mode == other.mode
+            && self.chunk_hashes[..common] == other.chunk_hashes[..common]
+            && (self.file_hash.is_none()
+                || other.file_hash.is_none()
+                || self.file_hash == other.file_hash)
     }
 
     /// Bytes held by a node holding `chunks` chunks (exact unless the short last chunk is
@@ -121,32 +162,106 @@ impl Manifest {
         (off, len)
     }
 
+    /// Whether `data` is chunk `c` (false while its hash is not known).
     pub fn verify_chunk(&self, c: ChunkId, data: &[u8]) -> bool {
         let (off, len) = self.chunk_range(c);
         self.chunk_hashes.get(c as usize).is_some_and(|h| {
-            data.len() == len && chunk_hash(self.chunk_hashes.len() == 1, off, data) == *h
+            data.len() == len && chunk_hash(self.chunk_count() == 1, off, data) == *h
         })
     }
 
-    /// Consistency of a decoded manifest: the chunk count must match size and chunk size,
-    /// and the chunk hashes must merge into the whole-file hash (so chunks that verify make
-    /// up the file `recv --expect` names).
+    /// Consistency of a decoded manifest: a chunk size that makes chunks whole subtrees,
+    /// no more hashes than chunks, and with all of them, the file's hash they merge into
+    /// (so chunks that verify make up the file `recv --expect` names).
     pub fn is_consistent(&self) -> bool {
         chunk_size_ok(self.chunk_bytes)
-            && self.size.div_ceil(self.chunk_bytes as u64) == self.chunk_hashes.len() as u64
-            && root_of(&self.chunk_hashes) == self.file_hash
-    }
-
-    /// A short identity of this file (hex of the whole-file hash's first 8 bytes).
-    pub fn short_id(&self) -> String {
-        self.file_hash[..8]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+            && self.size.div_ceil(self.chunk_bytes as u64) <= MAX_CHUNKS
+            && self.known() <= self.chunk_count()
+            && match self.file_hash {
+                Some(f) => self.known() == self.chunk_count() && root_of(&self.chunk_hashes) == f,
+                None => true,
+            }
     }
 }
 
-/// Lower-case hex of `bytes`.
+/// Reads a file's chunks in order and hashes each once: the source's one pass over it.
+pub struct ChunkHasher {
+    file: File,
+    path: String,
+    layout: Manifest,
+    next: u32,
+    buf: Vec<u8>,
+}
+
+impl ChunkHasher {
+    /// Opens `path` and checks its chunking (without a chunk size, the default for its
+    /// size, [`default_chunk_bytes`]); reads nothing yet.
+    pub fn open(path: &Path, chunk_bytes: Option<u32>) -> Result<Self, ManifestError> {
+        let err = |source| ManifestError::Read {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = File::open(path).map_err(err)?;
+        let meta = file.metadata().map_err(err)?;
+        let size = meta.len();
+        let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
+        let chunk_bytes = chunk_bytes.unwrap_or_else(|| default_chunk_bytes(size));
+        if !chunk_size_ok(chunk_bytes) {
+            return Err(ManifestError::ChunkSize(chunk_bytes));
+        }
+        let chunks = size.div_ceil(chunk_bytes as u64);
+        if chunks > MAX_CHUNKS {
+            return Err(ManifestError::TooManyChunks {
+                chunks,
+                chunk_bytes,
+            });
+        }
+        Ok(Self {
+            file,
+            path: path.display().to_string(),
+            layout: Manifest {
+                size,
+                chunk_bytes,
+                chunk_hashes: Vec::new(),
+                file_hash: None,
+                mode,
+            },
+            next: 0,
+            buf: vec![0; chunk_bytes as usize],
+        })
+    }
+
+    /// The file's size, chunking and mode, no hashes yet.
+    pub fn layout(&self) -> Manifest {
+        self.layout.clone()
+    }
+
+    /// The next chunk's hash, `None` after the last.
+    pub fn next_hash(&mut self) -> Result<Option<[u8; 32]>, ManifestError> {
+        if self.next >= self.layout.chunk_count() {
+            return Ok(None);
+        }
+        let (off, len) = self.layout.chunk_range(self.next);
+        let buf = &mut self.buf[..len];
+        self.file.read_exact(buf).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => ManifestError::Changed {
+                path: self.path.clone(),
+            },
+            _ => ManifestError::Read {
+                path: self.path.clone(),
+                source: e,
+            },
+        })?;
+        self.next += 1;
+        Ok(Some(chunk_hash(self.layout.chunk_count() == 1, off, buf)))
+    }
+}
+
+/// `b3:<hex>` of a whole-file hash.
+pub fn b3(hash: &[u8; 32]) -> String {
+    format!("b3:{}", hex(hash))
+}
+
 /// Chunks are whole subtrees of the BLAKE3 tree only when their size is a power of two (of
 /// at least BLAKE3's own 1 KiB chunk).
 fn chunk_size_ok(chunk_bytes: u32) -> bool {
@@ -213,15 +328,8 @@ mod tests {
     #[test]
     fn b3_round_trips_and_rejects_malformed() {
         let h: [u8; 32] = std::array::from_fn(|i| i as u8 * 7);
-        let m = Manifest {
-            size: 0,
-            chunk_bytes: MIN_CHUNK_BYTES,
-            chunk_hashes: Vec::new(),
-            file_hash: h,
-            mode: 0o600,
-        };
-        assert_eq!(parse_b3(&m.b3()), Some(h));
-        assert_eq!(parse_b3(m.b3().trim_start_matches("b3:")), Some(h));
+        assert_eq!(parse_b3(&b3(&h)), Some(h));
+        assert_eq!(parse_b3(b3(&h).trim_start_matches("b3:")), Some(h));
         assert_eq!(parse_b3("b3:00"), None);
         assert_eq!(parse_b3(&"zz".repeat(32)), None);
     }
@@ -263,7 +371,7 @@ mod tests {
             let m = Manifest::from_file(&p, Some(4096)).unwrap();
             assert!(m.is_consistent(), "size {size}");
             assert_eq!(m.size, size as u64);
-            assert_eq!(m.file_hash, *blake3::hash(&data).as_bytes());
+            assert_eq!(m.file_hash, Some(*blake3::hash(&data).as_bytes()));
             for c in 0..m.chunk_count() {
                 let (off, len) = m.chunk_range(c);
                 assert!(m.verify_chunk(c, &data[off as usize..off as usize + len]));
@@ -282,6 +390,34 @@ mod tests {
                 assert!(!lying.is_consistent());
             }
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn hashes_come_in_pieces_that_must_fit() {
+        let dir = std::env::temp_dir().join(format!("fc-manifest-pieces-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("f");
+        let data: Vec<u8> = (0..5 * 4096 + 9).map(|i| (i * 13 % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let whole = Manifest::from_file(&p, Some(4096)).unwrap();
+        let h = &whole.chunk_hashes;
+        let mut m = ChunkHasher::open(&p, Some(4096)).unwrap().layout();
+        assert!(m.is_consistent() && !m.is_complete() && m.b3().is_none());
+        assert!(!m.verify_chunk(0, &data[..4096]), "no hash yet");
+        assert!(!m.extend(0, &h[..2], None).unwrap());
+        assert!(m.verify_chunk(1, &data[4096..8192]));
+        assert!(!m.verify_chunk(2, &data[8192..12288]));
+        // A gap, a changed hash, or a file hash the chunks do not make are refused.
+        assert!(m.extend(3, &h[3..4], None).is_err());
+        assert!(m.extend(1, &[[0; 32]], None).is_err());
+        assert!(m.extend(2, &h[2..], Some([7; 32])).is_err());
+        // Repeats are fine; the last piece brings the file's hash.
+        let mut m = whole.prefix(2);
+        assert!(m.agrees_with(&whole) && whole.agrees_with(&m));
+        assert!(m.extend(1, &h[1..], whole.file_hash).unwrap());
+        assert_eq!(m, whole);
+        assert_eq!(whole.prefix(whole.chunk_count()), whole);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -363,10 +363,21 @@ pub(crate) async fn drive<R: Role>(
 
 /// Peak resident memory of this process, in bytes.
 pub fn peak_rss_bytes() -> u64 {
+    rusage().ru_maxrss as u64 * 1024
+}
+
+/// CPU seconds this process has used, user and system.
+pub fn cpu_s() -> f64 {
+    let ru = rusage();
+    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    s(ru.ru_utime) + s(ru.ru_stime)
+}
+
+fn rusage() -> libc::rusage {
     // SAFETY: getrusage fills the struct it is given.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    ru.ru_maxrss as u64 * 1024
+    ru
 }
 
 /// An IPv4 address of a connection's peer, if it has one.

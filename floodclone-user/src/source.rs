@@ -1,8 +1,10 @@
-//! `floodclone send`: the source. It hashes the file, admits the destinations named on its
-//! command line, welcomes them all at once with the manifest and the member list, hands
-//! out *fresh* chunks (ones it never served) to whoever asks, serves explicit requests like
-//! any neighbour once none are left, and ends the swarm when every destination holds a
-//! verified copy or has failed.
+//! `floodclone send`: the source. It admits the destinations named on its command line,
+//! welcomes them all at once with the manifest and the member list, hands out *fresh*
+//! chunks (ones it never served) to whoever asks, serves explicit requests like any
+//! neighbour once none are left, and ends the swarm when every destination holds a verified
+//! copy or has failed. It reads and hashes its file while it does so (one thread, in file
+//! order), sends each chunk's hash before it hands the chunk out, so the first chunk
+//! leaves before the last is read, whatever the file's size.
 //!
 //! Read top to bottom: [`run`], then the handlers in the order a transfer meets them
 //! (`on_join`, `start`, `on_request_fresh`, `grant_fresh`, `on_view`, `on_done`,
@@ -27,13 +29,13 @@ use crate::{
     conn::{ConnEvent, ConnKey, ShortLived},
     discovery::Routes,
     events::{DestProgress, DestResult, DestState, Event, Progress, Route, TxBytesByIface},
-    manifest::Manifest,
+    manifest::{self, ChunkHasher, Manifest, ManifestError},
     node::{self, Node, NodeError, NodeOptions, Role, Step},
     progress::{self, RateTracker},
     storage::ChunkStore,
     trace,
     transport::{self, CLOSE_DONE, CLOSE_NOT_MEMBER},
-    wire::{Member, Msg, RouteView},
+    wire::{Member, Msg, RouteView, MAX_HASHES_PER_MSG},
 };
 
 /// The source hands out no fresh chunk until every member it welcomed at the start has
@@ -45,6 +47,10 @@ use crate::{
 const FRESH_HOLD_MAX: Duration = Duration::from_millis(500);
 /// Largest fresh grant, whatever a destination asks for.
 const MAX_FRESH_GRANT: u32 = 1024;
+/// The hashing thread reports after 1, 2, 4, ... chunks, then every this many: the first
+/// chunks can leave at once, and later reports cost one message per destination per
+/// 16 MiB (at 64 KiB chunks).
+const HASH_REPORT_MAX: u32 = 256;
 /// After the swarm is done, how long the source waits for destinations to hang up.
 const FINISH_GRACE: Duration = Duration::from_secs(3);
 
@@ -70,56 +76,109 @@ pub struct SendOutcome {
     pub failed: Vec<(Ipv4Addr, String)>,
     /// Bytes this node sent per interface (in-kernel counters; empty without them).
     pub tx_bytes_by_iface: TxBytesByIface,
+    /// When the first chunk left, seconds after `send` started.
+    pub first_chunk_s: Option<f64>,
 }
 
 /// Serves the file until every destination holds a verified copy or has failed.
 pub async fn run(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
     // Listen first: destinations may join while the file is being hashed.
     let mut node = Node::open(&cfg.node, "source", transport::SOURCE_INITIAL_WINDOW)?;
-    let (file, chunk_bytes) = (cfg.file.clone(), cfg.chunk_bytes);
-    let hashing = Instant::now();
-    let manifest = tokio::task::spawn_blocking(move || Manifest::from_file(&file, chunk_bytes))
-        .await
-        .map_err(|e| NodeError::Other(e.to_string()))??;
-    tracing::debug!(
-        chunks = manifest.chunk_count(),
-        ms = hashing.elapsed().as_millis() as u64,
-        "file hashed"
-    );
-    let _ = node
-        .ctx
-        .store
-        .set(Arc::new(ChunkStore::source(&cfg.file, manifest.clone())?));
+    let hasher = ChunkHasher::open(&cfg.file, cfg.chunk_bytes)?;
+    let layout = hasher.layout();
+    let store = Arc::new(ChunkStore::source(&cfg.file, layout.clone())?);
+    let _ = node.ctx.store.set(store.clone());
     let local_addrs = Routes::open()?.local_addrs().await?;
     let (local_tx, mut local) = mpsc::unbounded_channel();
-    let mut source = Source::new(&cfg, manifest, local_addrs, local_tx);
+    hash_in_background(hasher, store, local_tx.clone());
+    let mut source = Source::new(&cfg, layout, local_addrs, local_tx);
     node.watch(source.members.iter().skip(1).map(|m| m.addr));
     node.out.event(
         &Event::Serving {
-            bytes: source.manifest.size,
-            chunks: source.manifest.chunk_count(),
-            chunk_bytes: source.manifest.chunk_bytes,
+            bytes: source.layout.size,
+            chunks: source.layout.chunk_count(),
+            chunk_bytes: source.layout.chunk_bytes,
             destinations: cfg.dests.len(),
             port: cfg.node.port,
-            blake3: source.manifest.b3(),
+            blake3: None,
         },
         || {
             format!(
-                "serving {} bytes in {} chunks to {} destinations on UDP port {}; its BLAKE3 \
-                 (for `recv --expect`): {}",
-                source.manifest.size,
-                source.manifest.chunk_count(),
+                "serving {} bytes in {} chunks to {} destinations on UDP port {} (hashing \
+                 the file as it goes)",
+                source.layout.size,
+                source.layout.chunk_count(),
                 cfg.dests.len(),
                 cfg.node.port,
-                source.manifest.b3()
             )
         },
     );
     crate::sd_notify::ready();
     let result = node::drive(&mut node, &mut source, &mut local).await;
+    let first_chunk_s = node
+        .ctx
+        .first_chunk
+        .get()
+        .map(|t| t.saturating_duration_since(cfg.node.started).as_secs_f64());
     let tx_bytes_by_iface = node.close().await;
     result?;
-    Ok(source.outcome(tx_bytes_by_iface))
+    Ok(source.outcome(tx_bytes_by_iface, first_chunk_s))
+}
+
+/// What the source's own tasks tell it.
+enum SourceLocal {
+    /// The answers of the source's own path traces (a `PathsTraced`).
+    Traced(Msg),
+    /// More chunks are hashed (the store has their hashes); `done`: all of them.
+    Hashed {
+        done: bool,
+    },
+    HashFailed(ManifestError),
+}
+
+/// Reads and hashes the file on a thread of its own, in file order, putting the hashes in
+/// the store and telling the source after 1, 2, 4, ... chunks, then every
+/// [`HASH_REPORT_MAX`].
+fn hash_in_background(
+    mut hasher: ChunkHasher,
+    store: Arc<ChunkStore>,
+    tell: mpsc::UnboundedSender<SourceLocal>,
+) {
+    let tell_failure = tell.clone();
+    let mut work = move || {
+        let count = store.layout().chunk_count();
+        let (mut first, mut batch) = (0u32, Vec::new());
+        loop {
+            match hasher.next_hash() {
+                Ok(Some(h)) => batch.push(h),
+                Ok(None) => {}
+                Err(e) => return Err(e),
+            }
+            let hashed = first + batch.len() as u32;
+            let done = hashed == count;
+            if !done && hashed < (2 * first).clamp(1, first + HASH_REPORT_MAX) {
+                continue;
+            }
+            let file_hash = done.then(|| {
+                let mut all = store.hashes(0, first);
+                all.extend_from_slice(&batch);
+                manifest::root_of(&all)
+            });
+            store.add_hashes(first, &batch, file_hash)?;
+            (first, batch) = (hashed, Vec::new());
+            if tell.send(SourceLocal::Hashed { done }).is_err() || done {
+                return Ok(());
+            }
+        }
+    };
+    std::thread::Builder::new()
+        .name("floodclone-hash".into())
+        .spawn(move || {
+            if let Err(e) = work() {
+                let _ = tell_failure.send(SourceLocal::HashFailed(e));
+            }
+        })
+        .expect("spawning the hashing thread");
 }
 
 /// Which destination a Join is from: the one whose `--dest` address the connection comes
@@ -148,7 +207,12 @@ struct Done {
 
 /// The source's state.
 struct Source {
-    manifest: Manifest,
+    /// The file's size and chunking (its hashes are in the store, as they come).
+    layout: Manifest,
+    /// Chunk hashes sent to the members (every Welcome carries these, `Hashes` the rest).
+    announced: u32,
+    /// Whether the members were sent the file's hash.
+    file_hash_announced: bool,
     /// Every member, the source first; destinations in `--dest` order (id = index).
     members: Vec<Member>,
     relay: bool,
@@ -177,8 +241,8 @@ struct Source {
     rates: HashMap<MemberId, RateTracker>,
     /// Which senders' whole paths to which receivers to trace, and what to tell them.
     path_checks: PathChecks,
-    /// The answers of the source's own path traces (a `PathsTraced`).
-    local: mpsc::UnboundedSender<Msg>,
+    /// The source's own tasks (path traces, hashing).
+    local: mpsc::UnboundedSender<SourceLocal>,
     /// Joins matched by a claimed address, proven by dialing it ([`crate::claims`]).
     join_proofs: JoinProofs,
     /// The connections the source dialed to prove Joins: closed once
@@ -187,7 +251,7 @@ struct Source {
 }
 
 impl Role for Source {
-    type Local = Msg;
+    type Local = SourceLocal;
     const TICK: Duration = Duration::from_millis(100);
 
     async fn on_event(&mut self, node: &mut Node, event: ConnEvent) -> Step {
@@ -221,16 +285,21 @@ impl Role for Source {
         Step::Continue
     }
 
-    async fn on_local(&mut self, node: &mut Node, traced: Msg) -> Step {
-        self.on_paths_traced(node, Some(SOURCE), traced);
+    async fn on_local(&mut self, node: &mut Node, local: SourceLocal) -> Step {
+        match local {
+            SourceLocal::Traced(traced) => self.on_paths_traced(node, Some(SOURCE), traced),
+            SourceLocal::Hashed { done } => self.on_hashed(node, done),
+            // The file could not be read (or changed size): nothing more can be served.
+            SourceLocal::HashFailed(e) => return Step::Stop(Err(e.into())),
+        }
         Step::Continue
     }
 
     async fn on_tick(&mut self, node: &mut Node) -> Step {
         self.ticks += 1;
         if self.ticks.is_multiple_of(5) {
-            node.counts.file_bytes = self.manifest.size;
-            node.counts.held_bytes = self.manifest.size;
+            node.counts.file_bytes = self.layout.size;
+            node.counts.held_bytes = self.layout.size;
             node.measure();
         }
         // Progress each second where it is cheap to look at, every 5 s in logs.
@@ -270,9 +339,9 @@ impl Role for Source {
 impl Source {
     fn new(
         cfg: &SendConfig,
-        manifest: Manifest,
+        layout: Manifest,
         local_addrs: Vec<Ipv4Addr>,
-        local: mpsc::UnboundedSender<Msg>,
+        local: mpsc::UnboundedSender<SourceLocal>,
     ) -> Self {
         let mut members = vec![Member {
             id: SOURCE,
@@ -291,8 +360,10 @@ impl Source {
             });
         }
         Self {
-            fresh: FreshServer::new(manifest.chunk_count()),
-            manifest,
+            fresh: FreshServer::new(layout.chunk_count()),
+            layout,
+            announced: 0,
+            file_hash_announced: false,
             members,
             relay: !cfg.direct,
             join_grace: cfg.join_grace,
@@ -328,7 +399,7 @@ impl Source {
             }
             Msg::RequestFresh { count } => self.on_request_fresh(node, key, count),
             Msg::Bitfield { bits } => {
-                let set = ChunkSet::from_bytes(self.manifest.chunk_count(), &bits);
+                let set = ChunkSet::from_bytes(self.layout.chunk_count(), &bits);
                 for c in set.iter() {
                     self.on_held(from, c);
                 }
@@ -526,16 +597,63 @@ impl Source {
         let Some(c) = node.conns.accepted_from(id) else {
             return false;
         };
+        let Some(store) = node.ctx.store.get() else {
+            return false;
+        };
         c.send(Msg::Welcome {
             you: id,
-            manifest: self.manifest.clone(),
+            manifest: store.manifest(self.announced),
             members: self.members.clone(),
             relay: self.relay,
         });
+        // Every chunk: a destination asks only for those whose hashes it has.
         c.send(Msg::Bitfield {
-            bits: ChunkSet::full(self.manifest.chunk_count()).to_bytes(),
+            bits: ChunkSet::full(self.layout.chunk_count()).to_bytes(),
         });
         true
+    }
+
+    /// More chunks are hashed: their hashes go to every member (before any of those chunks
+    /// is handed out: the same stream carries the grant after them), and the fresh
+    /// requests waiting for them are answered.
+    fn on_hashed(&mut self, node: &mut Node, done: bool) {
+        let Some(store) = node.ctx.store.get().cloned() else {
+            return;
+        };
+        let known = store.known();
+        let count = self.layout.chunk_count();
+        while self.announced < known || (done && !self.file_hash_announced) {
+            let to = known.min(self.announced + MAX_HASHES_PER_MSG as u32);
+            let file_hash = store.file_hash().filter(|_| to == count);
+            let msg = Msg::Hashes {
+                first: self.announced,
+                hashes: store.hashes(self.announced, to),
+                file_hash,
+            };
+            for c in node.conns.iter().filter(|c| !c.dialed && c.peer.is_some()) {
+                c.send(msg.clone());
+            }
+            self.announced = to;
+            self.file_hash_announced |= file_hash.is_some();
+        }
+        if let Some(b3) = store.file_hash().filter(|_| done).map(|h| manifest::b3(&h)) {
+            let elapsed_s = self.started.elapsed().as_secs_f64();
+            node.out.event(
+                &Event::Hashed {
+                    elapsed_s,
+                    blake3: b3.clone(),
+                },
+                || {
+                    format!(
+                        "hashed the file in {elapsed_s:.2} s; its BLAKE3 (for `recv --expect`): \
+                         {b3}"
+                    )
+                },
+            );
+        }
+        if self.fresh_open {
+            self.grant_fresh(node);
+        }
     }
 
     /// A destination asks for `count` chunks nobody has had yet.
@@ -548,18 +666,28 @@ impl Source {
 
     /// Answers the fresh requests waiting, in order: the chunks queued on the requester's
     /// connection, then the grant that names them.
+    /// A request that finds every chunk hashed so far already handed out waits for the next
+    /// hashes.
     fn grant_fresh(&mut self, node: &mut Node) {
-        for (key, count) in self.fresh_waiting.drain(..) {
+        let mut unanswered = Vec::new();
+        for (key, count) in std::mem::take(&mut self.fresh_waiting) {
             let Some(c) = node.conns.get(key) else {
                 continue;
             };
-            let chunks = self.fresh.pick(count.min(MAX_FRESH_GRANT));
+            let chunks = self
+                .fresh
+                .pick_below(count.min(MAX_FRESH_GRANT), self.announced);
+            if chunks.is_empty() && !self.fresh.exhausted() {
+                unanswered.push((key, count));
+                continue;
+            }
             c.serve(&chunks);
             c.send(Msg::FreshGrant {
                 chunks,
                 exhausted: self.fresh.exhausted(),
             });
         }
+        self.fresh_waiting = unanswered;
     }
 
     /// A member answered its Welcome; when all have (or the hold times out), fresh chunks
@@ -616,7 +744,8 @@ impl Source {
                 PathCheck::Trace { sender, receivers } if sender == SOURCE => {
                     let (members, local) = (self.members.clone(), self.local.clone());
                     tokio::spawn(async move {
-                        let _ = local.send(trace::check_paths(receivers, members).await);
+                        let traced = trace::check_paths(receivers, members).await;
+                        let _ = local.send(SourceLocal::Traced(traced));
                     });
                 }
                 PathCheck::Trace { sender, receivers } => {
@@ -670,7 +799,7 @@ impl Source {
         let Some(id) = from.filter(|&id| id != SOURCE) else {
             return;
         };
-        let n = self.manifest.chunk_count();
+        let n = self.layout.chunk_count();
         if self
             .holdings
             .entry(id)
@@ -759,14 +888,14 @@ impl Source {
     /// The `progress` event / lines: a line per destination.
     fn report_progress(&mut self, node: &Node) {
         let now = node.now();
-        let total = self.manifest.size;
+        let total = self.layout.size;
         let dests: Vec<DestProgress> = self.members[1..]
             .iter()
             .map(|m| {
                 let held = self
                     .holdings
                     .get(&m.id)
-                    .map_or(0, |set| self.manifest.bytes_in(set.count()));
+                    .map_or(0, |set| self.layout.bytes_in(set.count()));
                 let (bytes, state) = if self.done.contains_key(&m.id) {
                     (total, DestState::Done)
                 } else if self.failed.contains_key(&m.id) {
@@ -797,7 +926,7 @@ impl Source {
         );
     }
 
-    fn outcome(self, tx_bytes_by_iface: TxBytesByIface) -> SendOutcome {
+    fn outcome(self, tx_bytes_by_iface: TxBytesByIface, first_chunk_s: Option<f64>) -> SendOutcome {
         let addr = |id: MemberId| self.members[id as usize].addr;
         let mut dests: Vec<DestResult> = self
             .done
@@ -820,6 +949,7 @@ impl Source {
             dests,
             failed,
             tx_bytes_by_iface,
+            first_chunk_s,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Chunks on disk. The source reads its file; a destination writes chunks at their offsets
 //! into `<out>.floodclone-part`, records verified chunks in `<out>.floodclone-state` (so a
-//! restart resumes), and only when every chunk and the whole-file hash verify does it fsync
-//! and rename the file to `<out>`. A file at the final path is therefore always complete.
+//! restart resumes), and only when every chunk verified (against hashes that make up the
+//! whole file's) does it fsync and rename the file to `<out>`. A file at the final path is
+//! therefore always complete.
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -11,12 +12,12 @@ use std::{
         unix::fs::{FileExt, OpenOptionsExt, PermissionsExt},
     },
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Mutex, RwLock},
 };
 
 use floodclone_sched::{ChunkId, ChunkSet};
 
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, ManifestError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -91,7 +92,13 @@ fn reserve(file: &File, bytes: u64) -> std::io::Result<()> {
 
 /// A node's chunk store, shared by its connection tasks.
 pub struct ChunkStore {
-    manifest: Manifest,
+    /// The file's size, chunking and mode: fixed from the start (its hashes are not kept
+    /// up to date here; see `manifest`).
+    layout: Manifest,
+    /// The chunk hashes known so far, and the file's hash once they all are.
+    manifest: RwLock<Manifest>,
+    /// How many chunk hashes are known, for tasks waiting on one.
+    known: tokio::sync::watch::Sender<u32>,
     file: File,
     path: PathBuf,
     /// Destination only: where the file goes when complete.
@@ -107,17 +114,40 @@ impl ChunkStore {
             source,
         })?;
         let n = manifest.chunk_count();
-        Ok(Self {
+        Ok(Self::new(
             manifest,
             file,
-            path: path.into(),
-            out: None,
-            have: Mutex::new(ChunkSet::full(n)),
-        })
+            path.into(),
+            None,
+            ChunkSet::full(n),
+        ))
+    }
+
+    fn new(
+        manifest: Manifest,
+        file: File,
+        path: PathBuf,
+        out: Option<PathBuf>,
+        have: ChunkSet,
+    ) -> Self {
+        Self {
+            layout: Manifest {
+                chunk_hashes: Vec::new(),
+                file_hash: None,
+                ..manifest.clone()
+            },
+            known: tokio::sync::watch::Sender::new(manifest.known()),
+            manifest: RwLock::new(manifest),
+            file,
+            path,
+            out,
+            have: Mutex::new(have),
+        }
     }
 
     /// A destination's store for `out`, resuming from an earlier run of the same file when
-    /// its state is there. Chunks recorded as held are verified again before they count.
+    /// its state is there (which takes a complete manifest: the state names the file by its
+    /// hash). Chunks recorded as held are verified again before they count.
     pub fn destination(out: &Path, manifest: Manifest) -> Result<Self, StorageError> {
         if out.exists() {
             return Err(StorageError::OutputExists(out.into()));
@@ -168,19 +198,58 @@ impl ChunkStore {
                 }
             }
         }
-        let store = Self {
-            manifest,
-            file,
-            path: part,
-            out: Some(out.into()),
-            have: Mutex::new(have),
-        };
+        let store = Self::new(manifest, file, part, Some(out.into()), have);
         store.save_state()?;
         Ok(store)
     }
 
-    pub fn manifest(&self) -> &Manifest {
-        &self.manifest
+    /// The file's size and chunking (its hashes: [`ChunkStore::manifest`]).
+    pub fn layout(&self) -> &Manifest {
+        &self.layout
+    }
+
+    /// The manifest as far as it is known, its first `k` chunk hashes at most.
+    pub fn manifest(&self, k: u32) -> Manifest {
+        self.manifest.read().unwrap().prefix(k)
+    }
+
+    /// How many chunk hashes are known (chunks `0..known()`).
+    pub fn known(&self) -> u32 {
+        *self.known.borrow()
+    }
+
+    pub fn file_hash(&self) -> Option<[u8; 32]> {
+        self.manifest.read().unwrap().file_hash
+    }
+
+    /// The hashes of chunks `from..to`.
+    pub fn hashes(&self, from: u32, to: u32) -> Vec<[u8; 32]> {
+        let m = self.manifest.read().unwrap();
+        let to = to.min(m.known()) as usize;
+        m.chunk_hashes[(from as usize).min(to)..to].to_vec()
+    }
+
+    /// More of the manifest ([`Manifest::extend`]). Returns whether it became complete.
+    pub fn add_hashes(
+        &self,
+        first: u32,
+        hashes: &[[u8; 32]],
+        file_hash: Option<[u8; 32]>,
+    ) -> Result<bool, ManifestError> {
+        let mut m = self.manifest.write().unwrap();
+        let completed = m.extend(first, hashes, file_hash)?;
+        self.known.send_replace(m.known());
+        Ok(completed)
+    }
+
+    /// Waits until chunk `c`'s hash is known (it may arrive just after the chunk does: they
+    /// travel on different streams).
+    pub async fn hash_known(&self, c: ChunkId) {
+        let _ = self.known.subscribe().wait_for(|&k| k > c).await;
+    }
+
+    fn verify(&self, c: ChunkId, data: &[u8]) -> bool {
+        self.manifest.read().unwrap().verify_chunk(c, data)
     }
 
     pub fn have(&self) -> ChunkSet {
@@ -195,12 +264,12 @@ impl ChunkStore {
         self.have.lock().unwrap().is_full()
     }
 
-    /// Reads a held chunk.
+    /// Reads a held chunk (at the source: one it has hashed).
     pub fn read_chunk(&self, c: ChunkId) -> Result<Vec<u8>, StorageError> {
-        if !self.holds(c) {
+        if !self.holds(c) || c >= self.known() {
             return Err(StorageError::NotHeld(c));
         }
-        let (off, len) = self.manifest.chunk_range(c);
+        let (off, len) = self.layout.chunk_range(c);
         let mut buf = vec![0u8; len];
         self.file
             .read_exact_at(&mut buf, off)
@@ -211,7 +280,7 @@ impl ChunkStore {
         // The source's file may change under it (edited, or a flaky disk): checked on every
         // read, so no destination ever gets a chunk the manifest does not vouch for. A
         // destination's chunks were verified when written.
-        if self.out.is_none() && !self.manifest.verify_chunk(c, &buf) {
+        if self.out.is_none() && !self.verify(c, &buf) {
             return Err(StorageError::SourceChanged {
                 path: self.path.clone(),
                 chunk: c,
@@ -223,13 +292,13 @@ impl ChunkStore {
     /// Verifies and stores a chunk. Returns `Ok(false)` when it does not verify (nothing is
     /// written) and `Ok(true)` when it is now held.
     pub fn write_chunk(&self, c: ChunkId, data: &[u8]) -> Result<bool, StorageError> {
-        if !self.manifest.verify_chunk(c, data) {
+        if !self.verify(c, data) {
             return Ok(false);
         }
         if self.holds(c) {
             return Ok(true);
         }
-        let (off, _) = self.manifest.chunk_range(c);
+        let (off, _) = self.layout.chunk_range(c);
         self.file
             .write_all_at(data, off)
             .map_err(|source| StorageError::Write {
@@ -257,9 +326,14 @@ impl ChunkStore {
         let Some(out) = &self.out else {
             return Ok(());
         };
+        // The state names the file by its hash: before that is known there is nothing a
+        // restart could resume against.
+        let Some(file_hash) = self.file_hash() else {
+            return Ok(());
+        };
         let state = state_path(out);
         let tmp = state.with_extension("floodclone-state.tmp");
-        let mut body = self.manifest.file_hash.to_vec();
+        let mut body = file_hash.to_vec();
         body.extend_from_slice(&self.have().to_bytes());
         let write = || -> std::io::Result<()> {
             let mut f = OpenOptions::new()
@@ -292,7 +366,7 @@ impl ChunkStore {
         // without being read again (a read back would come from the page cache we just
         // wrote, not from the disk). What is left is to make it durable before its name
         // says it is whole; most of it already is ([`ChunkStore::write_chunk`]).
-        if !self.is_complete() {
+        if !self.is_complete() || self.file_hash().is_none() {
             return Err(StorageError::Incomplete);
         }
         self.file.sync_all().map_err(read_err)?;
@@ -301,7 +375,7 @@ impl ChunkStore {
             source,
         };
         self.file
-            .set_permissions(fs::Permissions::from_mode(self.manifest.mode & 0o777))
+            .set_permissions(fs::Permissions::from_mode(self.layout.mode & 0o777))
             .map_err(write_err)?;
         rename_noreplace(&self.path, &out).map_err(|e| match e.raw_os_error() {
             Some(libc::EEXIST) => StorageError::OutputExists(out.clone()),
@@ -345,7 +419,7 @@ fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
 /// Chunks recorded as held by an earlier run, if the state belongs to this file.
 fn read_state(path: &Path, manifest: &Manifest) -> Option<ChunkSet> {
     let body = fs::read(path).ok()?;
-    if body.len() < 32 || body[..32] != manifest.file_hash {
+    if body.len() < 32 || manifest.file_hash.is_none_or(|h| body[..32] != h) {
         return None;
     }
     Some(ChunkSet::from_bytes(manifest.chunk_count(), &body[32..]))
@@ -400,6 +474,44 @@ mod tests {
             fs::metadata(&out).unwrap().permissions().mode() & 0o777,
             0o600
         );
+    }
+
+    #[tokio::test]
+    async fn a_chunk_verifies_once_its_hash_has_come() {
+        let (dir, data, whole) = setup("pieces", 4096 * 3 + 10);
+        let out = dir.join("out");
+        let store = std::sync::Arc::new(ChunkStore::destination(&out, whole.prefix(1)).unwrap());
+        let chunk = |c: u32| {
+            let (o, l) = whole.chunk_range(c);
+            data[o as usize..o as usize + l].to_vec()
+        };
+        assert!(store.write_chunk(0, &chunk(0)).unwrap());
+        assert!(
+            !store.write_chunk(1, &chunk(1)).unwrap(),
+            "its hash is not here yet"
+        );
+        assert!(
+            !state_path(&out).exists(),
+            "no state before the file's hash is known"
+        );
+        let waiting = tokio::spawn({
+            let store = store.clone();
+            async move { store.hash_known(3).await }
+        });
+        assert!(!store
+            .add_hashes(1, &whole.chunk_hashes[1..3], None)
+            .unwrap());
+        assert!(!waiting.is_finished());
+        assert!(store
+            .add_hashes(3, &whole.chunk_hashes[3..], whole.file_hash)
+            .unwrap());
+        waiting.await.unwrap();
+        for c in 1..4 {
+            assert!(store.write_chunk(c, &chunk(c)).unwrap());
+        }
+        store.finalize().unwrap();
+        assert_eq!(fs::read(&out).unwrap(), data);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

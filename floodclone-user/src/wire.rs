@@ -59,8 +59,9 @@ pub enum Msg {
     Pake { msg: Vec<u8> },
     /// Destination -> source: I am here, listening on `port`, with these addresses.
     Join { port: u16, addrs: Vec<Ipv4Addr> },
-    /// Source -> destination: your member id, the manifest, the members, and whether
-    /// destinations relay (false: the "direct" baseline, everyone pulls from the source).
+    /// Source -> destination: your member id, the manifest (the chunk hashes the source has
+    /// so far; [`Msg::Hashes`] brings the rest), the members, and whether destinations
+    /// relay (false: the "direct" baseline, everyone pulls from the source).
     Welcome {
         you: MemberId,
         manifest: Manifest,
@@ -132,7 +133,18 @@ pub enum Msg {
     WhoAreYou,
     /// Destination -> the asker of a WhoAreYou, on that connection: this member.
     IAm { id: MemberId },
+    /// Source -> destination: the hashes of chunks `first..`, as the source reads its file
+    /// (it hands out only chunks whose hashes it has sent); with the last of them, the
+    /// whole file's hash.
+    Hashes {
+        first: ChunkId,
+        hashes: Vec<[u8; 32]>,
+        file_hash: Option<[u8; 32]>,
+    },
 }
+
+/// Most chunk hashes in one [`Msg::Hashes`] (128 KiB of them).
+pub const MAX_HASHES_PER_MSG: usize = 4096;
 
 /// Most chunk ids queued to serve on one connection. A scheduler keeps about 0.12 s of a
 /// neighbour's rate asked for (README, "Scheduler rules"): some 5,700 chunks of 64 KiB at
@@ -144,6 +156,18 @@ struct Writer(Vec<u8>);
 impl Writer {
     fn u8(&mut self, v: u8) {
         self.0.push(v);
+    }
+    fn hashes(&mut self, hashes: &[[u8; 32]]) {
+        self.u32(hashes.len() as u32);
+        for h in hashes {
+            self.0.extend_from_slice(h);
+        }
+    }
+    fn file_hash(&mut self, h: &Option<[u8; 32]>) {
+        self.u8(h.is_some() as u8);
+        if let Some(h) = h {
+            self.0.extend_from_slice(h);
+        }
     }
     fn u16(&mut self, v: u16) {
         self.0.extend_from_slice(&v.to_be_bytes());
@@ -237,6 +261,18 @@ impl<'a> Reader<'a> {
     fn hash(&mut self) -> Result<[u8; 32], WireError> {
         Ok(self.take(32)?.try_into().unwrap())
     }
+    fn hashes(&mut self) -> Result<Vec<[u8; 32]>, WireError> {
+        let n = self.count(32)?;
+        (0..n).map(|_| self.hash()).collect()
+    }
+    /// A flag, then the hash when there is one.
+    fn file_hash(&mut self) -> Result<Option<[u8; 32]>, WireError> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(self.hash()?)),
+            _ => Err(WireError::Invalid("file hash flag")),
+        }
+    }
     fn nonce(&mut self) -> Result<[u8; 16], WireError> {
         Ok(self.take(16)?.try_into().unwrap())
     }
@@ -295,6 +331,7 @@ impl Msg {
             Msg::WhoAreYou => 26,
             Msg::IAm { .. } => 27,
             Msg::FetchingBeyond { .. } => 28,
+            Msg::Hashes { .. } => 29,
         }
     }
 
@@ -319,13 +356,19 @@ impl Msg {
                 w.u8(*relay as u8);
                 w.u64(manifest.size);
                 w.u32(manifest.chunk_bytes);
-                w.0.extend_from_slice(&manifest.file_hash);
+                w.file_hash(&manifest.file_hash);
                 w.u32(manifest.mode);
-                w.u32(manifest.chunk_hashes.len() as u32);
-                for h in &manifest.chunk_hashes {
-                    w.0.extend_from_slice(h);
-                }
+                w.hashes(&manifest.chunk_hashes);
                 w.members(members);
+            }
+            Msg::Hashes {
+                first,
+                hashes,
+                file_hash,
+            } => {
+                w.u32(*first);
+                w.hashes(hashes);
+                w.file_hash(file_hash);
             }
             Msg::Members { members } => w.members(members),
             Msg::View { routes } => {
@@ -384,10 +427,9 @@ impl Msg {
                 let relay = r.u8()? != 0;
                 let size = r.u64()?;
                 let chunk_bytes = r.u32()?;
-                let file_hash = r.hash()?;
+                let file_hash = r.file_hash()?;
                 let mode = r.u32()? & 0o777;
-                let n = r.count(32)?;
-                let chunk_hashes = (0..n).map(|_| r.hash()).collect::<Result<_, _>>()?;
+                let chunk_hashes = r.hashes()?;
                 let manifest = Manifest {
                     size,
                     chunk_bytes,
@@ -396,7 +438,7 @@ impl Msg {
                     mode,
                 };
                 if !manifest.is_consistent() {
-                    return Err(WireError::Invalid("manifest chunk count"));
+                    return Err(WireError::Invalid("manifest"));
                 }
                 Msg::Welcome {
                     you,
@@ -481,6 +523,18 @@ impl Msg {
             28 => Msg::FetchingBeyond {
                 chunks: r.chunk_ids()?,
             },
+            29 => {
+                let first = r.u32()?;
+                let hashes = r.hashes()?;
+                if hashes.len() > MAX_HASHES_PER_MSG {
+                    return Err(WireError::Invalid("too many hashes"));
+                }
+                Msg::Hashes {
+                    first,
+                    hashes,
+                    file_hash: r.file_hash()?,
+                }
+            }
             t => return Err(WireError::UnknownType(t)),
         };
         if !r.0.is_empty() {
@@ -499,6 +553,7 @@ fn max_body(tag: u8) -> usize {
         4 | 5 => 8 << 20,            // Members, View: per member ~20-100 bytes
         7 => 1 << 20,                // Bitfield: a bit per chunk
         9 | 11 | 17 | 28 => 1 << 20, // Request, FreshGrant, Fetching(Beyond): 4 B a chunk
+        29 => 256 << 10,             // Hashes: up to MAX_HASHES_PER_MSG of 32 bytes
         20..=22 => 256 << 10,        // path checks: 2 bytes per member
         _ => 64 << 10,               // the rest: a few fields, or a reason to print
     }
@@ -558,7 +613,7 @@ mod tests {
             size: 5000,
             chunk_bytes: 4096,
             chunk_hashes: vec![[1; 32], [2; 32]],
-            file_hash: crate::manifest::root_of(&[[1; 32], [2; 32]]),
+            file_hash: Some(crate::manifest::root_of(&[[1; 32], [2; 32]])),
             mode: 0o640,
         };
         let member = Member {
@@ -574,6 +629,12 @@ mod tests {
             Msg::Join {
                 port: 1,
                 addrs: vec![Ipv4Addr::LOCALHOST],
+            },
+            Msg::Welcome {
+                you: 1,
+                manifest: manifest.prefix(1),
+                members: vec![member.clone()],
+                relay: false,
             },
             Msg::Welcome {
                 you: 1,
@@ -613,6 +674,16 @@ mod tests {
             Msg::SwarmDone,
             Msg::Fetching { chunks: vec![7] },
             Msg::FetchingBeyond { chunks: vec![8, 9] },
+            Msg::Hashes {
+                first: 2,
+                hashes: vec![[4; 32], [5; 32]],
+                file_hash: None,
+            },
+            Msg::Hashes {
+                first: 4,
+                hashes: vec![[6; 32]],
+                file_hash: Some([7; 32]),
+            },
             Msg::SourceDistance { hops: 3 },
             Msg::TracePaths { to: vec![2, 5] },
             Msg::PathsTraced {

@@ -8,7 +8,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use floodclone_testbed::{
-    run::{render, run_transfer, RunOptions, RunReport},
+    run::{render, run_tcp_copy, run_transfer, RunOptions, RunReport, TcpReport},
     topology::Topology,
 };
 
@@ -41,6 +41,20 @@ pub struct BenchRow {
     pub cross_during_mbit: Option<f64>,
     pub cross_share: Option<f64>,
     pub ratio_left_median: Option<f64>,
+    /// CPU cost (medians of runs): user + system seconds of every floodclone process per
+    /// GiB delivered (file size times destinations), and the whole machine's busy seconds
+    /// per GiB until U; the same for the plain TCP copy ([`run_tcp_copy`]).
+    pub cpu_s_per_gib: Option<f64>,
+    pub machine_cpu_s_per_gib: Option<f64>,
+    pub tcp_ratio_median: Option<f64>,
+    pub tcp_cpu_s_per_gib: Option<f64>,
+    pub tcp_machine_cpu_s_per_gib: Option<f64>,
+    /// Largest peak resident memory of any floodclone process, over the runs.
+    pub peak_rss_mib: Option<f64>,
+    /// When the source's first chunk left, ms after `send` started (median of runs).
+    pub first_chunk_ms: Option<f64>,
+    /// The narrowest link's rate, for the rate table.
+    pub min_link_mbit: f64,
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -51,13 +65,26 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     Some(v[v.len() / 2])
 }
 
-/// Runs the benchmark for each topology, appending JSON lines of every run to `jsonl`.
+/// CPU seconds of every floodclone process in a run per GiB delivered.
+fn cpu_s_per_gib(r: &RunReport) -> Option<f64> {
+    let dests: Option<f64> = r.dests.iter().map(|d| d.cpu_s).sum();
+    Some((r.source_cpu_s? + dests?) / delivered_gib(r.bytes, r.dests.len()))
+}
+
+fn delivered_gib(bytes: u64, dests: usize) -> f64 {
+    bytes as f64 * dests as f64 / (1u64 << 30) as f64
+}
+
+/// Runs the benchmark for each topology, appending JSON lines of every run to `jsonl`;
+/// `tcp_runs` plain TCP copies of the same file per topology besides.
+#[allow(clippy::too_many_arguments)]
 pub fn bench(
     topos: &[Topology],
     bin: &Path,
     bytes: u64,
     runs: usize,
     baseline_runs: usize,
+    tcp_runs: usize,
     jsonl: &mut impl Write,
     pictures: &Path,
 ) -> Result<Vec<BenchRow>> {
@@ -98,6 +125,20 @@ pub fn bench(
                 direct.push(r);
             }
         }
+        let mut tcp: Vec<TcpReport> = Vec::new();
+        for i in 0..tcp_runs {
+            let r = run_tcp_copy(topo, bytes)?;
+            eprintln!(
+                "[{} tcp {}] U/U_min = {:.3}, CPU {:.2} s/GiB (machine {:.2})",
+                topo.name,
+                i + 1,
+                r.ratio,
+                r.cpu_s_per_gib,
+                r.machine_cpu_s_per_gib
+            );
+            writeln!(jsonl, "{}", serde_json::json!({"mode": "tcp", "report": r}))?;
+            tcp.push(r);
+        }
         let us: Vec<f64> = ours.iter().filter_map(|r| r.u_s).collect();
         let median_run = {
             let m = median(us.clone());
@@ -123,6 +164,38 @@ pub fn bench(
             cross_during_mbit: median_run.and_then(|r| r.cross.first().map(|c| c.during_mbit)),
             cross_share: median_run.and_then(|r| r.cross.first().map(|c| c.during_share())),
             ratio_left_median: median(ours.iter().filter_map(|r| r.ratio_left).collect()),
+            cpu_s_per_gib: median(ours.iter().filter_map(cpu_s_per_gib).collect()),
+            machine_cpu_s_per_gib: median(
+                ours.iter()
+                    .filter_map(|r| Some(r.machine_cpu_s? / delivered_gib(r.bytes, r.dests.len())))
+                    .collect(),
+            ),
+            tcp_ratio_median: median(tcp.iter().map(|r| r.ratio).collect()),
+            tcp_cpu_s_per_gib: median(tcp.iter().map(|r| r.cpu_s_per_gib).collect()),
+            tcp_machine_cpu_s_per_gib: median(
+                tcp.iter().map(|r| r.machine_cpu_s_per_gib).collect(),
+            ),
+            peak_rss_mib: ours
+                .iter()
+                .flat_map(|r| {
+                    r.dests
+                        .iter()
+                        .map(|d| d.peak_rss_bytes)
+                        .chain([r.source_peak_rss_bytes])
+                })
+                .flatten()
+                .max()
+                .map(|b| b as f64 / (1 << 20) as f64),
+            first_chunk_ms: median(
+                ours.iter()
+                    .filter_map(|r| r.first_chunk_s.map(|s| s * 1e3))
+                    .collect(),
+            ),
+            min_link_mbit: topo
+                .links
+                .iter()
+                .map(|l| l.mbit_from(l.a).min(l.mbit_from(l.b)))
+                .fold(f64::INFINITY, f64::min),
         });
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -190,6 +263,35 @@ pub fn table(rows: &[BenchRow]) -> String {
                 r.cross_share
                     .map_or("-".into(), |x| format!("{:.0}%", 100.0 * x)),
                 f(r.ratio_left_median, 3),
+            );
+        }
+    }
+    if rows.iter().any(|r| r.tcp_ratio_median.is_some()) {
+        s += "\nRate and CPU cost, against a plain TCP copy from the source to every destination \
+              at once (sendfile; medians of runs). CPU s/GiB: user + system seconds of the \
+              processes (FloodClone: every node's; TCP: the copy's threads) per GiB delivered \
+              (file size x destinations); machine: every core's busy seconds until U, the \
+              kernel's forwarding and shaping included.\n\n\
+              | topology | slowest link Gbit/s | U/U_min | TCP U/U_min | CPU s/GiB | TCP CPU s/GiB | CPU vs TCP | machine s/GiB | TCP machine s/GiB | peak RSS MiB | first chunk ms |\n\
+              |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+        for r in rows.iter().filter(|r| r.tcp_ratio_median.is_some()) {
+            let vs = match (r.cpu_s_per_gib, r.tcp_cpu_s_per_gib) {
+                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+                _ => None,
+            };
+            s += &format!(
+                "| {} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                r.topology,
+                r.min_link_mbit / 1e3,
+                f(r.ratio_median, 3),
+                f(r.tcp_ratio_median, 3),
+                f(r.cpu_s_per_gib, 2),
+                f(r.tcp_cpu_s_per_gib, 2),
+                vs.map_or("-".into(), |x| format!("{x:.1}x")),
+                f(r.machine_cpu_s_per_gib, 2),
+                f(r.tcp_machine_cpu_s_per_gib, 2),
+                f(r.peak_rss_mib, 0),
+                f(r.first_chunk_ms, 0),
             );
         }
     }

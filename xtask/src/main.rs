@@ -89,6 +89,10 @@ enum Cmd {
         /// Runs of the direct baseline per topology.
         #[arg(long, default_value_t = 1)]
         baseline_runs: usize,
+        /// Runs of a plain TCP copy (sendfile, from the source to every destination at once)
+        /// per topology, with the CPU cost of both (README, "Gigabit links").
+        #[arg(long, default_value_t = 0)]
+        tcp_runs: usize,
         /// Instead of topology files: this many small random networks (README, "Random
         /// networks"), seeds --seed, --seed+1, ...
         #[arg(long)]
@@ -451,6 +455,7 @@ fn main() -> Result<()> {
             size,
             runs,
             baseline_runs,
+            tcp_runs,
             random,
             seed,
             floodclone,
@@ -508,6 +513,7 @@ fn main() -> Result<()> {
                 size,
                 runs,
                 baseline_runs,
+                tcp_runs,
                 &mut jsonl,
                 &pictures,
             )?;

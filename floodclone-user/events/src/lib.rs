@@ -21,16 +21,19 @@ pub type TxBytesByIface = BTreeMap<String, u64>;
 pub enum Event {
     /// Both: start-up work is done; whether the eBPF programs are attached.
     Ready { link_stats: bool },
-    /// Source: the file is hashed and the port open.
+    /// Source: the port is open; the file is hashed as it is served.
     Serving {
         bytes: u64,
         chunks: u32,
         chunk_bytes: u32,
         destinations: usize,
         port: u16,
-        /// The whole file's BLAKE3 as `b3:<hex>` (what `b3sum` prints), for `recv --expect`.
-        blake3: String,
+        /// The whole file's BLAKE3 as `b3:<hex>` (what `b3sum` prints), for `recv
+        /// --expect`: `null` while the file is still being read (see `hashed`).
+        blake3: Option<String>,
     },
+    /// Source: every chunk is hashed, `elapsed_s` after `send` started.
+    Hashed { elapsed_s: f64, blake3: String },
     /// Source: a destination joined.
     Joined { member: MemberId, addr: String },
     /// Both: an address a member claimed as its own is not believed. At a destination: its
@@ -123,10 +126,18 @@ pub enum SwarmDone {
         elapsed_s: f64,
         destinations: Vec<DestResult>,
         peak_rss_bytes: u64,
+        /// CPU seconds the process used, user and system.
+        #[serde(default)]
+        cpu_s: f64,
+        /// When the first chunk left, seconds after `send` started.
+        #[serde(default)]
+        first_chunk_s: Option<f64>,
         tx_bytes_by_iface: TxBytesByIface,
     },
     Destination {
         peak_rss_bytes: u64,
+        #[serde(default)]
+        cpu_s: f64,
         tx_bytes_by_iface: TxBytesByIface,
     },
 }
@@ -204,6 +215,7 @@ impl Event {
         match self {
             Event::Ready { .. } => "ready",
             Event::Serving { .. } => "serving",
+            Event::Hashed { .. } => "hashed",
             Event::Joined { .. } => "joined",
             Event::ClaimRefused { .. } => "claim_refused",
             Event::View { .. } => "view",
@@ -238,6 +250,7 @@ mod tests {
         match e {
             Event::Ready { .. } | Event::ClaimRefused { .. } => "both",
             Event::Serving { .. }
+            | Event::Hashed { .. }
             | Event::Joined { .. }
             | Event::View { .. }
             | Event::FreshOpen { .. }
@@ -271,6 +284,10 @@ mod tests {
                 chunk_bytes: 65536,
                 destinations: 2,
                 port: 7878,
+                blake3: Some("b3:00".into()),
+            },
+            Event::Hashed {
+                elapsed_s: 0.5,
                 blake3: "b3:00".into(),
             },
             Event::Joined {
@@ -354,10 +371,13 @@ mod tests {
                     at_s: 1.7,
                 }],
                 peak_rss_bytes: 1,
+                cpu_s: 0.25,
+                first_chunk_s: Some(0.01),
                 tx_bytes_by_iface: tx.clone(),
             }),
             Event::SwarmDone(SwarmDone::Destination {
                 peak_rss_bytes: 1,
+                cpu_s: 0.5,
                 tx_bytes_by_iface: tx,
             }),
         ]

@@ -29,10 +29,10 @@ use crate::{
     conn::{ChunkOutcome, ConnEvent, ConnKey, ShortLived},
     discovery::Routes,
     events::{Event, Progress, SwarmDone},
-    manifest::Manifest,
+    manifest::{self, Manifest},
     node::{self, Node, NodeError, NodeOptions, Role, Step},
     progress::{self, FeederRates, RateTracker},
-    storage::{ChunkStore, StorageError},
+    storage::{self, ChunkStore, StorageError},
     trace,
     transport::{self, CLOSE_DONE, CLOSE_PROTOCOL},
     wire::{Member, Msg},
@@ -92,6 +92,14 @@ enum Local {
 }
 
 /// The destination's state.
+/// A Welcome's contents.
+struct HeldWelcome {
+    you: MemberId,
+    manifest: Manifest,
+    members: Vec<Member>,
+    relay: bool,
+}
+
 struct Destination {
     cfg: RecvConfig,
     routes: Routes,
@@ -121,6 +129,8 @@ struct Destination {
     source_hops: Option<u8>,
     source_lost_at: Option<Instant>,
     resumed_chunks: u32,
+    /// A Welcome held until its manifest is complete (see [`Destination::on_welcome`]).
+    held_welcome: Option<HeldWelcome>,
     /// Seconds from start until the copy was verified.
     complete: Option<f64>,
     finalizing: bool,
@@ -213,7 +223,7 @@ impl Destination {
     fn tick(&mut self, node: &mut Node) -> Step {
         self.ticks += 1;
         if let (Some(store), Some(pl)) = (node.ctx.store.get(), self.puller.as_ref()) {
-            let manifest = store.manifest();
+            let manifest = store.layout();
             node.counts.file_bytes = manifest.size;
             node.counts.held_bytes = manifest.bytes_in(store.have().count());
             node.counts.chunks_verified = pl.received;
@@ -290,6 +300,7 @@ impl Destination {
             source_hops: None,
             source_lost_at: None,
             resumed_chunks: 0,
+            held_welcome: None,
             complete: None,
             finalizing: false,
             rediscover_needed: false,
@@ -357,8 +368,26 @@ impl Destination {
                 manifest,
                 members,
                 relay,
-            } if from_source => return self.on_welcome(node, you, manifest, members, relay),
+            } if from_source => {
+                return self.on_welcome(
+                    node,
+                    HeldWelcome {
+                        you,
+                        manifest,
+                        members,
+                        relay,
+                    },
+                )
+            }
+            Msg::Hashes {
+                first,
+                hashes,
+                file_hash,
+            } if from_source => return self.on_hashes(node, first, &hashes, file_hash),
             Msg::Members { members } if from_source => {
+                if let Some(held) = self.held_welcome.as_mut() {
+                    held.members = members.clone();
+                }
                 self.members = with_source_addr(members, self.cfg.source);
                 let _ = self.gateway_checks.drop_refuted(&mut self.members);
                 self.rediscover_needed = self.me != JOINING;
@@ -457,34 +486,52 @@ impl Destination {
 
     /// The source's Welcome: the file (the store and the scheduler start here) and the
     /// members. A Welcome after a source restart must name the same file.
-    fn on_welcome(
-        &mut self,
-        node: &mut Node,
-        you: MemberId,
-        manifest: Manifest,
-        members: Vec<Member>,
-        relay: bool,
-    ) -> Step {
+    ///
+    /// The manifest may still lack chunk hashes (the source sends them as it reads its
+    /// file, [`Msg::Hashes`]): the chunks whose hashes are here can be pulled at once. Held
+    /// back until it is complete: with `--expect` (the file is checked before anything is
+    /// written), and with an earlier run's state to resume (it names the file by its hash).
+    fn on_welcome(&mut self, node: &mut Node, welcome: HeldWelcome) -> Step {
+        let HeldWelcome {
+            you,
+            manifest,
+            members,
+            relay,
+        } = welcome;
         self.relay = relay;
-        if let Some(want) = self.cfg.expect.filter(|w| *w != manifest.file_hash) {
-            return Step::Stop(Err(NodeError::Other(format!(
-                "the source offers a file whose BLAKE3 is {}, not the {} given to --expect: \
-                 refused, nothing written",
-                manifest.b3(),
-                Manifest {
-                    file_hash: want,
-                    ..manifest.clone()
-                }
-                .b3()
-            ))));
-        }
         if let Some(store) = node.ctx.store.get() {
-            if store.manifest() != &manifest {
+            if !store.manifest(u32::MAX).agrees_with(&manifest) {
                 return Step::Stop(Err(NodeError::Other(
                     "the source restarted with a different file".into(),
                 )));
             }
+            if let Err(e) = store.add_hashes(0, &manifest.chunk_hashes, manifest.file_hash) {
+                return Step::Stop(Err(e.into()));
+            }
+            if let Some(pl) = self.puller.as_mut() {
+                pl.set_verifiable(store.known());
+            }
+        } else if !manifest.is_complete()
+            && (self.cfg.expect.is_some() || storage::state_path(&self.cfg.out).exists())
+        {
+            self.held_welcome = Some(HeldWelcome {
+                you,
+                manifest,
+                members,
+                relay,
+            });
+            return Step::Continue;
         } else {
+            if let (Some(want), Some(got)) = (self.cfg.expect, manifest.file_hash) {
+                if want != got {
+                    return Step::Stop(Err(NodeError::Other(format!(
+                        "the source offers a file whose BLAKE3 is {}, not the {} given to \
+                         --expect: refused, nothing written",
+                        manifest::b3(&got),
+                        manifest::b3(&want),
+                    ))));
+                }
+            }
             self.me = you;
             let store = match ChunkStore::destination(&self.cfg.out, manifest.clone()) {
                 Ok(s) => Arc::new(s),
@@ -493,13 +540,15 @@ impl Destination {
             let resumed = store.have().count();
             self.resumed_chunks = resumed;
             let _ = node.ctx.store.set(store.clone());
-            self.puller = Some(Puller::new(
+            let mut puller = Puller::new(
                 SchedConfig {
                     member: you,
                     ..SchedConfig::new(manifest.chunk_bytes as u64)
                 },
                 store.have(),
-            ));
+            );
+            puller.set_verifiable(store.known());
+            self.puller = Some(puller);
             let bits = store.have().to_bytes();
             for c in node.conns.iter() {
                 c.send(Msg::Bitfield { bits: bits.clone() });
@@ -525,6 +574,42 @@ impl Destination {
         let _ = self.gateway_checks.drop_refuted(&mut self.members);
         self.answer_who_asked(node);
         self.rediscover_needed = true;
+        Step::Continue
+    }
+
+    /// More chunk hashes from the source: those chunks can be pulled now.
+    fn on_hashes(
+        &mut self,
+        node: &mut Node,
+        first: ChunkId,
+        hashes: &[[u8; 32]],
+        file_hash: Option<[u8; 32]>,
+    ) -> Step {
+        if let Some(held) = self.held_welcome.as_mut() {
+            return match held.manifest.extend(first, hashes, file_hash) {
+                Err(e) => Step::Stop(Err(e.into())),
+                Ok(true) => {
+                    let held = self.held_welcome.take().expect("held");
+                    self.on_welcome(node, held)
+                }
+                Ok(false) => Step::Continue,
+            };
+        }
+        // Before the Welcome they are not ours to keep: it carries every hash sent before it.
+        let Some(store) = node.ctx.store.get() else {
+            return Step::Continue;
+        };
+        match store.add_hashes(first, hashes, file_hash) {
+            Err(e) => return Step::Stop(Err(e.into())),
+            Ok(completed) => {
+                if completed {
+                    let _ = store.save_state();
+                }
+            }
+        }
+        if let Some(pl) = self.puller.as_mut() {
+            pl.set_verifiable(store.known());
+        }
         Step::Continue
     }
 
@@ -579,7 +664,7 @@ impl Destination {
         if ok {
             if let Some(store) = node.ctx.store.get() {
                 self.feeders
-                    .received(p, store.manifest().chunk_range(chunk).1 as u64);
+                    .received(p, store.layout().chunk_range(chunk).1 as u64);
             }
             node.announce(Msg::Have { chunk });
         } else if p != SOURCE && pl.bad_chunks(p) >= MAX_BAD_CHUNKS {
@@ -630,7 +715,7 @@ impl Destination {
     fn on_complete(&mut self, node: &Node, path: &std::path::Path) {
         let elapsed = node.now();
         self.complete = Some(elapsed);
-        let bytes = node.ctx.store.get().map_or(0, |s| s.manifest().size);
+        let bytes = node.ctx.store.get().map_or(0, |s| s.layout().size);
         let (duplicates, received) = self
             .puller
             .as_ref()
@@ -661,8 +746,8 @@ impl Destination {
     /// The destination's `progress` event / lines.
     fn report_progress(&mut self, node: &Node, store: &ChunkStore) {
         let now = node.now();
-        let total = store.manifest().size;
-        let done = store.manifest().bytes_in(store.have().count());
+        let total = store.layout().size;
+        let done = store.layout().bytes_in(store.have().count());
         let bps = self.rate.update(done, now);
         let from = self.feeders.take(now);
         let lines = progress::dest_lines(done, total, bps, &from, |id| match id {
@@ -701,6 +786,7 @@ impl Destination {
         node.out.event(
             &Event::SwarmDone(SwarmDone::Destination {
                 peak_rss_bytes: node::peak_rss_bytes(),
+                cpu_s: node::cpu_s(),
                 tx_bytes_by_iface,
             }),
             || "swarm done".into(),

@@ -64,6 +64,8 @@ pub struct DestOutcome {
     pub duplicates: Option<u64>,
     /// Peak resident memory of the destination's process.
     pub peak_rss_bytes: Option<u64>,
+    /// CPU seconds its process used, user and system.
+    pub cpu_s: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -82,6 +84,13 @@ pub struct RunReport {
     pub ratio_routed: Option<f64>,
     pub send_exit_ok: bool,
     pub source_peak_rss_bytes: Option<u64>,
+    /// CPU seconds the source's process used, user and system.
+    pub source_cpu_s: Option<f64>,
+    /// When the source's first chunk left, seconds after `send` started.
+    pub first_chunk_s: Option<f64>,
+    /// Busy CPU seconds of the whole machine from `send`'s start until the source heard the
+    /// last copy was done (every process, the kernel's forwarding and shaping).
+    pub machine_cpu_s: Option<f64>,
     /// Copies of the file each member sent over each link direction (from -> to), from
     /// the in-kernel counters (wire bytes / file bytes, so ~1.05 is one copy plus headers).
     pub link_copies: Vec<(String, String, f64)>,
@@ -384,6 +393,8 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         .stderr(log_file(&topo.nodes[s].name)?);
     let started = Instant::now();
     let delay_cpu_at_start = bed.delay_line_cpu_s();
+    let machine_cpu_at_start = crate::traffic::machine_busy_s();
+    let mut machine_cpu_at_u = None;
     let sh = bed.spawn(cmd)?;
     pipe_lines(bed.child(sh), s, tx);
 
@@ -432,6 +443,9 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
             );
         }
         cross.sample(started.elapsed().as_secs_f64());
+        if machine_cpu_at_u.is_none() && seen[s].dest_done_at.len() == dests.len() {
+            machine_cpu_at_u = Some(crate::traffic::machine_busy_s());
+        }
         send_status = bed.child(sh).try_wait()?;
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -463,6 +477,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
             verified: file_hash(&out_path(d)) == Some(want),
             duplicates: seen[d].duplicates,
             peak_rss_bytes: seen[d].peak_rss_bytes,
+            cpu_s: seen[d].cpu_s,
         })
         .collect();
     let all_ok = outcomes.iter().all(|o| o.verified && o.elapsed_s.is_some());
@@ -535,6 +550,9 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         ratio_routed: u.zip(floor.u_min_routed_s).map(|(u, r)| u / r),
         send_exit_ok,
         source_peak_rss_bytes: seen[s].peak_rss_bytes,
+        source_cpu_s: seen[s].cpu_s,
+        first_chunk_s: seen[s].first_chunk_s,
+        machine_cpu_s: machine_cpu_at_u.map(|c| c - machine_cpu_at_start),
         link_copies: link_copies(topo, &seen, opts.bytes),
         idle_s: idle.iter().fold(0.0, |sum, l| sum + l.seconds),
         source_idle_s: idle
@@ -575,6 +593,10 @@ struct NodeEvents {
     dest_done_at: std::collections::HashMap<MemberId, f64>,
     duplicates: Option<u64>,
     peak_rss_bytes: Option<u64>,
+    /// CPU seconds the process used (user + system), as it reported at its end.
+    cpu_s: Option<f64>,
+    /// At the source: when its first chunk left, seconds after it started.
+    first_chunk_s: Option<f64>,
     tx_bytes_by_iface: Vec<(String, u64)>,
     /// (t, bytes held), from progress events, t on the run's clock.
     progress: Vec<(f64, u64)>,
@@ -622,19 +644,25 @@ impl NodeEvents {
             Event::DestDone { member, at_s, .. } => {
                 self.dest_done_at.insert(member, at_s);
             }
-            Event::SwarmDone(
-                SwarmDone::Source {
-                    peak_rss_bytes,
-                    tx_bytes_by_iface,
-                    ..
-                }
-                | SwarmDone::Destination {
-                    peak_rss_bytes,
-                    tx_bytes_by_iface,
-                },
-            ) => {
+            Event::SwarmDone(done) => {
+                let (peak_rss_bytes, cpu_s, first_chunk_s, tx_bytes_by_iface) = match done {
+                    SwarmDone::Source {
+                        peak_rss_bytes,
+                        cpu_s,
+                        first_chunk_s,
+                        tx_bytes_by_iface,
+                        ..
+                    } => (peak_rss_bytes, cpu_s, first_chunk_s, tx_bytes_by_iface),
+                    SwarmDone::Destination {
+                        peak_rss_bytes,
+                        cpu_s,
+                        tx_bytes_by_iface,
+                    } => (peak_rss_bytes, cpu_s, None, tx_bytes_by_iface),
+                };
                 sent(&tx_bytes_by_iface);
                 self.peak_rss_bytes = Some(peak_rss_bytes);
+                self.cpu_s = Some(cpu_s);
+                self.first_chunk_s = first_chunk_s;
                 self.tx_bytes_by_iface = tx_bytes_by_iface.into_iter().collect();
             }
             _ => {}
@@ -744,4 +772,51 @@ pub fn check(r: &RunReport) -> Result<()> {
 
 pub fn member_count(topo: &Topology) -> usize {
     topo.nodes.iter().filter(|n| n.role != Role::Router).count()
+}
+
+/// A plain TCP copy of the file from the source to every destination at once, on the same
+/// testbed a run uses ([`crate::traffic::tcp_copy`]): the bench's baseline of speed and CPU
+/// cost.
+#[derive(Clone, Debug, Serialize)]
+pub struct TcpReport {
+    pub topology: String,
+    pub bytes: u64,
+    /// The last receiver's time, over the floor.
+    pub u_s: f64,
+    pub ratio: f64,
+    /// CPU seconds of the copy's threads (user + system) per GiB delivered (file size times
+    /// receivers), and the whole machine's busy seconds per GiB delivered.
+    pub cpu_s_per_gib: f64,
+    pub machine_cpu_s_per_gib: f64,
+}
+
+/// Runs the TCP baseline of `opts.bytes` over `topo`.
+pub fn run_tcp_copy(topo: &Topology, bytes: u64) -> Result<TcpReport> {
+    let floor =
+        bound::floor(&topo.with_upload_caps_as_links(), bytes).map_err(anyhow::Error::msg)?;
+    let work = std::env::temp_dir().join(format!(
+        "floodclone-tcp-{}-{}",
+        std::process::id(),
+        topo.name
+    ));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let _cleanup = ScratchDir(work.clone());
+    let src = work.join("source.bin");
+    write_test_file(&src, bytes, 0x5eed ^ bytes)?;
+    netns::ensure_host_bpffs()?;
+    let mut bed = Testbed::up(topo)?;
+    let copy = crate::traffic::tcp_copy(&bed, &src, topo.source(), &topo.destinations(), &work);
+    bed.down();
+    let copy = copy?;
+    let u_s = copy.done_s.iter().copied().fold(0.0, f64::max);
+    let gib = bytes as f64 * copy.done_s.len() as f64 / (1u64 << 30) as f64;
+    Ok(TcpReport {
+        topology: topo.name.clone(),
+        bytes,
+        u_s,
+        ratio: u_s / floor.u_min_s,
+        cpu_s_per_gib: copy.cpu_s / gib,
+        machine_cpu_s_per_gib: copy.machine_cpu_s / gib,
+    })
 }

@@ -206,3 +206,131 @@ impl Drop for BackgroundTcp {
         self.stop();
     }
 }
+
+/// A plain TCP copy of a file from one node to several at once: what `curl` from an HTTP
+/// server does, without HTTP. The sender uses `sendfile` (no copy through user space); each
+/// receiver reads into a file of its own. The same files and links as a FloodClone run, for
+/// a baseline of speed and CPU cost in the same bench.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TcpCopy {
+    /// Seconds from the start until each receiver held the whole file, in `to` order.
+    pub done_s: Vec<f64>,
+    /// CPU seconds (user + system) of the sending and receiving threads, summed.
+    pub cpu_s: f64,
+    /// Busy CPU seconds of the whole machine meanwhile (the kernel's forwarding and
+    /// shaping too).
+    pub machine_cpu_s: f64,
+}
+
+/// User + system CPU seconds of the calling thread.
+fn thread_cpu_s() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    s(ru.ru_utime) + s(ru.ru_stime)
+}
+
+/// Copies `file` from node `from` to each node of `to` over TCP, all at once, into
+/// `<out_dir>/tcp-<node>.out`; checks every copy's length.
+pub fn tcp_copy(
+    bed: &Testbed,
+    file: &std::path::Path,
+    from: usize,
+    to: &[usize],
+    out_dir: &std::path::Path,
+) -> anyhow::Result<TcpCopy> {
+    use std::os::fd::AsRawFd;
+    let len = std::fs::metadata(file)?.len();
+    let addr = SocketAddrV4::new(identity_addr(from), 5003);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (file, receivers) = (file.to_path_buf(), to.len());
+    let sender = bed.in_netns(from, move || -> anyhow::Result<f64> {
+        let listener = TcpListener::bind(addr)?;
+        ready_tx.send(()).ok();
+        let mut conns = Vec::new();
+        for _ in 0..receivers {
+            conns.push(listener.accept()?.0);
+        }
+        // One thread per receiver, as a server would; threads keep this namespace.
+        let threads: Vec<_> = conns
+            .into_iter()
+            .map(|conn| {
+                let file = file.clone();
+                std::thread::spawn(move || -> anyhow::Result<f64> {
+                    let f = std::fs::File::open(&file)?;
+                    let mut off: libc::off_t = 0;
+                    while (off as u64) < len {
+                        let left = (len - off as u64).min(1 << 30) as usize;
+                        // SAFETY: two valid descriptors and an offset we own.
+                        let n = unsafe {
+                            libc::sendfile(conn.as_raw_fd(), f.as_raw_fd(), &mut off, left)
+                        };
+                        if n <= 0 {
+                            anyhow::bail!("sendfile: {}", std::io::Error::last_os_error());
+                        }
+                    }
+                    conn.shutdown(std::net::Shutdown::Write)?;
+                    // Wait for the receiver to close: the copy is only done when it has it all.
+                    let mut b = [0u8; 1];
+                    let _ = (&conn).read(&mut b);
+                    Ok(thread_cpu_s())
+                })
+            })
+            .collect();
+        let mut cpu = thread_cpu_s();
+        for t in threads {
+            cpu += t
+                .join()
+                .map_err(|_| anyhow::anyhow!("sender thread panicked"))??;
+        }
+        Ok(cpu)
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|_| anyhow::anyhow!("the TCP sender did not start"))?;
+    let cpu0 = machine_busy_s();
+    let start = Instant::now();
+    let readers: Vec<_> = to
+        .iter()
+        .map(|&node| {
+            let out = out_dir.join(format!("tcp-{node}.out"));
+            bed.in_netns(node, move || -> anyhow::Result<(f64, f64)> {
+                let mut conn = TcpStream::connect(addr)?;
+                let mut f = std::fs::File::create(&out)?;
+                let mut buf = vec![0u8; 1 << 20];
+                let mut got = 0u64;
+                loop {
+                    let n = conn.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    f.write_all(&buf[..n])?;
+                    got += n as u64;
+                }
+                let done = start.elapsed().as_secs_f64();
+                drop(f);
+                let _ = std::fs::remove_file(&out);
+                anyhow::ensure!(got == len, "received {got} of {len} bytes");
+                Ok((done, thread_cpu_s()))
+            })
+        })
+        .collect();
+    let mut done_s = Vec::new();
+    let mut cpu_s = 0.0;
+    for r in readers {
+        let (done, cpu) = r
+            .join()
+            .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+        done_s.push(done);
+        cpu_s += cpu;
+    }
+    cpu_s += sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    Ok(TcpCopy {
+        done_s,
+        cpu_s,
+        machine_cpu_s: machine_busy_s() - cpu0,
+    })
+}
