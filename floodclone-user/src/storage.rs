@@ -104,6 +104,8 @@ pub struct ChunkStore {
     /// Destination only: where the file goes when complete.
     out: Option<PathBuf>,
     have: Mutex<ChunkSet>,
+    /// Held while a chunk is written (see [`ChunkStore::write_chunk`]).
+    writing: Mutex<()>,
 }
 
 impl ChunkStore {
@@ -142,6 +144,7 @@ impl ChunkStore {
             path,
             out,
             have: Mutex::new(have),
+            writing: Mutex::new(()),
         }
     }
 
@@ -299,6 +302,10 @@ impl ChunkStore {
             return Ok(true);
         }
         let (off, _) = self.layout.chunk_range(c);
+        // One writer at a time: ext4 takes the inode's lock for every buffered write, and two
+        // workers writing at once spun on it (6.6% of the machine at 2 Gbit/s; a waiting
+        // thread sleeps on this lock instead).
+        let _one_writer = self.writing.lock().unwrap();
         self.file
             .write_all_at(data, off)
             .map_err(|source| StorageError::Write {

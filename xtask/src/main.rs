@@ -77,8 +77,9 @@ enum Cmd {
     /// direct baseline; prints a markdown table and writes JSON lines and the table under
     /// results/.
     Bench {
-        /// Topology files (default: every file in topologies/).
-        #[arg(long = "topology")]
+        /// Topology files (default: every file in topologies/; a shell glob works:
+        /// `--topology topologies/gigabit/*.toml`).
+        #[arg(long = "topology", num_args = 1..)]
         topologies: Vec<PathBuf>,
         /// File size, e.g. 64MiB.
         #[arg(long, default_value = "64MiB", value_parser = parse_size)]

@@ -1017,6 +1017,7 @@ pub fn generate(g: &GenOptions) -> Topology {
         links,
         events,
         cross: Vec::new(),
+        mtu: None,
     }
 }
 

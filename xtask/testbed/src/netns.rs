@@ -196,7 +196,7 @@ impl Testbed {
             let (na, nb) = (&topo.nodes[l.a].name, &topo.nodes[l.b].name);
             let (ns_a, ns_b) = (self.netns(l.a), self.netns(l.b));
             if !l.has_propagation() {
-                veth(&ns_a, &iface_name(nb), &ns_b, &iface_name(na), 0)?;
+                veth(&ns_a, &iface_name(nb), &ns_b, &iface_name(na), 0, topo.mtu)?;
                 continue;
             }
             // a's end - [ea  delay line  eb] - b's end. A lossy link segments at its ends,
@@ -208,8 +208,8 @@ impl Testbed {
             } else {
                 0
             };
-            veth(&ns_a, &iface_name(nb), &wire, delayline::END_A, segs)?;
-            veth(&ns_b, &iface_name(na), &wire, delayline::END_B, segs)?;
+            veth(&ns_a, &iface_name(nb), &wire, delayline::END_A, segs, None)?;
+            veth(&ns_b, &iface_name(na), &wire, delayline::END_B, segs, None)?;
             run(
                 Command::new("ip").args(["-n", &wire, "-batch", "-"]),
                 Some(&format!(
@@ -441,8 +441,16 @@ impl Drop for Testbed {
 }
 
 /// A veth pair: `name_a` in namespace `ns_a`, `name_b` in `ns_b`, both with the testbed's
-/// GSO size; `gso_max_segs` > 0 caps the segments per packet (1: no offload).
-fn veth(ns_a: &str, name_a: &str, ns_b: &str, name_b: &str, gso_max_segs: u32) -> Result<()> {
+/// GSO size; `gso_max_segs` > 0 caps the segments per packet (1: no offload); `mtu` when
+/// not the default 1500.
+fn veth(
+    ns_a: &str,
+    name_a: &str,
+    ns_b: &str,
+    name_b: &str,
+    gso_max_segs: u32,
+    mtu: Option<u32>,
+) -> Result<()> {
     let gso_max_size = GSO_MAX_SIZE.to_string();
     let segs = gso_max_segs.to_string();
     let end = |name: &'static str, ns: &str, dev: &str| {
@@ -455,6 +463,9 @@ fn veth(ns_a: &str, name_a: &str, ns_b: &str, name_b: &str, gso_max_segs: u32) -
         v.extend(["gso_max_size".into(), gso_max_size.clone()]);
         if gso_max_segs > 0 {
             v.extend(["gso_max_segs".into(), segs.clone()]);
+        }
+        if let Some(m) = mtu {
+            v.extend(["mtu".into(), m.to_string()]);
         }
         v
     };

@@ -136,6 +136,7 @@ pub fn small_network(seed: u64) -> Topology {
         links: Vec::new(),
         events: Vec::new(),
         cross: Vec::new(),
+        mtu: None,
     };
     if rng.chance(NEAR_MIN_CUT) {
         topo.links = links.clone();

@@ -164,6 +164,8 @@ struct RawTopology {
     events: Vec<RawEvent>,
     #[serde(default)]
     cross: Vec<RawCross>,
+    #[serde(default)]
+    mtu: Option<u32>,
 }
 
 /// A link between node indices `a` and `b` with a rate per direction in Mbit/s.
@@ -272,6 +274,8 @@ pub struct Topology {
     /// Sorted by time.
     pub events: Vec<Event>,
     pub cross: Vec<CrossFlow>,
+    /// Every link's MTU (default: the kernel's 1500); 9000 is a datacenter's jumbo frame.
+    pub mtu: Option<u32>,
 }
 
 fn rates(
@@ -438,7 +442,20 @@ impl Topology {
             links,
             events,
             cross: Vec::new(),
+            mtu: raw.mtu,
         };
+        if let Some(m) = topo.mtu {
+            if !(1280..=65535).contains(&m) {
+                return Err(TopologyError::Invalid(format!("mtu {m}: 1280 to 65535")));
+            }
+            if topo.links.iter().any(|l| l.has_propagation()) {
+                return Err(TopologyError::Invalid(
+                    "mtu: only on links without delay, jitter or loss (the delay line \
+                     carries 1500-byte frames)"
+                        .into(),
+                ));
+            }
+        }
         for d in topo.destinations() {
             if topo.hop_distances(topo.source())[d].is_none() {
                 return Err(TopologyError::Invalid(format!(
@@ -652,7 +669,11 @@ impl Topology {
             Role::Router => "router",
         };
         let name = |i: usize| &self.nodes[i].name;
-        let mut s = format!("description = {:?}\n\n", self.description);
+        let mut s = format!("description = {:?}\n", self.description);
+        if let Some(m) = self.mtu {
+            s += &format!("mtu = {m}\n");
+        }
+        s += "\n";
         for n in &self.nodes {
             s += &format!(
                 "[[node]]\nname = {:?}\nrole = \"{}\"\n",
@@ -821,6 +842,21 @@ mod tests {
         assert_eq!((l.prop_ab.delay_ms, l.prop_ba.delay_ms), (30.0, 0.0));
         assert_eq!((l.prop_ab.loss, l.prop_ba.loss), (0.0, 0.01));
         assert!(!Topology::parse("x", SMALL).unwrap().links[0].has_propagation());
+    }
+
+    #[test]
+    fn an_mtu_applies_to_every_link_and_survives_a_round_trip() {
+        let jumbo = format!("mtu = 9000\n{SMALL}");
+        let t = Topology::parse("j", &jumbo).unwrap();
+        assert_eq!(t.mtu, Some(9000));
+        assert_eq!(Topology::parse("j", &t.to_toml()).unwrap().mtu, Some(9000));
+        assert_eq!(Topology::parse("s", SMALL).unwrap().mtu, None);
+        assert!(Topology::parse("j", &format!("mtu = 100\n{SMALL}")).is_err());
+        let delayed = jumbo.replace("mbit_ba = 10", "mbit_ba = 10\ndelay_ms = 20");
+        assert!(
+            Topology::parse("j", &delayed).is_err(),
+            "the delay line carries 1500"
+        );
     }
 
     #[test]
