@@ -622,7 +622,9 @@ impl Source {
         };
         let known = store.known();
         let count = self.layout.chunk_count();
-        while self.announced < known || (done && !self.file_hash_announced) {
+        // The file's hash goes with the last chunk hashes (alone for an empty file).
+        let complete = store.file_hash().is_some();
+        while self.announced < known || (complete && !self.file_hash_announced) {
             let to = known.min(self.announced + MAX_HASHES_PER_MSG as u32);
             let file_hash = store.file_hash().filter(|_| to == count);
             let msg = Msg::Hashes {
