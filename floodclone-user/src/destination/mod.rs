@@ -91,8 +91,7 @@ enum Local {
     Traced(Msg),
 }
 
-/// The destination's state.
-/// A Welcome's contents.
+/// A Welcome's contents (kept as they are while the Welcome is held).
 struct HeldWelcome {
     you: MemberId,
     manifest: Manifest,
@@ -100,6 +99,7 @@ struct HeldWelcome {
     relay: bool,
 }
 
+/// The destination's state.
 struct Destination {
     cfg: RecvConfig,
     routes: Routes,
@@ -492,36 +492,27 @@ impl Destination {
     /// back until it is complete: with `--expect` (the file is checked before anything is
     /// written), and with an earlier run's state to resume (it names the file by its hash).
     fn on_welcome(&mut self, node: &mut Node, welcome: HeldWelcome) -> Step {
-        let HeldWelcome {
-            you,
-            manifest,
-            members,
-            relay,
-        } = welcome;
-        self.relay = relay;
+        self.relay = welcome.relay;
         if let Some(store) = node.ctx.store.get() {
-            if !store.manifest(u32::MAX).agrees_with(&manifest) {
+            if !store.manifest(u32::MAX).agrees_with(&welcome.manifest) {
                 return Step::Stop(Err(NodeError::Other(
                     "the source restarted with a different file".into(),
                 )));
             }
-            if let Err(e) = store.add_hashes(0, &manifest.chunk_hashes, manifest.file_hash) {
+            let m = &welcome.manifest;
+            if let Err(e) = store.add_hashes(0, &m.chunk_hashes, m.file_hash) {
                 return Step::Stop(Err(e.into()));
             }
             if let Some(pl) = self.puller.as_mut() {
                 pl.set_verifiable(store.known());
             }
-        } else if !manifest.is_complete()
+        } else if !welcome.manifest.is_complete()
             && (self.cfg.expect.is_some() || storage::state_path(&self.cfg.out).exists())
         {
-            self.held_welcome = Some(HeldWelcome {
-                you,
-                manifest,
-                members,
-                relay,
-            });
+            self.held_welcome = Some(welcome);
             return Step::Continue;
         } else {
+            let (you, manifest) = (welcome.you, &welcome.manifest);
             if let (Some(want), Some(got)) = (self.cfg.expect, manifest.file_hash) {
                 if want != got {
                     return Step::Stop(Err(NodeError::Other(format!(
@@ -570,7 +561,7 @@ impl Destination {
                 },
             );
         }
-        self.members = with_source_addr(members, self.cfg.source);
+        self.members = with_source_addr(welcome.members, self.cfg.source);
         let _ = self.gateway_checks.drop_refuted(&mut self.members);
         self.answer_who_asked(node);
         self.rediscover_needed = true;
