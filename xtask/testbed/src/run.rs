@@ -294,14 +294,8 @@ fn pipe_lines(child: &mut Child, who: usize, tx: mpsc::Sender<(usize, String)>) 
 pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<RunReport> {
     let floor =
         bound::floor(&topo.with_upload_caps_as_links(), opts.bytes).map_err(anyhow::Error::msg)?;
-    let work = std::env::temp_dir().join(format!(
-        "floodclone-run-{}-{}",
-        std::process::id(),
-        topo.name
-    ));
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work)?;
-    let cleanup = ScratchDir(work.clone());
+    let (cleanup, src) = ScratchDir::with_test_file("run", topo, opts.bytes)?;
+    let work = cleanup.0.clone();
     let log_dir = opts.logs.clone().unwrap_or_else(|| work.clone());
     std::fs::create_dir_all(&log_dir)
         .with_context(|| format!("creating the log directory {}", log_dir.display()))?;
@@ -324,8 +318,6 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         }
         seen[who].note(line, t);
     };
-    let src = work.join("source.bin");
-    write_test_file(&src, opts.bytes, 0x5eed ^ opts.bytes)?;
     let want = file_hash(&src).context("hashing the source file")?;
 
     netns::ensure_host_bpffs()?;
@@ -673,6 +665,24 @@ impl NodeEvents {
 /// Removes the run's scratch directory when dropped.
 struct ScratchDir(PathBuf);
 
+impl ScratchDir {
+    /// A fresh scratch directory for a `kind` of run over `topo`, holding the file to send
+    /// (`source.bin`, `bytes` of the same pseudo-random data for every kind).
+    fn with_test_file(kind: &str, topo: &Topology, bytes: u64) -> Result<(Self, PathBuf)> {
+        let work = std::env::temp_dir().join(format!(
+            "floodclone-{kind}-{}-{}",
+            std::process::id(),
+            topo.name
+        ));
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work)?;
+        let dir = Self(work.clone());
+        let src = work.join("source.bin");
+        write_test_file(&src, bytes, 0x5eed ^ bytes)?;
+        Ok((dir, src))
+    }
+}
+
 impl Drop for ScratchDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -794,16 +804,8 @@ pub struct TcpReport {
 pub fn run_tcp_copy(topo: &Topology, bytes: u64) -> Result<TcpReport> {
     let floor =
         bound::floor(&topo.with_upload_caps_as_links(), bytes).map_err(anyhow::Error::msg)?;
-    let work = std::env::temp_dir().join(format!(
-        "floodclone-tcp-{}-{}",
-        std::process::id(),
-        topo.name
-    ));
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work)?;
-    let _cleanup = ScratchDir(work.clone());
-    let src = work.join("source.bin");
-    write_test_file(&src, bytes, 0x5eed ^ bytes)?;
+    let (scratch, src) = ScratchDir::with_test_file("tcp", topo, bytes)?;
+    let work = scratch.0.clone();
     netns::ensure_host_bpffs()?;
     let mut bed = Testbed::up(topo)?;
     let copy = crate::traffic::tcp_copy(&bed, &src, topo.source(), &topo.destinations(), &work);
