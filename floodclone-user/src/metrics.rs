@@ -144,30 +144,33 @@ pub fn render(
             })
             .collect()
     };
-    metric(
-        "link_sent_bytes_total",
-        "counter",
-        "Bytes sent to the peer on the interface, IP headers included (in-kernel counters).",
-        &by_link(&|m| m.tx.bytes as f64),
-    );
-    metric(
-        "link_received_bytes_total",
-        "counter",
-        "Bytes received from the peer on the interface, IP headers included (in-kernel counters).",
-        &by_link(&|m| m.rx.bytes as f64),
-    );
-    metric(
-        "link_sent_packets_total",
-        "counter",
-        "Packets sent to the peer on the interface (in-kernel counters).",
-        &by_link(&|m| m.tx.packets as f64),
-    );
-    metric(
-        "link_received_packets_total",
-        "counter",
-        "Packets received from the peer on the interface (in-kernel counters).",
-        &by_link(&|m| m.rx.packets as f64),
-    );
+    // The in-kernel counters, one row per link: all counters.
+    type LinkFigure = fn(&crate::meter::LinkMeter) -> f64;
+    let link_counters: [(&str, &str, LinkFigure); 4] = [
+        (
+            "link_sent_bytes_total",
+            "Bytes sent to the peer on the interface, IP headers included (in-kernel counters).",
+            |m| m.tx.bytes as f64,
+        ),
+        (
+            "link_received_bytes_total",
+            "Bytes received from the peer on the interface, IP headers included (in-kernel counters).",
+            |m| m.rx.bytes as f64,
+        ),
+        (
+            "link_sent_packets_total",
+            "Packets sent to the peer on the interface (in-kernel counters).",
+            |m| m.tx.packets as f64,
+        ),
+        (
+            "link_received_packets_total",
+            "Packets received from the peer on the interface (in-kernel counters).",
+            |m| m.rx.packets as f64,
+        ),
+    ];
+    for (name, help, figure) in link_counters {
+        metric(name, "counter", help, &by_link(&figure));
+    }
     let rtt_rows: Vec<(String, f64)> = rtts
         .iter()
         .map(|r| {
