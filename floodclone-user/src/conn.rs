@@ -680,10 +680,12 @@ async fn receive_chunk(ctx: Arc<ConnContext>, key: ConnKey, mut s: quinn::RecvSt
     let len = store.layout().chunk_range(chunk).1;
     let outcome = match s.read_to_end(len).await {
         Ok(data) if data.len() < len => ChunkOutcome::Short(data.len()),
+        // Almost always the hash is here already: no timer then.
         Ok(_)
-            if tokio::time::timeout(HASH_WAIT, store.hash_known(chunk))
-                .await
-                .is_err() =>
+            if store.known() <= chunk
+                && tokio::time::timeout(HASH_WAIT, store.hash_known(chunk))
+                    .await
+                    .is_err() =>
         {
             ChunkOutcome::NoHash
         }

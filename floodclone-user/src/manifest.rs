@@ -71,7 +71,7 @@ impl Manifest {
         while let Some(h) = hasher.next_hash()? {
             manifest.chunk_hashes.push(h);
         }
-        manifest.file_hash = Some(root_of(&manifest.chunk_hashes));
+        manifest.seal()?;
         Ok(manifest)
     }
 
@@ -134,6 +134,19 @@ impl Manifest {
             Some(old) if old != f => Err(ManifestError::Inconsistent("the file's hash changed")),
             old => Ok(old.is_none()),
         }
+    }
+
+    /// The file's hash from its chunk hashes, once all of them are here: the source's own,
+    /// computed once (a member is given the file's hash and checks it, [`Manifest::extend`]).
+    pub fn seal(&mut self) -> Result<[u8; 32], ManifestError> {
+        if self.known() != self.chunk_count() {
+            return Err(ManifestError::Inconsistent(
+                "sealed before every chunk was hashed",
+            ));
+        }
+        Ok(*self
+            .file_hash
+            .get_or_insert_with(|| root_of(&self.chunk_hashes)))
     }
 
     /// Whether `other` can describe the same file: the same layout, the same hashes where
@@ -418,6 +431,12 @@ mod tests {
         assert!(m.extend(1, &h[1..], whole.file_hash).unwrap());
         assert_eq!(m, whole);
         assert_eq!(whole.prefix(whole.chunk_count()), whole);
+        // The source seals its own: only with every chunk hashed.
+        let mut own = whole.prefix(3);
+        assert!(own.seal().is_err());
+        own.extend(3, &h[3..], None).unwrap();
+        assert_eq!(Some(own.seal().unwrap()), whole.file_hash);
+        assert_eq!(own, whole);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -159,12 +159,10 @@ fn hash_in_background(
             if !done && hashed < (2 * first).clamp(1, first + HASH_REPORT_MAX) {
                 continue;
             }
-            let file_hash = done.then(|| {
-                let mut all = store.hashes(0, first);
-                all.extend_from_slice(&batch);
-                manifest::root_of(&all)
-            });
-            store.add_hashes(first, &batch, file_hash)?;
+            store.add_hashes(first, &batch, None)?;
+            if done {
+                store.seal_hashes()?;
+            }
             (first, batch) = (hashed, Vec::new());
             if tell.send(SourceLocal::Hashed { done }).is_err() || done {
                 return Ok(());

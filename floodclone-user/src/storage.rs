@@ -245,6 +245,12 @@ impl ChunkStore {
         Ok(completed)
     }
 
+    /// The source's last step of hashing: the file's hash from the chunk hashes
+    /// ([`Manifest::seal`]).
+    pub fn seal_hashes(&self) -> Result<[u8; 32], ManifestError> {
+        self.manifest.write().unwrap().seal()
+    }
+
     /// Waits until chunk `c`'s hash is known (it may arrive just after the chunk does: they
     /// travel on different streams).
     pub async fn hash_known(&self, c: ChunkId) {
