@@ -339,3 +339,30 @@ fn metrics_move_during_a_transfer_and_count_the_bytes() {
     assert!((1.0..1.15).contains(&overhead), "{overhead}");
     drop(send);
 }
+
+#[test]
+fn thirty_destinations_on_one_testbed_complete() {
+    if !root_or_skip("thirty_destinations_on_one_testbed_complete") {
+        return;
+    }
+    // A two-level tree: S feeds 5 destinations at 20 Mbit/s, each of which feeds 5 more at
+    // 10 Mbit/s: 30 destinations, 31 QUIC endpoints on the machine's cores.
+    let mut nodes = vec![r#"{name="s",role="source"}"#.to_string()];
+    let mut links = Vec::new();
+    for i in 1..=30 {
+        nodes.push(format!(r#"{{name="d{i}",role="dest"}}"#));
+        let (parent, mbit) = if i <= 5 {
+            ("s".to_string(), 20)
+        } else {
+            (format!("d{}", (i - 6) / 5 + 1), 10)
+        };
+        links.push(format!(r#"{{a="{parent}",b="d{i}",mbit={mbit}}}"#));
+    }
+    let topo = Topology::parse(
+        "thirty",
+        &format!("node = [{}]\nlink = [{}]", nodes.join(","), links.join(",")),
+    )
+    .unwrap();
+    let report = floodclone_tests::transfer(&topo, &RunOptions::new(4 << 20));
+    assert_eq!(report.dests.len(), 30);
+}

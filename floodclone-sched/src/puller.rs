@@ -278,6 +278,36 @@ impl Puller {
         self.flights.len()
     }
 
+    /// What this node holds and waits on, for a log line when nothing arrives for long:
+    /// held, verifiable and in-flight chunks, and per neighbour (by id) what it holds, what
+    /// we asked of it, and whether it still hands out fresh chunks.
+    pub fn describe(&self) -> String {
+        let peers: Vec<String> = self
+            .peers
+            .iter()
+            .map(|(id, p)| {
+                format!(
+                    "{id} holds {} asked {}{}",
+                    p.have.count(),
+                    p.in_use(),
+                    if p.fresh_open { " fresh" } else { "" }
+                )
+            })
+            .collect();
+        format!(
+            "{} of {} chunks held, {} verifiable, {} in flight; neighbours: {}",
+            self.have.count(),
+            self.have.len(),
+            self.verifiable,
+            self.flights.len(),
+            if peers.is_empty() {
+                "none".into()
+            } else {
+                peers.join(", ")
+            }
+        )
+    }
+
     pub fn peer_rate_bps(&self, peer: MemberId) -> Option<f64> {
         self.peers.get(&peer).and_then(|p| p.rate.bps())
     }
@@ -976,6 +1006,41 @@ mod tests {
 
     fn cfg() -> SchedConfig {
         SchedConfig::new(1000)
+    }
+
+    #[test]
+    fn a_fresh_chunk_that_fails_is_asked_of_the_source_again() {
+        let mut p = Puller::new(cfg(), ChunkSet::new(4));
+        p.add_peer(0, true);
+        p.peer_bitfield(0, &ChunkSet::full(4));
+        let _ = p.poll(0.0);
+        p.fresh_granted(0, &[0, 1], false, 0.1);
+        p.chunk_done(0, 0, false, 0.2);
+        p.chunk_done(0, 1, true, 0.2);
+        let mut asked = Vec::new();
+        for i in 0..20 {
+            let t = 0.3 + i as f64;
+            for a in p.poll(t) {
+                match a {
+                    Action::Request { chunks, .. } => {
+                        for c in chunks {
+                            asked.push(c);
+                            p.chunk_done(0, c, true, t + 0.1);
+                        }
+                    }
+                    Action::RequestFresh { .. } => {
+                        let rest: Vec<ChunkId> =
+                            (2..4).filter(|c| !p.have().contains(*c)).collect();
+                        p.fresh_granted(0, &rest, true, t);
+                        for c in rest {
+                            p.chunk_done(0, c, true, t + 0.1);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        assert!(p.is_complete(), "asked again: {asked:?}");
     }
 
     #[test]

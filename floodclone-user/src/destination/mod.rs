@@ -50,6 +50,10 @@ const SOURCE_GONE_FOR_GOOD: Duration = Duration::from_secs(10);
 const FAILED_NOTICE: Duration = Duration::from_millis(300);
 /// A neighbour whose chunks fail verification this many times is never pulled from again.
 const MAX_BAD_CHUNKS: u32 = 3;
+/// Seconds without a verified chunk (or, before one, without a Welcome) after which the log
+/// says what this node waits on, and again every this long: a transfer that stops must be
+/// diagnosable from its logs.
+const STALL_REPORT_S: f64 = 10.0;
 
 /// How a member is named to a person: its address (member ids are internal).
 fn member_name(members: &[Member], id: MemberId) -> String {
@@ -146,6 +150,10 @@ struct Destination {
     asking: ShortLived,
     /// Connections that asked who we are before we knew (answered once welcomed).
     asked_who: Vec<ConnKey>,
+    /// When (seconds from start) a chunk was last verified here (0 before any).
+    last_stored_s: f64,
+    /// When a stall was last reported (see [`STALL_REPORT_S`]).
+    stall_reported_s: f64,
 }
 
 impl Role for Destination {
@@ -230,6 +238,7 @@ impl Destination {
             node.counts.chunks_duplicate = pl.duplicates;
         }
         node.measure();
+        self.report_stall(node);
         self.expire_gateway_checks(node);
         // Neighbours compare it with their own hops to us and to the source.
         let hops = node.meters.hops_to(*self.cfg.source.ip());
@@ -311,6 +320,8 @@ impl Destination {
             gateway_checks: GatewayChecks::default(),
             asking: ShortLived::new(CHECK_TIMEOUT),
             asked_who: Vec::new(),
+            last_stored_s: 0.0,
+            stall_reported_s: 0.0,
         }
     }
 
@@ -653,6 +664,7 @@ impl Destination {
         tracing::trace!(target: "floodclone::chunks", peer = p, chunk, %outcome, "chunk arrived");
         node.counts.chunks_failed += u64::from(!ok);
         if ok {
+            self.last_stored_s = node.now();
             if let Some(store) = node.ctx.store.get() {
                 self.feeders
                     .received(p, store.layout().chunk_range(chunk).1 as u64);
@@ -678,6 +690,39 @@ impl Destination {
                 "chunk {chunk} from {} {outcome}; fetching it again",
                 member_name(&self.members, p)
             );
+        }
+    }
+
+    /// Nothing arrived for [`STALL_REPORT_S`]: the log says what this node waits on, once
+    /// per that period.
+    fn report_stall(&mut self, node: &Node) {
+        let now = node.now();
+        if self.complete.is_some()
+            || self.finalizing
+            || now - self.last_stored_s < STALL_REPORT_S
+            || now - self.stall_reported_s < STALL_REPORT_S
+        {
+            return;
+        }
+        self.stall_reported_s = now;
+        let idle = now - self.last_stored_s;
+        let connected = node.conns.dialed_to(SOURCE).is_some();
+        match (&self.puller, &self.held_welcome) {
+            (Some(pl), _) => tracing::warn!(
+                "no chunk for {idle:.0} s: {}; pulling from {:?}; connected to the source: \
+                 {connected}",
+                pl.describe(),
+                self.neighbours
+            ),
+            (None, Some(held)) => tracing::warn!(
+                "{now:.0} s in, the Welcome is held until its manifest is complete: {} of {} \
+                 chunk hashes",
+                held.manifest.known(),
+                held.manifest.chunk_count()
+            ),
+            (None, None) => tracing::info!(
+                "{now:.0} s in, not welcomed by the source yet; connected to it: {connected}"
+            ),
         }
     }
 

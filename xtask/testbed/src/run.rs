@@ -416,22 +416,23 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         // Live: each destination's share every second, from its progress events.
         if !opts.quiet && last_live.elapsed() >= Duration::from_secs(1) {
             last_live = Instant::now();
-            let shares: Vec<String> = dests
-                .iter()
-                .map(|&d| {
-                    let held = seen[d].progress.last().map_or(0, |p| p.1);
-                    let pct = if opts.bytes == 0 {
-                        100.0
-                    } else {
-                        held as f64 * 100.0 / opts.bytes as f64
-                    };
-                    format!("{} {pct:3.0}%", topo.nodes[d].name)
-                })
-                .collect();
+            let pct = |d: usize| {
+                let held = seen[d].progress.last().map_or(0, |p| p.1);
+                if opts.bytes == 0 {
+                    100.0
+                } else {
+                    held as f64 * 100.0 / opts.bytes as f64
+                }
+            };
             eprintln!(
                 "  t={:5.1}s  {}",
                 started.elapsed().as_secs_f64(),
-                shares.join("  ")
+                live_shares(
+                    &dests
+                        .iter()
+                        .map(|&d| (topo.nodes[d].name.as_str(), pct(d)))
+                        .collect::<Vec<_>>()
+                )
             );
         }
         cross.sample(started.elapsed().as_secs_f64());
@@ -480,11 +481,18 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
             .fold(0.0, f64::max)
     });
     if !all_ok && !opts.quiet {
-        for n in &topo.nodes {
+        // The end of each log: what a node said last is what tells why it stopped or
+        // stalled, and thirty whole logs bury it (a CI log keeps its head and tail only).
+        for (i, n) in topo.nodes.iter().enumerate() {
             let p = log_path(&n.name);
             let text = std::fs::read_to_string(&p).unwrap_or_default();
-            if !text.trim().is_empty() {
-                eprintln!("--- {}:\n{}", p.display(), text.trim());
+            let keep = if i == s {
+                FAILED_LOG_LINES * 4
+            } else {
+                FAILED_LOG_LINES
+            };
+            if let Some(tail) = last_lines(&text, keep) {
+                eprintln!("--- {} (last {keep} lines at most):\n{tail}", p.display());
             }
         }
     }
@@ -770,6 +778,39 @@ pub fn render(r: &RunReport) -> String {
         }
     }
     s
+}
+
+/// Lines of a failed run's node log shown (the source's: four times as many).
+const FAILED_LOG_LINES: usize = 15;
+/// Up to this many destinations, the live line names each; beyond, it summarises.
+const LIVE_NAMED_MAX: usize = 12;
+
+/// The last `n` lines of `text`, or None when it is empty.
+fn last_lines(text: &str, n: usize) -> Option<String> {
+    let lines: Vec<&str> = text.trim().lines().collect();
+    (!lines.is_empty()).then(|| lines[lines.len().saturating_sub(n)..].join("\n"))
+}
+
+/// One live progress line: each destination's share, or for many of them the least, the
+/// median, the most, and how many are done.
+fn live_shares(shares: &[(&str, f64)]) -> String {
+    if shares.len() <= LIVE_NAMED_MAX {
+        let named: Vec<String> = shares
+            .iter()
+            .map(|(n, p)| format!("{n} {p:3.0}%"))
+            .collect();
+        return named.join("  ");
+    }
+    let mut pcts: Vec<f64> = shares.iter().map(|s| s.1).collect();
+    pcts.sort_by(f64::total_cmp);
+    let done = pcts.iter().filter(|&&p| p >= 100.0).count();
+    format!(
+        "{} destinations: least {:3.0}%  median {:3.0}%  most {:3.0}%  done {done}",
+        pcts.len(),
+        pcts[0],
+        pcts[pcts.len() / 2],
+        pcts[pcts.len() - 1]
+    )
 }
 
 /// Fails unless every destination holds a verified copy.
