@@ -677,9 +677,13 @@ impl ScratchDir {
     /// A fresh scratch directory for a `kind` of run over `topo`, holding the file to send
     /// (`source.bin`, `bytes` of the same pseudo-random data for every kind).
     fn with_test_file(kind: &str, topo: &Topology, bytes: u64) -> Result<(Self, PathBuf)> {
+        // Unique per call, not only per process and topology: two tests of one binary run
+        // the same topology at once, and each would remove the other's files.
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let work = std::env::temp_dir().join(format!(
-            "floodclone-{kind}-{}-{}",
+            "floodclone-{kind}-{}-{}-{}",
             std::process::id(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             topo.name
         ));
         let _ = std::fs::remove_dir_all(&work);
