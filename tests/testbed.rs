@@ -429,3 +429,75 @@ fn completions_load_in_bash_and_the_man_page_renders() {
         Err(e) => eprintln!("man not found ({e}): the page was written but not rendered"),
     }
 }
+
+/// `cargo xtask dist`'s package holds what it says and works where it is unpacked: the
+/// binary runs, `man -l` reads the page, bash loads the completions, the units run the
+/// packaged binary, and this host's glibc satisfies the declared `libc6` dependency.
+#[test]
+fn the_debian_package_installs_into_a_scratch_root_and_works() {
+    use std::process::Command;
+    let have = |tool: &str| Command::new(tool).arg("--version").output().is_ok();
+    if !have("dpkg-deb") || !have("man") {
+        eprintln!("skipping the_debian_package_installs_into_a_scratch_root_and_works: no dpkg-deb or man");
+        return;
+    }
+    let scratch = Scratch::new("dist");
+    let deb = floodclone_testbed::dist::build_deb(&floodclone_bin(), &scratch.0).unwrap();
+    let root = scratch.0.join("root");
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root));
+    let version = run(Command::new(root.join("usr/bin/floodclone")).arg("--version"));
+    assert_eq!(
+        version.trim(),
+        format!("floodclone {}", env!("CARGO_PKG_VERSION"))
+    );
+    let page = run(Command::new("man")
+        .arg("-l")
+        .arg(root.join("usr/share/man/man1/floodclone.1.gz"))
+        .env("MANPAGER", "cat")
+        .env("MANWIDTH", "80"));
+    assert!(
+        page.contains("floodclone") && page.contains("send"),
+        "{page}"
+    );
+    let completion = root.join("usr/share/bash-completion/completions/floodclone");
+    let loaded = run(Command::new("bash").arg("-c").arg(format!(
+        "source '{}' && complete -p floodclone",
+        completion.display()
+    )));
+    assert!(loaded.contains("floodclone"), "{loaded}");
+    for unit in ["floodclone-send.service", "floodclone-recv.service"] {
+        let text = std::fs::read_to_string(root.join("lib/systemd/system").join(unit)).unwrap();
+        assert!(
+            text.contains("ExecStart=/usr/bin/floodclone "),
+            "{unit}: {text}"
+        );
+        assert!(!text.contains("/usr/local/bin"), "{unit}: {text}");
+    }
+    let depends = run(Command::new("dpkg-deb")
+        .args(["-f"])
+        .arg(&deb)
+        .arg("Depends"));
+    let needed = depends
+        .trim()
+        .strip_prefix("libc6 (>= ")
+        .and_then(|v| v.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("Depends: {depends}"));
+    let libc = run(Command::new("dpkg-query").args(["-W", "-f=${Version}", "libc6"]));
+    let ok = Command::new("dpkg")
+        .args(["--compare-versions", libc.trim(), "ge", needed])
+        .status()
+        .unwrap();
+    assert!(
+        ok.success(),
+        "libc6 {libc} here, the package wants >= {needed}"
+    );
+}

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use floodclone_events::units::parse_size;
 use floodclone_testbed::{
@@ -27,6 +27,13 @@ enum Cmd {
     Setup,
     /// Setup, then build the floodclone binary (release).
     Build,
+    /// Setup, build, then a Debian package: the binary, its systemd units, manual page and
+    /// shell completions (`dpkg -i` it on any Debian host; no Rust needed there).
+    Dist {
+        /// Directory to write `floodclone_<version>_<arch>.deb` in.
+        #[arg(long, default_value = "target/dist")]
+        out: PathBuf,
+    },
     /// Emulated testbed from a topology file.
     Testbed {
         #[command(subcommand)]
@@ -220,6 +227,13 @@ fn main() -> Result<()> {
         Cmd::Setup => setup::ensure(false)?,
         Cmd::Build => {
             build_floodclone()?;
+        }
+        Cmd::Dist { out } => {
+            let bin = build_floodclone()?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let deb = floodclone_testbed::dist::build_deb(&bin, &out)?;
+            println!("{}", deb.display());
+            eprintln!("install it with: sudo apt install ./{}", deb.display());
         }
         Cmd::Sim {
             topology,

@@ -4,11 +4,12 @@
 //! made in userspace ([`delayline`]), the max-flow floor
 //! ([`bound`]), one real transfer on it ([`run`]) with its picture ([`picture`]), test
 //! traffic ([`traffic`]), and what it takes to get there: the tools ([`setup`]) and the
-//! `floodclone` binary ([`build`]).
+//! `floodclone` binary ([`build`]), and its Debian package ([`dist`]).
 
 pub mod bound;
 pub mod build;
 pub mod delayline;
+pub mod dist;
 pub mod idle;
 pub mod netns;
 pub mod picture;

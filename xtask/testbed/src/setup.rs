@@ -60,6 +60,11 @@ const PACKAGES: &[Package] = &[
         name: "pkg-config",
         witness: "/usr/bin/pkg-config",
     },
+    // `man -l` on the packaged manual page (`cargo xtask dist`'s test).
+    Package {
+        name: "man-db",
+        witness: "/usr/bin/man",
+    },
 ];
 
 fn status(cmd: &mut Command) -> Result<(), SetupError> {
