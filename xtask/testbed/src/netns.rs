@@ -405,6 +405,25 @@ impl Testbed {
         })
     }
 
+    /// Bytes `node` has sent toward `peer` since the testbed was built: its interface's
+    /// kernel counter (Ethernet headers included, as the link's shaping counts them).
+    pub fn tx_bytes(&self, node: usize, peer: usize) -> Option<u64> {
+        let dev = iface_name(&self.topo.nodes[peer].name);
+        let out = ip(&[
+            "-n",
+            &self.netns(node),
+            "-s",
+            "-j",
+            "link",
+            "show",
+            "dev",
+            &dev,
+        ])
+        .ok()?;
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        v.get(0)?.get("stats64")?.get("tx")?.get("bytes")?.as_u64()
+    }
+
     /// Removes everything: kills processes inside the namespaces, deletes them.
     pub fn down(&mut self) {
         if self.torn_down {

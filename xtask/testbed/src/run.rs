@@ -91,8 +91,9 @@ pub struct RunReport {
     /// Busy CPU seconds of the whole machine from `send`'s start until the source heard the
     /// last copy was done (every process, the kernel's forwarding and shaping).
     pub machine_cpu_s: Option<f64>,
-    /// Copies of the file each member sent over each link direction (from -> to), from
-    /// the in-kernel counters (wire bytes / file bytes, so ~1.05 is one copy plus headers).
+    /// Copies of the file sent over each link direction (from -> to): a member's from its
+    /// in-kernel counters, a router's from its interface's (wire bytes / file bytes, so
+    /// ~1.06 is one copy plus headers; a router's also counts any cross traffic).
     pub link_copies: Vec<(String, String, f64)>,
     /// Where the picture of the run was written.
     pub picture: Option<PathBuf>,
@@ -452,6 +453,15 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
     while let Ok((who, line)) = rx.recv_timeout(Duration::from_millis(100)) {
         note(&mut seen, who, &line, started.elapsed().as_secs_f64());
     }
+    // Routers run no floodclone to count what they forward: their interfaces' counters,
+    // read before the testbed goes, give their link directions' copies.
+    let router_tx: Vec<(usize, usize, u64)> = topo
+        .links
+        .iter()
+        .flat_map(|l| [(l.a, l.b), (l.b, l.a)])
+        .filter(|&(u, _)| topo.nodes[u].role == Role::Router)
+        .filter_map(|(u, v)| bed.tx_bytes(u, v).map(|b| (u, v, b)))
+        .collect();
     let send_exit_ok = send_status.is_some_and(|s| s.success());
     let delay_line_cpu_s = bed.delay_line_cpu_s() - delay_cpu_at_start;
     cross.stop();
@@ -553,7 +563,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         source_cpu_s: seen[s].cpu_s,
         first_chunk_s: seen[s].first_chunk_s,
         machine_cpu_s: machine_cpu_at_u.map(|c| c - machine_cpu_at_start),
-        link_copies: link_copies(topo, &seen, opts.bytes),
+        link_copies: link_copies(topo, &seen, &router_tx, opts.bytes),
         idle_s: idle.iter().fold(0.0, |sum, l| sum + l.seconds),
         source_idle_s: idle
             .iter()
@@ -563,9 +573,24 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
     })
 }
 
-/// Copies per link direction, for the links members send on (interfaces are `v-<peer>`).
-fn link_copies(topo: &Topology, seen: &[NodeEvents], bytes: u64) -> Vec<(String, String, f64)> {
+/// Wire bytes over file bytes for every link direction a member sent on (its eBPF
+/// counters) or a router forwarded on (`router_tx`: sender, receiver, bytes).
+fn link_copies(
+    topo: &Topology,
+    seen: &[NodeEvents],
+    router_tx: &[(usize, usize, u64)],
+    bytes: u64,
+) -> Vec<(String, String, f64)> {
     let mut out = Vec::new();
+    if bytes > 0 {
+        for &(u, v, tx) in router_tx {
+            out.push((
+                topo.nodes[u].name.clone(),
+                topo.nodes[v].name.clone(),
+                tx as f64 / bytes as f64,
+            ));
+        }
+    }
     for (u, ev) in seen.iter().enumerate() {
         for (iface, tx) in &ev.tx_bytes_by_iface {
             if let Some(peer) = iface.strip_prefix("v-") {
