@@ -597,6 +597,18 @@ impl Puller {
 
     /// `peer` says it does not hold `chunk` (any more).
     pub fn dont_have(&mut self, peer: MemberId, chunk: ChunkId) {
+        self.chunk_broken(peer, chunk);
+        if let Some(p) = self.peers.get_mut(&peer) {
+            if p.have.remove(chunk) {
+                self.holders[chunk as usize] = self.holders[chunk as usize].saturating_sub(1);
+            }
+        }
+    }
+
+    /// `chunk`'s stream from `peer` broke off (reset after a cancel, or its connection
+    /// lost): its flight is gone and the chunk may be asked for again. Not a lie, so not
+    /// counted against the sender (as a chunk that fails verification is).
+    pub fn chunk_broken(&mut self, peer: MemberId, chunk: ChunkId) {
         let mut released = false;
         if let Some(fl) = self.flights.get_mut(&chunk) {
             let before = fl.len();
@@ -608,11 +620,6 @@ impl Puller {
         }
         if released {
             self.release(peer);
-        }
-        if let Some(p) = self.peers.get_mut(&peer) {
-            if p.have.remove(chunk) {
-                self.holders[chunk as usize] = self.holders[chunk as usize].saturating_sub(1);
-            }
         }
     }
 
@@ -1006,6 +1013,28 @@ mod tests {
 
     fn cfg() -> SchedConfig {
         SchedConfig::new(1000)
+    }
+
+    #[test]
+    fn a_broken_stream_is_asked_again_without_a_mark_against_its_sender() {
+        let mut p = Puller::new(cfg(), ChunkSet::new(4));
+        p.add_peer(1, false);
+        p.peer_bitfield(1, &ChunkSet::full(4));
+        let asked: Vec<ChunkId> = match &p.poll(0.0)[..] {
+            [Action::Request { peer: 1, chunks }] => chunks.clone(),
+            a => panic!("{a:?}"),
+        };
+        for _ in 0..5 {
+            p.chunk_broken(1, asked[0]);
+        }
+        assert_eq!(p.bad_chunks(1), 0);
+        let again = p.poll(0.1);
+        assert!(
+            again.iter().any(
+                |a| matches!(a, Action::Request { peer: 1, chunks } if chunks.contains(&asked[0]))
+            ),
+            "{again:?}"
+        );
     }
 
     #[test]

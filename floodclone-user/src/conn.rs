@@ -486,7 +486,7 @@ impl Conn {
             let _ = control.send(m);
         }
         let (serve, serve_rx) = ServeQueue::new();
-        let cancelled: Arc<Mutex<HashSet<ChunkId>>> = Arc::default();
+        let cancelled: Arc<Mutex<Cancels>> = Arc::default();
         let mut halves = tokio::task::JoinSet::new();
         // Writer: frames from `control` onto the control stream, in order.
         halves.spawn(async move {
@@ -548,7 +548,7 @@ impl Conn {
         &self,
         msg: Msg,
         serve: &ServeQueue,
-        cancelled: &Mutex<HashSet<ChunkId>>,
+        cancelled: &Mutex<Cancels>,
     ) -> Result<(), &'static str> {
         match msg {
             Msg::Request { chunks } => {
@@ -561,16 +561,11 @@ impl Conn {
                 }
                 let mut cancelled = cancelled.lock().unwrap();
                 for c in chunks {
-                    cancelled.remove(&c);
+                    cancelled.queued.remove(&c);
                     serve.push(c);
                 }
             }
-            Msg::Cancel { chunk } => {
-                let mut cancelled = cancelled.lock().unwrap();
-                if cancelled.len() < MAX_QUEUED_CHUNKS {
-                    cancelled.insert(chunk);
-                }
-            }
+            Msg::Cancel { chunk } => cancelled.lock().unwrap().cancel(chunk),
             msg => {
                 self.ctx.report(ConnEvent::Msg { key: self.key, msg });
             }
@@ -584,7 +579,7 @@ impl Conn {
         &self,
         mut queue: mpsc::UnboundedReceiver<ChunkId>,
         queued: Arc<AtomicUsize>,
-        cancelled: Arc<Mutex<HashSet<ChunkId>>>,
+        cancelled: Arc<Mutex<Cancels>>,
         control: mpsc::UnboundedSender<Msg>,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let (ctx, conn) = (self.ctx.clone(), self.conn.clone());
@@ -593,7 +588,7 @@ impl Conn {
             let mut writing: Option<Arc<tokio::sync::Semaphore>> = None;
             while let Some(c) = queue.recv().await {
                 queued.fetch_sub(1, Ordering::Relaxed);
-                if cancelled.lock().unwrap().remove(&c) {
+                if cancelled.lock().unwrap().queued.remove(&c) {
                     continue;
                 }
                 let Some(store) = ctx.store.get() else {
@@ -634,14 +629,35 @@ impl Conn {
                 let _ = s.set_priority(transport::CONTROL_PRIORITY - 1 - seq);
                 seq = seq.wrapping_add(1).max(0);
                 let conn = conn.clone();
-                // Write in the background so the next chunk's stream opens at once.
+                let cancel = cancelled.lock().unwrap().streaming(c);
+                let cancelled = cancelled.clone();
+                // Write in the background so the next chunk's stream opens at once. Until
+                // the peer has it all, a Cancel resets the stream: what quinn has not sent
+                // yet (often all of it: streams wait their turn by priority) is dropped.
                 tokio::spawn(async move {
-                    if s.write_all(&c.to_be_bytes()).await.is_ok()
-                        && s.write_all(&data).await.is_ok()
-                    {
-                        let _ = s.finish();
+                    let written = async {
+                        s.write_all(&c.to_be_bytes()).await?;
+                        s.write_all(&data).await?;
+                        s.finish().map_err(|_| quinn::WriteError::ClosedStream)
+                    };
+                    let reset = tokio::select! {
+                        r = written => {
+                            drop(permit);
+                            r.is_ok() && {
+                                let acked = s.stopped();
+                                tokio::select! {
+                                    _ = acked => false,
+                                    _ = cancel.notified() => true,
+                                }
+                            }
+                        }
+                        _ = cancel.notified() => true,
+                    };
+                    if reset {
+                        let _ = s.reset(VarInt::from_u32(0));
                     }
-                    drop((conn, permit));
+                    cancelled.lock().unwrap().done(c, &cancel);
+                    drop(conn);
                 });
             }
         }
@@ -655,6 +671,45 @@ impl Conn {
             while let Ok(s) = conn.accept_uni().await {
                 tokio::spawn(receive_chunk(ctx.clone(), key, s));
             }
+        }
+    }
+}
+
+/// Chunks the receiver cancelled. One still queued is skipped when its turn comes; one
+/// already in a stream has that stream reset, so no more of it crosses the network (a
+/// cancelled chunk's bytes are pure waste, and over a shared bottleneck they are someone
+/// else's time).
+#[derive(Default)]
+struct Cancels {
+    queued: HashSet<ChunkId>,
+    /// Chunks in streams not yet fully acknowledged, and how to cancel each.
+    in_streams: HashMap<ChunkId, Arc<tokio::sync::Notify>>,
+}
+
+impl Cancels {
+    fn cancel(&mut self, chunk: ChunkId) {
+        if let Some(stream) = self.in_streams.remove(&chunk) {
+            stream.notify_one();
+        } else if self.queued.len() < MAX_QUEUED_CHUNKS {
+            self.queued.insert(chunk);
+        }
+    }
+
+    /// `chunk` goes into a stream now: the handle its Cancel will notify.
+    fn streaming(&mut self, chunk: ChunkId) -> Arc<tokio::sync::Notify> {
+        let handle = Arc::new(tokio::sync::Notify::new());
+        self.in_streams.insert(chunk, handle.clone());
+        handle
+    }
+
+    /// `chunk`'s stream is done (acknowledged, stopped or reset).
+    fn done(&mut self, chunk: ChunkId, handle: &Arc<tokio::sync::Notify>) {
+        if self
+            .in_streams
+            .get(&chunk)
+            .is_some_and(|h| Arc::ptr_eq(h, handle))
+        {
+            self.in_streams.remove(&chunk);
         }
     }
 }
@@ -750,6 +805,33 @@ impl std::fmt::Display for ChunkOutcome {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_cancel_resets_a_streaming_chunk_or_skips_a_queued_one() {
+        let mut c = Cancels::default();
+        let stream = c.streaming(7);
+        c.cancel(7);
+        // The stream's task is woken (a permit is stored if it is not waiting yet).
+        assert!(futures_now(stream.notified()));
+        assert!(c.queued.is_empty() && c.in_streams.is_empty());
+        c.cancel(8);
+        assert!(c.queued.contains(&8));
+        // A stream that ended leaves no handle; a newer stream of the same chunk keeps its.
+        let old = c.streaming(9);
+        let new = c.streaming(9);
+        c.done(9, &old);
+        assert!(c.in_streams.get(&9).is_some_and(|h| Arc::ptr_eq(h, &new)));
+        c.done(9, &new);
+        assert!(c.in_streams.is_empty());
+    }
+
+    /// Whether `f` is ready at its first poll.
+    fn futures_now(f: impl std::future::Future<Output = ()>) -> bool {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        std::pin::pin!(f).poll(&mut cx).is_ready()
+    }
+
     use super::*;
 
     /// A real QUIC connection over loopback (no namespaces, no root needed).

@@ -659,9 +659,15 @@ impl Destination {
         let (Some(p), Some(pl)) = (node.conns.peer(key), self.puller.as_mut()) else {
             return;
         };
+        tracing::trace!(target: "floodclone::chunks", peer = p, chunk, %outcome, "chunk arrived");
+        if let ChunkOutcome::Broken(_) = outcome {
+            // Reset by its sender after we cancelled it, or its connection lost: asked for
+            // again if still needed, and no mark against the sender.
+            pl.chunk_broken(p, chunk);
+            return;
+        }
         let ok = outcome.is_stored();
         pl.chunk_done(p, chunk, ok, node.now());
-        tracing::trace!(target: "floodclone::chunks", peer = p, chunk, %outcome, "chunk arrived");
         node.counts.chunks_failed += u64::from(!ok);
         if ok {
             self.last_stored_s = node.now();
