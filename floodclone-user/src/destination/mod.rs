@@ -703,10 +703,16 @@ impl Destination {
     /// per that period.
     fn report_stall(&mut self, node: &Node) {
         let now = node.now();
+        // Waiting for a source not started yet is normal for a service: said once a minute.
+        let every = if self.puller.is_none() && self.held_welcome.is_none() {
+            6.0 * STALL_REPORT_S
+        } else {
+            STALL_REPORT_S
+        };
         if self.complete.is_some()
             || self.finalizing
             || now - self.last_stored_s < STALL_REPORT_S
-            || now - self.stall_reported_s < STALL_REPORT_S
+            || now - self.stall_reported_s < every
         {
             return;
         }
