@@ -76,17 +76,9 @@ pub fn build_deb(bin: &Path, out_dir: &Path) -> Result<PathBuf> {
             0o644,
         )?;
     }
-    let mut copyright = String::from(
-        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\
-         Upstream-Name: floodclone\n\nFiles: *\nLicense: MIT or Apache-2.0\n\n",
-    );
-    for license in ["LICENSE-MIT", "LICENSE-APACHE"] {
-        copyright += &std::fs::read_to_string(root.join(license))?;
-        copyright.push('\n');
-    }
     put(
         "usr/share/doc/floodclone/copyright",
-        copyright.as_bytes(),
+        copyright(&root)?.as_bytes(),
         0o644,
     )?;
     let depends = glibc_needed(&packaged_bin)?
@@ -95,17 +87,7 @@ pub fn build_deb(bin: &Path, out_dir: &Path) -> Result<PathBuf> {
     let installed_kib = dir_bytes(&stage)? / 1024;
     put(
         "DEBIAN/control",
-        format!(
-            "Package: floodclone\nVersion: {version}\nArchitecture: {arch}\n\
-             Maintainer: FloodClone developers <floodclone@localhost>\n{depends}\
-             Installed-Size: {installed_kib}\nSection: net\nPriority: optional\n\
-             Description: deliver one file to many hosts at the network's min-cut\n \
-             A source serves a file; every destination fetches it over QUIC and passes on\n \
-             each verified chunk at once, on every link, so the swarm finishes near the\n \
-             floor that the network's max-flow sets. Needs Linux with BPF (CAP_BPF,\n \
-             CAP_NET_ADMIN, CAP_PERFMON) for its in-kernel link statistics.\n"
-        )
-        .as_bytes(),
+        control(version, &arch, &depends, installed_kib).as_bytes(),
         0o644,
     )?;
     // Units installed or replaced: systemd reads them again (where systemd runs).
@@ -140,6 +122,33 @@ fn packaged_unit(text: &str) -> String {
         .collect();
     out = out.replace("systemctl daemon-reload && ", "");
     out
+}
+
+/// The package's `copyright` file: both licenses, whole.
+fn copyright(root: &Path) -> Result<String> {
+    let mut text = String::from(
+        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\
+         Upstream-Name: floodclone\n\nFiles: *\nLicense: MIT or Apache-2.0\n\n",
+    );
+    for license in ["LICENSE-MIT", "LICENSE-APACHE"] {
+        text += &std::fs::read_to_string(root.join(license))?;
+        text.push('\n');
+    }
+    Ok(text)
+}
+
+/// `DEBIAN/control`; `depends` is a whole `Depends:` line or empty.
+fn control(version: &str, arch: &str, depends: &str, installed_kib: u64) -> String {
+    format!(
+        "Package: floodclone\nVersion: {version}\nArchitecture: {arch}\n\
+         Maintainer: FloodClone developers <floodclone@localhost>\n{depends}\
+         Installed-Size: {installed_kib}\nSection: net\nPriority: optional\n\
+         Description: deliver one file to many hosts at the network's min-cut\n \
+         A source serves a file; every destination fetches it over QUIC and passes on\n \
+         each verified chunk at once, on every link, so the swarm finishes near the\n \
+         floor that the network's max-flow sets. Needs Linux with BPF (CAP_BPF,\n \
+         CAP_NET_ADMIN, CAP_PERFMON) for its in-kernel link statistics.\n"
+    )
 }
 
 fn command_stdout(cmd: &mut Command) -> Result<String> {
