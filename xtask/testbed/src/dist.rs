@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::build::workspace_root;
+use crate::{build::workspace_root, netns::run};
 
 /// Where the binary goes in the package; the shipped units (written for a hand install at
 /// `/usr/local/bin`) are rewritten to run it from here.
@@ -20,8 +20,10 @@ const UNITS: [&str; 2] = ["floodclone-send.service", "floodclone-recv.service"];
 /// path.
 pub fn build_deb(bin: &Path, out_dir: &Path) -> Result<PathBuf> {
     let version = env!("CARGO_PKG_VERSION");
-    let arch = command_stdout(Command::new("dpkg").arg("--print-architecture"))
-        .context("dpkg --print-architecture (dpkg-deb is needed to build the package)")?;
+    let arch = run(Command::new("dpkg").arg("--print-architecture"), None)
+        .context("dpkg --print-architecture (dpkg-deb is needed to build the package)")?
+        .trim()
+        .to_string();
     let name = format!("floodclone_{version}_{arch}");
     let stage = out_dir.join(&name);
     let _ = std::fs::remove_dir_all(&stage);
@@ -36,21 +38,16 @@ pub fn build_deb(bin: &Path, out_dir: &Path) -> Result<PathBuf> {
     // The binary without its debug info (the release profile keeps it for profiling: 70 MB).
     let packaged_bin = stage.join(BIN_PATH);
     std::fs::create_dir_all(packaged_bin.parent().expect("usr/bin"))?;
-    let st = Command::new("objcopy")
-        .arg("--strip-debug")
-        .arg(bin)
-        .arg(&packaged_bin)
-        .status()
-        .context("running objcopy (binutils) to strip the binary's debug info")?;
-    if !st.success() {
-        bail!("objcopy --strip-debug {} failed ({st})", bin.display());
-    }
+    run(
+        Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(bin)
+            .arg(&packaged_bin),
+        None,
+    )
+    .context("objcopy (binutils) stripping the binary's debug info")?;
     let generated = |args: &[&str]| -> Result<Vec<u8>> {
-        let out = Command::new(bin).args(args).output()?;
-        if !out.status.success() {
-            bail!("floodclone {} failed", args.join(" "));
-        }
-        Ok(out.stdout)
+        Ok(run(Command::new(bin).args(args), None)?.into_bytes())
     };
     put(
         "usr/share/man/man1/floodclone.1.gz",
@@ -98,16 +95,14 @@ pub fn build_deb(bin: &Path, out_dir: &Path) -> Result<PathBuf> {
         0o755,
     )?;
     let deb = out_dir.join(format!("{name}.deb"));
-    let st = Command::new("dpkg-deb")
-        .args(["--root-owner-group", "--build"])
-        .arg(&stage)
-        .arg(&deb)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .context("running dpkg-deb")?;
-    if !st.success() {
-        bail!("dpkg-deb --build {} failed ({st})", stage.display());
-    }
+    run(
+        Command::new("dpkg-deb")
+            .args(["--root-owner-group", "--build"])
+            .arg(&stage)
+            .arg(&deb),
+        None,
+    )
+    .context("dpkg-deb building the package")?;
     std::fs::remove_dir_all(&stage)?;
     Ok(deb)
 }
@@ -151,14 +146,6 @@ fn control(version: &str, arch: &str, depends: &str, installed_kib: u64) -> Stri
     )
 }
 
-fn command_stdout(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output()?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed ({})", out.status);
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
 fn gzip(data: &[u8]) -> Result<Vec<u8>> {
     use std::io::Write;
     let mut child = Command::new("gzip")
@@ -178,7 +165,7 @@ fn gzip(data: &[u8]) -> Result<Vec<u8>> {
 /// The newest glibc symbol version the binary links against (`GLIBC_2.34` -> "2.34"): the
 /// package's `libc6` dependency.
 fn glibc_needed(bin: &Path) -> Result<Option<String>> {
-    let text = command_stdout(Command::new("objdump").arg("-T").arg(bin))
+    let text = run(Command::new("objdump").arg("-T").arg(bin), None)
         .context("objdump -T (binutils) on the binary")?;
     Ok(newest_glibc(&text))
 }
