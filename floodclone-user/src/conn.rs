@@ -635,22 +635,17 @@ impl Conn {
                 // the peer has it all, a Cancel resets the stream: what quinn has not sent
                 // yet (often all of it: streams wait their turn by priority) is dropped.
                 tokio::spawn(async move {
-                    let written = async {
-                        s.write_all(&c.to_be_bytes()).await?;
-                        s.write_all(&data).await?;
-                        s.finish().map_err(|_| quinn::WriteError::ClosedStream)
+                    // Written (the permit then goes to the next chunk), then acknowledged;
+                    // ends early if the write fails or the peer stops the stream.
+                    let delivered = async {
+                        s.write_all(&c.to_be_bytes()).await.ok()?;
+                        s.write_all(&data).await.ok()?;
+                        s.finish().ok()?;
+                        drop(permit);
+                        s.stopped().await.ok()
                     };
                     let reset = tokio::select! {
-                        r = written => {
-                            drop(permit);
-                            r.is_ok() && {
-                                let acked = s.stopped();
-                                tokio::select! {
-                                    _ = acked => false,
-                                    _ = cancel.notified() => true,
-                                }
-                            }
-                        }
+                        _ = delivered => false,
                         _ = cancel.notified() => true,
                     };
                     if reset {
