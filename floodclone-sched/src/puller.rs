@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::{rate::RateEstimate, ChunkId, ChunkSet, MemberId};
+use crate::{rate::RateEstimate, ChunkId, ChunkMap, ChunkSet, MemberId};
 
 /// How long a neighbour's "fetching" announcement holds back requests to farther ones.
 pub const COMING_TTL_S: f64 = 2.0;
@@ -82,6 +82,11 @@ pub enum Action {
 pub const STALL_MIN_S: f64 = 2.0;
 pub const STALL_FACTOR: f64 = 10.0;
 
+/// Flights are checked for stalls at most this often: a stall takes [`STALL_MIN_S`] at
+/// least, and the check walks every flight (at every poll it was a seventh of the
+/// simulator's time at 1000 nodes).
+pub const STALL_SCAN_S: f64 = 0.05;
+
 /// Deferrals of a chunk from afar grow with a node's place in its group's order (see
 /// [`SchedConfig::far_defer_s`]) up to this many times `far_defer_s`.
 pub const MAX_DEFER_PLACE: usize = 4;
@@ -122,9 +127,9 @@ struct Peer {
     /// Least round-trip time to this neighbour, seconds (the transport's).
     rtt_s: Option<f64>,
     /// Chunks this neighbour announced it is fetching, with when.
-    coming: HashMap<ChunkId, f64>,
+    coming: ChunkMap<f64>,
     /// Chunks this neighbour told us one of its own neighbours is fetching, with when.
-    coming_beyond: HashMap<ChunkId, f64>,
+    coming_beyond: ChunkMap<f64>,
     /// Size of `coming_beyond` at which its expired entries are swept.
     sweep_beyond_at: usize,
     /// It let a chunk stall that someone else held (see [`Puller::re_request_stalled`]):
@@ -213,7 +218,7 @@ pub enum Arrival {
 pub struct Puller {
     cfg: SchedConfig,
     have: ChunkSet,
-    flights: HashMap<ChunkId, Vec<Flight>>,
+    flights: ChunkMap<Vec<Flight>>,
     peers: BTreeMap<MemberId, Peer>,
     /// What members that are not neighbours now hold, as far as they told us: restored
     /// when they become neighbours (again), so this is the one record of peer holdings.
@@ -222,7 +227,7 @@ pub struct Puller {
     holders: Vec<u16>,
     actions: Vec<Action>,
     /// Chunks this node was not designated to fetch from afar, since when.
-    deferred: HashMap<ChunkId, f64>,
+    deferred: ChunkMap<f64>,
     /// Chunks known to have left the source: held or fetched here or by a neighbour.
     seen: ChunkSet,
     /// Chunks whose fetching this node has passed on (see [`Puller::pass_on_fetching`]).
@@ -233,6 +238,8 @@ pub struct Puller {
     /// Chunks `0..verifiable` can be verified here (their hashes are known): only those are
     /// requested. The source sends hashes as it reads its file ([`Puller::set_verifiable`]).
     verifiable: u32,
+    /// When [`Puller::re_request_stalled`] next looks (see [`STALL_SCAN_S`]).
+    next_stall_scan_s: f64,
     /// Chunks that arrived and were not needed (raced copies, refused streams).
     pub duplicates: u64,
     /// Chunks received and verified.
@@ -245,16 +252,17 @@ impl Puller {
         Self {
             cfg,
             have,
-            flights: HashMap::new(),
+            flights: ChunkMap::default(),
             peers: BTreeMap::new(),
             dormant: HashMap::new(),
             holders: vec![0; n],
             actions: Vec::new(),
-            deferred: HashMap::new(),
+            deferred: ChunkMap::default(),
             seen: ChunkSet::new(n as u32),
             passed_on: ChunkSet::new(n as u32),
             fresh_log: Default::default(),
             verifiable: n as u32,
+            next_stall_scan_s: 0.0,
             duplicates: 0,
             received: 0,
         }
@@ -339,8 +347,8 @@ impl Puller {
                 source_hops: None,
                 ingress: None,
                 rtt_s: None,
-                coming: HashMap::new(),
-                coming_beyond: HashMap::new(),
+                coming: ChunkMap::default(),
+                coming_beyond: ChunkMap::default(),
                 sweep_beyond_at: 1024,
                 on_probation: false,
             },
@@ -727,6 +735,11 @@ impl Puller {
             .collect();
         order.sort_by(|a, b| a.1.cmp(&b.1).then(b.2.total_cmp(&a.2)).then(a.0.cmp(&b.0)));
         let order: Vec<(MemberId, f64)> = order.into_iter().map(|(id, _, r)| (id, r)).collect();
+        // Chunks held or in flight: never candidates outside the end game.
+        let mut taken = self.have.clone();
+        for &c in self.flights.keys() {
+            taken.insert(c);
+        }
         for &(id, _) in &order {
             let cfg = self.cfg.clone();
             let p = &self.peers[&id];
@@ -748,7 +761,7 @@ impl Puller {
                 });
                 continue;
             }
-            let (mut picks, deferred) = self.rarest_candidates(id, spare as usize, now);
+            let (mut picks, deferred) = self.rarest_candidates(id, spare as usize, &taken, now);
             for c in deferred {
                 self.deferred.entry(c).or_insert(now);
             }
@@ -761,6 +774,7 @@ impl Puller {
             }
             for &c in &picks {
                 self.add_flight(id, c, now);
+                taken.insert(c);
             }
             self.actions.push(Action::Request {
                 peer: id,
@@ -781,6 +795,10 @@ impl Puller {
     /// again, the flight's place kept; if the first copy was merely slow, the second is
     /// refused on arrival.
     fn re_request_stalled(&mut self, now: f64) {
+        if now < self.next_stall_scan_s {
+            return;
+        }
+        self.next_stall_scan_s = now + STALL_SCAN_S;
         let mut again: BTreeMap<MemberId, Vec<ChunkId>> = BTreeMap::new();
         let mut stalled: Vec<(MemberId, ChunkId)> = Vec::new();
         // A chunk raced from two neighbours has its remedy already.
@@ -824,7 +842,7 @@ impl Puller {
         (self.have.len() - self.have.count()) as usize
     }
 
-    /// Up to `k` chunks `peer` holds that are neither held nor in flight, rarest first
+    /// Up to `k` chunks `peer` holds that are not `taken` (held or in flight), rarest first
     /// (ties: in an order of this node's own, see [`SchedConfig::member`]). Chunks a
     /// strictly nearer neighbour holds or is fetching are left to it.
     /// Also returns the chunks held back because another node is designated to fetch
@@ -833,6 +851,7 @@ impl Puller {
         &self,
         peer: MemberId,
         k: usize,
+        taken: &ChunkSet,
         now: f64,
     ) -> (Vec<ChunkId>, Vec<ChunkId>) {
         let p = &self.peers[&peer];
@@ -906,8 +925,12 @@ impl Puller {
                 None => false,
             }
         };
-        let holds_or_fetches = |q: &Peer, c: ChunkId| q.have.contains(c) || q.is_fetching(c, now);
-        let left_to_nearer = |c: ChunkId| nearer.iter().any(|q| holds_or_fetches(q, c));
+        // What a nearer neighbour holds is left to it, as what it is fetching (below).
+        let mut skip = taken.clone();
+        for q in &nearer {
+            skip.insert_all(&q.have);
+        }
+        let left_to_nearer = |c: ChunkId| nearer.iter().any(|q| q.is_fetching(c, now));
         // A source behind a router sits on a path shared with everyone behind it, and its
         // uplink is often the min-cut. While it still hands out fresh chunks, each chunk
         // must cross that uplink once before any crosses it twice: ask it only for chunks
@@ -931,46 +954,52 @@ impl Puller {
         let on_other_link =
             |q: &Peer| matches!((q.ingress, p.ingress), (Some(a), Some(b)) if a != b);
         let salt = me as u64;
-        let mut cands: Vec<(u16, u16, u32, ChunkId)> = p
+        // Ranked by (holders + fetching, fetching beyond, tie, id). The last three count
+        // announcements (map lookups over every neighbour), so candidates are taken in the
+        // order of a lower bound, (holders, 0, tie, id), and ranked exactly only until the
+        // k best so far all rank below the next one's bound.
+        let mut cands: Vec<(u16, u32, ChunkId)> = p
             .have
-            .iter()
+            .iter_without(&skip)
             .take_while(|&c| c < self.verifiable)
-            .filter(|&c| !self.have.contains(c) && !self.flights.contains_key(&c))
             .filter(|&c| !left_to_nearer(c) && !held_elsewhere(c))
             .filter(|&c| !designated_elsewhere(c))
-            .map(|c| {
-                // A chunk a neighbour is fetching will soon be held there: count it, so
-                // that what enters a group of nodes from outside is not the same twice.
-                let soon = self
-                    .peers
-                    .values()
-                    .filter(|q| q.is_fetching(c, now))
-                    .count() as u16;
-                // Among equally rare chunks, first those not on their way to a neighbour's
-                // neighbour on another link: two members that are not neighbours of each
-                // other, on two paths into the same group, would otherwise each bring in
-                // the same one. Only news from other links counts: what comes over this
-                // one says nothing about what only this one can bring, and members behind
-                // the same link hear the same news (it would make them choose alike).
-                let beyond = self
-                    .peers
-                    .values()
-                    .filter(|q| on_other_link(q) && q.hears_fetching(c, now))
-                    .count() as u16;
-                (
-                    self.holders[c as usize] + soon,
-                    beyond,
-                    tie_rank(salt, c),
-                    c,
-                )
-            })
+            .map(|c| (self.holders[c as usize], tie_rank(salt, c), c))
             .collect();
-        if cands.len() > k {
-            cands.select_nth_unstable(k);
-            cands.truncate(k);
-        }
         cands.sort_unstable();
-        (cands.into_iter().map(|(_, _, _, c)| c).collect(), deferred)
+        let mut best: Vec<(u16, u16, u32, ChunkId)> = Vec::with_capacity(k + 1);
+        for (holders, tie, c) in cands {
+            if best.len() == k
+                && best
+                    .last()
+                    .is_some_and(|&worst| (holders, 0, tie, c) > worst)
+            {
+                break;
+            }
+            // A chunk a neighbour is fetching will soon be held there: count it, so that
+            // what enters a group of nodes from outside is not the same twice.
+            let soon = self
+                .peers
+                .values()
+                .filter(|q| q.is_fetching(c, now))
+                .count() as u16;
+            // Among equally rare chunks, first those not on their way to a neighbour's
+            // neighbour on another link: two members that are not neighbours of each other,
+            // on two paths into the same group, would otherwise each bring in the same one.
+            // Only news from other links counts: what comes over this one says nothing about
+            // what only this one can bring, and members behind the same link hear the same
+            // news (it would make them choose alike).
+            let beyond = self
+                .peers
+                .values()
+                .filter(|q| on_other_link(q) && q.hears_fetching(c, now))
+                .count() as u16;
+            let key = (holders + soon, beyond, tie, c);
+            let at = best.partition_point(|&b| b < key);
+            best.insert(at, key);
+            best.truncate(k);
+        }
+        (best.into_iter().map(|(_, _, _, c)| c).collect(), deferred)
     }
 
     /// End game: chunks in flight from a slower neighbour for longer than expected, that

@@ -215,6 +215,7 @@ fn sim_ratio(topo: &Topology, bytes: u64) -> Option<f64> {
         hop_delay_s: 1e-3,
         horizon_s: 1e5,
         payload_share: crate::sim::WIRE_PAYLOAD_SHARE,
+        reshare_batch_s: crate::sim::RESHARE_BATCH_S,
     };
     let u_min = floodclone_testbed::bound::u_min_with_delay_s(topo, bytes as f64 * 8.0)?;
     crate::sim::simulate(topo, &opts)

@@ -177,6 +177,10 @@ enum Cmd {
         /// (by default links carry payload only, the ideal the floor assumes).
         #[arg(long)]
         wire: bool,
+        /// Connections that start or stop within this many milliseconds share their links
+        /// anew once (0: at every start and stop, exact but slow on large router networks).
+        #[arg(long, default_value_t = sim::RESHARE_BATCH_S * 1e3)]
+        reshare_ms: f64,
     },
     /// Setup, then run every test (the README's test command).
     Test {
@@ -253,6 +257,7 @@ fn main() -> Result<()> {
             json,
             save,
             wire,
+            reshare_ms,
         } => {
             let opts = sim::SimOptions {
                 bytes: size,
@@ -261,6 +266,7 @@ fn main() -> Result<()> {
                 hop_delay_s: hop_delay_ms / 1e3,
                 horizon_s: 1e5,
                 payload_share: if wire { sim::WIRE_PAYLOAD_SHARE } else { 1.0 },
+                reshare_batch_s: reshare_ms / 1e3,
             };
             let topos: Vec<Topology> = match topology {
                 Some(file) => vec![Topology::load(&file)?],
