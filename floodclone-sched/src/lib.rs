@@ -254,7 +254,10 @@ mod tests {
         assert_eq!(a.iter_without(&b).collect::<Vec<_>>(), vec![0, 63, 130]);
         a.insert_all(&b);
         assert_eq!(a.count(), 7);
-        assert_eq!(a.iter().collect::<Vec<_>>(), vec![0, 1, 63, 64, 65, 130, 199]);
+        assert_eq!(
+            a.iter().collect::<Vec<_>>(),
+            vec![0, 1, 63, 64, 65, 130, 199]
+        );
     }
 
     #[test]

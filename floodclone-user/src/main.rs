@@ -260,7 +260,8 @@ fn main() {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
-        .with_writer(std::io::stderr)
+        // stderr, above the live progress lines (not erased by their next redraw).
+        .with_writer(floodclone::output::LogWriter)
         // Colour codes only for a terminal: logs kept in files stay greppable.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

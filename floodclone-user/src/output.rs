@@ -2,7 +2,7 @@
 //! stderr otherwise, with progress redrawn in place when stderr is a terminal. The text of
 //! the progress lines is in [`crate::progress`]; the events are [`crate::events::Event`].
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use crate::events::Event;
 
@@ -11,16 +11,22 @@ use crate::events::Event;
 #[derive(Clone)]
 pub struct Output {
     pub json: bool,
-    /// At a terminal: how many progress lines are drawn (to redraw them in place).
-    live: Option<Arc<Mutex<usize>>>,
+    /// Progress is redrawn in place on stderr (a terminal, no `--json`).
+    live: bool,
 }
+
+/// What is drawn at the foot of the terminal: the progress lines, which every other
+/// line printed to stderr (events, and log records through [`LogWriter`]) must first
+/// erase and then draw again below itself. Otherwise a warning printed between two
+/// redraws is erased by the next one, and the progress lines it pushed up stay behind.
+static SCREEN: Mutex<Screen> = Mutex::new(Screen::new());
 
 impl Output {
     pub fn new(json: bool) -> Self {
         use std::io::IsTerminal;
         Self {
             json,
-            live: (!json && std::io::stderr().is_terminal()).then(Default::default),
+            live: !json && std::io::stderr().is_terminal(),
         }
     }
 
@@ -33,46 +39,112 @@ impl Output {
 
     /// Progress redraws in place (a terminal) rather than printing plain lines.
     pub fn is_live(&self) -> bool {
-        self.live.is_some()
+        self.live
     }
 
-    /// An event: its JSON line, or the line `plain` makes.
+    /// An event: its JSON line, or the line `plain` makes. Live progress is redrawn
+    /// below it.
     pub fn event(&self, event: &Event, plain: impl FnOnce() -> String) {
         if self.json {
             println!("{}", event.to_line());
         } else {
-            self.clear_progress();
-            eprintln!("{}", plain());
+            print_above_progress(&format!("{}\n", plain()));
         }
     }
 
-    /// A `progress` event: its JSON line, or `lines` drawn over the previous ones.
+    /// A `progress` event: its JSON line, or `lines` (drawn over the previous ones at a
+    /// terminal, printed one after the other otherwise).
     pub fn progress(&self, event: &Event, lines: &[String]) {
         if self.json {
             println!("{}", event.to_line());
-            return;
+        } else if self.live {
+            let text = lock(&SCREEN).draw(lines);
+            eprint!("{text}");
+        } else {
+            eprint!(
+                "{}",
+                lines.iter().map(|l| format!("{l}\n")).collect::<String>()
+            );
         }
-        let mut text = String::new();
-        if let Some(drawn) = &self.live {
-            let mut drawn = drawn.lock().unwrap();
-            text.push_str(&erase_lines(*drawn));
-            *drawn = lines.len();
-        }
-        for l in lines {
-            text.push_str(l);
-            text.push('\n');
-        }
-        eprint!("{text}");
+    }
+}
+
+/// Prints `text` (whole lines) on stderr above the progress lines, if any are drawn.
+fn print_above_progress(text: &str) {
+    let mut screen = lock(&SCREEN);
+    let out = screen.print_above(text);
+    // One write while the lock is held: nothing else can land between erasing and redrawing.
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), out.as_bytes());
+}
+
+fn lock(screen: &Mutex<Screen>) -> std::sync::MutexGuard<'_, Screen> {
+    // A panic while drawing leaves nothing half-done that matters: keep drawing.
+    screen.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The progress area at the foot of a terminal, and the bytes that keep it there.
+#[derive(Debug, Default)]
+struct Screen {
+    /// The progress lines drawn last (none: nothing is drawn).
+    lines: Vec<String>,
+}
+
+impl Screen {
+    const fn new() -> Self {
+        Self { lines: Vec::new() }
     }
 
-    fn clear_progress(&self) {
-        if let Some(drawn) = &self.live {
-            let mut drawn = drawn.lock().unwrap();
-            if *drawn > 0 {
-                eprint!("{}", erase_lines(*drawn));
-                *drawn = 0;
-            }
+    /// Bytes that replace the drawn progress lines with `lines`.
+    fn draw(&mut self, lines: &[String]) -> String {
+        let mut out = erase_lines(self.lines.len());
+        for l in lines {
+            out.push_str(l);
+            out.push('\n');
         }
+        self.lines = lines.to_vec();
+        out
+    }
+
+    /// Bytes that print `text` where the progress lines are, then draw them again below it.
+    fn print_above(&mut self, text: &str) -> String {
+        if self.lines.is_empty() {
+            return text.to_string();
+        }
+        let mut out = erase_lines(self.lines.len());
+        out.push_str(text);
+        if !text.ends_with('\n') {
+            out.push('\n');
+        }
+        for l in &self.lines {
+            out.push_str(l);
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// Where `tracing` writes its records: stderr, above the live progress lines (see
+/// [`SCREEN`]). Give it to `tracing_subscriber::fmt().with_writer`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // The fmt layer writes each record whole, in one call.
+        print_above_progress(&String::from_utf8_lossy(buf));
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = LogWriter;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        LogWriter
     }
 }
 
@@ -82,6 +154,76 @@ fn erase_lines(n: usize) -> String {
     if n > 0 {
         format!("\x1b[{n}F\x1b[J")
     } else {
-        "\x1b[J".to_string()
+        String::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lines a terminal shows after `bytes`: text, newlines, and the two codes
+    /// [`erase_lines`] uses (`ESC [ n F`: up n lines to column 0; `ESC [ J`: clear below).
+    fn terminal(bytes: &str) -> Vec<String> {
+        let mut rows: Vec<String> = vec![String::new()];
+        let mut row = 0;
+        let mut rest = bytes;
+        while let Some(ch) = rest.chars().next() {
+            if let Some(code) = rest.strip_prefix("\x1b[") {
+                let end = code.find(|c: char| c.is_ascii_alphabetic()).unwrap();
+                let n: usize = code[..end].parse().unwrap_or(1);
+                match &code[end..end + 1] {
+                    "F" => {
+                        row -= n;
+                        rows[row].clear();
+                    }
+                    "J" => rows.truncate(row + 1),
+                    other => panic!("unexpected code {other}"),
+                }
+                rest = &code[end + 1..];
+                continue;
+            }
+            if ch == '\n' {
+                row += 1;
+                if rows.len() <= row {
+                    rows.push(String::new());
+                }
+            } else {
+                rows[row].push(ch);
+            }
+            rest = &rest[ch.len_utf8()..];
+        }
+        rows.retain(|r| !r.is_empty());
+        rows
+    }
+
+    #[test]
+    fn a_log_line_between_redraws_stays_and_no_stale_progress_is_left() {
+        let mut screen = Screen::new();
+        let lines = |s: &str| vec![format!("{s} 1 of 2"), format!("{s} 2 of 2")];
+        let mut shown = String::new();
+        shown += &screen.print_above("starting\n");
+        shown += &screen.draw(&lines("10%"));
+        shown += &screen.print_above("WARN peer 10.0.0.3 sent a corrupt chunk\n");
+        shown += &screen.draw(&lines("20%"));
+        shown += &screen.print_above("WARN no newline at the end");
+        shown += &screen.draw(&lines("30%"));
+        assert_eq!(
+            terminal(&shown),
+            vec![
+                "starting",
+                "WARN peer 10.0.0.3 sent a corrupt chunk",
+                "WARN no newline at the end",
+                "30% 1 of 2",
+                "30% 2 of 2",
+            ]
+        );
+    }
+
+    #[test]
+    fn without_progress_drawn_lines_are_printed_as_they_are() {
+        let mut screen = Screen::new();
+        assert_eq!(screen.print_above("a line\n"), "a line\n");
+        assert_eq!(screen.draw(&[]), "");
     }
 }
