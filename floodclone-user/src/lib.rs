@@ -12,7 +12,8 @@
 //!   path to a member, where routes differ by direction), [`claims`] (a member's addresses,
 //!   believed once proven);
 //! - what to ask of whom: the scheduler in the `floodclone-sched` crate;
-//! - chunks on disk, resumable: [`storage`];
+//! - chunks on disk, resumable: [`storage`]; a directory tree as one stream of chunks:
+//!   [`tree`] (its entries and their checks; not yet used by `send` and `recv`);
 //! - measurements in the kernel: [`linkstats`] (the eBPF programs' maps), [`meter`] (rates
 //!   from counters), [`stats`] (`floodclone stats`);
 //! - what a person or a script sees: [`events`] (the `--json` events), [`output`],
@@ -38,6 +39,7 @@ pub mod stats;
 pub mod storage;
 pub mod trace;
 pub mod transport;
+pub mod tree;
 pub mod upload_cap;
 pub mod wire;
 
