@@ -228,12 +228,22 @@ fn transport_config(cc: Congestion, initial_window: u64) -> TransportConfig {
     t
 }
 
+/// Packets a receiver of chunks may take before it must acknowledge them (the ACK
+/// frequency extension; QUIC's default is 1: every second packet).
+const ACK_ELICITING_THRESHOLD: u32 = 4;
+
 /// What an accepted connection lets its dialer send us. A dialer pulls: chunk streams flow
 /// only toward it, so all it sends us is its control stream. Small windows and no chunk
 /// streams mean a stranger that has not yet proven the token holds next to nothing of
 /// ours (the full windows were granted before authentication: 32 MiB per connection).
 fn accepting_transport_config(cc: Congestion, initial_window: u64) -> TransportConfig {
     let mut t = transport_config(cc, initial_window);
+    // The chunk streams flow from here: ask the receiver to acknowledge every 5th packet
+    // rather than every 2nd (each ACK is a packet to build, encrypt, send, receive and
+    // process at both ends).
+    let mut acks = quinn::AckFrequencyConfig::default();
+    acks.ack_eliciting_threshold(VarInt::from_u32(ACK_ELICITING_THRESHOLD));
+    t.ack_frequency_config(Some(acks));
     t.stream_receive_window(VarInt::from_u32(1 << 20))
         .receive_window(VarInt::from_u32(2 << 20))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
