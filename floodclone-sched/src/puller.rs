@@ -951,13 +951,7 @@ impl Puller {
                         && (q.is_fetching(c, now) || (source_hands_out && q.have.contains(c)))
                 })
         };
-        let on_other_link =
-            |q: &Peer| matches!((q.ingress, p.ingress), (Some(a), Some(b)) if a != b);
         let salt = me as u64;
-        // Ranked by (holders + fetching, fetching beyond, tie, id). The last three count
-        // announcements (map lookups over every neighbour), so candidates are taken in the
-        // order of a lower bound, (holders, 0, tie, id), and ranked exactly only until the
-        // k best so far all rank below the next one's bound.
         let mut cands: Vec<(u16, u32, ChunkId)> = p
             .have
             .iter_without(&skip)
@@ -966,9 +960,25 @@ impl Puller {
             .filter(|&c| !designated_elsewhere(c))
             .map(|c| (self.holders[c as usize], tie_rank(salt, c), c))
             .collect();
+        (self.rarest_of(&mut cands, k, p.ingress, now), deferred)
+    }
+
+    /// The `k` best of `cands` (holders, tie, id) for a neighbour on link `ingress`,
+    /// ranked by (holders + fetching, fetching beyond, tie, id). The last three count
+    /// announcements (map lookups over every neighbour), so candidates are taken in the
+    /// order of a lower bound, (holders, 0, tie, id), and ranked exactly only until the k
+    /// best so far all rank below the next one's bound.
+    fn rarest_of(
+        &self,
+        cands: &mut [(u16, u32, ChunkId)],
+        k: usize,
+        ingress: Option<u32>,
+        now: f64,
+    ) -> Vec<ChunkId> {
+        let on_other_link = |q: &Peer| matches!((q.ingress, ingress), (Some(a), Some(b)) if a != b);
         cands.sort_unstable();
         let mut best: Vec<(u16, u16, u32, ChunkId)> = Vec::with_capacity(k + 1);
-        for (holders, tie, c) in cands {
+        for &(holders, tie, c) in cands.iter() {
             if best.len() == k
                 && best
                     .last()
@@ -999,7 +1009,7 @@ impl Puller {
             best.insert(at, key);
             best.truncate(k);
         }
-        (best.into_iter().map(|(_, _, _, c)| c).collect(), deferred)
+        best.into_iter().map(|(_, _, _, c)| c).collect()
     }
 
     /// End game: chunks in flight from a slower neighbour for longer than expected, that
