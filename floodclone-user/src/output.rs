@@ -61,10 +61,9 @@ impl Output {
             let text = lock(&SCREEN).draw(lines);
             eprint!("{text}");
         } else {
-            eprint!(
-                "{}",
-                lines.iter().map(|l| format!("{l}\n")).collect::<String>()
-            );
+            let mut text = String::new();
+            push_lines(&mut text, lines);
+            eprint!("{text}");
         }
     }
 }
@@ -97,10 +96,7 @@ impl Screen {
     /// Bytes that replace the drawn progress lines with `lines`.
     fn draw(&mut self, lines: &[String]) -> String {
         let mut out = erase_lines(self.lines.len());
-        for l in lines {
-            out.push_str(l);
-            out.push('\n');
-        }
+        push_lines(&mut out, lines);
         self.lines = lines.to_vec();
         out
     }
@@ -115,11 +111,16 @@ impl Screen {
         if !text.ends_with('\n') {
             out.push('\n');
         }
-        for l in &self.lines {
-            out.push_str(l);
-            out.push('\n');
-        }
+        push_lines(&mut out, &self.lines);
         out
+    }
+}
+
+/// Appends each of `lines` with its newline.
+fn push_lines(out: &mut String, lines: &[String]) {
+    for l in lines {
+        out.push_str(l);
+        out.push('\n');
     }
 }
 

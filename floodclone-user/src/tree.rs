@@ -11,7 +11,10 @@
 //! without following links out of it ([`Tree::scan`]), and where a byte range of the
 //! stream lies in the files ([`Tree::spans`]). Not yet used by `send` and `recv`.
 
-use std::path::{Component, Path};
+use std::{
+    os::unix::fs::MetadataExt,
+    path::{Component, Path},
+};
 
 /// What an entry is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -278,7 +281,6 @@ impl Tree {
                         why: "not a file, directory or symlink",
                     });
                 };
-                use std::os::unix::fs::MetadataExt;
                 entries.push(Entry {
                     path,
                     kind,
