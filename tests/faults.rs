@@ -8,7 +8,8 @@ use floodclone_testbed::{
     Testbed,
 };
 use floodclone_tests::{
-    addr, assert_copies, line, recv_args, root_or_skip, send_args, start, strings, Scratch, TOKEN,
+    addr, assert_copies, by_hand, by_hand_on, line, recv_args, root_or_skip, send_args, start,
+    strings, Scratch, TOKEN,
 };
 
 const MIB: u64 = 1 << 20;
@@ -492,43 +493,6 @@ fn a_member_that_never_answers_holds_the_start_back_half_a_second_only() {
 
 /// Runs `f` with a QUIC endpoint of its own on a thread in `node`'s namespace: a client
 /// that speaks to the swarm by hand.
-fn by_hand<T, F>(
-    bed: &Testbed,
-    node: usize,
-    f: impl FnOnce(quinn::Endpoint) -> F + Send + 'static,
-) -> std::thread::JoinHandle<T>
-where
-    F: std::future::Future<Output = T>,
-    T: Send + 'static,
-{
-    by_hand_on(bed, node, 0, f)
-}
-
-/// [`by_hand`] with the endpoint on `port` (a peer others dial).
-fn by_hand_on<T, F>(
-    bed: &Testbed,
-    node: usize,
-    port: u16,
-    f: impl FnOnce(quinn::Endpoint) -> F + Send + 'static,
-) -> std::thread::JoinHandle<T>
-where
-    F: std::future::Future<Output = T>,
-    T: Send + 'static,
-{
-    bed.in_netns(node, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let ep = floodclone::transport::endpoint(port).unwrap();
-            let out = f(ep.clone()).await;
-            ep.close(0u32.into(), b"");
-            out
-        })
-    })
-}
-
 #[test]
 fn a_missing_or_short_token_is_refused_before_anything_starts() {
     // No root needed: the command refuses before it opens a socket or a file.

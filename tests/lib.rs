@@ -193,6 +193,91 @@ pub fn assert_copies(src: &std::path::Path, outs: impl IntoIterator<Item = PathB
     }
 }
 
+/// A tree under `root` of every kind of entry a tree may hold: nested directories, an
+/// empty directory, empty files, small files packed several to a chunk, files larger than
+/// a chunk, a symlink inside the tree, modes and modification times of their own. `big`
+/// bytes in its largest file; contents from `seed`.
+pub fn write_test_tree(root: &std::path::Path, big: u64, seed: u64) {
+    use std::{fs, os::unix::fs::PermissionsExt};
+    let _ = fs::remove_dir_all(root);
+    for d in ["etc/conf.d", "lib/deep/er/still", "empty-dir"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let files: Vec<(String, u64)> = (0..40)
+        .map(|i| (format!("etc/conf.d/small-{i:02}"), 100 + 997 * i))
+        .chain([
+            ("lib/deep/er/still/weights.bin".to_string(), big),
+            ("lib/second.bin".to_string(), big / 3 + 12345),
+            ("etc/empty".to_string(), 0),
+            ("README".to_string(), 1),
+        ])
+        .collect();
+    for (i, (path, size)) in files.iter().enumerate() {
+        floodclone_testbed::run::write_test_file(&root.join(path), *size, seed + i as u64).unwrap();
+    }
+    std::os::unix::fs::symlink("deep/er/still/weights.bin", root.join("lib/current")).unwrap();
+    let chmod =
+        |p: &str, m: u32| fs::set_permissions(root.join(p), fs::Permissions::from_mode(m)).unwrap();
+    chmod("README", 0o444);
+    chmod("lib/second.bin", 0o755);
+    chmod("etc/conf.d/small-07", 0o600);
+    chmod("lib/deep", 0o750);
+    // Distinct modification times, set last (writing into a directory changes its own).
+    for (k, p) in [
+        "README",
+        "lib/second.bin",
+        "etc",
+        "lib/deep/er",
+        "empty-dir",
+        "lib/current",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let t = std::process::Command::new("touch")
+            .args([
+                "-h",
+                "-d",
+                &format!("2024-0{}-1{k} 12:34:56.{k}23456789", k + 1),
+            ])
+            .arg(root.join(p))
+            .status()
+            .unwrap();
+        assert!(t.success());
+    }
+}
+
+/// Fails unless every tree in `outs` is `src`'s, entry by entry: the same names and kinds,
+/// sizes, modes, modification times and link targets (as the source lists them), and every
+/// file's bytes.
+pub fn assert_tree_copies(src: &std::path::Path, outs: impl IntoIterator<Item = PathBuf>) {
+    use floodclone::tree::{EntryKind, Tree};
+    let want = Tree::scan(src).unwrap();
+    for out in outs {
+        let got = Tree::scan(&out).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
+        for (w, g) in want.entries().iter().zip(got.entries()) {
+            assert_eq!(w, g, "{} differs from the source", out.display());
+        }
+        assert_eq!(
+            want.entries().len(),
+            got.entries().len(),
+            "{}",
+            out.display()
+        );
+        for e in want.entries() {
+            if let EntryKind::File { .. } = e.kind {
+                assert!(
+                    std::fs::read(src.join(&e.path)).unwrap()
+                        == std::fs::read(out.join(&e.path)).unwrap(),
+                    "{}/{} differs from the source",
+                    out.display(),
+                    e.path
+                );
+            }
+        }
+    }
+}
+
 /// A scratch directory removed when dropped.
 pub struct Scratch(pub PathBuf);
 
@@ -261,4 +346,43 @@ pub fn send_args(src: &std::path::Path, dests: impl IntoIterator<Item = usize>) 
         v.extend(["--dest".to_string(), addr(d).to_string()]);
     }
     v
+}
+
+/// Runs `f` with a QUIC endpoint of floodclone's own transport in `node`'s namespace, on a
+/// thread of its own (a peer made by hand: a liar, a forger, a stranger).
+pub fn by_hand<T, F>(
+    bed: &Testbed,
+    node: usize,
+    f: impl FnOnce(quinn::Endpoint) -> F + Send + 'static,
+) -> std::thread::JoinHandle<T>
+where
+    F: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    by_hand_on(bed, node, 0, f)
+}
+
+/// [`by_hand`] with the endpoint on `port` (a peer others dial).
+pub fn by_hand_on<T, F>(
+    bed: &Testbed,
+    node: usize,
+    port: u16,
+    f: impl FnOnce(quinn::Endpoint) -> F + Send + 'static,
+) -> std::thread::JoinHandle<T>
+where
+    F: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    bed.in_netns(node, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let ep = floodclone::transport::endpoint(port).unwrap();
+            let out = f(ep.clone()).await;
+            ep.close(0u32.into(), b"");
+            out
+        })
+    })
 }

@@ -52,10 +52,7 @@ pub enum ConnEvent {
     /// A connection finished its handshake and token exchange.
     Up(ConnHandle),
     /// A control message the connection does not handle itself.
-    Msg {
-        key: ConnKey,
-        msg: Msg,
-    },
+    Msg { key: ConnKey, msg: Msg },
     /// A chunk stream began: may it be read? (A copy already held or coming is refused.)
     ChunkStarted {
         key: ConnKey,
@@ -73,11 +70,11 @@ pub enum ConnEvent {
     Gone {
         key: ConnKey,
         reason: String,
+        /// We closed it: the peer sent a malformed message, or one it may not send.
+        refused: bool,
     },
     /// A member has not answered dials for a while (it is still being dialed).
-    Unreachable {
-        peer: MemberId,
-    },
+    Unreachable { peer: MemberId },
     /// Dialing a member gave up or failed for good.
     DialFailed {
         peer: MemberId,
@@ -514,30 +511,32 @@ impl Conn {
             control,
             serve: serve.clone(),
         }));
-        let reason = loop {
+        let (reason, refused) = loop {
             tokio::select! {
                 batch = ctl_recv.recv_batch() => match batch {
                     Ok(Some(msgs)) => {
                         if let Err(why) = msgs.into_iter().try_for_each(|m| self.on_msg(m, &serve, &cancelled)) {
                             self.conn.close(VarInt::from_u32(CLOSE_PROTOCOL), why.as_bytes());
-                            break why.to_string();
+                            break (why.to_string(), true);
                         }
                     }
-                    Ok(None) => break "control stream ended".to_string(),
+                    Ok(None) => break ("control stream ended".to_string(), false),
                     Err(e) => {
-                        if let TransportError::Protocol(_) = e {
+                        let refused = matches!(e, TransportError::Protocol(_));
+                        if refused {
                             self.conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"malformed message");
                         }
-                        break e.to_string();
+                        break (e.to_string(), refused);
                     }
                 },
-                e = self.conn.closed() => break e.to_string(),
+                e = self.conn.closed() => break (e.to_string(), false),
             }
         };
         halves.abort_all();
         self.ctx.report(ConnEvent::Gone {
             key: self.key,
             reason,
+            refused,
         });
     }
 

@@ -23,10 +23,11 @@ use floodclone::{
 #[command(
     name = "floodclone",
     version,
-    about = "Deliver one file from a source to many hosts at the speed of the network's min-cut",
-    long_about = "Deliver one file from a source to many hosts at the speed of the network's \
-                  min-cut. Run `floodclone send` on the source and `floodclone recv` on every \
-                  destination, in any order, with the same --token."
+    about = "Deliver a file or a directory tree from a source to many hosts at the speed of the \
+             network's min-cut",
+    long_about = "Deliver a file or a directory tree from a source to many hosts at the speed of \
+                  the network's min-cut. Run `floodclone send` on the source and `floodclone \
+                  recv` on every destination, in any order, with the same --token."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -70,9 +71,13 @@ struct NodeArgs {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Serve FILE until every destination holds a verified copy.
+    /// Serve FILE (or the tree under a directory) until every destination holds a verified
+    /// copy.
     Send {
-        /// The file to deliver.
+        /// The file to deliver, or a directory: its tree (files, directories, symlinks
+        /// inside it, modes and modification times) goes as one swarm, its files' bytes
+        /// end to end in path order so chunks cross file boundaries.
+        #[arg(value_name = "FILE|DIR")]
         file: PathBuf,
         /// A destination, as ADDR, HOST, ADDR:PORT or HOST:PORT (port defaults to --port;
         /// a name is resolved at start to its first IPv4 address). Repeat for each.
@@ -109,7 +114,9 @@ enum Cmd {
         /// The source, as ADDR, HOST, ADDR:PORT or HOST:PORT.
         #[arg(long, value_parser = floodclone::hosts::parse_host)]
         source: HostPort,
-        /// Where the file goes. Written there only once complete and verified.
+        /// Where the file (or the tree, as a directory) goes. Written there only once
+        /// complete and verified (a tree: in `OUT.floodclone-part/`, renamed to OUT at
+        /// once); an existing OUT is never replaced.
         #[arg(long)]
         out: PathBuf,
         /// How long to keep trying to reach the source at start, and to wait for it to
@@ -117,8 +124,8 @@ enum Cmd {
         /// (60, 90s, 2m; a plain number is seconds).
         #[arg(long, default_value = "60s", value_parser = parse_duration)]
         connect_timeout: Duration,
-        /// The file's BLAKE3 as `send` prints it (`b3:<hex>`, or what `b3sum` prints):
-        /// refuse any other file, whoever offers it.
+        /// The file's BLAKE3 as `send` prints it (`b3:<hex>`, or what `b3sum` prints), or
+        /// the tree's as `send` prints it: refuse anything else, whoever offers it.
         #[arg(long, value_parser = parse_expect)]
         expect: Option<[u8; 32]>,
         #[command(flatten)]

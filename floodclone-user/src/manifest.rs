@@ -7,12 +7,22 @@
 //! chunk hashes merged up the tree ([`root_of`]), so each byte is hashed once at the source,
 //! and a destination whose every chunk verified holds a file with that hash without reading
 //! it again.
+//!
+//! A directory is sent as its tree's regular files laid end to end ([`crate::tree`]): the
+//! manifest then carries the entry list, and the tree's identity (what `send` prints and
+//! `recv --expect` takes) binds the files' bytes to their names, modes and times
+//! ([`Manifest::content_hash`]).
 
-use std::{fs::File, io::Read, path::Path};
+use std::{path::Path, sync::Arc};
 
 use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, HasherExt, Mode};
 
 use floodclone_sched::{default_chunk_bytes, ChunkId, MAX_CHUNK_BYTES};
+
+use crate::{
+    storage::Backing,
+    tree::{Tree, TreeError},
+};
 
 /// Smallest chunk a file may be cut into.
 pub const MIN_CHUNK_BYTES: u32 = 4096;
@@ -27,8 +37,11 @@ pub struct Manifest {
     /// The whole file's hash, once every chunk's is known.
     pub file_hash: Option<[u8; 32]>,
     /// The source file's permission bits (at most `0o777`): copies get the same, so a
-    /// private file stays private.
+    /// private file stays private. For a tree: its root directory's.
     pub mode: u32,
+    /// A directory's entries, whose files' bytes are the `size` bytes chunked here; `None`
+    /// for a single file.
+    pub tree: Option<Arc<Tree>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,17 +63,37 @@ pub enum ManifestError {
         "the source's chunk hashes do not fit together ({0}); nothing from it can be verified"
     )]
     Inconsistent(&'static str),
+    #[error("{0}")]
+    Tree(#[from] TreeError),
+    #[error("the tree's entry list takes {bytes} bytes, more than the {MAX_TREE_BYTES} a manifest may carry: send fewer entries at once (one subdirectory at a time)")]
+    TreeTooLarge { bytes: usize },
 }
+
+/// Largest entry list a manifest carries (within [`crate::wire::MAX_FRAME`] beside the
+/// chunk hashes): ~300,000 entries of typical path lengths.
+pub const MAX_TREE_BYTES: usize = 24 << 20;
 
 /// Most chunks a file may have: the manifest (32 bytes of hash per chunk) must fit in one
 /// control frame ([`crate::wire::MAX_FRAME`]) with room to spare.
 pub const MAX_CHUNKS: u64 = 2_000_000;
 
 impl Manifest {
-    /// The whole file's hash as `b3:<hex>`: what `b3sum` prints, and `recv --expect` takes;
-    /// `None` until every chunk is hashed.
+    /// What is sent, as `b3:<hex>`: a file's hash (what `b3sum` prints) or a tree's
+    /// ([`Manifest::content_hash`]); what `recv --expect` takes. `None` until every chunk
+    /// is hashed.
     pub fn b3(&self) -> Option<String> {
-        self.file_hash.map(|h| b3(&h))
+        self.content_hash().map(|h| b3(&h))
+    }
+
+    /// The identity of what is sent, once every chunk is hashed: a single file's BLAKE3;
+    /// for a tree, its bytes' hash bound to the entry list and the root's mode
+    /// ([`Tree::root_hash`]), so no name, mode, time or link can change without it.
+    pub fn content_hash(&self) -> Option<[u8; 32]> {
+        let stream = self.file_hash?;
+        Some(match &self.tree {
+            Some(tree) => tree.root_hash(&stream, self.mode),
+            None => stream,
+        })
     }
 
     /// Hashes `path` in one streaming pass; memory stays at one chunk. Without a chunk
@@ -156,6 +189,7 @@ impl Manifest {
         self.size == other.size
             && self.chunk_bytes == other.chunk_bytes
             && self.mode == other.mode
+            && self.tree == other.tree
             && self.chunk_hashes[..common] == other.chunk_hashes[..common]
             && (self.file_hash.is_none()
                 || other.file_hash.is_none()
@@ -188,6 +222,10 @@ impl Manifest {
     /// (so chunks that verify make up the file `recv --expect` names).
     pub fn is_consistent(&self) -> bool {
         chunk_size_ok(self.chunk_bytes)
+            && self
+                .tree
+                .as_ref()
+                .is_none_or(|t| t.total_bytes() == self.size)
             && self.size.div_ceil(self.chunk_bytes as u64) <= MAX_CHUNKS
             && self.known() <= self.chunk_count()
             && match self.file_hash {
@@ -197,27 +235,36 @@ impl Manifest {
     }
 }
 
-/// Reads a file's chunks in order and hashes each once: the source's one pass over it.
+/// Reads a file's (or a tree's) chunks in order and hashes each once: the source's one
+/// pass over it.
 pub struct ChunkHasher {
-    file: File,
-    path: String,
+    input: Backing,
     layout: Manifest,
     next: u32,
     buf: Vec<u8>,
 }
 
 impl ChunkHasher {
-    /// Opens `path` and checks its chunking (without a chunk size, the default for its
-    /// size, [`default_chunk_bytes`]); reads nothing yet.
+    /// Opens `path`, a file or a directory (its tree is listed, [`Tree::scan`]), and checks
+    /// its chunking (without a chunk size, the default for its size,
+    /// [`default_chunk_bytes`]); reads no file's bytes yet.
     pub fn open(path: &Path, chunk_bytes: Option<u32>) -> Result<Self, ManifestError> {
         let err = |source| ManifestError::Read {
             path: path.display().to_string(),
             source,
         };
-        let file = File::open(path).map_err(err)?;
-        let meta = file.metadata().map_err(err)?;
-        let size = meta.len();
+        let meta = std::fs::metadata(path).map_err(err)?;
         let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
+        let (input, tree) = if meta.is_dir() {
+            let tree = Arc::new(Tree::scan(path)?);
+            (
+                Backing::open_tree(path, tree.clone()).map_err(err)?,
+                Some(tree),
+            )
+        } else {
+            (Backing::open_file(path).map_err(err)?, None)
+        };
+        let size = tree.as_ref().map_or(meta.len(), |t| t.total_bytes());
         let chunk_bytes = chunk_bytes.unwrap_or_else(|| default_chunk_bytes(size));
         if !chunk_size_ok(chunk_bytes) {
             return Err(ManifestError::ChunkSize(chunk_bytes));
@@ -229,22 +276,29 @@ impl ChunkHasher {
                 chunk_bytes,
             });
         }
+        // The Welcome carries the entry list beside every chunk's hash, in one frame.
+        if let Some(bytes) = tree.as_ref().map(|t| t.encoded_len()) {
+            let welcome = bytes as u64 + 32 * chunks + (1 << 20);
+            if bytes > MAX_TREE_BYTES || welcome > crate::wire::MAX_FRAME as u64 {
+                return Err(ManifestError::TreeTooLarge { bytes });
+            }
+        }
         Ok(Self {
-            file,
-            path: path.display().to_string(),
+            input,
             layout: Manifest {
                 size,
                 chunk_bytes,
                 chunk_hashes: Vec::new(),
                 file_hash: None,
                 mode,
+                tree,
             },
             next: 0,
             buf: vec![0; chunk_bytes as usize],
         })
     }
 
-    /// The file's size, chunking and mode, no hashes yet.
+    /// The file's size, chunking and mode (a tree's entries), no hashes yet.
     pub fn layout(&self) -> Manifest {
         self.layout.clone()
     }
@@ -256,15 +310,17 @@ impl ChunkHasher {
         }
         let (off, len) = self.layout.chunk_range(self.next);
         let buf = &mut self.buf[..len];
-        self.file.read_exact(buf).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => ManifestError::Changed {
-                path: self.path.clone(),
-            },
-            _ => ManifestError::Read {
-                path: self.path.clone(),
-                source: e,
-            },
-        })?;
+        self.input
+            .read_exact_at(buf, off)
+            .map_err(|(path, e)| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => ManifestError::Changed {
+                    path: path.display().to_string(),
+                },
+                _ => ManifestError::Read {
+                    path: path.display().to_string(),
+                    source: e,
+                },
+            })?;
         self.next += 1;
         Ok(Some(chunk_hash(self.layout.chunk_count() == 1, off, buf)))
     }
@@ -350,7 +406,7 @@ mod tests {
     #[test]
     fn too_many_chunks_is_refused_before_hashing() {
         let p = std::env::temp_dir().join(format!("fc-manifest-big-{}", std::process::id()));
-        let f = File::create(&p).unwrap();
+        let f = std::fs::File::create(&p).unwrap();
         // Sparse: nothing is written, and the check comes before the first read.
         f.set_len((MAX_CHUNKS + 1) * 4096).unwrap();
         let e = Manifest::from_file(&p, Some(4096)).unwrap_err();

@@ -103,9 +103,17 @@ pub async fn run(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
             blake3: None,
         },
         || {
+            let what = match &source.layout.tree {
+                Some(t) => format!(
+                    "the tree {} ({} files, ",
+                    cfg.file.display(),
+                    t.file_count()
+                ),
+                None => format!("{} (", cfg.file.display()),
+            };
             format!(
-                "serving {} bytes in {} chunks to {} destinations on UDP port {} (hashing \
-                 the file as it goes)",
+                "serving {what}{} bytes) in {} chunks to {} destinations on UDP port {} \
+                 (hashing it as it goes)",
                 source.layout.size,
                 source.layout.chunk_count(),
                 cfg.dests.len(),
@@ -636,8 +644,17 @@ impl Source {
             self.announced = to;
             self.file_hash_announced |= file_hash.is_some();
         }
-        if let Some(b3) = store.file_hash().filter(|_| done).map(|h| manifest::b3(&h)) {
+        if let Some(b3) = store
+            .content_hash()
+            .filter(|_| done)
+            .map(|h| manifest::b3(&h))
+        {
             let elapsed_s = self.started.elapsed().as_secs_f64();
+            let what = if self.layout.tree.is_some() {
+                "tree"
+            } else {
+                "file"
+            };
             node.out.event(
                 &Event::Hashed {
                     elapsed_s,
@@ -645,7 +662,7 @@ impl Source {
                 },
                 || {
                     format!(
-                        "hashed the file in {elapsed_s:.2} s; its BLAKE3 (for `recv --expect`): \
+                        "hashed the {what} in {elapsed_s:.2} s; its BLAKE3 (for `recv --expect`): \
                          {b3}"
                     )
                 },

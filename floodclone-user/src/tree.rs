@@ -9,7 +9,9 @@
 //! entry list passes before anything touches a disk ([`Tree::new`]; a receiver runs them
 //! on what a peer sent), the entry list's encoding, reading a tree from a directory
 //! without following links out of it ([`Tree::scan`]), and where a byte range of the
-//! stream lies in the files ([`Tree::spans`]). Not yet used by `send` and `recv`.
+//! stream lies in the files ([`Tree::spans`]). The files' I/O is
+//! [`crate::storage::Backing`]'s; the staging directory and the rename into place are
+//! [`crate::storage::ChunkStore`]'s.
 
 use std::{
     os::unix::fs::MetadataExt,
@@ -168,6 +170,41 @@ impl Tree {
             i += 1;
         }
         out
+    }
+
+    /// The tree's identity: the hash of its files' bytes (`stream_hash`, which the chunk
+    /// hashes merge into) bound to its entry list and its root's mode, under a key of its
+    /// own so that no file's plain BLAKE3 can equal a tree's.
+    pub fn root_hash(&self, stream_hash: &[u8; 32], root_mode: u32) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key("floodclone 2026-12 tree root v1");
+        h.update(stream_hash);
+        h.update(&(root_mode & 0o777).to_le_bytes());
+        h.update(&self.encode());
+        *h.finalize().as_bytes()
+    }
+
+    /// Length of [`Tree::encode`]'s bytes, without making them.
+    pub fn encoded_len(&self) -> usize {
+        4 + self
+            .entries
+            .iter()
+            .map(|e| {
+                let extra = match &e.kind {
+                    EntryKind::Dir => 0,
+                    EntryKind::File { .. } => 8,
+                    EntryKind::Symlink { target } => 4 + target.len(),
+                };
+                1 + 4 + 8 + 4 + e.path.len() + extra
+            })
+            .sum::<usize>()
+    }
+
+    /// Regular files, with their sizes: the entries whose bytes make up the stream.
+    pub fn file_count(&self) -> usize {
+        self.entries
+            .iter()
+            .filter(|e| matches!(e.kind, EntryKind::File { .. }))
+            .count()
     }
 
     /// The entry list as bytes (for the manifest): a count, then per entry its kind, mode,
@@ -505,6 +542,7 @@ mod tests {
         .unwrap();
         assert_eq!(Tree::decode(&t.encode()).unwrap(), t);
         let bytes = t.encode();
+        assert_eq!(t.encoded_len(), bytes.len());
         assert!(Tree::decode(&bytes[..bytes.len() - 1]).is_err());
         // A hand-made list naming ../x: refused by the same checks.
         let evil = Tree {

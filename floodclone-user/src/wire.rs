@@ -27,6 +27,8 @@ pub enum WireError {
     Invalid(&'static str),
     #[error("{0} trailing bytes")]
     Trailing(usize),
+    #[error("the manifest's tree is refused: {0}")]
+    Tree(#[from] crate::tree::TreeError),
 }
 
 /// A member of the swarm as the source describes it.
@@ -360,6 +362,13 @@ impl Msg {
                 w.u32(manifest.mode);
                 w.hashes(&manifest.chunk_hashes);
                 w.members(members);
+                // Last, so a single file's Welcome is as it was.
+                if let Some(tree) = &manifest.tree {
+                    w.u8(1);
+                    w.bytes(&tree.encode());
+                } else {
+                    w.u8(0);
+                }
             }
             Msg::Hashes {
                 first,
@@ -430,12 +439,25 @@ impl Msg {
                 let file_hash = r.file_hash()?;
                 let mode = r.u32()? & 0o777;
                 let chunk_hashes = r.hashes()?;
+                let members = r.members()?;
+                let tree = match r.u8()? {
+                    0 => None,
+                    1 => {
+                        let bytes = r.bytes()?;
+                        if bytes.len() > crate::manifest::MAX_TREE_BYTES {
+                            return Err(WireError::Invalid("tree larger than a manifest takes"));
+                        }
+                        Some(std::sync::Arc::new(crate::tree::Tree::decode(&bytes)?))
+                    }
+                    _ => return Err(WireError::Invalid("tree flag")),
+                };
                 let manifest = Manifest {
                     size,
                     chunk_bytes,
                     chunk_hashes,
                     file_hash,
                     mode,
+                    tree,
                 };
                 if !manifest.is_consistent() {
                     return Err(WireError::Invalid("manifest"));
@@ -443,7 +465,7 @@ impl Msg {
                 Msg::Welcome {
                     you,
                     manifest,
-                    members: r.members()?,
+                    members,
                     relay,
                 }
             }
@@ -608,6 +630,37 @@ impl From<&RouteView> for floodclone_events::Route {
 mod tests {
     use super::*;
 
+    fn one_file_tree(path: &str, size: u64) -> crate::tree::Tree {
+        crate::tree::Tree::new(vec![crate::tree::Entry {
+            path: path.into(),
+            kind: crate::tree::EntryKind::File { size },
+            mode: 0o644,
+            mtime_ns: 0,
+        }])
+        .unwrap()
+    }
+
+    #[test]
+    fn a_welcome_naming_a_path_outside_the_tree_is_refused_with_the_reason() {
+        let welcome = samples()
+            .into_iter()
+            .find(|m| matches!(m, Msg::Welcome { manifest, .. } if manifest.tree.is_some()))
+            .unwrap();
+        let mut frame = welcome.encode();
+        let at = frame.windows(4).position(|w| w == b"zzzz").unwrap();
+        frame[at..at + 4].copy_from_slice(b"../x");
+        let err = Msg::decode(&frame[4..]).unwrap_err();
+        assert!(
+            matches!(err, WireError::Tree(crate::tree::TreeError::BadPath { .. })),
+            "{err}"
+        );
+        // A tree whose files do not add up to the manifest's size is no manifest either.
+        if let Msg::Welcome { mut manifest, .. } = welcome {
+            manifest.tree = Some(std::sync::Arc::new(one_file_tree("zzzz", 4999)));
+            assert!(!manifest.is_consistent());
+        }
+    }
+
     fn samples() -> Vec<Msg> {
         let manifest = Manifest {
             size: 5000,
@@ -615,6 +668,11 @@ mod tests {
             chunk_hashes: vec![[1; 32], [2; 32]],
             file_hash: Some(crate::manifest::root_of(&[[1; 32], [2; 32]])),
             mode: 0o640,
+            tree: None,
+        };
+        let tree_manifest = Manifest {
+            tree: Some(std::sync::Arc::new(one_file_tree("zzzz", 5000))),
+            ..manifest.clone()
         };
         let member = Member {
             id: 2,
@@ -639,6 +697,12 @@ mod tests {
             Msg::Welcome {
                 you: 1,
                 manifest,
+                members: vec![member.clone()],
+                relay: true,
+            },
+            Msg::Welcome {
+                you: 2,
+                manifest: tree_manifest,
                 members: vec![member.clone()],
                 relay: true,
             },

@@ -75,13 +75,14 @@ fn delivered_gib(bytes: u64, dests: usize) -> f64 {
     bytes as f64 * dests as f64 / (1u64 << 30) as f64
 }
 
-/// Runs the benchmark for each topology, appending JSON lines of every run to `jsonl`;
-/// `tcp_runs` plain TCP copies of the same file per topology besides.
+/// Runs the benchmark for each topology (each run as `base` says: its size, one file or
+/// a tree of several), appending JSON lines of every run to `jsonl`; `tcp_runs` plain TCP
+/// copies of the same bytes per topology besides.
 #[allow(clippy::too_many_arguments)]
 pub fn bench(
     topos: &[Topology],
     bin: &Path,
-    bytes: u64,
+    base: &RunOptions,
     runs: usize,
     baseline_runs: usize,
     tcp_runs: usize,
@@ -92,7 +93,8 @@ pub fn bench(
     for topo in topos {
         let mut ours: Vec<RunReport> = Vec::new();
         let mut direct: Vec<RunReport> = Vec::new();
-        let mut opts = RunOptions::new(bytes);
+        let bytes = base.bytes;
+        let mut opts = base.clone();
         opts.quiet = true;
         let mut direct_opts = opts.clone();
         direct_opts.send_args.push("--direct".into());
@@ -145,7 +147,10 @@ pub fn bench(
             ours.iter().find(|r| r.u_s == m)
         };
         rows.push(BenchRow {
-            topology: topo.name.clone(),
+            topology: match base.files {
+                1 => topo.name.clone(),
+                n => format!("{} ({n} files)", topo.name),
+            },
             bytes,
             u_min_s: ours.first().map_or(0.0, |r| r.u_min_s),
             u_median_s: median(us.clone()),

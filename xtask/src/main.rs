@@ -79,6 +79,10 @@ enum Cmd {
         /// `--node-arg=--congestion=bbr`.
         #[arg(long, allow_hyphen_values = true)]
         node_arg: Vec<String>,
+        /// Send a directory of this many files, --size bytes in all, as one swarm (1: one
+        /// file).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        files: u64,
     },
     /// Every topology on the real testbed, several runs each, against the floor and the
     /// direct baseline; prints a markdown table and writes JSON lines and the table under
@@ -114,6 +118,10 @@ enum Cmd {
         /// Run this floodclone binary instead of building one (to compare two builds).
         #[arg(long)]
         floodclone: Option<PathBuf>,
+        /// Send a directory of this many files, --size bytes in all, as one swarm (1: one
+        /// file): `--files 10000 --size 40000KiB` is 10,000 files of 4 KiB.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        files: u64,
     },
     /// Cost of the in-kernel link stats: TCP throughput and CPU seconds per GB on an
     /// unshaped veth, with and without the programs attached, in the same run.
@@ -424,6 +432,7 @@ fn main() -> Result<()> {
             floodclone,
             delay_ms,
             node_arg,
+            files,
         } => {
             if !testbed::is_root() {
                 bail!("`cargo xtask run` builds network namespaces and loads eBPF: run it as root");
@@ -440,13 +449,19 @@ fn main() -> Result<()> {
                 None => topo,
             };
             eprintln!(
-                "running {} bytes over {} ({} members)",
+                "running {} bytes{} over {} ({} members)",
                 size,
+                if files > 1 {
+                    format!(" in {files} files")
+                } else {
+                    String::new()
+                },
                 topo.name,
                 run::member_count(&topo)
             );
             let mut opts = run::RunOptions::new(size);
             opts.logs = logs;
+            opts.files = files;
             if let Some(c) = chunk_size {
                 opts.send_args = vec!["--chunk-size".into(), c.to_string()];
             }
@@ -481,6 +496,7 @@ fn main() -> Result<()> {
             seed,
             floodclone,
             delay_ms,
+            files,
         } => {
             if !testbed::is_root() {
                 bail!(
@@ -528,10 +544,12 @@ fn main() -> Result<()> {
             for t in &topos {
                 std::fs::write(pictures.join(format!("{}.toml", t.name)), t.to_toml())?;
             }
+            let mut base = run::RunOptions::new(size);
+            base.files = files;
             let rows = bench::bench(
                 &topos,
                 &bin,
-                size,
+                &base,
                 runs,
                 baseline_runs,
                 tcp_runs,

@@ -184,8 +184,28 @@ impl Role for Destination {
                 Step::Continue
             }
             ConnEvent::StoreFailed(e) => Step::Stop(Err(e.into())),
-            ConnEvent::Gone { key, reason } => {
+            ConnEvent::Gone {
+                key,
+                reason,
+                refused,
+            } => {
                 self.asking.remove(key);
+                // The source speaks for the whole swarm: what it sends that this node
+                // refuses (a manifest naming a path outside the tree, a message of another
+                // version) it would send again.
+                if refused && node.conns.dialed_to(SOURCE).is_some_and(|c| c.key == key) {
+                    return self
+                        .settle(
+                            node,
+                            Step::Stop(Err(NodeError::Other(format!(
+                                "the source at {} sent what this node refuses ({reason}); \
+                                 nothing from it is written: check that both ends run the \
+                                 same floodclone",
+                                self.cfg.source
+                            )))),
+                        )
+                        .await;
+                }
                 self.on_gone(node, key, &reason).await;
                 Step::Continue
             }
@@ -524,10 +544,15 @@ impl Destination {
             return Step::Continue;
         } else {
             let (you, manifest) = (welcome.you, &welcome.manifest);
-            if let (Some(want), Some(got)) = (self.cfg.expect, manifest.file_hash) {
+            if let (Some(want), Some(got)) = (self.cfg.expect, manifest.content_hash()) {
                 if want != got {
+                    let what = if manifest.tree.is_some() {
+                        "tree"
+                    } else {
+                        "file"
+                    };
                     return Step::Stop(Err(NodeError::Other(format!(
-                        "the source offers a file whose BLAKE3 is {}, not the {} given to \
+                        "the source offers a {what} whose BLAKE3 is {}, not the {} given to \
                          --expect: refused, nothing written",
                         manifest::b3(&got),
                         manifest::b3(&want),

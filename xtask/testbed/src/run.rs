@@ -37,6 +37,9 @@ pub struct RunOptions {
     pub picture: Option<PathBuf>,
     /// Keep every node's log (stderr) in this directory, as `<node>.log`.
     pub logs: Option<PathBuf>,
+    /// Send a directory of this many files (`bytes` split evenly, 100 to a subdirectory)
+    /// instead of one file: one swarm for the tree (issue 22).
+    pub files: u64,
 }
 
 impl RunOptions {
@@ -49,6 +52,7 @@ impl RunOptions {
             quiet: false,
             picture: None,
             logs: None,
+            files: 1,
         }
     }
 }
@@ -273,9 +277,59 @@ pub fn write_test_file(path: &Path, bytes: u64, seed: u64) -> Result<()> {
     Ok(())
 }
 
+/// `files` files of `bytes` in all under `root` (100 to a subdirectory), each of
+/// reproducible pseudo-random data.
+pub fn write_test_files(root: &Path, bytes: u64, files: u64, seed: u64) -> Result<()> {
+    for i in 0..files {
+        let dir = root.join(format!("d{:03}", i / 100));
+        if i % 100 == 0 {
+            std::fs::create_dir_all(&dir)?;
+        }
+        let size = bytes / files + u64::from(i < bytes % files);
+        write_test_file(&dir.join(format!("f{i:05}")), size, seed.wrapping_add(i))?;
+    }
+    Ok(())
+}
+
+/// A file's BLAKE3, or for a directory the BLAKE3 of its tree: every entry's relative path
+/// and kind in path order, a file's bytes, a link's target.
 fn file_hash(path: &Path) -> Option<blake3::Hash> {
+    fn walk(h: &mut blake3::Hasher, root: &Path, rel: &Path) -> Option<()> {
+        let mut names: Vec<_> = std::fs::read_dir(root.join(rel))
+            .ok()?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .ok()?;
+        names.sort();
+        for name in names {
+            let rel = rel.join(name);
+            let full = root.join(&rel);
+            let meta = std::fs::symlink_metadata(&full).ok()?;
+            h.update(rel.as_os_str().as_encoded_bytes());
+            if meta.is_dir() {
+                h.update(b"/dir");
+                walk(h, root, &rel)?;
+            } else if meta.is_symlink() {
+                h.update(b"/link");
+                h.update(
+                    std::fs::read_link(&full)
+                        .ok()?
+                        .as_os_str()
+                        .as_encoded_bytes(),
+                );
+            } else {
+                h.update(&meta.len().to_le_bytes());
+                h.update_reader(std::fs::File::open(&full).ok()?).ok()?;
+            }
+        }
+        Some(())
+    }
     let mut h = blake3::Hasher::new();
-    h.update_reader(std::fs::File::open(path).ok()?).ok()?;
+    if std::fs::symlink_metadata(path).ok()?.is_dir() {
+        walk(&mut h, path, Path::new(""))?;
+    } else {
+        h.update_reader(std::fs::File::open(path).ok()?).ok()?;
+    }
     Some(h.finalize())
 }
 
@@ -295,7 +349,7 @@ fn pipe_lines(child: &mut Child, who: usize, tx: mpsc::Sender<(usize, String)>) 
 pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<RunReport> {
     let floor =
         bound::floor(&topo.with_upload_caps_as_links(), opts.bytes).map_err(anyhow::Error::msg)?;
-    let (cleanup, src) = ScratchDir::with_test_file("run", topo, opts.bytes)?;
+    let (cleanup, src) = ScratchDir::with_test_file("run", topo, opts.bytes, opts.files)?;
     let work = cleanup.0.clone();
     let log_dir = opts.logs.clone().unwrap_or_else(|| work.clone());
     std::fs::create_dir_all(&log_dir)
@@ -700,8 +754,14 @@ struct ScratchDir(PathBuf);
 
 impl ScratchDir {
     /// A fresh scratch directory for a `kind` of run over `topo`, holding the file to send
-    /// (`source.bin`, `bytes` of the same pseudo-random data for every kind).
-    fn with_test_file(kind: &str, topo: &Topology, bytes: u64) -> Result<(Self, PathBuf)> {
+    /// (`source.bin`, `bytes` of the same pseudo-random data for every kind), or with
+    /// `files` over 1 a directory of that many files (`source.tree`).
+    fn with_test_file(
+        kind: &str,
+        topo: &Topology,
+        bytes: u64,
+        files: u64,
+    ) -> Result<(Self, PathBuf)> {
         // Unique per call, not only per process and topology: two tests of one binary run
         // the same topology at once, and each would remove the other's files.
         static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -714,6 +774,11 @@ impl ScratchDir {
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work)?;
         let dir = Self(work.clone());
+        if files > 1 {
+            let src = work.join("source.tree");
+            write_test_files(&src, bytes, files, 0x5eed ^ bytes)?;
+            return Ok((dir, src));
+        }
         let src = work.join("source.bin");
         write_test_file(&src, bytes, 0x5eed ^ bytes)?;
         Ok((dir, src))
@@ -874,7 +939,7 @@ pub struct TcpReport {
 pub fn run_tcp_copy(topo: &Topology, bytes: u64) -> Result<TcpReport> {
     let floor =
         bound::floor(&topo.with_upload_caps_as_links(), bytes).map_err(anyhow::Error::msg)?;
-    let (scratch, src) = ScratchDir::with_test_file("tcp", topo, bytes)?;
+    let (scratch, src) = ScratchDir::with_test_file("tcp", topo, bytes, 1)?;
     let work = scratch.0.clone();
     netns::ensure_host_bpffs()?;
     let mut bed = Testbed::up(topo)?;
