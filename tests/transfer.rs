@@ -366,3 +366,102 @@ fn thirty_destinations_on_one_testbed_complete() {
     let report = floodclone_tests::transfer(&topo, &RunOptions::new(4 << 20));
     assert_eq!(report.dests.len(), 30);
 }
+
+#[test]
+fn the_library_streams_typed_events_and_a_cancelled_recv_resumes() {
+    if !root_or_skip("the_library_streams_typed_events_and_a_cancelled_recv_resumes") {
+        return;
+    }
+    use floodclone::{
+        events::{Event, Progress},
+        Error, RecvOptions, SendOptions, Swarm,
+    };
+    use floodclone_tests::{addr, TOKEN};
+    use std::net::SocketAddrV4;
+    let scratch = Scratch::new("library");
+    let src = scratch.0.join("src");
+    let bytes = 8 * MIB;
+    write_test_file(&src, bytes, 51).unwrap();
+    let bed = Testbed::up(&small_chain(20)).unwrap();
+    // In-process nodes, one per namespace thread; the kernel programs stay out (their pins
+    // are per process).
+    let swarm = Swarm {
+        link_stats: false,
+        ..Swarm::new(TOKEN)
+    };
+    let source = SocketAddrV4::new(addr(0), 7878);
+    let out = |i: usize| scratch.0.join(format!("d{i}.out"));
+    // A recv on testbed node `i`, cancelled once it holds `cancel_at` bytes (if given):
+    // every event it streamed, and its outcome.
+    let recv_on = |i: usize, cancel_at: Option<u64>| {
+        let opts = RecvOptions::new(swarm.clone(), source, out(i));
+        bed.in_netns(i, move || {
+            runtime().block_on(async move {
+                let mut t = floodclone::recv(opts).unwrap();
+                let cancel = t.cancel_handle();
+                let mut events = Vec::new();
+                while let Some(e) = t.next_event().await {
+                    if let (Some(at), Event::Progress(Progress::Destination { bytes, .. })) =
+                        (cancel_at, &e)
+                    {
+                        if *bytes >= at {
+                            cancel.cancel();
+                        }
+                    }
+                    events.push(e);
+                }
+                (events, t.finish().await)
+            })
+        })
+    };
+    let d2 = recv_on(2, None);
+    let d1 = recv_on(1, Some(bytes / 4));
+    let send_opts = SendOptions::new(
+        swarm.clone(),
+        src.clone(),
+        vec![
+            SocketAddrV4::new(addr(1), 7878),
+            SocketAddrV4::new(addr(2), 7878),
+        ],
+    );
+    let send = bed.in_netns(0, move || {
+        runtime().block_on(async move {
+            let mut t = floodclone::send(send_opts).unwrap();
+            let mut events = Vec::new();
+            while let Some(e) = t.next_event().await {
+                events.push(e);
+            }
+            (events, t.finish().await)
+        })
+    });
+    let (events, outcome) = d1.join().unwrap();
+    assert!(matches!(outcome, Err(Error::Cancelled)), "{outcome:?}");
+    assert!(events.iter().any(|e| matches!(e, Event::Welcome { .. })));
+    assert!(!out(1).exists(), "a cancelled recv leaves nothing at --out");
+    // The same call again resumes.
+    let (events, outcome) = recv_on(1, None).join().unwrap();
+    let elapsed = outcome.expect("the resumed recv completes").elapsed_s;
+    let resumed = events.iter().find_map(|e| match e {
+        Event::Complete { resumed_chunks, .. } => Some(*resumed_chunks),
+        _ => None,
+    });
+    eprintln!("d1 resumed {resumed:?} chunks, complete in {elapsed:.2} s");
+    assert!(resumed.is_some_and(|r| r > 0), "nothing resumed");
+    let (_, outcome) = d2.join().unwrap();
+    outcome.expect("d2 completes");
+    let (events, outcome) = send.join().unwrap();
+    let outcome = outcome.expect("send completes");
+    assert_eq!(outcome.dests.len(), 2);
+    assert!(outcome.failed.is_empty());
+    assert!(events.iter().any(|e| matches!(e, Event::Hashed { .. })));
+    assert!(events.iter().any(|e| matches!(e, Event::DestDone { .. })));
+    assert_copies(&src, [out(1), out(2)]);
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}

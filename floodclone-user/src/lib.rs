@@ -1,5 +1,10 @@
-//! FloodClone: delivers one file from a source to many destinations over an unknown network,
-//! pipelining verified chunks over every link in both directions.
+//! FloodClone: delivers one file or a directory tree from a source to many destinations over
+//! an unknown network, pipelining verified chunks over every link in both directions.
+//!
+//! To embed it: [`send`] and [`recv`] with their options ([`Swarm`], [`SendOptions`],
+//! [`RecvOptions`]) start a [`Transfer`], which streams typed [`events::Event`]s, can be
+//! stopped with a [`Cancel`] handle, and ends with an outcome (module [`api`], with an
+//! example). Everything below is how it works, public for the tests and the tools.
 //!
 //! Modules follow the data flow of one transfer (README, "How it moves data"):
 //! - what is sent: [`manifest`] (the file's chunks and hashes), [`wire`] (the messages);
@@ -13,13 +18,14 @@
 //!   believed once proven);
 //! - what to ask of whom: the scheduler in the `floodclone-sched` crate;
 //! - chunks on disk, resumable: [`storage`]; a directory tree as one stream of chunks:
-//!   [`tree`] (its entries and their checks; not yet used by `send` and `recv`);
+//!   [`tree`] (its entries and their checks);
 //! - measurements in the kernel: [`linkstats`] (the eBPF programs' maps), [`meter`] (rates
 //!   from counters), [`stats`] (`floodclone stats`);
 //! - what a person or a script sees: [`events`] (the `--json` events), [`output`],
 //!   [`progress`]; what they type: [`hosts`] (destinations by address or name); systemd's
 //!   readiness: [`sd_notify`].
 
+pub mod api;
 pub mod claims;
 pub mod congestion;
 pub(crate) mod conn;
@@ -45,3 +51,8 @@ pub mod wire;
 
 /// The `--json` events (the `floodclone-events` crate).
 pub use floodclone_events as events;
+
+pub use api::{
+    recv, send, Cancel, Error, OutputMode, RecvOptions, RecvOutcome, SendOptions, Swarm, Transfer,
+};
+pub use source::SendOutcome;

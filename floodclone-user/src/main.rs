@@ -5,18 +5,16 @@ use std::{net::SocketAddrV4, path::PathBuf, time::Duration};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use floodclone::{
-    destination::{self, RecvConfig},
     events::{
         units::{parse_duration, parse_size},
         Event, SwarmDone,
     },
     hosts::{self, HostPort},
-    linkstats::LinkStats,
-    node::{self, NodeOptions, SharedLinkStats, DEFAULT_PORT},
+    node::{self, DEFAULT_PORT},
     output::Output,
-    source::{self, SendConfig},
     stats, transport,
     transport::Congestion,
+    OutputMode, RecvOptions, SendOptions, Swarm, Transfer,
 };
 
 #[derive(Parser)]
@@ -170,41 +168,6 @@ fn parse_chunk_size(s: &str) -> Result<u32, String> {
         })
 }
 
-/// Attaches the link-stats programs on a thread of its own, so the transfer does not wait
-/// for it; they stay attached until the returned value is emptied. Without permission the
-/// transfer goes on with userspace measurements only, after one warning.
-/// Then a `ready` JSON event says this node's start-up work is done (a harness may wait
-/// for it before it starts the clock of a transfer).
-fn attach_link_stats(output: &Output) -> SharedLinkStats {
-    let shared = SharedLinkStats::default();
-    let slot = shared.clone();
-    let output = output.clone();
-    std::thread::spawn(move || {
-        let attached = match LinkStats::attach() {
-            Ok(s) => {
-                tracing::debug!(pins = ?s.pin_dir(), "link stats attached");
-                *slot.lock().unwrap() = Some(s);
-                true
-            }
-            Err(e) => {
-                eprintln!(
-                    "warning: in-kernel link stats unavailable ({e}); continuing with userspace measurements"
-                );
-                false
-            }
-        };
-        output.json_only(&Event::Ready {
-            link_stats: attached,
-        });
-    });
-    shared
-}
-
-/// Detaches the programs and removes the pins.
-fn detach_link_stats(stats: &SharedLinkStats) {
-    stats.lock().unwrap().take();
-}
-
 /// Exit statuses (README, "Exit codes"): 0 done, 1 any other error, 2 a usage error (clap),
 /// and these.
 const EXIT_SOME_FAILED: i32 = 3;
@@ -345,9 +308,8 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 impl NodeArgs {
-    /// The options of a node started now, with the link stats attaching in the background;
-    /// refused before anything starts if the token is missing or weak.
-    fn start(self) -> Result<(NodeOptions, SharedLinkStats)> {
+    /// The swarm this node joins, as the options say; events printed (plain or JSON).
+    fn swarm(self) -> Result<Swarm> {
         let token = match (self.token, &self.token_file) {
             (Some(t), _) => t,
             (None, Some(path)) => std::fs::read_to_string(path)
@@ -359,21 +321,33 @@ impl NodeArgs {
             (None, None) => String::new(),
         };
         transport::check_token(&token)?;
-        let started = std::time::Instant::now();
-        let output = Output::new(self.json);
-        let link_stats = attach_link_stats(&output);
-        let opts = NodeOptions {
+        Ok(Swarm {
             port: self.port,
-            token,
-            output,
-            link_stats: link_stats.clone(),
-            corrupt_served: self.corrupt_served_chunks,
             congestion: self.congestion,
             max_rate_mbit: self.max_rate,
-            started,
             metrics: self.metrics,
-        };
-        Ok((opts, link_stats))
+            link_stats: true,
+            output: OutputMode::Print { json: self.json },
+            corrupt_served: self.corrupt_served_chunks,
+            ..Swarm::new(token)
+        })
+    }
+}
+
+/// Runs `transfer` to its end, or until a stop signal cancels it (then the error says
+/// which signal, `then` appended).
+async fn until_done_or_stopped<T>(transfer: Transfer<T>, then: &str) -> Result<T> {
+    let cancel = transfer.cancel_handle();
+    let finish = transfer.finish();
+    tokio::pin!(finish);
+    tokio::select! {
+        r = &mut finish => r.map_err(anyhow::Error::from),
+        stop = stop_signal(then) => {
+            cancel.cancel();
+            // Its link stats detached and pins removed before the process ends.
+            let _ = finish.await;
+            Err(stop.into())
+        }
     }
 }
 
@@ -385,25 +359,19 @@ fn send(
     (join_grace, dest_timeout): (Duration, Duration),
     direct: bool,
 ) -> Result<()> {
-    let (node, link_stats) = node.start()?;
-    let (output, started) = (node.output.clone(), node.started);
-    let cfg = SendConfig {
-        node,
-        dests,
-        file,
+    let swarm = node.swarm()?;
+    let output = Output::new(matches!(swarm.output, OutputMode::Print { json: true }));
+    let opts = SendOptions {
         chunk_bytes,
         join_grace,
         dest_timeout,
         direct,
+        ..SendOptions::new(swarm, file, dests)
     };
-    let outcome = runtime()?.block_on(async {
-        tokio::select! {
-            r = source::run(cfg) => r.map_err(anyhow::Error::from),
-            stop = stop_signal("") => Err(stop.into()),
-        }
-    })?;
+    let started = std::time::Instant::now();
+    let outcome =
+        runtime()?.block_on(async { until_done_or_stopped(floodclone::send(opts)?, "").await })?;
     let elapsed = started.elapsed().as_secs_f64();
-    detach_link_stats(&link_stats);
     if !outcome.failed.is_empty() {
         let list: Vec<String> = outcome
             .failed
@@ -451,21 +419,18 @@ fn recv(
     connect_timeout: Duration,
     expect: Option<[u8; 32]>,
 ) -> Result<()> {
-    let (node, link_stats) = node.start()?;
-    let cfg = RecvConfig {
-        node,
-        source,
-        out,
+    let opts = RecvOptions {
         connect_timeout,
         expect,
+        ..RecvOptions::new(node.swarm()?, source, out)
     };
     runtime()?.block_on(async {
-        tokio::select! {
-            r = destination::run(cfg) => r.map(|_| ()).map_err(anyhow::Error::from),
-            stop = stop_signal(" (progress is kept: run the same command to resume)") => Err(stop.into()),
-        }
+        until_done_or_stopped(
+            floodclone::recv(opts)?,
+            " (progress is kept: run the same command to resume)",
+        )
+        .await
     })?;
-    detach_link_stats(&link_stats);
     Ok(())
 }
 

@@ -46,6 +46,9 @@ pub enum NodeError {
     },
     #[error("{0}")]
     Other(String),
+    /// Stopped by its [`crate::api::Cancel`] handle.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 /// The in-kernel link stats, once (and if) the programs are attached.

@@ -10,9 +10,12 @@ use crate::events::Event;
 /// redrawn in place when stderr is a terminal.
 #[derive(Clone)]
 pub struct Output {
+    /// Events are for a program (JSON lines, or the typed stream of `sink`), not a person.
     pub json: bool,
     /// Progress is redrawn in place on stderr (a terminal, no `--json`).
     live: bool,
+    /// Library use ([`crate::api`]): every event goes here as a value; nothing is printed.
+    sink: Option<tokio::sync::mpsc::UnboundedSender<Event>>,
 }
 
 /// What is drawn at the foot of the terminal: the progress lines, which every other
@@ -27,11 +30,38 @@ impl Output {
         Self {
             json,
             live: !json && std::io::stderr().is_terminal(),
+            sink: None,
+        }
+    }
+
+    /// Events as typed values on the returned receiver, nothing printed.
+    pub fn stream() -> (Self, tokio::sync::mpsc::UnboundedReceiver<Event>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let out = Self {
+            json: true,
+            live: false,
+            sink: Some(tx),
+        };
+        (out, rx)
+    }
+
+    /// Whether `event` went to the stream (then it is not printed).
+    fn streamed(&self, event: &Event) -> bool {
+        match &self.sink {
+            Some(tx) => {
+                // A reader that went away wants no more events; the transfer goes on.
+                let _ = tx.send(event.clone());
+                true
+            }
+            None => false,
         }
     }
 
     /// An event only JSON readers care about (nothing in plain mode).
     pub fn json_only(&self, event: &Event) {
+        if self.streamed(event) {
+            return;
+        }
         if self.json {
             println!("{}", event.to_line());
         }
@@ -45,6 +75,9 @@ impl Output {
     /// An event: its JSON line, or the line `plain` makes. Live progress is redrawn
     /// below it.
     pub fn event(&self, event: &Event, plain: impl FnOnce() -> String) {
+        if self.streamed(event) {
+            return;
+        }
         if self.json {
             println!("{}", event.to_line());
         } else {
@@ -55,6 +88,9 @@ impl Output {
     /// A `progress` event: its JSON line, or `lines` (drawn over the previous ones at a
     /// terminal, printed one after the other otherwise).
     pub fn progress(&self, event: &Event, lines: &[String]) {
+        if self.streamed(event) {
+            return;
+        }
         if self.json {
             println!("{}", event.to_line());
         } else if self.live {
