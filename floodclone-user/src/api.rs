@@ -45,7 +45,7 @@ use crate::{
     linkstats::LinkStats,
     node::{NodeError, NodeOptions, SharedLinkStats},
     output::Output,
-    source::{SendConfig, SendOutcome},
+    source::SendOutcome,
     transport::{self, Congestion},
 };
 
@@ -236,31 +236,15 @@ impl<T> Transfer<T> {
 /// once, before anything starts, if the token is missing or weak.
 pub fn send(opts: SendOptions) -> Result<Transfer<SendOutcome>, Error> {
     let (node, events, link_stats) = start_node(&opts.swarm)?;
-    let cfg = SendConfig {
-        node,
-        file: opts.path,
-        dests: opts.dests,
-        chunk_bytes: opts.chunk_bytes,
-        join_grace: opts.join_grace,
-        dest_timeout: opts.dest_timeout,
-        direct: opts.direct,
-    };
-    Ok(spawn(events, link_stats, crate::source::run(cfg)))
+    Ok(spawn(events, link_stats, crate::source::run(node, opts)))
 }
 
 /// Starts fetching from `opts.source` into `opts.out` (call inside a tokio runtime).
 /// Refused at once if the token is missing or weak.
 pub fn recv(opts: RecvOptions) -> Result<Transfer<RecvOutcome>, Error> {
     let (node, events, link_stats) = start_node(&opts.swarm)?;
-    let cfg = crate::destination::RecvConfig {
-        node,
-        source: opts.source,
-        out: opts.out,
-        connect_timeout: opts.connect_timeout,
-        expect: opts.expect,
-    };
     let run = async move {
-        crate::destination::run(cfg)
+        crate::destination::run(node, opts)
             .await
             .map(|elapsed_s| RecvOutcome { elapsed_s })
     };

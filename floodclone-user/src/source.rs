@@ -13,7 +13,6 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{Ipv4Addr, SocketAddrV4},
-    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -25,6 +24,7 @@ use floodclone_sched::{
 use tokio::sync::mpsc;
 
 use crate::{
+    api::SendOptions,
     claims::{self, ClaimedJoin, JoinProofs},
     conn::{ConnEvent, ConnKey, ShortLived},
     discovery::Routes,
@@ -54,21 +54,6 @@ const HASH_REPORT_MAX: u32 = 256;
 /// After the swarm is done, how long the source waits for destinations to hang up.
 const FINISH_GRACE: Duration = Duration::from_secs(3);
 
-pub struct SendConfig {
-    pub node: NodeOptions,
-    pub file: PathBuf,
-    pub dests: Vec<SocketAddrV4>,
-    /// Chunk size in bytes; `None`: the default for the file's size.
-    pub chunk_bytes: Option<u32>,
-    /// How long the source waits for every destination before it starts with those present.
-    pub join_grace: Duration,
-    /// A destination not joined this long after start, or without a connection to the
-    /// source this long, is given up (failed, by name): the others finish without it.
-    pub dest_timeout: Duration,
-    /// Baseline mode: every destination pulls from the source only, nothing is relayed.
-    pub direct: bool,
-}
-
 /// What the source reports when the swarm is done.
 pub struct SendOutcome {
     pub dests: Vec<DestResult>,
@@ -80,18 +65,19 @@ pub struct SendOutcome {
     pub first_chunk_s: Option<f64>,
 }
 
-/// Serves the file until every destination holds a verified copy or has failed.
-pub async fn run(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
+/// Serves the file (or tree) until every destination holds a verified copy or has failed
+/// (`cfg.swarm` is already in `opts`).
+pub async fn run(opts: NodeOptions, cfg: SendOptions) -> Result<SendOutcome, NodeError> {
     // Listen first: destinations may join while the file is being hashed.
-    let mut node = Node::open(&cfg.node, "source", transport::SOURCE_INITIAL_WINDOW)?;
-    let hasher = ChunkHasher::open(&cfg.file, cfg.chunk_bytes)?;
+    let mut node = Node::open(&opts, "source", transport::SOURCE_INITIAL_WINDOW)?;
+    let hasher = ChunkHasher::open(&cfg.path, cfg.chunk_bytes)?;
     let layout = hasher.layout();
-    let store = Arc::new(ChunkStore::source(&cfg.file, layout.clone())?);
+    let store = Arc::new(ChunkStore::source(&cfg.path, layout.clone())?);
     let _ = node.ctx.store.set(store.clone());
     let local_addrs = Routes::open()?.local_addrs().await?;
     let (local_tx, mut local) = mpsc::unbounded_channel();
     hash_in_background(hasher, store, local_tx.clone());
-    let mut source = Source::new(&cfg, layout, local_addrs, local_tx);
+    let mut source = Source::new(&opts, &cfg, layout, local_addrs, local_tx);
     node.watch(source.members.iter().skip(1).map(|m| m.addr));
     node.out.event(
         &Event::Serving {
@@ -99,17 +85,17 @@ pub async fn run(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
             chunks: source.layout.chunk_count(),
             chunk_bytes: source.layout.chunk_bytes,
             destinations: cfg.dests.len(),
-            port: cfg.node.port,
+            port: opts.port,
             blake3: None,
         },
         || {
             let what = match &source.layout.tree {
                 Some(t) => format!(
                     "the tree {} ({} files, ",
-                    cfg.file.display(),
+                    cfg.path.display(),
                     t.file_count()
                 ),
-                None => format!("{} (", cfg.file.display()),
+                None => format!("{} (", cfg.path.display()),
             };
             format!(
                 "serving {what}{} bytes) in {} chunks to {} destinations on UDP port {} \
@@ -117,7 +103,7 @@ pub async fn run(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
                 source.layout.size,
                 source.layout.chunk_count(),
                 cfg.dests.len(),
-                cfg.node.port,
+                opts.port,
             )
         },
     );
@@ -127,7 +113,7 @@ pub async fn run(cfg: SendConfig) -> Result<SendOutcome, NodeError> {
         .ctx
         .first_chunk
         .get()
-        .map(|t| t.saturating_duration_since(cfg.node.started).as_secs_f64());
+        .map(|t| t.saturating_duration_since(opts.started).as_secs_f64());
     let tx_bytes_by_iface = node.close().await;
     result?;
     Ok(source.outcome(tx_bytes_by_iface, first_chunk_s))
@@ -344,7 +330,8 @@ impl Role for Source {
 
 impl Source {
     fn new(
-        cfg: &SendConfig,
+        opts: &NodeOptions,
+        cfg: &SendOptions,
         layout: Manifest,
         local_addrs: Vec<Ipv4Addr>,
         local: mpsc::UnboundedSender<SourceLocal>,
@@ -352,7 +339,7 @@ impl Source {
         let mut members = vec![Member {
             id: SOURCE,
             addr: Ipv4Addr::UNSPECIFIED,
-            port: cfg.node.port,
+            port: opts.port,
             local_addrs,
             joined: true,
         }];
@@ -375,7 +362,7 @@ impl Source {
             join_grace: cfg.join_grace,
             dest_timeout: cfg.dest_timeout,
             lost_since: HashMap::new(),
-            started: cfg.node.started,
+            started: opts.started,
             holdings: HashMap::new(),
             welcomed: false,
             fresh_hold: None,

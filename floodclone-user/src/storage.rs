@@ -127,9 +127,14 @@ impl Backing {
         })
     }
 
+    /// A source's tree: `root` as the user named it (a link to a directory is followed,
+    /// as for a file); nothing under it is.
     pub fn open_tree(root: &Path, tree: Arc<Tree>) -> std::io::Result<Self> {
         Ok(Self::Tree {
-            dir: open_dir(root)?,
+            dir: OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECTORY)
+                .open(root)?,
             root: root.into(),
             tree,
         })
@@ -961,7 +966,10 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let src = dir.join("src");
         make_tree(&src);
-        let m = Manifest::from_file(&src, Some(4096)).unwrap();
+        // Named through a link, as `send /srv/current` would be.
+        let named = dir.join("current");
+        std::os::unix::fs::symlink(&src, &named).unwrap();
+        let m = Manifest::from_file(&named, Some(4096)).unwrap();
         let tree = m.tree.clone().expect("a directory is sent as a tree");
         assert_eq!(m.size, 10 + 4096 * 2 + 100 + 4096 + 3000);
         assert_ne!(
@@ -969,7 +977,7 @@ mod tests {
             m.file_hash,
             "a tree's hash names its entries too"
         );
-        let source = ChunkStore::source(&src, m.clone()).unwrap();
+        let source = ChunkStore::source(&named, m.clone()).unwrap();
         let out = dir.join("out");
         // Something an earlier run of other content left in the staging directory goes.
         fs::create_dir_all(part_path(&out)).unwrap();

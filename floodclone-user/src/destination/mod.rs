@@ -10,7 +10,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::Ipv4Addr,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -25,6 +25,7 @@ mod neighbours;
 use neighbours::with_source_addr;
 
 use crate::{
+    api::RecvOptions,
     claims::{GatewayChecks, CHECK_TIMEOUT},
     conn::{ChunkOutcome, ConnEvent, ConnKey, ShortLived},
     discovery::Routes,
@@ -64,21 +65,10 @@ fn member_name(members: &[Member], id: MemberId) -> String {
     }
 }
 
-pub struct RecvConfig {
-    pub node: NodeOptions,
-    pub source: SocketAddrV4,
-    pub out: PathBuf,
-    /// How long to keep trying to reach the source at start.
-    pub connect_timeout: Duration,
-    /// The whole file's BLAKE3 the copy must have (`--expect`): any other file offered is
-    /// refused before a byte of it is written.
-    pub expect: Option<[u8; 32]>,
-}
-
 /// Joins the source, fetches and re-serves chunks, writes the file. Returns seconds from
 /// start until the copy was complete and verified.
-pub async fn run(cfg: RecvConfig) -> Result<f64, NodeError> {
-    let mut node = Node::open(&cfg.node, "destination", crate::congestion::INITIAL_WINDOW)?;
+pub async fn run(opts: NodeOptions, cfg: RecvOptions) -> Result<f64, NodeError> {
+    let mut node = Node::open(&opts, "destination", crate::congestion::INITIAL_WINDOW)?;
     let (local_tx, mut local) = mpsc::unbounded_channel();
     let mut dest = Destination::new(cfg, Routes::open()?, local_tx);
     dest.start(&mut node).await?;
@@ -105,7 +95,7 @@ struct HeldWelcome {
 
 /// The destination's state.
 struct Destination {
-    cfg: RecvConfig,
+    cfg: RecvOptions,
     routes: Routes,
     /// Our member id, once welcomed ([`JOINING`] before).
     me: MemberId,
@@ -312,7 +302,7 @@ impl Destination {
 }
 
 impl Destination {
-    fn new(cfg: RecvConfig, routes: Routes, local: mpsc::UnboundedSender<Local>) -> Self {
+    fn new(cfg: RecvOptions, routes: Routes, local: mpsc::UnboundedSender<Local>) -> Self {
         Self {
             cfg,
             routes,
@@ -363,7 +353,7 @@ impl Destination {
         vec![
             Msg::Hello { id: self.me },
             Msg::Join {
-                port: self.cfg.node.port,
+                port: self.cfg.swarm.port,
                 addrs,
             },
         ]
