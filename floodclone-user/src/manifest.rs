@@ -277,7 +277,7 @@ impl ChunkHasher {
             });
         }
         // The Welcome carries the entry list beside every chunk's hash, in one frame.
-        if let Some(bytes) = tree.as_ref().map(|t| t.encoded_len()) {
+        if let Some(bytes) = tree.as_ref().map(|t| t.encode().len()) {
             let welcome = bytes as u64 + 32 * chunks + (1 << 20);
             if bytes > MAX_TREE_BYTES || welcome > crate::wire::MAX_FRAME as u64 {
                 return Err(ManifestError::TreeTooLarge { bytes });

@@ -183,22 +183,6 @@ impl Tree {
         *h.finalize().as_bytes()
     }
 
-    /// Length of [`Tree::encode`]'s bytes, without making them.
-    pub fn encoded_len(&self) -> usize {
-        4 + self
-            .entries
-            .iter()
-            .map(|e| {
-                let extra = match &e.kind {
-                    EntryKind::Dir => 0,
-                    EntryKind::File { .. } => 8,
-                    EntryKind::Symlink { target } => 4 + target.len(),
-                };
-                1 + 4 + 8 + 4 + e.path.len() + extra
-            })
-            .sum::<usize>()
-    }
-
     /// Regular files, with their sizes: the entries whose bytes make up the stream.
     pub fn file_count(&self) -> usize {
         self.entries
@@ -207,22 +191,38 @@ impl Tree {
             .count()
     }
 
-    /// The entry list as bytes (for the manifest): a count, then per entry its kind, mode,
-    /// modification time, path and size or link target, lengths as little-endian u32/u64.
+    /// The entry list as bytes (for the manifest, which goes to every destination from the
+    /// source's own links): a count, then per entry its kind, mode, modification time (as
+    /// the difference from the previous entry's), path (as the length it shares with the
+    /// previous path and the rest) and size or link target; numbers as LEB128 varints
+    /// (times zigzagged). In path order, neighbouring entries share most of their paths and
+    /// times: 10,000 files of `d000/f00000` take ~12 bytes each instead of 36 (fixed-width
+    /// fields sent 364 KB to each destination, 0.3 s on a 10 Mbit/s source link).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        put_varint(&mut out, self.entries.len() as u64);
+        let (mut prev_path, mut prev_mtime) = ("", 0i64);
         for e in &self.entries {
-            let (kind, extra): (u8, Vec<u8>) = match &e.kind {
-                EntryKind::Dir => (0, Vec::new()),
-                EntryKind::File { size } => (1, size.to_le_bytes().to_vec()),
-                EntryKind::Symlink { target } => (2, string_bytes(target)),
-            };
-            out.push(kind);
-            out.extend_from_slice(&e.mode.to_le_bytes());
-            out.extend_from_slice(&e.mtime_ns.to_le_bytes());
-            out.extend_from_slice(&string_bytes(&e.path));
-            out.extend_from_slice(&extra);
+            out.push(match e.kind {
+                EntryKind::Dir => 0,
+                EntryKind::File { .. } => 1,
+                EntryKind::Symlink { .. } => 2,
+            });
+            put_varint(&mut out, e.mode as u64);
+            put_varint(&mut out, zigzag(e.mtime_ns.wrapping_sub(prev_mtime)));
+            let shared = prev_path
+                .bytes()
+                .zip(e.path.bytes())
+                .take_while(|(a, b)| a == b)
+                .count();
+            put_varint(&mut out, shared as u64);
+            put_bytes(&mut out, &e.path.as_bytes()[shared..]);
+            match &e.kind {
+                EntryKind::Dir => {}
+                EntryKind::File { size } => put_varint(&mut out, *size),
+                EntryKind::Symlink { target } => put_bytes(&mut out, target.as_bytes()),
+            }
+            (prev_path, prev_mtime) = (&e.path, e.mtime_ns);
         }
         out
     }
@@ -231,23 +231,32 @@ impl Tree {
     /// sends is refused whole, with the reason, before anything is created.
     pub fn decode(bytes: &[u8]) -> Result<Self, TreeError> {
         let mut r = Reader(bytes);
-        let n = r.u32()? as usize;
-        if n > MAX_ENTRIES {
+        let n = r.varint()?;
+        if n > MAX_ENTRIES as u64 {
             return Err(TreeError::TooMany);
         }
-        let mut entries = Vec::with_capacity(n.min(1 << 16));
+        let mut entries: Vec<Entry> = Vec::with_capacity((n as usize).min(1 << 16));
+        let mut prev_mtime = 0i64;
         for _ in 0..n {
             let kind = r.take(1)?[0];
-            let mode = r.u32()?;
-            let mtime_ns = i64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes"));
-            let path = r.string()?;
+            let mode = u32::try_from(r.varint()?)
+                .map_err(|_| TreeError::Malformed("a mode wider than 32 bits"))?;
+            let mtime_ns = prev_mtime.wrapping_add(unzigzag(r.varint()?));
+            let shared = r.varint()? as usize;
+            let prev = entries.last().map_or(&b""[..], |e| e.path.as_bytes());
+            if shared > prev.len() {
+                return Err(TreeError::Malformed(
+                    "a path shares more than the previous has",
+                ));
+            }
+            let mut path = prev[..shared].to_vec();
+            path.extend_from_slice(r.bytes()?);
+            let path = string(path)?;
             let kind = match kind {
                 0 => EntryKind::Dir,
-                1 => EntryKind::File {
-                    size: u64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes")),
-                },
+                1 => EntryKind::File { size: r.varint()? },
                 2 => EntryKind::Symlink {
-                    target: r.string()?,
+                    target: string(r.bytes()?.to_vec())?,
                 },
                 _ => return Err(TreeError::Malformed("unknown entry kind")),
             };
@@ -257,6 +266,7 @@ impl Tree {
                 mode,
                 mtime_ns,
             });
+            prev_mtime = mtime_ns;
         }
         if !r.0.is_empty() {
             return Err(TreeError::Malformed("bytes after the last entry"));
@@ -383,16 +393,39 @@ fn link_stays_inside(path: &str, target: &str) -> bool {
     true
 }
 
-fn string_bytes(s: &str) -> Vec<u8> {
-    let mut out = (s.len() as u32).to_le_bytes().to_vec();
-    out.extend_from_slice(s.as_bytes());
-    out
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    put_varint(out, b.len() as u64);
+    out.extend_from_slice(b);
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    (v >> 1) as i64 ^ -((v & 1) as i64)
+}
+
+/// A name from a peer: at most `PATH_MAX` bytes of UTF-8.
+fn string(b: Vec<u8>) -> Result<String, TreeError> {
+    if b.len() > MAX_PATH_BYTES {
+        return Err(TreeError::Malformed("a name longer than PATH_MAX"));
+    }
+    String::from_utf8(b).map_err(|_| TreeError::Malformed("a name not UTF-8"))
 }
 
 struct Reader<'a>(&'a [u8]);
 
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], TreeError> {
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], TreeError> {
         if self.0.len() < n {
             return Err(TreeError::Malformed("cut short"));
         }
@@ -401,19 +434,29 @@ impl Reader<'_> {
         Ok(head)
     }
 
-    fn u32(&mut self) -> Result<u32, TreeError> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
+    fn varint(&mut self) -> Result<u64, TreeError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.take(1)?[0];
+            let bits = (b & 0x7f) as u64;
+            if shift == 63 && bits > 1 {
+                return Err(TreeError::Malformed("a number wider than 64 bits"));
+            }
+            v |= bits << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(TreeError::Malformed("a number wider than 64 bits"))
     }
 
-    fn string(&mut self) -> Result<String, TreeError> {
-        let n = self.u32()? as usize;
-        if n > MAX_PATH_BYTES {
+    /// A length, then that many bytes (at most what is left: checked before any copy).
+    fn bytes(&mut self) -> Result<&'a [u8], TreeError> {
+        let n = self.varint()?;
+        if n > MAX_PATH_BYTES as u64 {
             return Err(TreeError::Malformed("a name longer than PATH_MAX"));
         }
-        String::from_utf8(self.take(n)?.to_vec())
-            .map_err(|_| TreeError::Malformed("a name not UTF-8"))
+        self.take(n as usize)
     }
 }
 
@@ -532,6 +575,40 @@ mod tests {
     }
 
     #[test]
+    fn many_similar_entries_encode_small_and_every_number_round_trips() {
+        let mut entries = vec![dir("d000")];
+        for i in 0..100 {
+            let mut f = file(&format!("d000/f{i:05}"), 4096);
+            f.mtime_ns = 1_700_000_000_000_000_000 + i * 1_000;
+            entries.push(f);
+        }
+        let t = Tree::new(entries).unwrap();
+        let bytes = t.encode();
+        assert!(
+            bytes.len() < 100 * 14,
+            "{} bytes for 101 entries",
+            bytes.len()
+        );
+        assert_eq!(Tree::decode(&bytes).unwrap(), t);
+        // Extremes: the widest numbers, times before the epoch, a long shared prefix.
+        let mut odd = vec![dir("a"), file("a/b", u64::MAX), file("a/bc", 0)];
+        odd[1].mtime_ns = i64::MIN;
+        odd[2].mtime_ns = i64::MAX;
+        odd[0].mode = u32::MAX;
+        let t = Tree::new(odd).unwrap();
+        assert_eq!(Tree::decode(&t.encode()).unwrap(), t);
+        for v in [0, 1, 127, 128, u64::MAX] {
+            let mut out = Vec::new();
+            put_varint(&mut out, v);
+            assert_eq!(Reader(&out).varint().unwrap(), v);
+        }
+        assert!(Reader(&[0xff; 11]).varint().is_err(), "an endless number");
+        for v in [0, -1, 1, i64::MIN, i64::MAX] {
+            assert_eq!(unzigzag(zigzag(v)), v);
+        }
+    }
+
+    #[test]
     fn the_entry_list_round_trips_and_a_bad_one_is_refused_whole() {
         let t = Tree::new(vec![
             dir("d"),
@@ -542,7 +619,6 @@ mod tests {
         .unwrap();
         assert_eq!(Tree::decode(&t.encode()).unwrap(), t);
         let bytes = t.encode();
-        assert_eq!(t.encoded_len(), bytes.len());
         assert!(Tree::decode(&bytes[..bytes.len() - 1]).is_err());
         // A hand-made list naming ../x: refused by the same checks.
         let evil = Tree {

@@ -390,6 +390,7 @@ impl Destination {
                 members,
                 relay,
             } if from_source => {
+                tracing::debug!(at_ms = (node.now() * 1e3) as u64, "welcome received");
                 return self.on_welcome(
                     node,
                     HeldWelcome {
@@ -398,7 +399,7 @@ impl Destination {
                         members,
                         relay,
                     },
-                )
+                );
             }
             Msg::Hashes {
                 first,
@@ -550,10 +551,12 @@ impl Destination {
                 }
             }
             self.me = you;
+            let opening = Instant::now();
             let store = match ChunkStore::destination(&self.cfg.out, manifest.clone()) {
                 Ok(s) => Arc::new(s),
                 Err(e) => return Step::Stop(Err(e.into())),
             };
+            tracing::debug!(ms = opening.elapsed().as_millis() as u64, "store opened");
             let resumed = store.have().count();
             self.resumed_chunks = resumed;
             let _ = node.ctx.store.set(store.clone());
