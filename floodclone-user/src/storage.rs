@@ -1040,4 +1040,25 @@ mod tests {
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
         fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn an_empty_directory_and_a_tree_of_empty_files_arrive() {
+        let dir = std::env::temp_dir().join(format!("fc-storage-empty-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        for (name, files) in [("none", 0), ("empty-files", 3)] {
+            let src = dir.join(name);
+            fs::create_dir_all(src.join("sub")).unwrap();
+            for i in 0..files {
+                fs::write(src.join(format!("sub/e{i}")), b"").unwrap();
+            }
+            let m = Manifest::from_file(&src, None).unwrap();
+            assert_eq!((m.size, m.chunk_count()), (0, 0));
+            let out = dir.join(format!("{name}.out"));
+            let d = ChunkStore::destination(&out, m.clone()).unwrap();
+            assert!(d.is_complete());
+            d.finalize().unwrap();
+            assert_eq!(Tree::scan(&out).unwrap(), *m.tree.unwrap());
+        }
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -61,6 +61,10 @@ pub struct Tree {
 pub const MAX_ENTRIES: usize = 1 << 22;
 /// Longest path, in bytes (Linux's `PATH_MAX`).
 pub const MAX_PATH_BYTES: usize = 4096;
+/// Most bytes of names (paths and link targets) a tree may hold in all. Paths travel
+/// front-coded, so a few bytes on the wire can stand for a 4 KiB path: without this bound
+/// a list within the manifest's size could unfold into gigabytes at a receiver.
+pub const MAX_NAME_BYTES: usize = 256 << 20;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TreeError {
@@ -74,6 +78,8 @@ pub enum TreeError {
     LinkOutside { path: String, target: String },
     #[error("the tree has more than {MAX_ENTRIES} entries")]
     TooMany,
+    #[error("the tree's names add up to more than {MAX_NAME_BYTES} bytes")]
+    NamesTooLong,
     #[error("the tree's files add up to more than 2^64 bytes")]
     TooBig,
     #[error("malformed entry list: {0}")]
@@ -88,8 +94,16 @@ impl Tree {
         if entries.len() > MAX_ENTRIES {
             return Err(TreeError::TooMany);
         }
+        let mut names = 0usize;
         for e in &entries {
             check_path(&e.path)?;
+            names += e.path.len();
+            if let EntryKind::Symlink { target } = &e.kind {
+                names += target.len();
+            }
+        }
+        if names > MAX_NAME_BYTES {
+            return Err(TreeError::NamesTooLong);
         }
         entries.sort_by(|a, b| a.path.cmp(&b.path));
         let mut kinds: std::collections::HashMap<&str, &EntryKind> = Default::default();
@@ -102,16 +116,16 @@ impl Tree {
         }
         for e in &entries {
             // Every ancestor a directory of the tree: then none is a symlink, so creating
-            // this entry under the staging root can never write through a link.
-            let mut at = e.path.as_str();
-            while let Some((parent, _)) = at.rsplit_once('/') {
+            // this entry under the staging root can never write through a link. The parent
+            // is enough: it is an entry too, whose own parent is checked (one lookup per
+            // entry, where walking every ancestor let a deep list cost its depth squared).
+            if let Some((parent, _)) = e.path.rsplit_once('/') {
                 if kinds.get(parent) != Some(&&EntryKind::Dir) {
                     return Err(TreeError::NoParent {
                         path: e.path.clone(),
                         parent: parent.to_string(),
                     });
                 }
-                at = parent;
             }
             if let EntryKind::Symlink { target } = &e.kind {
                 if !link_stays_inside(&e.path, target) {
@@ -237,6 +251,8 @@ impl Tree {
         }
         let mut entries: Vec<Entry> = Vec::with_capacity((n as usize).min(1 << 16));
         let mut prev_mtime = 0i64;
+        // Counted as they unfold, before they take memory (see `MAX_NAME_BYTES`).
+        let mut names = 0usize;
         for _ in 0..n {
             let kind = r.take(1)?[0];
             let mode = u32::try_from(r.varint()?)
@@ -249,15 +265,24 @@ impl Tree {
                     "a path shares more than the previous has",
                 ));
             }
+            let suffix = r.bytes()?;
+            names += shared + suffix.len();
+            if names > MAX_NAME_BYTES {
+                return Err(TreeError::NamesTooLong);
+            }
             let mut path = prev[..shared].to_vec();
-            path.extend_from_slice(r.bytes()?);
+            path.extend_from_slice(suffix);
             let path = string(path)?;
             let kind = match kind {
                 0 => EntryKind::Dir,
                 1 => EntryKind::File { size: r.varint()? },
-                2 => EntryKind::Symlink {
-                    target: string(r.bytes()?.to_vec())?,
-                },
+                2 => {
+                    let target = r.bytes()?;
+                    names += target.len();
+                    EntryKind::Symlink {
+                        target: string(target.to_vec())?,
+                    }
+                }
                 _ => return Err(TreeError::Malformed("unknown entry kind")),
             };
             entries.push(Entry {
@@ -606,6 +631,32 @@ mod tests {
         for v in [0, -1, 1, i64::MIN, i64::MAX] {
             assert_eq!(unzigzag(zigzag(v)), v);
         }
+    }
+
+    #[test]
+    fn a_list_that_unfolds_into_too_many_name_bytes_is_refused_early() {
+        // Hand-made: one 4,000-byte directory name, then entries under it that each share
+        // it and add 2 bytes, 10 bytes each on the wire: 70,000 of them would unfold to
+        // 280 MB of paths from 0.7 MB of list.
+        let long = "d".repeat(4000);
+        let mut bytes = Vec::new();
+        let n: u64 = 70_000;
+        put_varint(&mut bytes, n + 1);
+        bytes.push(0); // a directory
+        put_varint(&mut bytes, 0o755);
+        put_varint(&mut bytes, 0);
+        put_varint(&mut bytes, 0);
+        put_bytes(&mut bytes, long.as_bytes());
+        for i in 0..n {
+            bytes.push(1); // a file
+            put_varint(&mut bytes, 0o644);
+            put_varint(&mut bytes, 0);
+            put_varint(&mut bytes, 4000);
+            put_bytes(&mut bytes, format!("/{}", i % 10).as_bytes());
+            put_varint(&mut bytes, 0);
+        }
+        assert!(bytes.len() < 720_000, "{}", bytes.len());
+        assert_eq!(Tree::decode(&bytes).unwrap_err(), TreeError::NamesTooLong);
     }
 
     #[test]
