@@ -184,13 +184,17 @@ impl Role for Destination {
                 // refuses (a manifest naming a path outside the tree, a message of another
                 // version) it would send again.
                 if refused && node.conns.dialed_to(SOURCE).is_some_and(|c| c.key == key) {
+                    let kept = if node.ctx.store.get().is_some() {
+                        "what verified so far is kept"
+                    } else {
+                        "nothing was written"
+                    };
                     return self
                         .settle(
                             node,
                             Step::Stop(Err(NodeError::Other(format!(
                                 "the source at {} sent what this node refuses ({reason}); \
-                                 nothing from it is written: check that both ends run the \
-                                 same floodclone",
+                                 {kept}: check that both ends run the same floodclone",
                                 self.cfg.source
                             )))),
                         )
