@@ -320,7 +320,7 @@ impl NodeArgs {
                 .to_string(),
             (None, None) => String::new(),
         };
-        transport::check_token(&token)?;
+        // A weak token is refused by `floodclone::send`/`recv` before anything starts.
         Ok(Swarm {
             port: self.port,
             congestion: self.congestion,

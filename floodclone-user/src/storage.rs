@@ -147,15 +147,9 @@ impl Backing {
                 file.read_exact_at(buf, off).map_err(|e| (path.clone(), e))
             }
             Self::Tree { dir, root, tree } => {
-                let mut at = 0;
-                for (i, piece_off, len) in tree.spans(off, buf.len() as u64) {
-                    let piece = &mut buf[at..at + len as usize];
-                    let rel = &tree.entries()[i].path;
-                    open_in_tree(dir, rel)
-                        .and_then(|f| f.read_exact_at(piece, piece_off))
-                        .map_err(|e| (root.join(rel), e))?;
-                    at += len as usize;
-                }
+                let at = for_each_piece(root, tree, off, buf.len(), |e, piece_off, range| {
+                    open_in_tree(dir, &e.path)?.read_exact_at(&mut buf[range], piece_off)
+                })?;
                 if at < buf.len() {
                     return Err((root.clone(), std::io::ErrorKind::UnexpectedEof.into()));
                 }
@@ -185,23 +179,41 @@ impl Backing {
         match self {
             Self::File { file, path } => write(file, data, off).map_err(|e| (path.clone(), e)),
             Self::Tree { dir, root, tree } => {
-                let mut at = 0;
-                for (i, piece_off, len) in tree.spans(off, data.len() as u64) {
-                    let e = &tree.entries()[i];
-                    let rel = &e.path;
+                for_each_piece(root, tree, off, data.len(), |e, piece_off, range| {
                     let size = match e.kind {
                         EntryKind::File { size } => size,
                         _ => 0,
                     };
-                    open_for_writing(dir, rel, size)
-                        .and_then(|f| write(&f, &data[at..at + len as usize], piece_off))
-                        .map_err(|e| (root.join(rel), e))?;
-                    at += len as usize;
-                }
+                    write(
+                        &open_for_writing(dir, &e.path, size)?,
+                        &data[range],
+                        piece_off,
+                    )
+                })?;
                 Ok(())
             }
         }
     }
+}
+
+/// Runs `io` on each piece of a tree's stream bytes `off..off + len`, in order: the file's
+/// entry, the piece's offset in that file, its range within the `len` bytes. Returns how
+/// many bytes the pieces covered; an error names the file.
+fn for_each_piece(
+    root: &Path,
+    tree: &Tree,
+    off: u64,
+    len: usize,
+    mut io: impl FnMut(&crate::tree::Entry, u64, std::ops::Range<usize>) -> std::io::Result<()>,
+) -> Result<usize, (PathBuf, std::io::Error)> {
+    let mut at = 0;
+    for (i, piece_off, n) in tree.spans(off, len as u64) {
+        let e = &tree.entries()[i];
+        let range = at..at + n as usize;
+        io(e, piece_off, range).map_err(|err| (root.join(&e.path), err))?;
+        at += n as usize;
+    }
+    Ok(at)
 }
 
 /// A directory, open for `openat` (not through a link at its own name).
