@@ -467,7 +467,7 @@ fn a_member_that_never_answers_holds_the_start_back_half_a_second_only() {
         ctl.send(&Msg::Hello { id: u16::MAX }).await.unwrap();
         let join = Msg::Join {
             port: 7878,
-            addrs: vec![addr(2)],
+            addrs: vec![addr(2).into()],
         };
         ctl.send(&join).await.unwrap();
         let _ = joined_tx.send(());
@@ -841,7 +841,7 @@ fn claims_to_a_members_address_are_refused_before_and_after_it_joins() {
             ctl.send(&Msg::Hello { id: u16::MAX }).await.unwrap();
             let join = Msg::Join {
                 port: 7878,
-                addrs: vec![addr(1)],
+                addrs: vec![addr(1).into()],
             };
             ctl.send(&join).await.unwrap();
             closed_within(&conn, 10).await
@@ -941,8 +941,8 @@ fn a_member_claiming_the_routers_addresses_is_not_believed() {
             .unwrap();
         let mut ctl = transport::authenticate_dialer(&conn, TOKEN).await.unwrap();
         ctl.send(&Msg::Hello { id: u16::MAX }).await.unwrap();
-        let mut addrs = vec![addr(2)];
-        addrs.extend(routers);
+        let mut addrs: Vec<std::net::IpAddr> = vec![addr(2).into()];
+        addrs.extend(routers.into_iter().map(std::net::IpAddr::from));
         ctl.send(&Msg::Join { port: 7878, addrs }).await.unwrap();
         // Welcomed: its own copy is "done"; it stays until the source ends the swarm.
         let mut told_done = false;

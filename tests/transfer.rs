@@ -34,6 +34,96 @@ topology_test!(asymmetric_delivers_identical_copies, "asymmetric");
 topology_test!(heterogeneous_delivers_identical_copies, "heterogeneous");
 topology_test!(mesh_delivers_identical_copies, "mesh");
 
+/// IPv6 from end to end: members named by host names (the testbed's per-namespace
+/// `/etc/hosts`) and IPv6 addresses in a `--dests-file`, the source behind a router, a
+/// destination behind another; every copy identical, and the kernel's counters, read
+/// live by `floodclone stats` from the daemon's pins, show the IPv6 peers.
+#[test]
+fn an_ipv6_swarm_named_by_host_names_completes_and_stats_show_ipv6_peers() {
+    if !root_or_skip("an_ipv6_swarm_named_by_host_names_completes_and_stats_show_ipv6_peers") {
+        return;
+    }
+    use floodclone_testbed::netns::identity_addr6;
+    let scratch = Scratch::new("ipv6");
+    let src = scratch.0.join("src");
+    write_test_file(&src, 8 * MIB, 31).unwrap();
+    let topo = Topology::parse(
+        "ipv6",
+        r#"node = [{name="s",role="source"},{name="r",role="router"},{name="d1",role="dest"},
+                   {name="d2",role="dest"}]
+           link = [{a="s",b="r",mbit=20},{a="r",b="d1",mbit=20},{a="d1",b="d2",mbit=20}]"#,
+    )
+    .unwrap();
+    let mut bed = Testbed::up(&topo).unwrap();
+    let (d1, d2) = (2, 3);
+    let s6 = identity_addr6(0);
+    let outs = [scratch.0.join("d1.out"), scratch.0.join("d2.out")];
+    let recv = |bed: &mut Testbed, node: usize, source: String, out: &std::path::Path| {
+        let mut args = recv_args(0, out, &[]);
+        args[2] = source;
+        start(bed, node, &args, &scratch.0)
+    };
+    let r1 = recv(&mut bed, d1, "s.v6".into(), &outs[0]);
+    let r2 = recv(&mut bed, d2, format!("[{s6}]:7878"), &outs[1]);
+    // Their programs attached and pinned first, as services would be.
+    for r in [&r1, &r2] {
+        assert!(r.wait_event("ready", 30.0).is_some(), "{}", r.stderr_text());
+    }
+    let dests_file = scratch.0.join("dests");
+    let listing = format!(
+        "d1.v6   # by name\n[{}]:7878  # d2 by address\n",
+        identity_addr6(d2)
+    );
+    std::fs::write(&dests_file, listing).unwrap();
+    let mut send = send_args(&src, []);
+    send.extend(strings(&["--dests-file", dests_file.to_str().unwrap()]));
+    let send = start(&mut bed, 0, &send, &scratch.0);
+    assert!(
+        r1.wait_event("welcome", 30.0).is_some(),
+        "d1 joined over IPv6: {}",
+        r1.stderr_text()
+    );
+    let stats = bed
+        .command(d1, floodclone_bin().to_str().unwrap())
+        .args(["stats", "--json", "--interval", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        stats.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stats.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    assert_eq!(report["source"], "pinned", "read from the daemon: {report}");
+    let links = report["links"].as_array().unwrap();
+    let row = |peer: std::net::Ipv6Addr| {
+        links
+            .iter()
+            .find(|l| l["peer"] == peer.to_string())
+            .unwrap_or_else(|| panic!("no row for {peer}: {report}"))
+    };
+    let from_source = row(s6);
+    assert!(
+        from_source["rx_bytes"].as_u64().unwrap() > 100_000,
+        "chunks counted from the source over IPv6: {from_source}"
+    );
+    assert!(
+        row(identity_addr6(d2))["tx_bytes"].as_u64().unwrap() > 0,
+        "traffic to d2 counted: {report}"
+    );
+    assert!(
+        links
+            .iter()
+            .all(|l| !l["peer"].as_str().unwrap().starts_with("10.")),
+        "no IPv4 peer in an IPv6 swarm: {report}"
+    );
+    r1.expect_complete("d1", 60.0);
+    r2.expect_complete("d2", 60.0);
+    let status = send.wait_exit(&mut bed, 30.0).expect("send ends");
+    assert!(status.success(), "{}", send.stderr_text());
+    assert_copies(&src, outs);
+}
+
 fn small_chain(mbit: u32) -> Topology {
     Topology::parse(
         "small-chain",
@@ -377,7 +467,7 @@ fn the_library_streams_typed_events_and_a_cancelled_recv_resumes() {
         Error, RecvOptions, SendOptions, Swarm,
     };
     use floodclone_tests::{addr, TOKEN};
-    use std::net::SocketAddrV4;
+    use std::net::SocketAddr;
     let scratch = Scratch::new("library");
     let src = scratch.0.join("src");
     let bytes = 8 * MIB;
@@ -389,7 +479,7 @@ fn the_library_streams_typed_events_and_a_cancelled_recv_resumes() {
         link_stats: false,
         ..Swarm::new(TOKEN)
     };
-    let source = SocketAddrV4::new(addr(0), 7878);
+    let source = SocketAddr::new(addr(0).into(), 7878);
     let out = |i: usize| scratch.0.join(format!("d{i}.out"));
     // A recv on testbed node `i`, cancelled once it holds `cancel_at` bytes (if given):
     // every event it streamed, and its outcome.
@@ -420,8 +510,8 @@ fn the_library_streams_typed_events_and_a_cancelled_recv_resumes() {
         swarm.clone(),
         src.clone(),
         vec![
-            SocketAddrV4::new(addr(1), 7878),
-            SocketAddrV4::new(addr(2), 7878),
+            SocketAddr::new(addr(1).into(), 7878),
+            SocketAddr::new(addr(2).into(), 7878),
         ],
     );
     let send = bed.in_netns(0, move || {

@@ -25,22 +25,39 @@ pub const SPIN_DCID_LEN: usize = 8;
 
 /// Capacity of the map of peers counted (a swarm's members' addresses).
 pub const WATCH_MAP_ENTRIES: u32 = 8192;
-/// Key of the watched-peers map that means "count every peer" (0.0.0.0 never is one).
-pub const WATCH_ALL: u32 = 0;
+/// Key of the watched-peers map that means "count every peer" (`::` never is one).
+pub const WATCH_ALL: PeerAddr = [0; 16];
+
+/// A peer's address as the maps key it: IPv6 as is, IPv4 as its IPv4-mapped IPv6 address
+/// (`::ffff:a.b.c.d`), network byte order. One key shape for both families keeps one map
+/// and one lookup per packet.
+pub type PeerAddr = [u8; 16];
+
+/// The map key of `addr` (an IPv4-mapped IPv6 address keys as the IPv4 one it maps).
+pub fn peer_key(addr: core::net::IpAddr) -> PeerAddr {
+    match addr {
+        core::net::IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        core::net::IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// The address a map key stands for (IPv4-mapped keys give IPv4).
+pub fn peer_addr(key: PeerAddr) -> core::net::IpAddr {
+    core::net::Ipv6Addr::from(key).to_canonical()
+}
 
 /// Names of the maps as they appear in the object and under the pin directory.
 pub const LINK_MAP_NAME: &str = "LINK_STATS";
 pub const SPIN_MAP_NAME: &str = "SPIN_STATS";
 pub const WATCH_MAP_NAME: &str = "WATCHED_PEERS";
 
-/// One direction of traffic on one interface to or from one IPv4 peer.
+/// One direction of traffic on one interface to or from one peer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct LinkKey {
     pub ifindex: u32,
-    /// The remote IPv4 address in network byte order (destination on egress, source on
-    /// ingress).
-    pub peer: u32,
+    /// The remote address (destination on egress, source on ingress), see [`PeerAddr`].
+    pub peer: PeerAddr,
     /// [`DIR_EGRESS`] or [`DIR_INGRESS`].
     pub direction: u8,
     pub _pad: [u8; 3],
@@ -58,7 +75,8 @@ pub struct LinkCounters {
     pub payload_bytes: u64,
     /// `bpf_ktime_get_ns()` of the last packet.
     pub last_ns: u64,
-    /// IPv4 TTL of the last packet (ingress: tells how many routers the peer is behind).
+    /// IPv4 TTL or IPv6 hop limit of the last packet (ingress: tells how many routers the
+    /// peer is behind).
     pub ttl: u8,
     pub _pad: [u8; 7],
 }
@@ -68,7 +86,7 @@ pub struct LinkCounters {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SpinKey {
     pub ifindex: u32,
-    pub peer: u32,
+    pub peer: PeerAddr,
     /// UDP ports in host byte order.
     pub local_port: u16,
     pub remote_port: u16,
@@ -138,6 +156,18 @@ mod tests {
             srtt_ns: srtt_ms * 1_000_000,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn both_families_key_one_way_and_come_back() {
+        use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+        let v4 = IpAddr::V4(Ipv4Addr::new(10, 100, 0, 2));
+        let v6 = IpAddr::V6(Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 2));
+        let mapped = IpAddr::V6(Ipv4Addr::new(10, 100, 0, 2).to_ipv6_mapped());
+        assert_eq!(peer_addr(peer_key(v4)), v4);
+        assert_eq!(peer_addr(peer_key(v6)), v6);
+        assert_eq!(peer_key(mapped), peer_key(v4));
+        assert_ne!(peer_key(v4), WATCH_ALL);
     }
 
     #[test]

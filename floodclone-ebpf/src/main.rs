@@ -1,6 +1,7 @@
 //! Link statistics measured in the kernel, on tc ingress and egress of every interface.
 //!
-//! Kept deliberately small: per (interface, direction, IPv4 peer) wire bytes and packets, and
+//! Kept deliberately small: per (interface, direction, peer) wire bytes and packets (IPv4
+//! and IPv6; an IPv4 peer keyed by its IPv4-mapped address), and
 //! for QUIC short-header packets the spin-bit edge times per flow. Everything derived (rates,
 //! windowed maxima, RTT filtering) is computed in userspace.
 #![no_std]
@@ -15,7 +16,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use floodclone_common::{
-    LinkCounters, LinkKey, SpinKey, SpinState, DIR_EGRESS, DIR_INGRESS, LINK_MAP_ENTRIES,
+    LinkCounters, LinkKey, PeerAddr, SpinKey, SpinState, DIR_EGRESS, DIR_INGRESS, LINK_MAP_ENTRIES,
     SPIN_DCID_LEN, SPIN_MAP_ENTRIES, WATCH_ALL, WATCH_MAP_ENTRIES,
 };
 
@@ -28,15 +29,19 @@ static LINK_STATS: LruPerCpuHashMap<LinkKey, LinkCounters> =
 static SPIN_STATS: LruHashMap<SpinKey, SpinState> =
     LruHashMap::with_max_entries(SPIN_MAP_ENTRIES, 0);
 
-/// The peers counted (IPv4, network byte order), written by userspace: a daemon lists the
+/// The peers counted (see [`PeerAddr`]), written by userspace: a daemon lists the
 /// swarm's members, so packets from anyone else (spoofed sources included) cannot evict a
 /// member's counters from the LRU maps. The key [`WATCH_ALL`] counts every peer (what
 /// `floodclone stats` on its own wants).
 #[map(name = "WATCHED_PEERS")]
-static WATCHED_PEERS: HashMap<u32, u8> = HashMap::with_max_entries(WATCH_MAP_ENTRIES, 0);
+static WATCHED_PEERS: HashMap<PeerAddr, u8> = HashMap::with_max_entries(WATCH_MAP_ENTRIES, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+/// The IPv6 fixed header. Extension headers are not walked: a packet with one counts
+/// toward its peer but not as UDP or TCP (neither QUIC nor TCP send them).
+const IPV6_HLEN: usize = 40;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const UDP_HLEN: usize = 8;
@@ -56,22 +61,68 @@ pub fn floodclone_ingress(ctx: TcContext) -> i32 {
     TC_ACT_PIPE
 }
 
+/// The fields of an IP header the counters need.
+struct IpHeader {
+    /// TTL or hop limit.
+    ttl: u8,
+    protocol: u8,
+    saddr: PeerAddr,
+    daddr: PeerAddr,
+    /// Offset of the transport header.
+    l4: usize,
+}
+
+#[inline(always)]
+fn ip_header(ctx: &TcContext) -> Result<Option<IpHeader>, i64> {
+    let ethertype = u16::from_be(ctx.load::<u16>(12)?);
+    if ethertype == ETH_P_IP {
+        let ver_ihl: u8 = ctx.load(ETH_HLEN)?;
+        let ip_hlen = ((ver_ihl & 0x0f) as usize) * 4;
+        if ip_hlen < 20 {
+            return Ok(None);
+        }
+        let mapped = |a: [u8; 4]| {
+            let mut k = [0u8; 16];
+            k[10] = 0xff;
+            k[11] = 0xff;
+            k[12] = a[0];
+            k[13] = a[1];
+            k[14] = a[2];
+            k[15] = a[3];
+            k
+        };
+        return Ok(Some(IpHeader {
+            ttl: ctx.load(ETH_HLEN + 8)?,
+            protocol: ctx.load(ETH_HLEN + 9)?,
+            saddr: mapped(ctx.load(ETH_HLEN + 12)?),
+            daddr: mapped(ctx.load(ETH_HLEN + 16)?),
+            l4: ETH_HLEN + ip_hlen,
+        }));
+    }
+    if ethertype == ETH_P_IPV6 {
+        return Ok(Some(IpHeader {
+            protocol: ctx.load(ETH_HLEN + 6)?,
+            ttl: ctx.load(ETH_HLEN + 7)?,
+            saddr: ctx.load(ETH_HLEN + 8)?,
+            daddr: ctx.load(ETH_HLEN + 24)?,
+            l4: ETH_HLEN + IPV6_HLEN,
+        }));
+    }
+    Ok(None)
+}
+
 #[inline(always)]
 fn account(ctx: &TcContext, direction: u8) -> Result<(), i64> {
-    let ethertype = u16::from_be(ctx.load::<u16>(12)?);
-    if ethertype != ETH_P_IP {
+    let Some(IpHeader {
+        ttl,
+        protocol,
+        saddr,
+        daddr,
+        l4,
+    }) = ip_header(ctx)?
+    else {
         return Ok(());
-    }
-    let ver_ihl: u8 = ctx.load(ETH_HLEN)?;
-    let ip_hlen = ((ver_ihl & 0x0f) as usize) * 4;
-    if ip_hlen < 20 {
-        return Ok(());
-    }
-    let ttl: u8 = ctx.load(ETH_HLEN + 8)?;
-    let protocol: u8 = ctx.load(ETH_HLEN + 9)?;
-    let saddr: u32 = ctx.load(ETH_HLEN + 12)?;
-    let daddr: u32 = ctx.load(ETH_HLEN + 16)?;
-    let l4 = ETH_HLEN + ip_hlen;
+    };
     let l4_hlen = match protocol {
         IPPROTO_UDP => UDP_HLEN,
         IPPROTO_TCP => {
@@ -118,9 +169,9 @@ fn account(ctx: &TcContext, direction: u8) -> Result<(), i64> {
             // Once per peer, interface and direction (until the LRU evicts it): rare enough
             // to log, and it tells the daemon's log when traffic with a new peer began.
             if direction == DIR_EGRESS {
-                debug!(ctx, target: "floodclone_ebpf", "first packet to {:i} on ifindex {}", u32::from_be(peer), ifindex);
+                debug!(ctx, target: "floodclone_ebpf", "first packet to {:i} on ifindex {}", peer, ifindex);
             } else {
-                debug!(ctx, target: "floodclone_ebpf", "first packet from {:i} on ifindex {} (ttl {})", u32::from_be(peer), ifindex, ttl);
+                debug!(ctx, target: "floodclone_ebpf", "first packet from {:i} on ifindex {} (ttl {})", peer, ifindex, ttl);
             }
             let c = LinkCounters {
                 bytes: wire_bytes,
@@ -152,7 +203,7 @@ fn track_spin(
     ctx: &TcContext,
     l4: usize,
     ifindex: u32,
-    peer: u32,
+    peer: PeerAddr,
     direction: u8,
     now: u64,
 ) -> Result<(), i64> {

@@ -32,7 +32,7 @@
 //! ```
 
 use std::{
-    net::{SocketAddr, SocketAddrV4},
+    net::SocketAddr,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -123,7 +123,7 @@ pub struct SendOptions {
     pub swarm: Swarm,
     /// A file, or a directory whose tree is sent as one swarm.
     pub path: PathBuf,
-    pub dests: Vec<SocketAddrV4>,
+    pub dests: Vec<SocketAddr>,
     /// Chunk size in bytes (a power of two, 4 KiB to 64 MiB); `None`: the default for the
     /// size.
     pub chunk_bytes: Option<u32>,
@@ -137,7 +137,7 @@ pub struct SendOptions {
 
 impl SendOptions {
     /// Defaults: the default chunk size, 3 s join grace, 60 s destination timeout.
-    pub fn new(swarm: Swarm, path: PathBuf, dests: Vec<SocketAddrV4>) -> Self {
+    pub fn new(swarm: Swarm, path: PathBuf, dests: Vec<SocketAddr>) -> Self {
         Self {
             swarm,
             path,
@@ -154,7 +154,7 @@ impl SendOptions {
 #[derive(Clone, Debug)]
 pub struct RecvOptions {
     pub swarm: Swarm,
-    pub source: SocketAddrV4,
+    pub source: SocketAddr,
     /// Where the file (or tree) goes, once whole and verified; never replaced if there.
     pub out: PathBuf,
     /// How long to keep trying the source at start, and to wait for it if it goes away.
@@ -166,7 +166,7 @@ pub struct RecvOptions {
 
 impl RecvOptions {
     /// Defaults: 60 s to reach the source, any content the source offers.
-    pub fn new(swarm: Swarm, source: SocketAddrV4, out: PathBuf) -> Self {
+    pub fn new(swarm: Swarm, source: SocketAddr, out: PathBuf) -> Self {
         Self {
             swarm,
             source,

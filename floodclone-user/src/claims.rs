@@ -21,7 +21,7 @@
 
 use std::{
     collections::HashMap,
-    net::Ipv4Addr,
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
@@ -46,10 +46,10 @@ pub type Nonce = [u8; 16];
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClaimedJoin {
     pub member: MemberId,
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub key: ConnKey,
     pub port: u16,
-    pub addrs: Vec<Ipv4Addr>,
+    pub addrs: Vec<IpAddr>,
 }
 
 /// The source's Joins waiting for their proof, by nonce.
@@ -99,7 +99,7 @@ enum Found {
 /// A destination's checks of the gateways its routes show at addresses members claim.
 #[derive(Default)]
 pub struct GatewayChecks {
-    found: HashMap<Ipv4Addr, Found>,
+    found: HashMap<IpAddr, Found>,
 }
 
 impl GatewayChecks {
@@ -109,9 +109,9 @@ impl GatewayChecks {
     pub fn to_ask(
         &mut self,
         members: &[Member],
-        gateways: impl IntoIterator<Item = Ipv4Addr>,
+        gateways: impl IntoIterator<Item = IpAddr>,
         now: Instant,
-    ) -> Vec<(Ipv4Addr, u16)> {
+    ) -> Vec<(IpAddr, u16)> {
         let mut ask = Vec::new();
         for gw in gateways {
             if self.found.contains_key(&gw) || members.iter().any(|m| m.addr == gw) {
@@ -129,7 +129,7 @@ impl GatewayChecks {
     }
 
     /// `member` answered at `gw`. True if it settled a check (apply: [`Self::drop_refuted`]).
-    pub fn on_answer(&mut self, gw: Ipv4Addr, member: MemberId) -> bool {
+    pub fn on_answer(&mut self, gw: IpAddr, member: MemberId) -> bool {
         if !matches!(self.found.get(&gw), Some(Found::Asking(_))) {
             return false;
         }
@@ -176,7 +176,7 @@ impl GatewayChecks {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Refuted {
     pub member: MemberId,
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     /// Who answered there instead (`None`: nothing did).
     pub answered: Option<MemberId>,
 }
@@ -194,13 +194,14 @@ impl Refuted {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
-    const GW: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+    const GW: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 200, 0, 1));
 
-    fn member(id: MemberId, last: u8, claims: &[Ipv4Addr]) -> Member {
+    fn member(id: MemberId, last: u8, claims: &[IpAddr]) -> Member {
         Member {
             id,
-            addr: Ipv4Addr::new(10, 100, 0, last),
+            addr: IpAddr::V4(Ipv4Addr::new(10, 100, 0, last)),
             port: 7000 + id,
             local_addrs: claims.to_vec(),
             joined: true,
@@ -236,8 +237,8 @@ mod tests {
     #[test]
     fn a_claimed_gateway_counts_until_someone_else_or_nothing_answers() {
         let now = Instant::now();
-        let other = Ipv4Addr::new(10, 200, 0, 5);
-        let source_link = Ipv4Addr::new(10, 200, 0, 9);
+        let other = IpAddr::V4(Ipv4Addr::new(10, 200, 0, 5));
+        let source_link = IpAddr::V4(Ipv4Addr::new(10, 200, 0, 9));
         let mut members = vec![
             member(SOURCE, 1, &[source_link]),
             member(1, 2, &[GW]),
@@ -255,7 +256,7 @@ mod tests {
         assert!(checks.drop_refuted(&mut members).is_empty());
         assert_eq!(members[1].local_addrs, vec![GW]);
         // Member 2 answers at its own address; nothing answers at member 1's claim.
-        assert!(!checks.on_answer(Ipv4Addr::new(10, 9, 9, 9), 2));
+        assert!(!checks.on_answer(IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9)), 2));
         assert!(checks.on_answer(other, 2));
         assert!(!checks.expire(now + CHECK_TIMEOUT / 2));
         assert!(checks.expire(now + CHECK_TIMEOUT));
@@ -265,7 +266,7 @@ mod tests {
             answered: None,
         };
         assert_eq!(checks.drop_refuted(&mut members), vec![refuted]);
-        assert_eq!(members[1].local_addrs, Vec::<Ipv4Addr>::new());
+        assert_eq!(members[1].local_addrs, Vec::<IpAddr>::new());
         assert_eq!(members[2].local_addrs, vec![other]);
         assert_eq!(members[0].local_addrs, vec![source_link]);
         // A later answer does not revive a refuted claim.

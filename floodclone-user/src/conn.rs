@@ -123,6 +123,12 @@ impl ConnContext {
     }
 }
 
+/// `addr` with an IPv4-mapped IPv6 address (how the dual-stack socket shows IPv4 peers)
+/// written as the IPv4 one, as members and logs name it.
+pub fn unmapped(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
 /// The role's side of one connection.
 #[derive(Clone)]
 pub struct ConnHandle {
@@ -308,7 +314,7 @@ pub fn spawn_acceptor(ep: Endpoint, ctx: Arc<ConnContext>) {
     tokio::spawn(async move {
         while let Some(incoming) = ep.accept().await {
             let Ok(permit) = pending.clone().try_acquire_owned() else {
-                tracing::warn!(remote = %incoming.remote_address(), "refused: too many connections authenticating");
+                tracing::warn!(remote = %unmapped(incoming.remote_address()), "refused: too many connections authenticating");
                 incoming.refuse();
                 continue;
             };
@@ -321,9 +327,11 @@ pub fn spawn_acceptor(ep: Endpoint, ctx: Arc<ConnContext>) {
                     Ok(ctl) => Conn::new(ctx, conn, false, None).run(ctl, Vec::new()).await,
                     // A dialer closes its other attempts once one is through.
                     Err(e @ TransportError::Lost(_)) => {
-                        tracing::debug!(remote = %conn.remote_address(), "dropped: {e}")
+                        tracing::debug!(remote = %unmapped(conn.remote_address()), "dropped: {e}")
                     }
-                    Err(e) => tracing::warn!(remote = %conn.remote_address(), "refused: {e}"),
+                    Err(e) => {
+                        tracing::warn!(remote = %unmapped(conn.remote_address()), "refused: {e}")
+                    }
                 }
             });
         }
@@ -506,7 +514,7 @@ impl Conn {
             key: self.key,
             peer: self.peer,
             dialed: self.dialed,
-            remote: self.conn.remote_address(),
+            remote: unmapped(self.conn.remote_address()),
             conn: self.conn.clone(),
             control,
             serve: serve.clone(),

@@ -4,8 +4,13 @@
 //! neighbour; one reached through another member's address is behind that member; one
 //! reached through a non-member gateway is an overlay neighbour over a path it may share
 //! with others behind the same gateway.
+//!
+//! Both families: a member's address family is its `--dest` one, and the lookup is made in
+//! it. An IPv6 route whose next hop is link-local (as router advertisements make them)
+//! names no member: members claim only addresses beyond their link, so such a gateway
+//! reads as a router, and its members as overlay neighbours through it.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use netlink_packet_route::{
@@ -33,7 +38,7 @@ pub enum DiscoveryError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RouteLookup {
     pub ifindex: u32,
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<IpAddr>,
 }
 
 /// Route and address lookups in this host's kernel (a netlink handle).
@@ -49,8 +54,9 @@ impl Routes {
         Ok(Self { handle })
     }
 
-    /// Every IPv4 address on this host's interfaces, loopback range excluded.
-    pub async fn local_addrs(&self) -> Result<Vec<Ipv4Addr>, DiscoveryError> {
+    /// Every address on this host's interfaces that names it beyond one link: loopback and
+    /// link-local addresses excluded.
+    pub async fn local_addrs(&self) -> Result<Vec<IpAddr>, DiscoveryError> {
         let mut out = Vec::new();
         let mut stream = self.handle.address().get().execute();
         while let Some(msg) = stream
@@ -59,8 +65,8 @@ impl Routes {
             .map_err(|e| DiscoveryError::Netlink(e.to_string()))?
         {
             for attr in msg.attributes {
-                if let AddressAttribute::Address(std::net::IpAddr::V4(a)) = attr {
-                    if !a.is_loopback() && !out.contains(&a) {
+                if let AddressAttribute::Address(a) = attr {
+                    if is_claimable(a) && !out.contains(&a) {
                         out.push(a);
                     }
                 }
@@ -70,9 +76,12 @@ impl Routes {
     }
 
     /// `ip route get addr`.
-    pub async fn route_to(&self, addr: Ipv4Addr) -> Result<Option<RouteLookup>, DiscoveryError> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(addr, 32)
+    pub async fn route_to(&self, addr: IpAddr) -> Result<Option<RouteLookup>, DiscoveryError> {
+        let addr = addr.to_canonical();
+        let host_prefix = if addr.is_ipv4() { 32 } else { 128 };
+        let msg = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(addr, host_prefix)
+            .map_err(|e| DiscoveryError::Netlink(e.to_string()))?
             .build();
         let mut stream = self.handle.route().get(msg).execute();
         let reply = match stream.try_next().await {
@@ -89,7 +98,10 @@ impl Routes {
         for attr in reply.attributes {
             match attr {
                 RouteAttribute::Oif(i) => lookup.ifindex = i,
-                RouteAttribute::Gateway(RouteAddress::Inet(gw)) => lookup.gateway = Some(gw),
+                RouteAttribute::Gateway(RouteAddress::Inet(gw)) => lookup.gateway = Some(gw.into()),
+                RouteAttribute::Gateway(RouteAddress::Inet6(gw)) => {
+                    lookup.gateway = Some(IpAddr::V6(gw).to_canonical())
+                }
                 _ => {}
             }
         }
@@ -110,9 +122,20 @@ impl Routes {
     }
 }
 
+/// Whether `addr` may be claimed as a member's own: it names one host beyond its link (not
+/// loopback, not link-local, not unspecified or multicast).
+pub fn is_claimable(addr: IpAddr) -> bool {
+    let addr = addr.to_canonical();
+    let link_local = match addr {
+        IpAddr::V4(a) => a.is_link_local(),
+        IpAddr::V6(a) => a.is_unicast_link_local(),
+    };
+    !(addr.is_loopback() || addr.is_unspecified() || addr.is_multicast() || link_local)
+}
+
 /// Classifies each member from the route lookups (pure: unit-tested).
 pub fn classify(members: &[Member], lookups: &[(MemberId, Option<RouteLookup>)]) -> Vec<RouteView> {
-    let owner = |addr: Ipv4Addr| {
+    let owner = |addr: IpAddr| {
         members
             .iter()
             .find(|m| m.addr == addr || m.local_addrs.contains(&addr))
@@ -207,5 +230,55 @@ mod tests {
         );
         assert_eq!(data_neighbours(1, &views, &[]), vec![0, 2, 4]);
         assert_eq!(data_neighbours(1, &views, &[3]), vec![0, 2, 3, 4]);
+    }
+
+    #[test]
+    fn ipv6_gateways_name_members_and_link_local_ones_read_as_routers() {
+        let v6 = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let members = vec![
+            Member {
+                id: 0,
+                addr: v6("fd00:100::1"),
+                port: 7878,
+                local_addrs: vec![v6("fd00:200::1")],
+                joined: true,
+            },
+            Member {
+                id: 1,
+                addr: v6("fd00:100::2"),
+                port: 7878,
+                local_addrs: vec![v6("fd00:200::2"), v6("fd00:200::5")],
+                joined: true,
+            },
+            Member {
+                id: 2,
+                addr: v6("fd00:100::3"),
+                port: 7878,
+                local_addrs: vec![],
+                joined: true,
+            },
+        ];
+        let via = |gw: &str| {
+            Some(RouteLookup {
+                ifindex: 2,
+                gateway: Some(v6(gw)),
+            })
+        };
+        // Seen from member 2: the source behind member 1, member 1 through a link-local hop.
+        let views = classify(&members, &[(0, via("fd00:200::5")), (1, via("fe80::1"))]);
+        let reach: Vec<_> = views.iter().map(|v| (v.member, v.reach)).collect();
+        assert_eq!(reach, vec![(0, Reach::Behind), (1, Reach::ViaRouter)]);
+        for (addr, claimable) in [
+            ("fd00:100::1", true),
+            ("2001:db8::1", true),
+            ("10.0.0.1", true),
+            ("fe80::1", false),
+            ("::1", false),
+            ("127.0.0.1", false),
+            ("169.254.1.1", false),
+            ("::", false),
+        ] {
+            assert_eq!(is_claimable(v6(addr)), claimable, "{addr}");
+        }
     }
 }

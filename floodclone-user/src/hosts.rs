@@ -1,53 +1,86 @@
-//! Where members are, as an operator writes it: `ADDR`, `ADDR:PORT`, `HOST` or `HOST:PORT`
-//! (a name is resolved once, at start, to its first IPv4 address), one per `--dest`, or
-//! one per line of a `--dests-file` (`#` starts a comment). IPv6 is refused with a clear
-//! message: the kernel's counters and the member list are IPv4 today.
+//! Where members are, as an operator writes it: `ADDR`, `ADDR:PORT`, `[IPV6]:PORT`, `HOST`
+//! or `HOST:PORT` (an IPv6 address with no port may be written bare), one per `--dest`, or
+//! one per line of a `--dests-file` (`#` starts a comment). A name is resolved once, at
+//! start, to its first address in the system's order (RFC 6724 through getaddrinfo, so
+//! `/etc/gai.conf` decides between the families).
 
 use std::{
     collections::HashSet,
-    net::{IpAddr, Ipv4Addr, ToSocketAddrs},
+    net::{IpAddr, Ipv6Addr, ToSocketAddrs},
     path::Path,
 };
 
 /// A member's address and its port, if given (otherwise `--port`).
-pub type HostPort = (Ipv4Addr, Option<u16>);
+pub type HostPort = (IpAddr, Option<u16>);
 
-/// Parses `ADDR[:PORT]` or `HOST[:PORT]`, resolving a name to its first IPv4 address.
+fn port_of(s: &str, port: &str) -> Result<u16, String> {
+    port.parse::<u16>()
+        .map_err(|_| format!("{s:?}: {port:?} is not a port number"))
+}
+
+/// Refuses addresses that name no one host across a network.
+fn usable(s: &str, ip: IpAddr) -> Result<IpAddr, String> {
+    let ip = ip.to_canonical();
+    if let IpAddr::V6(v6) = ip {
+        if v6.is_unicast_link_local() {
+            return Err(format!(
+                "{s:?}: a link-local address holds only on one link and needs an interface; \
+                 give a global or unique-local (fd00::/8) address or a name"
+            ));
+        }
+    }
+    if ip.is_unspecified() || ip.is_multicast() {
+        return Err(format!("{s:?}: {ip} is not one host's address"));
+    }
+    Ok(ip)
+}
+
+/// Parses `ADDR[:PORT]`, `[IPV6]:PORT`, a bare IPv6 address, or `HOST[:PORT]`, resolving
+/// a name to its first address.
 pub fn parse_host(s: &str) -> Result<HostPort, String> {
     let s = s.trim();
-    if s.parse::<std::net::Ipv6Addr>().is_ok() || s.starts_with('[') {
-        return Err(format!(
-            "{s:?}: IPv6 is not supported yet; give an IPv4 address or a name with one"
-        ));
+    if let Ok(v6) = s.parse::<Ipv6Addr>() {
+        return Ok((usable(s, IpAddr::V6(v6))?, None));
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        let (inside, after) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("{s:?}: no closing ] after the IPv6 address"))?;
+        let v6 = inside
+            .parse::<Ipv6Addr>()
+            .map_err(|_| format!("{s:?}: {inside:?} is not an IPv6 address"))?;
+        let port = match after {
+            "" => None,
+            p => Some(port_of(
+                s,
+                p.strip_prefix(':')
+                    .ok_or_else(|| format!("{s:?}: expected :PORT after ]"))?,
+            )?),
+        };
+        return Ok((usable(s, IpAddr::V6(v6))?, port));
     }
     let (host, port) = match s.rsplit_once(':') {
-        Some((host, port)) => {
-            let port = port
-                .parse::<u16>()
-                .map_err(|_| format!("{s:?}: {port:?} is not a port number"))?;
-            (host, Some(port))
-        }
+        Some((host, port)) => (host, Some(port_of(s, port)?)),
         None => (s, None),
     };
     if host.is_empty() {
         return Err(format!("{s:?}: no address or host name"));
     }
-    if let Ok(ip) = host.parse::<Ipv4Addr>() {
-        return Ok((ip, port));
+    if host.contains(':') {
+        return Err(format!(
+            "{s:?}: an IPv6 address with a port is written [ADDR]:PORT"
+        ));
     }
-    let resolved = (host, 0)
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok((usable(s, ip)?, port));
+    }
+    let first = (host, 0)
         .to_socket_addrs()
-        .map_err(|e| format!("{s:?}: cannot resolve {host:?}: {e}"))?;
-    let ip = resolved
-        .filter_map(|a| match a.ip() {
-            IpAddr::V4(ip) => Some(ip),
-            IpAddr::V6(_) => None,
-        })
-        .next()
-        .ok_or_else(|| {
-            format!("{s:?}: {host:?} has no IPv4 address (IPv6 is not supported yet)")
-        })?;
-    Ok((ip, port))
+        .map_err(|e| format!("{s:?}: cannot resolve {host:?}: {e}"))?
+        .map(|a| a.ip())
+        .find(|ip| usable(s, *ip).is_ok())
+        .ok_or_else(|| format!("{s:?}: {host:?} has no usable address"))?;
+    Ok((first.to_canonical(), port))
 }
 
 /// The destinations listed in `text` (a `--dests-file`), each line as [`parse_host`]
@@ -91,15 +124,27 @@ mod tests {
 
     #[test]
     fn addresses_names_ports_and_what_is_refused() {
-        let ip = Ipv4Addr::new(10, 0, 0, 7);
+        let ip = IpAddr::from([10, 0, 0, 7]);
         assert_eq!(parse_host("10.0.0.7"), Ok((ip, None)));
         assert_eq!(parse_host(" 10.0.0.7:9000 "), Ok((ip, Some(9000))));
+        let v6: IpAddr = "fd00:100::7".parse().unwrap();
+        assert_eq!(parse_host("fd00:100::7"), Ok((v6, None)));
+        assert_eq!(parse_host("[fd00:100::7]:9000"), Ok((v6, Some(9000))));
+        assert_eq!(parse_host("[fd00:100::7]"), Ok((v6, None)));
+        // An IPv4-mapped address is the IPv4 one: one spelling per host.
+        assert_eq!(parse_host("[::ffff:10.0.0.7]:9000"), Ok((ip, Some(9000))));
         // Names resolve without a network through /etc/hosts.
         assert_eq!(parse_host("localhost:7878").unwrap().1, Some(7878));
         assert!(parse_host("localhost").unwrap().0.is_loopback());
         for (bad, says) in [
-            ("::1", "IPv6"),
-            ("[fe80::1]:7878", "IPv6"),
+            ("fe80::1", "link-local"),
+            ("[fe80::1]:7878", "link-local"),
+            ("fd00::zz:7878", "[ADDR]:PORT"),
+            ("[fd00::1]7878", "expected :PORT"),
+            ("[fd00::1:7878", "no closing ]"),
+            ("[10.0.0.7]:1", "not an IPv6 address"),
+            ("0.0.0.0", "not one host"),
+            ("ff02::1", "not one host"),
             ("10.0.0.7:http", "not a port"),
             (":7878", "no address"),
             ("no-such-host.invalid", "cannot resolve"),
@@ -115,15 +160,15 @@ mod tests {
         assert_eq!(
             parse_dests_file(text),
             Ok(vec![
-                (Ipv4Addr::new(10, 0, 0, 1), None),
-                (Ipv4Addr::new(10, 0, 0, 2), Some(9000))
+                (IpAddr::from([10, 0, 0, 1]), None),
+                (IpAddr::from([10, 0, 0, 2]), Some(9000))
             ])
         );
         let err = parse_dests_file("10.0.0.1\n10.0.0.x:1\n").unwrap_err();
         assert!(err.starts_with("line 2:"), "{err}");
         let twice = [
-            (Ipv4Addr::new(10, 0, 0, 1), None),
-            (Ipv4Addr::new(10, 0, 0, 1), Some(1)),
+            (IpAddr::from([10, 0, 0, 1]), None),
+            (IpAddr::from([10, 0, 0, 1]), Some(1)),
         ];
         assert!(check_unique(&twice).unwrap_err().contains("listed twice"));
     }

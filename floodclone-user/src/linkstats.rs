@@ -10,7 +10,7 @@ use std::{
     collections::HashMap,
     ffi::CStr,
     fs,
-    net::Ipv4Addr,
+    net::IpAddr,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     time::Instant,
@@ -64,7 +64,7 @@ fn is_permission(e: &dyn std::error::Error) -> bool {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PeerCounters {
     pub ifindex: u32,
-    pub peer: Option<Ipv4Addr>,
+    pub peer: Option<IpAddr>,
     pub egress: LinkCounters,
     pub ingress: LinkCounters,
 }
@@ -77,8 +77,8 @@ pub struct SpinFlow {
 }
 
 impl SpinFlow {
-    pub fn peer(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from_be(self.key.peer))
+    pub fn peer(&self) -> IpAddr {
+        floodclone_common::peer_addr(self.key.peer)
     }
 }
 
@@ -429,11 +429,12 @@ impl LinkStats {
 
     /// Counts only `peers` (added to those given before) from now on: packets from anyone
     /// else, spoofed or not, no longer create entries that would evict theirs.
-    pub fn watch_only(&mut self, peers: &[Ipv4Addr]) -> Result<(), LinkStatsError> {
+    pub fn watch_only(&mut self, peers: &[IpAddr]) -> Result<(), LinkStatsError> {
         let mut map = watched_peers(&mut self.ebpf)?;
         let err = |e: aya::maps::MapError| LinkStatsError::Load(format!("{WATCH_MAP_NAME}: {e}"));
         for p in peers {
-            map.insert(u32::from(*p).to_be(), 1, 0).map_err(err)?;
+            map.insert(floodclone_common::peer_key(*p), 1, 0)
+                .map_err(err)?;
         }
         if !self.watching_members {
             map.remove(&WATCH_ALL).map_err(err)?;
@@ -459,7 +460,9 @@ impl Drop for LinkStats {
     }
 }
 
-fn watched_peers(ebpf: &mut Ebpf) -> Result<BpfHashMap<&mut MapData, u32, u8>, LinkStatsError> {
+fn watched_peers(
+    ebpf: &mut Ebpf,
+) -> Result<BpfHashMap<&mut MapData, floodclone_common::PeerAddr, u8>, LinkStatsError> {
     let map = ebpf.map_mut(WATCH_MAP_NAME).expect("checked at attach");
     BpfHashMap::try_from(map).map_err(|e| LinkStatsError::Load(format!("{WATCH_MAP_NAME}: {e}")))
 }
@@ -516,7 +519,7 @@ fn read_maps(link: &Map, spin: &Map) -> Result<Snapshot, LinkStatsError> {
     };
     let link: PerCpuHashMap<&MapData, LinkKey, LinkCounters> =
         PerCpuHashMap::try_from(link).map_err(read_err(LINK_MAP_NAME))?;
-    let mut peers: HashMap<(u32, u32), PeerCounters> = HashMap::new();
+    let mut peers: HashMap<(u32, floodclone_common::PeerAddr), PeerCounters> = HashMap::new();
     for entry in link.iter() {
         let (key, per_cpu) = entry.map_err(read_err(LINK_MAP_NAME))?;
         let sum = per_cpu.iter().fold(LinkCounters::default(), |mut acc, c| {
@@ -533,7 +536,7 @@ fn read_maps(link: &Map, spin: &Map) -> Result<Snapshot, LinkStatsError> {
             .entry((key.ifindex, key.peer))
             .or_insert_with(|| PeerCounters {
                 ifindex: key.ifindex,
-                peer: Some(Ipv4Addr::from(u32::from_be(key.peer))),
+                peer: Some(floodclone_common::peer_addr(key.peer)),
                 ..Default::default()
             });
         if key.direction == DIR_EGRESS {

@@ -1,6 +1,6 @@
 //! The `floodclone` command: `send`, `recv`, `stats` and `token`.
 
-use std::{net::SocketAddrV4, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -77,8 +77,9 @@ enum Cmd {
         /// end to end in path order so chunks cross file boundaries.
         #[arg(value_name = "FILE|DIR")]
         file: PathBuf,
-        /// A destination, as ADDR, HOST, ADDR:PORT or HOST:PORT (port defaults to --port;
-        /// a name is resolved at start to its first IPv4 address). Repeat for each.
+        /// A destination, as ADDR, HOST, ADDR:PORT, HOST:PORT or [IPV6]:PORT, IPv4 or IPv6
+        /// (port defaults to --port; a name is resolved at start to its first address).
+        /// Repeat for each.
         #[arg(long = "dest", value_parser = floodclone::hosts::parse_host)]
         dests: Vec<HostPort>,
         /// A file of destinations, one per line as --dest takes them; `#` starts a comment.
@@ -109,7 +110,7 @@ enum Cmd {
     /// Fetch the file from a source (and from other destinations), write it to --out, and
     /// keep serving others until the source says everyone is done.
     Recv {
-        /// The source, as ADDR, HOST, ADDR:PORT or HOST:PORT.
+        /// The source, as ADDR, HOST, ADDR:PORT, HOST:PORT or [IPV6]:PORT.
         #[arg(long, value_parser = floodclone::hosts::parse_host)]
         source: HostPort,
         /// Where the file (or the tree, as a directory) goes. Written there only once
@@ -262,7 +263,7 @@ fn run(cli: Cli) -> Result<()> {
             hosts::check_unique(&dests).map_err(anyhow::Error::msg)?;
             let dests = dests
                 .into_iter()
-                .map(|(ip, port)| SocketAddrV4::new(ip, port.unwrap_or(node.port)))
+                .map(|(ip, port)| SocketAddr::new(ip, port.unwrap_or(node.port)))
                 .collect();
             send(
                 node,
@@ -280,7 +281,7 @@ fn run(cli: Cli) -> Result<()> {
             expect,
             node,
         } => {
-            let source = SocketAddrV4::new(source.0, source.1.unwrap_or(node.port));
+            let source = SocketAddr::new(source.0, source.1.unwrap_or(node.port));
             recv(node, source, out, connect_timeout, expect)
         }
         Cmd::Stats {
@@ -354,7 +355,7 @@ async fn until_done_or_stopped<T>(transfer: Transfer<T>, then: &str) -> Result<T
 fn send(
     node: NodeArgs,
     file: PathBuf,
-    dests: Vec<SocketAddrV4>,
+    dests: Vec<SocketAddr>,
     chunk_bytes: Option<u32>,
     (join_grace, dest_timeout): (Duration, Duration),
     direct: bool,
@@ -414,7 +415,7 @@ fn send(
 
 fn recv(
     node: NodeArgs,
-    source: SocketAddrV4,
+    source: SocketAddr,
     out: PathBuf,
     connect_timeout: Duration,
     expect: Option<[u8; 32]>,

@@ -5,7 +5,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use crate::linkstats::Snapshot;
@@ -112,7 +112,7 @@ impl RttSource {
 #[derive(Clone, Debug, Default)]
 pub struct LinkMeter {
     pub ifindex: u32,
-    pub peer: Option<Ipv4Addr>,
+    pub peer: Option<IpAddr>,
     pub tx: DirectionMeter,
     pub rx: DirectionMeter,
     /// Router hops to the peer, from the TTL of its packets (1 = on-link).
@@ -125,7 +125,7 @@ pub struct LinkMeter {
 /// Meters for every link seen.
 #[derive(Clone, Debug, Default)]
 pub struct Meters {
-    pub links: HashMap<(u32, Option<Ipv4Addr>), LinkMeter>,
+    pub links: HashMap<(u32, Option<IpAddr>), LinkMeter>,
 }
 
 impl Meters {
@@ -176,7 +176,7 @@ impl Meters {
 
     /// The least round trip to `peer` the kernel measured from spin-bit edges (over its
     /// interfaces and its connections' flows), once one of them spins.
-    pub fn spin_min_rtt_to(&self, peer: Ipv4Addr) -> Option<f64> {
+    pub fn spin_min_rtt_to(&self, peer: IpAddr) -> Option<f64> {
         self.links
             .values()
             .filter(|m| m.peer == Some(peer))
@@ -185,7 +185,7 @@ impl Meters {
     }
 
     /// Router hops to `peer` (the fewest over interfaces), once it has sent something.
-    pub fn hops_to(&self, peer: Ipv4Addr) -> Option<u8> {
+    pub fn hops_to(&self, peer: IpAddr) -> Option<u8> {
         self.links
             .values()
             .filter(|m| m.peer == Some(peer))
@@ -196,7 +196,7 @@ impl Meters {
     /// The interface `peer`'s packets arrive on: `expected` (our route's) if any arrive
     /// there or none have arrived yet, else the one most arrived on (routes can differ by
     /// direction).
-    pub fn ingress_of(&self, peer: Ipv4Addr, expected: Option<u32>) -> Option<u32> {
+    pub fn ingress_of(&self, peer: IpAddr, expected: Option<u32>) -> Option<u32> {
         let arrived = self
             .links
             .values()
@@ -211,7 +211,7 @@ impl Meters {
     }
 
     /// The receive rate from `peer` summed over interfaces: (smoothed, windowed max).
-    pub fn rx_from(&self, peer: Ipv4Addr) -> (f64, f64) {
+    pub fn rx_from(&self, peer: IpAddr) -> (f64, f64) {
         self.links
             .values()
             .filter(|m| m.peer == Some(peer))
@@ -260,7 +260,7 @@ mod tests {
         use crate::linkstats::PeerCounters;
         let peer = |last: u8| PeerCounters {
             ifindex: 2,
-            peer: Some(Ipv4Addr::new(10, 0, 0, last)),
+            peer: Some(IpAddr::from([10, 0, 0, last])),
             ..Default::default()
         };
         let snap = |peers| Snapshot {
@@ -273,7 +273,7 @@ mod tests {
         assert_eq!(meters.links.len(), 2);
         meters.update(&snap(vec![peer(2)]), 1.0);
         let left: Vec<_> = meters.links.keys().collect();
-        assert_eq!(left, vec![&(2, Some(Ipv4Addr::new(10, 0, 0, 2)))]);
+        assert_eq!(left, vec![&(2, Some(IpAddr::from([10, 0, 0, 2])))]);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use std::{
     fmt::Write,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -31,7 +31,7 @@ pub struct Counts {
 /// A peer's round trip, and where it came from.
 #[derive(Clone, Copy, Debug)]
 pub struct PeerRtt {
-    pub peer: Ipv4Addr,
+    pub peer: IpAddr,
     pub rtt_s: f64,
     pub source: RttSource,
 }
@@ -242,7 +242,7 @@ mod tests {
             ..Counts::default()
         };
         let rtts = [PeerRtt {
-            peer: Ipv4Addr::new(10, 0, 0, 2),
+            peer: IpAddr::from([10, 0, 0, 2]),
             rtt_s: 0.04,
             source: RttSource::Spin,
         }];

@@ -4,7 +4,7 @@
 //! connections are in `conn`.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -36,7 +36,7 @@ pub enum NodeError {
     #[error("{0}")]
     Manifest(#[from] crate::manifest::ManifestError),
     #[error("the source at {addr} did not answer within {secs} s (is `floodclone send` running there, on that port?)")]
-    SourceUnreachable { addr: SocketAddrV4, secs: u64 },
+    SourceUnreachable { addr: SocketAddr, secs: u64 },
     #[error("the source refused this node: {0}")]
     NotMember(String),
     #[error("cannot serve --metrics on {addr}: {source} (is the address this host's, and the port free?)")]
@@ -84,9 +84,9 @@ pub(crate) struct Node {
     pub conns: Connections,
     link_stats: SharedLinkStats,
     /// The members' addresses, the only peers the kernel counts once it has them.
-    watched: std::collections::HashSet<Ipv4Addr>,
+    watched: std::collections::HashSet<IpAddr>,
     /// Those of `watched` the kernel has not been given yet.
-    watch_pending: Vec<Ipv4Addr>,
+    watch_pending: Vec<IpAddr>,
     pub meters: crate::meter::Meters,
     role: &'static str,
     /// What the role counts (progress, chunks), for `--metrics`.
@@ -141,7 +141,7 @@ impl Node {
     /// Dials member `peer` at `addr` until it answers (or `deadline`).
     pub fn dial(
         &self,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         peer: floodclone_sched::MemberId,
         hello: Vec<Msg>,
         deadline: Option<Instant>,
@@ -149,7 +149,7 @@ impl Node {
         conn::spawn_dial(
             self.ep.clone(),
             self.ctx.clone(),
-            SocketAddr::V4(addr),
+            addr,
             peer,
             hello,
             deadline,
@@ -159,7 +159,7 @@ impl Node {
     /// Dials `addr` once, for `peer` ([`conn::spawn_dial_once`]).
     pub fn dial_once(
         &self,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         peer: floodclone_sched::MemberId,
         hello: Vec<Msg>,
         patience: Duration,
@@ -167,7 +167,7 @@ impl Node {
         conn::spawn_dial_once(
             self.ep.clone(),
             self.ctx.clone(),
-            SocketAddr::V4(addr),
+            addr,
             peer,
             hello,
             patience,
@@ -193,7 +193,7 @@ impl Node {
 
     /// From now on the kernel counts only members (these addresses and those given before).
     /// Given to the programs at the next reading (they may still be attaching).
-    pub fn watch(&mut self, addrs: impl IntoIterator<Item = Ipv4Addr>) {
+    pub fn watch(&mut self, addrs: impl IntoIterator<Item = IpAddr>) {
         for a in addrs {
             if self.watched.insert(a) {
                 self.watch_pending.push(a);
@@ -237,12 +237,10 @@ impl Node {
         let peers = self
             .conns
             .iter()
-            .filter_map(|c| {
-                Some(crate::stats::PeerStatus {
-                    addr: remote_ipv4(c.remote)?,
-                    member: c.peer,
-                    rtt_ms: c.conn.rtt().as_secs_f64() * 1e3,
-                })
+            .map(|c| crate::stats::PeerStatus {
+                addr: remote_ip(c.remote),
+                member: c.peer,
+                rtt_ms: c.conn.rtt().as_secs_f64() * 1e3,
             })
             .collect();
         if let Some(exporter) = &self.metrics {
@@ -259,9 +257,9 @@ impl Node {
     fn metrics_page(&self) -> String {
         use crate::{meter::RttSource, metrics::PeerRtt};
         // One row per peer (two connections may join a pair): the lesser RTT.
-        let mut by_peer: std::collections::BTreeMap<Ipv4Addr, PeerRtt> = Default::default();
-        let rtts = self.conns.iter().filter_map(|c| {
-            let peer = remote_ipv4(c.remote)?;
+        let mut by_peer: std::collections::BTreeMap<IpAddr, PeerRtt> = Default::default();
+        let rtts = self.conns.iter().map(|c| {
+            let peer = remote_ip(c.remote);
             let spin = self
                 .meters
                 .links
@@ -269,7 +267,7 @@ impl Node {
                 .filter(|m| m.peer == Some(peer))
                 .filter_map(|m| m.spin_rtt_s)
                 .reduce(f64::min);
-            Some(match spin {
+            match spin {
                 Some(rtt_s) => PeerRtt {
                     peer,
                     rtt_s,
@@ -280,7 +278,7 @@ impl Node {
                     rtt_s: c.conn.rtt().as_secs_f64(),
                     source: RttSource::Quic,
                 },
-            })
+            }
         });
         for r in rtts {
             let kept = by_peer.entry(r.peer).or_insert(r);
@@ -383,10 +381,7 @@ fn rusage() -> libc::rusage {
     ru
 }
 
-/// An IPv4 address of a connection's peer, if it has one.
-pub(crate) fn remote_ipv4(addr: SocketAddr) -> Option<Ipv4Addr> {
-    match addr {
-        SocketAddr::V4(a) => Some(*a.ip()),
-        SocketAddr::V6(_) => None,
-    }
+/// A connection's peer address as members are listed ([`crate::conn::unmapped`]).
+pub(crate) fn remote_ip(addr: SocketAddr) -> IpAddr {
+    crate::conn::unmapped(addr).ip()
 }

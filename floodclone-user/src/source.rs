@@ -12,7 +12,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -58,7 +58,7 @@ const FINISH_GRACE: Duration = Duration::from_secs(3);
 pub struct SendOutcome {
     pub dests: Vec<DestResult>,
     /// Destinations that gave up, with their reason.
-    pub failed: Vec<(Ipv4Addr, String)>,
+    pub failed: Vec<(IpAddr, String)>,
     /// Bytes this node sent per interface (in-kernel counters; empty without them).
     pub tx_bytes_by_iface: TxBytesByIface,
     /// When the first chunk left, seconds after `send` started.
@@ -179,8 +179,8 @@ fn hash_in_background(
 /// a claim is not, so it never takes a member's id from the host that has its address.
 fn member_joining(
     members: &[Member],
-    remote_ip: Option<Ipv4Addr>,
-    claimed: &[Ipv4Addr],
+    remote_ip: Option<IpAddr>,
+    claimed: &[IpAddr],
 ) -> Option<MemberId> {
     let dests = || members.iter().skip(1);
     dests()
@@ -333,12 +333,12 @@ impl Source {
         opts: &NodeOptions,
         cfg: &SendOptions,
         layout: Manifest,
-        local_addrs: Vec<Ipv4Addr>,
+        local_addrs: Vec<IpAddr>,
         local: mpsc::UnboundedSender<SourceLocal>,
     ) -> Self {
         let mut members = vec![Member {
             id: SOURCE,
-            addr: Ipv4Addr::UNSPECIFIED,
+            addr: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             port: opts.port,
             local_addrs,
             joined: true,
@@ -346,7 +346,7 @@ impl Source {
         for (i, d) in cfg.dests.iter().enumerate() {
             members.push(Member {
                 id: i as MemberId + 1,
-                addr: *d.ip(),
+                addr: d.ip(),
                 port: d.port(),
                 local_addrs: Vec::new(),
                 joined: false,
@@ -416,16 +416,13 @@ impl Source {
 
     /// A node asks to join: admitted if it is one of the `--dest` addresses: by the address
     /// it connects from, or (proven first) one it claims as its own.
-    fn on_join(&mut self, node: &mut Node, key: ConnKey, port: u16, addrs: Vec<Ipv4Addr>) {
+    fn on_join(&mut self, node: &mut Node, key: ConnKey, port: u16, addrs: Vec<IpAddr>) {
         let refuse = |node: &Node, why: &'static [u8]| {
             if let Some(c) = node.conns.get(key) {
                 c.close(CLOSE_NOT_MEMBER, why);
             }
         };
-        let remote_ip = node
-            .conns
-            .get(key)
-            .and_then(|c| node::remote_ipv4(c.remote));
+        let remote_ip = node.conns.get(key).map(|c| node::remote_ip(c.remote));
         let Some(id) = member_joining(&self.members, remote_ip, &addrs) else {
             let from = remote_ip.map_or("an unknown address".into(), |a| a.to_string());
             tracing::warn!("refusing {from}: it is not in the --dest list");
@@ -441,8 +438,8 @@ impl Source {
             .conns
             .accepted_from(id)
             .filter(|c| c.key != key)
-            .map(|c| node::remote_ipv4(c.remote));
-        if held_from.is_some_and(|h| h != remote_ip) && remote_ip != Some(dest_addr) {
+            .map(|c| node::remote_ip(c.remote));
+        if held_from.is_some_and(|h| Some(h) != remote_ip) && remote_ip != Some(dest_addr) {
             let from = remote_ip.map_or("an unknown address".into(), |a| a.to_string());
             tracing::warn!("refusing {from}: it claims {dest_addr}, joined from another address");
             return refuse(node, b"that member is joined from another address");
@@ -470,7 +467,7 @@ impl Source {
         }
         tracing::debug!(member = id, ?remote_ip, "proving a join's claimed address");
         node.dial_once(
-            SocketAddrV4::new(dest_addr, port),
+            SocketAddr::new(dest_addr, port),
             id,
             vec![Msg::ProveAddress { nonce }],
             claims::CHECK_TIMEOUT,
@@ -506,7 +503,7 @@ impl Source {
     /// [`claims::MAX_CLAIMED_ADDRS`], none plainly someone else's (the source's own,
     /// another's `--dest`). The destinations that rely on one check it
     /// ([`claims::GatewayChecks`]).
-    fn listed_addrs(&self, id: MemberId, claimed: Vec<Ipv4Addr>) -> Vec<Ipv4Addr> {
+    fn listed_addrs(&self, id: MemberId, claimed: Vec<IpAddr>) -> Vec<IpAddr> {
         let mut listed = Vec::new();
         for a in claimed.into_iter().take(claims::MAX_CLAIMED_ADDRS) {
             let someone_elses = self.members[0].local_addrs.contains(&a)
@@ -525,12 +522,9 @@ impl Source {
         key: ConnKey,
         id: MemberId,
         port: u16,
-        addrs: Vec<Ipv4Addr>,
+        addrs: Vec<IpAddr>,
     ) {
-        let remote_ip = node
-            .conns
-            .get(key)
-            .and_then(|c| node::remote_ipv4(c.remote));
+        let remote_ip = node.conns.get(key).map(|c| node::remote_ip(c.remote));
         if let Some(old) = node.conns.bind(key, id) {
             if let Some(c) = node.conns.get(old) {
                 c.close(CLOSE_DONE, b"replaced");
@@ -943,7 +937,7 @@ impl Source {
             })
             .collect();
         dests.sort_by_key(|r| r.id);
-        let mut failed: Vec<(Ipv4Addr, String)> = self
+        let mut failed: Vec<(IpAddr, String)> = self
             .failed
             .iter()
             .map(|(&id, reason)| (addr(id), reason.clone()))
@@ -966,15 +960,15 @@ mod tests {
     fn a_join_is_matched_by_where_it_comes_from_before_what_it_claims() {
         let member = |id: MemberId, last: u8| Member {
             id,
-            addr: Ipv4Addr::new(10, 100, 0, last),
+            addr: IpAddr::from([10, 100, 0, last]),
             port: 7878,
             local_addrs: Vec::new(),
             joined: false,
         };
         let members = vec![member(0, 1), member(1, 2), member(2, 3)];
-        let ip = |last| Some(Ipv4Addr::new(10, 100, 0, last));
+        let ip = |last| Some(IpAddr::from([10, 100, 0, last]));
         // Member 2 claims member 1's address too: it still is member 2.
-        let claims = [Ipv4Addr::new(10, 100, 0, 2), Ipv4Addr::new(10, 100, 0, 3)];
+        let claims = [IpAddr::from([10, 100, 0, 2]), IpAddr::from([10, 100, 0, 3])];
         assert_eq!(member_joining(&members, ip(3), &claims), Some(2));
         // A host leaving by another address is matched by what it claims.
         assert_eq!(member_joining(&members, ip(9), &claims[..1]), Some(1));

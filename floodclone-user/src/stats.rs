@@ -5,7 +5,7 @@
 
 use std::{
     collections::HashMap,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -29,7 +29,7 @@ pub struct DaemonStatus {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PeerStatus {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub member: Option<floodclone_sched::MemberId>,
     pub rtt_ms: f64,
 }
@@ -79,7 +79,7 @@ fn read_status() -> Option<DaemonStatus> {
 #[derive(Clone, Debug, Serialize)]
 pub struct LinkRow {
     pub iface: String,
-    pub peer: Ipv4Addr,
+    pub peer: IpAddr,
     /// Average over the report's interval.
     pub tx_mbit_s: f64,
     pub rx_mbit_s: f64,
@@ -123,7 +123,7 @@ pub struct Sampler {
     meters: Meters,
     epoch: Instant,
     /// Bytes per link at the start of the current report interval.
-    marks: HashMap<(u32, Option<Ipv4Addr>), (u64, u64)>,
+    marks: HashMap<(u32, Option<IpAddr>), (u64, u64)>,
     mark_at: Instant,
     /// What changed in what is read (see [`Sampler::follow_live`]), said under the table.
     note: Option<String>,
@@ -297,11 +297,17 @@ fn sparkline(values: &[f64], width: usize, top: f64) -> String {
 
 const SPARK_WIDTH: usize = 12;
 
-/// Plain-text table of a report, at most 80 columns wide.
+/// Plain-text table of a report, at most 80 columns wide with IPv4 peers (an IPv6 peer's
+/// address widens its column).
 pub fn render(r: &Report) -> String {
+    let peer_width = r
+        .links
+        .iter()
+        .map(|l| l.peer.to_string().len())
+        .fold(15, usize::max);
     let row = |cells: [&str; 9]| {
         format!(
-            "{:<8} {:<15} {:>6} {:>6} {:>6} {:>6} {:>7} {:<4}  {}\n",
+            "{:<8} {:<peer_width$} {:>6} {:>6} {:>6} {:>6} {:>7} {:<4}  {}\n",
             cells[0],
             cells[1],
             cells[2],
@@ -352,7 +358,7 @@ pub fn render(r: &Report) -> String {
         ]);
     }
     if r.links.is_empty() {
-        s += "(no IPv4 traffic seen yet)\n";
+        s += "(no traffic seen yet)\n";
     }
     if let Some(note) = &r.note {
         s += note;
@@ -379,7 +385,7 @@ mod tests {
     fn row(peer: u8, history_mbit_s: Vec<f64>, rtt: Option<(f64, RttSource)>) -> LinkRow {
         LinkRow {
             iface: "v-s".into(),
-            peer: Ipv4Addr::new(10, 0, 0, peer),
+            peer: IpAddr::from([10, 0, 0, peer]),
             tx_mbit_s: history_mbit_s.last().copied().unwrap_or(0.0),
             rx_mbit_s: 0.0,
             tx_max_mbit_s: 0.0,
@@ -453,7 +459,7 @@ mod tests {
     fn table_fits_80_columns() {
         let row = LinkRow {
             iface: "a-very-long-interface".into(),
-            peer: Ipv4Addr::new(255, 255, 255, 255),
+            peer: IpAddr::from([255, 255, 255, 255]),
             tx_mbit_s: 9999.9,
             rx_mbit_s: 9999.9,
             tx_max_mbit_s: 9999.9,

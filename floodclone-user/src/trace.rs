@@ -1,13 +1,13 @@
 //! The nodes a path crosses, as traceroute finds them: UDP probes with rising TTLs to a
 //! closed port, and the ICMP errors they raise (time exceeded from each forwarding node,
-//! port unreachable from the target) read from the socket's error queue (`IP_RECVERR`:
-//! no privilege, no raw socket). A route lookup shows the first hop only; the overlay
+//! port unreachable from the target) read from the socket's error queue (`IP_RECVERR`,
+//! `IPV6_RECVERR` for IPv6 targets: no privilege, no raw socket). A route lookup shows the first hop only; the overlay
 //! needs to know whether the rest crosses another member (`overlay::PathChecks`).
 
 use std::{
     collections::HashSet,
     io,
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     os::fd::AsRawFd,
     time::{Duration, Instant},
 };
@@ -30,7 +30,7 @@ pub const TRACE_WAIT: Duration = Duration::from_millis(600);
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Trace {
     /// The address each forwarding node answered from, by hop (None: no answer).
-    pub hops: Vec<Option<Ipv4Addr>>,
+    pub hops: Vec<Option<IpAddr>>,
     /// Whether the target answered (then `hops` lists every node before it).
     pub reached: bool,
 }
@@ -38,7 +38,7 @@ pub struct Trace {
 impl Trace {
     /// Whether the path is known to cross none of the nodes `is_member` picks: the target
     /// answered and every hop before it did, from an address no member owns.
-    pub fn crosses_none(&self, is_member: impl Fn(Ipv4Addr) -> bool) -> bool {
+    pub fn crosses_none(&self, is_member: impl Fn(IpAddr) -> bool) -> bool {
         self.reached && self.hops.iter().all(|h| h.is_some_and(|a| !is_member(a)))
     }
 }
@@ -49,7 +49,7 @@ impl Trace {
 /// crossing one (the overlay then stays as the routes show it).
 pub async fn check_paths(targets: Vec<MemberId>, members: Vec<Member>) -> Msg {
     let work = move || {
-        let member_addrs: HashSet<Ipv4Addr> = members
+        let member_addrs: HashSet<IpAddr> = members
             .iter()
             .flat_map(|m| std::iter::once(m.addr).chain(m.local_addrs.iter().copied()))
             .collect();
@@ -75,35 +75,60 @@ pub async fn check_paths(targets: Vec<MemberId>, members: Vec<Member>) -> Msg {
         })
 }
 
-/// Traces the path to `target` (blocking, up to `wait`).
-pub fn trace(target: Ipv4Addr, wait: Duration) -> io::Result<Trace> {
-    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-    sock.set_nonblocking(true)?;
-    let fd = sock.as_raw_fd();
-    let on: libc::c_int = 1;
+/// Sets an int socket option.
+fn set_int_option(
+    fd: libc::c_int,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: a valid socket and an int option of the right size.
     let rc = unsafe {
         libc::setsockopt(
             fd,
-            libc::IPPROTO_IP,
-            libc::IP_RECVERR,
-            (&on as *const libc::c_int).cast(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(())
+}
+
+/// Traces the path to `target` (blocking, up to `wait`).
+pub fn trace(target: IpAddr, wait: Duration) -> io::Result<Trace> {
+    let target = target.to_canonical();
+    let v6 = target.is_ipv6();
+    let sock = if v6 {
+        UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?
+    } else {
+        UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?
+    };
+    sock.set_nonblocking(true)?;
+    let fd = sock.as_raw_fd();
+    let (level, recverr, hops_option) = if v6 {
+        (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_RECVERR,
+            libc::IPV6_UNICAST_HOPS,
+        )
+    } else {
+        (libc::IPPROTO_IP, libc::IP_RECVERR, libc::IP_TTL)
+    };
+    set_int_option(fd, level, recverr, 1)?;
     for ttl in 1..=MAX_HOPS {
-        sock.set_ttl(ttl.into())?;
+        set_int_option(fd, level, hops_option, ttl.into())?;
         // The payload names the probe: ICMP errors quote it back.
-        let to = SocketAddrV4::new(target, PROBE_PORT);
+        let to = SocketAddr::new(target, PROBE_PORT);
         if sock.send_to(&[ttl], to).is_err() {
             // A pending error from an earlier probe's answer is reported once; resend.
             sock.send_to(&[ttl], to)?;
         }
     }
-    let mut hops: Vec<Option<Ipv4Addr>> = vec![None; MAX_HOPS as usize];
+    let mut hops: Vec<Option<IpAddr>> = vec![None; MAX_HOPS as usize];
     let mut reached_at: Option<u8> = None;
     let deadline = Instant::now() + wait;
     loop {
@@ -141,9 +166,23 @@ pub fn trace(target: Ipv4Addr, wait: Duration) -> io::Result<Trace> {
 /// What one ICMP error said about a probe.
 enum Answer {
     /// A node forwarding toward the target dropped it (time exceeded), from this address.
-    Forwarded(Ipv4Addr),
+    Forwarded(IpAddr),
     /// The target answered (port unreachable).
     Reached,
+}
+
+/// What an ICMP or ICMPv6 error of `ee_type`/`ee_code` from `from` says, if anything.
+fn answer(v6: bool, ee_type: u8, ee_code: u8, from: IpAddr) -> Option<Answer> {
+    // (time exceeded, destination unreachable, port unreachable) of ICMP and ICMPv6.
+    let (time_exceeded, unreachable, port_unreachable) = if v6 { (3, 1, 4) } else { (11, 3, 3) };
+    if ee_type == time_exceeded {
+        Some(Answer::Forwarded(from))
+    } else if (ee_type, ee_code) == (unreachable, port_unreachable) {
+        Some(Answer::Reached)
+    } else {
+        // A router that cannot forward: the hop stays unknown.
+        None
+    }
 }
 
 /// One entry of the socket's error queue: the probe's TTL and what answered; None when
@@ -182,22 +221,27 @@ fn read_error(fd: libc::c_int) -> io::Result<Option<(u8, Answer)>> {
         let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
         while !cmsg.is_null() {
             let c = unsafe { &*cmsg };
-            if c.cmsg_level == libc::IPPROTO_IP && c.cmsg_type == libc::IP_RECVERR {
-                // SAFETY: an IP_RECVERR message holds a sock_extended_err, then the
-                // offender's address.
+            let v4 = c.cmsg_level == libc::IPPROTO_IP && c.cmsg_type == libc::IP_RECVERR;
+            let v6 = c.cmsg_level == libc::IPPROTO_IPV6 && c.cmsg_type == libc::IPV6_RECVERR;
+            if v4 || v6 {
+                // SAFETY: an IP(V6)_RECVERR message holds a sock_extended_err, then the
+                // offender's address (sockaddr_in or sockaddr_in6 by the origin).
                 let ee = unsafe { &*(libc::CMSG_DATA(cmsg) as *const libc::sock_extended_err) };
-                if ee.ee_origin == libc::SO_EE_ORIGIN_ICMP {
-                    let sa = unsafe { &*(libc::SO_EE_OFFENDER(ee) as *const libc::sockaddr_in) };
-                    let from = Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
-                    const TIME_EXCEEDED: u8 = 11;
-                    const UNREACHABLE: u8 = 3;
-                    const PORT_UNREACHABLE: u8 = 3;
-                    match (ee.ee_type, ee.ee_code) {
-                        (TIME_EXCEEDED, _) => return Ok(Some((ttl, Answer::Forwarded(from)))),
-                        (UNREACHABLE, PORT_UNREACHABLE) => return Ok(Some((ttl, Answer::Reached))),
-                        // A router that cannot forward: the hop stays unknown.
-                        _ => {}
+                let offender = unsafe { libc::SO_EE_OFFENDER(ee) };
+                let from = match ee.ee_origin {
+                    libc::SO_EE_ORIGIN_ICMP => {
+                        let sa = unsafe { &*(offender as *const libc::sockaddr_in) };
+                        Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr))))
                     }
+                    libc::SO_EE_ORIGIN_ICMP6 => {
+                        let sa = unsafe { &*(offender as *const libc::sockaddr_in6) };
+                        Some(IpAddr::V6(Ipv6Addr::from(sa.sin6_addr.s6_addr)).to_canonical())
+                    }
+                    _ => None,
+                };
+                let six = ee.ee_origin == libc::SO_EE_ORIGIN_ICMP6;
+                if let Some(a) = from.and_then(|f| answer(six, ee.ee_type, ee.ee_code, f)) {
+                    return Ok(Some((ttl, a)));
                 }
             }
             cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
@@ -210,23 +254,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_local_target_is_reached_with_no_hop_between() {
-        let t = trace(Ipv4Addr::LOCALHOST, TRACE_WAIT).unwrap();
-        assert_eq!(
-            t,
-            Trace {
-                hops: vec![],
-                reached: true
+    fn a_local_target_is_reached_with_no_hop_between_in_either_family() {
+        for target in [
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ] {
+            if target.is_ipv6() && UdpSocket::bind((Ipv6Addr::LOCALHOST, 0)).is_err() {
+                eprintln!("skipping ::1: this host has IPv6 off");
+                continue;
             }
-        );
-        assert!(t.crosses_none(|_| true));
+            let t = trace(target, TRACE_WAIT).unwrap();
+            assert_eq!(
+                t,
+                Trace {
+                    hops: vec![],
+                    reached: true
+                },
+                "{target}"
+            );
+            assert!(t.crosses_none(|_| true));
+        }
     }
 
     #[test]
     fn an_unknown_or_member_hop_is_not_clean() {
-        let member: Ipv4Addr = [10, 0, 0, 2].into();
+        let member: IpAddr = [10, 0, 0, 2].into();
         let is_member = |a| a == member;
-        let via = |hops: Vec<Option<Ipv4Addr>>| Trace {
+        let via = |hops: Vec<Option<IpAddr>>| Trace {
             hops,
             reached: true,
         };

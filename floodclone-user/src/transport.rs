@@ -23,9 +23,9 @@ use spake2::{Ed25519Group, Identity, Password, Spake2};
 use crate::wire::{drain_frames, Msg};
 
 /// The protocol's name and version, checked in the TLS handshake: raised whenever the
-/// control messages change (2: `SourceDistance`), so that nodes of different versions do
+/// control messages change (2: `SourceDistance`; 3: addresses of either family), so that nodes of different versions do
 /// not connect instead of closing each other's connections on an unknown message.
-pub const ALPN: &[u8] = b"floodclone/2";
+pub const ALPN: &[u8] = b"floodclone/3";
 /// Application close codes.
 pub const CLOSE_DONE: u32 = 0;
 pub const CLOSE_AUTH: u32 = 1;
@@ -251,7 +251,7 @@ fn accepting_transport_config(cc: Congestion, initial_window: u64) -> TransportC
     t
 }
 
-/// The node's endpoint on `port` (0.0.0.0), serving and dialing, with the default
+/// The node's endpoint on `port` (both families, [`bind_udp`]), serving and dialing, with the default
 /// congestion controller.
 pub fn endpoint(port: u16) -> Result<Endpoint, TransportError> {
     endpoint_with(
@@ -277,7 +277,7 @@ fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     })
 }
 
-/// The node's endpoint on `port` (0.0.0.0), its connections run by `cc` from
+/// The node's endpoint on `port` (both families), its connections run by `cc` from
 /// `initial_window` bytes.
 pub fn endpoint_with(
     port: u16,
@@ -324,8 +324,7 @@ pub fn endpoint_with(
             floodclone_common::SPIN_DCID_LEN,
         ))
     });
-    let socket = std::net::UdpSocket::bind(("0.0.0.0", port))
-        .map_err(|source| TransportError::Bind { port, source })?;
+    let socket = bind_udp(port).map_err(|source| TransportError::Bind { port, source })?;
     enlarge_socket_buffers(&socket);
     let mut ep = Endpoint::new(
         ep_config,
@@ -336,6 +335,55 @@ pub fn endpoint_with(
     .map_err(|source| TransportError::Bind { port, source })?;
     ep.set_default_client_config(client);
     Ok(ep)
+}
+
+/// The node's UDP socket on `port`: one dual-stack IPv6 socket (`[::]`, `IPV6_V6ONLY` off,
+/// whatever `net.ipv6.bindv6only` says), so one endpoint serves and dials both families
+/// and IPv4 peers appear as IPv4-mapped addresses ([`crate::node::remote_ip`] unmaps
+/// them). On a host with IPv6 off, `0.0.0.0`.
+fn bind_udp(port: u16) -> std::io::Result<std::net::UdpSocket> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a descriptor this function owns until it is wrapped.
+    let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return std::net::UdpSocket::bind(("0.0.0.0", port));
+    }
+    // SAFETY: fd is a fresh socket; wrapping it closes it on every path below.
+    let socket = unsafe { std::net::UdpSocket::from_raw_fd(fd) };
+    let off: libc::c_int = 0;
+    // SAFETY: an int option of the stated size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&off as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    addr.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+    addr.sin6_port = port.to_be();
+    // SAFETY: addr is a valid sockaddr_in6 of the stated size.
+    let rc = unsafe {
+        libc::bind(
+            fd,
+            (&addr as *const libc::sockaddr_in6).cast(),
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        // IPv6 present but with no address to bind (disabled on every interface).
+        if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+            return std::net::UdpSocket::bind(("0.0.0.0", port));
+        }
+        return Err(e);
+    }
+    Ok(socket)
 }
 
 /// Socket buffer per direction. All of a node's connections share one UDP socket, and every

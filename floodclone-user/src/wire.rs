@@ -5,7 +5,7 @@
 //! Decoding never panics: every length is checked against the bytes present and against
 //! limits, so a malformed message closes that connection only.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use floodclone_sched::{overlay::Reach, ChunkId, MemberId};
 
@@ -14,6 +14,11 @@ use crate::manifest::Manifest;
 /// Largest control frame accepted: room for a manifest of [`crate::manifest::MAX_CHUNKS`]
 /// chunks (the source refuses a chunk size that gives more).
 pub const MAX_FRAME: usize = 64 << 20;
+
+/// The family byte before an address.
+const ADDR_NONE: u8 = 0;
+const ADDR_V4: u8 = 4;
+const ADDR_V6: u8 = 6;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {
@@ -36,10 +41,11 @@ pub enum WireError {
 pub struct Member {
     pub id: MemberId,
     /// The address others dial (identity address in the testbed).
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
-    /// Every IPv4 address on the member's interfaces: lets others recognise it as a gateway.
-    pub local_addrs: Vec<Ipv4Addr>,
+    /// Every address on the member's interfaces (link-local ones excepted: they name no
+    /// host beyond their link): lets others recognise it as a gateway.
+    pub local_addrs: Vec<IpAddr>,
     pub joined: bool,
 }
 
@@ -48,7 +54,7 @@ pub struct RouteView {
     pub member: MemberId,
     pub reach: Reach,
     pub ifindex: u32,
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<IpAddr>,
     /// With [`Reach::Behind`], the member in the way.
     pub via_member: Option<MemberId>,
 }
@@ -60,7 +66,7 @@ pub enum Msg {
     /// One side's half of the key exchange on the swarm token (SPAKE2, 33 bytes).
     Pake { msg: Vec<u8> },
     /// Destination -> source: I am here, listening on `port`, with these addresses.
-    Join { port: u16, addrs: Vec<Ipv4Addr> },
+    Join { port: u16, addrs: Vec<IpAddr> },
     /// Source -> destination: your member id, the manifest (the chunk hashes the source has
     /// so far; [`Msg::Hashes`] brings the rest), the members, and whether destinations
     /// relay (false: the "direct" baseline, everyone pulls from the source).
@@ -180,10 +186,27 @@ impl Writer {
     fn u64(&mut self, v: u64) {
         self.0.extend_from_slice(&v.to_be_bytes());
     }
-    fn addr(&mut self, a: Ipv4Addr) {
-        self.0.extend_from_slice(&a.octets());
+    /// An address: its family (4 or 6), then its bytes. An IPv4-mapped IPv6 address
+    /// travels as the IPv4 one, so each host has one spelling on the wire.
+    fn addr(&mut self, a: IpAddr) {
+        match a.to_canonical() {
+            IpAddr::V4(a) => {
+                self.u8(ADDR_V4);
+                self.0.extend_from_slice(&a.octets());
+            }
+            IpAddr::V6(a) => {
+                self.u8(ADDR_V6);
+                self.0.extend_from_slice(&a.octets());
+            }
+        }
     }
-    fn addrs(&mut self, v: &[Ipv4Addr]) {
+    fn opt_addr(&mut self, a: Option<IpAddr>) {
+        match a {
+            Some(a) => self.addr(a),
+            None => self.u8(ADDR_NONE),
+        }
+    }
+    fn addrs(&mut self, v: &[IpAddr]) {
         self.u32(v.len() as u32);
         for a in v {
             self.addr(*a);
@@ -240,9 +263,24 @@ impl<'a> Reader<'a> {
     fn u64(&mut self) -> Result<u64, WireError> {
         Ok(u64::from_be_bytes(self.take(8)?.try_into().unwrap()))
     }
-    fn addr(&mut self) -> Result<Ipv4Addr, WireError> {
-        let b = self.take(4)?;
-        Ok(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+    fn opt_addr(&mut self) -> Result<Option<IpAddr>, WireError> {
+        Ok(match self.u8()? {
+            ADDR_NONE => None,
+            ADDR_V4 => Some(IpAddr::V4(Ipv4Addr::from(
+                <[u8; 4]>::try_from(self.take(4)?).unwrap(),
+            ))),
+            ADDR_V6 => Some(
+                IpAddr::V6(Ipv6Addr::from(
+                    <[u8; 16]>::try_from(self.take(16)?).unwrap(),
+                ))
+                .to_canonical(),
+            ),
+            _ => return Err(WireError::Invalid("address family")),
+        })
+    }
+    fn addr(&mut self) -> Result<IpAddr, WireError> {
+        self.opt_addr()?
+            .ok_or(WireError::Invalid("missing address"))
     }
     /// A count of items of at least `min_item` bytes each, checked against what is left.
     fn count(&mut self, min_item: usize) -> Result<usize, WireError> {
@@ -252,8 +290,8 @@ impl<'a> Reader<'a> {
         }
         Ok(n)
     }
-    fn addrs(&mut self) -> Result<Vec<Ipv4Addr>, WireError> {
-        let n = self.count(4)?;
+    fn addrs(&mut self) -> Result<Vec<IpAddr>, WireError> {
+        let n = self.count(5)?;
         (0..n).map(|_| self.addr()).collect()
     }
     fn bytes(&mut self) -> Result<Vec<u8>, WireError> {
@@ -287,7 +325,8 @@ impl<'a> Reader<'a> {
         (0..n).map(|_| self.u16()).collect()
     }
     fn members(&mut self) -> Result<Vec<Member>, WireError> {
-        let n = self.count(13)?;
+        // id, an IPv4 address, port, no local address, joined.
+        let n = self.count(14)?;
         (0..n)
             .map(|_| {
                 Ok(Member {
@@ -386,7 +425,7 @@ impl Msg {
                     w.u16(r.member);
                     w.u8(r.reach as u8);
                     w.u32(r.ifindex);
-                    w.addr(r.gateway.unwrap_or(Ipv4Addr::UNSPECIFIED));
+                    w.opt_addr(r.gateway);
                     w.u16(r.via_member.unwrap_or(MemberId::MAX));
                 }
             }
@@ -473,7 +512,8 @@ impl Msg {
                 members: r.members()?,
             },
             5 => {
-                let n = r.count(13)?;
+                // member, reach, ifindex, no gateway, via.
+                let n = r.count(10)?;
                 let routes = (0..n)
                     .map(|_| {
                         let member = r.u16()?;
@@ -485,13 +525,13 @@ impl Msg {
                             _ => return Err(WireError::Invalid("reach")),
                         };
                         let ifindex = r.u32()?;
-                        let gw = r.addr()?;
+                        let gateway = r.opt_addr()?;
                         let via = r.u16()?;
                         Ok(RouteView {
                             member,
                             reach,
                             ifindex,
-                            gateway: (!gw.is_unspecified()).then_some(gw),
+                            gateway,
                             via_member: (via != MemberId::MAX).then_some(via),
                         })
                     })
@@ -676,17 +716,29 @@ mod tests {
         };
         let member = Member {
             id: 2,
-            addr: Ipv4Addr::new(10, 100, 0, 3),
+            addr: IpAddr::from([10, 100, 0, 3]),
             port: 7878,
-            local_addrs: vec![Ipv4Addr::new(10, 200, 0, 6)],
+            local_addrs: vec![
+                IpAddr::from([10, 200, 0, 6]),
+                "fd00:200::6".parse().unwrap(),
+            ],
             joined: true,
+        };
+        let v6_member = Member {
+            id: 3,
+            addr: "fd00:100::4".parse().unwrap(),
+            local_addrs: vec![],
+            ..member.clone()
         };
         vec![
             Msg::Auth { mac: [9; 32] },
             Msg::Pake { msg: vec![7; 33] },
             Msg::Join {
                 port: 1,
-                addrs: vec![Ipv4Addr::LOCALHOST],
+                addrs: vec![
+                    IpAddr::from(Ipv4Addr::LOCALHOST),
+                    IpAddr::from(Ipv6Addr::LOCALHOST),
+                ],
             },
             Msg::Welcome {
                 you: 1,
@@ -697,7 +749,7 @@ mod tests {
             Msg::Welcome {
                 you: 1,
                 manifest,
-                members: vec![member.clone()],
+                members: vec![member.clone(), v6_member],
                 relay: true,
             },
             Msg::Welcome {
@@ -710,13 +762,29 @@ mod tests {
                 members: vec![member],
             },
             Msg::View {
-                routes: vec![RouteView {
-                    member: 3,
-                    reach: Reach::Behind,
-                    ifindex: 4,
-                    gateway: Some(Ipv4Addr::new(10, 200, 0, 1)),
-                    via_member: Some(1),
-                }],
+                routes: vec![
+                    RouteView {
+                        member: 3,
+                        reach: Reach::Behind,
+                        ifindex: 4,
+                        gateway: Some(IpAddr::from([10, 200, 0, 1])),
+                        via_member: Some(1),
+                    },
+                    RouteView {
+                        member: 4,
+                        reach: Reach::ViaRouter,
+                        ifindex: 5,
+                        gateway: Some("fd00:200::1".parse().unwrap()),
+                        via_member: None,
+                    },
+                    RouteView {
+                        member: 5,
+                        reach: Reach::Direct,
+                        ifindex: 5,
+                        gateway: None,
+                        via_member: None,
+                    },
+                ],
             },
             Msg::Hello { id: 7 },
             Msg::Bitfield {

@@ -83,6 +83,10 @@ enum Cmd {
         /// file).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
         files: u64,
+        /// Run the transfer over IPv6: the source and destinations are named by their IPv6
+        /// addresses (every testbed node has both families).
+        #[arg(long)]
+        ipv6: bool,
     },
     /// Every topology on the real testbed, several runs each, against the floor and the
     /// direct baseline; prints a markdown table and writes JSON lines and the table under
@@ -433,6 +437,7 @@ fn main() -> Result<()> {
             delay_ms,
             node_arg,
             files,
+            ipv6,
         } => {
             if !testbed::is_root() {
                 bail!("`cargo xtask run` builds network namespaces and loads eBPF: run it as root");
@@ -462,6 +467,7 @@ fn main() -> Result<()> {
             let mut opts = run::RunOptions::new(size);
             opts.logs = logs;
             opts.files = files;
+            opts.ipv6 = ipv6;
             if let Some(c) = chunk_size {
                 opts.send_args = vec!["--chunk-size".into(), c.to_string()];
             }

@@ -2,7 +2,7 @@
 //! ([`crate::claims::GatewayChecks`]): we dial each once and ask who answers; a router does
 //! not, another member names itself. And the other side: answering such a question.
 
-use std::{net::SocketAddrV4, time::Instant};
+use std::{net::SocketAddr, time::Instant};
 
 use floodclone_sched::MemberId;
 
@@ -39,7 +39,7 @@ impl Destination {
             .to_ask(&self.members, gateways, Instant::now())
         {
             tracing::debug!(%gw, "asking who is at a claimed gateway");
-            let ask = SocketAddrV4::new(gw, port);
+            let ask = SocketAddr::new(gw, port);
             node.dial_once(ask, ASKING, vec![Msg::WhoAreYou], CHECK_TIMEOUT);
         }
     }
@@ -55,8 +55,7 @@ impl Destination {
             return;
         };
         c.close(CLOSE_DONE, b"answered");
-        let settled =
-            node::remote_ipv4(c.remote).is_some_and(|gw| self.gateway_checks.on_answer(gw, id));
+        let settled = self.gateway_checks.on_answer(node::remote_ip(c.remote), id);
         if settled {
             self.apply_gateway_checks(node);
         }

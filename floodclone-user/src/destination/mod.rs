@@ -10,7 +10,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -255,7 +255,7 @@ impl Destination {
         self.report_stall(node);
         self.expire_gateway_checks(node);
         // Neighbours compare it with their own hops to us and to the source.
-        let hops = node.meters.hops_to(*self.cfg.source.ip());
+        let hops = node.meters.hops_to(self.cfg.source.ip());
         if let Some(h) = hops.filter(|_| hops != self.source_hops) {
             self.source_hops = hops;
             node.announce(Msg::SourceDistance { hops: h });
@@ -341,7 +341,7 @@ impl Destination {
 
     /// Dials the source (until `--connect-timeout`) to join.
     async fn start(&mut self, node: &mut Node) -> Result<(), NodeError> {
-        node.watch([*self.cfg.source.ip()]);
+        node.watch([self.cfg.source.ip()]);
         let hello = self.join_hello(self.routes.local_addrs().await?);
         node.dial(
             self.cfg.source,
@@ -353,7 +353,7 @@ impl Destination {
     }
 
     /// What a connection to the source says first: who we are (if we know), where we are.
-    fn join_hello(&self, addrs: Vec<Ipv4Addr>) -> Vec<Msg> {
+    fn join_hello(&self, addrs: Vec<IpAddr>) -> Vec<Msg> {
         vec![
             Msg::Hello { id: self.me },
             Msg::Join {

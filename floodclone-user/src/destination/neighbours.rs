@@ -2,7 +2,7 @@
 //! they give, dials to them, and connections coming and going (a vanished neighbour is
 //! routed around, the source is dialed again).
 
-use std::{net::SocketAddrV4, time::Instant};
+use std::{net::SocketAddr, time::Instant};
 
 use floodclone_sched::{overlay::Reach, MemberId, SOURCE};
 
@@ -102,7 +102,7 @@ impl Destination {
         if let Some(m) = self.members.iter().find(|m| m.id == id) {
             if self.dialing.insert(id) {
                 node.dial(
-                    SocketAddrV4::new(m.addr, m.port),
+                    SocketAddr::new(m.addr, m.port),
                     id,
                     vec![Msg::Hello { id: self.me }],
                     None,
@@ -242,10 +242,10 @@ impl Destination {
 }
 
 /// The source's own entry carries no dialable address: destinations know it as `--source`.
-pub(super) fn with_source_addr(mut members: Vec<Member>, source: SocketAddrV4) -> Vec<Member> {
+pub(super) fn with_source_addr(mut members: Vec<Member>, source: SocketAddr) -> Vec<Member> {
     for m in &mut members {
         if m.id == SOURCE {
-            m.addr = *source.ip();
+            m.addr = source.ip();
             m.port = source.port();
         }
     }

@@ -1,7 +1,12 @@
 //! The emulated testbed: one network namespace per node, one veth pair per link (its own
-//! /30; a link with delay, jitter or loss is two pairs with a [`DelayLine`] between), one identity /32 per node on its loopback with `src` on every route, HTB on each
-//! direction, routes along shortest hop paths (ties to the widest bottleneck), forwarding on
-//! and rp_filter off everywhere.
+//! IPv4 /30 and IPv6 /126; a link with delay, jitter or loss is two pairs with a
+//! [`DelayLine`] between), one identity address per family per node on its loopback
+//! (10.100.x.y/32 and fd00:100::n/128) with `src` on every route, HTB on each direction,
+//! routes of both families along shortest hop paths (ties to the widest bottleneck),
+//! forwarding on and rp_filter and IPv6 duplicate address detection off everywhere. Each
+//! node's namespace has its own `/etc/hosts` (`/etc/netns/NS/hosts`, which `ip netns exec`
+//! mounts): every node's name gives both identity addresses, `NAME.v4` and `NAME.v6` one
+//! each.
 //!
 //! Namespaces are named `fc-<owner pid>-<seq>-<node>` so parallel runs never collide and a
 //! crashed run's leftovers are recognisable (their owner is dead). Everything a [`Testbed`]
@@ -11,7 +16,7 @@
 use std::{
     collections::BTreeMap,
     io::Write,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicU32, Ordering},
@@ -104,6 +109,22 @@ fn ip(args: &[&str]) -> Result<String> {
 /// Identity address of node `i` (a /32 on its loopback).
 pub fn identity_addr(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 100, (i / 250) as u8, (i % 250 + 1) as u8)
+}
+
+/// IPv6 identity address of node `i` (a /128 on its loopback, beside the IPv4 one).
+pub fn identity_addr6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 0)) + i as u128 + 1)
+}
+
+/// IPv6 addresses of the two ends of link `k` (its own /126): (a end, b end).
+pub fn link_addrs6(k: usize) -> (Ipv6Addr, Ipv6Addr) {
+    let base = u128::from(Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0)) + 4 * k as u128;
+    (Ipv6Addr::from(base + 1), Ipv6Addr::from(base + 2))
+}
+
+/// Where `ip netns exec` finds namespace `ns`'s own files (its `hosts`).
+fn netns_etc(ns: &str) -> std::path::PathBuf {
+    std::path::Path::new("/etc/netns").join(ns)
 }
 
 /// Addresses of the two ends of link `k` (its own /30): (a end, b end).
@@ -239,35 +260,70 @@ impl Testbed {
             self.delay_lines.push((k, line));
         }
         for i in 0..topo.nodes.len() {
+            // Addresses usable at once (no duplicate detection: each is unique by
+            // construction) and kept while a link is down (an event), as IPv4 ones are.
             let mut sysctl = vec![
                 "net.ipv4.ip_forward=1".to_string(),
                 "net.ipv4.conf.all.rp_filter=0".to_string(),
                 "net.ipv4.conf.default.rp_filter=0".to_string(),
                 "net.ipv4.conf.lo.rp_filter=0".to_string(),
+                "net.ipv6.conf.all.disable_ipv6=0".to_string(),
+                "net.ipv6.conf.all.forwarding=1".to_string(),
+                "net.ipv6.conf.all.accept_dad=0".to_string(),
+                "net.ipv6.conf.default.accept_dad=0".to_string(),
+                "net.ipv6.conf.all.keep_addr_on_down=1".to_string(),
             ];
             let mut batch = String::from("link set lo up\n");
             batch += &format!("addr add {}/32 dev lo\n", identity_addr(i));
+            batch += &format!("addr add {}/128 dev lo nodad\n", identity_addr6(i));
             for (peer, k) in topo.neighbours(i) {
                 let dev = iface_name(&topo.nodes[peer].name);
                 let (a_addr, b_addr) = link_addrs(k);
-                let mine = if topo.links[k].a == i { a_addr } else { b_addr };
-                batch += &format!("addr add {mine}/30 dev {dev}\nlink set {dev} up\n");
+                let (a6, b6) = link_addrs6(k);
+                let (mine, mine6) = if topo.links[k].a == i {
+                    (a_addr, a6)
+                } else {
+                    (b_addr, b6)
+                };
+                batch += &format!(
+                    "addr add {mine}/30 dev {dev}\naddr add {mine6}/126 dev {dev} nodad\n\
+                     link set {dev} up\n"
+                );
                 sysctl.push(format!("net.ipv4.conf.{dev}.rp_filter=0"));
+                sysctl.push(format!("net.ipv6.conf.{dev}.accept_dad=0"));
+                sysctl.push(format!("net.ipv6.conf.{dev}.keep_addr_on_down=1"));
             }
-            run(
-                Command::new("ip").args(["-n", &self.netns(i), "-batch", "-"]),
-                Some(&batch),
-            )?;
             let mut cmd = Command::new("ip");
             cmd.args(["netns", "exec", &self.netns(i), "sysctl", "-q", "-w"]);
             cmd.args(&sysctl);
             run(&mut cmd, None)?;
+            run(
+                Command::new("ip").args(["-n", &self.netns(i), "-batch", "-"]),
+                Some(&batch),
+            )?;
+            self.write_hosts_file(i)?;
         }
         for k in 0..topo.links.len() {
             self.shape(k, topo.links[k].mbit_ab, topo.links[k].mbit_ba, "add")?;
         }
         self.apply_routes()?;
         Ok(())
+    }
+
+    /// Node `i`'s `/etc/hosts`: every node by name (both families), `NAME.v4`, `NAME.v6`.
+    fn write_hosts_file(&self, i: usize) -> Result<()> {
+        let mut text = String::from("127.0.0.1 localhost\n::1 localhost ip6-localhost\n");
+        for (j, n) in self.topo.nodes.iter().enumerate() {
+            let (v4, v6) = (identity_addr(j), identity_addr6(j));
+            text += &format!("{v4} {0} {0}.v4\n{v6} {0} {0}.v6\n", n.name);
+        }
+        let dir = netns_etc(&self.netns(i));
+        let io = |source| TestbedError::Spawn {
+            cmd: format!("write {}/hosts", dir.display()),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        std::fs::write(dir.join("hosts"), text).map_err(io)
     }
 
     /// HTB at `mbit` on the egress of `dev` in `netns`, with a FIFO of [`QUEUE_MS`].
@@ -320,19 +376,29 @@ impl Testbed {
                 match *hop {
                     Some((hop, k)) => {
                         let (a_addr, b_addr) = link_addrs(k);
-                        let via = if topo.links[k].a == hop {
-                            a_addr
+                        let (a6, b6) = link_addrs6(k);
+                        let (via, via6) = if topo.links[k].a == hop {
+                            (a_addr, a6)
                         } else {
-                            b_addr
+                            (b_addr, b6)
                         };
                         let dev = iface_name(&topo.nodes[hop].name);
                         batch += &format!(
-                            "route replace {}/32 via {via} dev {dev} src {}\n",
+                            "route replace {}/32 via {via} dev {dev} src {}\n\
+                             route replace {}/128 via {via6} dev {dev} src {}\n",
                             identity_addr(v),
-                            identity_addr(u)
+                            identity_addr(u),
+                            identity_addr6(v),
+                            identity_addr6(u)
                         );
                     }
-                    None => batch += &format!("route del {}/32\n", identity_addr(v)),
+                    None => {
+                        batch += &format!(
+                            "route del {}/32\nroute del {}/128\n",
+                            identity_addr(v),
+                            identity_addr6(v)
+                        )
+                    }
                 }
             }
             // -force: keep going past `route del` of a route the kernel already dropped.
@@ -535,6 +601,17 @@ pub fn remove_namespaces(prefix: &str) {
         }
         let _ = ip(&["netns", "del", &ns]);
     }
+    // Each namespace's own files, also those of a build that died before its namespace.
+    for entry in std::fs::read_dir("/etc/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(NETNS_PREFIX) && name.starts_with(prefix) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Removes the testbeds of this process that are still alive (for signal handlers).
@@ -622,5 +699,10 @@ mod tests {
         let (a, b) = link_addrs(70);
         assert_eq!(u32::from(b) - u32::from(a), 1);
         assert_eq!(u32::from(a) % 4, 1);
+        assert_ne!(identity_addr6(0), identity_addr6(250));
+        assert_eq!(identity_addr6(0).to_string(), "fd00:100::1");
+        let (a, b) = link_addrs6(70);
+        assert_eq!(u128::from(b) - u128::from(a), 1);
+        assert_eq!(u128::from(a) % 4, 1);
     }
 }

@@ -40,6 +40,9 @@ pub struct RunOptions {
     /// Send a directory of this many files (`bytes` split evenly, 100 to a subdirectory)
     /// instead of one file: one swarm for the tree (issue 22).
     pub files: u64,
+    /// Name the source and destinations by their IPv6 identity addresses (the testbed
+    /// gives every node both families), so the whole transfer runs over IPv6.
+    pub ipv6: bool,
 }
 
 impl RunOptions {
@@ -53,6 +56,7 @@ impl RunOptions {
             picture: None,
             logs: None,
             files: 1,
+            ipv6: false,
         }
     }
 }
@@ -388,6 +392,13 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
     );
     let s = topo.source();
     let dests = topo.destinations();
+    let addr_of = |n: usize| {
+        if opts.ipv6 {
+            netns::identity_addr6(n).to_string()
+        } else {
+            identity_addr(n).to_string()
+        }
+    };
     let (tx, rx) = mpsc::channel();
     let out_path = |d: usize| work.join(format!("{}.out", topo.nodes[d].name));
     let mut seen = vec![NodeEvents::default(); topo.nodes.len()];
@@ -397,7 +408,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
     for &d in &dests {
         let mut cmd = bed.command(d, bin.to_str().unwrap());
         cmd.args(["recv", "--json", "--token", &token, "--source"])
-            .arg(identity_addr(s).to_string())
+            .arg(addr_of(s))
             .arg("--out")
             .arg(out_path(d))
             .args(&opts.recv_args)
@@ -432,7 +443,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         .args(
             dests
                 .iter()
-                .flat_map(|&d| ["--dest".to_string(), identity_addr(d).to_string()]),
+                .flat_map(|&d| ["--dest".to_string(), addr_of(d)]),
         )
         .args(&opts.send_args)
         .args(cap_args(topo, s))
