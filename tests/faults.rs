@@ -308,6 +308,117 @@ fn corrupt_chunks_are_rejected_refetched_and_their_sender_cut_off() {
     );
 }
 
+/// A tmux server of its own (its socket named for this process), killed when dropped.
+struct Tmux(String);
+
+impl Tmux {
+    fn new() -> Self {
+        Self(format!("fc-test-{}", std::process::id()))
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new("tmux")
+            .args(["-L", &self.0])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.run(&["kill-server"]);
+    }
+}
+
+/// What a person at a terminal sees when a warning is logged while the progress lines are
+/// live: `recv` runs in a tmux pane (a real pseudo-terminal, so its progress is drawn in
+/// place), a neighbour serves corrupt chunks so it logs warnings mid-transfer. The pane, as
+/// tmux renders it (its whole history), shows every warning with one set of progress lines
+/// below them while the transfer runs, and no progress line left once the copy is
+/// complete: none wiped, none stale above a log line or under the last one.
+#[test]
+fn a_warning_during_live_progress_stays_visible_on_a_terminal() {
+    if !root_or_skip("a_warning_during_live_progress_stays_visible_on_a_terminal") {
+        return;
+    }
+    let scratch = Scratch::new("terminal");
+    let src = scratch.0.join("src");
+    write_test_file(&src, 16 * MIB, 7).unwrap();
+    let topo = floodclone_tests::shipped("ring-plus-star");
+    let mut bed = Testbed::up(&topo).unwrap();
+    let out = |i: usize| scratch.0.join(format!("d{i}.out"));
+    let tmux = Tmux::new();
+    // d2 (a ring neighbour of d1) at the terminal; the pane stays after it exits.
+    let recv = recv_args(0, &out(2), &[]);
+    let command = format!(
+        "ip netns exec {} {} {}; echo exit=$?; sleep 600",
+        bed.netns(2),
+        floodclone_tests::floodclone_bin().display(),
+        recv.join(" ")
+    );
+    let started = tmux.run(&["new-session", "-d", "-x", "120", "-y", "40", &command]);
+    assert!(started.status.success(), "{started:?}");
+    let others: Vec<_> = [1, 3, 4]
+        .iter()
+        .map(|&i| {
+            let extra: &[&str] = if i == 1 {
+                &["--corrupt-served-chunks"]
+            } else {
+                &[]
+            };
+            start(&mut bed, i, &recv_args(0, &out(i), extra), &scratch.0)
+        })
+        .collect();
+    let pane = || {
+        String::from_utf8_lossy(&tmux.run(&["capture-pane", "-p", "-S", "-"]).stdout).into_owned()
+    };
+    let send = start(&mut bed, 0, &send_args(&src, 1..=4), &scratch.0);
+    // Mid-transfer, once a warning is out: it is on the screen, and below it one set of
+    // progress lines (they name the share held, "NN%").
+    let progress_lines = |shown: &str| shown.lines().filter(|l| l.contains('%')).count();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mid = loop {
+        let shown = pane();
+        if shown.contains("failed verification") && progress_lines(&shown) > 0 {
+            break shown;
+        }
+        assert!(
+            !shown.contains("complete:") && std::time::Instant::now() < end,
+            "no warning seen with progress live: {shown}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    eprintln!("mid-transfer, the terminal showed:\n{mid}");
+    let lines: Vec<&str> = mid.lines().filter(|l| !l.trim().is_empty()).collect();
+    let last_warning = lines.iter().rposition(|l| l.contains("WARN")).unwrap();
+    let first_progress = lines.iter().position(|l| l.contains('%')).unwrap();
+    assert_eq!(progress_lines(&mid), 1, "one set of progress lines: {mid}");
+    assert!(
+        first_progress > last_warning,
+        "the progress lines are below the warnings: {mid}"
+    );
+    for (r, who) in others.iter().zip(["d1", "d3", "d4"]) {
+        r.expect_complete(who, 90.0);
+    }
+    assert!(send.wait_exit(&mut bed, 60.0).is_some_and(|s| s.success()));
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !pane().contains("exit=") && std::time::Instant::now() < end {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let shown = pane();
+    eprintln!("at the end, the terminal showed:\n{shown}");
+    assert!(shown.contains("exit=0"), "d2's recv succeeded");
+    assert!(
+        shown.contains("failed verification") && shown.contains("not pulling from it again"),
+        "the warnings about d1's chunks stay on the screen"
+    );
+    // Drawn in place and removed when the copy is complete: no progress line is left,
+    // neither a stale one above a log line nor the last one under "complete".
+    assert_eq!(progress_lines(&shown), 0, "no stale progress: {shown}");
+    assert_copies(&src, (1..=4).map(out));
+}
+
 /// A tmpfs mounted for the test's lifetime.
 struct SmallDisk(std::path::PathBuf);
 

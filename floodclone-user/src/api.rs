@@ -123,6 +123,7 @@ pub struct SendOptions {
     pub swarm: Swarm,
     /// A file, or a directory whose tree is sent as one swarm.
     pub path: PathBuf,
+    /// The destinations, IPv4 or IPv6 (a swarm may mix them).
     pub dests: Vec<SocketAddr>,
     /// Chunk size in bytes (a power of two, 4 KiB to 64 MiB); `None`: the default for the
     /// size.
@@ -234,14 +235,19 @@ impl<T> Transfer<T> {
 
 /// Starts serving `opts.path` to `opts.dests` (call inside a tokio runtime). Refused at
 /// once, before anything starts, if the token is missing or weak.
-pub fn send(opts: SendOptions) -> Result<Transfer<SendOutcome>, Error> {
+pub fn send(mut opts: SendOptions) -> Result<Transfer<SendOutcome>, Error> {
+    // One spelling per host: an IPv4-mapped address is the IPv4 one.
+    for d in &mut opts.dests {
+        *d = crate::conn::unmapped(*d);
+    }
     let (node, events, link_stats) = start_node(&opts.swarm)?;
     Ok(spawn(events, link_stats, crate::source::run(node, opts)))
 }
 
 /// Starts fetching from `opts.source` into `opts.out` (call inside a tokio runtime).
 /// Refused at once if the token is missing or weak.
-pub fn recv(opts: RecvOptions) -> Result<Transfer<RecvOutcome>, Error> {
+pub fn recv(mut opts: RecvOptions) -> Result<Transfer<RecvOutcome>, Error> {
+    opts.source = crate::conn::unmapped(opts.source);
     let (node, events, link_stats) = start_node(&opts.swarm)?;
     let run = async move {
         crate::destination::run(node, opts)

@@ -251,6 +251,9 @@ impl Veno {
         }
         let random =
             self.backlog_packets() < RANDOM_LOSS_BACKLOG && self.recent_loss() < MAX_RANDOM_LOSS;
+        tracing::trace!(target: "floodclone::cc", random, backlog = self.backlog_packets(),
+            recent_loss = self.recent_loss(), window = self.window / self.mtu,
+            srtt_ms = self.srtt_s * 1e3, base_ms = self.srtt_base_s * 1e3, "loss");
         if random {
             // No queue of ours to overflow: not congestion, and not the end of slow start
             // either (that comes with the first loss that has a queue behind it).

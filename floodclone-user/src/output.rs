@@ -80,6 +80,11 @@ impl Output {
         }
         if self.json {
             println!("{}", event.to_line());
+        } else if matches!(event, Event::Complete { .. } | Event::SwarmDone(_)) {
+            // The progress it ends is over: its lines go rather than stay under it at
+            // their last figures.
+            let out = lock(&SCREEN).end_with(&format!("{}\n", plain()));
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), out.as_bytes());
         } else {
             print_above_progress(&format!("{}\n", plain()));
         }
@@ -134,6 +139,14 @@ impl Screen {
         let mut out = erase_lines(self.lines.len());
         push_lines(&mut out, lines);
         self.lines = lines.to_vec();
+        out
+    }
+
+    /// Bytes that print `text` where the progress lines are, which are drawn no more.
+    fn end_with(&mut self, text: &str) -> String {
+        let mut out = erase_lines(self.lines.len());
+        out.push_str(text);
+        self.lines.clear();
         out
     }
 
@@ -254,6 +267,18 @@ mod tests {
                 "30% 1 of 2",
                 "30% 2 of 2",
             ]
+        );
+    }
+
+    #[test]
+    fn the_progress_lines_go_when_the_transfer_ends() {
+        let mut screen = Screen::new();
+        let mut shown = screen.draw(&["75% 1 of 2".into(), "75% 2 of 2".into()]);
+        shown += &screen.end_with("complete: 8 MiB verified\n");
+        shown += &screen.print_above("swarm done\n");
+        assert_eq!(
+            terminal(&shown),
+            vec!["complete: 8 MiB verified", "swarm done"]
         );
     }
 

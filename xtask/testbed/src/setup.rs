@@ -65,6 +65,12 @@ const PACKAGES: &[Package] = &[
         name: "man-db",
         witness: "/usr/bin/man",
     },
+    // A terminal for the live progress display's test (`capture-pane` shows what a person
+    // would see).
+    Package {
+        name: "tmux",
+        witness: "/usr/bin/tmux",
+    },
 ];
 
 fn status(cmd: &mut Command) -> Result<(), SetupError> {
