@@ -12,7 +12,7 @@
 
 use std::net::IpAddr;
 
-use futures::TryStreamExt;
+use futures_util::TryStreamExt;
 use netlink_packet_route::{
     address::AddressAttribute,
     route::{RouteAddress, RouteAttribute},
