@@ -78,6 +78,15 @@ fn fifty_transfers_leave_nothing_behind() {
         .filter(|n| n.starts_with(&prefix))
         .collect();
     assert!(left.is_empty(), "namespaces left: {left:?}");
+    // Each node's own /etc/hosts goes with its namespace.
+    let etc_left: Vec<String> = std::fs::read_dir("/etc/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    assert!(etc_left.is_empty(), "/etc/netns entries left: {etc_left:?}");
     assert_eq!(processes_of(&bin), 0, "floodclone processes still running");
     // Leftovers of processes killed by earlier tests may be swept meanwhile: fewer is fine.
     let (pins_now, status_now) = (
