@@ -270,6 +270,22 @@ fn source_killed_and_restarted_destinations_keep_what_they_have() {
     assert_copies(&src, (1..=2).map(out));
 }
 
+/// `recv` on ring-plus-star's node `i` from the source; d1 (node 1) flips a bit in every
+/// chunk it serves.
+fn start_recv_d1_corrupting(
+    bed: &mut Testbed,
+    i: usize,
+    out: &std::path::Path,
+    scratch: &std::path::Path,
+) -> floodclone_tests::NodeProc {
+    let extra: &[&str] = if i == 1 {
+        &["--corrupt-served-chunks"]
+    } else {
+        &[]
+    };
+    start(bed, i, &recv_args(0, out, extra), scratch)
+}
+
 #[test]
 fn corrupt_chunks_are_rejected_refetched_and_their_sender_cut_off() {
     if !root_or_skip("corrupt_chunks_are_rejected_refetched_and_their_sender_cut_off") {
@@ -285,14 +301,7 @@ fn corrupt_chunks_are_rejected_refetched_and_their_sender_cut_off() {
     let out = |i: usize| scratch.0.join(format!("d{i}.out"));
     let send = start(&mut bed, 0, &send_args(&src, 1..=4), &scratch.0);
     let recvs: Vec<_> = (1..=4)
-        .map(|i| {
-            let extra: &[&str] = if i == 1 {
-                &["--corrupt-served-chunks"]
-            } else {
-                &[]
-            };
-            start(&mut bed, i, &recv_args(0, &out(i), extra), &scratch.0)
-        })
+        .map(|i| start_recv_d1_corrupting(&mut bed, i, &out(i), &scratch.0))
         .collect();
     for (i, r) in recvs.iter().enumerate() {
         r.expect_complete(&format!("d{}", i + 1), 90.0);
@@ -361,14 +370,7 @@ fn a_warning_during_live_progress_stays_visible_on_a_terminal() {
     assert!(started.status.success(), "{started:?}");
     let others: Vec<_> = [1, 3, 4]
         .iter()
-        .map(|&i| {
-            let extra: &[&str] = if i == 1 {
-                &["--corrupt-served-chunks"]
-            } else {
-                &[]
-            };
-            start(&mut bed, i, &recv_args(0, &out(i), extra), &scratch.0)
-        })
+        .map(|&i| start_recv_d1_corrupting(&mut bed, i, &out(i), &scratch.0))
         .collect();
     let pane = || {
         String::from_utf8_lossy(&tmux.run(&["capture-pane", "-p", "-S", "-"]).stdout).into_owned()

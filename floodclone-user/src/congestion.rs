@@ -412,27 +412,28 @@ mod tests {
         assert_eq!(v.window, w + w / 8);
     }
 
-    /// Slow start overshoots to 1200 packets on a path of 480 packets (120 ms) with a
-    /// 25 ms queue: the first congestion cut lands on what it delivers in a round trip
-    /// with that queue (580), not on 85% of the overshoot.
-    #[test]
-    fn leaving_slow_start_cuts_to_what_the_path_delivered() {
+    /// A controller in slow start at 1200 packets after three round trips of 120 ms that
+    /// delivered 480 packets each, the last two with a 25 ms queue (srtt 145 ms), its
+    /// window kept full or not (`app_limited`).
+    fn overshot(app_limited: bool) -> (Veno, Instant) {
         let start = Instant::now();
         let mut v = Veno::new(start, MTU as u16, INITIAL_WINDOW);
         v.window = 1200 * MTU;
         let mut now = start;
-        // Three round trips of 120 ms delivering 480 packets each, with a queue (srtt up).
         for i in 0..3 * 480 {
             now = start + Duration::from_secs_f64(0.120 * i as f64 / 480.0);
-            v.acked_with_srtt(
-                now,
-                now,
-                MTU,
-                false,
-                if i < 480 { 0.120 } else { 0.145 },
-                0.0,
-            );
+            let srtt = if i < 480 { 0.120 } else { 0.145 };
+            v.acked_with_srtt(now, now, MTU, app_limited, srtt, 0.0);
         }
+        (v, now)
+    }
+
+    /// Slow start overshoots on a path of 480 packets (120 ms) with a 25 ms queue: the
+    /// first congestion cut lands on what it delivers in a round trip with that queue
+    /// (580), not on 85% of the overshoot.
+    #[test]
+    fn leaving_slow_start_cuts_to_what_the_path_delivered() {
+        let (mut v, mut now) = overshot(false);
         assert_eq!(v.ssthresh, u64::MAX);
         v.lost_bytes(now, now, false, 30 * MTU);
         assert!(
@@ -448,19 +449,7 @@ mod tests {
 
         // A sender that did not keep its window full learns nothing of the path from
         // what was delivered: the usual cut.
-        let mut v = Veno::new(start, MTU as u16, INITIAL_WINDOW);
-        v.window = 1200 * MTU;
-        for i in 0..3 * 480 {
-            now = start + Duration::from_secs_f64(0.120 * i as f64 / 480.0);
-            v.acked_with_srtt(
-                now,
-                now,
-                MTU,
-                true,
-                if i < 480 { 0.120 } else { 0.145 },
-                0.0,
-            );
-        }
+        let (mut v, now) = overshot(true);
         v.lost_bytes(now, now, false, 30 * MTU);
         assert_eq!(
             v.window,

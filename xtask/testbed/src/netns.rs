@@ -260,54 +260,61 @@ impl Testbed {
             self.delay_lines.push((k, line));
         }
         for i in 0..topo.nodes.len() {
-            // Addresses usable at once (no duplicate detection: each is unique by
-            // construction) and kept while a link is down (an event), as IPv4 ones are.
-            let mut sysctl = vec![
-                "net.ipv4.ip_forward=1".to_string(),
-                "net.ipv4.conf.all.rp_filter=0".to_string(),
-                "net.ipv4.conf.default.rp_filter=0".to_string(),
-                "net.ipv4.conf.lo.rp_filter=0".to_string(),
-                "net.ipv6.conf.all.disable_ipv6=0".to_string(),
-                "net.ipv6.conf.all.forwarding=1".to_string(),
-                "net.ipv6.conf.all.accept_dad=0".to_string(),
-                "net.ipv6.conf.default.accept_dad=0".to_string(),
-                "net.ipv6.conf.all.keep_addr_on_down=1".to_string(),
-            ];
-            let mut batch = String::from("link set lo up\n");
-            batch += &format!("addr add {}/32 dev lo\n", identity_addr(i));
-            batch += &format!("addr add {}/128 dev lo nodad\n", identity_addr6(i));
-            for (peer, k) in topo.neighbours(i) {
-                let dev = iface_name(&topo.nodes[peer].name);
-                let (a_addr, b_addr) = link_addrs(k);
-                let (a6, b6) = link_addrs6(k);
-                let (mine, mine6) = if topo.links[k].a == i {
-                    (a_addr, a6)
-                } else {
-                    (b_addr, b6)
-                };
-                batch += &format!(
-                    "addr add {mine}/30 dev {dev}\naddr add {mine6}/126 dev {dev} nodad\n\
-                     link set {dev} up\n"
-                );
-                sysctl.push(format!("net.ipv4.conf.{dev}.rp_filter=0"));
-                sysctl.push(format!("net.ipv6.conf.{dev}.accept_dad=0"));
-                sysctl.push(format!("net.ipv6.conf.{dev}.keep_addr_on_down=1"));
-            }
-            let mut cmd = Command::new("ip");
-            cmd.args(["netns", "exec", &self.netns(i), "sysctl", "-q", "-w"]);
-            cmd.args(&sysctl);
-            run(&mut cmd, None)?;
-            run(
-                Command::new("ip").args(["-n", &self.netns(i), "-batch", "-"]),
-                Some(&batch),
-            )?;
-            self.write_hosts_file(i)?;
+            self.address_node(i)?;
         }
         for k in 0..topo.links.len() {
             self.shape(k, topo.links[k].mbit_ab, topo.links[k].mbit_ba, "add")?;
         }
         self.apply_routes()?;
         Ok(())
+    }
+
+    /// Node `i`'s addresses (both families, its identities and one per link), sysctls and
+    /// `/etc/hosts`; its links up.
+    fn address_node(&self, i: usize) -> Result<()> {
+        let topo = &self.topo;
+        // Addresses usable at once (no duplicate detection: each is unique by
+        // construction) and kept while a link is down (an event), as IPv4 ones are.
+        let mut sysctl = vec![
+            "net.ipv4.ip_forward=1".to_string(),
+            "net.ipv4.conf.all.rp_filter=0".to_string(),
+            "net.ipv4.conf.default.rp_filter=0".to_string(),
+            "net.ipv4.conf.lo.rp_filter=0".to_string(),
+            "net.ipv6.conf.all.disable_ipv6=0".to_string(),
+            "net.ipv6.conf.all.forwarding=1".to_string(),
+            "net.ipv6.conf.all.accept_dad=0".to_string(),
+            "net.ipv6.conf.default.accept_dad=0".to_string(),
+            "net.ipv6.conf.all.keep_addr_on_down=1".to_string(),
+        ];
+        let mut batch = String::from("link set lo up\n");
+        batch += &format!("addr add {}/32 dev lo\n", identity_addr(i));
+        batch += &format!("addr add {}/128 dev lo nodad\n", identity_addr6(i));
+        for (peer, k) in topo.neighbours(i) {
+            let dev = iface_name(&topo.nodes[peer].name);
+            let (a_addr, b_addr) = link_addrs(k);
+            let (a6, b6) = link_addrs6(k);
+            let (mine, mine6) = if topo.links[k].a == i {
+                (a_addr, a6)
+            } else {
+                (b_addr, b6)
+            };
+            batch += &format!(
+                "addr add {mine}/30 dev {dev}\naddr add {mine6}/126 dev {dev} nodad\n\
+                 link set {dev} up\n"
+            );
+            sysctl.push(format!("net.ipv4.conf.{dev}.rp_filter=0"));
+            sysctl.push(format!("net.ipv6.conf.{dev}.accept_dad=0"));
+            sysctl.push(format!("net.ipv6.conf.{dev}.keep_addr_on_down=1"));
+        }
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns(i), "sysctl", "-q", "-w"]);
+        cmd.args(&sysctl);
+        run(&mut cmd, None)?;
+        run(
+            Command::new("ip").args(["-n", &self.netns(i), "-batch", "-"]),
+            Some(&batch),
+        )?;
+        self.write_hosts_file(i)
     }
 
     /// Node `i`'s `/etc/hosts`: every node by name (both families), `NAME.v4`, `NAME.v6`.
