@@ -80,13 +80,11 @@ impl Output {
         }
         if self.json {
             println!("{}", event.to_line());
-        } else if matches!(event, Event::Complete { .. } | Event::SwarmDone(_)) {
-            // The progress it ends is over: its lines go rather than stay under it at
-            // their last figures.
-            let out = lock(&SCREEN).end_with(&format!("{}\n", plain()));
-            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), out.as_bytes());
         } else {
-            print_above_progress(&format!("{}\n", plain()));
+            // An event that ends the progress: its lines go rather than stay under it at
+            // their last figures.
+            let ends = matches!(event, Event::Complete { .. } | Event::SwarmDone(_));
+            print_on_screen(&format!("{}\n", plain()), ends);
         }
     }
 
@@ -111,8 +109,18 @@ impl Output {
 
 /// Prints `text` (whole lines) on stderr above the progress lines, if any are drawn.
 fn print_above_progress(text: &str) {
+    print_on_screen(text, false)
+}
+
+/// Prints `text` (whole lines) on stderr where the progress lines are, then draws them
+/// again below it, or (`ends_progress`) no more.
+fn print_on_screen(text: &str, ends_progress: bool) {
     let mut screen = lock(&SCREEN);
-    let out = screen.print_above(text);
+    let out = if ends_progress {
+        screen.end_with(text)
+    } else {
+        screen.print_above(text)
+    };
     // One write while the lock is held: nothing else can land between erasing and redrawing.
     let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), out.as_bytes());
 }

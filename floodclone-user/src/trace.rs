@@ -75,29 +75,6 @@ pub async fn check_paths(targets: Vec<MemberId>, members: Vec<Member>) -> Msg {
         })
 }
 
-/// Sets an int socket option.
-fn set_int_option(
-    fd: libc::c_int,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: a valid socket and an int option of the right size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Traces the path to `target` (blocking, up to `wait`).
 pub fn trace(target: IpAddr, wait: Duration) -> io::Result<Trace> {
     let target = target.to_canonical();
@@ -118,9 +95,9 @@ pub fn trace(target: IpAddr, wait: Duration) -> io::Result<Trace> {
     } else {
         (libc::IPPROTO_IP, libc::IP_RECVERR, libc::IP_TTL)
     };
-    set_int_option(fd, level, recverr, 1)?;
+    crate::transport::set_int_option(fd, level, recverr, 1)?;
     for ttl in 1..=MAX_HOPS {
-        set_int_option(fd, level, hops_option, ttl.into())?;
+        crate::transport::set_int_option(fd, level, hops_option, ttl.into())?;
         // The payload names the probe: ICMP errors quote it back.
         let to = SocketAddr::new(target, PROBE_PORT);
         if sock.send_to(&[ttl], to).is_err() {

@@ -337,6 +337,29 @@ pub fn endpoint_with(
     Ok(ep)
 }
 
+/// Sets an int socket option.
+pub(crate) fn set_int_option(
+    fd: libc::c_int,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    // SAFETY: a valid socket and an int option of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The node's UDP socket on `port`: one dual-stack IPv6 socket (`[::]`, `IPV6_V6ONLY` off,
 /// whatever `net.ipv6.bindv6only` says), so one endpoint serves and dials both families
 /// and IPv4 peers appear as IPv4-mapped addresses ([`crate::node::remote_ip`] unmaps
@@ -350,20 +373,7 @@ fn bind_udp(port: u16) -> std::io::Result<std::net::UdpSocket> {
     }
     // SAFETY: fd is a fresh socket; wrapping it closes it on every path below.
     let socket = unsafe { std::net::UdpSocket::from_raw_fd(fd) };
-    let off: libc::c_int = 0;
-    // SAFETY: an int option of the stated size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_IPV6,
-            libc::IPV6_V6ONLY,
-            (&off as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    set_int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
     let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
     addr.sin6_family = libc::AF_INET6 as libc::sa_family_t;
     addr.sin6_port = port.to_be();
@@ -399,16 +409,7 @@ fn enlarge_socket_buffers(socket: &std::net::UdpSocket) {
         (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
         (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
     ] {
-        // SAFETY: setsockopt with a pointer to an int of the stated size.
-        let set = |opt| unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                &size as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            ) == 0
-        };
+        let set = |opt| set_int_option(fd, libc::SOL_SOCKET, opt, size).is_ok();
         // The *FORCE variants pass the net.core.{w,r}mem_max cap (needs CAP_NET_ADMIN);
         // otherwise the kernel clamps to the cap.
         if !set(force) && !set(plain) {
