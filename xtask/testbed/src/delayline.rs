@@ -25,7 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::topology::Propagation;
+use crate::{random::Rng, topology::Propagation};
 
 /// Names of the two interfaces in the middle namespace.
 pub const END_A: &str = "ea";
@@ -120,7 +120,7 @@ struct Line {
     queues: [VecDeque<(Instant, Vec<u8>)>; 2],
     /// Due time of the last frame queued per direction: none may leave before it.
     last_due: [Instant; 2],
-    rng: u64,
+    rng: Rng,
     counters: Arc<LineCounters>,
 }
 
@@ -131,27 +131,19 @@ impl Line {
             prop,
             queues: Default::default(),
             last_due: [now; 2],
-            rng: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+            rng: Rng::new(seed),
             counters,
         }
-    }
-
-    /// A uniform draw in [0, 1) (xorshift64*: fast, and plenty for loss and jitter).
-    fn uniform(&mut self) -> f64 {
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        (self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// When a frame that arrived `now` in direction `dir` leaves; None if it is lost.
     fn due(&mut self, dir: usize, now: Instant) -> Option<Instant> {
         let p = self.prop[dir];
-        if p.loss > 0.0 && self.uniform() < p.loss {
+        if p.loss > 0.0 && self.rng.chance(p.loss) {
             return None;
         }
         let jitter = if p.jitter_ms > 0.0 {
-            (self.uniform() * 2.0 - 1.0) * p.jitter_ms
+            self.rng.range(-1.0, 1.0) * p.jitter_ms
         } else {
             0.0
         };
