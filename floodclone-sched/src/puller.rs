@@ -583,7 +583,7 @@ impl Puller {
         // spans the time since it became busy.
         if let Some(p) = self.peers.get_mut(&peer) {
             if ok {
-                p.rate.delivered(self.cfg.chunk_bytes, now);
+                p.rate.delivered(self.cfg.chunk_bytes, now, p.rtt_s);
                 p.on_probation = false;
             } else {
                 p.bad_chunks += 1;

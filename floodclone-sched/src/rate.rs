@@ -30,14 +30,22 @@ impl RateEstimate {
         self.busy_since = None;
     }
 
-    pub(crate) fn delivered(&mut self, bytes: u64, now: f64) {
-        let start = match (self.last_delivery, self.busy_since) {
-            (Some(last), Some(busy)) => last.max(busy),
-            (None, Some(busy)) => busy,
-            (Some(last), None) => last,
-            (None, None) => now,
+    /// `bytes` arrived at `now`; `rtt_s` is the round trip to the neighbour, if known.
+    pub(crate) fn delivered(&mut self, bytes: u64, now: f64, rtt_s: Option<f64>) {
+        let (start, after_request) = match (self.last_delivery, self.busy_since) {
+            (Some(last), Some(busy)) => (last.max(busy), busy >= last),
+            (None, Some(busy)) => (busy, true),
+            (Some(last), None) => (last, false),
+            (None, None) => (now, false),
         };
-        let dt = now - start;
+        let mut dt = now - start;
+        if after_request {
+            // The interval began with a request, so it holds that request's round trip:
+            // latency, not transfer time. Left in, a long path reads as a slow one
+            // (64 KiB per 123 ms round trip is 4 Mbit/s on a 40 Mbit/s link), and the
+            // pipeline sized from that rate never lets more through.
+            dt = (dt - rtt_s.unwrap_or(0.0)).max(MIN_FIRST_SAMPLE_S.min(dt));
+        }
         if dt > 1e-4 {
             // Deliveries handled back to back (a busy event loop, two streams ending
             // together) give near-zero intervals: a sample may at most double the
@@ -71,16 +79,36 @@ mod tests {
         let mut r = RateEstimate::new();
         r.became_busy(0.0);
         for i in 1..=5 {
-            r.delivered(128 << 10, i as f64 * 0.1);
+            r.delivered(128 << 10, i as f64 * 0.1, None);
         }
         let steady = r.bps().unwrap();
         assert!((steady - 10.5e6).abs() < 0.1e6, "{steady}");
-        r.delivered(128 << 10, 0.5002);
+        r.delivered(128 << 10, 0.5002, None);
         assert!(r.bps().unwrap() <= 1.3 * steady + 1.0);
         // A first sample that short is taken to span 10 ms at least.
         let mut first = RateEstimate::new();
         first.became_busy(0.0);
-        first.delivered(128 << 10, 0.0002);
+        first.delivered(128 << 10, 0.0002, None);
         assert!(first.bps().unwrap() <= 128.0 * 1024.0 * 8.0 / MIN_FIRST_SAMPLE_S + 1.0);
+    }
+
+    #[test]
+    fn a_request_round_trip_is_not_read_as_transfer_time() {
+        // 64 KiB at 40 Mbit/s takes 13 ms; asked over a 123 ms round trip, it arrives 136 ms
+        // after the request. Read whole, that is 3.9 Mbit/s.
+        let (bytes, rtt, transfer) = (64 << 10, 0.123, 64.0 * 1024.0 * 8.0 / 40e6);
+        let mut r = RateEstimate::new();
+        r.became_busy(1.0);
+        r.delivered(bytes, 1.0 + rtt + transfer, Some(rtt));
+        let first = r.bps().unwrap();
+        assert!((first - 40e6).abs() < 1e6, "{first}");
+        // The next, asked while the first was on its way, is timed from the first.
+        r.delivered(bytes, 1.0 + rtt + 2.0 * transfer, Some(rtt));
+        assert!((r.bps().unwrap() - 40e6).abs() < 1e6);
+        // Idle, then asked again: the round trip is left out again.
+        r.became_idle();
+        r.became_busy(2.0);
+        r.delivered(bytes, 2.0 + rtt + transfer, Some(rtt));
+        assert!((r.bps().unwrap() - 40e6).abs() < 1e6);
     }
 }
