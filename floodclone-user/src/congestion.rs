@@ -50,6 +50,17 @@ pub const MIN_LOSS_SAMPLE_PACKETS: f64 = 200.0;
 /// Largest share of the path's least RTT that RTT variation may excuse: variation beyond it
 /// is taken as queueing (on a LAN, where the RTT is mostly queue, nothing is excused).
 pub const MAX_NOISE_SHARE: f64 = 0.1;
+/// Least share of the path's least RTT taken as variation, whatever the samples say: the
+/// smoothed RTT of a jittery path wanders by a few percent (wan-mesh's 120 ms link with
+/// +/-4 ms of jitter: 121-124.5 ms while the window was full), and at a window of 300
+/// packets 1% of the RTT already reads as Veno's 3 packets of queue. A queue of our own
+/// that fills a buffer is far larger (the testbed's: tens of ms).
+pub const MIN_NOISE_SHARE: f64 = 0.02;
+/// RTT samples after which the path's least RTT is taken afresh (from then on, the least
+/// smoothed RTT since): quinn starts the smoothed RTT at the first sample, so on a jittery
+/// path the least would be that one sample's luck (119 ms on wan-mesh's 123 ms link, held
+/// for the whole transfer).
+pub const BASE_AFTER_SAMPLES: u32 = 16;
 /// Initial window, as quinn's default (RFC 9002: min(10 x MTU, max(2 x MTU, 14720))).
 pub const INITIAL_WINDOW: u64 = 14_720;
 
@@ -83,8 +94,10 @@ struct Veno {
     srtt_s: f64,
     /// Mean excess of an RTT sample over the smoothed RTT (gain 1/8): the path's variation.
     rtt_excess_s: f64,
-    /// Least smoothed RTT of the connection, and of the previous and current period.
+    /// Least smoothed RTT of the connection (from its [`BASE_AFTER_SAMPLES`]th sample on;
+    /// until then, of those so far), and of the previous and current period.
     srtt_base_s: f64,
+    rtt_samples: u32,
     srtt_recent_s: [f64; 2],
     /// Bytes acknowledged and lost in the current and the previous period (a few RTTs).
     acked: [u64; 2],
@@ -111,6 +124,7 @@ impl Veno {
             srtt_s: 0.0,
             rtt_excess_s: 0.0,
             srtt_base_s: f64::INFINITY,
+            rtt_samples: 0,
             srtt_recent_s: [f64::INFINITY; 2],
             acked: [0; 2],
             lost: [0; 2],
@@ -138,10 +152,12 @@ impl Veno {
     }
 
     /// RTT variation that is not taken for a queue: twice the mean excess of a sample over
-    /// the smoothed RTT (for symmetric jitter, about its mean absolute deviation), at most
-    /// [`MAX_NOISE_SHARE`] of the least RTT.
+    /// the smoothed RTT (for symmetric jitter, about its mean absolute deviation), at least
+    /// [`MIN_NOISE_SHARE`] and at most [`MAX_NOISE_SHARE`] of the least RTT.
     fn noise_s(&self) -> f64 {
-        (2.0 * self.rtt_excess_s).min(MAX_NOISE_SHARE * self.srtt_base_s)
+        (2.0 * self.rtt_excess_s)
+            .max(MIN_NOISE_SHARE * self.srtt_base_s)
+            .min(MAX_NOISE_SHARE * self.srtt_base_s)
     }
 
     /// Packets of ours waiting in queues when the smoothed RTT reads `rtt_s`: the window's
@@ -252,10 +268,18 @@ impl Veno {
         self.srtt_s = srtt_s;
         self.rtt_excess_s += (excess_s - self.rtt_excess_s) / 8.0;
         self.roll_period(now);
-        self.srtt_base_s = self.srtt_base_s.min(self.srtt_s);
+        self.rtt_samples = self.rtt_samples.saturating_add(1);
+        self.srtt_base_s = if self.rtt_samples == BASE_AFTER_SAMPLES {
+            self.srtt_s
+        } else {
+            self.srtt_base_s.min(self.srtt_s)
+        };
         self.srtt_recent_s[1] = self.srtt_recent_s[1].min(self.srtt_s);
         self.acked[1] += bytes;
         if now.duration_since(self.round_start).as_secs_f64() >= self.srtt_s {
+            tracing::trace!(target: "floodclone::cc", acked = self.round_acked / self.mtu,
+                app_limited = self.round_app_limited, window = self.window / self.mtu,
+                srtt_ms = self.srtt_s * 1e3, "round");
             self.last_round_acked = if self.round_app_limited {
                 0
             } else {
@@ -335,6 +359,11 @@ impl Veno {
         }
         self.window = cut.max(self.minimum_window());
         self.ssthresh = self.window;
+        // The losses just answered are not evidence against the new window: counted on,
+        // they kept the rate above 2% for the next two periods and cut the window once a
+        // round trip, four times for one overflow (wan-mesh: 520 -> 272 packets of 420).
+        self.lost = [0; 2];
+        self.acked = [0; 2];
     }
 }
 
@@ -441,9 +470,12 @@ mod tests {
             "{} packets",
             v.window / MTU
         );
-        // In congestion avoidance a cut is the usual 15%.
+        // In congestion avoidance a cut is the usual 15% (the queue still standing).
         let w = v.window;
-        now += Duration::from_millis(200);
+        for _ in 0..120 {
+            now += Duration::from_millis(10);
+            v.acked_with_srtt(now, now, MTU, true, 0.145, 0.0);
+        }
         v.lost_bytes(now, now, false, MTU);
         assert_eq!(v.window, (w as f64 * LOSS_REDUCTION as f64) as u64);
 
@@ -455,6 +487,27 @@ mod tests {
             v.window,
             (1200.0 * MTU as f64 * LOSS_REDUCTION as f64) as u64
         );
+    }
+
+    /// One overflow, one cut: a loss a round trip later, with the queue gone, is judged on
+    /// what came after the cut.
+    #[test]
+    fn the_losses_one_cut_answered_do_not_cut_again() {
+        let (mut v, mut now) = settled(500 * MTU, 0.120);
+        for _ in 0..500 {
+            now += Duration::from_micros(200);
+            v.acked_with_srtt(now, now, MTU, false, 0.120, 0.0);
+        }
+        // An overflow: 5% of the window lost at once.
+        v.lost_bytes(now, now, false, 25 * MTU);
+        let w = v.window;
+        assert!(w < 500 * MTU);
+        for _ in 0..400 {
+            now += Duration::from_micros(300);
+            v.acked_with_srtt(now, now, MTU, false, 0.120, 0.0);
+        }
+        v.lost_bytes(now, now, false, MTU);
+        assert!(v.window >= w, "{} < {}", v.window / MTU, w / MTU);
     }
 
     #[test]
