@@ -16,6 +16,10 @@ use crate::{
     wire::{Member, Msg},
 };
 
+/// Least share of quinn's least RTT a kernel (spin-bit) figure may be: the kernel sees the
+/// packets without the hosts' stack delays, so it may read somewhat lower, never a fraction.
+const MIN_SPIN_SHARE_OF_QUIC_RTT: f64 = 0.8;
+
 impl Destination {
     /// Route lookups for every joined member, the view sent to the source, and the data
     /// neighbours updated (new ones dialed, ones now behind another member dropped).
@@ -173,13 +177,21 @@ impl Destination {
         // The least round trip seen: propagation, without the queueing that a deeper
         // pipeline would itself add (`queue_target_s` covers that). The kernel's, measured
         // on the packets as they leave and arrive, once a connection to `p` spins; until
-        // then (or on the 1 connection in 8 that does not spin) quinn's.
+        // then (or on the 1 connection in 8 that does not spin) quinn's. A kernel figure
+        // far below quinn's least is not a round trip (seen on wan-mesh: 24 ms on a
+        // 120 ms path, some flows' edges only), and it would cut the pipeline to a fifth.
         let kernel_rtt = node.meters.spin_min_rtt_to(m.addr);
-        if let Some(rtt) = kernel_rtt.or_else(|| {
-            node.conns
-                .dialed_to(p)
-                .map(|c| c.conn.min_rtt().as_secs_f64())
-        }) {
+        let quic_rtt = node
+            .conns
+            .dialed_to(p)
+            .map(|c| c.conn.min_rtt().as_secs_f64());
+        let rtt = match (kernel_rtt, quic_rtt) {
+            (Some(k), Some(q)) if k < MIN_SPIN_SHARE_OF_QUIC_RTT * q => Some(q),
+            (k, q) => k.or(q),
+        };
+        if let Some(rtt) = rtt {
+            tracing::trace!(target: "floodclone::rtt", peer = p, rtt_ms = rtt * 1e3,
+                kernel_ms = kernel_rtt.map(|k| k * 1e3), "least round trip");
             pl.peer_rtt(p, rtt);
         }
         if let Some(ifindex) = node
