@@ -340,9 +340,17 @@ fn spin_rtt_is_per_connection_and_agrees_with_quinn_over_20ms() {
     let data_flows = flows.iter().filter(|f| f.packets >= 64).count();
     assert_eq!(data_flows, CONNS, "{flows:?}");
     // quinn spins on a random 7 of 8 connections: none of 4 spinning has odds 1 in 4096.
-    assert!(!spinning.is_empty(), "no connection spun: {flows:?}");
-    for f in spinning {
-        let min = f.min_interval_ns as f64 / 1e9;
+    // A flow of random values (a peer that does not spin) can pass the kernel's test for
+    // spinning (CI once: 253 packets, 61 edges, least 5.5 ms on this 40 ms path); the
+    // daemon sets aside a figure under `MIN_SPIN_SHARE_OF_QUIC_RTT` of quinn's, and so does
+    // this check. Every other must agree with quinn, and at least one must be left.
+    let plausible: Vec<f64> = spinning
+        .iter()
+        .map(|f| f.min_interval_ns as f64 / 1e9)
+        .filter(|&min| min >= floodclone::meter::MIN_SPIN_SHARE_OF_QUIC_RTT * quinn)
+        .collect();
+    assert!(!plausible.is_empty(), "no connection spun: {flows:?}");
+    for min in plausible {
         assert!(
             (min - quinn).abs() <= 0.05 * quinn,
             "kernel min RTT {min} vs quinn {quinn_min_rtt:?}"

@@ -16,10 +16,6 @@ use crate::{
     wire::{Member, Msg},
 };
 
-/// Least share of quinn's least RTT a kernel (spin-bit) figure may be: the kernel sees the
-/// packets without the hosts' stack delays, so it may read somewhat lower, never a fraction.
-const MIN_SPIN_SHARE_OF_QUIC_RTT: f64 = 0.8;
-
 impl Destination {
     /// Route lookups for every joined member, the view sent to the source, and the data
     /// neighbours updated (new ones dialed, ones now behind another member dropped).
@@ -186,7 +182,7 @@ impl Destination {
             .dialed_to(p)
             .map(|c| c.conn.min_rtt().as_secs_f64());
         let rtt = match (kernel_rtt, quic_rtt) {
-            (Some(k), Some(q)) if k < MIN_SPIN_SHARE_OF_QUIC_RTT * q => Some(q),
+            (Some(k), Some(q)) if k < crate::meter::MIN_SPIN_SHARE_OF_QUIC_RTT * q => Some(q),
             (k, q) => k.or(q),
         };
         if let Some(rtt) = rtt {
