@@ -174,8 +174,8 @@ impl Destination {
         // pipeline would itself add (`queue_target_s` covers that). The kernel's, measured
         // on the packets as they leave and arrive, once a connection to `p` spins; until
         // then (or on the 1 connection in 8 that does not spin) quinn's. A kernel figure
-        // far below quinn's least is not a round trip (seen on wan-mesh: 24 ms on a
-        // 120 ms path, some flows' edges only), and it would cut the pipeline to a fifth.
+        // far below quinn's least is not a round trip (see `MIN_SPIN_SHARE_OF_QUIC_RTT`;
+        // wan-mesh: 24 ms on a 120 ms path), and it would cut the pipeline to a fifth.
         let kernel_rtt = node.meters.spin_min_rtt_to(m.addr);
         let quic_rtt = node
             .conns
