@@ -377,14 +377,19 @@ mod tests {
 
     const MTU: u64 = 1452;
 
-    /// A controller in congestion avoidance at `window` bytes on a path of `base_s` RTT,
-    /// having seen acks for a while at that RTT.
-    fn settled(window: u64, base_s: f64) -> (Veno, Instant) {
+    /// A new controller put in congestion avoidance at `window` bytes, and when.
+    fn avoiding(window: u64) -> (Veno, Instant) {
         let start = Instant::now();
         let mut v = Veno::new(start, MTU as u16, INITIAL_WINDOW);
         v.window = window;
         v.ssthresh = window;
-        let mut now = start;
+        (v, start)
+    }
+
+    /// A controller in congestion avoidance at `window` bytes on a path of `base_s` RTT,
+    /// having seen acks for a while at that RTT.
+    fn settled(window: u64, base_s: f64) -> (Veno, Instant) {
+        let (mut v, mut now) = avoiding(window);
         for _ in 0..200 {
             now += Duration::from_millis(10);
             v.acked_with_srtt(now, now, MTU, true, base_s, 0.0);
@@ -518,11 +523,7 @@ mod tests {
     /// 123 ms is within the variation: a loss at 300 packets is random.
     #[test]
     fn the_first_samples_luck_is_not_the_paths_least() {
-        let start = Instant::now();
-        let mut v = Veno::new(start, MTU as u16, INITIAL_WINDOW);
-        v.window = 300 * MTU;
-        v.ssthresh = v.window;
-        let mut now = start;
+        let (mut v, mut now) = avoiding(300 * MTU);
         for i in 0..600 {
             now += Duration::from_millis(2);
             let srtt = if i == 0 {
@@ -538,10 +539,7 @@ mod tests {
 
         // On a LAN the first samples are the handshake's, before any queue: a connection
         // opened beside a busy one reads that queue from then on, and it stays a queue.
-        let mut v = Veno::new(start, MTU as u16, INITIAL_WINDOW);
-        v.window = 40 * MTU;
-        v.ssthresh = v.window;
-        let mut now = start;
+        let (mut v, mut now) = avoiding(40 * MTU);
         for i in 0..600 {
             now += Duration::from_millis(2);
             let srtt = if i < 3 { 0.0003 } else { 0.005 };
@@ -586,11 +584,7 @@ mod tests {
                 v.acked_with_srtt(*now, *now, MTU, true, srtt, (sample - srtt).max(0.0));
             }
         };
-        let start = Instant::now();
-        let mut v = Veno::new(start, MTU as u16, INITIAL_WINDOW);
-        v.window = 1000 * MTU;
-        v.ssthresh = v.window;
-        let mut now = start;
+        let (mut v, mut now) = avoiding(1000 * MTU);
         jittery(&mut v, &mut now, 3000, 0.0);
         // Read against the least smoothed RTT alone, the jitter looks like a queue.
         let recent = v.srtt_recent_s[0].min(v.srtt_recent_s[1]);

@@ -122,6 +122,16 @@ pub fn link_addrs6(k: usize) -> (Ipv6Addr, Ipv6Addr) {
     (Ipv6Addr::from(base + 1), Ipv6Addr::from(base + 2))
 }
 
+/// Node `node`'s addresses on link `k` (both families), the end it holds.
+fn link_end_addrs(topo: &Topology, k: usize, node: usize) -> (Ipv4Addr, Ipv6Addr) {
+    let ((a, b), (a6, b6)) = (link_addrs(k), link_addrs6(k));
+    if topo.links[k].a == node {
+        (a, a6)
+    } else {
+        (b, b6)
+    }
+}
+
 /// Where `ip netns exec` finds namespace `ns`'s own files (its `hosts`).
 fn netns_etc(ns: &str) -> std::path::PathBuf {
     std::path::Path::new("/etc/netns").join(ns)
@@ -301,13 +311,7 @@ impl Testbed {
         batch += &format!("addr add {}/128 dev lo nodad\n", identity_addr6(i));
         for (peer, k) in topo.neighbours(i) {
             let dev = iface_name(&topo.nodes[peer].name);
-            let (a_addr, b_addr) = link_addrs(k);
-            let (a6, b6) = link_addrs6(k);
-            let (mine, mine6) = if topo.links[k].a == i {
-                (a_addr, a6)
-            } else {
-                (b_addr, b6)
-            };
+            let (mine, mine6) = link_end_addrs(topo, k, i);
             batch += &format!(
                 "addr add {mine}/30 dev {dev}\naddr add {mine6}/126 dev {dev} nodad\n\
                  link set {dev} up\n"
@@ -392,13 +396,7 @@ impl Testbed {
                 }
                 match *hop {
                     Some((hop, k)) => {
-                        let (a_addr, b_addr) = link_addrs(k);
-                        let (a6, b6) = link_addrs6(k);
-                        let (via, via6) = if topo.links[k].a == hop {
-                            (a_addr, a6)
-                        } else {
-                            (b_addr, b6)
-                        };
+                        let (via, via6) = link_end_addrs(topo, k, hop);
                         let dev = iface_name(&topo.nodes[hop].name);
                         batch += &format!(
                             "route replace {}/32 via {via} dev {dev} src {}\n\
