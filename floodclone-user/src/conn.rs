@@ -17,6 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use floodclone_sched::{ChunkId, MemberId, SOURCE};
 use quinn::{Connection, Endpoint, VarInt};
 use tokio::sync::{mpsc, oneshot};
@@ -645,8 +646,11 @@ impl Conn {
                     // Written (the permit then goes to the next chunk), then acknowledged;
                     // ends early if the write fails or the peer stops the stream.
                     let delivered = async {
-                        s.write_all(&c.to_be_bytes()).await.ok()?;
-                        s.write_all(&data).await.ok()?;
+                        // Handed over, not copied: quinn keeps the chunk's buffer until
+                        // it is acknowledged (a copy per chunk was 5% of a source's CPU).
+                        let mut pieces =
+                            [Bytes::copy_from_slice(&c.to_be_bytes()), Bytes::from(data)];
+                        s.write_all_chunks(&mut pieces).await.ok()?;
                         s.finish().ok()?;
                         drop(permit);
                         s.stopped().await.ok()
