@@ -623,9 +623,11 @@ impl Conn {
                     }
                 };
                 if ctx.corrupt_served {
-                    if let Some(b) = data.last_mut() {
+                    let mut bad = data.to_vec();
+                    if let Some(b) = bad.last_mut() {
                         *b ^= 1;
                     }
+                    data = bad.into();
                 }
                 if let Some(cap) = &ctx.upload_cap {
                     cap.admit(data.len()).await;
@@ -648,8 +650,7 @@ impl Conn {
                     let delivered = async {
                         // Handed over, not copied: quinn keeps the chunk's buffer until
                         // it is acknowledged (a copy per chunk was 5% of a source's CPU).
-                        let mut pieces =
-                            [Bytes::copy_from_slice(&c.to_be_bytes()), Bytes::from(data)];
+                        let mut pieces = [Bytes::copy_from_slice(&c.to_be_bytes()), data];
                         s.write_all_chunks(&mut pieces).await.ok()?;
                         s.finish().ok()?;
                         drop(permit);
@@ -750,7 +751,7 @@ async fn receive_chunk(ctx: Arc<ConnContext>, key: ConnKey, mut s: quinn::RecvSt
         {
             ChunkOutcome::NoHash
         }
-        Ok(data) => match store.write_chunk(chunk, &data) {
+        Ok(data) => match store.write_chunk(chunk, data.into()) {
             Ok(true) => ChunkOutcome::Stored,
             Ok(false) => ChunkOutcome::Corrupt,
             Err(e) => {
