@@ -20,7 +20,7 @@ use std::{
     },
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc, Mutex, RwLock,
     },
 };
@@ -114,8 +114,8 @@ pub enum Backing {
     File {
         file: File,
         path: PathBuf,
-        /// Bytes written since write-back was last started ([`WRITEBACK_BATCH_BYTES`]).
-        unstarted: AtomicU64,
+        /// Bytes written since the last [`drop_behind`].
+        unwritten: AtomicU64,
     },
     Tree {
         /// The tree's root directory, open (a destination's holds its `recv`'s lock).
@@ -131,7 +131,7 @@ impl Backing {
         Ok(Self::File {
             file: File::open(path)?,
             path: path.into(),
-            unstarted: AtomicU64::new(0),
+            unwritten: AtomicU64::new(0),
         })
     }
 
@@ -166,26 +166,23 @@ impl Backing {
         }
     }
 
-    /// Writes `data` at `off` without keeping it in the page cache once it is on disk
-    /// where the kernel can ([`write_uncached_at`]); otherwise starts writing to disk what
-    /// was written since the last start once [`WRITEBACK_BATCH_BYTES`] have been. Either
-    /// way the fsync before the final rename finds little left to do (the disk keeps up
-    /// with the network as it goes instead of taking a whole file's write-back onto the
-    /// end of the transfer: 1 GiB, ~0.5 s here), and the disk gets requests of megabytes,
-    /// not one per chunk.
+    /// Writes `data` at `off` and has it on its way to disk, so the fsync before the final
+    /// rename finds little left to do (the disk keeps up with the network as it goes
+    /// instead of taking a whole file's write-back onto the end of the transfer: 1 GiB,
+    /// ~0.5 s here); a single file's pages leave the cache once on disk ([`drop_behind`]).
     fn write_all_at(&self, data: &[u8], off: u64) -> Result<(), (PathBuf, std::io::Error)> {
         match self {
             Self::File {
                 file,
                 path,
-                unstarted,
+                unwritten,
             } => {
-                let uncached = write_uncached_at(file, data, off).map_err(|e| (path.clone(), e))?;
-                let pending = unstarted.fetch_add(data.len() as u64, Ordering::Relaxed);
-                if !uncached && pending + data.len() as u64 >= WRITEBACK_BATCH_BYTES {
-                    unstarted.store(0, Ordering::Relaxed);
-                    // The whole file: the kernel walks only its dirty pages.
-                    start_writeback(file, 0, 0);
+                file.write_all_at(data, off)
+                    .map_err(|e| (path.clone(), e))?;
+                let pending = unwritten.fetch_add(data.len() as u64, Ordering::Relaxed);
+                if pending + data.len() as u64 >= WRITEBACK_BATCH_BYTES {
+                    unwritten.store(0, Ordering::Relaxed);
+                    drop_behind(file);
                 }
                 Ok(())
             }
@@ -198,9 +195,8 @@ impl Backing {
                         _ => 0,
                     };
                     let file = open_for_writing(dir, &e.path, size)?;
-                    if !write_uncached_at(&file, &data[range.clone()], piece_off)? {
-                        start_writeback(&file, piece_off, range.len() as u64);
-                    }
+                    file.write_all_at(&data[range.clone()], piece_off)?;
+                    start_writeback(&file, piece_off, range.len() as u64);
                     Ok(())
                 })?;
                 Ok(())
@@ -209,62 +205,37 @@ impl Backing {
     }
 }
 
-/// Whether this kernel and file system take uncached buffered writes (`RWF_DONTCACHE`,
-/// Linux 6.14+): set false at the first write refused.
-static UNCACHED_WRITES: AtomicBool = AtomicBool::new(true);
-
-/// Writes all of `data` at `off`; returns whether it was written uncached. A destination
-/// writes each byte once and reads little of it back (what it passes on, mostly at once),
-/// so `RWF_DONTCACHE` has the kernel start write-back with the write and drop the pages
-/// when it completes: the file's footprint in memory stays a few megabytes, the same
-/// pages are reused, and a multi-gigabyte transfer does not push other programs' data out
-/// of the cache. Measured on this machine (a VM whose host backs fresh guest pages on
-/// first touch): 4 GiB written in 64 KiB pieces took 19.0 s of which 17.5 s system time
-/// cached, 1.7 s (1.1 s) uncached. Older kernels and file systems without it refuse the
-/// flag (`EOPNOTSUPP`, or `EINVAL` before it existed): then plain writes.
-fn write_uncached_at(file: &File, mut data: &[u8], mut off: u64) -> std::io::Result<bool> {
-    while !data.is_empty() && UNCACHED_WRITES.load(Ordering::Relaxed) {
-        let iov = libc::iovec {
-            iov_base: data.as_ptr() as *mut libc::c_void,
-            iov_len: data.len(),
-        };
-        // SAFETY: one iovec over `data`, which outlives the call; the kernel only reads it.
-        let n = unsafe {
-            libc::pwritev2(
-                file.as_raw_fd(),
-                &iov,
-                1,
-                off as libc::off_t,
-                libc::RWF_DONTCACHE,
-            )
-        };
-        if n >= 0 {
-            data = &data[n as usize..];
-            off += n as u64;
-            continue;
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => {}
-            Some(libc::EOPNOTSUPP | libc::EINVAL) => {
-                UNCACHED_WRITES.store(false, Ordering::Relaxed)
-            }
-            _ => return Err(e),
-        }
-    }
-    if data.is_empty() {
-        return Ok(true);
-    }
-    file.write_all_at(data, off)?;
-    Ok(false)
-}
-
-/// Write-back of a destination's file is started each time this many bytes have been
-/// written: per 64 KiB chunk, the disk's request queue was notified for every chunk
-/// (a quarter of a destination's CPU at 1-2 Gbit/s went to `sync_file_range` and the
-/// virtual disk's doorbell); 4 MiB keeps what the final fsync waits for under a
-/// few milliseconds of disk time.
+/// A destination's file is handled in batches of this many bytes written ([`drop_behind`]):
+/// per 64 KiB chunk, the disk's request queue was notified for every chunk (a quarter of a
+/// destination's CPU at 1-2 Gbit/s went to `sync_file_range` and the virtual disk's
+/// doorbell); 4 MiB keeps what the final fsync waits for under a few milliseconds of disk
+/// time, and the file's footprint in the page cache at two batches.
 pub const WRITEBACK_BATCH_BYTES: u64 = 4 << 20;
+
+/// Once per [`WRITEBACK_BATCH_BYTES`] written: waits for the write-back started a batch
+/// ago (long done, unless the disk is slower than the network), drops the file's clean
+/// pages from the cache, and starts write-back of what was written since. A destination
+/// writes each byte once and reads little of it back (what it passes on comes mostly from
+/// [`RecentChunks`]), so its pages are worth nothing in the cache once on disk: dropped,
+/// the same few megabytes are reused, and a multi-gigabyte transfer does not push other
+/// programs' data out of the cache. On this machine (a VM whose host backs a fresh guest
+/// page on first touch and takes freed memory back) a page the cache takes anew costs ~2.5
+/// ns a byte: 4 GiB written in 64 KiB pieces took 19.0 s, 17.5 s of it system time, and
+/// 1 GiB 0.3-6.4 s depending on what ran before; with this, 0.5 s. (Linux 6.14's
+/// `RWF_DONTCACHE` writes do the same per write, measured alike here, but start write-back
+/// per chunk: 7% of a relay's CPU.)
+fn drop_behind(file: &File) {
+    let fd = file.as_raw_fd();
+    // SAFETY: a valid open descriptor; these calls wait on, drop or schedule write-back of
+    // the file's own pages and touch none of our memory.
+    unsafe {
+        libc::sync_file_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WAIT_BEFORE);
+        libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED);
+    }
+    // Dirty pages are not dropped: what was written since the last batch stays until the
+    // next one, its write-back started now.
+    start_writeback(file, 0, 0);
+}
 
 /// Starts writing `file`'s dirty pages in `off..off + len` (`len` 0: to its end) to disk,
 /// without waiting.
@@ -387,8 +358,8 @@ pub struct ChunkStore {
 
 /// The chunks a destination stored last, up to [`RECENT_CHUNK_BYTES`]: what it passes on
 /// is mostly what it just received (its neighbours ask for a chunk once they hear it holds
-/// it), and its file is written uncached ([`write_uncached_at`]), so without these a relay
-/// would read most chunks it serves back from disk.
+/// it), and its file's pages leave the cache once on disk ([`drop_behind`]), so without
+/// these a relay would read most chunks it serves back from disk.
 #[derive(Default)]
 struct RecentChunks {
     chunks: HashMap<ChunkId, Bytes>,
@@ -741,7 +712,7 @@ fn open_part_file(part: &Path, manifest: &Manifest, resume: bool) -> Result<Back
     Ok(Backing::File {
         file,
         path: part.into(),
-        unstarted: AtomicU64::new(0),
+        unwritten: AtomicU64::new(0),
     })
 }
 
