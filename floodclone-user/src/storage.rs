@@ -1003,6 +1003,66 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// Bytes of `path` in the page cache (`mincore` over a mapping of it).
+    fn resident_bytes(path: &Path) -> usize {
+        let f = File::open(path).unwrap();
+        let len = f.metadata().unwrap().len() as usize;
+        let page = 4096;
+        // SAFETY: a read-only shared mapping of an open file, unmapped below; `mincore`
+        // writes one byte per page into a vector of that many.
+        unsafe {
+            let addr = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            );
+            assert_ne!(addr, libc::MAP_FAILED);
+            let mut vec = vec![0u8; len.div_ceil(page)];
+            assert_eq!(libc::mincore(addr, len, vec.as_mut_ptr()), 0);
+            libc::munmap(addr, len);
+            vec.iter().filter(|&&b| b & 1 == 1).count() * page
+        }
+    }
+
+    #[test]
+    fn a_destination_leaves_little_of_its_file_in_the_page_cache() {
+        let size = 24 << 20;
+        let (dir, data, m) = setup("drop-behind", size);
+        // SAFETY: a NUL-terminated path and a statfs the call fills.
+        let on_tmpfs = unsafe {
+            let mut st: libc::statfs = std::mem::zeroed();
+            let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+            libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type == libc::TMPFS_MAGIC
+        };
+        let out = dir.join("out");
+        let d = ChunkStore::destination(&out, m.clone()).unwrap();
+        let chunk = |c: u32| {
+            let (o, l) = m.chunk_range(c);
+            Bytes::copy_from_slice(&data[o as usize..o as usize + l])
+        };
+        for c in 0..m.chunk_count() {
+            assert!(d.write_chunk(c, chunk(c)).unwrap());
+        }
+        // What a batch ago was written has left the cache; a tmpfs file lives in it.
+        let resident = resident_bytes(&part_path(&out));
+        if !on_tmpfs {
+            assert!(
+                resident <= 2 * WRITEBACK_BATCH_BYTES as usize,
+                "{resident} bytes of {size} in the cache"
+            );
+        }
+        // The first chunks come back from disk, the last from memory, both intact.
+        let last = m.chunk_count() - 1;
+        assert_eq!(d.read_chunk(0).unwrap(), chunk(0));
+        assert_eq!(d.read_chunk(last).unwrap(), chunk(last));
+        assert_eq!(d.finalize().unwrap(), out);
+        assert_eq!(fs::read(&out).unwrap(), data);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn assembles_resumes_and_renames_only_when_whole() {
         let (dir, data, m) = setup("resume", 4096 * 3 + 10);
