@@ -220,8 +220,8 @@ pub const WRITEBACK_BATCH_BYTES: u64 = 4 << 20;
 /// the same few megabytes are reused, and a multi-gigabyte transfer does not push other
 /// programs' data out of the cache. On this machine (a VM whose host backs a fresh guest
 /// page on first touch and takes freed memory back) a page the cache takes anew costs ~2.5
-/// ns a byte: 4 GiB written in 64 KiB pieces took 19.0 s, 17.5 s of it system time, and
-/// 1 GiB 0.3-6.4 s depending on what ran before; with this, 0.5 s. (Linux 6.14's
+/// ns a byte: 4 GiB written in 64 KiB pieces took 19.0 s, 17.5 s of it system time (1 GiB:
+/// 0.3-6.4 s, depending on what ran before); written so, 2.6 s and 0.85 s. (Linux 6.14's
 /// `RWF_DONTCACHE` writes do the same per write, measured alike here, but start write-back
 /// per chunk: 7% of a relay's CPU.)
 fn drop_behind(file: &File) {
