@@ -705,7 +705,7 @@ fn open_part_file(part: &Path, manifest: &Manifest, resume: bool) -> Result<Back
         source,
     })?;
     // Chunks are read back in any order, and most of the file is not written yet when one
-    // is: readahead would fill the cache with blocks of zeros (40% of a relay's CPU at 1
+    // is: readahead would fill the cache with blocks of zeros (29% of a relay's CPU at 1
     // Gbit/s went to zeroing them).
     // SAFETY: a valid open descriptor; advice only.
     unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
