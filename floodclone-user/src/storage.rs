@@ -968,13 +968,9 @@ mod tests {
             let (o, l) = whole.chunk_range(c);
             data[o as usize..o as usize + l].to_vec()
         };
-        assert!(store
-            .write_chunk(0, Bytes::copy_from_slice(&chunk(0)))
-            .unwrap());
+        assert!(store.write_chunk(0, chunk(0).into()).unwrap());
         assert!(
-            !store
-                .write_chunk(1, Bytes::copy_from_slice(&chunk(1)))
-                .unwrap(),
+            !store.write_chunk(1, chunk(1).into()).unwrap(),
             "its hash is not here yet"
         );
         assert!(
@@ -994,9 +990,7 @@ mod tests {
             .unwrap());
         waiting.await.unwrap();
         for c in 1..4 {
-            assert!(store
-                .write_chunk(c, Bytes::copy_from_slice(&chunk(c)))
-                .unwrap());
+            assert!(store.write_chunk(c, chunk(c).into()).unwrap());
         }
         store.finalize().unwrap();
         assert_eq!(fs::read(&out).unwrap(), data);
@@ -1076,19 +1070,19 @@ mod tests {
             let mut bad = chunk(0);
             bad[3] ^= 0x40;
             assert!(
-                !s.write_chunk(0, Bytes::copy_from_slice(&bad)).unwrap(),
+                !s.write_chunk(0, bad.into()).unwrap(),
                 "corrupt chunk accepted"
             );
-            assert!(s.write_chunk(0, Bytes::copy_from_slice(&chunk(0))).unwrap());
-            assert!(s.write_chunk(2, Bytes::copy_from_slice(&chunk(2))).unwrap());
+            assert!(s.write_chunk(0, chunk(0).into()).unwrap());
+            assert!(s.write_chunk(2, chunk(2).into()).unwrap());
             s.save_state().unwrap();
             assert!(!out.exists());
         }
         // A restart keeps what was verified.
         let s = ChunkStore::destination(&out, m.clone()).unwrap();
         assert_eq!(s.have().iter().collect::<Vec<_>>(), vec![0, 2]);
-        s.write_chunk(1, Bytes::copy_from_slice(&chunk(1))).unwrap();
-        s.write_chunk(3, Bytes::copy_from_slice(&chunk(3))).unwrap();
+        s.write_chunk(1, chunk(1).into()).unwrap();
+        s.write_chunk(3, chunk(3).into()).unwrap();
         assert!(s.is_complete());
         assert_eq!(s.finalize().unwrap(), out);
         assert_eq!(fs::read(&out).unwrap(), data);
@@ -1200,7 +1194,7 @@ mod tests {
             let mut bad = source.read_chunk(c).unwrap().to_vec();
             bad[0] ^= 1;
             assert!(
-                !d.write_chunk(c, Bytes::copy_from_slice(&bad)).unwrap(),
+                !d.write_chunk(c, bad.into()).unwrap(),
                 "a corrupt chunk is refused"
             );
             assert!(d.write_chunk(c, source.read_chunk(c).unwrap()).unwrap());
