@@ -976,9 +976,20 @@ impl Puller {
         now: f64,
     ) -> Vec<ChunkId> {
         let on_other_link = |q: &Peer| matches!((q.ingress, ingress), (Some(a), Some(b)) if a != b);
-        cands.sort_unstable();
+        // Usually the loop below stops within a few candidates of the k-th: only a head of
+        // them is put in order, the rest if it runs past it (sorting every candidate at
+        // every poll was a sixth of `poll` at 1 Gbit/s, 16,384 chunks).
+        let head = cands.len().min(4 * k + 16);
+        if head < cands.len() {
+            cands.select_nth_unstable(head);
+        }
+        cands[..head].sort_unstable();
         let mut best: Vec<(u16, u16, u32, ChunkId)> = Vec::with_capacity(k + 1);
-        for &(holders, tie, c) in cands.iter() {
+        for i in 0..cands.len() {
+            if i == head {
+                cands[head..].sort_unstable();
+            }
+            let (holders, tie, c) = cands[i];
             if best.len() == k
                 && best
                     .last()
