@@ -372,7 +372,7 @@ impl Veno {
             self.backlog_packets()
         };
         let random = queued < RANDOM_LOSS_BACKLOG && self.recent_loss() < MAX_RANDOM_LOSS;
-        tracing::trace!(target: "floodclone::cc", random, backlog = self.backlog_packets(),
+        tracing::trace!(target: "floodclone::cc", random, backlog = queued,
             recent_loss = self.recent_loss(), window = self.window / self.mtu,
             srtt_ms = self.srtt_s * 1e3, base_ms = self.srtt_base_s * 1e3,
             noise_ms = self.noise_s() * 1e3, "loss");
