@@ -408,10 +408,15 @@ mod tests {
 
     const MTU: u64 = 1452;
 
+    /// A new controller (in slow start), and when it was made.
+    fn starting() -> (Veno, Instant) {
+        let start = Instant::now();
+        (Veno::new(start, MTU as u16, INITIAL_WINDOW), start)
+    }
+
     /// A new controller put in congestion avoidance at `window` bytes, and when.
     fn avoiding(window: u64) -> (Veno, Instant) {
-        let start = Instant::now();
-        let mut v = Veno::new(start, MTU as u16, INITIAL_WINDOW);
+        let (mut v, start) = starting();
         v.window = window;
         v.ssthresh = window;
         (v, start)
@@ -452,9 +457,7 @@ mod tests {
 
     #[test]
     fn slow_start_goes_on_through_random_loss_and_much_loss_counts_as_congestion() {
-        let start = Instant::now();
-        let mut v = Veno::new(start, MTU as u16, INITIAL_WINDOW);
-        let mut now = start;
+        let (mut v, mut now) = starting();
         for _ in 0..200 {
             now += Duration::from_millis(1);
             v.acked_with_srtt(now, now, MTU, false, 0.100, 0.0);
@@ -484,8 +487,7 @@ mod tests {
     /// delivered 480 packets each, the last two with a 25 ms queue (srtt 145 ms), its
     /// window kept full or not (`app_limited`).
     fn overshot(app_limited: bool) -> (Veno, Instant) {
-        let start = Instant::now();
-        let mut v = Veno::new(start, MTU as u16, INITIAL_WINDOW);
+        let (mut v, start) = starting();
         v.window = 1200 * MTU;
         let mut now = start;
         for i in 0..3 * 480 {
@@ -606,9 +608,7 @@ mod tests {
     /// few round trips is still the empty path's.
     #[test]
     fn a_loss_once_slow_start_has_built_a_queue_ends_it() {
-        let start = Instant::now();
-        let mut v = Veno::new(start, MTU as u16, INITIAL_WINDOW);
-        let mut now = start;
+        let (mut v, mut now) = starting();
         for i in 0..40 {
             now += Duration::from_micros(250);
             let srtt = if i < 20 {
@@ -628,9 +628,7 @@ mod tests {
 
     #[test]
     fn a_loss_or_two_among_few_packets_is_no_loss_rate() {
-        let start = Instant::now();
-        let mut v = Veno::new(start, MTU as u16, INITIAL_WINDOW);
-        let mut now = start;
+        let (mut v, mut now) = starting();
         for _ in 0..30 {
             now += Duration::from_millis(4);
             v.acked_with_srtt(now, now, MTU, false, 0.120, 0.0);
