@@ -923,6 +923,12 @@ mod tests {
         (dir, data, m)
     }
 
+    /// Chunk `c` of the file `data`, as `m` cuts it.
+    fn chunk_of(data: &[u8], m: &Manifest, c: u32) -> Vec<u8> {
+        let (o, l) = m.chunk_range(c);
+        data[o as usize..o as usize + l].to_vec()
+    }
+
     #[test]
     fn a_planted_symlink_a_second_writer_and_a_private_source_are_handled() {
         let (dir, data, mut m) = setup("hostile-fs", 4096 + 10);
@@ -945,10 +951,7 @@ mod tests {
             Err(StorageError::Locked(_))
         ));
         for c in 0..m.chunk_count() {
-            let (o, l) = m.chunk_range(c);
-            first
-                .write_chunk(c, Bytes::copy_from_slice(&data[o as usize..o as usize + l]))
-                .unwrap();
+            first.write_chunk(c, chunk_of(&data, &m, c).into()).unwrap();
         }
         // The copy gets the source's permission bits.
         first.finalize().unwrap();
@@ -964,10 +967,7 @@ mod tests {
         let (dir, data, whole) = setup("pieces", 4096 * 3 + 10);
         let out = dir.join("out");
         let store = std::sync::Arc::new(ChunkStore::destination(&out, whole.prefix(1)).unwrap());
-        let chunk = |c: u32| {
-            let (o, l) = whole.chunk_range(c);
-            data[o as usize..o as usize + l].to_vec()
-        };
+        let chunk = |c: u32| chunk_of(&data, &whole, c);
         assert!(store.write_chunk(0, chunk(0).into()).unwrap());
         assert!(
             !store.write_chunk(1, chunk(1).into()).unwrap(),
@@ -1033,10 +1033,7 @@ mod tests {
         };
         let out = dir.join("out");
         let d = ChunkStore::destination(&out, m.clone()).unwrap();
-        let chunk = |c: u32| {
-            let (o, l) = m.chunk_range(c);
-            Bytes::copy_from_slice(&data[o as usize..o as usize + l])
-        };
+        let chunk = |c: u32| Bytes::from(chunk_of(&data, &m, c));
         for c in 0..m.chunk_count() {
             assert!(d.write_chunk(c, chunk(c)).unwrap());
         }
@@ -1061,10 +1058,7 @@ mod tests {
     fn assembles_resumes_and_renames_only_when_whole() {
         let (dir, data, m) = setup("resume", 4096 * 3 + 10);
         let out = dir.join("out");
-        let chunk = |c: u32| {
-            let (o, l) = m.chunk_range(c);
-            data[o as usize..o as usize + l].to_vec()
-        };
+        let chunk = |c: u32| chunk_of(&data, &m, c);
         {
             let s = ChunkStore::destination(&out, m.clone()).unwrap();
             let mut bad = chunk(0);
