@@ -321,7 +321,18 @@ pub fn spawn_acceptor(ep: Endpoint, ctx: Arc<ConnContext>) {
             };
             let ctx = ctx.clone();
             tokio::spawn(async move {
-                let Ok(conn) = incoming.await else { return };
+                // Taken at once (0.5-RTT), so our half of the key exchange leaves with our
+                // first flight ([`transport::authenticate_dialer_with`]).
+                let Ok(connecting) = incoming.accept() else {
+                    return;
+                };
+                let conn = match connecting.into_0rtt() {
+                    Ok((conn, _)) => conn,
+                    Err(connecting) => match connecting.await {
+                        Ok(conn) => conn,
+                        Err(_) => return,
+                    },
+                };
                 let authenticated = transport::authenticate_acceptor(&conn, &ctx.token).await;
                 drop(permit);
                 match authenticated {
@@ -354,8 +365,12 @@ pub fn spawn_dial(
     deadline: Option<Instant>,
 ) {
     tokio::spawn(async move {
-        match dial_until_answered(&ep, &ctx, addr, peer, deadline).await {
-            Ok((conn, ctl)) => Conn::new(ctx, conn, true, Some(peer)).run(ctl, hello).await,
+        let hello: Arc<[Msg]> = hello.into();
+        match dial_until_answered(&ep, &ctx, addr, peer, hello.clone(), deadline).await {
+            Ok((conn, ctl, carried)) => {
+                let rest = if carried { Vec::new() } else { hello.to_vec() };
+                Conn::new(ctx, conn, true, Some(peer)).run(ctl, rest).await
+            }
             Err(TransportError::Stopping) => {}
             Err(error) => {
                 ctx.report(ConnEvent::DialFailed { peer, error });
@@ -379,8 +394,10 @@ pub fn spawn_dial_once(
         let Ok(conn) = transport::dial(&ep, addr, patience).await else {
             return;
         };
-        if let Ok(ctl) = transport::authenticate_dialer(&conn, &ctx.token).await {
-            Conn::new(ctx, conn, true, Some(peer)).run(ctl, hello).await;
+        if let Ok(ctl) = transport::authenticate_dialer_with(&conn, &ctx.token, &hello).await {
+            Conn::new(ctx, conn, true, Some(peer))
+                .run(ctl, Vec::new())
+                .await;
         }
     });
 }
@@ -389,25 +406,41 @@ pub fn spawn_dial_once(
 /// up is lost, and quinn resends it only after a second or more. So attempts overlap: a
 /// new one every DIAL_SPACING_EARLY (later DIAL_SPACING), each waiting up to DIAL_PATIENCE
 /// (time for a far peer's handshake); the first through wins. A peer that comes up is
-/// joined within about one spacing.
+/// joined within about one spacing. `hello` goes out with the token's proof on the first
+/// attempt whose handshake completes (the returned flag says whether that one won; if not,
+/// it is still to be sent): one round trip sooner than after the proof, and a lost packet
+/// in one attempt's proof is still covered by the next attempt.
 async fn dial_until_answered(
     ep: &Endpoint,
     ctx: &Arc<ConnContext>,
     addr: SocketAddr,
     peer: MemberId,
+    hello: Arc<[Msg]>,
     deadline: Option<Instant>,
-) -> Result<(Connection, Control), TransportError> {
+) -> Result<(Connection, Control, bool), TransportError> {
+    let claimed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let started = Instant::now();
     let mut attempts = tokio::task::JoinSet::new();
     let mut reported = false;
     let mut last_error = None;
     let won = 'dialing: loop {
         if attempts.len() < DIAL_MAX_PENDING {
-            let (ep, ctx) = (ep.clone(), ctx.clone());
+            let (ep, ctx, hello, claimed) =
+                (ep.clone(), ctx.clone(), hello.clone(), claimed.clone());
             attempts.spawn(async move {
+                use std::sync::atomic::Ordering::SeqCst;
                 let conn = transport::dial(&ep, addr, DIAL_PATIENCE).await?;
-                let ctl = transport::authenticate_dialer(&conn, &ctx.token).await?;
-                Ok::<_, TransportError>((conn, ctl))
+                let carries = !claimed.swap(true, SeqCst);
+                let said: &[Msg] = if carries { &hello } else { &[] };
+                match transport::authenticate_dialer_with(&conn, &ctx.token, said).await {
+                    Ok(ctl) => Ok((conn, ctl, carries)),
+                    Err(e) => {
+                        if carries {
+                            claimed.store(false, SeqCst);
+                        }
+                        Err(e)
+                    }
+                }
             });
         }
         let spacing = if started.elapsed() < DIAL_EARLY_FOR {
@@ -452,7 +485,7 @@ async fn dial_until_answered(
     // reads, queueing every announcement for it).
     attempts.abort_all();
     while let Some(done) = attempts.join_next().await {
-        if let Ok(Ok((conn, _))) = done {
+        if let Ok(Ok((conn, _, _))) = done {
             conn.close(VarInt::from_u32(CLOSE_DONE), b"another attempt won");
         }
     }
