@@ -469,6 +469,11 @@ fn mac_matches(a: &[u8; 32], b: &[u8; 32]) -> bool {
     blake3::Hash::from_bytes(*a) == blake3::Hash::from_bytes(*b)
 }
 
+/// A connection or stream error, as the connection being lost.
+fn lost(e: impl std::fmt::Display) -> TransportError {
+    TransportError::Lost(e.to_string())
+}
+
 /// A control stream: frames out, frames in.
 pub struct Control {
     pub send: quinn::SendStream,
@@ -482,15 +487,29 @@ pub struct ControlRecv {
 }
 
 impl Control {
+    /// The control stream opened (or accepted) as `send` and `recv`, at the priority of
+    /// control frames.
+    fn new(send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
+        let _ = send.set_priority(CONTROL_PRIORITY);
+        Self {
+            send,
+            recv: ControlRecv::new(recv),
+        }
+    }
+
     pub async fn send(&mut self, msg: &Msg) -> Result<(), TransportError> {
-        self.send
-            .write_all(&msg.encode())
-            .await
-            .map_err(|e| TransportError::Lost(e.to_string()))
+        self.send.write_all(&msg.encode()).await.map_err(lost)
     }
 }
 
 impl ControlRecv {
+    fn new(recv: quinn::RecvStream) -> Self {
+        Self {
+            recv,
+            buf: Vec::new(),
+        }
+    }
+
     /// Reads until at least one message is available; `None` at the end of the stream.
     pub async fn recv_batch(&mut self) -> Result<Option<Vec<Msg>>, TransportError> {
         let mut tmp = [0u8; 16 << 10];
@@ -503,7 +522,7 @@ impl ControlRecv {
             match self.recv.read(&mut tmp).await {
                 Ok(Some(n)) => self.buf.extend_from_slice(&tmp[..n]),
                 Ok(None) => return Ok(None),
-                Err(e) => return Err(TransportError::Lost(e.to_string())),
+                Err(e) => return Err(lost(e)),
             }
         }
     }
@@ -534,7 +553,7 @@ impl ControlRecv {
                         {
                             TransportError::Refused
                         }
-                        _ => TransportError::Lost(e.to_string()),
+                        _ => lost(e),
                     })
                 }
             }
@@ -562,24 +581,11 @@ pub async fn authenticate_dialer_with(
     token: &str,
     hello: &[Msg],
 ) -> Result<Control, TransportError> {
-    let lost = |e: &dyn std::fmt::Display| TransportError::Lost(e.to_string());
-    let (send, recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
-    let _ = send.set_priority(CONTROL_PRIORITY);
-    let mut ctl = Control {
-        send,
-        recv: ControlRecv {
-            recv,
-            buf: Vec::new(),
-        },
-    };
+    let (send, recv) = conn.open_bi().await.map_err(lost)?;
+    let mut ctl = Control::new(send, recv);
     let half = tokio::time::timeout(AUTH_DEADLINE, async {
-        let recv = conn.accept_uni().await.map_err(|e| lost(&e))?;
-        ControlRecv {
-            recv,
-            buf: Vec::new(),
-        }
-        .recv_one(conn)
-        .await
+        let recv = conn.accept_uni().await.map_err(lost)?;
+        ControlRecv::new(recv).recv_one(conn).await
     })
     .await
     .map_err(|_| TransportError::Lost("no key exchange within the deadline".into()))??;
@@ -600,7 +606,7 @@ pub async fn authenticate_dialer_with(
     for m in hello {
         first.extend(m.encode());
     }
-    ctl.send.write_all(&first).await.map_err(|e| lost(&e))?;
+    ctl.send.write_all(&first).await.map_err(lost)?;
     match ctl.recv.recv_one(conn).await? {
         Msg::Auth { mac } if mac_matches(&mac, &confirmation(&key, b"acceptor")) => Ok(ctl),
         Msg::Auth { .. } => {
@@ -625,25 +631,17 @@ pub async fn authenticate_acceptor(
     conn: &Connection,
     token: &str,
 ) -> Result<Control, TransportError> {
-    let lost = |e: &dyn std::fmt::Display| TransportError::Lost(e.to_string());
     let (pake, ours) = pake_start(token, false);
-    let mut half = conn.open_uni().await.map_err(|e| lost(&e))?;
+    let mut half = conn.open_uni().await.map_err(lost)?;
     half.write_all(&Msg::Pake { msg: ours }.encode())
         .await
-        .map_err(|e| lost(&e))?;
+        .map_err(lost)?;
     let _ = half.finish();
     let (send, recv) = tokio::time::timeout(AUTH_DEADLINE, conn.accept_bi())
         .await
         .map_err(|_| TransportError::Lost("no control stream within 5 s".into()))?
-        .map_err(|e| lost(&e))?;
-    let _ = send.set_priority(CONTROL_PRIORITY);
-    let mut ctl = Control {
-        send,
-        recv: ControlRecv {
-            recv,
-            buf: Vec::new(),
-        },
-    };
+        .map_err(lost)?;
+    let mut ctl = Control::new(send, recv);
     let refuse = |conn: &Connection| {
         conn.close(VarInt::from_u32(CLOSE_AUTH), b"wrong token");
         TransportError::BadToken
@@ -684,12 +682,12 @@ pub async fn dial(
 ) -> Result<Connection, TransportError> {
     let connecting = ep.connect(addr, "floodclone").map_err(|e| match e {
         quinn::ConnectError::EndpointStopping => TransportError::Stopping,
-        e => TransportError::Lost(e.to_string()),
+        e => lost(e),
     })?;
     tokio::time::timeout(patience, connecting)
         .await
         .map_err(|_| TransportError::Lost(format!("no answer from {addr} within {patience:?}")))?
-        .map_err(|e| TransportError::Lost(e.to_string()))
+        .map_err(lost)
 }
 
 #[cfg(test)]
