@@ -138,6 +138,31 @@ struct Peer {
 }
 
 impl Peer {
+    /// Whether this neighbour's path and `other`'s share the link next to this node (when
+    /// unknown, assume they do). Only then is one nearer than the other along a common
+    /// path: neighbours on links of their own cost each other nothing.
+    fn shares_path_with(&self, other: &Peer) -> bool {
+        match (self.ingress, other.ingress) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        }
+    }
+
+    /// Whether the path to this neighbour plausibly runs through the source (and its links,
+    /// which the source would better fill with fresh chunks), the source being
+    /// `source_hops` away through routers: our hops to it add up to ours to the source plus
+    /// its own to the source. Without its figure, a neighbour farther than the source is
+    /// taken to lie beyond it.
+    fn lies_beyond_source(&self, source_hops: Option<u8>) -> bool {
+        match (self.hops, source_hops) {
+            (Some(h), Some(sh)) if !self.is_source => match self.source_hops {
+                Some(qs) => h >= sh.saturating_add(qs),
+                None => h > sh,
+            },
+            _ => false,
+        }
+    }
+
     fn rate_bps(&self, cfg: &SchedConfig) -> f64 {
         self.rate
             .bps()
@@ -842,6 +867,23 @@ impl Puller {
         (self.have.len() - self.have.count()) as usize
     }
 
+    /// The neighbours strictly nearer than `p` along the path they share with it (fewer
+    /// router hops, same link next to this node). The source is never among them, never a
+    /// reason to wait: it holds everything, and behind a router it is asked only for what
+    /// nobody else holds (no deadlock).
+    fn nearer_on_path(&self, p: &Peer) -> Vec<MemberId> {
+        let Some(h) = p.hops else {
+            return Vec::new();
+        };
+        self.peers
+            .iter()
+            .filter(|(_, q)| {
+                !q.is_source && q.hops.is_some_and(|qh| qh < h) && q.shares_path_with(p)
+            })
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
     /// Up to `k` chunks `peer` holds that are not `taken` (held or in flight), rarest first
     /// (ties: in an order of this node's own, see [`SchedConfig::member`]). Chunks a
     /// strictly nearer neighbour holds or is fetching are left to it.
@@ -855,41 +897,14 @@ impl Puller {
         now: f64,
     ) -> (Vec<ChunkId>, Vec<ChunkId>) {
         let p = &self.peers[&peer];
-        // Whether `q`'s path and `p`'s share the link next to this node (when unknown,
-        // assume they do). Only then is one nearer than the other along a common path:
-        // neighbours on links of their own cost each other nothing.
-        let shares_path = |q: &Peer| match (q.ingress, p.ingress) {
-            (Some(a), Some(b)) => a == b,
-            _ => true,
-        };
         // How far the source is, when it is reached through routers.
         let source = self.peers.values().find(|q| q.is_source);
         let source_hops = source.and_then(|q| q.hops).filter(|&h| h > 1);
-        // Whether the path to `q` plausibly runs through the source (and its links, which
-        // the source would better fill with fresh chunks): our hops to `q` add up to ours
-        // to the source plus `q`'s own to the source. Without `q`'s figure, a neighbour
-        // farther than the source is taken to lie beyond it.
-        let via_source = |q: &Peer| match (q.hops, source_hops) {
-            (Some(h), Some(sh)) if !q.is_source => match q.source_hops {
-                Some(qs) => h >= sh.saturating_add(qs),
-                None => h > sh,
-            },
-            _ => false,
-        };
-        if source.is_some_and(shares_path) && via_source(p) {
+        let via_source = |q: &Peer| q.lies_beyond_source(source_hops);
+        if source.is_some_and(|s| s.shares_path_with(p)) && via_source(p) {
             return (Vec::new(), Vec::new());
         }
-        let nearer_ids: Vec<MemberId> = match p.hops {
-            Some(h) => self
-                .peers
-                .iter()
-                // The source is never a reason to wait: it holds everything, and behind a
-                // router it is asked only for what nobody else holds (no deadlock).
-                .filter(|(_, q)| !q.is_source && q.hops.is_some_and(|qh| qh < h) && shares_path(q))
-                .map(|(&id, _)| id)
-                .collect(),
-            None => Vec::new(),
-        };
+        let nearer_ids = self.nearer_on_path(p);
         let nearer: Vec<&Peer> = nearer_ids.iter().map(|id| &self.peers[id]).collect();
         // Each place waits long enough to hear that an earlier one fetches the chunk: that
         // news takes half a round trip from a nearer neighbour, so on long paths the wait
@@ -904,15 +919,7 @@ impl Puller {
             if nearer_ids.is_empty() || p.is_source {
                 return false;
             }
-            // Our place in the group's order for this chunk: the first fetches at once,
-            // the others one after the other, `far_defer_s` apart, so that when the first
-            // is too busy to fetch it, one (not all) of the rest does.
-            let mine = tie_rank(me as u64 + 1, c);
-            let place = nearer_ids
-                .iter()
-                .filter(|&&q| tie_rank(q as u64 + 1, c) < mine)
-                .count()
-                .min(MAX_DEFER_PLACE);
+            let place = group_place(me, &nearer_ids, c);
             if place == 0 {
                 return false;
             }
@@ -1044,6 +1051,19 @@ impl Puller {
         late.sort_by(|a, b| b.0.total_cmp(&a.0));
         late.into_iter().take(k).map(|(_, c)| c).collect()
     }
+}
+
+/// Member `me`'s place, among itself and `group`, in the order all of them compute alike
+/// for chunk `c` (at most [`MAX_DEFER_PLACE`]): the first fetches it at once, the others
+/// one after the other, `far_defer_s` apart, so that when the first is too busy to fetch
+/// it, one (not all) of the rest does.
+fn group_place(me: MemberId, group: &[MemberId], c: ChunkId) -> usize {
+    let mine = tie_rank(me as u64 + 1, c);
+    group
+        .iter()
+        .filter(|&&q| tie_rank(q as u64 + 1, c) < mine)
+        .count()
+        .min(MAX_DEFER_PLACE)
 }
 
 /// A node's own order of chunks: a mix of the salt and the id (salt 0: id order).
