@@ -14,7 +14,7 @@
 
 use std::{
     cmp::Reverse,
-    collections::{BinaryHeap, HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque},
 };
 
 use floodclone_sched::{
@@ -153,9 +153,9 @@ struct SimNode {
     member: Option<MemberId>,
     puller: Option<Puller>,
     /// Members this node pulls from, with their pipes (sender -> us).
-    pipes_in: HashMap<MemberId, usize>,
+    pipes_in: BTreeMap<MemberId, usize>,
     /// Nodes that pull from us, with their pipes (us -> them).
-    pipes_out: HashMap<usize, usize>,
+    pipes_out: BTreeMap<usize, usize>,
     done_at: Option<f64>,
 }
 
@@ -261,8 +261,8 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
         .map(|i| SimNode {
             member: member_of[i],
             puller: None,
-            pipes_in: HashMap::new(),
-            pipes_out: HashMap::new(),
+            pipes_in: BTreeMap::new(),
+            pipes_out: BTreeMap::new(),
             done_at: None,
         })
         .collect();
