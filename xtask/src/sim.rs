@@ -212,7 +212,7 @@ impl Queue {
 /// Round trips between the source and a destination before it is joined (see where
 /// `simulate` uses it), and the congestion window the source's connections start with
 /// (the daemon's `transport::SOURCE_INITIAL_WINDOW`).
-const JOIN_ROUND_TRIPS: f64 = 2.5;
+const JOIN_ROUND_TRIPS: f64 = 1.5;
 const INITIAL_WINDOW_BYTES: f64 = 65_536.0;
 
 pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String> {
@@ -312,8 +312,9 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
             }
         }
     }
-    // The daemon's start: every destination joins (QUIC handshake, then the token's SPAKE2
-    // exchange: 2.5 round trips to the source), then gets its Welcome and answers with its
+    // The daemon's start: every destination joins (QUIC handshake, the source's half of the
+    // token's SPAKE2 exchange in its first flight, then ours with our proof and the Join:
+    // 1.5 round trips to the source), then gets its Welcome and answers with its
     // View before the source hands out a chunk. The Welcome carries the manifest (32 bytes
     // a chunk) on a connection still in slow start: k round trips where k windows, doubling
     // from the initial one, first hold it (its last bytes arrive half a round trip after
