@@ -289,29 +289,7 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
             (member_of[d].expect("destinations are members"), reach)
         })
         .collect();
-    // The source's path checks, each trace answered from the sender's whole route.
-    let mut checks = overlay::PathChecks::default();
-    let mut clean_senders: HashMap<MemberId, Vec<MemberId>> = HashMap::new();
-    let mut pending: Vec<overlay::PathCheck> = Vec::new();
-    for d in topo.destinations() {
-        let me = member_of[d].expect("destinations are members");
-        pending.extend(checks.on_view(me, &views[&me]));
-    }
-    while let Some(check) = pending.pop() {
-        match check {
-            overlay::PathCheck::Trace { sender, receivers } => {
-                for r in receivers {
-                    let path = route(node_of_member[sender as usize], node_of_member[r as usize]);
-                    let clean = path
-                        .is_some_and(|p| p[1..p.len() - 1].iter().all(|&x| member_of[x].is_none()));
-                    pending.extend(checks.on_traced(sender, r, clean));
-                }
-            }
-            overlay::PathCheck::Tell { receiver, senders } => {
-                clean_senders.insert(receiver, senders);
-            }
-        }
-    }
+    let clean_senders = clean_senders(topo, &next, &views, &member_of, &node_of_member);
     // The daemon's start: every destination joins (QUIC handshake, the source's half of the
     // token's SPAKE2 exchange in its first flight, then ours with our proof and the Join:
     // 1.5 round trips to the source), then gets its Welcome and answers with its
@@ -637,6 +615,67 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
             );
         }
     }
+    Ok(report(
+        topo,
+        &nodes,
+        &pipes,
+        chunks,
+        node_of_member.len(),
+        events,
+        max_neighbours,
+    ))
+}
+
+/// The source's path checks over every destination's view, each trace answered from the
+/// sender's whole route (clean: no member forwards on it): for each receiver, the
+/// senders it may take as direct.
+fn clean_senders(
+    topo: &Topology,
+    next: &routing::NextHops,
+    views: &HashMap<MemberId, Vec<(MemberId, Reach)>>,
+    member_of: &[Option<MemberId>],
+    node_of_member: &[usize],
+) -> HashMap<MemberId, Vec<MemberId>> {
+    let mut checks = overlay::PathChecks::default();
+    let mut clean_senders: HashMap<MemberId, Vec<MemberId>> = HashMap::new();
+    let mut pending: Vec<overlay::PathCheck> = Vec::new();
+    for d in topo.destinations() {
+        let me = member_of[d].expect("destinations are members");
+        pending.extend(checks.on_view(me, &views[&me]));
+    }
+    while let Some(check) = pending.pop() {
+        match check {
+            overlay::PathCheck::Trace { sender, receivers } => {
+                for r in receivers {
+                    let path = routing::path(
+                        next,
+                        node_of_member[sender as usize],
+                        node_of_member[r as usize],
+                    );
+                    let clean = path
+                        .is_some_and(|p| p[1..p.len() - 1].iter().all(|&x| member_of[x].is_none()));
+                    pending.extend(checks.on_traced(sender, r, clean));
+                }
+            }
+            overlay::PathCheck::Tell { receiver, senders } => {
+                clean_senders.insert(receiver, senders);
+            }
+        }
+    }
+    clean_senders
+}
+
+/// What a finished simulation shows: each destination's completion, U, and the copies
+/// each link direction carried.
+fn report(
+    topo: &Topology,
+    nodes: &[SimNode],
+    pipes: &[Pipe],
+    chunks: u32,
+    members: usize,
+    events: u64,
+    max_neighbours: usize,
+) -> SimReport {
     let completion_s: Vec<(String, Option<f64>)> = topo
         .destinations()
         .into_iter()
@@ -669,10 +708,10 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
         })
         .collect();
     link_copies.sort_by(|x, y| y.1.total_cmp(&x.1));
-    Ok(SimReport {
+    SimReport {
         link_copies,
-        nodes: n,
-        members: node_of_member.len(),
+        nodes: topo.nodes.len(),
+        members,
         links: topo.links.len(),
         u_s,
         copies_per_needed: started_total as f64
@@ -680,7 +719,7 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
         completion_s,
         events,
         max_neighbours,
-    })
+    }
 }
 
 /// Sends `msg` to every node that pulls from `from` (they dialed it; the daemon broadcasts
