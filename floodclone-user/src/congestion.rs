@@ -85,6 +85,8 @@ impl ControllerFactory for VenoConfig {
 
 #[derive(Debug, Clone)]
 struct Veno {
+    /// Which connection's controller this is, in traces.
+    id: u64,
     mtu: u64,
     initial_window: u64,
     window: u64,
@@ -116,7 +118,9 @@ struct Veno {
 
 impl Veno {
     fn new(now: Instant, mtu: u16, initial_window: u64) -> Self {
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Self {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             mtu: mtu as u64,
             initial_window,
             window: initial_window,
@@ -301,7 +305,7 @@ impl Veno {
         self.srtt_recent_s[1] = self.srtt_recent_s[1].min(self.srtt_s);
         self.acked[1] += bytes;
         if now.duration_since(self.round_start).as_secs_f64() >= self.srtt_s {
-            tracing::trace!(target: "floodclone::cc", acked = self.round_acked / self.mtu,
+            tracing::trace!(target: "floodclone::cc", cc = self.id, acked = self.round_acked / self.mtu,
                 app_limited = self.round_app_limited, window = self.window / self.mtu,
                 srtt_ms = self.srtt_s * 1e3, "round");
             self.last_round_acked = if self.round_app_limited {
@@ -351,6 +355,8 @@ impl Veno {
     ) {
         self.roll_period(now);
         if is_persistent_congestion {
+            tracing::trace!(target: "floodclone::cc", cc = self.id, window = self.window / self.mtu,
+                srtt_ms = self.srtt_s * 1e3, "persistent congestion");
             self.recovery_start = now;
             self.window = self.minimum_window();
             self.ssthresh = self.window;
@@ -372,7 +378,7 @@ impl Veno {
             self.backlog_packets()
         };
         let random = queued < RANDOM_LOSS_BACKLOG && self.recent_loss() < MAX_RANDOM_LOSS;
-        tracing::trace!(target: "floodclone::cc", random, backlog = queued,
+        tracing::trace!(target: "floodclone::cc", cc = self.id, random, backlog = queued,
             recent_loss = self.recent_loss(), window = self.window / self.mtu,
             srtt_ms = self.srtt_s * 1e3, base_ms = self.srtt_base_s * 1e3,
             noise_ms = self.noise_s() * 1e3, "loss");
@@ -399,6 +405,11 @@ impl Veno {
         // What was delivered stays counted, so the rate is believed again at once.
         self.lost = [0; 2];
     }
+}
+
+/// The trace id of a connection's default controller (`None` for another controller).
+pub fn trace_id(cc: Box<dyn Controller>) -> Option<u64> {
+    cc.into_any().downcast::<Veno>().ok().map(|v| v.id)
 }
 
 #[cfg(test)]

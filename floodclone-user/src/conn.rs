@@ -567,14 +567,28 @@ impl Conn {
                         let refused = matches!(e, TransportError::Protocol(_));
                         if refused {
                             self.conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"malformed message");
+                            break (e.to_string(), refused);
                         }
-                        break (e.to_string(), refused);
+                        // The stream only says the connection went; the connection says
+                        // why (a timeout is what tells a vanished neighbour).
+                        let why = self.conn.close_reason().map_or(e.to_string(), |c| c.to_string());
+                        break (why, false);
                     }
                 },
                 e = self.conn.closed() => break (e.to_string(), false),
             }
         };
         halves.abort_all();
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            // What the path did to it: a connection starved on a shared bottleneck shows
+            // a window of a few packets and a large share lost.
+            let st = self.conn.stats().path;
+            let cc = crate::congestion::trace_id(self.conn.congestion_state());
+            tracing::debug!(?cc, peer = ?self.peer, dialed = self.dialed, %reason,
+                rtt_ms = st.rtt.as_secs_f64() * 1e3, cwnd = st.cwnd, sent = st.sent_packets,
+                lost = st.lost_packets, congestion_events = st.congestion_events,
+                black_holes = st.black_holes_detected, mtu = st.current_mtu, "connection gone");
+        }
         self.ctx.report(ConnEvent::Gone {
             key: self.key,
             reason,

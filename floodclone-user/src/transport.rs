@@ -50,7 +50,7 @@ pub enum TransportError {
     BadToken,
     #[error("the peer refused our swarm token (check --token)")]
     Refused,
-    #[error("connection lost during the handshake: {0}")]
+    #[error("connection lost: {0}")]
     Lost(String),
     #[error("protocol error: {0}")]
     Protocol(String),
