@@ -159,6 +159,28 @@ struct SimNode {
     done_at: Option<f64>,
 }
 
+impl Pipe {
+    fn new(from: usize, to: usize, path: Vec<usize>, latency: f64) -> Self {
+        Self {
+            from,
+            to,
+            latency,
+            path,
+            queue: VecDeque::new(),
+            head: None,
+            remaining_bits: 0.0,
+            active: false,
+            rate: 0.0,
+            updated: 0.0,
+            version: 0,
+            accepted: HashSet::new(),
+            delivered_bits_tick: 0.0,
+            rate_history: VecDeque::new(),
+            started: 0,
+        }
+    }
+}
+
 /// A queued event, ordered by time, then by when it was queued (FIFO among equals).
 struct Queued {
     /// Non-negative f64s order like their bit patterns.
@@ -230,22 +252,7 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
     let n = topo.nodes.len();
     let chunks = opts.bytes.div_ceil(opts.chunk_bytes) as u32;
     let chunk_bits = opts.chunk_bytes as f64 * 8.0;
-    let mut caps = vec![0.0; topo.links.len() * 2];
-    // One-way delay of each link direction: forwarding plus the link's propagation (jitter
-    // and loss are not modelled).
-    let mut delay_s = vec![0.0; topo.links.len() * 2];
-    let mut dirlink_of: HashMap<(usize, usize), usize> = HashMap::new();
-    for (i, l) in topo.links.iter().enumerate() {
-        caps[2 * i] = l.mbit_ab * 1e6 * opts.payload_share;
-        caps[2 * i + 1] = l.mbit_ba * 1e6 * opts.payload_share;
-        delay_s[2 * i] = opts.hop_delay_s + l.prop_ab.delay_ms / 1e3;
-        delay_s[2 * i + 1] = opts.hop_delay_s + l.prop_ba.delay_ms / 1e3;
-        dirlink_of.insert((l.a, l.b), 2 * i);
-        dirlink_of.insert((l.b, l.a), 2 * i + 1);
-    }
-    // Hop-by-hop forwarding along the testbed's kernel routes.
-    let next = routing::next_hops(topo, &vec![true; topo.links.len()]);
-    let route = |a: usize, b: usize| routing::path(&next, a, b);
+    let net = Net::new(topo, opts);
     let source = topo.source();
     // Member ids as the source hands them out: 0 for itself, then destinations in order.
     let mut member_of = vec![None; n];
@@ -267,54 +274,193 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
         })
         .collect();
     let cfg = SchedConfig::new(opts.chunk_bytes);
-    let mut max_neighbours = 0;
     let mut q = Queue::default();
-    // Every destination's view from its routes' first hops, as the daemon's lookups give.
-    let mut views: HashMap<MemberId, Vec<(MemberId, Reach)>> = topo
-        .destinations()
-        .into_iter()
-        .map(|d| {
-            let reach = node_of_member
-                .iter()
-                .enumerate()
-                .filter(|&(_, &m)| m != d)
-                .map(|(id, &m)| {
-                    let first = match route(d, m) {
-                        None => FirstHop::NoRoute,
-                        Some(p) => FirstHop::Gateway(member_of[p[1]]),
-                    };
-                    (id as MemberId, overlay::reach(id as MemberId, first).0)
-                })
-                .collect();
-            (member_of[d].expect("destinations are members"), reach)
-        })
-        .collect();
-    let clean_senders = clean_senders(topo, &next, &views, &member_of, &node_of_member);
-    // The daemon's start: every destination joins (QUIC handshake, the source's half of the
-    // token's SPAKE2 exchange in its first flight, then ours with our proof and the Join:
-    // 1.5 round trips to the source), then gets its Welcome and answers with its
-    // View before the source hands out a chunk. The Welcome carries the manifest (32 bytes
-    // a chunk) on a connection still in slow start: k round trips where k windows, doubling
-    // from the initial one, first hold it (its last bytes arrive half a round trip after
-    // they leave, the View takes the other half). Round trips along the routes.
-    let manifest_bytes = 32.0 * chunks as f64;
-    let mut welcome_round_trips = 1.0;
-    while INITIAL_WINDOW_BYTES * (2f64.powf(welcome_round_trips) - 1.0) < manifest_bytes {
-        welcome_round_trips += 1.0;
+    let start_s = start_s(topo, &net, chunks);
+    let max_neighbours = connect_destinations(
+        topo,
+        &net,
+        (&member_of, &node_of_member),
+        &cfg,
+        chunks,
+        &mut nodes,
+        &mut pipes,
+    );
+    // The source's bitfield reaches each destination once the start is over.
+    for p in pipes.iter().filter(|p| p.from == source) {
+        q.push(
+            start_s + p.latency,
+            Ev::Deliver {
+                from: source,
+                to: p.to,
+                msg: Msg::Bitfield(ChunkSet::full(chunks)),
+            },
+        );
     }
-    let one_way = |a: usize, b: usize| -> f64 {
-        route(a, b)
-            .expect("reachable")
-            .windows(2)
-            .map(|w| delay_s[dirlink_of[&(w[0], w[1])]])
-            .sum()
+    let mut caps = net.caps.clone();
+    let mut on_link: Vec<Vec<usize>> = vec![Vec::new(); caps.len()];
+    for (id, p) in pipes.iter().enumerate() {
+        for &l in &p.path {
+            on_link[l].push(id);
+        }
+    }
+    let mut active = ActiveOnLinks {
+        on: vec![Vec::new(); caps.len()],
+        place: pipes.iter().map(|p| vec![0; p.path.len()]).collect(),
     };
-    let start_s = (JOIN_ROUND_TRIPS + welcome_round_trips)
-        * topo
-            .destinations()
-            .iter()
-            .map(|&d| one_way(source, d) + one_way(d, source))
-            .fold(0.0, f64::max);
+    for (at_s, dirlink, bps) in net.rate_changes(topo, opts) {
+        q.push(at_s, Ev::Capacity { dirlink, bps });
+    }
+    q.push(TICK_S, Ev::Tick);
+
+    let mut events = 0u64;
+    let mut sim = Sim {
+        scratch: Scratch::new(pipes.len(), caps.len()),
+        pipes: &mut pipes,
+        on_link: &on_link,
+        active: &mut active,
+        caps: &mut caps,
+        chunk_bits,
+        batch_s: opts.reshare_batch_s,
+        changed: Vec::new(),
+    };
+    let mut members = Members {
+        nodes,
+        node_of_member,
+        source,
+        fresh: floodclone_sched::FreshServer::new(chunks),
+        remaining: topo.destinations().len(),
+    };
+    while let Some((now, ev)) = q.pop() {
+        if now > opts.horizon_s || members.remaining == 0 {
+            break;
+        }
+        events += 1;
+        // The node whose scheduler must be polled after this event.
+        let poll = match ev {
+            Ev::Tick => {
+                members.on_tick(&mut sim);
+                q.push(now + TICK_S, Ev::Tick);
+                None
+            }
+            Ev::Capacity { dirlink, bps } => {
+                sim.caps[dirlink] = bps;
+                if let Some(&p) = sim.on_link[dirlink].first() {
+                    sim.activity_changed(p, now, &mut q);
+                }
+                None
+            }
+            Ev::Reshare => {
+                let changed = std::mem::take(&mut sim.changed);
+                sim.reshare(&changed, now, &mut q);
+                None
+            }
+            Ev::Deliver { from, to, msg } => {
+                members.on_deliver(&mut sim, (from, to, msg), now, &mut q)
+            }
+            Ev::PipeDone { pipe, version } => {
+                sim.pipe_done(pipe, version, now, &mut q);
+                None
+            }
+            Ev::ChunkStart { pipe, chunk } => {
+                members.on_chunk_start(&mut sim, pipe, chunk, now, &mut q);
+                None
+            }
+            Ev::ChunkArrive { pipe, chunk } => {
+                members.on_chunk_arrive(&mut sim, pipe, chunk, now, &mut q)
+            }
+        };
+        if let Some(node) = poll {
+            members.poll(&mut sim, node, now, &mut q);
+        }
+    }
+    drop(sim);
+    Ok(report(
+        topo,
+        &members.nodes,
+        &pipes,
+        chunks,
+        members.node_of_member.len(),
+        events,
+        max_neighbours,
+    ))
+}
+
+/// The modelled network: each link direction's capacity and one-way delay, and the
+/// testbed's kernel routes, followed hop by hop.
+struct Net {
+    caps: Vec<f64>,
+    /// Forwarding plus the link's propagation (jitter and loss are not modelled).
+    delay_s: Vec<f64>,
+    dirlink_of: HashMap<(usize, usize), usize>,
+    next: routing::NextHops,
+}
+
+impl Net {
+    fn new(topo: &Topology, opts: &SimOptions) -> Self {
+        let mut caps = vec![0.0; topo.links.len() * 2];
+        let mut delay_s = vec![0.0; topo.links.len() * 2];
+        let mut dirlink_of: HashMap<(usize, usize), usize> = HashMap::new();
+        for (i, l) in topo.links.iter().enumerate() {
+            caps[2 * i] = l.mbit_ab * 1e6 * opts.payload_share;
+            caps[2 * i + 1] = l.mbit_ba * 1e6 * opts.payload_share;
+            delay_s[2 * i] = opts.hop_delay_s + l.prop_ab.delay_ms / 1e3;
+            delay_s[2 * i + 1] = opts.hop_delay_s + l.prop_ba.delay_ms / 1e3;
+            dirlink_of.insert((l.a, l.b), 2 * i);
+            dirlink_of.insert((l.b, l.a), 2 * i + 1);
+        }
+        Self {
+            caps,
+            delay_s,
+            dirlink_of,
+            next: routing::next_hops(topo, &vec![true; topo.links.len()]),
+        }
+    }
+
+    /// The nodes from `a` to `b` (both included).
+    fn route(&self, a: usize, b: usize) -> Vec<usize> {
+        routing::path(&self.next, a, b).expect("reachable")
+    }
+
+    /// The link directions from `a` to `b`.
+    fn path(&self, a: usize, b: usize) -> Vec<usize> {
+        let hops = self.route(a, b);
+        hops.windows(2)
+            .map(|w| self.dirlink_of[&(w[0], w[1])])
+            .collect()
+    }
+
+    fn one_way(&self, a: usize, b: usize) -> f64 {
+        self.path(a, b).iter().map(|&dl| self.delay_s[dl]).sum()
+    }
+
+    /// The topology's timed rate changes: (when, link direction, new capacity).
+    fn rate_changes(&self, topo: &Topology, opts: &SimOptions) -> Vec<(f64, usize, f64)> {
+        let mut changes = Vec::new();
+        for e in &topo.events {
+            if let EventAction::SetRate { mbit_ab, mbit_ba } = e.action {
+                changes.push((e.at_s, 2 * e.link, mbit_ab * 1e6 * opts.payload_share));
+                changes.push((e.at_s, 2 * e.link + 1, mbit_ba * 1e6 * opts.payload_share));
+            }
+        }
+        changes
+    }
+}
+
+/// Gives every destination its scheduler, told of each data neighbour as the daemon's
+/// would be, and a pipe from each; returns the most neighbours any destination has.
+fn connect_destinations(
+    topo: &Topology,
+    net: &Net,
+    (member_of, node_of_member): (&[Option<MemberId>], &[usize]),
+    cfg: &SchedConfig,
+    chunks: u32,
+    nodes: &mut [SimNode],
+    pipes: &mut Vec<Pipe>,
+) -> usize {
+    let source = topo.source();
+    let mut views = first_hop_views(topo, net, member_of, node_of_member);
+    let clean_senders = clean_senders(topo, &net.next, &views, member_of, node_of_member);
+    let mut max_neighbours = 0;
     for d in topo.destinations() {
         let me = member_of[d].expect("destinations are members");
         let mut reach = views.remove(&me).expect("a view per destination");
@@ -330,300 +476,272 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
         );
         for &nb in &neighbours {
             let from = node_of_member[nb as usize];
-            let hops = route(from, d).expect("reachable");
-            let path: Vec<usize> = hops.windows(2).map(|w| dirlink_of[&(w[0], w[1])]).collect();
-            let latency: f64 = path.iter().map(|&dl| delay_s[dl]).sum();
-            let back = one_way(d, from);
+            let path = net.path(from, d);
+            let latency: f64 = path.iter().map(|&dl| net.delay_s[dl]).sum();
+            let back = net.one_way(d, from);
             puller.add_peer(nb, nb == floodclone_sched::SOURCE);
             puller.peer_distance(nb, path.len() as u8);
             // The modelled propagation both ways (queueing aside).
             puller.peer_rtt(nb, latency + back);
             puller.peer_ingress(nb, *path.last().expect("a path to a neighbour") as u32);
             // What the neighbour reports of its own distance to the source.
-            let to_source = route(from, source).expect("reachable").len() - 1;
+            let to_source = net.route(from, source).len() - 1;
             puller.peer_source_distance(nb, to_source as u8);
             let id = pipes.len();
-            pipes.push(Pipe {
-                from,
-                to: d,
-                latency,
-                path,
-                queue: VecDeque::new(),
-                head: None,
-                remaining_bits: 0.0,
-                active: false,
-                rate: 0.0,
-                updated: 0.0,
-                version: 0,
-                accepted: HashSet::new(),
-                delivered_bits_tick: 0.0,
-                rate_history: VecDeque::new(),
-                started: 0,
-            });
+            pipes.push(Pipe::new(from, d, path, latency));
             nodes[d].pipes_in.insert(nb, id);
             nodes[from].pipes_out.insert(d, id);
-            if from == source {
-                let lat = pipes[id].latency;
-                q.push(
-                    start_s + lat,
-                    Ev::Deliver {
-                        from,
-                        to: d,
-                        msg: Msg::Bitfield(ChunkSet::full(chunks)),
-                    },
-                );
-            }
         }
         nodes[d].puller = Some(puller);
     }
-    let mut on_link: Vec<Vec<usize>> = vec![Vec::new(); caps.len()];
-    for (id, p) in pipes.iter().enumerate() {
-        for &l in &p.path {
-            on_link[l].push(id);
-        }
-    }
-    let mut active = ActiveOnLinks {
-        on: vec![Vec::new(); caps.len()],
-        place: pipes.iter().map(|p| vec![0; p.path.len()]).collect(),
-    };
-    for e in &topo.events {
-        if let EventAction::SetRate { mbit_ab, mbit_ba } = e.action {
-            q.push(
-                e.at_s,
-                Ev::Capacity {
-                    dirlink: 2 * e.link,
-                    bps: mbit_ab * 1e6 * opts.payload_share,
-                },
-            );
-            q.push(
-                e.at_s,
-                Ev::Capacity {
-                    dirlink: 2 * e.link + 1,
-                    bps: mbit_ba * 1e6 * opts.payload_share,
-                },
-            );
-        }
-    }
-    q.push(TICK_S, Ev::Tick);
+    max_neighbours
+}
 
-    let mut fresh = floodclone_sched::FreshServer::new(chunks);
-    let mut remaining = topo.destinations().len();
-    let mut events = 0u64;
-    let mut sim = Sim {
-        scratch: Scratch {
-            pipe_seen: vec![0; pipes.len()],
-            link_seen: vec![0; caps.len()],
-            frozen: vec![0; pipes.len()],
-            frozen_bps: vec![0.0; caps.len()],
-            unfrozen: vec![0; caps.len()],
-            rate: vec![0.0; pipes.len()],
-            ..Default::default()
-        },
-        pipes: &mut pipes,
-        on_link: &on_link,
-        active: &mut active,
-        caps: &mut caps,
-        chunk_bits,
-        batch_s: opts.reshare_batch_s,
-        changed: Vec::new(),
-    };
-    while let Some((now, ev)) = q.pop() {
-        if now > opts.horizon_s || remaining == 0 {
-            break;
+/// Every destination's view from its routes' first hops, as the daemon's lookups give.
+fn first_hop_views(
+    topo: &Topology,
+    net: &Net,
+    member_of: &[Option<MemberId>],
+    node_of_member: &[usize],
+) -> HashMap<MemberId, Vec<(MemberId, Reach)>> {
+    topo.destinations()
+        .into_iter()
+        .map(|d| {
+            let reach = node_of_member
+                .iter()
+                .enumerate()
+                .filter(|&(_, &m)| m != d)
+                .map(|(id, &m)| {
+                    let first = match routing::path(&net.next, d, m) {
+                        None => FirstHop::NoRoute,
+                        Some(p) => FirstHop::Gateway(member_of[p[1]]),
+                    };
+                    (id as MemberId, overlay::reach(id as MemberId, first).0)
+                })
+                .collect();
+            (member_of[d].expect("destinations are members"), reach)
+        })
+        .collect()
+}
+
+// The daemon's start: every destination joins (QUIC handshake, the source's half of the
+// token's SPAKE2 exchange in its first flight, then ours with our proof and the Join:
+// 1.5 round trips to the source), then gets its Welcome and answers with its
+// View before the source hands out a chunk. The Welcome carries the manifest (32 bytes
+// a chunk) on a connection still in slow start: k round trips where k windows, doubling
+// from the initial one, first hold it (its last bytes arrive half a round trip after
+// they leave, the View takes the other half). Round trips along the routes.
+fn start_s(topo: &Topology, net: &Net, chunks: u32) -> f64 {
+    let manifest_bytes = 32.0 * chunks as f64;
+    let mut welcome_round_trips = 1.0;
+    while INITIAL_WINDOW_BYTES * (2f64.powf(welcome_round_trips) - 1.0) < manifest_bytes {
+        welcome_round_trips += 1.0;
+    }
+    let source = topo.source();
+    (JOIN_ROUND_TRIPS + welcome_round_trips)
+        * topo
+            .destinations()
+            .iter()
+            .map(|&d| net.one_way(source, d) + net.one_way(d, source))
+            .fold(0.0, f64::max)
+}
+
+/// The control plane: every destination's scheduler, the source's fresh chunks, and how
+/// many destinations are still to finish.
+struct Members {
+    nodes: Vec<SimNode>,
+    node_of_member: Vec<usize>,
+    source: usize,
+    fresh: floodclone_sched::FreshServer,
+    remaining: usize,
+}
+
+impl Members {
+    /// Each receiver hears its pipes' delivery rates (the most of the last ticks), as the
+    /// daemon's meters report them.
+    fn on_tick(&mut self, sim: &mut Sim) {
+        for p in sim.pipes.iter_mut() {
+            p.rate_history.push_back(p.delivered_bits_tick / TICK_S);
+            if p.rate_history.len() > RATE_WINDOW_TICKS {
+                p.rate_history.pop_front();
+            }
+            p.delivered_bits_tick = 0.0;
+            let max = p.rate_history.iter().copied().fold(0.0, f64::max);
+            if max > 0.0 {
+                let from = self.nodes[p.from].member.expect("member");
+                if let Some(pl) = self.nodes[p.to].puller.as_mut() {
+                    pl.peer_measured_rate(from, max);
+                }
+            }
         }
-        events += 1;
-        // The node whose scheduler must be polled after this event.
-        let mut poll: Option<usize> = None;
-        match ev {
-            Ev::Tick => {
-                for p in sim.pipes.iter_mut() {
-                    p.rate_history.push_back(p.delivered_bits_tick / TICK_S);
-                    if p.rate_history.len() > RATE_WINDOW_TICKS {
-                        p.rate_history.pop_front();
-                    }
-                    p.delivered_bits_tick = 0.0;
-                    let max = p.rate_history.iter().copied().fold(0.0, f64::max);
-                    if max > 0.0 {
-                        let from = nodes[p.from].member.expect("member");
-                        if let Some(pl) = nodes[p.to].puller.as_mut() {
-                            pl.peer_measured_rate(from, max);
+    }
+
+    /// A control message arrives; returns the node whose scheduler must be polled.
+    fn on_deliver(
+        &mut self,
+        sim: &mut Sim,
+        (from, to, msg): (usize, usize, Msg),
+        now: f64,
+        q: &mut Queue,
+    ) -> Option<usize> {
+        let from_member = self.nodes[from].member.expect("member");
+        match msg {
+            Msg::Request(list) => {
+                let pipe = self.nodes[to].pipes_out[&from];
+                sim.enqueue(pipe, &list, now, q);
+            }
+            Msg::RequestFresh(count) => {
+                let picks = self.fresh.pick(count.min(1024));
+                let pipe = self.nodes[to].pipes_out[&from];
+                sim.enqueue(pipe, &picks, now, q);
+                let lat = sim.pipes[pipe].latency;
+                q.push(
+                    now + lat,
+                    Ev::Deliver {
+                        from: to,
+                        to: from,
+                        msg: Msg::FreshGrant(picks, self.fresh.exhausted()),
+                    },
+                );
+            }
+            Msg::Cancel(c) => {
+                let pipe = self.nodes[to].pipes_out[&from];
+                sim.pipes[pipe].queue.retain(|&x| x != c);
+            }
+            other => {
+                let pl = self.nodes[to].puller.as_mut()?;
+                match other {
+                    Msg::Bitfield(set) => pl.peer_bitfield(from_member, &set),
+                    Msg::Have(c) => {
+                        pl.peer_has(from_member, c);
+                        if pl.have().contains(c) {
+                            return None;
                         }
                     }
-                }
-                q.push(now + TICK_S, Ev::Tick);
-            }
-            Ev::Capacity { dirlink, bps } => {
-                sim.caps[dirlink] = bps;
-                if let Some(&p) = sim.on_link[dirlink].first() {
-                    sim.activity_changed(p, now, &mut q);
-                }
-            }
-            Ev::Reshare => {
-                let changed = std::mem::take(&mut sim.changed);
-                sim.reshare(&changed, now, &mut q);
-            }
-            Ev::Deliver { from, to, msg } => {
-                let from_member = nodes[from].member.expect("member");
-                match msg {
-                    Msg::Request(list) => {
-                        let pipe = nodes[to].pipes_out[&from];
-                        sim.enqueue(pipe, &list, now, &mut q);
-                    }
-                    Msg::RequestFresh(count) => {
-                        let picks = fresh.pick(count.min(1024));
-                        let pipe = nodes[to].pipes_out[&from];
-                        sim.enqueue(pipe, &picks, now, &mut q);
-                        let lat = sim.pipes[pipe].latency;
-                        q.push(
-                            now + lat,
-                            Ev::Deliver {
-                                from: to,
-                                to: from,
-                                msg: Msg::FreshGrant(picks, fresh.exhausted()),
-                            },
-                        );
-                    }
-                    Msg::Cancel(c) => {
-                        let pipe = nodes[to].pipes_out[&from];
-                        sim.pipes[pipe].queue.retain(|&x| x != c);
-                    }
-                    other => {
-                        let Some(pl) = nodes[to].puller.as_mut() else {
-                            continue;
-                        };
-                        match other {
-                            Msg::Bitfield(set) => pl.peer_bitfield(from_member, &set),
-                            Msg::Have(c) => {
-                                pl.peer_has(from_member, c);
-                                if pl.have().contains(c) {
-                                    continue;
-                                }
-                            }
-                            Msg::Fetching(list) => {
-                                for &c in &list {
-                                    pl.peer_fetching(from_member, c, now);
-                                }
-                                let fwd = pl.pass_on_fetching(&list);
-                                // Passed on one hop, as the daemon does.
-                                if !fwd.is_empty() {
-                                    for &pipe in nodes[to].pipes_out.values() {
-                                        let p = &sim.pipes[pipe];
-                                        if p.to != from && p.to != source {
-                                            q.push(
-                                                now + p.latency,
-                                                Ev::Deliver {
-                                                    from: to,
-                                                    to: p.to,
-                                                    msg: Msg::FetchingBeyond(fwd.clone()),
-                                                },
-                                            );
-                                        }
-                                    }
-                                }
-                            }
-                            Msg::FetchingBeyond(list) => {
-                                for c in list {
-                                    pl.peer_fetching_beyond(from_member, c, now);
-                                }
-                            }
-                            Msg::FreshGrant(list, exhausted) => {
-                                pl.fresh_granted(from_member, &list, exhausted, now);
-                                if !list.is_empty() {
-                                    announce(
-                                        &nodes,
-                                        sim.pipes,
-                                        to,
-                                        Msg::Fetching(list),
-                                        now,
-                                        &mut q,
+                    Msg::Fetching(list) => {
+                        for &c in &list {
+                            pl.peer_fetching(from_member, c, now);
+                        }
+                        let fwd = pl.pass_on_fetching(&list);
+                        // Passed on one hop, as the daemon does.
+                        if !fwd.is_empty() {
+                            for &pipe in self.nodes[to].pipes_out.values() {
+                                let p = &sim.pipes[pipe];
+                                if p.to != from && p.to != self.source {
+                                    q.push(
+                                        now + p.latency,
+                                        Ev::Deliver {
+                                            from: to,
+                                            to: p.to,
+                                            msg: Msg::FetchingBeyond(fwd.clone()),
+                                        },
                                     );
                                 }
                             }
-                            _ => unreachable!("handled above"),
                         }
-                        poll = Some(to);
                     }
+                    Msg::FetchingBeyond(list) => {
+                        for c in list {
+                            pl.peer_fetching_beyond(from_member, c, now);
+                        }
+                    }
+                    Msg::FreshGrant(list, exhausted) => {
+                        pl.fresh_granted(from_member, &list, exhausted, now);
+                        if !list.is_empty() {
+                            announce(&self.nodes, sim.pipes, to, Msg::Fetching(list), now, q);
+                        }
+                    }
+                    _ => unreachable!("handled above"),
                 }
-            }
-            Ev::PipeDone { pipe, version } => {
-                if sim.pipes[pipe].version != version {
-                    continue;
-                }
-                let p = &mut sim.pipes[pipe];
-                let chunk = p.head.take().expect("a running pipe has a head");
-                p.delivered_bits_tick += chunk_bits;
-                q.push(now + p.latency, Ev::ChunkArrive { pipe, chunk });
-                sim.start_next(pipe, now, &mut q);
-            }
-            Ev::ChunkStart { pipe, chunk } => {
-                let (from, to) = (sim.pipes[pipe].from, sim.pipes[pipe].to);
-                let from_member = nodes[from].member.expect("member");
-                let pl = nodes[to].puller.as_mut().expect("a receiver");
-                if pl.chunk_started(from_member, chunk, now) == Arrival::Accept {
-                    sim.pipes[pipe].accepted.insert(chunk);
-                } else {
-                    // The receiver stops the stream: the rest of it is not sent.
-                    sim.abort(pipe, chunk, now, &mut q);
-                }
-            }
-            Ev::ChunkArrive { pipe, chunk } => {
-                if !sim.pipes[pipe].accepted.remove(&chunk) {
-                    continue;
-                }
-                let (from, to) = (sim.pipes[pipe].from, sim.pipes[pipe].to);
-                let from_member = nodes[from].member.expect("member");
-                let pl = nodes[to].puller.as_mut().expect("a receiver");
-                pl.chunk_done(from_member, chunk, true, now);
-                if pl.is_complete() && nodes[to].done_at.is_none() {
-                    nodes[to].done_at = Some(now);
-                    remaining -= 1;
-                }
-                announce(&nodes, sim.pipes, to, Msg::Have(chunk), now, &mut q);
-                poll = Some(to);
+                return Some(to);
             }
         }
-        let Some(node) = poll else { continue };
-        let Some(pl) = nodes[node].puller.as_mut() else {
-            continue;
+        None
+    }
+
+    /// The sender of `pipe` (as a member), its receiver's node, and the receiver's
+    /// scheduler.
+    fn receiver_of(&mut self, sim: &Sim, pipe: usize) -> (MemberId, usize, &mut Puller) {
+        let (from, to) = (sim.pipes[pipe].from, sim.pipes[pipe].to);
+        let from_member = self.nodes[from].member.expect("member");
+        let pl = self.nodes[to].puller.as_mut().expect("a receiver");
+        (from_member, to, pl)
+    }
+
+    /// The first bytes of `chunk` reach its receiver, which reads it or stops its stream.
+    fn on_chunk_start(
+        &mut self,
+        sim: &mut Sim,
+        pipe: usize,
+        chunk: ChunkId,
+        now: f64,
+        q: &mut Queue,
+    ) {
+        let (from_member, _, pl) = self.receiver_of(sim, pipe);
+        if pl.chunk_started(from_member, chunk, now) == Arrival::Accept {
+            sim.pipes[pipe].accepted.insert(chunk);
+        } else {
+            // The receiver stops the stream: the rest of it is not sent.
+            sim.abort(pipe, chunk, now, q);
+        }
+    }
+
+    /// The last bytes of `chunk` arrive; returns the node whose scheduler must be polled.
+    fn on_chunk_arrive(
+        &mut self,
+        sim: &mut Sim,
+        pipe: usize,
+        chunk: ChunkId,
+        now: f64,
+        q: &mut Queue,
+    ) -> Option<usize> {
+        if !sim.pipes[pipe].accepted.remove(&chunk) {
+            return None;
+        }
+        let (from_member, to, pl) = self.receiver_of(sim, pipe);
+        pl.chunk_done(from_member, chunk, true, now);
+        if pl.is_complete() && self.nodes[to].done_at.is_none() {
+            self.nodes[to].done_at = Some(now);
+            self.remaining -= 1;
+        }
+        announce(&self.nodes, sim.pipes, to, Msg::Have(chunk), now, q);
+        Some(to)
+    }
+
+    /// Polls `node`'s scheduler and sends what it decides.
+    fn poll(&mut self, sim: &mut Sim, node: usize, now: f64, q: &mut Queue) {
+        let Some(pl) = self.nodes[node].puller.as_mut() else {
+            return;
         };
         let actions = pl.poll(now);
         for action in actions {
             let (peer, msg) = match action {
                 Action::Request { peer, chunks } => {
                     announce(
-                        &nodes,
+                        &self.nodes,
                         sim.pipes,
                         node,
                         Msg::Fetching(chunks.clone()),
                         now,
-                        &mut q,
+                        q,
                     );
                     (peer, Msg::Request(chunks))
                 }
                 Action::RequestFresh { peer, count } => (peer, Msg::RequestFresh(count)),
                 Action::Cancel { peer, chunk } => (peer, Msg::Cancel(chunk)),
             };
-            let pipe = nodes[node].pipes_in[&peer];
+            let pipe = self.nodes[node].pipes_in[&peer];
             let lat = sim.pipes[pipe].latency;
             q.push(
                 now + lat,
                 Ev::Deliver {
                     from: node,
-                    to: node_of_member[peer as usize],
+                    to: self.node_of_member[peer as usize],
                     msg,
                 },
             );
         }
     }
-    Ok(report(
-        topo,
-        &nodes,
-        &pipes,
-        chunks,
-        node_of_member.len(),
-        events,
-        max_neighbours,
-    ))
 }
 
 /// The source's path checks over every destination's view, each trace answered from the
@@ -783,7 +901,6 @@ impl ActiveOnLinks {
 
 /// Per-pipe and per-link scratch space of [`Sim::reshare`]; an entry counts in a call
 /// only when its stamp is that call's.
-#[derive(Default)]
 struct Scratch {
     stamp: u32,
     pipe_seen: Vec<u32>,
@@ -794,7 +911,34 @@ struct Scratch {
     rate: Vec<f64>,
 }
 
+impl Scratch {
+    fn new(pipes: usize, links: usize) -> Self {
+        Self {
+            stamp: 0,
+            pipe_seen: vec![0; pipes],
+            link_seen: vec![0; links],
+            frozen: vec![0; pipes],
+            frozen_bps: vec![0.0; links],
+            unfrozen: vec![0; links],
+            rate: vec![0.0; pipes],
+        }
+    }
+}
+
 impl Sim<'_> {
+    /// The head chunk of `pipe` finished transmitting (if `version` is still the pipe's):
+    /// it arrives after the pipe's latency, and the next queued chunk starts.
+    fn pipe_done(&mut self, pipe: usize, version: u64, now: f64, q: &mut Queue) {
+        if self.pipes[pipe].version != version {
+            return;
+        }
+        let p = &mut self.pipes[pipe];
+        let chunk = p.head.take().expect("a running pipe has a head");
+        p.delivered_bits_tick += self.chunk_bits;
+        q.push(now + p.latency, Ev::ChunkArrive { pipe, chunk });
+        self.start_next(pipe, now, q);
+    }
+
     fn enqueue(&mut self, pipe: usize, list: &[ChunkId], now: f64, q: &mut Queue) {
         self.pipes[pipe].queue.extend(list.iter().copied());
         if self.pipes[pipe].head.is_none() {
