@@ -569,10 +569,7 @@ impl Conn {
                             self.conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"malformed message");
                             break (e.to_string(), refused);
                         }
-                        // The stream only says the connection went; the connection says
-                        // why (a timeout is what tells a vanished neighbour).
-                        let why = self.conn.close_reason().map_or(e.to_string(), |c| c.to_string());
-                        break (why, false);
+                        break (gone_reason(&e, &self.conn), false);
                     }
                 },
                 e = self.conn.closed() => break (e.to_string(), false),
@@ -727,6 +724,14 @@ impl Conn {
             }
         }
     }
+}
+
+/// Why a connection whose control stream failed with `e` went: the connection's own
+/// reason when it has one. The stream says only "connection lost", and a timeout is what
+/// tells a vanished neighbour from one that hung up.
+fn gone_reason(e: &TransportError, conn: &Connection) -> String {
+    conn.close_reason()
+        .map_or_else(|| e.to_string(), |c| c.to_string())
 }
 
 /// Chunks the receiver cancelled. One still queued is skipped when its turn comes; one
@@ -905,17 +910,23 @@ mod tests {
 
     use super::*;
 
-    /// A real QUIC connection over loopback (no namespaces, no root needed).
-    async fn loopback_connection() -> (Endpoint, Endpoint, Connection) {
+    /// A real QUIC connection over loopback (no namespaces, no root needed): both
+    /// endpoints, the dialed side and the accepted side.
+    async fn loopback_pair() -> (Endpoint, Endpoint, Connection, Connection) {
         let server = transport::endpoint(0).unwrap();
         let client = transport::endpoint(0).unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], server.local_addr().unwrap().port()));
         let accepting = async { server.accept().await.unwrap().await.unwrap() };
-        let (dialed, _accepted) = tokio::join!(
+        let (dialed, accepted) = tokio::join!(
             transport::dial(&client, addr, Duration::from_secs(5)),
             accepting
         );
-        (server, client, dialed.unwrap())
+        (server, client, dialed.unwrap(), accepted)
+    }
+
+    async fn loopback_connection() -> (Endpoint, Endpoint, Connection) {
+        let (server, client, dialed, _) = loopback_pair().await;
+        (server, client, dialed)
     }
 
     fn handle(key: ConnKey, peer: Option<MemberId>, dialed: bool, conn: &Connection) -> ConnHandle {
@@ -951,6 +962,21 @@ mod tests {
         assert!(conns.accepted_from(3).is_none());
         assert_eq!(conns.peer(1), Some(3));
         assert!(conns.remove(4).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_lost_connection_says_why_it_went() {
+        let (_server, _client, dialed, accepted) = loopback_pair().await;
+        // What a control stream's read says when its connection goes, whatever the cause.
+        let from_stream = TransportError::Lost("connection lost".into());
+        assert_eq!(gone_reason(&from_stream, &dialed), from_stream.to_string());
+        accepted.close(VarInt::from_u32(7), b"bye");
+        dialed.closed().await;
+        let why = gone_reason(&from_stream, &dialed);
+        assert!(
+            why.contains("closed by peer") && why.contains("bye"),
+            "{why}"
+        );
     }
 
     #[tokio::test]
