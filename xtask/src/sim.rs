@@ -296,7 +296,8 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
             },
         );
     }
-    let mut caps = net.caps.clone();
+    // The network's capacities now change only by its events.
+    let mut caps = net.caps;
     let mut on_link: Vec<Vec<usize>> = vec![Vec::new(); caps.len()];
     for (id, p) in pipes.iter().enumerate() {
         for &l in &p.path {
@@ -307,7 +308,7 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
         on: vec![Vec::new(); caps.len()],
         place: pipes.iter().map(|p| vec![0; p.path.len()]).collect(),
     };
-    for (at_s, dirlink, bps) in net.rate_changes(topo, opts) {
+    for (at_s, dirlink, bps) in rate_changes(topo, opts) {
         q.push(at_s, Ev::Capacity { dirlink, bps });
     }
     q.push(TICK_S, Ev::Tick);
@@ -432,18 +433,6 @@ impl Net {
     fn one_way(&self, a: usize, b: usize) -> f64 {
         self.path(a, b).iter().map(|&dl| self.delay_s[dl]).sum()
     }
-
-    /// The topology's timed rate changes: (when, link direction, new capacity).
-    fn rate_changes(&self, topo: &Topology, opts: &SimOptions) -> Vec<(f64, usize, f64)> {
-        let mut changes = Vec::new();
-        for e in &topo.events {
-            if let EventAction::SetRate { mbit_ab, mbit_ba } = e.action {
-                changes.push((e.at_s, 2 * e.link, mbit_ab * 1e6 * opts.payload_share));
-                changes.push((e.at_s, 2 * e.link + 1, mbit_ba * 1e6 * opts.payload_share));
-            }
-        }
-        changes
-    }
 }
 
 /// Gives every destination its scheduler, told of each data neighbour as the daemon's
@@ -495,6 +484,18 @@ fn connect_destinations(
         nodes[d].puller = Some(puller);
     }
     max_neighbours
+}
+
+/// The topology's timed rate changes: (when, link direction, new capacity).
+fn rate_changes(topo: &Topology, opts: &SimOptions) -> Vec<(f64, usize, f64)> {
+    let mut changes = Vec::new();
+    for e in &topo.events {
+        if let EventAction::SetRate { mbit_ab, mbit_ba } = e.action {
+            changes.push((e.at_s, 2 * e.link, mbit_ab * 1e6 * opts.payload_share));
+            changes.push((e.at_s, 2 * e.link + 1, mbit_ba * 1e6 * opts.payload_share));
+        }
+    }
+    changes
 }
 
 /// Every destination's view from its routes' first hops, as the daemon's lookups give.
