@@ -1243,9 +1243,29 @@ pub fn generate(g: &GenOptions) -> Topology {
             }
         }
     }
+    let links = random_rates(&mut rng, edges, g);
+    let events = random_rate_changes(&mut rng, &links, g);
+    Topology {
+        name: format!("{:?}-{}-seed{}", g.shape, n, g.seed).to_lowercase(),
+        description: String::new(),
+        nodes,
+        links,
+        events,
+        cross: Vec::new(),
+        mtu: None,
+    }
+}
+
+/// Links on `edges` at random rates (a share of them slower one way), drawn in the
+/// edges' order so a seed gives the same network.
+fn random_rates(
+    rng: &mut Rng,
+    edges: HashSet<(usize, usize)>,
+    g: &GenOptions,
+) -> Vec<floodclone_testbed::topology::Link> {
     let mut edge_list: Vec<(usize, usize)> = edges.into_iter().collect();
     edge_list.sort_unstable();
-    let links: Vec<floodclone_testbed::topology::Link> = edge_list
+    edge_list
         .into_iter()
         .map(|(a, b)| {
             let ab = rng.range(g.mbit.0, g.mbit.1).round().max(1.0);
@@ -1262,7 +1282,15 @@ pub fn generate(g: &GenOptions) -> Topology {
                 ..Default::default()
             }
         })
-        .collect();
+        .collect()
+}
+
+/// `g.rate_changes` changes of a random link's rate (by 0.25-1.5x) at random times.
+fn random_rate_changes(
+    rng: &mut Rng,
+    links: &[floodclone_testbed::topology::Link],
+    g: &GenOptions,
+) -> Vec<floodclone_testbed::topology::Event> {
     let mut events = Vec::new();
     for _ in 0..g.rate_changes {
         let link = rng.below(links.len());
@@ -1277,15 +1305,7 @@ pub fn generate(g: &GenOptions) -> Topology {
         });
     }
     events.sort_by(|x, y| x.at_s.total_cmp(&y.at_s));
-    Topology {
-        name: format!("{:?}-{}-seed{}", g.shape, n, g.seed).to_lowercase(),
-        description: String::new(),
-        nodes,
-        links,
-        events,
-        cross: Vec::new(),
-        mtu: None,
-    }
+    events
 }
 
 #[cfg(test)]
