@@ -563,14 +563,11 @@ impl Conn {
                         }
                     }
                     Ok(None) => break ("control stream ended".to_string(), false),
-                    Err(e) => {
-                        let refused = matches!(e, TransportError::Protocol(_));
-                        if refused {
-                            self.conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"malformed message");
-                            break (e.to_string(), refused);
-                        }
-                        break (gone_reason(&e, &self.conn), false);
+                    Err(e @ TransportError::Protocol(_)) => {
+                        self.conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"malformed message");
+                        break (e.to_string(), true);
                     }
+                    Err(e) => break (gone_reason(&e, &self.conn), false),
                 },
                 e = self.conn.closed() => break (e.to_string(), false),
             }
