@@ -275,7 +275,7 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
         .collect();
     let cfg = SchedConfig::new(opts.chunk_bytes);
     let mut q = Queue::default();
-    let start_s = start_s(topo, &net, chunks);
+    let start_s = transfer_start_s(topo, &net, chunks);
     let max_neighbours = connect_destinations(
         topo,
         &net,
@@ -525,14 +525,15 @@ fn first_hop_views(
         .collect()
 }
 
-// The daemon's start: every destination joins (QUIC handshake, the source's half of the
-// token's SPAKE2 exchange in its first flight, then ours with our proof and the Join:
-// 1.5 round trips to the source), then gets its Welcome and answers with its
-// View before the source hands out a chunk. The Welcome carries the manifest (32 bytes
-// a chunk) on a connection still in slow start: k round trips where k windows, doubling
-// from the initial one, first hold it (its last bytes arrive half a round trip after
-// they leave, the View takes the other half). Round trips along the routes.
-fn start_s(topo: &Topology, net: &Net, chunks: u32) -> f64 {
+/// When the source hands out its first chunk, as the daemon's start goes: every
+/// destination joins (QUIC handshake, the source's half of the token's SPAKE2 exchange in
+/// its first flight, then ours with our proof and the Join: 1.5 round trips to the
+/// source), then gets its Welcome and answers with its View before the source hands out a
+/// chunk. The Welcome carries the manifest (32 bytes a chunk) on a connection still in
+/// slow start: k round trips where k windows, doubling from the initial one, first hold it
+/// (its last bytes arrive half a round trip after they leave, the View takes the other
+/// half). Round trips along the routes; the farthest destination's count.
+fn transfer_start_s(topo: &Topology, net: &Net, chunks: u32) -> f64 {
     let manifest_bytes = 32.0 * chunks as f64;
     let mut welcome_round_trips = 1.0;
     while INITIAL_WINDOW_BYTES * (2f64.powf(welcome_round_trips) - 1.0) < manifest_bytes {
