@@ -430,8 +430,13 @@ impl Net {
             .collect()
     }
 
+    /// One-way delay along the link directions `path`.
+    fn delay_along(&self, path: &[usize]) -> f64 {
+        path.iter().map(|&dl| self.delay_s[dl]).sum()
+    }
+
     fn one_way(&self, a: usize, b: usize) -> f64 {
-        self.path(a, b).iter().map(|&dl| self.delay_s[dl]).sum()
+        self.delay_along(&self.path(a, b))
     }
 }
 
@@ -466,7 +471,7 @@ fn connect_destinations(
         for &nb in &neighbours {
             let from = node_of_member[nb as usize];
             let path = net.path(from, d);
-            let latency: f64 = path.iter().map(|&dl| net.delay_s[dl]).sum();
+            let latency = net.delay_along(&path);
             let back = net.one_way(d, from);
             puller.add_peer(nb, nb == floodclone_sched::SOURCE);
             puller.peer_distance(nb, path.len() as u8);
