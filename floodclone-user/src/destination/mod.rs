@@ -760,18 +760,24 @@ impl Destination {
         }
     }
 
-    /// Every chunk is here: the whole file is checked and renamed into place off the loop.
+    /// Every chunk is here and the file's hash known: the copy is made durable and renamed
+    /// into place off the loop. The hash comes with the source's last batch of chunk
+    /// hashes, which a destination welcomed before the source finished reading (an empty
+    /// file has no chunk to wait for) may not have yet; `on_hashes` brings us back here.
     fn maybe_finished(&mut self, node: &Node) {
         if self.finalizing || !self.puller.as_ref().is_some_and(|pl| pl.is_complete()) {
             return;
         }
-        self.finalizing = true;
         let store = node
             .ctx
             .store
             .get()
             .expect("a scheduler implies a store")
             .clone();
+        if store.file_hash().is_none() {
+            return;
+        }
+        self.finalizing = true;
         let local = self.local.clone();
         tokio::task::spawn_blocking(move || {
             let checking = Instant::now();
