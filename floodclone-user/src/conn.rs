@@ -145,9 +145,13 @@ pub struct ConnHandle {
     serve: ServeQueue,
 }
 
-/// Bytes of chunks read and being written on one connection at a time: a peer that opens
-/// streams and never reads them holds this much of our memory, no more.
-const MAX_WRITING_BYTES: u64 = 64 << 20;
+/// Bytes of chunks read and waiting for quinn to take them, per connection: a peer that
+/// opens streams and never reads them holds this much of our memory (and quinn's send
+/// window, 16 MiB), no more. quinn's window is what keeps the path busy (1 Gbit/s x 134
+/// ms); this only has to cover reading the next chunk while it drains. At 64 MiB a relay
+/// serving a neighbour that lagged behind held 80 MiB of chunks for it (a 10 Gbit/s chain:
+/// peak RSS 138 MiB).
+const MAX_WRITING_BYTES: u64 = 8 << 20;
 
 /// The chunk ids queued to serve on one connection, counted (so a peer cannot queue
 /// without bound).

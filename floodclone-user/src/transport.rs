@@ -224,11 +224,14 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Transport parameters: windows sized for the bandwidth-delay product of fast links with
 /// deep queues (1 Gbit/s x 100 ms = 12.5 MB), liveness checks that notice a dead peer in
-/// seconds.
+/// seconds. The connection's receive window is also memory: quinn keeps received frames
+/// as slices of their datagrams' buffers and lets a stream hold up to 2.5 times what it
+/// buffers before it copies them out, so a window of 32 MiB, filled while a destination's
+/// CPU lagged behind a 10 Gbit/s sender, could hold 80 MiB.
 fn transport_config(cc: Congestion, initial_window: u64) -> TransportConfig {
     let mut t = TransportConfig::default();
     t.stream_receive_window(VarInt::from_u32(4 << 20))
-        .receive_window(VarInt::from_u32(32 << 20))
+        .receive_window(VarInt::from_u32(16 << 20))
         .send_window(16 << 20)
         .max_concurrent_uni_streams(VarInt::from_u32(1024))
         .keep_alive_interval(Some(Duration::from_millis(500)))
@@ -251,7 +254,7 @@ const ACK_ELICITING_THRESHOLD: u32 = 4;
 /// What an accepted connection lets its dialer send us. A dialer pulls: chunk streams flow
 /// only toward it, so all it sends us is its control stream. Small windows and no chunk
 /// streams mean a stranger that has not yet proven the token holds next to nothing of
-/// ours (the full windows were granted before authentication: 32 MiB per connection).
+/// ours (the full windows were granted before authentication: 16 MiB per connection).
 fn accepting_transport_config(cc: Congestion, initial_window: u64) -> TransportConfig {
     let mut t = transport_config(cc, initial_window);
     // The chunk streams flow from here: ask the receiver to acknowledge every 5th packet
