@@ -128,7 +128,8 @@ pub struct SendOptions {
     /// Chunk size in bytes (a power of two, 4 KiB to 64 MiB); `None`: the default for the
     /// size.
     pub chunk_bytes: Option<u32>,
-    /// How long to wait for every destination before starting with those present.
+    /// How long to wait for every destination before starting with those present (zero:
+    /// start with those joined when the first has; the others are welcomed as they join).
     pub join_grace: Duration,
     /// A destination absent this long is given up; the others finish.
     pub dest_timeout: Duration,
@@ -137,14 +138,14 @@ pub struct SendOptions {
 }
 
 impl SendOptions {
-    /// Defaults: the default chunk size, 3 s join grace, 60 s destination timeout.
+    /// Defaults: the default chunk size, no join grace, 60 s destination timeout.
     pub fn new(swarm: Swarm, path: PathBuf, dests: Vec<SocketAddr>) -> Self {
         Self {
             swarm,
             path,
             dests,
             chunk_bytes: None,
-            join_grace: Duration::from_secs(3),
+            join_grace: Duration::ZERO,
             dest_timeout: Duration::from_secs(60),
             direct: false,
         }

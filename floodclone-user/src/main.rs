@@ -92,8 +92,10 @@ enum Cmd {
         #[arg(long, value_parser = parse_chunk_size)]
         chunk_size: Option<u32>,
         /// How long to wait for every destination before starting with those present
-        /// (3, 3s, 500ms, 2m; a plain number is seconds).
-        #[arg(long, default_value = "3s", value_parser = parse_duration)]
+        /// (3, 3s, 500ms, 2m; a plain number is seconds). By default the transfer starts
+        /// with the destinations joined at the first tick after one joins (100 ms); each
+        /// later one gets its Welcome as it joins.
+        #[arg(long, default_value = "0s", value_parser = parse_duration)]
         join_grace: Duration,
         /// How long until a destination that never joined, or lost its connection and
         /// did not come back, is given up: reported failed by name, the others finish,

@@ -216,9 +216,9 @@ pub const BLACK_HOLE_COOLDOWN: Duration = Duration::from_secs(1);
 /// full (a tail-drop queue admits theirs and turns away most of its packets; measured on
 /// random-27, such connections lost 38-58% of their packets) went 4 s without a packet
 /// through, was closed and opened again into the same path, and the member joined anew
-/// (a new Welcome over the same path). With `send --join-grace 0`, at 4 s the zero-delay
-/// mesh took 1.21-1.85 x U_min in half its runs; at 10 s, 1.083-1.093 in eight of eight
-/// (README, "Start"). A dead peer's chunks move on sooner than this (the scheduler's
+/// (a new Welcome over the same path). Starting at the first join (the default), at 4 s
+/// the zero-delay mesh took 1.21-1.85 x U_min in half its runs; at 10 s, 1.083-1.093 in
+/// eight of eight (README, "Start"). A dead peer's chunks move on sooner than this (the scheduler's
 /// stall timer, 2 s); what waits for it is routing around a dead relay.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 

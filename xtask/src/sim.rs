@@ -157,6 +157,8 @@ struct SimNode {
     /// Nodes that pull from us, with their pipes (us -> them).
     pipes_out: BTreeMap<usize, usize>,
     done_at: Option<f64>,
+    /// When its Welcome has come and it may pull (the source: 0).
+    starts_at: f64,
 }
 
 impl Pipe {
@@ -271,11 +273,12 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
             pipes_in: BTreeMap::new(),
             pipes_out: BTreeMap::new(),
             done_at: None,
+            starts_at: 0.0,
         })
         .collect();
     let cfg = SchedConfig::new(opts.chunk_bytes);
     let mut q = Queue::default();
-    let start_s = transfer_start_s(topo, &net, chunks);
+    let welcomed_at = welcome_times(topo, &net, chunks);
     let max_neighbours = connect_destinations(
         topo,
         &net,
@@ -285,10 +288,14 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
         &mut nodes,
         &mut pipes,
     );
-    // The source's bitfield reaches each destination once the start is over.
+    // The source's bitfield reaches each destination once its own start is over; until
+    // then it asks nobody for anything (it has no manifest).
+    for (node, &at) in nodes.iter_mut().zip(&welcomed_at) {
+        node.starts_at = at;
+    }
     for p in pipes.iter().filter(|p| p.from == source) {
         q.push(
-            start_s + p.latency,
+            welcomed_at[p.to] + p.latency,
             Ev::Deliver {
                 from: source,
                 to: p.to,
@@ -530,27 +537,30 @@ fn first_hop_views(
         .collect()
 }
 
-/// When the source hands out its first chunk, as the daemon's start goes: every
-/// destination joins (QUIC handshake, the source's half of the token's SPAKE2 exchange in
-/// its first flight, then ours with our proof and the Join: 1.5 round trips to the
-/// source), then gets its Welcome and answers with its View before the source hands out a
-/// chunk. The Welcome carries the manifest (32 bytes a chunk) on a connection still in
-/// slow start: k round trips where k windows, doubling from the initial one, first hold it
-/// (its last bytes arrive half a round trip after they leave, the View takes the other
-/// half). Round trips along the routes; the farthest destination's count.
-fn transfer_start_s(topo: &Topology, net: &Net, chunks: u32) -> f64 {
+/// When each destination can start pulling, as the daemon's start goes (by node; the
+/// source's 0): a destination joins (QUIC handshake, the source's half of the token's
+/// SPAKE2 exchange in its first flight, then ours with our proof and the Join: 1.5 round
+/// trips to the source); the source starts at the first join and welcomes each later
+/// member as it joins. The Welcome carries the manifest (32 bytes a chunk) on a
+/// connection still in slow start: k round trips where k windows, doubling from the
+/// initial one, first hold it (its last bytes arrive half a round trip after they leave,
+/// the View takes the other half). Round trips along the routes. Not modelled: processes
+/// starting (tens of ms on the testbed) and the source's 100 ms tick, at which it notices
+/// the first join.
+fn welcome_times(topo: &Topology, net: &Net, chunks: u32) -> Vec<f64> {
     let manifest_bytes = 32.0 * chunks as f64;
     let mut welcome_round_trips = 1.0;
     while INITIAL_WINDOW_BYTES * (2f64.powf(welcome_round_trips) - 1.0) < manifest_bytes {
         welcome_round_trips += 1.0;
     }
     let source = topo.source();
-    (JOIN_ROUND_TRIPS + welcome_round_trips)
-        * topo
-            .destinations()
-            .iter()
-            .map(|&d| net.one_way(source, d) + net.one_way(d, source))
-            .fold(0.0, f64::max)
+    let mut at = vec![0.0; topo.nodes.len()];
+    for d in topo.destinations() {
+        let rtt = net.one_way(source, d) + net.one_way(d, source);
+        // The first join starts the transfer: nobody's Welcome waits for a later join.
+        at[d] = (JOIN_ROUND_TRIPS + welcome_round_trips) * rtt;
+    }
+    at
 }
 
 /// The control plane: every destination's scheduler, the source's fresh chunks, and how
@@ -717,6 +727,9 @@ impl Members {
 
     /// Polls `node`'s scheduler and sends what it decides.
     fn poll(&mut self, sim: &mut Sim, node: usize, now: f64, q: &mut Queue) {
+        if now < self.nodes[node].starts_at {
+            return;
+        }
         let Some(pl) = self.nodes[node].puller.as_mut() else {
             return;
         };
