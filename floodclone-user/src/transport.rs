@@ -228,7 +228,7 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// as slices of their datagrams' buffers and lets a stream hold up to 2.5 times what it
 /// buffers before it copies them out, so a window of 32 MiB, filled while a destination's
 /// CPU lagged behind a 10 Gbit/s sender, could hold 80 MiB.
-fn transport_config(cc: Congestion, initial_window: u64) -> TransportConfig {
+fn transport_config(cc: Congestion, initial_window: u64, udp_payload: u16) -> TransportConfig {
     let mut t = TransportConfig::default();
     t.stream_receive_window(VarInt::from_u32(4 << 20))
         .receive_window(VarInt::from_u32(16 << 20))
@@ -242,7 +242,8 @@ fn transport_config(cc: Congestion, initial_window: u64) -> TransportConfig {
         ));
     t.congestion_controller_factory(congestion(cc, initial_window));
     let mut mtud = quinn::MtuDiscoveryConfig::default();
-    mtud.black_hole_cooldown(BLACK_HOLE_COOLDOWN);
+    mtud.black_hole_cooldown(BLACK_HOLE_COOLDOWN)
+        .upper_bound(udp_payload);
     t.mtu_discovery_config(Some(mtud));
     t
 }
@@ -255,8 +256,12 @@ const ACK_ELICITING_THRESHOLD: u32 = 4;
 /// only toward it, so all it sends us is its control stream. Small windows and no chunk
 /// streams mean a stranger that has not yet proven the token holds next to nothing of
 /// ours (the full windows were granted before authentication: 16 MiB per connection).
-fn accepting_transport_config(cc: Congestion, initial_window: u64) -> TransportConfig {
-    let mut t = transport_config(cc, initial_window);
+fn accepting_transport_config(
+    cc: Congestion,
+    initial_window: u64,
+    udp_payload: u16,
+) -> TransportConfig {
+    let mut t = transport_config(cc, initial_window, udp_payload);
     // The chunk streams flow from here: ask the receiver to acknowledge every 5th packet
     // rather than every 2nd (each ACK is a packet to build, encrypt, send, receive and
     // process at both ends).
@@ -316,11 +321,16 @@ pub fn endpoint_with(
         .with_single_cert(vec![cert_der], key.into())
         .map_err(tls)?;
     server_tls.alpn_protocols = vec![ALPN.to_vec()];
-    let transport = Arc::new(transport_config(cc, initial_window));
+    let udp_payload = largest_udp_payload();
+    let transport = Arc::new(transport_config(cc, initial_window, udp_payload));
     let mut server = ServerConfig::with_crypto(Arc::new(
         QuicServerConfig::try_from(server_tls).map_err(|e| TransportError::Tls(e.to_string()))?,
     ));
-    server.transport_config(Arc::new(accepting_transport_config(cc, initial_window)));
+    server.transport_config(Arc::new(accepting_transport_config(
+        cc,
+        initial_window,
+        udp_payload,
+    )));
 
     let mut client_tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -343,17 +353,141 @@ pub fn endpoint_with(
             floodclone_common::SPIN_DCID_LEN,
         ))
     });
-    let socket = bind_udp(port).map_err(|source| TransportError::Bind { port, source })?;
+    // Peers may send us packets as large as our interfaces carry.
+    ep_config
+        .max_udp_payload_size(udp_payload)
+        .expect("largest_udp_payload is within QUIC's limits");
+    let bind_err = |source| TransportError::Bind { port, source };
+    let socket = bind_udp(port).map_err(bind_err)?;
     enlarge_socket_buffers(&socket);
-    let mut ep = Endpoint::new(
-        ep_config,
-        Some(server),
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(|source| TransportError::Bind { port, source })?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    use quinn::Runtime as _;
+    let socket = BoundedBatches {
+        inner: runtime.wrap_udp_socket(socket).map_err(bind_err)?,
+        max_segments: MAX_GSO_BYTES / udp_payload as usize,
+    };
+    let mut ep =
+        Endpoint::new_with_abstract_socket(ep_config, Some(server), Arc::new(socket), runtime)
+            .map_err(bind_err)?;
     ep.set_default_client_config(client);
     Ok(ep)
+}
+
+/// The UDP payload of a frame of Ethernet's 1500 bytes (IPv6 and UDP headers off): what
+/// every path carries, and quinn's default bound for MTU discovery.
+pub const ETHERNET_UDP_PAYLOAD: u16 = 1452;
+/// IPv6 and UDP headers: what a frame of `mtu` bytes leaves for a QUIC packet.
+const IP_UDP_HEADERS: u32 = 48;
+/// Bytes one segmented UDP send may carry in all (the IP length field's limit, headers
+/// off).
+const MAX_GSO_BYTES: usize = 65_535 - IP_UDP_HEADERS as usize;
+
+/// The largest UDP payload this host's interfaces carry (the loopback aside), at least
+/// [`ETHERNET_UDP_PAYLOAD`]: MTU discovery searches up to it, so on 9000-byte (jumbo)
+/// links QUIC packets grow to 8952 bytes and a gigabyte takes a sixth of the packets to
+/// build, seal, send, receive and open. A path whose hops carry less is found by the
+/// search (its probes are lost); the bound only saves probing where no interface could.
+pub fn largest_udp_payload() -> u16 {
+    let mtu = interface_mtus().into_iter().max().unwrap_or(0);
+    (mtu.saturating_sub(IP_UDP_HEADERS) as u16).clamp(ETHERNET_UDP_PAYLOAD, 65_527)
+}
+
+/// MTUs of the interfaces that are up, the loopback aside (in this network namespace).
+fn interface_mtus() -> Vec<u32> {
+    // SAFETY: if_nameindex returns a list ending in a zeroed entry, freed below; each name
+    // is a NUL-terminated string of at most IFNAMSIZ bytes.
+    let names = unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return Vec::new();
+        }
+        let mut names = Vec::new();
+        let mut at = list;
+        while (*at).if_index != 0 {
+            names.push(std::ffi::CStr::from_ptr((*at).if_name).to_bytes().to_vec());
+            at = at.add(1);
+        }
+        libc::if_freenameindex(list);
+        names
+    };
+    // SAFETY: a plain datagram socket for the interface ioctls, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Vec::new();
+    }
+    let mut mtus = Vec::new();
+    for name in names.iter().filter(|n| n.len() < libc::IFNAMSIZ) {
+        // SAFETY: ifreq is plain data; the name fits with its NUL (checked above), and
+        // each ioctl fills the union member it names.
+        unsafe {
+            let mut req: libc::ifreq = std::mem::zeroed();
+            for (dst, &b) in req.ifr_name.iter_mut().zip(name.iter()) {
+                *dst = b as libc::c_char;
+            }
+            if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) != 0 {
+                continue;
+            }
+            let flags = req.ifr_ifru.ifru_flags as libc::c_int;
+            if flags & libc::IFF_LOOPBACK != 0 || flags & libc::IFF_UP == 0 {
+                continue;
+            }
+            if libc::ioctl(fd, libc::SIOCGIFMTU, &mut req) == 0 {
+                mtus.push(req.ifr_ifru.ifru_mtu as u32);
+            }
+        }
+    }
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd) };
+    mtus
+}
+
+/// quinn's socket, sending batches no larger than one segmented UDP send may be. quinn
+/// puts up to 10 packets in a batch whatever their size: ten of 8952 bytes exceed the
+/// 65,487 bytes one send can carry, the kernel refuses the send (EMSGSIZE), and quinn-udp,
+/// which expects that error only of MTU probes, drops the whole batch silently. On a
+/// 9000-byte link that read as heavy loss and held the default controller and BBR to ~3
+/// MB/s (session 21); 7 packets a batch there.
+#[derive(Debug)]
+struct BoundedBatches {
+    inner: Arc<dyn quinn::AsyncUdpSocket>,
+    max_segments: usize,
+}
+
+impl quinn::AsyncUdpSocket for BoundedBatches {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner
+            .max_transmit_segments()
+            .min(self.max_segments.max(1))
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
 }
 
 /// Sets an int socket option.
