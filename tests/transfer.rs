@@ -171,37 +171,51 @@ fn large_file_moves_with_bounded_memory() {
 }
 
 #[test]
-fn jumbo_links_carry_jumbo_quic_packets() {
-    if !root_or_skip("jumbo_links_carry_jumbo_quic_packets") {
+fn the_mtu_search_reaches_the_largest_interface_mtu() {
+    if !root_or_skip("the_mtu_search_reaches_the_largest_interface_mtu") {
         return;
     }
-    // On 9000-byte links MTU discovery takes QUIC packets to 8952 bytes, and a batch of
-    // them still fits one segmented send (ten did not: the kernel refused the send and the
-    // whole batch was lost). Per-packet headers then take a sixth of what they take on
-    // 1500-byte links, and the wire carries ~5% fewer bytes for the same file.
-    let wire_copies = |mtu: u32| {
-        let topo = Topology::parse(
-            "one-link",
-            &format!(
-                r#"mtu = {mtu}
-                   node = [{{name="s",role="source"}},{{name="d1",role="dest"}}]
-                   link = [{{a="s",b="d1",mbit=1000}}]"#
-            ),
-        )
-        .unwrap();
-        let report = transfer(&topo, &RunOptions::new(64 * MIB));
-        report
-            .link_copies
-            .iter()
-            .find(|(f, t, _)| f == "s" && t == "d1")
-            .map_or(0.0, |l| l.2)
+    // QUIC packets grow to what the host's own links carry (8952 bytes on 9000-byte
+    // links, a sixth of the packets per byte), and no further than Ethernet's where no
+    // link carries more; the loopback does not count. The wire's own count of a jumbo
+    // transfer's packets is in the gigabit bench (README, "QUIC packets as large as the
+    // links carry").
+    let ns = format!("fc-mtu-{}", std::process::id());
+    let ip = |args: &str| {
+        let ok = std::process::Command::new("ip")
+            .args(args.split_whitespace())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip {args}");
     };
-    let (ethernet, jumbo) = (wire_copies(1500), wire_copies(9000));
-    assert!(
-        jumbo < ethernet - 0.03,
-        "s -> d1 carried {jumbo:.3} copies of the file with 9000-byte frames and \
-         {ethernet:.3} with 1500-byte ones: QUIC packets did not grow"
-    );
+    struct Gone(String);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .status();
+        }
+    }
+    ip(&format!("netns add {ns}"));
+    let _gone = Gone(ns.clone());
+    ip(&format!("-n {ns} link set lo up"));
+    let in_ns = |ns: &str| {
+        let path = format!("/run/netns/{ns}");
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(path).unwrap();
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on this thread only, with a namespace file we hold open.
+            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            floodclone::transport::largest_udp_payload()
+        })
+        .join()
+        .unwrap()
+    };
+    assert_eq!(in_ns(&ns), 1452, "only the loopback: Ethernet's bound");
+    ip(&format!("-n {ns} link add name ja type veth peer name jb"));
+    ip(&format!("-n {ns} link set ja mtu 9000 up"));
+    ip(&format!("-n {ns} link set jb mtu 9000 up"));
+    assert_eq!(in_ns(&ns), 8952, "9000-byte links: 8952-byte QUIC packets");
 }
 
 #[test]

@@ -364,7 +364,7 @@ pub fn endpoint_with(
     use quinn::Runtime as _;
     let socket = BoundedBatches {
         inner: runtime.wrap_udp_socket(socket).map_err(bind_err)?,
-        max_segments: MAX_GSO_BYTES / udp_payload as usize,
+        max_segments: segments_per_send(udp_payload),
     };
     let mut ep =
         Endpoint::new_with_abstract_socket(ep_config, Some(server), Arc::new(socket), runtime)
@@ -441,6 +441,11 @@ fn interface_mtus() -> Vec<u32> {
     mtus
 }
 
+/// Packets of `udp_payload` bytes one segmented send may carry.
+fn segments_per_send(udp_payload: u16) -> usize {
+    (MAX_GSO_BYTES / udp_payload.max(1) as usize).max(1)
+}
+
 /// quinn's socket, sending batches no larger than one segmented UDP send may be. quinn
 /// puts up to 10 packets in a batch whatever their size: ten of 8952 bytes exceed the
 /// 65,487 bytes one send can carry, the kernel refuses the send (EMSGSIZE), and quinn-udp,
@@ -476,9 +481,7 @@ impl quinn::AsyncUdpSocket for BoundedBatches {
     }
 
     fn max_transmit_segments(&self) -> usize {
-        self.inner
-            .max_transmit_segments()
-            .min(self.max_segments.max(1))
+        self.inner.max_transmit_segments().min(self.max_segments)
     }
 
     fn max_receive_segments(&self) -> usize {
@@ -845,6 +848,21 @@ pub async fn dial(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_fits_one_udp_send() {
+        // quinn's own cap (10) applies at Ethernet sizes; jumbo packets go 7 at a time.
+        assert!(segments_per_send(ETHERNET_UDP_PAYLOAD) >= 10);
+        assert_eq!(segments_per_send(8952), 7);
+        for payload in [1200, 1452, 4000, 8952, 9000, 65_527] {
+            let n = segments_per_send(payload);
+            // One packet is no segmented send: any size QUIC allows.
+            assert!(
+                n == 1 || n * payload as usize <= MAX_GSO_BYTES,
+                "{payload}: {n}"
+            );
+        }
+    }
 
     /// A dialer with `dialer_token` meets an acceptor with `acceptor_token` over loopback
     /// (the acceptor taking the connection at 0.5-RTT, as the node does); the dialer sends
