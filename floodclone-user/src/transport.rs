@@ -10,7 +10,8 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use quinn::{
     crypto::rustls::{QuicClientConfig, QuicServerConfig},
-    ClientConfig, Connection, Endpoint, EndpointConfig, ServerConfig, TransportConfig, VarInt,
+    ClientConfig, Connection, Endpoint, EndpointConfig, Runtime as _, ServerConfig,
+    TransportConfig, VarInt,
 };
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -218,8 +219,8 @@ pub const BLACK_HOLE_COOLDOWN: Duration = Duration::from_secs(1);
 /// through, was closed and opened again into the same path, and the member joined anew
 /// (a new Welcome over the same path). Starting at the first join (the default), at 4 s
 /// the zero-delay mesh took 1.21-1.85 x U_min in half its runs; at 10 s, 1.083-1.093 in
-/// eight of eight (README, "Start"). A dead peer's chunks move on sooner than this (the scheduler's
-/// stall timer, 2 s); what waits for it is routing around a dead relay.
+/// eight of eight (README, "Start"). A dead peer's chunks move on sooner than this (the
+/// scheduler's stall timer, 2 s); what waits for it is routing around a dead relay.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Transport parameters: windows sized for the bandwidth-delay product of fast links with
@@ -361,7 +362,6 @@ pub fn endpoint_with(
     let socket = bind_udp(port).map_err(bind_err)?;
     enlarge_socket_buffers(&socket);
     let runtime = Arc::new(quinn::TokioRuntime);
-    use quinn::Runtime as _;
     let socket = BoundedBatches {
         inner: runtime.wrap_udp_socket(socket).map_err(bind_err)?,
         max_segments: segments_per_send(udp_payload),
@@ -389,7 +389,8 @@ const MAX_GSO_BYTES: usize = 65_535 - IP_UDP_HEADERS as usize;
 /// search (its probes are lost); the bound only saves probing where no interface could.
 pub fn largest_udp_payload() -> u16 {
     let mtu = interface_mtus().into_iter().max().unwrap_or(0);
-    (mtu.saturating_sub(IP_UDP_HEADERS) as u16).clamp(ETHERNET_UDP_PAYLOAD, 65_527)
+    let payload = mtu.saturating_sub(IP_UDP_HEADERS).min(65_527) as u16;
+    payload.max(ETHERNET_UDP_PAYLOAD)
 }
 
 /// MTUs of the interfaces that are up, the loopback aside (in this network namespace).
