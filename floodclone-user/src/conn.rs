@@ -149,8 +149,9 @@ pub struct ConnHandle {
 /// opens streams and never reads them holds this much of our memory (and quinn's send
 /// window, 16 MiB), no more. quinn's window is what keeps the path busy (1 Gbit/s x 134
 /// ms); this only has to cover reading the next chunk while it drains. At 64 MiB a relay
-/// serving a neighbour that lagged behind held 80 MiB of chunks for it (a 10 Gbit/s chain:
-/// peak RSS 138 MiB).
+/// serving a neighbour that lagged behind could hold 80 MiB of chunks for it: the likely
+/// source, with the receive window ([`crate::transport`]), of a 138 MiB peak seen once on
+/// a 10 Gbit/s chain (not reproduced since).
 const MAX_WRITING_BYTES: u64 = 8 << 20;
 
 /// The chunk ids queued to serve on one connection, counted (so a peer cannot queue

@@ -266,6 +266,7 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
     }
 
     let mut pipes: Vec<Pipe> = Vec::new();
+    let welcomed_at = welcome_times(topo, &net, chunks);
     let mut nodes: Vec<SimNode> = (0..n)
         .map(|i| SimNode {
             member: member_of[i],
@@ -273,12 +274,11 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
             pipes_in: BTreeMap::new(),
             pipes_out: BTreeMap::new(),
             done_at: None,
-            starts_at: 0.0,
+            starts_at: welcomed_at[i],
         })
         .collect();
     let cfg = SchedConfig::new(opts.chunk_bytes);
     let mut q = Queue::default();
-    let welcomed_at = welcome_times(topo, &net, chunks);
     let max_neighbours = connect_destinations(
         topo,
         &net,
@@ -290,9 +290,6 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
     );
     // The source's bitfield reaches each destination once its own start is over; until
     // then it asks nobody for anything (it has no manifest).
-    for (node, &at) in nodes.iter_mut().zip(&welcomed_at) {
-        node.starts_at = at;
-    }
     for p in pipes.iter().filter(|p| p.from == source) {
         q.push(
             welcomed_at[p.to] + p.latency,
