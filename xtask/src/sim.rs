@@ -317,7 +317,6 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
     }
     q.push(TICK_S, Ev::Tick);
 
-    let mut events = 0u64;
     let mut sim = Sim {
         scratch: Scratch::new(pipes.len(), caps.len()),
         pipes: &mut pipes,
@@ -335,49 +334,7 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
         fresh: floodclone_sched::FreshServer::new(chunks),
         remaining: topo.destinations().len(),
     };
-    while let Some((now, ev)) = q.pop() {
-        if now > opts.horizon_s || members.remaining == 0 {
-            break;
-        }
-        events += 1;
-        // The node whose scheduler must be polled after this event.
-        let poll = match ev {
-            Ev::Tick => {
-                members.on_tick(&mut sim);
-                q.push(now + TICK_S, Ev::Tick);
-                None
-            }
-            Ev::Capacity { dirlink, bps } => {
-                sim.caps[dirlink] = bps;
-                if let Some(&p) = sim.on_link[dirlink].first() {
-                    sim.activity_changed(p, now, &mut q);
-                }
-                None
-            }
-            Ev::Reshare => {
-                let changed = std::mem::take(&mut sim.changed);
-                sim.reshare(&changed, now, &mut q);
-                None
-            }
-            Ev::Deliver { from, to, msg } => {
-                members.on_deliver(&mut sim, (from, to, msg), now, &mut q)
-            }
-            Ev::PipeDone { pipe, version } => {
-                sim.pipe_done(pipe, version, now, &mut q);
-                None
-            }
-            Ev::ChunkStart { pipe, chunk } => {
-                members.on_chunk_start(&mut sim, pipe, chunk, now, &mut q);
-                None
-            }
-            Ev::ChunkArrive { pipe, chunk } => {
-                members.on_chunk_arrive(&mut sim, pipe, chunk, now, &mut q)
-            }
-        };
-        if let Some(node) = poll {
-            members.poll(&mut sim, node, now, &mut q);
-        }
-    }
+    let events = members.run(&mut sim, &mut q, opts.horizon_s);
     drop(sim);
     Ok(report(
         topo,
@@ -720,6 +677,52 @@ impl Members {
         }
         announce(&self.nodes, sim.pipes, to, Msg::Have(chunk), now, q);
         Some(to)
+    }
+
+    /// Runs the events until every destination is done or `horizon_s`; returns how many
+    /// ran.
+    fn run(&mut self, sim: &mut Sim, q: &mut Queue, horizon_s: f64) -> u64 {
+        let mut events = 0u64;
+        while let Some((now, ev)) = q.pop() {
+            if now > horizon_s || self.remaining == 0 {
+                break;
+            }
+            events += 1;
+            // The node whose scheduler must be polled after this event.
+            let poll = match ev {
+                Ev::Tick => {
+                    self.on_tick(sim);
+                    q.push(now + TICK_S, Ev::Tick);
+                    None
+                }
+                Ev::Capacity { dirlink, bps } => {
+                    sim.caps[dirlink] = bps;
+                    if let Some(&p) = sim.on_link[dirlink].first() {
+                        sim.activity_changed(p, now, q);
+                    }
+                    None
+                }
+                Ev::Reshare => {
+                    let changed = std::mem::take(&mut sim.changed);
+                    sim.reshare(&changed, now, q);
+                    None
+                }
+                Ev::Deliver { from, to, msg } => self.on_deliver(sim, (from, to, msg), now, q),
+                Ev::PipeDone { pipe, version } => {
+                    sim.pipe_done(pipe, version, now, q);
+                    None
+                }
+                Ev::ChunkStart { pipe, chunk } => {
+                    self.on_chunk_start(sim, pipe, chunk, now, q);
+                    None
+                }
+                Ev::ChunkArrive { pipe, chunk } => self.on_chunk_arrive(sim, pipe, chunk, now, q),
+            };
+            if let Some(node) = poll {
+                self.poll(sim, node, now, q);
+            }
+        }
+        events
     }
 
     /// Polls `node`'s scheduler and sends what it decides.
