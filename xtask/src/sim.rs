@@ -1042,18 +1042,46 @@ impl Sim<'_> {
         // Dense scratch arrays stamped per call: this runs on every pipe that starts or
         // stops, over components of thousands of pipes in large router networks.
         self.scratch.stamp += 1;
-        let stamp = self.scratch.stamp;
+        let (active, links) = self.component(starts);
+        for &p in &active {
+            let pp = &mut self.pipes[p];
+            if pp.rate > 0.0 {
+                pp.remaining_bits = (pp.remaining_bits - pp.rate * (now - pp.updated)).max(0.0);
+            }
+            pp.updated = now;
+        }
+        self.fill(&links);
+        for &p in &active {
+            let pp = &mut self.pipes[p];
+            let new = self.scratch.rate[p].max(1.0);
+            // Unchanged rate, same head: its completion event still holds (a pipe that
+            // started had rate 0 until now, so it is always timed here).
+            if (new - pp.rate).abs() <= 1e-9 * new {
+                continue;
+            }
+            pp.rate = new;
+            pp.version += 1;
+            q.push(
+                now + pp.remaining_bits / pp.rate,
+                Ev::PipeDone {
+                    pipe: p,
+                    version: pp.version,
+                },
+            );
+        }
+    }
+
+    /// The components to re-share: the active pipes reachable through shared link
+    /// directions from `starts` (which may just have gone idle: their links are then
+    /// freed), and those link directions.
+    fn component(&mut self, starts: &[usize]) -> (Vec<usize>, Vec<usize>) {
         let Scratch {
+            stamp,
             pipe_seen,
             link_seen,
-            frozen,
-            frozen_bps,
-            unfrozen,
-            rate,
             ..
         } = &mut self.scratch;
-        // The components: active pipes reachable through shared link directions, starting
-        // from `starts` (which may just have gone idle: their links are then freed).
+        let stamp = *stamp;
         let mut active: Vec<usize> = Vec::new();
         let mut links: Vec<usize> = Vec::new();
         let mut stack = Vec::new();
@@ -1080,20 +1108,27 @@ impl Sim<'_> {
                 }
             }
         }
-        for &p in &active {
-            let pp = &mut self.pipes[p];
-            if pp.rate > 0.0 {
-                pp.remaining_bits = (pp.remaining_bits - pp.rate * (now - pp.updated)).max(0.0);
-            }
-            pp.updated = now;
-        }
-        // Progressive filling, one link at a time: the pipes not yet frozen all run at a
-        // common level; the link that fills first at the lowest level freezes its pipes
-        // there. A heap of each link's filling level (stale entries skipped) makes this
-        // O(pipes x path x log links), where raising every pipe by the smallest increment
-        // per round was O(links) rounds: too slow for the giant components of networks
-        // whose members share router links.
-        for &l in &links {
+        (active, links)
+    }
+
+    /// Max-min fair rates (into the scratch `rate`) of the active pipes on `links`, by
+    /// progressive filling one link at a time: the pipes not yet frozen all run at a
+    /// common level; the link that fills first at the lowest level freezes its pipes
+    /// there. A heap of each link's filling level (stale entries skipped) makes this
+    /// O(pipes x path x log links), where raising every pipe by the smallest increment per
+    /// round was O(links) rounds: too slow for the giant components of networks whose
+    /// members share router links.
+    fn fill(&mut self, links: &[usize]) {
+        let Scratch {
+            stamp,
+            frozen,
+            frozen_bps,
+            unfrozen,
+            rate,
+            ..
+        } = &mut self.scratch;
+        let stamp = *stamp;
+        for &l in links {
             frozen_bps[l] = 0.0;
             unfrozen[l] = self.active.on[l].len();
         }
@@ -1130,24 +1165,6 @@ impl Sim<'_> {
                     }
                 }
             }
-        }
-        for &p in &active {
-            let pp = &mut self.pipes[p];
-            let new = rate[p].max(1.0);
-            // Unchanged rate, same head: its completion event still holds (a pipe that
-            // started had rate 0 until now, so it is always timed here).
-            if (new - pp.rate).abs() <= 1e-9 * new {
-                continue;
-            }
-            pp.rate = new;
-            pp.version += 1;
-            q.push(
-                now + pp.remaining_bits / pp.rate,
-                Ev::PipeDone {
-                    pipe: p,
-                    version: pp.version,
-                },
-            );
         }
     }
 }

@@ -384,106 +384,28 @@ impl Destination {
         let from = node.conns.peer(key);
         // Holdings and fetches count only as told on the connection we pull over.
         let pulled_over = from.filter(|&p| node.conns.dialed_to(p).is_some_and(|c| c.key == key));
-        // What only the source may say counts only on the connection we dialed to it: a
-        // token holder that dials us cannot hand us another file, member list or ending.
-        let from_source = pulled_over == Some(SOURCE);
         match msg {
-            Msg::Welcome {
-                you,
-                manifest,
-                members,
-                relay,
-            } if from_source => {
-                tracing::debug!(at_ms = (node.now() * 1e3) as u64, "welcome received");
-                return self.on_welcome(
-                    node,
-                    HeldWelcome {
-                        you,
-                        manifest,
-                        members,
-                        relay,
-                    },
-                );
+            // What only the source may say counts only on the connection we dialed to it: a
+            // token holder that dials us cannot hand us another file, member list or ending.
+            Msg::Welcome { .. }
+            | Msg::Hashes { .. }
+            | Msg::Members { .. }
+            | Msg::FreshGrant { .. }
+            | Msg::TracePaths { .. }
+            | Msg::CleanSenders { .. }
+            | Msg::SwarmDone
+                if pulled_over == Some(SOURCE) =>
+            {
+                return self.on_source_msg(node, msg)
             }
-            Msg::Hashes {
-                first,
-                hashes,
-                file_hash,
-            } if from_source => return self.on_hashes(node, first, &hashes, file_hash),
-            Msg::Members { members } if from_source => {
-                if let Some(held) = self.held_welcome.as_mut() {
-                    held.members = members.clone();
-                }
-                self.members = with_source_addr(members, self.cfg.source);
-                let _ = self.gateway_checks.drop_refuted(&mut self.members);
-                self.rediscover_needed = self.me != JOINING;
-            }
+            Msg::Bitfield { .. }
+            | Msg::Have { .. }
+            | Msg::Fetching { .. }
+            | Msg::FetchingBeyond { .. }
+            | Msg::DontHave { .. }
+            | Msg::SourceDistance { .. } => self.on_holdings_msg(node, from, pulled_over, msg),
             Msg::Hello { id } => {
                 node.conns.bind(key, id);
-            }
-            Msg::Bitfield { bits } => {
-                if let (Some(p), Some(pl)) = (pulled_over, self.puller.as_mut()) {
-                    for c in ChunkSet::from_bytes(pl.have().len(), &bits).iter() {
-                        pl.peer_has(p, c);
-                    }
-                }
-            }
-            Msg::Have { chunk } => {
-                if let (Some(p), Some(pl)) = (pulled_over, self.puller.as_mut()) {
-                    pl.peer_has(p, chunk);
-                }
-            }
-            Msg::FreshGrant { chunks, exhausted } if from_source => {
-                tracing::trace!(target: "floodclone::chunks", peer = ?from, ?chunks, exhausted, "fresh granted");
-                if let (Some(p), Some(pl)) = (from, self.puller.as_mut()) {
-                    pl.fresh_granted(p, &chunks, exhausted, node.now());
-                    if !chunks.is_empty() {
-                        node.announce(Msg::Fetching { chunks });
-                    }
-                }
-            }
-            Msg::SourceDistance { hops } => {
-                if let (Some(p), Some(pl)) = (from, self.puller.as_mut()) {
-                    pl.peer_source_distance(p, hops);
-                }
-            }
-            // Path checks come from the source, on the connection we dialed to it.
-            Msg::TracePaths { to } if from_source => {
-                let (members, local) = (self.members.clone(), self.local.clone());
-                tokio::spawn(async move {
-                    let _ = local.send(Local::Traced(trace::check_paths(to, members).await));
-                });
-            }
-            Msg::CleanSenders { ids } if from_source => {
-                self.rediscover_needed |= ids != self.clean_senders;
-                self.clean_senders = ids;
-            }
-            Msg::Fetching { chunks } => {
-                if let (Some(p), Some(pl)) = (pulled_over, self.puller.as_mut()) {
-                    let now = node.now();
-                    for &c in &chunks {
-                        pl.peer_fetching(p, c, now);
-                    }
-                    // One hop further (see `Puller::peer_fetching_beyond`): what we lack
-                    // will soon be near us.
-                    let beyond = pl.pass_on_fetching(&chunks);
-                    if !beyond.is_empty() {
-                        node.announce_beyond(Msg::FetchingBeyond { chunks: beyond }, p);
-                    }
-                }
-            }
-            Msg::FetchingBeyond { chunks } => {
-                if let (Some(p), Some(pl)) = (pulled_over, self.puller.as_mut()) {
-                    let now = node.now();
-                    for c in chunks {
-                        pl.peer_fetching_beyond(p, c, now);
-                    }
-                }
-            }
-            Msg::DontHave { chunk } => {
-                if let (Some(p), Some(pl)) = (from, self.puller.as_mut()) {
-                    pl.dont_have(p, chunk);
-                }
             }
             // Only a source hands out fresh chunks.
             Msg::RequestFresh { .. } => {
@@ -491,7 +413,6 @@ impl Destination {
                     c.close(CLOSE_PROTOCOL, b"not a source");
                 }
             }
-            Msg::SwarmDone if from_source && self.complete.is_some() => return Step::Stop(Ok(())),
             // Someone dialed one of our addresses to check that we claimed it: the nonce
             // goes back on our own connection to the source (`crate::claims`), and this
             // connection has served its purpose (one answer per handshake, for a flooder).
@@ -508,6 +429,114 @@ impl Destination {
             _ => {}
         }
         Step::Continue
+    }
+
+    /// A message only the source may send, on the connection we dialed to it.
+    fn on_source_msg(&mut self, node: &mut Node, msg: Msg) -> Step {
+        match msg {
+            Msg::Welcome {
+                you,
+                manifest,
+                members,
+                relay,
+            } => {
+                tracing::debug!(at_ms = (node.now() * 1e3) as u64, "welcome received");
+                return self.on_welcome(
+                    node,
+                    HeldWelcome {
+                        you,
+                        manifest,
+                        members,
+                        relay,
+                    },
+                );
+            }
+            Msg::Hashes {
+                first,
+                hashes,
+                file_hash,
+            } => return self.on_hashes(node, first, &hashes, file_hash),
+            Msg::Members { members } => {
+                if let Some(held) = self.held_welcome.as_mut() {
+                    held.members = members.clone();
+                }
+                self.members = with_source_addr(members, self.cfg.source);
+                let _ = self.gateway_checks.drop_refuted(&mut self.members);
+                self.rediscover_needed = self.me != JOINING;
+            }
+            Msg::FreshGrant { chunks, exhausted } => {
+                tracing::trace!(target: "floodclone::chunks", peer = ?Some(SOURCE), ?chunks, exhausted, "fresh granted");
+                if let Some(pl) = self.puller.as_mut() {
+                    pl.fresh_granted(SOURCE, &chunks, exhausted, node.now());
+                    if !chunks.is_empty() {
+                        node.announce(Msg::Fetching { chunks });
+                    }
+                }
+            }
+            Msg::TracePaths { to } => {
+                let (members, local) = (self.members.clone(), self.local.clone());
+                tokio::spawn(async move {
+                    let _ = local.send(Local::Traced(trace::check_paths(to, members).await));
+                });
+            }
+            Msg::CleanSenders { ids } => {
+                self.rediscover_needed |= ids != self.clean_senders;
+                self.clean_senders = ids;
+            }
+            Msg::SwarmDone if self.complete.is_some() => return Step::Stop(Ok(())),
+            _ => {}
+        }
+        Step::Continue
+    }
+
+    /// What a neighbour holds or is fetching, from connection peer `from`; holdings and
+    /// fetches count only as told on the connection we pull over (`pulled_over`).
+    fn on_holdings_msg(
+        &mut self,
+        node: &mut Node,
+        from: Option<MemberId>,
+        pulled_over: Option<MemberId>,
+        msg: Msg,
+    ) {
+        let Some(pl) = self.puller.as_mut() else {
+            return;
+        };
+        let now = node.now();
+        match (msg, pulled_over) {
+            (Msg::Bitfield { bits }, Some(p)) => {
+                for c in ChunkSet::from_bytes(pl.have().len(), &bits).iter() {
+                    pl.peer_has(p, c);
+                }
+            }
+            (Msg::Have { chunk }, Some(p)) => pl.peer_has(p, chunk),
+            (Msg::Fetching { chunks }, Some(p)) => {
+                for &c in &chunks {
+                    pl.peer_fetching(p, c, now);
+                }
+                // One hop further (see `Puller::peer_fetching_beyond`): what we lack will
+                // soon be near us.
+                let beyond = pl.pass_on_fetching(&chunks);
+                if !beyond.is_empty() {
+                    node.announce_beyond(Msg::FetchingBeyond { chunks: beyond }, p);
+                }
+            }
+            (Msg::FetchingBeyond { chunks }, Some(p)) => {
+                for c in chunks {
+                    pl.peer_fetching_beyond(p, c, now);
+                }
+            }
+            (Msg::DontHave { chunk }, _) => {
+                if let Some(p) = from {
+                    pl.dont_have(p, chunk);
+                }
+            }
+            (Msg::SourceDistance { hops }, _) => {
+                if let Some(p) = from {
+                    pl.peer_source_distance(p, hops);
+                }
+            }
+            _ => {}
+        }
     }
 
     /// The source's Welcome: the file (the store and the scheduler start here) and the
