@@ -593,6 +593,12 @@ fn main() -> Result<()> {
             if !testbed::is_root() {
                 eprintln!("note: not root: tests that need network namespaces or BPF will skip");
             }
+            // The binary the tests run, built first: `cargo test` builds the workspace with
+            // every member's dependency features unified, so the tests' own build of the
+            // binary (`floodclone_binary`, floodclone-user's features only) otherwise
+            // recompiled ring, rustls and quinn in the middle of the first test suite,
+            // taking both cores for ~40 s from tests that wait with deadlines.
+            build_floodclone()?;
             let mut full = vec!["test", "--release"];
             full.extend(args.iter().map(String::as_str));
             cargo(&full)?;
