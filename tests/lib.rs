@@ -30,11 +30,14 @@ pub fn root_or_skip(test: &str) -> bool {
     }
 }
 
-/// The release `floodclone` binary, built once per test process.
+/// The release `floodclone` binary: the one `cargo xtask test` built, else built once per
+/// test process.
 pub fn floodclone_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| floodclone_testbed::build::floodclone_binary().expect("building floodclone"))
-        .clone()
+    BIN.get_or_init(|| {
+        floodclone_testbed::build::floodclone_binary_for_tests().expect("building floodclone")
+    })
+    .clone()
 }
 
 /// Sends TCP from node `from` to node `to` for `secs`; returns the payload rate in Mbit/s

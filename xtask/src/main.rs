@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use floodclone_events::units::parse_size;
 use floodclone_testbed::{
     bound,
-    build::{cargo, floodclone_binary as build_floodclone, workspace_root},
+    build::{cargo_with_env, floodclone_binary as build_floodclone, workspace_root},
     netns as testbed, run, setup, Testbed, Topology,
 };
 
@@ -593,15 +593,18 @@ fn main() -> Result<()> {
             if !testbed::is_root() {
                 eprintln!("note: not root: tests that need network namespaces or BPF will skip");
             }
-            // The binary the tests run, built first: `cargo test` builds the workspace with
-            // every member's dependency features unified, so the tests' own build of the
-            // binary (`floodclone_binary`, floodclone-user's features only) otherwise
-            // recompiled ring, rustls and quinn in the middle of the first test suite,
-            // taking both cores for ~40 s from tests that wait with deadlines.
-            build_floodclone()?;
+            // The binary the tests run, built first and named to them: left to the tests,
+            // its build (floodclone-user's own dependency features, where `cargo test`
+            // unifies every member's, and another environment) recompiled ring, rustls and
+            // quinn in the middle of the first test suite, taking both cores for ~40 s
+            // from tests that wait with deadlines.
+            let bin = build_floodclone()?;
             let mut full = vec!["test", "--release"];
             full.extend(args.iter().map(String::as_str));
-            cargo(&full)?;
+            cargo_with_env(
+                &full,
+                &[(floodclone_testbed::build::BIN_ENV, bin.as_os_str())],
+            )?;
         }
     }
     Ok(())

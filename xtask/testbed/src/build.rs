@@ -17,8 +17,14 @@ pub fn workspace_root() -> PathBuf {
 
 /// Runs `cargo ARGS` in the workspace root.
 pub fn cargo(args: &[&str]) -> Result<()> {
+    cargo_with_env(args, &[])
+}
+
+/// [`cargo`] with these variables set for it.
+pub fn cargo_with_env(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Result<()> {
     let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(workspace_root())
         .status()
         .context("running cargo")?;
@@ -26,6 +32,19 @@ pub fn cargo(args: &[&str]) -> Result<()> {
         bail!("cargo {} failed ({st})", args.join(" "));
     }
     Ok(())
+}
+
+/// The variable through which `cargo xtask test` names the binary it built to the tests
+/// ([`floodclone_binary_for_tests`]).
+pub const BIN_ENV: &str = "FLOODCLONE_TEST_BIN";
+
+/// The binary the tests run: the one `cargo xtask test` built and named in [`BIN_ENV`],
+/// else [`floodclone_binary`] (a plain `cargo test`).
+pub fn floodclone_binary_for_tests() -> Result<PathBuf> {
+    match std::env::var_os(BIN_ENV) {
+        Some(path) => Ok(PathBuf::from(path)),
+        None => floodclone_binary(),
+    }
 }
 
 /// Setup, then the release `floodclone` binary; returns its path.
