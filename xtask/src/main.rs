@@ -52,81 +52,11 @@ enum Cmd {
     },
     /// Setup, build, then one real transfer on the emulated testbed: per-destination times,
     /// U, U_min and their ratio. Everything is torn down afterwards.
-    Run {
-        /// Topology file.
-        #[arg(long, default_value = "topologies/ring-plus-star.toml")]
-        topology: PathBuf,
-        /// File size, e.g. 64MiB.
-        #[arg(long, default_value = "64MiB", value_parser = parse_size)]
-        size: u64,
-        /// Print the report as one JSON object.
-        #[arg(long)]
-        json: bool,
-        /// Chunk size for `floodclone send` (default: floodclone's).
-        #[arg(long, value_parser = parse_size)]
-        chunk_size: Option<u64>,
-        /// Keep every node's log here as `<node>.log` (their level: RUST_LOG, e.g.
-        /// `floodclone::chunks=trace` for every chunk requested and received).
-        #[arg(long)]
-        logs: Option<PathBuf>,
-        /// Run this floodclone binary instead of building one (to compare two builds).
-        #[arg(long)]
-        floodclone: Option<PathBuf>,
-        /// Add this one-way delay (ms) to every link that has none.
-        #[arg(long)]
-        delay_ms: Option<f64>,
-        /// An argument for every `floodclone send` and `recv` (repeat for more), e.g.
-        /// `--node-arg=--congestion=bbr`.
-        #[arg(long, allow_hyphen_values = true)]
-        node_arg: Vec<String>,
-        /// Send a directory of this many files, --size bytes in all, as one swarm (1: one
-        /// file).
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
-        files: u64,
-        /// Run the transfer over IPv6: the source and destinations are named by their IPv6
-        /// addresses (every testbed node has both families).
-        #[arg(long)]
-        ipv6: bool,
-    },
+    Run(RunArgs),
     /// Every topology on the real testbed, several runs each, against the floor and the
     /// direct baseline; prints a markdown table and writes JSON lines and the table under
     /// results/.
-    Bench {
-        /// Topology files (default: every file in topologies/; a shell glob works:
-        /// `--topology topologies/gigabit/*.toml`).
-        #[arg(long = "topology", num_args = 1..)]
-        topologies: Vec<PathBuf>,
-        /// File size, e.g. 64MiB.
-        #[arg(long, default_value = "64MiB", value_parser = parse_size)]
-        size: u64,
-        /// Runs of floodclone per topology.
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
-        /// Runs of the direct baseline per topology.
-        #[arg(long, default_value_t = 1)]
-        baseline_runs: usize,
-        /// Runs of a plain TCP copy (sendfile, from the source to every destination at once)
-        /// per topology, with the CPU cost of both (README, "Gigabit links").
-        #[arg(long, default_value_t = 0)]
-        tcp_runs: usize,
-        /// Instead of topology files: this many small random networks (README, "Random
-        /// networks"), seeds --seed, --seed+1, ...
-        #[arg(long)]
-        random: Option<u64>,
-        /// First seed of --random.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Add this one-way delay (ms) to every link that has none (the WAN variants).
-        #[arg(long)]
-        delay_ms: Option<f64>,
-        /// Run this floodclone binary instead of building one (to compare two builds).
-        #[arg(long)]
-        floodclone: Option<PathBuf>,
-        /// Send a directory of this many files, --size bytes in all, as one swarm (1: one
-        /// file): `--files 10000 --size 40000KiB` is 10,000 files of 4 KiB.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
-        files: u64,
-    },
+    Bench(BenchArgs),
     /// Cost of the in-kernel link stats: TCP throughput and CPU seconds per GB on an
     /// unshaped veth, with and without the programs attached, in the same run.
     BenchOverhead {
@@ -136,70 +66,149 @@ enum Cmd {
     },
     /// The scheduler over a modelled network in virtual time (no testbed, no root): a
     /// topology file or a generated network; prints U, U_min and their ratio per network.
-    Sim {
-        /// Topology file; without it, networks are generated (--shape, --nodes, ...).
-        #[arg(long)]
-        topology: Option<PathBuf>,
-        /// Shape of generated networks.
-        #[arg(long, value_enum, default_value = "random")]
-        shape: sim::Shape,
-        /// Nodes in a generated network (routers included).
-        #[arg(long, default_value_t = 1000)]
-        nodes: usize,
-        /// Average links per node (random shape).
-        #[arg(long, default_value_t = 4.0)]
-        degree: f64,
-        /// Slowest link rate drawn, Mbit/s.
-        #[arg(long, default_value_t = 10.0)]
-        min_mbit: f64,
-        /// Fastest link rate drawn, Mbit/s.
-        #[arg(long, default_value_t = 100.0)]
-        max_mbit: f64,
-        /// Share of links whose reverse direction is up to 4x slower.
-        #[arg(long, default_value_t = 0.3)]
-        asymmetric: f64,
-        /// Random links that change rate (x0.25 to x1.5) during the transfer.
-        #[arg(long, default_value_t = 0)]
-        rate_changes: usize,
-        /// First seed; networks use seeds seed..seed+networks.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// How many generated networks.
-        #[arg(long, default_value_t = 1)]
-        networks: u64,
-        /// File size, e.g. 64MiB.
-        #[arg(long, default_value = "64MiB", value_parser = parse_size)]
-        size: u64,
-        /// Chunk size, e.g. 64KiB [default: floodclone's for the file size].
-        #[arg(long, value_parser = parse_size)]
-        chunk_size: Option<u64>,
-        /// Forwarding delay per link, milliseconds, on top of a link's own `delay_ms`.
-        #[arg(long, default_value_t = 1.0)]
-        hop_delay_ms: f64,
-        /// Add this one-way delay (ms) to every link that has none (as `run` and `bench`).
-        #[arg(long)]
-        delay_ms: Option<f64>,
-        /// One JSON object per network instead of text.
-        #[arg(long)]
-        json: bool,
-        /// Write every network simulated as a topology file in this directory.
-        #[arg(long)]
-        save: Option<PathBuf>,
-        /// Count QUIC/UDP/IP/Ethernet headers on every link, as the testbed's wire does
-        /// (by default links carry payload only, the ideal the floor assumes).
-        #[arg(long)]
-        wire: bool,
-        /// Connections that start or stop within this many milliseconds share their links
-        /// anew once (0: at every start and stop, exact but slow on large router networks).
-        #[arg(long, default_value_t = sim::RESHARE_BATCH_S * 1e3)]
-        reshare_ms: f64,
-    },
+    Sim(SimArgs),
     /// Setup, then run every test (the README's test command).
     Test {
         /// Extra arguments for `cargo test`, e.g. a test name filter.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
+    /// Topology file; without it, networks are generated (--shape, --nodes, ...).
+    #[arg(long)]
+    topology: Option<PathBuf>,
+    /// Shape of generated networks.
+    #[arg(long, value_enum, default_value = "random")]
+    shape: sim::Shape,
+    /// Nodes in a generated network (routers included).
+    #[arg(long, default_value_t = 1000)]
+    nodes: usize,
+    /// Average links per node (random shape).
+    #[arg(long, default_value_t = 4.0)]
+    degree: f64,
+    /// Slowest link rate drawn, Mbit/s.
+    #[arg(long, default_value_t = 10.0)]
+    min_mbit: f64,
+    /// Fastest link rate drawn, Mbit/s.
+    #[arg(long, default_value_t = 100.0)]
+    max_mbit: f64,
+    /// Share of links whose reverse direction is up to 4x slower.
+    #[arg(long, default_value_t = 0.3)]
+    asymmetric: f64,
+    /// Random links that change rate (x0.25 to x1.5) during the transfer.
+    #[arg(long, default_value_t = 0)]
+    rate_changes: usize,
+    /// First seed; networks use seeds seed..seed+networks.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// How many generated networks.
+    #[arg(long, default_value_t = 1)]
+    networks: u64,
+    /// File size, e.g. 64MiB.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    size: u64,
+    /// Chunk size, e.g. 64KiB [default: floodclone's for the file size].
+    #[arg(long, value_parser = parse_size)]
+    chunk_size: Option<u64>,
+    /// Forwarding delay per link, milliseconds, on top of a link's own `delay_ms`.
+    #[arg(long, default_value_t = 1.0)]
+    hop_delay_ms: f64,
+    /// Add this one-way delay (ms) to every link that has none (as `run` and `bench`).
+    #[arg(long)]
+    delay_ms: Option<f64>,
+    /// One JSON object per network instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Write every network simulated as a topology file in this directory.
+    #[arg(long)]
+    save: Option<PathBuf>,
+    /// Count QUIC/UDP/IP/Ethernet headers on every link, as the testbed's wire does
+    /// (by default links carry payload only, the ideal the floor assumes).
+    #[arg(long)]
+    wire: bool,
+    /// Connections that start or stop within this many milliseconds share their links
+    /// anew once (0: at every start and stop, exact but slow on large router networks).
+    #[arg(long, default_value_t = sim::RESHARE_BATCH_S * 1e3)]
+    reshare_ms: f64,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Topology file.
+    #[arg(long, default_value = "topologies/ring-plus-star.toml")]
+    topology: PathBuf,
+    /// File size, e.g. 64MiB.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    size: u64,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Chunk size for `floodclone send` (default: floodclone's).
+    #[arg(long, value_parser = parse_size)]
+    chunk_size: Option<u64>,
+    /// Keep every node's log here as `<node>.log` (their level: RUST_LOG, e.g.
+    /// `floodclone::chunks=trace` for every chunk requested and received).
+    #[arg(long)]
+    logs: Option<PathBuf>,
+    /// Run this floodclone binary instead of building one (to compare two builds).
+    #[arg(long)]
+    floodclone: Option<PathBuf>,
+    /// Add this one-way delay (ms) to every link that has none.
+    #[arg(long)]
+    delay_ms: Option<f64>,
+    /// An argument for every `floodclone send` and `recv` (repeat for more), e.g.
+    /// `--node-arg=--congestion=bbr`.
+    #[arg(long, allow_hyphen_values = true)]
+    node_arg: Vec<String>,
+    /// Send a directory of this many files, --size bytes in all, as one swarm (1: one
+    /// file).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    files: u64,
+    /// Run the transfer over IPv6: the source and destinations are named by their IPv6
+    /// addresses (every testbed node has both families).
+    #[arg(long)]
+    ipv6: bool,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Topology files (default: every file in topologies/; a shell glob works:
+    /// `--topology topologies/gigabit/*.toml`).
+    #[arg(long = "topology", num_args = 1..)]
+    topologies: Vec<PathBuf>,
+    /// File size, e.g. 64MiB.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    size: u64,
+    /// Runs of floodclone per topology.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Runs of the direct baseline per topology.
+    #[arg(long, default_value_t = 1)]
+    baseline_runs: usize,
+    /// Runs of a plain TCP copy (sendfile, from the source to every destination at once)
+    /// per topology, with the CPU cost of both (README, "Gigabit links").
+    #[arg(long, default_value_t = 0)]
+    tcp_runs: usize,
+    /// Instead of topology files: this many small random networks (README, "Random
+    /// networks"), seeds --seed, --seed+1, ...
+    #[arg(long)]
+    random: Option<u64>,
+    /// First seed of --random.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Add this one-way delay (ms) to every link that has none (the WAN variants).
+    #[arg(long)]
+    delay_ms: Option<f64>,
+    /// Run this floodclone binary instead of building one (to compare two builds).
+    #[arg(long)]
+    floodclone: Option<PathBuf>,
+    /// Send a directory of this many files, --size bytes in all, as one swarm (1: one
+    /// file): `--files 10000 --size 40000KiB` is 10,000 files of 4 KiB.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    files: u64,
 }
 
 #[derive(Subcommand)]
@@ -251,328 +260,11 @@ fn main() -> Result<()> {
             println!("{}", deb.display());
             eprintln!("install it with: sudo apt install ./{}", deb.display());
         }
-        Cmd::Sim {
-            topology,
-            shape,
-            nodes,
-            degree,
-            min_mbit,
-            max_mbit,
-            asymmetric,
-            rate_changes,
-            seed,
-            networks,
-            size,
-            chunk_size,
-            hop_delay_ms,
-            delay_ms,
-            json,
-            save,
-            wire,
-            reshare_ms,
-        } => {
-            let opts = sim::SimOptions {
-                bytes: size,
-                chunk_bytes: chunk_size
-                    .unwrap_or_else(|| floodclone_sched::default_chunk_bytes(size) as u64),
-                hop_delay_s: hop_delay_ms / 1e3,
-                horizon_s: 1e5,
-                payload_share: if wire { sim::WIRE_PAYLOAD_SHARE } else { 1.0 },
-                reshare_batch_s: reshare_ms / 1e3,
-            };
-            let topos: Vec<Topology> = match topology {
-                Some(file) => vec![Topology::load(&file)?],
-                None => (seed..seed + networks)
-                    .map(|seed| {
-                        let mut g = sim::GenOptions {
-                            shape,
-                            nodes,
-                            degree,
-                            mbit: (min_mbit, max_mbit),
-                            asymmetric,
-                            rate_changes: 0,
-                            until_s: 0.0,
-                            seed,
-                        };
-                        if rate_changes > 0 {
-                            // Changes fall within the transfer: before 80% of its floor.
-                            let u = bound::u_min_s(&sim::generate(&g), size as f64 * 8.0)
-                                .unwrap_or(1.0);
-                            g.rate_changes = rate_changes;
-                            g.until_s = 0.8 * u;
-                        }
-                        sim::generate(&g)
-                    })
-                    .collect(),
-            };
-            let topos: Vec<Topology> = match delay_ms {
-                Some(d) => topos.iter().map(|t| t.with_delay_ms(d)).collect(),
-                None => topos,
-            };
-            if let Some(dir) = &save {
-                std::fs::create_dir_all(dir)?;
-                for t in &topos {
-                    std::fs::write(dir.join(format!("{}.toml", t.name)), t.to_toml())?;
-                }
-            }
-            let mut worst: f64 = 0.0;
-            for topo in &topos {
-                let started = std::time::Instant::now();
-                let u_min =
-                    bound::u_min_with_delay_s(topo, size as f64 * 8.0).ok_or_else(|| {
-                        anyhow::anyhow!("{}: a destination is cut off for good", topo.name)
-                    })?;
-                let floor_s = started.elapsed().as_secs_f64();
-                let report = sim::simulate(topo, &opts).map_err(anyhow::Error::msg)?;
-                let wall = started.elapsed().as_secs_f64();
-                let ratio = report.u_s.map(|u| u / u_min);
-                worst = worst.max(ratio.unwrap_or(f64::INFINITY));
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::json!({"network": topo.name, "u_min_s": u_min, "ratio": ratio,
-                                           "wall_s": wall, "floor_wall_s": floor_s, "report": report})
-                    );
-                } else {
-                    let u = report.u_s.map_or("never".into(), |u| format!("{u:.2} s"));
-                    let r = ratio.map_or("-".into(), |r| format!("{r:.3}"));
-                    println!(
-                        "{}: {} nodes ({} members, {} links, up to {} data neighbours)  U {u}  \
-                         U_min {u_min:.2} s  ratio {r}  copies/needed {:.3}  ({} events, {wall:.1} s wall)",
-                        topo.name, report.nodes, report.members, report.links, report.max_neighbours,
-                        report.copies_per_needed, report.events
-                    );
-                }
-            }
-            if topos.len() > 1 && !json {
-                println!("worst ratio over {} networks: {worst:.3}", topos.len());
-            }
-        }
-        Cmd::Bound { file, size, json } => {
-            let topo = Topology::load(&file)?;
-            let floor = bound::floor(&topo.with_upload_caps_as_links(), size)
-                .map_err(anyhow::Error::msg)?;
-            if json {
-                println!("{}", serde_json::to_string(&floor)?);
-            } else {
-                println!("{} ({} bytes)", topo.name, size);
-                for (name, bps, t) in &floor.per_dest {
-                    println!(
-                        "  maxflow(S -> {name:6}) = {:8.3} Mbit/s   earliest {t:.2} s",
-                        bps / 1e6
-                    );
-                }
-                println!(
-                    "U_min = {:.2} s   (wire-aware, QUIC/UDP/IPv4/Ethernet headers: {:.2} s)",
-                    floor.u_min_s, floor.u_min_wire_s
-                );
-                if let Some(routed) = floor.u_min_routed_s {
-                    println!("along the routers' single routes: {routed:.2} s");
-                }
-            }
-        }
-        Cmd::Testbed { action } => match action {
-            TestbedCmd::Up { file } => {
-                let topo = Topology::load(&file)?;
-                let prefix = named_prefix(&topo);
-                if !testbed::list_namespaces()
-                    .iter()
-                    .all(|n| !n.starts_with(&prefix))
-                {
-                    bail!(
-                        "the testbed of {} is already up; `cargo xtask testbed down {}` first",
-                        topo.name,
-                        file.display()
-                    );
-                }
-                testbed::ensure_host_bpffs()?;
-                let bed = Testbed::up_with_prefix(&topo, &prefix)?;
-                let nodes: Vec<String> = (0..topo.nodes.len()).map(|i| bed.netns(i)).collect();
-                println!("testbed {} up: {}", topo.name, nodes.join(" "));
-                println!("enter a node:  ip netns exec {} bash", nodes[0]);
-                if bed.delay_lines().is_empty() {
-                    bed.persist();
-                } else {
-                    // The delay lines are threads of this process: the testbed lives as long
-                    // as it does (the signal handler removes it).
-                    println!(
-                        "{} links have delay, jitter or loss, made by this process: the \
-                         testbed stays up until Ctrl-C",
-                        bed.delay_lines().len()
-                    );
-                    loop {
-                        std::thread::park();
-                    }
-                }
-            }
-            TestbedCmd::Down { file, all } => {
-                if !testbed::is_root() {
-                    bail!("the testbed needs root; run as root");
-                }
-                if all {
-                    testbed::remove_namespaces(testbed::NETNS_PREFIX);
-                } else if let Some(file) = file {
-                    testbed::remove_namespaces(&named_prefix(&Topology::load(&file)?));
-                }
-                let stale = testbed::remove_stale();
-                if !stale.is_empty() {
-                    println!("removed {} namespaces left by dead runs", stale.len());
-                }
-                let left = testbed::list_namespaces();
-                println!("testbed namespaces left: {}", left.len());
-            }
-            TestbedCmd::Show { file } => {
-                let topo = Topology::load(&file)?;
-                print!("{topo}");
-                print!("{}", testbed::describe(&named_prefix(&topo)));
-            }
-        },
-        Cmd::Run {
-            topology,
-            size,
-            json,
-            chunk_size,
-            logs,
-            floodclone,
-            delay_ms,
-            node_arg,
-            files,
-            ipv6,
-        } => {
-            if !testbed::is_root() {
-                bail!("`cargo xtask run` builds network namespaces and loads eBPF: run it as root");
-            }
-            let bin = floodclone_binary(floodclone)?;
-            let topo = Topology::load(
-                &workspace_root()
-                    .join(&topology)
-                    .canonicalize()
-                    .unwrap_or(topology),
-            )?;
-            let topo = match delay_ms {
-                Some(d) => topo.with_delay_ms(d),
-                None => topo,
-            };
-            eprintln!(
-                "running {} bytes{} over {} ({} members)",
-                size,
-                if files > 1 {
-                    format!(" in {files} files")
-                } else {
-                    String::new()
-                },
-                topo.name,
-                run::member_count(&topo)
-            );
-            let mut opts = run::RunOptions::new(size);
-            opts.logs = logs;
-            opts.files = files;
-            opts.ipv6 = ipv6;
-            if let Some(c) = chunk_size {
-                opts.send_args = vec!["--chunk-size".into(), c.to_string()];
-            }
-            opts.send_args.extend(node_arg.iter().cloned());
-            opts.recv_args.extend(node_arg);
-            let stamp = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_secs();
-            opts.picture = Some(
-                workspace_root()
-                    .join("results")
-                    .join(format!("run-{}-{stamp}.svg", topo.name)),
-            );
-            let report = run::run_transfer(&topo, &bin, &opts)?;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                print!("{}", run::render(&report));
-                if let Some(p) = &report.picture {
-                    println!("picture: {}", p.display());
-                }
-            }
-            run::check(&report)?;
-        }
-        Cmd::Bench {
-            topologies,
-            size,
-            runs,
-            baseline_runs,
-            tcp_runs,
-            random,
-            seed,
-            floodclone,
-            delay_ms,
-            files,
-        } => {
-            if !testbed::is_root() {
-                bail!(
-                    "`cargo xtask bench` builds network namespaces and loads eBPF: run it as root"
-                );
-            }
-            let bin = floodclone_binary(floodclone)?;
-            let topos = match random {
-                Some(n) => (seed..seed + n)
-                    .map(floodclone_testbed::random::small_network)
-                    .collect(),
-                None => {
-                    let files = if topologies.is_empty() {
-                        let mut v: Vec<PathBuf> =
-                            std::fs::read_dir(workspace_root().join("topologies"))?
-                                .flatten()
-                                .map(|e| e.path())
-                                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-                                .collect();
-                        v.sort();
-                        v
-                    } else {
-                        topologies
-                    };
-                    files
-                        .iter()
-                        .map(|f| Topology::load(f))
-                        .collect::<Result<Vec<_>, _>>()?
-                }
-            };
-            let topos: Vec<Topology> = match delay_ms {
-                Some(d) => topos.iter().map(|t| t.with_delay_ms(d)).collect(),
-                None => topos,
-            };
-            let dir = workspace_root().join("results");
-            std::fs::create_dir_all(&dir)?;
-            let stamp = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_secs();
-            let jsonl_path = dir.join(format!("bench-{stamp}.jsonl"));
-            let mut jsonl = std::fs::File::create(&jsonl_path)?;
-            let pictures = dir.join(format!("bench-{stamp}"));
-            // Each network as a file, so any run can be repeated with `cargo xtask run`.
-            std::fs::create_dir_all(&pictures)?;
-            for t in &topos {
-                std::fs::write(pictures.join(format!("{}.toml", t.name)), t.to_toml())?;
-            }
-            let mut base = run::RunOptions::new(size);
-            base.files = files;
-            let rows = bench::bench(
-                &topos,
-                &bin,
-                &base,
-                runs,
-                baseline_runs,
-                tcp_runs,
-                &mut jsonl,
-                &pictures,
-            )?;
-            let table = bench::table(&rows);
-            let md_path = dir.join(format!("bench-{stamp}.md"));
-            std::fs::write(&md_path, &table)?;
-            println!("{table}");
-            println!(
-                "runs: {}\ntable: {}\npictures: {}/",
-                jsonl_path.display(),
-                md_path.display(),
-                pictures.display()
-            );
-        }
+        Cmd::Sim(args) => sim_command(args)?,
+        Cmd::Bound { file, size, json } => bound_command(&file, size, json)?,
+        Cmd::Testbed { action } => testbed_command(action)?,
+        Cmd::Run(args) => run_command(args)?,
+        Cmd::Bench(args) => bench_command(args)?,
         Cmd::BenchOverhead { secs } => {
             if !testbed::is_root() {
                 bail!("`cargo xtask bench-overhead` builds network namespaces and loads eBPF: run it as root");
@@ -607,6 +299,347 @@ fn main() -> Result<()> {
             )?;
         }
     }
+    Ok(())
+}
+
+/// `cargo xtask bound`.
+fn bound_command(file: &std::path::Path, size: u64, json: bool) -> Result<()> {
+    let topo = Topology::load(file)?;
+    let floor =
+        bound::floor(&topo.with_upload_caps_as_links(), size).map_err(anyhow::Error::msg)?;
+    if json {
+        println!("{}", serde_json::to_string(&floor)?);
+    } else {
+        println!("{} ({} bytes)", topo.name, size);
+        for (name, bps, t) in &floor.per_dest {
+            println!(
+                "  maxflow(S -> {name:6}) = {:8.3} Mbit/s   earliest {t:.2} s",
+                bps / 1e6
+            );
+        }
+        println!(
+            "U_min = {:.2} s   (wire-aware, QUIC/UDP/IPv4/Ethernet headers: {:.2} s)",
+            floor.u_min_s, floor.u_min_wire_s
+        );
+        if let Some(routed) = floor.u_min_routed_s {
+            println!("along the routers' single routes: {routed:.2} s");
+        }
+    }
+    Ok(())
+}
+
+/// `cargo xtask testbed`.
+fn testbed_command(action: TestbedCmd) -> Result<()> {
+    match action {
+        TestbedCmd::Up { file } => {
+            let topo = Topology::load(&file)?;
+            let prefix = named_prefix(&topo);
+            if !testbed::list_namespaces()
+                .iter()
+                .all(|n| !n.starts_with(&prefix))
+            {
+                bail!(
+                    "the testbed of {} is already up; `cargo xtask testbed down {}` first",
+                    topo.name,
+                    file.display()
+                );
+            }
+            testbed::ensure_host_bpffs()?;
+            let bed = Testbed::up_with_prefix(&topo, &prefix)?;
+            let nodes: Vec<String> = (0..topo.nodes.len()).map(|i| bed.netns(i)).collect();
+            println!("testbed {} up: {}", topo.name, nodes.join(" "));
+            println!("enter a node:  ip netns exec {} bash", nodes[0]);
+            if bed.delay_lines().is_empty() {
+                bed.persist();
+            } else {
+                // The delay lines are threads of this process: the testbed lives as long
+                // as it does (the signal handler removes it).
+                println!(
+                    "{} links have delay, jitter or loss, made by this process: the \
+                 testbed stays up until Ctrl-C",
+                    bed.delay_lines().len()
+                );
+                loop {
+                    std::thread::park();
+                }
+            }
+        }
+        TestbedCmd::Down { file, all } => {
+            if !testbed::is_root() {
+                bail!("the testbed needs root; run as root");
+            }
+            if all {
+                testbed::remove_namespaces(testbed::NETNS_PREFIX);
+            } else if let Some(file) = file {
+                testbed::remove_namespaces(&named_prefix(&Topology::load(&file)?));
+            }
+            let stale = testbed::remove_stale();
+            if !stale.is_empty() {
+                println!("removed {} namespaces left by dead runs", stale.len());
+            }
+            let left = testbed::list_namespaces();
+            println!("testbed namespaces left: {}", left.len());
+        }
+        TestbedCmd::Show { file } => {
+            let topo = Topology::load(&file)?;
+            print!("{topo}");
+            print!("{}", testbed::describe(&named_prefix(&topo)));
+        }
+    }
+    Ok(())
+}
+
+/// `cargo xtask sim`.
+fn sim_command(args: SimArgs) -> Result<()> {
+    let SimArgs {
+        topology,
+        shape,
+        nodes,
+        degree,
+        min_mbit,
+        max_mbit,
+        asymmetric,
+        rate_changes,
+        seed,
+        networks,
+        size,
+        chunk_size,
+        hop_delay_ms,
+        delay_ms,
+        json,
+        save,
+        wire,
+        reshare_ms,
+    } = args;
+    let opts = sim::SimOptions {
+        bytes: size,
+        chunk_bytes: chunk_size
+            .unwrap_or_else(|| floodclone_sched::default_chunk_bytes(size) as u64),
+        hop_delay_s: hop_delay_ms / 1e3,
+        horizon_s: 1e5,
+        payload_share: if wire { sim::WIRE_PAYLOAD_SHARE } else { 1.0 },
+        reshare_batch_s: reshare_ms / 1e3,
+    };
+    let topos: Vec<Topology> = match topology {
+        Some(file) => vec![Topology::load(&file)?],
+        None => (seed..seed + networks)
+            .map(|seed| {
+                let mut g = sim::GenOptions {
+                    shape,
+                    nodes,
+                    degree,
+                    mbit: (min_mbit, max_mbit),
+                    asymmetric,
+                    rate_changes: 0,
+                    until_s: 0.0,
+                    seed,
+                };
+                if rate_changes > 0 {
+                    // Changes fall within the transfer: before 80% of its floor.
+                    let u = bound::u_min_s(&sim::generate(&g), size as f64 * 8.0).unwrap_or(1.0);
+                    g.rate_changes = rate_changes;
+                    g.until_s = 0.8 * u;
+                }
+                sim::generate(&g)
+            })
+            .collect(),
+    };
+    let topos: Vec<Topology> = match delay_ms {
+        Some(d) => topos.iter().map(|t| t.with_delay_ms(d)).collect(),
+        None => topos,
+    };
+    if let Some(dir) = &save {
+        std::fs::create_dir_all(dir)?;
+        for t in &topos {
+            std::fs::write(dir.join(format!("{}.toml", t.name)), t.to_toml())?;
+        }
+    }
+    let mut worst: f64 = 0.0;
+    for topo in &topos {
+        let started = std::time::Instant::now();
+        let u_min = bound::u_min_with_delay_s(topo, size as f64 * 8.0)
+            .ok_or_else(|| anyhow::anyhow!("{}: a destination is cut off for good", topo.name))?;
+        let floor_s = started.elapsed().as_secs_f64();
+        let report = sim::simulate(topo, &opts).map_err(anyhow::Error::msg)?;
+        let wall = started.elapsed().as_secs_f64();
+        let ratio = report.u_s.map(|u| u / u_min);
+        worst = worst.max(ratio.unwrap_or(f64::INFINITY));
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"network": topo.name, "u_min_s": u_min, "ratio": ratio,
+                                   "wall_s": wall, "floor_wall_s": floor_s, "report": report})
+            );
+        } else {
+            let u = report.u_s.map_or("never".into(), |u| format!("{u:.2} s"));
+            let r = ratio.map_or("-".into(), |r| format!("{r:.3}"));
+            println!(
+                "{}: {} nodes ({} members, {} links, up to {} data neighbours)  U {u}  \
+                 U_min {u_min:.2} s  ratio {r}  copies/needed {:.3}  ({} events, {wall:.1} s wall)",
+                topo.name,
+                report.nodes,
+                report.members,
+                report.links,
+                report.max_neighbours,
+                report.copies_per_needed,
+                report.events
+            );
+        }
+    }
+    if topos.len() > 1 && !json {
+        println!("worst ratio over {} networks: {worst:.3}", topos.len());
+    }
+    Ok(())
+}
+
+/// `cargo xtask run`.
+fn run_command(args: RunArgs) -> Result<()> {
+    let RunArgs {
+        topology,
+        size,
+        json,
+        chunk_size,
+        logs,
+        floodclone,
+        delay_ms,
+        node_arg,
+        files,
+        ipv6,
+    } = args;
+    if !testbed::is_root() {
+        bail!("`cargo xtask run` builds network namespaces and loads eBPF: run it as root");
+    }
+    let bin = floodclone_binary(floodclone)?;
+    let topo = Topology::load(
+        &workspace_root()
+            .join(&topology)
+            .canonicalize()
+            .unwrap_or(topology),
+    )?;
+    let topo = match delay_ms {
+        Some(d) => topo.with_delay_ms(d),
+        None => topo,
+    };
+    eprintln!(
+        "running {} bytes{} over {} ({} members)",
+        size,
+        if files > 1 {
+            format!(" in {files} files")
+        } else {
+            String::new()
+        },
+        topo.name,
+        run::member_count(&topo)
+    );
+    let mut opts = run::RunOptions::new(size);
+    opts.logs = logs;
+    opts.files = files;
+    opts.ipv6 = ipv6;
+    if let Some(c) = chunk_size {
+        opts.send_args = vec!["--chunk-size".into(), c.to_string()];
+    }
+    opts.send_args.extend(node_arg.iter().cloned());
+    opts.recv_args.extend(node_arg);
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    opts.picture = Some(
+        workspace_root()
+            .join("results")
+            .join(format!("run-{}-{stamp}.svg", topo.name)),
+    );
+    let report = run::run_transfer(&topo, &bin, &opts)?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", run::render(&report));
+        if let Some(p) = &report.picture {
+            println!("picture: {}", p.display());
+        }
+    }
+    run::check(&report)?;
+    Ok(())
+}
+
+/// `cargo xtask bench`.
+fn bench_command(args: BenchArgs) -> Result<()> {
+    let BenchArgs {
+        topologies,
+        size,
+        runs,
+        baseline_runs,
+        tcp_runs,
+        random,
+        seed,
+        delay_ms,
+        floodclone,
+        files,
+    } = args;
+    if !testbed::is_root() {
+        bail!("`cargo xtask bench` builds network namespaces and loads eBPF: run it as root");
+    }
+    let bin = floodclone_binary(floodclone)?;
+    let topos = match random {
+        Some(n) => (seed..seed + n)
+            .map(floodclone_testbed::random::small_network)
+            .collect(),
+        None => {
+            let files = if topologies.is_empty() {
+                let mut v: Vec<PathBuf> = std::fs::read_dir(workspace_root().join("topologies"))?
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+                    .collect();
+                v.sort();
+                v
+            } else {
+                topologies
+            };
+            files
+                .iter()
+                .map(|f| Topology::load(f))
+                .collect::<Result<Vec<_>, _>>()?
+        }
+    };
+    let topos: Vec<Topology> = match delay_ms {
+        Some(d) => topos.iter().map(|t| t.with_delay_ms(d)).collect(),
+        None => topos,
+    };
+    let dir = workspace_root().join("results");
+    std::fs::create_dir_all(&dir)?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let jsonl_path = dir.join(format!("bench-{stamp}.jsonl"));
+    let mut jsonl = std::fs::File::create(&jsonl_path)?;
+    let pictures = dir.join(format!("bench-{stamp}"));
+    // Each network as a file, so any run can be repeated with `cargo xtask run`.
+    std::fs::create_dir_all(&pictures)?;
+    for t in &topos {
+        std::fs::write(pictures.join(format!("{}.toml", t.name)), t.to_toml())?;
+    }
+    let mut base = run::RunOptions::new(size);
+    base.files = files;
+    let rows = bench::bench(
+        &topos,
+        &bin,
+        &base,
+        runs,
+        baseline_runs,
+        tcp_runs,
+        &mut jsonl,
+        &pictures,
+    )?;
+    let table = bench::table(&rows);
+    let md_path = dir.join(format!("bench-{stamp}.md"));
+    std::fs::write(&md_path, &table)?;
+    println!("{table}");
+    println!(
+        "runs: {}\ntable: {}\npictures: {}/",
+        jsonl_path.display(),
+        md_path.display(),
+        pictures.display()
+    );
     Ok(())
 }
 
