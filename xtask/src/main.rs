@@ -391,69 +391,29 @@ fn testbed_command(action: TestbedCmd) -> Result<()> {
 
 /// `cargo xtask sim`.
 fn sim_command(args: SimArgs) -> Result<()> {
-    let SimArgs {
-        topology,
-        shape,
-        nodes,
-        degree,
-        min_mbit,
-        max_mbit,
-        asymmetric,
-        rate_changes,
-        seed,
-        networks,
-        size,
-        chunk_size,
-        hop_delay_ms,
-        delay_ms,
-        json,
-        save,
-        wire,
-        reshare_ms,
-    } = args;
+    let size = args.size;
     let opts = sim::SimOptions {
         bytes: size,
-        chunk_bytes: chunk_size
+        chunk_bytes: args
+            .chunk_size
             .unwrap_or_else(|| floodclone_sched::default_chunk_bytes(size) as u64),
-        hop_delay_s: hop_delay_ms / 1e3,
+        hop_delay_s: args.hop_delay_ms / 1e3,
         horizon_s: 1e5,
-        payload_share: if wire { sim::WIRE_PAYLOAD_SHARE } else { 1.0 },
-        reshare_batch_s: reshare_ms / 1e3,
+        payload_share: if args.wire {
+            sim::WIRE_PAYLOAD_SHARE
+        } else {
+            1.0
+        },
+        reshare_batch_s: args.reshare_ms / 1e3,
     };
-    let topos: Vec<Topology> = match topology {
-        Some(file) => vec![Topology::load(&file)?],
-        None => (seed..seed + networks)
-            .map(|seed| {
-                let mut g = sim::GenOptions {
-                    shape,
-                    nodes,
-                    degree,
-                    mbit: (min_mbit, max_mbit),
-                    asymmetric,
-                    rate_changes: 0,
-                    until_s: 0.0,
-                    seed,
-                };
-                if rate_changes > 0 {
-                    // Changes fall within the transfer: before 80% of its floor.
-                    let u = bound::u_min_s(&sim::generate(&g), size as f64 * 8.0).unwrap_or(1.0);
-                    g.rate_changes = rate_changes;
-                    g.until_s = 0.8 * u;
-                }
-                sim::generate(&g)
-            })
-            .collect(),
-    };
-    let topos: Vec<Topology> = match delay_ms {
-        Some(d) => topos.iter().map(|t| t.with_delay_ms(d)).collect(),
-        None => topos,
-    };
-    if let Some(dir) = &save {
+    let topos = sim_networks(&args)?;
+    if let Some(dir) = &args.save {
         std::fs::create_dir_all(dir)?;
         for t in &topos {
             std::fs::write(dir.join(format!("{}.toml", t.name)), t.to_toml())?;
         }
     }
+    let json = args.json;
     let mut worst: f64 = 0.0;
     for topo in &topos {
         let started = std::time::Instant::now();
@@ -490,6 +450,40 @@ fn sim_command(args: SimArgs) -> Result<()> {
         println!("worst ratio over {} networks: {worst:.3}", topos.len());
     }
     Ok(())
+}
+
+/// The networks `cargo xtask sim` runs: the file given or the ones generated, with the
+/// delay asked for on every link that has none.
+fn sim_networks(args: &SimArgs) -> Result<Vec<Topology>> {
+    let topos: Vec<Topology> = match &args.topology {
+        Some(file) => vec![Topology::load(file)?],
+        None => (args.seed..args.seed + args.networks)
+            .map(|seed| {
+                let mut g = sim::GenOptions {
+                    shape: args.shape,
+                    nodes: args.nodes,
+                    degree: args.degree,
+                    mbit: (args.min_mbit, args.max_mbit),
+                    asymmetric: args.asymmetric,
+                    rate_changes: 0,
+                    until_s: 0.0,
+                    seed,
+                };
+                if args.rate_changes > 0 {
+                    // Changes fall within the transfer: before 80% of its floor.
+                    let u =
+                        bound::u_min_s(&sim::generate(&g), args.size as f64 * 8.0).unwrap_or(1.0);
+                    g.rate_changes = args.rate_changes;
+                    g.until_s = 0.8 * u;
+                }
+                sim::generate(&g)
+            })
+            .collect(),
+    };
+    Ok(match args.delay_ms {
+        Some(d) => topos.iter().map(|t| t.with_delay_ms(d)).collect(),
+        None => topos,
+    })
 }
 
 /// `cargo xtask run`.

@@ -256,14 +256,7 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
     let chunk_bits = opts.chunk_bytes as f64 * 8.0;
     let net = Net::new(topo, opts);
     let source = topo.source();
-    // Member ids as the source hands them out: 0 for itself, then destinations in order.
-    let mut member_of = vec![None; n];
-    let mut node_of_member = vec![source];
-    member_of[source] = Some(floodclone_sched::SOURCE);
-    for d in topo.destinations() {
-        member_of[d] = Some(node_of_member.len() as MemberId);
-        node_of_member.push(d);
-    }
+    let (member_of, node_of_member) = member_ids(topo);
 
     let mut pipes: Vec<Pipe> = Vec::new();
     let welcomed_at = welcome_times(topo, &net, chunks);
@@ -302,16 +295,7 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
     }
     // The network's capacities now change only by its events.
     let mut caps = net.caps;
-    let mut on_link: Vec<Vec<usize>> = vec![Vec::new(); caps.len()];
-    for (id, p) in pipes.iter().enumerate() {
-        for &l in &p.path {
-            on_link[l].push(id);
-        }
-    }
-    let mut active = ActiveOnLinks {
-        on: vec![Vec::new(); caps.len()],
-        place: pipes.iter().map(|p| vec![0; p.path.len()]).collect(),
-    };
+    let (on_link, mut active) = pipes_on_links(&pipes, caps.len());
     for (at_s, dirlink, bps) in rate_changes(topo, opts) {
         q.push(at_s, Ev::Capacity { dirlink, bps });
     }
@@ -345,6 +329,35 @@ pub fn simulate(topo: &Topology, opts: &SimOptions) -> Result<SimReport, String>
         events,
         max_neighbours,
     ))
+}
+
+/// Member ids as the source hands them out (0 for itself, then destinations in order): each
+/// node's member id, if a member, and each member's node.
+fn member_ids(topo: &Topology) -> (Vec<Option<MemberId>>, Vec<usize>) {
+    let source = topo.source();
+    let mut member_of = vec![None; topo.nodes.len()];
+    let mut node_of_member = vec![source];
+    member_of[source] = Some(floodclone_sched::SOURCE);
+    for d in topo.destinations() {
+        member_of[d] = Some(node_of_member.len() as MemberId);
+        node_of_member.push(d);
+    }
+    (member_of, node_of_member)
+}
+
+/// The pipes on each of `links` link directions, and an empty index of those sending.
+fn pipes_on_links(pipes: &[Pipe], links: usize) -> (Vec<Vec<usize>>, ActiveOnLinks) {
+    let mut on_link: Vec<Vec<usize>> = vec![Vec::new(); links];
+    for (id, p) in pipes.iter().enumerate() {
+        for &l in &p.path {
+            on_link[l].push(id);
+        }
+    }
+    let active = ActiveOnLinks {
+        on: vec![Vec::new(); links],
+        place: pipes.iter().map(|p| vec![0; p.path.len()]).collect(),
+    };
+    (on_link, active)
 }
 
 /// The modelled network: each link direction's capacity and one-way delay, and the
