@@ -395,22 +395,10 @@ pub fn largest_udp_payload() -> u16 {
 
 /// MTUs of the interfaces that are up, the loopback aside (in this network namespace).
 fn interface_mtus() -> Vec<u32> {
-    // SAFETY: if_nameindex returns a list ending in a zeroed entry, freed below; each name
-    // is a NUL-terminated string of at most IFNAMSIZ bytes.
-    let names = unsafe {
-        let list = libc::if_nameindex();
-        if list.is_null() {
-            return Vec::new();
-        }
-        let mut names = Vec::new();
-        let mut at = list;
-        while (*at).if_index != 0 {
-            names.push(std::ffi::CStr::from_ptr((*at).if_name).to_bytes().to_vec());
-            at = at.add(1);
-        }
-        libc::if_freenameindex(list);
-        names
-    };
+    let names: Vec<Vec<u8>> = crate::linkstats::non_loopback_interfaces()
+        .into_iter()
+        .map(|(_, name)| name.into_bytes())
+        .collect();
     // SAFETY: a plain datagram socket for the interface ioctls, closed below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
