@@ -180,13 +180,12 @@ fn the_mtu_search_reaches_the_largest_interface_mtu() {
     // link carries more; the loopback does not count. The wire's own count of a jumbo
     // transfer's packets is in the gigabit bench (README, "QUIC packets as large as the
     // links carry").
+    use floodclone_testbed::netns::{enter_netns, run};
     let ns = format!("fc-mtu-{}", std::process::id());
     let ip = |args: &str| {
-        let ok = std::process::Command::new("ip")
-            .args(args.split_whitespace())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "ip {args}");
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(args.split_whitespace());
+        run(&mut cmd, None).unwrap_or_else(|e| panic!("ip {args}: {e}"));
     };
     struct Gone(String);
     impl Drop for Gone {
@@ -202,10 +201,7 @@ fn the_mtu_search_reaches_the_largest_interface_mtu() {
     let in_ns = |ns: &str| {
         let path = format!("/run/netns/{ns}");
         std::thread::spawn(move || {
-            let f = std::fs::File::open(path).unwrap();
-            use std::os::fd::AsRawFd;
-            // SAFETY: setns on this thread only, with a namespace file we hold open.
-            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            enter_netns(&path).unwrap();
             floodclone::transport::largest_udp_payload()
         })
         .join()
