@@ -30,6 +30,10 @@ impl Reach {
     }
 }
 
+/// One entry of a member's view: the member reached, how, and with [`Reach::Behind`] the
+/// member in the way.
+pub type RouteEntry = (MemberId, Reach, Option<MemberId>);
+
 /// The first hop of the route to a member, as a route lookup shows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FirstHop {
@@ -95,53 +99,86 @@ pub enum PathCheck {
         sender: MemberId,
         receivers: Vec<MemberId>,
     },
-    /// Tell `receiver` the senders whose path to it crosses no other member, among those
-    /// its own routes show behind one (the full list each time; it may shrink).
+    /// Tell `receiver` what its own routes cannot show about senders' paths to it (the
+    /// full lists each time; they may shrink).
     Tell {
         receiver: MemberId,
-        senders: Vec<MemberId>,
+        paths: SenderPaths,
     },
 }
 
-/// Neighbours that a receiver's own routes hide. A receiver picks whom to pull from by
-/// its routes, but the data flows along the sender's route, and routes differ by
-/// direction where paths tie: a receiver may reach a sender through another member
-/// ([`Reach::Behind`], so it never pulls from it) while the sender's route back runs
-/// through routers only, often the receiver's only other way in. The invariant served:
-/// a receiver pulls from every member whose path to it crosses no other member (such a
-/// path carries nothing a relay could have carried instead).
+/// What the source tells a receiver about senders' paths to it, where the receiver's
+/// routes (toward the sender) say otherwise ([`PathChecks`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SenderPaths {
+    /// Senders its routes show behind a member whose traced path to it crosses none:
+    /// pulled from as if reached through routers.
+    pub clean: Vec<MemberId>,
+    /// Senders it reaches through routers whose own route to it starts at a member that
+    /// gets its copies over the same link: not pulled from, as if behind that member.
+    pub crossing: Vec<MemberId>,
+}
+
+/// Neighbours that a receiver's own routes hide, or show wrongly. A receiver picks whom to
+/// pull from by its routes, but the data flows along the sender's route, and routes differ
+/// by direction where paths tie. The invariants served: a receiver pulls from every member
+/// whose path to it crosses no other member (such a path carries nothing a relay could
+/// have carried instead), and from no member whose path to it carries each chunk over a
+/// link that already carries it.
 ///
-/// A route lookup shows a first hop only; whether the rest crosses a member takes a
-/// trace by the sender. The source hears every member's view, so it asks for exactly
-/// the pairs in doubt: the receiver sees the sender behind a member while the sender's
-/// first hop to it is a router (the source: always in doubt, it keeps no view), at most
-/// [`MAX_TRACES_PER_SENDER`] per sender. Pure: the source and the simulator run it alike.
+/// Hidden: a receiver may reach a sender through another member ([`Reach::Behind`], so it
+/// never pulls from it) while the sender's route back runs through routers only, often
+/// the receiver's only other way in. A route lookup shows a first hop only; whether the
+/// rest crosses a member takes a trace by the sender. The source hears every member's
+/// view, so it asks for exactly the pairs in doubt: the receiver sees the sender behind a
+/// member while the sender's first hop to it is a router (the source: always in doubt, it
+/// keeps no view), at most [`MAX_TRACES_PER_SENDER`] per sender.
+///
+/// Shown wrongly: a receiver may reach a sender through routers while the sender's route
+/// to it starts at member `m`, whose own way to the source starts at the sender. Then
+/// `m`'s copies come in over the sender -> `m` link, and the receiver's over it again
+/// (random-25: a destination beyond the 5 Mbit/s min-cut link pulled from one on its near
+/// side, so chunks crossed it twice). No trace needed: first hops say it. Where `m`'s way
+/// to the source runs elsewhere (or `m` is the source, which fetches nothing), the link
+/// into `m` is one it leaves idle, and the path is kept. The source as a sender too: its
+/// own view comes from its own route lookups (a destination whose first hop to the source
+/// is the source is fed by it). A receiver left with no neighbour at all still pulls from
+/// the source ([`told_data_neighbours`]).
+///
+/// Pure: the source and the simulator run it alike.
 #[derive(Debug, Default)]
 pub struct PathChecks {
-    /// Each member's reach to every other member, as its last view said.
-    views: HashMap<MemberId, HashMap<MemberId, Reach>>,
+    /// Each member's reach to every other member (and the member in the way, if any), as
+    /// its last view said.
+    views: HashMap<MemberId, HashMap<MemberId, (Reach, Option<MemberId>)>>,
     /// (sender, receiver) pairs asked, answered or not.
     asked: HashSet<(MemberId, MemberId)>,
     /// Pairs in `asked` per sender.
     asked_of: HashMap<MemberId, usize>,
     /// Receiver -> senders whose traced path to it crosses no member.
     clean_to: BTreeMap<MemberId, BTreeSet<MemberId>>,
+    /// Receiver -> senders whose path to it carries chunks twice ([`PathChecks::crosses`]).
+    crossing_to: BTreeMap<MemberId, BTreeSet<MemberId>>,
+    /// Member -> the (sender, receiver) pairs whose route starts at it.
+    entered_at: HashMap<MemberId, HashSet<(MemberId, MemberId)>>,
 }
 
 impl PathChecks {
-    /// Member `member` reaches the others as `reach` says: the traces now in doubt, and
-    /// the receivers whose answer changed because a pair deciding it did.
-    pub fn on_view(&mut self, member: MemberId, reach: &[(MemberId, Reach)]) -> Vec<PathCheck> {
-        let new: HashMap<MemberId, Reach> = reach.iter().copied().collect();
+    /// Member `member` reaches the others as `reach` says (each with the member in the
+    /// way, if any): the traces now in doubt, and the receivers whose answers changed.
+    pub fn on_view(&mut self, member: MemberId, reach: &[RouteEntry]) -> Vec<PathCheck> {
+        let new: HashMap<MemberId, (Reach, Option<MemberId>)> =
+            reach.iter().map(|&(m, r, via)| (m, (r, via))).collect();
         let old = self.views.insert(member, new).unwrap_or_default();
         let new = &self.views[&member];
-        // A pair is decided again when the entry that put it in doubt changed.
+        // A pair is decided again when the entry that put it in doubt changed (the
+        // source's own: never, the source is always in doubt).
+        let changed = |m| old.get(&m).map(|e| e.0) != new.get(&m).map(|e| e.0);
         let stale: Vec<(MemberId, MemberId)> = self
             .asked
             .iter()
             .filter(|&&(s, r)| {
-                (s == member && old.get(&r) != new.get(&r))
-                    || (r == member && old.get(&s) != new.get(&s))
+                (s == member && member != SOURCE && changed(r)) || (r == member && changed(s))
             })
             .copied()
             .collect();
@@ -169,12 +206,74 @@ impl PathChecks {
                 }
             }
         }
+        told.extend(self.update_crossing(member, &old));
         let mut out: Vec<PathCheck> = traces
             .into_iter()
             .map(|(sender, receivers)| PathCheck::Trace { sender, receivers })
             .collect();
         out.extend(told.into_iter().map(|r| self.tell(r)));
         out
+    }
+
+    /// The crossing senders again for the pairs `member`'s new view decides: `member` as
+    /// the receiver, as the sender, and as the member in the way (when its own way to the
+    /// source changed). The receivers whose list changed.
+    fn update_crossing(
+        &mut self,
+        member: MemberId,
+        old: &HashMap<MemberId, (Reach, Option<MemberId>)>,
+    ) -> BTreeSet<MemberId> {
+        let new = &self.views[&member];
+        for (&r, &(_, via)) in old {
+            if let Some(set) = via.and_then(|m| self.entered_at.get_mut(&m)) {
+                set.remove(&(member, r));
+            }
+        }
+        for (&r, &(_, via)) in new {
+            if let Some(m) = via {
+                self.entered_at.entry(m).or_default().insert((member, r));
+            }
+        }
+        let named: BTreeSet<MemberId> = old.keys().chain(new.keys()).copied().collect();
+        let mut pairs: BTreeSet<(MemberId, MemberId)> = BTreeSet::new();
+        pairs.extend(named.iter().map(|&s| (s, member)));
+        pairs.extend(named.iter().map(|&r| (member, r)));
+        if old.get(&SOURCE) != new.get(&SOURCE) {
+            pairs.extend(self.entered_at.get(&member).into_iter().flatten().copied());
+        }
+        let mut changed = BTreeSet::new();
+        for (s, r) in pairs {
+            let now = self.crosses(s, r);
+            let set = self.crossing_to.entry(r).or_default();
+            if now != set.contains(&s) {
+                match now {
+                    true => set.insert(s),
+                    false => set.remove(&s),
+                };
+                changed.insert(r);
+            }
+        }
+        changed
+    }
+
+    /// Whether `s`'s path to `r` carries chunks twice over a link ([`PathChecks`]): `r`
+    /// reaches `s` through routers, `s`'s route to `r` starts at member `m`, and `m`'s own
+    /// way to the source starts at `s` (so `m`'s copies come in over that link too).
+    fn crosses(&self, s: MemberId, r: MemberId) -> bool {
+        let entry = |a: MemberId, b: MemberId| self.views.get(&a).and_then(|v| v.get(&b)).copied();
+        let Some((Reach::Behind, Some(m))) = entry(s, r) else {
+            return false;
+        };
+        let fed_by_s = match entry(m, SOURCE) {
+            Some((Reach::Direct, _)) => s == SOURCE,
+            Some((Reach::Behind, via)) => via == Some(s),
+            _ => false,
+        };
+        r != SOURCE
+            && s != r
+            && m != SOURCE
+            && matches!(entry(r, s), Some((Reach::ViaRouter, _)))
+            && fed_by_s
     }
 
     /// `sender` traced its path to `receiver`: `clean` if it crosses no other member
@@ -199,28 +298,71 @@ impl PathChecks {
         let seen_by_receiver = self.views.get(&receiver).and_then(|v| v.get(&sender));
         let senders_first_hop = self.views.get(&sender).and_then(|v| v.get(&receiver));
         sender != receiver
-            && seen_by_receiver == Some(&Reach::Behind)
-            && (sender == SOURCE || senders_first_hop == Some(&Reach::ViaRouter))
+            && receiver != SOURCE
+            && matches!(seen_by_receiver, Some((Reach::Behind, _)))
+            && (sender == SOURCE || matches!(senders_first_hop, Some((Reach::ViaRouter, _))))
     }
 
     fn tell(&self, receiver: MemberId) -> PathCheck {
         PathCheck::Tell {
             receiver,
-            senders: self
-                .clean_to
-                .get(&receiver)
+            paths: self.paths_for(receiver),
+        }
+    }
+
+    /// Whether `receiver` pulls from the source, as its last view and what it is told
+    /// make its neighbours ([`told_data_neighbours`], the same rule it runs); yes while
+    /// its view is unknown.
+    pub fn pulls_from_source(&self, receiver: MemberId) -> bool {
+        let Some(view) = self.views.get(&receiver) else {
+            return true;
+        };
+        let reach: Vec<(MemberId, Reach)> = view.iter().map(|(&m, &(r, _))| (m, r)).collect();
+        told_data_neighbours(receiver, reach, &self.paths_for(receiver)).contains(&SOURCE)
+    }
+
+    /// What `receiver` is to be told now (the lists a [`PathCheck::Tell`] carries).
+    pub fn paths_for(&self, receiver: MemberId) -> SenderPaths {
+        let list = |m: &BTreeMap<MemberId, BTreeSet<MemberId>>| {
+            m.get(&receiver)
                 .map(|c| c.iter().copied().collect())
-                .unwrap_or_default(),
+                .unwrap_or_default()
+        };
+        SenderPaths {
+            clean: list(&self.clean_to),
+            crossing: list(&self.crossing_to),
         }
     }
 }
 
-/// `reach` with the members whose path to us crosses no other member (see [`PathChecks`])
-/// counted as reached through routers rather than behind a member.
-pub fn with_clean_senders(reach: &mut [(MemberId, Reach)], clean: &[MemberId]) {
+/// [`data_neighbours`] from `reach` as the senders' paths to us make it
+/// ([`with_sender_paths`]); the source if that leaves none (it holds everything, so a
+/// receiver always has someone to pull from).
+pub fn told_data_neighbours(
+    me: MemberId,
+    mut reach: Vec<(MemberId, Reach)>,
+    paths: &SenderPaths,
+) -> Vec<MemberId> {
+    let sees_source = reach
+        .iter()
+        .any(|&(m, r)| m == SOURCE && matches!(r, Reach::Direct | Reach::ViaRouter));
+    with_sender_paths(&mut reach, paths);
+    let mut out = data_neighbours(me, &reach);
+    if out.is_empty() && sees_source {
+        out.push(SOURCE);
+    }
+    out
+}
+
+/// `reach` as the senders' paths to us make it ([`PathChecks`]): a member whose path
+/// crosses no other member counts as reached through routers, one whose path crosses
+/// one as behind it.
+pub fn with_sender_paths(reach: &mut [(MemberId, Reach)], paths: &SenderPaths) {
     for (m, r) in reach.iter_mut() {
-        if *r == Reach::Behind && clean.contains(m) {
+        if *r == Reach::Behind && paths.clean.contains(m) {
             *r = Reach::ViaRouter;
+        } else if *r == Reach::ViaRouter && paths.crossing.contains(m) {
+            *r = Reach::Behind;
         }
     }
 }
@@ -274,15 +416,19 @@ mod tests {
         assert!(pc
             .on_view(
                 1,
-                &[(0, Reach::Direct), (2, Reach::Direct), (3, Reach::Behind)]
+                &[
+                    (0, Reach::Direct, None),
+                    (2, Reach::Direct, None),
+                    (3, Reach::Behind, Some(2))
+                ]
             )
             .is_empty());
         let out = pc.on_view(
             3,
             &[
-                (0, Reach::Direct),
-                (1, Reach::ViaRouter),
-                (2, Reach::Direct),
+                (0, Reach::Direct, None),
+                (1, Reach::ViaRouter, None),
+                (2, Reach::Direct, None),
             ],
         );
         assert_eq!(
@@ -297,36 +443,198 @@ mod tests {
             .on_view(
                 3,
                 &[
-                    (0, Reach::Direct),
-                    (1, Reach::ViaRouter),
-                    (2, Reach::Direct)
+                    (0, Reach::Direct, None),
+                    (1, Reach::ViaRouter, None),
+                    (2, Reach::Direct, None)
                 ]
             )
             .is_empty());
         assert_eq!(pc.on_traced(3, 2, true), None, "never asked");
-        assert_eq!(
-            pc.on_traced(3, 1, true),
-            Some(PathCheck::Tell {
-                receiver: 1,
-                senders: vec![3]
-            })
-        );
+        assert_eq!(pc.on_traced(3, 1, true), Some(tell(1, &[3], &[])));
         // Member 3's route to 1 now starts at member 2: the answer is withdrawn.
         let out = pc.on_view(
             3,
-            &[(0, Reach::Direct), (1, Reach::Behind), (2, Reach::Direct)],
+            &[
+                (0, Reach::Direct, None),
+                (1, Reach::Behind, Some(2)),
+                (2, Reach::Direct, None),
+            ],
         );
-        assert_eq!(
-            out,
-            vec![PathCheck::Tell {
-                receiver: 1,
-                senders: vec![]
-            }]
-        );
-        let mut reach = [(2, Reach::Direct), (3, Reach::Behind), (4, Reach::Behind)];
-        with_clean_senders(&mut reach, &[3]);
+        assert_eq!(out, vec![tell(1, &[], &[])]);
+        let mut reach = [
+            (2, Reach::Direct),
+            (3, Reach::Behind),
+            (4, Reach::Behind),
+            (5, Reach::ViaRouter),
+            (6, Reach::ViaRouter),
+        ];
+        let paths = SenderPaths {
+            clean: vec![3],
+            crossing: vec![5],
+        };
+        with_sender_paths(&mut reach, &paths);
         assert_eq!(reach[1], (3, Reach::ViaRouter));
         assert_eq!(reach[2], (4, Reach::Behind));
+        assert_eq!(reach[3], (5, Reach::Behind));
+        assert_eq!(reach[4], (6, Reach::ViaRouter));
+    }
+
+    fn tell(receiver: MemberId, clean: &[MemberId], crossing: &[MemberId]) -> PathCheck {
+        PathCheck::Tell {
+            receiver,
+            paths: SenderPaths {
+                clean: clean.to_vec(),
+                crossing: crossing.to_vec(),
+            },
+        }
+    }
+
+    /// Only the told lists, by receiver, of what `on_view` returned.
+    fn crossing_told(out: Vec<PathCheck>) -> Vec<(MemberId, Vec<MemberId>)> {
+        out.into_iter()
+            .filter_map(|c| match c {
+                PathCheck::Tell { receiver, paths } => Some((receiver, paths.crossing)),
+                PathCheck::Trace { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_sender_whose_route_starts_at_a_member_fed_through_it_is_not_pulled_from() {
+        use Reach::{Behind, Direct, ViaRouter};
+        // random-25's shape: s - 2 - 1 - router - 4, with 2 -> 1 the min-cut link. 4
+        // reaches 2 through the router, 2's route to 4 starts at 1, and 1's way to the
+        // source starts at 2: 1's copies and 4's would both cross 2 -> 1.
+        let view_4 = [
+            (SOURCE, ViaRouter, None),
+            (1, ViaRouter, None),
+            (2, ViaRouter, None),
+        ];
+        let view_2 = [
+            (SOURCE, Direct, None),
+            (1, Direct, None),
+            (4, Behind, Some(1)),
+        ];
+        let view_1 = [
+            (SOURCE, Behind, Some(2)),
+            (2, Direct, None),
+            (4, ViaRouter, None),
+        ];
+        // Told once all three views are in, whatever their order.
+        for order in [[4, 2, 1], [1, 2, 4], [2, 1, 4], [1, 4, 2]] {
+            let mut pc = PathChecks::default();
+            let mut told = Vec::new();
+            for m in order {
+                let view: &[_] = match m {
+                    4 => &view_4,
+                    2 => &view_2,
+                    _ => &view_1,
+                };
+                told.extend(crossing_told(pc.on_view(m, view)));
+            }
+            assert_eq!(told.last(), Some(&(4, vec![2])), "order {order:?}");
+        }
+        let mut pc = PathChecks::default();
+        for (m, view) in [(4, &view_4[..]), (2, &view_2[..]), (1, &view_1[..])] {
+            pc.on_view(m, view);
+        }
+        // 1's way to the source changes (now through a router): the link 2 -> 1 no longer
+        // carries 1's copies, and 4 may pull from 2 again.
+        assert_eq!(
+            crossing_told(pc.on_view(
+                1,
+                &[
+                    (SOURCE, ViaRouter, None),
+                    (2, Direct, None),
+                    (4, ViaRouter, None)
+                ]
+            )),
+            vec![(4, vec![])]
+        );
+        pc.on_view(1, &view_1);
+        // 2 learns that member 1 is gone (its kernel forwards: the route reads as a router's).
+        assert_eq!(
+            crossing_told(pc.on_view(
+                2,
+                &[
+                    (SOURCE, Direct, None),
+                    (1, Direct, None),
+                    (4, ViaRouter, None)
+                ]
+            )),
+            vec![(4, vec![])]
+        );
+    }
+
+    #[test]
+    fn a_route_into_a_member_fed_elsewhere_or_into_the_source_is_kept() {
+        use Reach::{Behind, Direct, ViaRouter};
+        // 3 hangs below 1 (which is fed by 2); 4 reaches 3 through a router, 3's route to 4
+        // starts at 1. The link 3 -> 1 carries none of 1's copies: it is kept.
+        let mut pc = PathChecks::default();
+        let views: [(MemberId, &[RouteEntry]); 3] = [
+            (
+                1,
+                &[
+                    (SOURCE, Behind, Some(2)),
+                    (3, Direct, None),
+                    (4, ViaRouter, None),
+                ],
+            ),
+            (
+                3,
+                &[
+                    (SOURCE, Behind, Some(1)),
+                    (1, Direct, None),
+                    (4, Behind, Some(1)),
+                ],
+            ),
+            (
+                4,
+                &[
+                    (SOURCE, ViaRouter, None),
+                    (1, ViaRouter, None),
+                    (3, ViaRouter, None),
+                ],
+            ),
+        ];
+        for (m, view) in views {
+            assert!(crossing_told(pc.on_view(m, view))
+                .iter()
+                .all(|(_, c)| c.is_empty()));
+        }
+        // The source as the sender: 2 is fed by it directly, and 4 reaches it through
+        // a router while its route to 4 starts at 2.
+        let mut pc = PathChecks::default();
+        pc.on_view(2, &[(SOURCE, Direct, None), (4, Behind, Some(1))]);
+        pc.on_view(4, &[(SOURCE, ViaRouter, None), (2, ViaRouter, None)]);
+        let out = pc.on_view(SOURCE, &[(2, Direct, None), (4, Behind, Some(2))]);
+        assert_eq!(crossing_told(out), vec![(4, vec![SOURCE])]);
+        // Told so, 4 pulls from 2 only; told that every sender crosses, from the source
+        // still (it holds everything).
+        let reach = vec![(SOURCE, ViaRouter), (2, ViaRouter)];
+        let told = |crossing: Vec<MemberId>| SenderPaths {
+            clean: vec![],
+            crossing,
+        };
+        assert_eq!(
+            told_data_neighbours(4, reach.clone(), &told(vec![SOURCE])),
+            vec![2]
+        );
+        assert_eq!(
+            told_data_neighbours(4, reach, &told(vec![SOURCE, 2])),
+            vec![SOURCE]
+        );
+        // The source, knowing 4's view and what it told it, hands it no fresh chunks; 2
+        // it does.
+        assert!(!pc.pulls_from_source(4));
+        assert!(pc.pulls_from_source(2));
+        assert!(pc.pulls_from_source(9), "unknown: yes");
+        // A route that starts at the source: the source fetches nothing.
+        let mut pc = PathChecks::default();
+        pc.on_view(4, &[(SOURCE, ViaRouter, None), (2, ViaRouter, None)]);
+        let out = pc.on_view(2, &[(SOURCE, Direct, None), (4, Behind, Some(SOURCE))]);
+        assert!(crossing_told(out).iter().all(|(_, c)| c.is_empty()));
     }
 
     #[test]
@@ -334,7 +642,7 @@ mod tests {
         let mut pc = PathChecks::default();
         let mut traced = 0;
         for r in 1..=100 {
-            for c in pc.on_view(r, &[(SOURCE, Reach::Behind)]) {
+            for c in pc.on_view(r, &[(SOURCE, Reach::Behind, Some(r + 1))]) {
                 match c {
                     PathCheck::Trace { sender, receivers } => {
                         assert_eq!((sender, receivers), (SOURCE, vec![r]));

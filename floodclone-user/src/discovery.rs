@@ -10,7 +10,7 @@
 //! names no member: members claim only addresses beyond their link, so such a gateway
 //! reads as a router, and its members as overlay neighbours through it.
 
-use std::net::IpAddr;
+use std::{collections::HashMap, net::IpAddr};
 
 use futures_util::TryStreamExt;
 use netlink_packet_route::{
@@ -20,7 +20,7 @@ use netlink_packet_route::{
 use rtnetlink::RouteMessageBuilder;
 
 use floodclone_sched::{
-    overlay::{self, FirstHop, Reach},
+    overlay::{self, FirstHop, Reach, SenderPaths},
     MemberId,
 };
 
@@ -42,6 +42,7 @@ pub struct RouteLookup {
 }
 
 /// Route and address lookups in this host's kernel (a netlink handle).
+#[derive(Clone)]
 pub struct Routes {
     handle: rtnetlink::Handle,
 }
@@ -135,12 +136,14 @@ pub fn is_claimable(addr: IpAddr) -> bool {
 
 /// Classifies each member from the route lookups (pure: unit-tested).
 pub fn classify(members: &[Member], lookups: &[(MemberId, Option<RouteLookup>)]) -> Vec<RouteView> {
-    let owner = |addr: IpAddr| {
-        members
-            .iter()
-            .find(|m| m.addr == addr || m.local_addrs.contains(&addr))
-            .map(|m| m.id)
-    };
+    // Each address to its member, the first listed where two claim one.
+    let mut owners: HashMap<IpAddr, MemberId> = HashMap::new();
+    for m in members {
+        for &a in std::iter::once(&m.addr).chain(&m.local_addrs) {
+            owners.entry(a).or_insert(m.id);
+        }
+    }
+    let owner = |addr: IpAddr| owners.get(&addr).copied();
     lookups
         .iter()
         .map(|&(member, lookup)| {
@@ -163,17 +166,16 @@ pub fn classify(members: &[Member], lookups: &[(MemberId, Option<RouteLookup>)])
         .collect()
 }
 
-/// Members `me` exchanges data with ([`floodclone_sched::overlay::data_neighbours`]), the
-/// `clean_senders` our routes show behind a member counted as reached through routers
+/// Members `me` exchanges data with ([`floodclone_sched::overlay::data_neighbours`]), our
+/// routes corrected by what the source said of the senders' paths to us
 /// ([`floodclone_sched::overlay::PathChecks`]).
 pub fn data_neighbours(
     me: MemberId,
     views: &[RouteView],
-    clean_senders: &[MemberId],
+    sender_paths: &SenderPaths,
 ) -> Vec<MemberId> {
-    let mut reach: Vec<(MemberId, Reach)> = views.iter().map(|v| (v.member, v.reach)).collect();
-    overlay::with_clean_senders(&mut reach, clean_senders);
-    overlay::data_neighbours(me, &reach)
+    let reach: Vec<(MemberId, Reach)> = views.iter().map(|v| (v.member, v.reach)).collect();
+    overlay::told_data_neighbours(me, reach, sender_paths)
 }
 
 #[cfg(test)]
@@ -228,8 +230,17 @@ mod tests {
                 (9, Reach::Unreachable, None),
             ]
         );
-        assert_eq!(data_neighbours(1, &views, &[]), vec![0, 2, 4]);
-        assert_eq!(data_neighbours(1, &views, &[3]), vec![0, 2, 3, 4]);
+        let told = |clean: &[MemberId], crossing: &[MemberId]| SenderPaths {
+            clean: clean.to_vec(),
+            crossing: crossing.to_vec(),
+        };
+        assert_eq!(data_neighbours(1, &views, &told(&[], &[])), vec![0, 2, 4]);
+        assert_eq!(
+            data_neighbours(1, &views, &told(&[3], &[])),
+            vec![0, 2, 3, 4]
+        );
+        // 4's route to us starts at another destination: not pulled from.
+        assert_eq!(data_neighbours(1, &views, &told(&[], &[4])), vec![0, 2]);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::{
 };
 
 use floodclone_sched::{
-    overlay::{PathCheck, PathChecks},
+    overlay::{PathCheck, PathChecks, Reach},
     ChunkId, ChunkSet, FreshServer, MemberId, SOURCE,
 };
 use tokio::sync::mpsc;
@@ -27,7 +27,7 @@ use crate::{
     api::SendOptions,
     claims::{self, ClaimedJoin, JoinProofs},
     conn::{ConnEvent, ConnKey, ShortLived},
-    discovery::Routes,
+    discovery::{self, RouteLookup, Routes},
     events::{DestProgress, DestResult, DestState, Event, Progress, Route, TxBytesByIface},
     manifest::{self, ChunkHasher, Manifest, ManifestError},
     node::{self, Node, NodeError, NodeOptions, Role, Step},
@@ -74,10 +74,11 @@ pub async fn run(opts: NodeOptions, cfg: SendOptions) -> Result<SendOutcome, Nod
     let layout = hasher.layout();
     let store = Arc::new(ChunkStore::source(&cfg.path, layout.clone())?);
     let _ = node.ctx.store.set(store.clone());
-    let local_addrs = Routes::open()?.local_addrs().await?;
+    let routes = Routes::open()?;
+    let local_addrs = routes.local_addrs().await?;
     let (local_tx, mut local) = mpsc::unbounded_channel();
     hash_in_background(hasher, store, local_tx.clone());
-    let mut source = Source::new(&opts, &cfg, layout, local_addrs, local_tx);
+    let mut source = Source::new(&opts, &cfg, layout, local_addrs, routes, local_tx);
     node.watch(source.members.iter().skip(1).map(|m| m.addr));
     node.out.event(
         &Event::Serving {
@@ -123,6 +124,11 @@ pub async fn run(opts: NodeOptions, cfg: SendOptions) -> Result<SendOutcome, Nod
 enum SourceLocal {
     /// The answers of the source's own path traces (a `PathsTraced`).
     Traced(Msg),
+    /// The kernel's route from the source to a member that joined.
+    Routed {
+        member: MemberId,
+        lookup: Option<RouteLookup>,
+    },
     /// More chunks are hashed (the store has their hashes); `done`: all of them.
     Hashed {
         done: bool,
@@ -233,6 +239,10 @@ struct Source {
     rates: HashMap<MemberId, RateTracker>,
     /// Which senders' whole paths to which receivers to trace, and what to tell them.
     path_checks: PathChecks,
+    /// The kernel's routes from the source to the members that joined (the source's own
+    /// view in `path_checks`).
+    routes: Routes,
+    own_lookups: Vec<(MemberId, Option<RouteLookup>)>,
     /// The source's own tasks (path traces, hashing).
     local: mpsc::UnboundedSender<SourceLocal>,
     /// Joins matched by a claimed address, proven by dialing it ([`crate::claims`]).
@@ -258,6 +268,7 @@ impl Role for Source {
                     if let Some(p) = gone.peer.filter(|&p| node.conns.accepted_from(p).is_none()) {
                         self.holdings.remove(&p);
                         self.lost_since.entry(p).or_insert_with(Instant::now);
+                        self.own_view(node);
                     }
                 }
                 if self.finishing.is_some() && node.conns.is_empty() {
@@ -280,6 +291,11 @@ impl Role for Source {
     async fn on_local(&mut self, node: &mut Node, local: SourceLocal) -> Step {
         match local {
             SourceLocal::Traced(traced) => self.on_paths_traced(node, Some(SOURCE), traced),
+            SourceLocal::Routed { member, lookup } => {
+                self.own_lookups.retain(|&(m, _)| m != member);
+                self.own_lookups.push((member, lookup));
+                self.own_view(node);
+            }
             SourceLocal::Hashed { done } => self.on_hashed(node, done),
             // The file could not be read (or changed size): nothing more can be served.
             SourceLocal::HashFailed(e) => return Step::Stop(Err(e.into())),
@@ -334,6 +350,7 @@ impl Source {
         cfg: &SendOptions,
         layout: Manifest,
         local_addrs: Vec<IpAddr>,
+        routes: Routes,
         local: mpsc::UnboundedSender<SourceLocal>,
     ) -> Self {
         let mut members = vec![Member {
@@ -374,6 +391,8 @@ impl Source {
             ticks: 0,
             rates: HashMap::new(),
             path_checks: PathChecks::default(),
+            routes,
+            own_lookups: Vec::new(),
             local,
             join_proofs: JoinProofs::default(),
             proof_conns: ShortLived::new(claims::CHECK_TIMEOUT),
@@ -538,6 +557,13 @@ impl Source {
         m.local_addrs = addrs;
         m.port = port;
         let addr = m.addr;
+        let (routes, local) = (self.routes.clone(), self.local.clone());
+        tokio::spawn(async move {
+            // No route (or no answer) reads as unreachable: the view only refines whom
+            // receivers pull from.
+            let lookup = routes.route_to(addr).await.ok().flatten();
+            let _ = local.send(SourceLocal::Routed { member: id, lookup });
+        });
         node.out.event(
             &Event::Joined {
                 member: id,
@@ -666,12 +692,27 @@ impl Source {
     /// connection, then the grant that names them.
     /// A request that finds every chunk hashed so far already handed out waits for the next
     /// hashes.
+    ///
+    /// A destination that, told what it was told, no longer pulls from the source (its
+    /// path from the source crosses another: `overlay::PathChecks`) is answered "no fresh
+    /// chunks for you" (exhausted, none): its requests were sent while the views were
+    /// coming in, and granted they would cross that link twice.
     fn grant_fresh(&mut self, node: &mut Node) {
         let mut unanswered = Vec::new();
         for (key, count) in std::mem::take(&mut self.fresh_waiting) {
             let Some(c) = node.conns.get(key) else {
                 continue;
             };
+            if self.relay
+                && c.peer
+                    .is_some_and(|r| !self.path_checks.pulls_from_source(r))
+            {
+                c.send(Msg::FreshGrant {
+                    chunks: Vec::new(),
+                    exhausted: true,
+                });
+                continue;
+            }
             let chunks = self
                 .fresh
                 .pick_below(count.min(MAX_FRESH_GRANT), self.announced);
@@ -691,15 +732,19 @@ impl Source {
     /// A member answered its Welcome; when all have (or the hold times out), fresh chunks
     /// are handed out.
     fn on_view(&mut self, node: &mut Node, from: Option<MemberId>, routes: &[RouteView]) {
+        if let Some(id) = from.filter(|&id| id != SOURCE) {
+            let reach: Vec<_> = routes
+                .iter()
+                .map(|r| (r.member, r.reach, r.via_member))
+                .collect();
+            let checks = self.path_checks.on_view(id, &reach);
+            self.do_path_checks(node, checks);
+        }
+        // After the path checks took this view in: the grants at the opening see it.
         if let Some((silent, _)) = self.fresh_hold.as_mut() {
             if from.is_some_and(|id| silent.remove(&id)) && silent.is_empty() {
                 self.open_fresh(node);
             }
-        }
-        if let Some(id) = from.filter(|&id| id != SOURCE) {
-            let reach: Vec<_> = routes.iter().map(|r| (r.member, r.reach)).collect();
-            let checks = self.path_checks.on_view(id, &reach);
-            self.do_path_checks(node, checks);
         }
         node.out.event(
             &Event::View {
@@ -720,6 +765,21 @@ impl Source {
                 format!("{who} reaches {}", reach.join(", "))
             },
         );
+    }
+
+    /// The source's own view, from its route lookups (a member behind one whose connection
+    /// is gone reads as reached through routers: its kernel still forwards), into the path
+    /// checks.
+    fn own_view(&mut self, node: &mut Node) {
+        let reach: Vec<_> = discovery::classify(&self.members, &self.own_lookups)
+            .into_iter()
+            .map(|v| match v.via_member {
+                Some(m) if self.lost_since.contains_key(&m) => (v.member, Reach::ViaRouter, None),
+                via => (v.member, v.reach, via),
+            })
+            .collect();
+        let checks = self.path_checks.on_view(SOURCE, &reach);
+        self.do_path_checks(node, checks);
     }
 
     /// A sender (a destination, or the source itself) traced the paths it was asked to.
@@ -751,10 +811,10 @@ impl Source {
                         c.send(Msg::TracePaths { to: receivers });
                     }
                 }
-                PathCheck::Tell { receiver, senders } => {
-                    tracing::debug!(receiver, ?senders, "paths that cross no member");
+                PathCheck::Tell { receiver, paths } => {
+                    tracing::debug!(receiver, ?paths, "senders' paths that routes hide");
                     if let Some(c) = node.conns.accepted_from(receiver) {
-                        c.send(Msg::CleanSenders { ids: senders });
+                        c.send(Msg::SenderPaths(paths));
                     }
                 }
             }

@@ -25,9 +25,10 @@ use crate::wire::{drain_frames, Msg};
 
 /// The protocol's name and version, checked in the TLS handshake: raised whenever the
 /// control messages change (2: `SourceDistance`; 3: addresses of either family; 4: the
-/// acceptor's half of the key exchange first, on a stream of its own), so that nodes of different versions do
-/// not connect instead of closing each other's connections on an unknown message.
-pub const ALPN: &[u8] = b"floodclone/4";
+/// acceptor's half of the key exchange first, on a stream of its own; 5: `SenderPaths`
+/// with the crossing senders), so that nodes of different versions do not connect
+/// instead of closing each other's connections on an unknown message.
+pub const ALPN: &[u8] = b"floodclone/5";
 /// Application close codes.
 pub const CLOSE_DONE: u32 = 0;
 pub const CLOSE_AUTH: u32 = 1;

@@ -7,7 +7,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use floodclone_sched::{overlay::Reach, ChunkId, MemberId};
+use floodclone_sched::{
+    overlay::{Reach, SenderPaths},
+    ChunkId, MemberId,
+};
 
 use crate::manifest::Manifest;
 
@@ -127,9 +130,10 @@ pub enum Msg {
         clean: Vec<MemberId>,
         crossed: Vec<MemberId>,
     },
-    /// Source -> destination: members your routes show behind another member whose own
-    /// path to you crosses none (pull from them too). The whole list each time.
-    CleanSenders { ids: Vec<MemberId> },
+    /// Source -> destination: what your routes cannot show about members' paths to you:
+    /// those behind another member whose own path crosses none (pull from them too), those
+    /// through routers whose own route starts at a member (do not). The whole lists each time.
+    SenderPaths(SenderPaths),
     /// Source -> whoever answers at an address a member claims as its own (on a connection
     /// the source dialed there): send this nonce back to me on your own connection.
     ProveAddress { nonce: [u8; 16] },
@@ -365,7 +369,7 @@ impl Msg {
             Msg::SourceDistance { .. } => 19,
             Msg::TracePaths { .. } => 20,
             Msg::PathsTraced { .. } => 21,
-            Msg::CleanSenders { .. } => 22,
+            Msg::SenderPaths(_) => 22,
             Msg::Pake { .. } => 23,
             Msg::ProveAddress { .. } => 24,
             Msg::AddressProof { .. } => 25,
@@ -444,8 +448,12 @@ impl Msg {
             Msg::Done { elapsed_ms } => w.u64(*elapsed_ms),
             Msg::Progress { have } => w.u32(*have),
             Msg::SourceDistance { hops } => w.u8(*hops),
-            Msg::TracePaths { to: ids } | Msg::CleanSenders { ids } => w.member_ids(ids),
-            Msg::PathsTraced { clean, crossed } => {
+            Msg::TracePaths { to: ids } => w.member_ids(ids),
+            Msg::PathsTraced { clean, crossed }
+            | Msg::SenderPaths(SenderPaths {
+                clean,
+                crossing: crossed,
+            }) => {
                 w.member_ids(clean);
                 w.member_ids(crossed);
             }
@@ -575,9 +583,10 @@ impl Msg {
                 clean: r.member_ids()?,
                 crossed: r.member_ids()?,
             },
-            22 => Msg::CleanSenders {
-                ids: r.member_ids()?,
-            },
+            22 => Msg::SenderPaths(SenderPaths {
+                clean: r.member_ids()?,
+                crossing: r.member_ids()?,
+            }),
             24 => Msg::ProveAddress { nonce: r.nonce()? },
             25 => Msg::AddressProof { nonce: r.nonce()? },
             26 => Msg::WhoAreYou,
@@ -822,7 +831,10 @@ mod tests {
                 clean: vec![2],
                 crossed: vec![5, 6],
             },
-            Msg::CleanSenders { ids: vec![4] },
+            Msg::SenderPaths(SenderPaths {
+                clean: vec![4],
+                crossing: vec![7, 8],
+            }),
             Msg::ProveAddress { nonce: [5; 16] },
             Msg::AddressProof { nonce: [6; 16] },
             Msg::WhoAreYou,

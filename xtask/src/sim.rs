@@ -427,13 +427,14 @@ fn connect_destinations(
 ) -> usize {
     let source = topo.source();
     let mut views = first_hop_views(topo, net, member_of, node_of_member);
-    let clean_senders = clean_senders(topo, &net.next, &views, member_of, node_of_member);
+    let sender_paths = sender_paths(&net.next, &views, member_of, node_of_member);
     let mut max_neighbours = 0;
     for d in topo.destinations() {
         let me = member_of[d].expect("destinations are members");
-        let mut reach = views.remove(&me).expect("a view per destination");
-        overlay::with_clean_senders(&mut reach, clean_senders.get(&me).map_or(&[], |c| c));
-        let neighbours = overlay::data_neighbours(me, &reach);
+        let view = views.remove(&me).expect("a view per destination");
+        let reach: Vec<(MemberId, Reach)> = view.iter().map(|&(m, r, _)| (m, r)).collect();
+        let told = sender_paths.get(&me).cloned().unwrap_or_default();
+        let neighbours = overlay::told_data_neighbours(me, reach, &told);
         max_neighbours = max_neighbours.max(neighbours.len());
         let mut puller = Puller::new(
             SchedConfig {
@@ -477,15 +478,16 @@ fn rate_changes(topo: &Topology, opts: &SimOptions) -> Vec<(f64, usize, f64)> {
     changes
 }
 
-/// Every destination's view from its routes' first hops, as the daemon's lookups give.
+/// Every member's view from its routes' first hops, as the daemon's lookups give (the
+/// source's own too: its path checks use it).
 fn first_hop_views(
     topo: &Topology,
     net: &Net,
     member_of: &[Option<MemberId>],
     node_of_member: &[usize],
-) -> HashMap<MemberId, Vec<(MemberId, Reach)>> {
-    topo.destinations()
-        .into_iter()
+) -> HashMap<MemberId, Vec<overlay::RouteEntry>> {
+    std::iter::once(topo.source())
+        .chain(topo.destinations())
         .map(|d| {
             let reach = node_of_member
                 .iter()
@@ -496,10 +498,14 @@ fn first_hop_views(
                         None => FirstHop::NoRoute,
                         Some(p) => FirstHop::Gateway(member_of[p[1]]),
                     };
-                    (id as MemberId, overlay::reach(id as MemberId, first).0)
+                    let (reach, via) = overlay::reach(id as MemberId, first);
+                    (id as MemberId, reach, via)
                 })
                 .collect();
-            (member_of[d].expect("destinations are members"), reach)
+            (
+                member_of[d].expect("the source and destinations are members"),
+                reach,
+            )
         })
         .collect()
 }
@@ -777,24 +783,25 @@ impl Members {
     }
 }
 
-/// The source's path checks over every destination's view, each trace answered from the
-/// sender's whole route (clean: no member forwards on it): for each receiver, the
-/// senders it may take as direct.
-fn clean_senders(
-    topo: &Topology,
+/// The source's path checks over every member's view (its own too), each trace answered from the
+/// sender's whole route (clean: no member forwards on it): for each receiver, what it is
+/// told of the senders' paths to it.
+fn sender_paths(
     next: &routing::NextHops,
-    views: &HashMap<MemberId, Vec<(MemberId, Reach)>>,
+    views: &HashMap<MemberId, Vec<overlay::RouteEntry>>,
     member_of: &[Option<MemberId>],
     node_of_member: &[usize],
-) -> HashMap<MemberId, Vec<MemberId>> {
+) -> HashMap<MemberId, overlay::SenderPaths> {
     let mut checks = overlay::PathChecks::default();
-    let mut clean_senders: HashMap<MemberId, Vec<MemberId>> = HashMap::new();
-    let mut pending: Vec<overlay::PathCheck> = Vec::new();
-    for d in topo.destinations() {
-        let me = member_of[d].expect("destinations are members");
+    let mut told: HashMap<MemberId, overlay::SenderPaths> = HashMap::new();
+    // In the order made: a later Tell to a receiver replaces an earlier one.
+    let mut pending: std::collections::VecDeque<overlay::PathCheck> = Default::default();
+    let mut members: Vec<MemberId> = views.keys().copied().collect();
+    members.sort_unstable();
+    for me in members {
         pending.extend(checks.on_view(me, &views[&me]));
     }
-    while let Some(check) = pending.pop() {
+    while let Some(check) = pending.pop_front() {
         match check {
             overlay::PathCheck::Trace { sender, receivers } => {
                 for r in receivers {
@@ -808,12 +815,12 @@ fn clean_senders(
                     pending.extend(checks.on_traced(sender, r, clean));
                 }
             }
-            overlay::PathCheck::Tell { receiver, senders } => {
-                clean_senders.insert(receiver, senders);
+            overlay::PathCheck::Tell { receiver, paths } => {
+                told.insert(receiver, paths);
             }
         }
     }
-    clean_senders
+    told
 }
 
 /// What a finished simulation shows: each destination's completion, U, and the copies

@@ -16,7 +16,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use floodclone_sched::{Action, Arrival, ChunkId, ChunkSet, MemberId, Puller, SchedConfig, SOURCE};
+use floodclone_sched::{
+    overlay::SenderPaths, Action, Arrival, ChunkId, ChunkSet, MemberId, Puller, SchedConfig, SOURCE,
+};
 use tokio::sync::mpsc;
 
 mod gateways;
@@ -114,9 +116,9 @@ struct Destination {
     /// Members whose process is gone (their kernel may still forward): the members behind
     /// them become our neighbours until they are back.
     dead: HashSet<MemberId>,
-    /// Members our routes show behind another member whose own path to us crosses none
-    /// (the source's path checks): pulled from too.
-    clean_senders: Vec<MemberId>,
+    /// What the source's path checks say of members' paths to us where our routes say
+    /// otherwise: pulled from too, or not at all.
+    sender_paths: SenderPaths,
     /// Members that sent chunks failing verification: never pulled from again.
     banned: HashSet<MemberId>,
     /// Our hops to the source as last told to the neighbours.
@@ -319,7 +321,7 @@ impl Destination {
             dialing: HashSet::new(),
             dead: HashSet::new(),
             banned: HashSet::new(),
-            clean_senders: Vec::new(),
+            sender_paths: SenderPaths::default(),
             source_hops: None,
             source_lost_at: None,
             resumed_chunks: 0,
@@ -392,7 +394,7 @@ impl Destination {
             | Msg::Members { .. }
             | Msg::FreshGrant { .. }
             | Msg::TracePaths { .. }
-            | Msg::CleanSenders { .. }
+            | Msg::SenderPaths(_)
             | Msg::SwarmDone
                 if pulled_over == Some(SOURCE) =>
             {
@@ -479,9 +481,9 @@ impl Destination {
                     let _ = local.send(Local::Traced(trace::check_paths(to, members).await));
                 });
             }
-            Msg::CleanSenders { ids } => {
-                self.rediscover_needed |= ids != self.clean_senders;
-                self.clean_senders = ids;
+            Msg::SenderPaths(paths) => {
+                self.rediscover_needed |= paths != self.sender_paths;
+                self.sender_paths = paths;
             }
             Msg::SwarmDone if self.complete.is_some() => return Step::Stop(Ok(())),
             _ => {}

@@ -43,7 +43,7 @@ impl Destination {
             });
         }
         let mut next = if self.relay {
-            discovery::data_neighbours(self.me, &views, &self.clean_senders)
+            discovery::data_neighbours(self.me, &views, &self.sender_paths)
         } else {
             vec![SOURCE]
         };

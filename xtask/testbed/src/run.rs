@@ -122,6 +122,16 @@ pub struct RunReport {
     pub ratio_left: Option<f64>,
 }
 
+impl RunReport {
+    /// Copies of the file link direction `from` -> `to` carried (0 if it carried nothing).
+    pub fn copies(&self, from: &str, to: &str) -> f64 {
+        self.link_copies
+            .iter()
+            .find(|(f, t, _)| f == from && t == to)
+            .map_or(0.0, |l| l.2)
+    }
+}
+
 /// One TCP cross flow ([`crate::topology::CrossFlow`]) in a run.
 #[derive(Clone, Debug, Serialize)]
 pub struct CrossReport {
