@@ -87,11 +87,25 @@ impl JoinProofs {
     }
 }
 
+/// How many times a gateway is asked (each a fresh dial, [`CHECK_TIMEOUT`] apart) before
+/// silence makes it nobody's. A claimant behind a full link may not answer within one
+/// timeout: its handshake queues behind the data it sends us and is lost twice (random-25:
+/// the 5 Mbit/s d2->d1, refused at 5.2 s), and a claim refused wrongly turns the view
+/// around (the source and every member behind the claimant become overlay neighbours
+/// through a "router"). A router never answers: three silences, 15 s, make it one; a
+/// false claim steers its neighbours as long.
+pub const GATEWAY_ASKS: u32 = 3;
+
 /// What was found at a gateway address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Found {
-    /// Asked, no answer yet (until the instant given).
-    Asking(Instant),
+    /// Asked (`asks` times so far) at the claimant's `port`, no answer yet (until the
+    /// instant given).
+    Asking {
+        until: Instant,
+        asks: u32,
+        port: u16,
+    },
     /// This member answered there; `None`: nothing did.
     Member(Option<MemberId>),
 }
@@ -121,7 +135,8 @@ impl GatewayChecks {
                 .iter()
                 .find(|m| m.id != SOURCE && m.local_addrs.contains(&gw));
             if let Some(m) = claimant {
-                self.found.insert(gw, Found::Asking(now + CHECK_TIMEOUT));
+                let (until, asks, port) = (now + CHECK_TIMEOUT, 1, m.port);
+                self.found.insert(gw, Found::Asking { until, asks, port });
                 ask.push((gw, m.port));
             }
         }
@@ -130,24 +145,35 @@ impl GatewayChecks {
 
     /// `member` answered at `gw`. True if it settled a check (apply: [`Self::drop_refuted`]).
     pub fn on_answer(&mut self, gw: IpAddr, member: MemberId) -> bool {
-        if !matches!(self.found.get(&gw), Some(Found::Asking(_))) {
+        if !matches!(self.found.get(&gw), Some(Found::Asking { .. })) {
             return false;
         }
         self.found.insert(gw, Found::Member(Some(member)));
         true
     }
 
-    /// Gateways that did not answer by `now` are nobody's. True if any (apply:
+    /// Gateways that did not answer by `now`: asked again (returned, to dial) up to
+    /// [`GATEWAY_ASKS`] times, then nobody's. True if any became nobody's (apply:
     /// [`Self::drop_refuted`]).
-    pub fn expire(&mut self, now: Instant) -> bool {
-        let mut any = false;
-        for found in self.found.values_mut() {
-            if matches!(found, Found::Asking(until) if *until <= now) {
+    pub fn expire(&mut self, now: Instant) -> (bool, Vec<(IpAddr, u16)>) {
+        let (mut settled, mut again) = (false, Vec::new());
+        for (&gw, found) in self.found.iter_mut() {
+            let Found::Asking { until, asks, port } = *found else {
+                continue;
+            };
+            if until > now {
+                continue;
+            }
+            if asks < GATEWAY_ASKS {
+                let (until, asks) = (now + CHECK_TIMEOUT, asks + 1);
+                *found = Found::Asking { until, asks, port };
+                again.push((gw, port));
+            } else {
                 *found = Found::Member(None);
-                any = true;
+                settled = true;
             }
         }
-        any
+        (settled, again)
     }
 
     /// Drops from `members` every claimed address where someone else (or nothing)
@@ -258,8 +284,15 @@ mod tests {
         // Member 2 answers at its own address; nothing answers at member 1's claim.
         assert!(!checks.on_answer(IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9)), 2));
         assert!(checks.on_answer(other, 2));
-        assert!(!checks.expire(now + CHECK_TIMEOUT / 2));
-        assert!(checks.expire(now + CHECK_TIMEOUT));
+        assert_eq!(checks.expire(now + CHECK_TIMEOUT / 2), (false, vec![]));
+        // Silence: asked again, and again, then nobody's.
+        let mut at = now;
+        for _ in 1..GATEWAY_ASKS {
+            at += CHECK_TIMEOUT;
+            assert_eq!(checks.expire(at), (false, vec![(GW, 7001)]));
+            assert!(checks.drop_refuted(&mut members).is_empty());
+        }
+        assert_eq!(checks.expire(at + CHECK_TIMEOUT), (true, vec![]));
         let refuted = Refuted {
             member: 1,
             addr: GW,

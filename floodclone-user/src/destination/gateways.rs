@@ -2,7 +2,10 @@
 //! ([`crate::claims::GatewayChecks`]): we dial each once and ask who answers; a router does
 //! not, another member names itself. And the other side: answering such a question.
 
-use std::{net::SocketAddr, time::Instant};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Instant,
+};
 
 use floodclone_sched::MemberId;
 
@@ -34,14 +37,10 @@ impl Destination {
         let gateways = lookups
             .iter()
             .filter_map(|(_, l)| l.and_then(|l| l.gateway));
-        for (gw, port) in self
+        let ask = self
             .gateway_checks
-            .to_ask(&self.members, gateways, Instant::now())
-        {
-            tracing::debug!(%gw, "asking who is at a claimed gateway");
-            let ask = SocketAddr::new(gw, port);
-            node.dial_once(ask, ASKING, vec![Msg::WhoAreYou], CHECK_TIMEOUT);
-        }
+            .to_ask(&self.members, gateways, Instant::now());
+        ask_who_is_at(node, ask);
     }
 
     /// A gateway-check connection is up: it waits for its answer.
@@ -61,12 +60,15 @@ impl Destination {
         }
     }
 
-    /// Each tick: gateways silent too long are nobody's; their connections are closed.
+    /// Each tick: gateways silent too long are asked again, or nobody's; their
+    /// connections are closed.
     pub(super) fn expire_gateway_checks(&mut self, node: &Node) {
-        if self.gateway_checks.expire(Instant::now()) {
+        self.asking.close_expired();
+        let (settled, again) = self.gateway_checks.expire(Instant::now());
+        ask_who_is_at(node, again);
+        if settled {
             self.apply_gateway_checks(node);
         }
-        self.asking.close_expired();
     }
 
     /// Claims refuted are dropped from the member list (and said), and the neighbours
@@ -110,5 +112,14 @@ impl Destination {
         for key in std::mem::take(&mut self.asked_who) {
             self.on_who_are_you(node, key);
         }
+    }
+}
+
+/// Dials each gateway once and asks who answers there.
+fn ask_who_is_at(node: &Node, gateways: Vec<(IpAddr, u16)>) {
+    for (gw, port) in gateways {
+        tracing::debug!(%gw, "asking who is at a claimed gateway");
+        let ask = SocketAddr::new(gw, port);
+        node.dial_once(ask, ASKING, vec![Msg::WhoAreYou], CHECK_TIMEOUT);
     }
 }
