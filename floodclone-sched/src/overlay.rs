@@ -310,11 +310,17 @@ impl PathChecks {
         }
     }
 
-    /// Whether `receiver` pulls from the source, as its last view and what it is told
-    /// make its neighbours ([`told_data_neighbours`], the same rule it runs); yes while
-    /// its view is unknown.
+    /// Whether `receiver` still pulls from the source once told that the source's path
+    /// to it crosses (as its last view and what it is told make its neighbours,
+    /// [`told_data_neighbours`], the same rule it runs); yes when not told so, or while
+    /// its view is unknown. Cheap in that common case: the source asks it of every fresh
+    /// request.
     pub fn pulls_from_source(&self, receiver: MemberId) -> bool {
-        let Some(view) = self.views.get(&receiver) else {
+        let told_crossing = self
+            .crossing_to
+            .get(&receiver)
+            .is_some_and(|c| c.contains(&SOURCE));
+        let Some(view) = self.views.get(&receiver).filter(|_| told_crossing) else {
             return true;
         };
         let reach: Vec<(MemberId, Reach)> = view.iter().map(|(&m, &(r, _))| (m, r)).collect();

@@ -132,7 +132,8 @@ pub enum Msg {
     },
     /// Source -> destination: what your routes cannot show about members' paths to you:
     /// those behind another member whose own path crosses none (pull from them too), those
-    /// through routers whose own route starts at a member (do not). The whole lists each time.
+    /// through routers whose own route starts at a member they feed over that first link
+    /// (do not); see `floodclone_sched::overlay::PathChecks`. The whole lists each time.
     SenderPaths(SenderPaths),
     /// Source -> whoever answers at an address a member claims as its own (on a connection
     /// the source dialed there): send this nonce back to me on your own connection.
