@@ -166,6 +166,16 @@ pub fn classify(members: &[Member], lookups: &[(MemberId, Option<RouteLookup>)])
         .collect()
 }
 
+/// `views` with every member behind one that is `gone` (its process, not its host) read as
+/// reached through routers: its kernel still forwards, but it holds no copy to relay.
+pub fn route_around(views: &mut [RouteView], gone: impl Fn(MemberId) -> bool) {
+    for v in views {
+        if v.reach == Reach::Behind && v.via_member.is_some_and(&gone) {
+            v.reach = Reach::ViaRouter;
+        }
+    }
+}
+
 /// Members `me` exchanges data with ([`floodclone_sched::overlay::data_neighbours`]), our
 /// routes corrected by what the source said of the senders' paths to us
 /// ([`floodclone_sched::overlay::PathChecks`]).

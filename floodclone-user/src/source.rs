@@ -18,7 +18,7 @@ use std::{
 };
 
 use floodclone_sched::{
-    overlay::{PathCheck, PathChecks, Reach},
+    overlay::{PathCheck, PathChecks},
     ChunkId, ChunkSet, FreshServer, MemberId, SOURCE,
 };
 use tokio::sync::mpsc;
@@ -771,12 +771,11 @@ impl Source {
     /// is gone reads as reached through routers: its kernel still forwards), into the path
     /// checks.
     fn own_view(&mut self, node: &mut Node) {
-        let reach: Vec<_> = discovery::classify(&self.members, &self.own_lookups)
-            .into_iter()
-            .map(|v| match v.via_member {
-                Some(m) if self.lost_since.contains_key(&m) => (v.member, Reach::ViaRouter, None),
-                via => (v.member, v.reach, via),
-            })
+        let mut views = discovery::classify(&self.members, &self.own_lookups);
+        discovery::route_around(&mut views, |m| self.lost_since.contains_key(&m));
+        let reach: Vec<_> = views
+            .iter()
+            .map(|v| (v.member, v.reach, v.via_member))
             .collect();
         let checks = self.path_checks.on_view(SOURCE, &reach);
         self.do_path_checks(node, checks);

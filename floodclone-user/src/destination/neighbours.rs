@@ -4,7 +4,7 @@
 
 use std::{net::SocketAddr, time::Instant};
 
-use floodclone_sched::{overlay::Reach, MemberId, SOURCE};
+use floodclone_sched::{MemberId, SOURCE};
 
 use super::Destination;
 use crate::{
@@ -30,13 +30,7 @@ impl Destination {
         self.ask_gateways(node, &lookups);
         let mut views = discovery::classify(&self.members, &lookups);
         self.ingress = views.iter().map(|v| (v.member, v.ifindex)).collect();
-        for v in &mut views {
-            // Behind a member whose process is gone: its kernel still forwards, so the
-            // member behind it is reached as if through a router.
-            if v.reach == Reach::Behind && v.via_member.is_some_and(|m| self.dead.contains(&m)) {
-                v.reach = Reach::ViaRouter;
-            }
-        }
+        discovery::route_around(&mut views, |m| self.dead.contains(&m));
         if let Some(c) = node.conns.dialed_to(SOURCE) {
             c.send(Msg::View {
                 routes: views.clone(),
