@@ -75,20 +75,35 @@ fn delivered_gib(bytes: u64, dests: usize) -> f64 {
     bytes as f64 * dests as f64 / (1u64 << 30) as f64
 }
 
+/// How many runs of each kind a topology gets, and which runs keep their logs.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchPlan {
+    pub runs: usize,
+    pub baseline_runs: usize,
+    /// Plain TCP copies of the same bytes per topology ([`run_tcp_copy`]).
+    pub tcp_runs: usize,
+    /// Keep every node's log and events of a floodclone run whose U/U_min is above this,
+    /// or that failed: a slow run that comes once in a hundred explains itself.
+    pub keep_logs_over: Option<f64>,
+}
+
 /// Runs the benchmark for each topology (each run as `base` says: its size, one file or
-/// a tree of several), appending JSON lines of every run to `jsonl`; `tcp_runs` plain TCP
-/// copies of the same bytes per topology besides.
-#[allow(clippy::too_many_arguments)]
+/// a tree of several), appending JSON lines of every run to `jsonl`; pictures, and the
+/// logs `plan` keeps, go to `pictures`.
 pub fn bench(
     topos: &[Topology],
     bin: &Path,
     base: &RunOptions,
-    runs: usize,
-    baseline_runs: usize,
-    tcp_runs: usize,
+    plan: BenchPlan,
     jsonl: &mut impl Write,
     pictures: &Path,
 ) -> Result<Vec<BenchRow>> {
+    let BenchPlan {
+        runs,
+        baseline_runs,
+        tcp_runs,
+        keep_logs_over,
+    } = plan;
     let mut rows = Vec::new();
     for topo in topos {
         let mut ours: Vec<RunReport> = Vec::new();
@@ -102,8 +117,19 @@ pub fn bench(
             if i < runs {
                 let mut o = opts.clone();
                 o.picture = Some(pictures.join(format!("{}-run{}.svg", topo.name, i + 1)));
+                let logs = pictures.join(format!("{}-run{}-logs", topo.name, i + 1));
+                if keep_logs_over.is_some() {
+                    o.logs = Some(logs.clone());
+                }
                 let r = run_transfer(topo, bin, &o)?;
                 eprint!("[{} run {}] {}", topo.name, i + 1, render(&r));
+                if let Some(over) = keep_logs_over {
+                    if r.ratio.is_some_and(|x| x <= over) {
+                        std::fs::remove_dir_all(&logs)?;
+                    } else {
+                        eprintln!("  logs kept: {}/", logs.display());
+                    }
+                }
                 writeln!(
                     jsonl,
                     "{}",

@@ -209,6 +209,11 @@ struct BenchArgs {
     /// file): `--files 10000 --size 40000KiB` is 10,000 files of 4 KiB.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     files: u64,
+    /// Keep every node's log and JSON events of each run whose U/U_min is above this (or
+    /// that failed), next to its picture as `<topology>-run<N>-logs/`: a rare slow run
+    /// explains itself. Their level: RUST_LOG, as for `run --logs`.
+    #[arg(long)]
+    keep_logs_over: Option<f64>,
 }
 
 #[derive(Subcommand)]
@@ -568,6 +573,7 @@ fn bench_command(args: BenchArgs) -> Result<()> {
         delay_ms,
         floodclone,
         files,
+        keep_logs_over,
     } = args;
     if !testbed::is_root() {
         bail!("`cargo xtask bench` builds network namespaces and loads eBPF: run it as root");
@@ -614,16 +620,13 @@ fn bench_command(args: BenchArgs) -> Result<()> {
     }
     let mut base = run::RunOptions::new(size);
     base.files = files;
-    let rows = bench::bench(
-        &topos,
-        &bin,
-        &base,
+    let plan = bench::BenchPlan {
         runs,
         baseline_runs,
         tcp_runs,
-        &mut jsonl,
-        &pictures,
-    )?;
+        keep_logs_over,
+    };
+    let rows = bench::bench(&topos, &bin, &base, plan, &mut jsonl, &pictures)?;
     let table = bench::table(&rows);
     let md_path = dir.join(format!("bench-{stamp}.md"));
     std::fs::write(&md_path, &table)?;

@@ -208,6 +208,10 @@ impl Destination {
             }
         }
         if p == SOURCE {
+            if self.complete.is_none() {
+                // Rare and costly (a new join, a new Welcome): worth a line in any log.
+                tracing::info!(%reason, "the connection to the source closed; dialing it again");
+            }
             self.source_lost_at = Some(Instant::now());
             // `me` is still JOINING if the source never welcomed us.
             let hello = self.join_hello(self.routes.local_addrs().await.unwrap_or_default());
