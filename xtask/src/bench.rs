@@ -98,139 +98,174 @@ pub fn bench(
     jsonl: &mut impl Write,
     pictures: &Path,
 ) -> Result<Vec<BenchRow>> {
-    let BenchPlan {
-        runs,
-        baseline_runs,
-        tcp_runs,
-        keep_logs_over,
-    } = plan;
     let mut rows = Vec::new();
     for topo in topos {
-        let mut ours: Vec<RunReport> = Vec::new();
-        let mut direct: Vec<RunReport> = Vec::new();
-        let bytes = base.bytes;
-        let mut opts = base.clone();
-        opts.quiet = true;
-        let mut direct_opts = opts.clone();
-        direct_opts.send_args.push("--direct".into());
-        for i in 0..runs.max(baseline_runs) {
-            if i < runs {
-                let mut o = opts.clone();
-                o.picture = Some(pictures.join(format!("{}-run{}.svg", topo.name, i + 1)));
-                let logs = pictures.join(format!("{}-run{}-logs", topo.name, i + 1));
-                if keep_logs_over.is_some() {
-                    o.logs = Some(logs.clone());
-                }
-                let r = run_transfer(topo, bin, &o)?;
-                eprint!("[{} run {}] {}", topo.name, i + 1, render(&r));
-                if let Some(over) = keep_logs_over {
-                    if r.ratio.is_some_and(|x| x <= over) {
-                        std::fs::remove_dir_all(&logs)?;
-                    } else {
-                        eprintln!("  logs kept: {}/", logs.display());
-                    }
-                }
-                writeln!(
-                    jsonl,
-                    "{}",
-                    serde_json::json!({"mode": "floodclone", "report": r})
-                )?;
-                ours.push(r);
-            }
-            if i < baseline_runs {
-                let r = run_transfer(topo, bin, &direct_opts)?;
-                eprintln!(
-                    "[{} direct {}] U/U_min = {}",
-                    topo.name,
-                    i + 1,
-                    r.ratio.map_or("failed".into(), |x| format!("{x:.3}"))
-                );
-                writeln!(
-                    jsonl,
-                    "{}",
-                    serde_json::json!({"mode": "direct", "report": r})
-                )?;
-                direct.push(r);
-            }
-        }
-        let mut tcp: Vec<TcpReport> = Vec::new();
-        for i in 0..tcp_runs {
-            let r = run_tcp_copy(topo, bytes)?;
-            eprintln!(
-                "[{} tcp {}] U/U_min = {:.3}, CPU {:.2} s/GiB (machine {:.2})",
-                topo.name,
-                i + 1,
-                r.ratio,
-                r.cpu_s_per_gib,
-                r.machine_cpu_s_per_gib
-            );
-            writeln!(jsonl, "{}", serde_json::json!({"mode": "tcp", "report": r}))?;
-            tcp.push(r);
-        }
-        let us: Vec<f64> = ours.iter().filter_map(|r| r.u_s).collect();
-        let median_run = {
-            let m = median(us.clone());
-            ours.iter().find(|r| r.u_s == m)
-        };
-        rows.push(BenchRow {
-            topology: match base.files {
-                1 => topo.name.clone(),
-                n => format!("{} ({n} files)", topo.name),
-            },
-            bytes,
-            u_min_s: ours.first().map_or(0.0, |r| r.u_min_s),
-            u_median_s: median(us.clone()),
-            u_min_run_s: us.iter().copied().reduce(f64::min),
-            u_max_run_s: us.iter().copied().reduce(f64::max),
-            ratio_median: median(ours.iter().filter_map(|r| r.ratio).collect()),
-            runs_ok: us.len(),
-            runs,
-            direct_ratio_median: median(direct.iter().filter_map(|r| r.ratio).collect()),
-            max_link_copies: median_run.and_then(|r| r.link_copies.first().map(|c| c.2)),
-            sim_ratio: sim_ratio(topo, bytes),
-            ratio_routed_median: median(ours.iter().filter_map(|r| r.ratio_routed).collect()),
-            idle_s: median_run.map(|r| r.idle_s),
-            source_idle_s: median_run.map(|r| r.source_idle_s),
-            cross_before_mbit: median_run.and_then(|r| r.cross.first().map(|c| c.before_mbit)),
-            cross_during_mbit: median_run.and_then(|r| r.cross.first().map(|c| c.during_mbit)),
-            cross_share: median_run.and_then(|r| r.cross.first().map(|c| c.during_share())),
-            ratio_left_median: median(ours.iter().filter_map(|r| r.ratio_left).collect()),
-            cpu_s_per_gib: median(ours.iter().filter_map(cpu_s_per_gib).collect()),
-            machine_cpu_s_per_gib: median(
-                ours.iter()
-                    .filter_map(|r| Some(r.machine_cpu_s? / delivered_gib(r.bytes, r.dests.len())))
-                    .collect(),
-            ),
-            tcp_ratio_median: median(tcp.iter().map(|r| r.ratio).collect()),
-            tcp_cpu_s_per_gib: median(tcp.iter().map(|r| r.cpu_s_per_gib).collect()),
-            tcp_machine_cpu_s_per_gib: median(
-                tcp.iter().map(|r| r.machine_cpu_s_per_gib).collect(),
-            ),
-            peak_rss_mib: ours
-                .iter()
-                .flat_map(|r| {
-                    r.dests
-                        .iter()
-                        .map(|d| d.peak_rss_bytes)
-                        .chain([r.source_peak_rss_bytes])
-                })
-                .flatten()
-                .max()
-                .map(|b| b as f64 / (1 << 20) as f64),
-            first_chunk_ms: median(
-                ours.iter()
-                    .filter_map(|r| r.first_chunk_s.map(|s| s * 1e3))
-                    .collect(),
-            ),
-            min_link_mbit: topo
-                .links
-                .iter()
-                .map(|l| l.mbit_from(l.a).min(l.mbit_from(l.b)))
-                .fold(f64::INFINITY, f64::min),
-        });
+        let runs = run_topology(topo, bin, base, plan, jsonl, pictures)?;
+        rows.push(row(topo, base, plan.runs, &runs));
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(rows)
+}
+
+/// Every run of one topology, by kind.
+struct TopologyRuns {
+    ours: Vec<RunReport>,
+    direct: Vec<RunReport>,
+    tcp: Vec<TcpReport>,
+}
+
+/// The runs `plan` asks of `topo` (floodclone and the direct baseline alternating), each
+/// printed and appended to `jsonl` as it ends.
+fn run_topology(
+    topo: &Topology,
+    bin: &Path,
+    base: &RunOptions,
+    plan: BenchPlan,
+    jsonl: &mut impl Write,
+    pictures: &Path,
+) -> Result<TopologyRuns> {
+    let mut runs = TopologyRuns {
+        ours: Vec::new(),
+        direct: Vec::new(),
+        tcp: Vec::new(),
+    };
+    let mut opts = base.clone();
+    opts.quiet = true;
+    let mut direct_opts = opts.clone();
+    direct_opts.send_args.push("--direct".into());
+    for i in 0..plan.runs.max(plan.baseline_runs) {
+        if i < plan.runs {
+            let r = run_ours(topo, bin, &opts, i + 1, plan.keep_logs_over, pictures)?;
+            writeln!(
+                jsonl,
+                "{}",
+                serde_json::json!({"mode": "floodclone", "report": r})
+            )?;
+            runs.ours.push(r);
+        }
+        if i < plan.baseline_runs {
+            let r = run_transfer(topo, bin, &direct_opts)?;
+            eprintln!(
+                "[{} direct {}] U/U_min = {}",
+                topo.name,
+                i + 1,
+                r.ratio.map_or("failed".into(), |x| format!("{x:.3}"))
+            );
+            writeln!(
+                jsonl,
+                "{}",
+                serde_json::json!({"mode": "direct", "report": r})
+            )?;
+            runs.direct.push(r);
+        }
+    }
+    for i in 0..plan.tcp_runs {
+        let r = run_tcp_copy(topo, base.bytes)?;
+        eprintln!(
+            "[{} tcp {}] U/U_min = {:.3}, CPU {:.2} s/GiB (machine {:.2})",
+            topo.name,
+            i + 1,
+            r.ratio,
+            r.cpu_s_per_gib,
+            r.machine_cpu_s_per_gib
+        );
+        writeln!(jsonl, "{}", serde_json::json!({"mode": "tcp", "report": r}))?;
+        runs.tcp.push(r);
+    }
+    Ok(runs)
+}
+
+/// Floodclone's run number `n` of `topo`, its picture in `pictures`, and its logs too if
+/// it took more than `keep_logs_over` x U_min (or failed).
+fn run_ours(
+    topo: &Topology,
+    bin: &Path,
+    opts: &RunOptions,
+    n: usize,
+    keep_logs_over: Option<f64>,
+    pictures: &Path,
+) -> Result<RunReport> {
+    let mut o = opts.clone();
+    o.picture = Some(pictures.join(format!("{}-run{n}.svg", topo.name)));
+    let logs = pictures.join(format!("{}-run{n}-logs", topo.name));
+    if keep_logs_over.is_some() {
+        o.logs = Some(logs.clone());
+    }
+    let r = run_transfer(topo, bin, &o)?;
+    eprint!("[{} run {n}] {}", topo.name, render(&r));
+    if let Some(over) = keep_logs_over {
+        if r.ratio.is_some_and(|x| x <= over) {
+            std::fs::remove_dir_all(&logs)?;
+        } else {
+            eprintln!("  logs kept: {}/", logs.display());
+        }
+    }
+    Ok(r)
+}
+
+/// The table's row for `topo`: medians over its runs.
+fn row(topo: &Topology, base: &RunOptions, runs: usize, all: &TopologyRuns) -> BenchRow {
+    let TopologyRuns { ours, direct, tcp } = all;
+    let bytes = base.bytes;
+    let us: Vec<f64> = ours.iter().filter_map(|r| r.u_s).collect();
+    let median_run = {
+        let m = median(us.clone());
+        ours.iter().find(|r| r.u_s == m)
+    };
+    BenchRow {
+        topology: match base.files {
+            1 => topo.name.clone(),
+            n => format!("{} ({n} files)", topo.name),
+        },
+        bytes,
+        u_min_s: ours.first().map_or(0.0, |r| r.u_min_s),
+        u_median_s: median(us.clone()),
+        u_min_run_s: us.iter().copied().reduce(f64::min),
+        u_max_run_s: us.iter().copied().reduce(f64::max),
+        ratio_median: median(ours.iter().filter_map(|r| r.ratio).collect()),
+        runs_ok: us.len(),
+        runs,
+        direct_ratio_median: median(direct.iter().filter_map(|r| r.ratio).collect()),
+        max_link_copies: median_run.and_then(|r| r.link_copies.first().map(|c| c.2)),
+        sim_ratio: sim_ratio(topo, bytes),
+        ratio_routed_median: median(ours.iter().filter_map(|r| r.ratio_routed).collect()),
+        idle_s: median_run.map(|r| r.idle_s),
+        source_idle_s: median_run.map(|r| r.source_idle_s),
+        cross_before_mbit: median_run.and_then(|r| r.cross.first().map(|c| c.before_mbit)),
+        cross_during_mbit: median_run.and_then(|r| r.cross.first().map(|c| c.during_mbit)),
+        cross_share: median_run.and_then(|r| r.cross.first().map(|c| c.during_share())),
+        ratio_left_median: median(ours.iter().filter_map(|r| r.ratio_left).collect()),
+        cpu_s_per_gib: median(ours.iter().filter_map(cpu_s_per_gib).collect()),
+        machine_cpu_s_per_gib: median(
+            ours.iter()
+                .filter_map(|r| Some(r.machine_cpu_s? / delivered_gib(r.bytes, r.dests.len())))
+                .collect(),
+        ),
+        tcp_ratio_median: median(tcp.iter().map(|r| r.ratio).collect()),
+        tcp_cpu_s_per_gib: median(tcp.iter().map(|r| r.cpu_s_per_gib).collect()),
+        tcp_machine_cpu_s_per_gib: median(tcp.iter().map(|r| r.machine_cpu_s_per_gib).collect()),
+        peak_rss_mib: ours
+            .iter()
+            .flat_map(|r| {
+                r.dests
+                    .iter()
+                    .map(|d| d.peak_rss_bytes)
+                    .chain([r.source_peak_rss_bytes])
+            })
+            .flatten()
+            .max()
+            .map(|b| b as f64 / (1 << 20) as f64),
+        first_chunk_ms: median(
+            ours.iter()
+                .filter_map(|r| r.first_chunk_s.map(|s| s * 1e3))
+                .collect(),
+        ),
+        min_link_mbit: topo
+            .links
+            .iter()
+            .map(|l| l.mbit_from(l.a).min(l.mbit_from(l.b)))
+            .fold(f64::INFINITY, f64::min),
+    }
 }
 
 /// The simulator's U/U_min for `topo`, counting headers as the testbed's wire does (as
