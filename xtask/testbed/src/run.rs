@@ -359,6 +359,39 @@ fn pipe_lines(child: &mut Child, who: usize, tx: mpsc::Sender<(usize, String)>) 
     });
 }
 
+/// What every node has said so far (its JSON events), and with `RunOptions::logs` each
+/// line kept too, after the harness clock.
+struct Seen {
+    nodes: Vec<NodeEvents>,
+    files: Vec<Option<std::fs::File>>,
+}
+
+impl Seen {
+    fn new(topo: &Topology, logs: Option<&Path>) -> Result<Self> {
+        let mut files = Vec::new();
+        for n in &topo.nodes {
+            files.push(match logs {
+                Some(dir) => Some(std::fs::File::create(
+                    dir.join(format!("{}.events", n.name)),
+                )?),
+                None => None,
+            });
+        }
+        Ok(Self {
+            nodes: vec![NodeEvents::default(); topo.nodes.len()],
+            files,
+        })
+    }
+
+    /// Node `who` said `line` at `t` seconds into the run.
+    fn note(&mut self, who: usize, line: &str, t: f64) {
+        if let Some(f) = self.files[who].as_mut() {
+            let _ = writeln!(f, "{t:.3} {line}");
+        }
+        self.nodes[who].note(line, t);
+    }
+}
+
 /// Runs one transfer of `opts.bytes` over `topo` with the binary `bin`.
 pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<RunReport> {
     let floor =
@@ -370,23 +403,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         .with_context(|| format!("creating the log directory {}", log_dir.display()))?;
     let log_path = |name: &str| log_dir.join(format!("{name}.log"));
     let log_file = |name: &str| std::fs::File::create(log_path(name));
-    // With `opts.logs`, every node's JSON events too, each after the harness clock.
-    let mut event_logs: Vec<Option<std::fs::File>> = Vec::new();
-    for n in &topo.nodes {
-        event_logs.push(match &opts.logs {
-            Some(dir) => Some(std::fs::File::create(
-                dir.join(format!("{}.events", n.name)),
-            )?),
-            None => None,
-        });
-    }
-    let mut note = |seen: &mut Vec<NodeEvents>, who: usize, line: &str, t: f64| {
-        if let Some(f) = event_logs[who].as_mut() {
-            use std::io::Write;
-            let _ = writeln!(f, "{t:.3} {line}");
-        }
-        seen[who].note(line, t);
-    };
+    let mut seen = Seen::new(topo, opts.logs.as_deref())?;
     let want = file_hash(&src).context("hashing the source file")?;
 
     netns::ensure_host_bpffs()?;
@@ -411,7 +428,6 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
     };
     let (tx, rx) = mpsc::channel();
     let out_path = |d: usize| work.join(format!("{}.out", topo.nodes[d].name));
-    let mut seen = vec![NodeEvents::default(); topo.nodes.len()];
     // Other people's traffic first, measured alone, then left running.
     let mut cross = CrossTraffic::start(topo, &bed);
     let mut recv_handles = Vec::new();
@@ -427,26 +443,9 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
             .stderr(log_file(&topo.nodes[d].name)?);
         let h = bed.spawn(cmd)?;
         pipe_lines(bed.child(h), d, tx.clone());
-        recv_handles.push((d, h));
+        recv_handles.push(h);
     }
-    // U is what a user waits after starting `floodclone send`, with the destinations
-    // already running (as services would be): each must first say it is ready (its
-    // eBPF programs loaded), at most `READY_WITHIN`.
-    let ready_by = Instant::now() + READY_WITHIN;
-    while dests.iter().any(|&d| !seen[d].ready) && Instant::now() < ready_by {
-        match rx.recv_timeout(Duration::from_millis(20)) {
-            Ok((who, line)) => note(&mut seen, who, &line, 0.0),
-            Err(_) => {
-                let mut exited = false;
-                for &(_, h) in &recv_handles {
-                    exited |= bed.child(h).try_wait()?.is_some();
-                }
-                if exited {
-                    break;
-                }
-            }
-        }
-    }
+    wait_until_ready(&mut bed, &recv_handles, &dests, &rx, &mut seen)?;
     let mut cmd = bed.command(s, bin.to_str().unwrap());
     cmd.args(["send", "--json", "--token", &token])
         .arg(&src)
@@ -462,7 +461,6 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
     let started = Instant::now();
     let delay_cpu_at_start = bed.delay_line_cpu_s();
     let machine_cpu_at_start = crate::traffic::machine_busy_s();
-    let mut machine_cpu_at_u = None;
     let sh = bed.spawn(cmd)?;
     pipe_lines(bed.child(sh), s, tx);
 
@@ -471,48 +469,22 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         .unwrap_or_else(|| Duration::from_secs_f64(floor.u_min_s * 10.0 + 60.0));
     let mut events = topo.events.clone().into_iter().peekable();
     let mut send_status = None;
+    let mut machine_cpu_at_u = None;
     let mut last_live = Instant::now();
     while send_status.is_none() && started.elapsed() < timeout {
-        while let Some(e) = events.next_if(|e| started.elapsed().as_secs_f64() >= e.at_s) {
-            bed.apply(e.link, &e.action)?;
-            if !opts.quiet {
-                let l = &topo.links[e.link];
-                eprintln!(
-                    "  t={:.2}s link {}-{}: {:?}",
-                    started.elapsed().as_secs_f64(),
-                    topo.nodes[l.a].name,
-                    topo.nodes[l.b].name,
-                    e.action
-                );
-            }
+        let t = || started.elapsed().as_secs_f64();
+        while let Some(e) = events.next_if(|e| t() >= e.at_s) {
+            apply_event(topo, &mut bed, &e, t(), opts.quiet)?;
         }
         while let Ok((who, line)) = rx.try_recv() {
-            note(&mut seen, who, &line, started.elapsed().as_secs_f64());
+            seen.note(who, &line, t());
         }
-        // Live: each destination's share every second, from its progress events.
         if !opts.quiet && last_live.elapsed() >= Duration::from_secs(1) {
             last_live = Instant::now();
-            let pct = |d: usize| {
-                let held = seen[d].progress.last().map_or(0, |p| p.1);
-                if opts.bytes == 0 {
-                    100.0
-                } else {
-                    held as f64 * 100.0 / opts.bytes as f64
-                }
-            };
-            eprintln!(
-                "  t={:5.1}s  {}",
-                started.elapsed().as_secs_f64(),
-                live_shares(
-                    &dests
-                        .iter()
-                        .map(|&d| (topo.nodes[d].name.as_str(), pct(d)))
-                        .collect::<Vec<_>>()
-                )
-            );
+            print_live_shares(topo, &dests, &seen.nodes, opts.bytes, t());
         }
-        cross.sample(started.elapsed().as_secs_f64());
-        if machine_cpu_at_u.is_none() && seen[s].dest_done_at.len() == dests.len() {
+        cross.sample(t());
+        if machine_cpu_at_u.is_none() && seen.nodes[s].dest_done_at.len() == dests.len() {
             machine_cpu_at_u = Some(crate::traffic::machine_busy_s());
         }
         send_status = bed.child(sh).try_wait()?;
@@ -520,44 +492,21 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
     }
     // Let destinations hear SwarmDone and exit; collect their last lines.
     let grace = Instant::now() + Duration::from_secs(5);
-    for &(_, h) in &recv_handles {
+    for &h in &recv_handles {
         while bed.child(h).try_wait()?.is_none() && Instant::now() < grace {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
     while let Ok((who, line)) = rx.recv_timeout(Duration::from_millis(100)) {
-        note(&mut seen, who, &line, started.elapsed().as_secs_f64());
+        seen.note(who, &line, started.elapsed().as_secs_f64());
     }
-    // Routers run no floodclone to count what they forward: their interfaces' counters,
-    // read before the testbed goes, give their link directions' copies.
-    let router_tx: Vec<(usize, usize, u64)> = topo
-        .links
-        .iter()
-        .flat_map(|l| [(l.a, l.b), (l.b, l.a)])
-        .filter(|&(u, _)| topo.nodes[u].role == Role::Router)
-        .filter_map(|(u, v)| bed.tx_bytes(u, v).map(|b| (u, v, b)))
-        .collect();
+    let router_tx = router_tx_bytes(topo, &bed);
     let send_exit_ok = send_status.is_some_and(|s| s.success());
     let delay_line_cpu_s = bed.delay_line_cpu_s() - delay_cpu_at_start;
     cross.stop();
     bed.down();
-    let outcomes: Vec<DestOutcome> = dests
-        .iter()
-        .enumerate()
-        .map(|(i, &d)| DestOutcome {
-            name: topo.nodes[d].name.clone(),
-            // Member ids are 1.. in the order of `--dest`.
-            elapsed_s: seen[s]
-                .dest_done_at
-                .get(&(i as MemberId + 1))
-                .copied()
-                .or(seen[d].elapsed_s),
-            verified: file_hash(&out_path(d)) == Some(want),
-            duplicates: seen[d].duplicates,
-            peak_rss_bytes: seen[d].peak_rss_bytes,
-            cpu_s: seen[d].cpu_s,
-        })
-        .collect();
+    let seen = seen.nodes;
+    let outcomes = dest_outcomes(topo, &seen, |d| file_hash(&out_path(d)) == Some(want));
     let all_ok = outcomes.iter().all(|o| o.verified && o.elapsed_s.is_some());
     let u = all_ok.then(|| {
         outcomes
@@ -566,56 +515,15 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
             .fold(0.0, f64::max)
     });
     if !all_ok && !opts.quiet {
-        // The end of each log: what a node said last is what tells why it stopped or
-        // stalled, and thirty whole logs bury it (a CI log keeps its head and tail only).
-        for (i, n) in topo.nodes.iter().enumerate() {
-            let p = log_path(&n.name);
-            let text = std::fs::read_to_string(&p).unwrap_or_default();
-            let keep = if i == s {
-                FAILED_LOG_LINES * 4
-            } else {
-                FAILED_LOG_LINES
-            };
-            if let Some(tail) = last_lines(&text, keep) {
-                eprintln!("--- {} (last {keep} lines at most):\n{tail}", p.display());
-            }
-        }
+        print_log_tails(topo, log_path);
     }
     drop(cleanup);
-    // Bytes each member sent per link direction over time (interfaces are `v-<peer>`).
-    let name_of = |n: &str| topo.nodes.iter().position(|x| x.name == n);
-    let mut tx = Vec::new();
-    for (u, ev) in seen.iter().enumerate() {
-        for (iface, samples) in &ev.tx_timeline {
-            if let Some(v) = iface.strip_prefix("v-").and_then(name_of) {
-                tx.push(((u, v), samples.clone()));
-            }
-        }
-    }
-    tx.sort_by_key(|x| x.0);
-    let timeline = crate::picture::Timeline {
-        topo,
-        bytes: opts.bytes,
-        u_min_s: floor.u_min_s,
-        u_s: u,
-        progress: dests
-            .iter()
-            .map(|&d| (d, seen[d].progress.clone()))
-            .collect(),
-        tx,
-    };
+    let timeline = timeline(topo, &seen, opts.bytes, floor.u_min_s, u);
     let idle = crate::idle::idle_while_needed(&timeline);
     let cross = cross.report(topo, u);
     let u_min_left_s = u.and_then(|_| floor_left_by(topo, &cross, opts.bytes));
     let picture = match &opts.picture {
-        Some(path) => {
-            let svg = crate::picture::render(&timeline);
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
-            Some(path.clone())
-        }
+        Some(path) => Some(write_picture(&timeline, path)?),
         None => None,
     };
     Ok(RunReport {
@@ -646,6 +554,173 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
             .fold(0.0, |sum, l| sum + l.seconds),
         idle,
     })
+}
+
+/// Applies the topology's timed event `e` to its link, `t` s into the transfer.
+fn apply_event(
+    topo: &Topology,
+    bed: &mut Testbed,
+    e: &crate::topology::Event,
+    t: f64,
+    quiet: bool,
+) -> Result<()> {
+    bed.apply(e.link, &e.action)?;
+    if !quiet {
+        let l = &topo.links[e.link];
+        eprintln!(
+            "  t={t:.2}s link {}-{}: {:?}",
+            topo.nodes[l.a].name, topo.nodes[l.b].name, e.action
+        );
+    }
+    Ok(())
+}
+
+/// The run's picture (SVG) at `path`.
+fn write_picture(timeline: &crate::picture::Timeline, path: &Path) -> Result<PathBuf> {
+    let svg = crate::picture::render(timeline);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path.to_path_buf())
+}
+
+/// U is what a user waits after starting `floodclone send`, with the destinations
+/// already running (as services would be): each must first say it is ready (its eBPF
+/// programs loaded), at most `READY_WITHIN`, unless one exits first.
+fn wait_until_ready(
+    bed: &mut Testbed,
+    recv_handles: &[usize],
+    dests: &[usize],
+    rx: &mpsc::Receiver<(usize, String)>,
+    seen: &mut Seen,
+) -> Result<()> {
+    let ready_by = Instant::now() + READY_WITHIN;
+    while dests.iter().any(|&d| !seen.nodes[d].ready) && Instant::now() < ready_by {
+        match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok((who, line)) => seen.note(who, &line, 0.0),
+            Err(_) => {
+                let mut exited = false;
+                for &h in recv_handles {
+                    exited |= bed.child(h).try_wait()?.is_some();
+                }
+                if exited {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Live: each destination's share, from its progress events.
+fn print_live_shares(topo: &Topology, dests: &[usize], seen: &[NodeEvents], bytes: u64, t: f64) {
+    let pct = |d: usize| {
+        let held = seen[d].progress.last().map_or(0, |p| p.1);
+        if bytes == 0 {
+            100.0
+        } else {
+            held as f64 * 100.0 / bytes as f64
+        }
+    };
+    eprintln!(
+        "  t={t:5.1}s  {}",
+        live_shares(
+            &dests
+                .iter()
+                .map(|&d| (topo.nodes[d].name.as_str(), pct(d)))
+                .collect::<Vec<_>>()
+        )
+    );
+}
+
+/// Routers run no floodclone to count what they forward: their interfaces' counters,
+/// read before the testbed goes, give their link directions' copies (sender, receiver,
+/// bytes).
+fn router_tx_bytes(topo: &Topology, bed: &Testbed) -> Vec<(usize, usize, u64)> {
+    topo.links
+        .iter()
+        .flat_map(|l| [(l.a, l.b), (l.b, l.a)])
+        .filter(|&(u, _)| topo.nodes[u].role == Role::Router)
+        .filter_map(|(u, v)| bed.tx_bytes(u, v).map(|b| (u, v, b)))
+        .collect()
+}
+
+/// Each destination's time (the source's count, else its own) and whether its copy
+/// `verified`.
+fn dest_outcomes(
+    topo: &Topology,
+    seen: &[NodeEvents],
+    verified: impl Fn(usize) -> bool,
+) -> Vec<DestOutcome> {
+    let s = topo.source();
+    topo.destinations()
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| DestOutcome {
+            name: topo.nodes[d].name.clone(),
+            // Member ids are 1.. in the order of `--dest`.
+            elapsed_s: seen[s]
+                .dest_done_at
+                .get(&(i as MemberId + 1))
+                .copied()
+                .or(seen[d].elapsed_s),
+            verified: verified(d),
+            duplicates: seen[d].duplicates,
+            peak_rss_bytes: seen[d].peak_rss_bytes,
+            cpu_s: seen[d].cpu_s,
+        })
+        .collect()
+}
+
+/// The end of each log: what a node said last is what tells why it stopped or stalled,
+/// and thirty whole logs bury it (a CI log keeps its head and tail only).
+fn print_log_tails(topo: &Topology, log_path: impl Fn(&str) -> PathBuf) {
+    for (i, n) in topo.nodes.iter().enumerate() {
+        let p = log_path(&n.name);
+        let text = std::fs::read_to_string(&p).unwrap_or_default();
+        let keep = if i == topo.source() {
+            FAILED_LOG_LINES * 4
+        } else {
+            FAILED_LOG_LINES
+        };
+        if let Some(tail) = last_lines(&text, keep) {
+            eprintln!("--- {} (last {keep} lines at most):\n{tail}", p.display());
+        }
+    }
+}
+
+/// What the picture and the idle measure read: every destination's holdings and the
+/// bytes each member sent per link direction over time (interfaces are `v-<peer>`).
+fn timeline<'a>(
+    topo: &'a Topology,
+    seen: &[NodeEvents],
+    bytes: u64,
+    u_min_s: f64,
+    u_s: Option<f64>,
+) -> crate::picture::Timeline<'a> {
+    let name_of = |n: &str| topo.nodes.iter().position(|x| x.name == n);
+    let mut tx = Vec::new();
+    for (u, ev) in seen.iter().enumerate() {
+        for (iface, samples) in &ev.tx_timeline {
+            if let Some(v) = iface.strip_prefix("v-").and_then(name_of) {
+                tx.push(((u, v), samples.clone()));
+            }
+        }
+    }
+    tx.sort_by_key(|x| x.0);
+    crate::picture::Timeline {
+        topo,
+        bytes,
+        u_min_s,
+        u_s,
+        progress: topo
+            .destinations()
+            .iter()
+            .map(|&d| (d, seen[d].progress.clone()))
+            .collect(),
+        tx,
+    }
 }
 
 /// Wire bytes over file bytes for every link direction a member sent on (its eBPF
