@@ -1045,11 +1045,7 @@ impl Puller {
                 let age = now - fl[0].since;
                 let remaining = (expected - age).max(0.0);
                 let stuck = age > self.cfg.endgame_slowness * expected;
-                // A copy over the link the first one comes on only splits that link
-                // between the two copies (and one of them is thrown away): it may only
-                // rescue a chunk that is stuck.
-                let sooner = remaining > 2.0 * my_time && !me.shares_path_with(other);
-                (stuck || sooner).then_some((age, c))
+                (stuck || remaining > 2.0 * my_time).then_some((age, c))
             })
             .collect();
         late.sort_by(|a, b| b.0.total_cmp(&a.0));
@@ -1345,36 +1341,6 @@ mod tests {
         p.chunk_done(2, 0, true, 10.1);
         assert_eq!(p.poll(10.2), vec![Action::Cancel { peer: 1, chunk: 0 }]);
         assert!(p.is_complete());
-    }
-
-    #[test]
-    fn end_game_races_a_slow_chunk_early_only_from_another_link() {
-        let race = Action::Request {
-            peer: 2,
-            chunks: vec![0],
-        };
-        for (ingress_of_2, early) in [(8, true), (7, false)] {
-            // Chunk 0 comes from peer 1 on link 7 at 8 s a chunk; peer 2, a thousand times
-            // faster, appears just after.
-            let mut p = Puller::new(SchedConfig::new(100_000), ChunkSet::new(1));
-            p.add_peer(1, false);
-            p.peer_ingress(1, 7);
-            p.peer_measured_rate(1, 1e5);
-            p.peer_bitfield(1, &ChunkSet::full(1));
-            assert_eq!(p.poll(0.0).len(), 1);
-            p.add_peer(2, false);
-            p.peer_ingress(2, ingress_of_2);
-            p.peer_measured_rate(2, 1e8);
-            p.peer_bitfield(2, &ChunkSet::full(1));
-            let now = p.poll(0.5);
-            if early {
-                assert_eq!(now, vec![race.clone()], "another link adds capacity");
-            } else {
-                // Over the same link a second copy only takes the first one's place.
-                assert_eq!(now, vec![], "same link");
-                assert_eq!(p.poll(30.0), vec![race.clone()], "stuck: rescued");
-            }
-        }
     }
 
     #[test]
