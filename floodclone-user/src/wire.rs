@@ -329,6 +329,73 @@ impl<'a> Reader<'a> {
         let n = self.count(2)?;
         (0..n).map(|_| self.u16()).collect()
     }
+    /// A Welcome's fields: who we are, whether we relay, the manifest (checked for
+    /// consistency) and the members.
+    fn welcome(&mut self) -> Result<Msg, WireError> {
+        let you = self.u16()?;
+        let relay = self.u8()? != 0;
+        let size = self.u64()?;
+        let chunk_bytes = self.u32()?;
+        let file_hash = self.file_hash()?;
+        let mode = self.u32()? & 0o777;
+        let chunk_hashes = self.hashes()?;
+        let members = self.members()?;
+        let tree = match self.u8()? {
+            0 => None,
+            1 => {
+                let bytes = self.bytes()?;
+                if bytes.len() > crate::manifest::MAX_TREE_BYTES {
+                    return Err(WireError::Invalid("tree larger than a manifest takes"));
+                }
+                Some(std::sync::Arc::new(crate::tree::Tree::decode(&bytes)?))
+            }
+            _ => return Err(WireError::Invalid("tree flag")),
+        };
+        let manifest = Manifest {
+            size,
+            chunk_bytes,
+            chunk_hashes,
+            file_hash,
+            mode,
+            tree,
+        };
+        if !manifest.is_consistent() {
+            return Err(WireError::Invalid("manifest"));
+        }
+        Ok(Msg::Welcome {
+            you,
+            manifest,
+            members,
+            relay,
+        })
+    }
+    /// A View's routes.
+    fn route_views(&mut self) -> Result<Vec<RouteView>, WireError> {
+        // member, reach, ifindex, no gateway, via.
+        let n = self.count(10)?;
+        (0..n)
+            .map(|_| {
+                let member = self.u16()?;
+                let reach = match self.u8()? {
+                    0 => Reach::Direct,
+                    1 => Reach::Behind,
+                    2 => Reach::ViaRouter,
+                    3 => Reach::Unreachable,
+                    _ => return Err(WireError::Invalid("reach")),
+                };
+                let ifindex = self.u32()?;
+                let gateway = self.opt_addr()?;
+                let via = self.u16()?;
+                Ok(RouteView {
+                    member,
+                    reach,
+                    ifindex,
+                    gateway,
+                    via_member: (via != MemberId::MAX).then_some(via),
+                })
+            })
+            .collect()
+    }
     fn members(&mut self) -> Result<Vec<Member>, WireError> {
         // id, an IPv4 address, port, no local address, joined.
         let n = self.count(14)?;
@@ -479,74 +546,13 @@ impl Msg {
                 port: r.u16()?,
                 addrs: r.addrs()?,
             },
-            3 => {
-                let you = r.u16()?;
-                let relay = r.u8()? != 0;
-                let size = r.u64()?;
-                let chunk_bytes = r.u32()?;
-                let file_hash = r.file_hash()?;
-                let mode = r.u32()? & 0o777;
-                let chunk_hashes = r.hashes()?;
-                let members = r.members()?;
-                let tree = match r.u8()? {
-                    0 => None,
-                    1 => {
-                        let bytes = r.bytes()?;
-                        if bytes.len() > crate::manifest::MAX_TREE_BYTES {
-                            return Err(WireError::Invalid("tree larger than a manifest takes"));
-                        }
-                        Some(std::sync::Arc::new(crate::tree::Tree::decode(&bytes)?))
-                    }
-                    _ => return Err(WireError::Invalid("tree flag")),
-                };
-                let manifest = Manifest {
-                    size,
-                    chunk_bytes,
-                    chunk_hashes,
-                    file_hash,
-                    mode,
-                    tree,
-                };
-                if !manifest.is_consistent() {
-                    return Err(WireError::Invalid("manifest"));
-                }
-                Msg::Welcome {
-                    you,
-                    manifest,
-                    members,
-                    relay,
-                }
-            }
+            3 => r.welcome()?,
             4 => Msg::Members {
                 members: r.members()?,
             },
-            5 => {
-                // member, reach, ifindex, no gateway, via.
-                let n = r.count(10)?;
-                let routes = (0..n)
-                    .map(|_| {
-                        let member = r.u16()?;
-                        let reach = match r.u8()? {
-                            0 => Reach::Direct,
-                            1 => Reach::Behind,
-                            2 => Reach::ViaRouter,
-                            3 => Reach::Unreachable,
-                            _ => return Err(WireError::Invalid("reach")),
-                        };
-                        let ifindex = r.u32()?;
-                        let gateway = r.opt_addr()?;
-                        let via = r.u16()?;
-                        Ok(RouteView {
-                            member,
-                            reach,
-                            ifindex,
-                            gateway,
-                            via_member: (via != MemberId::MAX).then_some(via),
-                        })
-                    })
-                    .collect::<Result<_, _>>()?;
-                Msg::View { routes }
-            }
+            5 => Msg::View {
+                routes: r.route_views()?,
+            },
             6 => Msg::Hello { id: r.u16()? },
             7 => Msg::Bitfield { bits: r.bytes()? },
             8 => Msg::Have { chunk: r.u32()? },
