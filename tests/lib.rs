@@ -160,8 +160,21 @@ impl NodeProc {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
+    /// The last `n` lines of its stderr.
+    pub fn stderr_tail(&self, n: usize) -> String {
+        let text = self.stderr_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
     /// Waits up to `secs` for the `complete` event; fails naming `who`, with its stderr.
     pub fn expect_complete(&self, who: &str, secs: f64) -> Completion {
+        self.complete_within(secs)
+            .unwrap_or_else(|| panic!("{who} did not complete: {}", self.stderr_text()))
+    }
+
+    /// Waits up to `secs` for the `complete` event.
+    pub fn complete_within(&self, secs: f64) -> Option<Completion> {
         self.wait_for(secs, |e| match e {
             Event::Complete {
                 received_chunks,
@@ -173,7 +186,6 @@ impl NodeProc {
             }),
             _ => None,
         })
-        .unwrap_or_else(|| panic!("{who} did not complete: {}", self.stderr_text()))
     }
 }
 
