@@ -162,9 +162,7 @@ impl NodeProc {
 
     /// The last `n` lines of its stderr.
     pub fn stderr_tail(&self, n: usize) -> String {
-        let text = self.stderr_text();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        floodclone_testbed::run::last_lines(&self.stderr_text(), n).unwrap_or_default()
     }
 
     /// Waits up to `secs` for the `complete` event; fails naming `who`, with its stderr.

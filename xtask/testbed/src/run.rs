@@ -976,7 +976,7 @@ const FAILED_LOG_LINES: usize = 15;
 const LIVE_NAMED_MAX: usize = 12;
 
 /// The last `n` lines of `text`, or None when it is empty.
-fn last_lines(text: &str, n: usize) -> Option<String> {
+pub fn last_lines(text: &str, n: usize) -> Option<String> {
     let lines: Vec<&str> = text.trim().lines().collect();
     (!lines.is_empty()).then(|| lines[lines.len().saturating_sub(n)..].join("\n"))
 }
