@@ -136,11 +136,7 @@ fn run_topology(
     for i in 0..plan.runs.max(plan.baseline_runs) {
         if i < plan.runs {
             let r = run_ours(topo, bin, &opts, i + 1, plan.keep_logs_over, pictures)?;
-            writeln!(
-                jsonl,
-                "{}",
-                serde_json::json!({"mode": "floodclone", "report": r})
-            )?;
+            write_run(jsonl, "floodclone", &r)?;
             runs.ours.push(r);
         }
         if i < plan.baseline_runs {
@@ -151,11 +147,7 @@ fn run_topology(
                 i + 1,
                 r.ratio.map_or("failed".into(), |x| format!("{x:.3}"))
             );
-            writeln!(
-                jsonl,
-                "{}",
-                serde_json::json!({"mode": "direct", "report": r})
-            )?;
+            write_run(jsonl, "direct", &r)?;
             runs.direct.push(r);
         }
     }
@@ -169,10 +161,20 @@ fn run_topology(
             r.cpu_s_per_gib,
             r.machine_cpu_s_per_gib
         );
-        writeln!(jsonl, "{}", serde_json::json!({"mode": "tcp", "report": r}))?;
+        write_run(jsonl, "tcp", &r)?;
         runs.tcp.push(r);
     }
     Ok(runs)
+}
+
+/// One JSON line for a run of kind `mode` (floodclone, direct, tcp).
+fn write_run(jsonl: &mut impl Write, mode: &str, report: &impl Serialize) -> Result<()> {
+    writeln!(
+        jsonl,
+        "{}",
+        serde_json::json!({"mode": mode, "report": report})
+    )?;
+    Ok(())
 }
 
 /// Floodclone's run number `n` of `topo`, its picture in `pictures`, and its logs too if
