@@ -135,6 +135,9 @@ struct Peer {
     /// It let a chunk stall that someone else held (see [`Puller::re_request_stalled`]):
     /// one request at a time until it delivers again.
     on_probation: bool,
+    /// What it held when it went on probation, not counted as held meanwhile: each such
+    /// chunk counts again once no other neighbour holds it, all of them once it delivers.
+    doubted: ChunkSet,
 }
 
 impl Peer {
@@ -376,6 +379,7 @@ impl Puller {
                 coming_beyond: ChunkMap::default(),
                 sweep_beyond_at: 1024,
                 on_probation: false,
+                doubted: ChunkSet::new(n),
             },
         );
         if let Some(held) = self.dormant.remove(&peer) {
@@ -396,7 +400,9 @@ impl Puller {
             fl.retain(|f| f.peer != peer);
             !fl.is_empty()
         });
-        self.dormant.insert(peer, p.have);
+        let mut held = p.have;
+        held.insert_all(&p.doubted);
+        self.dormant.insert(peer, held);
     }
 
     /// Our connection to `peer` is gone: it is no neighbour, and what it held is forgotten
@@ -610,6 +616,12 @@ impl Puller {
             if ok {
                 p.rate.delivered(self.cfg.chunk_bytes, now, p.rtt_s);
                 p.on_probation = false;
+                let doubted = std::mem::replace(&mut p.doubted, ChunkSet::new(self.have.len()));
+                for c in doubted.iter() {
+                    if p.have.insert(c) {
+                        self.holders[c as usize] += 1;
+                    }
+                }
             } else {
                 p.bad_chunks += 1;
             }
@@ -813,7 +825,8 @@ impl Puller {
     /// Chunks in flight far longer than their sender should take (see [`STALL_MIN_S`]).
     /// Held by someone else too, such a chunk is cancelled with its sender and left to
     /// them: no chunk waits on one neighbour while another could send it. The sender then
-    /// counts as holding nothing it has not delivered or announced since, and gets one
+    /// counts as holding nothing it has not delivered or announced since, except what no
+    /// other neighbour holds (see [`Puller::count_doubted_only_copies`]), and gets one
     /// request at a time until it delivers (a neighbour that claims chunks and never sends
     /// them, or has lost its way, must not hold back more). A chunk only its sender holds
     /// (or one from the source, which holds every chunk and lies about none) is asked of it
@@ -852,12 +865,34 @@ impl Puller {
         }
         for (peer, chunk) in stalled {
             self.actions.push(Action::Cancel { peer, chunk });
-            self.dont_have(peer, chunk);
+            self.chunk_broken(peer, chunk);
             if let Some(p) = self.peers.get_mut(&peer) {
                 p.on_probation = true;
-                for c in p.have.iter().collect::<Vec<_>>() {
-                    p.have.remove(c);
+                for c in p.have.iter() {
                     self.holders[c as usize] = self.holders[c as usize].saturating_sub(1);
+                }
+                let held = std::mem::replace(&mut p.have, ChunkSet::new(self.have.len()));
+                p.doubted.insert_all(&held);
+            }
+        }
+        self.count_doubted_only_copies();
+    }
+
+    /// A chunk this node lacks that no neighbour is counted as holding, while one on
+    /// probation held it, counts as that one's again: probation limits what a neighbour
+    /// may hold back, it must not leave a chunk with nobody to ask (a neighbour that
+    /// announced everything before it stalled announces nothing more).
+    fn count_doubted_only_copies(&mut self) {
+        for p in self.peers.values_mut().filter(|p| p.on_probation) {
+            let only_copies: Vec<ChunkId> = p
+                .doubted
+                .iter_without(&self.have)
+                .filter(|&c| self.holders[c as usize] == 0 && !self.flights.contains_key(&c))
+                .collect();
+            for c in only_copies {
+                p.doubted.remove(c);
+                if p.have.insert(c) {
+                    self.holders[c as usize] += 1;
                 }
             }
         }
@@ -1440,6 +1475,58 @@ mod tests {
             "{asked_of_liar:?}"
         );
         assert!(t < first_stall + 1.0, "done at {t:.1} s");
+    }
+
+    #[test]
+    fn a_neighbour_on_probation_is_asked_again_once_it_is_the_only_holder() {
+        // Peers 1 and 2 hold all 64 chunks. Peer 1 lets what it is asked stall (a busy
+        // moment, not a lie), so it goes on probation; then peer 2, which delivers one
+        // chunk per 0.1 s, goes away. Peer 1 has announced everything already and will
+        // announce nothing more: what it held must still be asked of it, or this node
+        // waits forever (seen in CI: a line whose far end was killed, two nodes at 132 of
+        // 141 chunks for 80 s).
+        let mut p = Puller::new(SchedConfig::new(64 << 10), ChunkSet::new(64));
+        for peer in [1, 2] {
+            p.add_peer(peer, false);
+            p.peer_bitfield(peer, &ChunkSet::full(64));
+        }
+        let mut t = 0.0;
+        let mut queued_at_2 = std::collections::VecDeque::new();
+        let mut probation = false;
+        while !probation && t < 30.0 {
+            let actions = p.poll(t);
+            probation = actions
+                .iter()
+                .any(|a| matches!(a, Action::Cancel { peer: 1, .. }));
+            queued_at_2.extend(requests_by_peer(actions).remove(&2).into_iter().flatten());
+            if let Some(c) = queued_at_2.pop_front() {
+                p.chunk_started(2, c, t);
+                p.chunk_done(2, c, true, t + 0.05);
+            }
+            t += 0.1;
+        }
+        assert!(probation, "peer 1 never stalled");
+        assert!(!p.is_complete(), "peer 2 sent everything by {t:.1} s");
+        p.forget_peer(2);
+        // Whatever is still missing, only peer 1 holds: it is asked, one at a time while
+        // on probation, and the rest once it delivers again.
+        let mut asked_of_1 = 0;
+        let end = t + 30.0;
+        while !p.is_complete() && t < end {
+            for (peer, chunks) in requests_by_peer(p.poll(t)) {
+                assert_eq!(peer, 1);
+                for c in chunks {
+                    asked_of_1 += 1;
+                    p.chunk_started(1, c, t);
+                    p.chunk_done(1, c, true, t + 0.01);
+                }
+            }
+            t += 0.05;
+        }
+        assert!(
+            p.is_complete(),
+            "stuck at {t:.1} s; asked of peer 1: {asked_of_1}"
+        );
     }
 
     #[test]
