@@ -317,6 +317,41 @@ fn corrupt_chunks_are_rejected_refetched_and_their_sender_cut_off() {
     );
 }
 
+#[test]
+fn a_relay_that_announces_chunks_and_sends_none_leaves_its_neighbour_the_source() {
+    if !root_or_skip("a_relay_that_announces_chunks_and_sends_none_leaves_its_neighbour_the_source")
+    {
+        return;
+    }
+    // A line s - d1 - d2: d2's one data neighbour is d1, which holds the token, announces
+    // every chunk it gets and sends none. Before the last resort d2 asked d1 again and
+    // again and never completed; now, with nothing arriving and nothing on time in flight,
+    // it pulls from the source too.
+    let scratch = Scratch::new("withhold");
+    let src = scratch.0.join("src");
+    write_test_file(&src, 4 * MIB, 8).unwrap();
+    let mut bed = Testbed::up(&line(&["s", "d1", "d2"], 20)).unwrap();
+    let out = |i: usize| scratch.0.join(format!("d{i}.out"));
+    let send = start(&mut bed, 0, &send_args(&src, 1..=2), &scratch.0);
+    let extra = |i: usize| -> &[&str] {
+        if i == 1 {
+            &["--withhold-served-chunks"]
+        } else {
+            &[]
+        }
+    };
+    let recvs: Vec<_> = (1..=2)
+        .map(|i| start(&mut bed, i, &recv_args(0, &out(i), extra(i)), &scratch.0))
+        .collect();
+    for (i, r) in recvs.iter().enumerate() {
+        r.expect_complete(&format!("d{}", i + 1), 60.0);
+    }
+    assert!(send.wait_exit(&mut bed, 30.0).is_some_and(|s| s.success()));
+    assert_copies(&src, (1..=2).map(out));
+    let log = recvs[1].stderr_text();
+    assert!(log.contains("as a last resort"), "{log}");
+}
+
 /// A tmux server of its own (its socket named for this process), killed when dropped.
 struct Tmux(String);
 

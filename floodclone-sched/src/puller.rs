@@ -230,6 +230,8 @@ impl Peer {
 struct Flight {
     peer: MemberId,
     since: f64,
+    /// Asked again of the same sender after it stalled (see [`Puller::re_request_stalled`]).
+    asked_again: bool,
 }
 
 /// What to do with a chunk whose stream has started arriving.
@@ -312,6 +314,12 @@ impl Puller {
 
     pub fn in_flight(&self) -> usize {
         self.flights.len()
+    }
+
+    /// Whether some chunk in flight is still within its sender's first stall time: this
+    /// node waits on someone who has not yet let it down.
+    pub fn waits_on_a_live_flight(&self) -> bool {
+        self.flights.values().flatten().any(|f| !f.asked_again)
     }
 
     /// What this node holds and waits on, for a log line when nothing arrives for long:
@@ -680,10 +688,11 @@ impl Puller {
             p.rate.became_busy(now);
         }
         self.mark_seen(chunk, Some((now, None)));
-        self.flights
-            .entry(chunk)
-            .or_default()
-            .push(Flight { peer, since: now });
+        self.flights.entry(chunk).or_default().push(Flight {
+            peer,
+            since: now,
+            asked_again: false,
+        });
     }
 
     fn release(&mut self, peer: MemberId) {
@@ -856,6 +865,7 @@ impl Puller {
                 stalled.push((f.peer, c));
             } else {
                 f.since = now;
+                f.asked_again = true;
                 again.entry(f.peer).or_default().push(c);
             }
         }

@@ -70,8 +70,8 @@ pub struct Swarm {
     /// How events are delivered: streamed ([`Transfer::next_event`]) or printed.
     pub output: OutputMode,
     #[doc(hidden)]
-    /// Testing only: flip a bit in every chunk served, so peers must reject them.
-    pub corrupt_served: bool,
+    /// Testing only: how serving departs from the protocol, so peers must cope.
+    pub misbehaviour: crate::Misbehaviour,
 }
 
 impl std::fmt::Debug for Swarm {
@@ -112,7 +112,7 @@ impl Swarm {
             metrics: None,
             link_stats: true,
             output: OutputMode::Stream,
-            corrupt_served: false,
+            misbehaviour: Default::default(),
         }
     }
 }
@@ -305,7 +305,7 @@ fn start_node(
         token: swarm.token.clone(),
         output,
         link_stats: link_stats.clone(),
-        corrupt_served: swarm.corrupt_served,
+        misbehaviour: swarm.misbehaviour,
         congestion: swarm.congestion,
         max_rate_mbit: swarm.max_rate_mbit,
         started,

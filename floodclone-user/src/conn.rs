@@ -83,11 +83,24 @@ pub enum ConnEvent {
     },
 }
 
+/// Testing only: how a node's serving departs from the protocol, so that tests show its
+/// peers cope.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Misbehaviour {
+    #[default]
+    None,
+    /// Flips a bit in every chunk served: peers must reject them.
+    CorruptServed,
+    /// Announces what it holds as usual and sends nothing it is asked for: peers must
+    /// fetch elsewhere.
+    WithholdServed,
+}
+
 /// What every connection of a node shares.
 pub struct ConnContext {
     token: String,
-    /// Testing only: flip a bit in every chunk served, so peers must reject them.
-    corrupt_served: bool,
+    /// Testing only: how serving departs from the protocol, so peers must cope.
+    misbehaviour: Misbehaviour,
     /// `--max-rate`: chunks served wait for it, over all connections.
     upload_cap: Option<crate::upload_cap::UploadCap>,
     /// The chunks this node holds (the source's from the start, a destination's once it
@@ -103,13 +116,13 @@ impl ConnContext {
     /// The context and the receiver of its connections' events.
     pub fn new(
         token: String,
-        corrupt_served: bool,
+        misbehaviour: Misbehaviour,
         upload_cap: Option<crate::upload_cap::UploadCap>,
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<ConnEvent>) {
         let (events, rx) = mpsc::unbounded_channel();
         let ctx = Arc::new(Self {
             token,
-            corrupt_served,
+            misbehaviour,
             upload_cap,
             store: OnceLock::new(),
             first_chunk: OnceLock::new(),
@@ -668,7 +681,10 @@ impl Conn {
                         continue;
                     }
                 };
-                if ctx.corrupt_served {
+                if ctx.misbehaviour == Misbehaviour::WithholdServed {
+                    continue;
+                }
+                if ctx.misbehaviour == Misbehaviour::CorruptServed {
                     let mut bad = data.to_vec();
                     if let Some(b) = bad.last_mut() {
                         *b ^= 1;

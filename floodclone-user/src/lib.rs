@@ -55,4 +55,6 @@ pub use floodclone_events as events;
 pub use api::{
     recv, send, Cancel, Error, OutputMode, RecvOptions, RecvOutcome, SendOptions, Swarm, Transfer,
 };
+#[doc(hidden)]
+pub use conn::Misbehaviour;
 pub use source::SendOutcome;

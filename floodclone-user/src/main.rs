@@ -14,7 +14,7 @@ use floodclone::{
     output::Output,
     stats, transport,
     transport::Congestion,
-    OutputMode, RecvOptions, SendOptions, Swarm, Transfer,
+    Misbehaviour, OutputMode, RecvOptions, SendOptions, Swarm, Transfer,
 };
 
 #[derive(Parser)]
@@ -51,6 +51,10 @@ struct NodeArgs {
     /// Testing only: flip a bit in every chunk this node serves (peers must detect it).
     #[arg(long, hide = true)]
     corrupt_served_chunks: bool,
+    /// Testing only: announce chunks as usual, send none of them (peers must fetch
+    /// elsewhere).
+    #[arg(long, hide = true, conflicts_with = "corrupt_served_chunks")]
+    withhold_served_chunks: bool,
     /// Congestion controller of this node's connections: veno (additive increase, a cut
     /// to 85% on a loss with a queue behind it, none on a random one), reno (a cut on
     /// every loss) or bbr (quinn's BBR v1; unfair where paths are shared).
@@ -331,7 +335,11 @@ impl NodeArgs {
             metrics: self.metrics,
             link_stats: true,
             output: OutputMode::Print { json: self.json },
-            corrupt_served: self.corrupt_served_chunks,
+            misbehaviour: match (self.corrupt_served_chunks, self.withhold_served_chunks) {
+                (true, _) => Misbehaviour::CorruptServed,
+                (_, true) => Misbehaviour::WithholdServed,
+                _ => Misbehaviour::None,
+            },
             ..Swarm::new(token)
         })
     }

@@ -61,8 +61,8 @@ pub struct NodeOptions {
     pub token: String,
     pub output: Output,
     pub link_stats: SharedLinkStats,
-    /// Testing only: flip a bit in every chunk served, so peers must reject them.
-    pub corrupt_served: bool,
+    /// Testing only: how serving departs from the protocol.
+    pub misbehaviour: crate::Misbehaviour,
     pub congestion: transport::Congestion,
     /// `--max-rate`: the most chunk data this node uploads, Mbit/s over all connections.
     pub max_rate_mbit: Option<f64>,
@@ -104,7 +104,7 @@ impl Node {
     ) -> Result<Self, NodeError> {
         let (ctx, events) = ConnContext::new(
             opts.token.clone(),
-            opts.corrupt_served,
+            opts.misbehaviour,
             opts.max_rate_mbit.map(crate::upload_cap::UploadCap::new),
         );
         let ep = transport::endpoint_with(opts.port, opts.congestion, initial_window)?;

@@ -57,6 +57,14 @@ const MAX_BAD_CHUNKS: u32 = 3;
 /// says what this node waits on, and again every this long: a transfer that stops must be
 /// diagnosable from its logs.
 const STALL_REPORT_S: f64 = 10.0;
+/// Seconds without a verified chunk (since the Welcome), and nothing in flight that is not
+/// already overdue, after which a destination that does not pull from the source does so
+/// too: whatever its neighbours hold, withhold or lost track of, the source holds every
+/// chunk, so no destination is left with nobody to ask. A live transfer has requests out
+/// that are not overdue, or stores a chunk every fraction of a second; the source still
+/// serves such a node only what no other neighbour holds or is fetching (the scheduler's
+/// rule for a source behind a router).
+const LAST_RESORT_S: f64 = 5.0;
 
 /// How a member is named to a person: its address (member ids are internal).
 fn member_name(members: &[Member], id: MemberId) -> String {
@@ -146,6 +154,8 @@ struct Destination {
     last_stored_s: f64,
     /// When a stall was last reported (see [`STALL_REPORT_S`]).
     stall_reported_s: f64,
+    /// The source is a data neighbour whatever the routes say (see [`LAST_RESORT_S`]).
+    source_as_last_resort: bool,
 }
 
 impl Role for Destination {
@@ -255,6 +265,7 @@ impl Destination {
         }
         node.measure();
         self.report_stall(node);
+        self.turn_to_the_source(node);
         self.expire_gateway_checks(node);
         // Neighbours compare it with their own hops to us and to the source.
         let hops = node.meters.hops_to(self.cfg.source.ip());
@@ -338,6 +349,7 @@ impl Destination {
             asked_who: Vec::new(),
             last_stored_s: 0.0,
             stall_reported_s: 0.0,
+            source_as_last_resort: false,
         }
     }
 
@@ -604,6 +616,7 @@ impl Destination {
             );
             puller.set_verifiable(store.known());
             self.puller = Some(puller);
+            self.last_stored_s = node.now();
             let bits = store.have().to_bytes();
             for c in node.conns.iter() {
                 c.send(Msg::Bitfield { bits: bits.clone() });
@@ -789,6 +802,35 @@ impl Destination {
                 "{now:.0} s in, not welcomed by the source yet; connected to it: {connected}"
             ),
         }
+    }
+
+    /// Nothing arrived for [`LAST_RESORT_S`] since the Welcome or the last chunk, nothing
+    /// in flight is still on time, and the source is not among the data neighbours: it
+    /// becomes one.
+    fn turn_to_the_source(&mut self, node: &Node) {
+        let now = node.now();
+        let Some(pl) = self.puller.as_ref() else {
+            return;
+        };
+        if self.source_as_last_resort
+            || self.complete.is_some()
+            || self.finalizing
+            || pl.is_complete()
+            || pl.waits_on_a_live_flight()
+            || self.neighbours.contains(&SOURCE)
+            || now - self.last_stored_s < LAST_RESORT_S
+        {
+            return;
+        }
+        tracing::warn!(
+            "no chunk for {:.0} s: pulling from the source too, as a last resort; {}; \
+             pulling from {:?}",
+            now - self.last_stored_s,
+            pl.describe(),
+            self.neighbours
+        );
+        self.source_as_last_resort = true;
+        self.rediscover_needed = true;
     }
 
     /// Every chunk is here and the file's hash known: the copy is made durable and renamed

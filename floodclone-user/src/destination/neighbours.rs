@@ -42,6 +42,9 @@ impl Destination {
             vec![SOURCE]
         };
         next.retain(|n| !self.banned.contains(n));
+        if self.source_as_last_resort && !next.contains(&SOURCE) {
+            next.push(SOURCE);
+        }
         for &gone in self.neighbours.iter().filter(|n| !next.contains(n)) {
             if let Some(pl) = self.puller.as_mut() {
                 pl.remove_peer(gone);
