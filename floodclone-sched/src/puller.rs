@@ -623,11 +623,12 @@ impl Puller {
         if let Some(p) = self.peers.get_mut(&peer) {
             if ok {
                 p.rate.delivered(self.cfg.chunk_bytes, now, p.rtt_s);
-                p.on_probation = false;
-                let doubted = std::mem::replace(&mut p.doubted, ChunkSet::new(self.have.len()));
-                for c in doubted.iter() {
-                    if p.have.insert(c) {
-                        self.holders[c as usize] += 1;
+                if std::mem::take(&mut p.on_probation) {
+                    let doubted = std::mem::replace(&mut p.doubted, ChunkSet::new(self.have.len()));
+                    for c in doubted.iter() {
+                        if p.have.insert(c) {
+                            self.holders[c as usize] += 1;
+                        }
                     }
                 }
             } else {

@@ -655,7 +655,9 @@ impl Conn {
             let mut writing: Option<Arc<tokio::sync::Semaphore>> = None;
             while let Some(c) = queue.recv().await {
                 queued.fetch_sub(1, Ordering::Relaxed);
-                if cancelled.lock().unwrap().queued.remove(&c) {
+                if cancelled.lock().unwrap().queued.remove(&c)
+                    || ctx.misbehaviour == Misbehaviour::WithholdServed
+                {
                     continue;
                 }
                 let Some(store) = ctx.store.get() else {
@@ -681,9 +683,6 @@ impl Conn {
                         continue;
                     }
                 };
-                if ctx.misbehaviour == Misbehaviour::WithholdServed {
-                    continue;
-                }
                 if ctx.misbehaviour == Misbehaviour::CorruptServed {
                     let mut bad = data.to_vec();
                     if let Some(b) = bad.last_mut() {
