@@ -1050,7 +1050,9 @@ fn a_member_claiming_the_routers_addresses_is_not_believed() {
     use std::net::{SocketAddr, SocketAddrV4};
     let scratch = Scratch::new("claimed-router");
     let src = scratch.0.join("src");
-    write_test_file(&src, 8 * MIB, 29).unwrap();
+    // Large enough that d1, which turns to the source after 5 s of nothing (the last
+    // resort), is still running when the claim is refused (10-15 s in).
+    write_test_file(&src, 48 * MIB, 29).unwrap();
     // s, d1 and d2 each behind router r. Member d2, holding the token, lists r's addresses
     // as its own: d1's gateway and the hop the source's trace to d1 shows then are "d2",
     // so d1 would pull only from d2, which says it holds everything and sends nothing.
