@@ -467,39 +467,16 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
     let timeout = opts
         .timeout
         .unwrap_or_else(|| Duration::from_secs_f64(floor.u_min_s * 10.0 + 60.0));
-    let mut events = topo.events.clone().into_iter().peekable();
-    let mut send_status = None;
-    let mut machine_cpu_at_u = None;
-    let mut last_live = Instant::now();
-    while send_status.is_none() && started.elapsed() < timeout {
-        let t = || started.elapsed().as_secs_f64();
-        while let Some(e) = events.next_if(|e| t() >= e.at_s) {
-            apply_event(topo, &mut bed, &e, t(), opts.quiet)?;
-        }
-        while let Ok((who, line)) = rx.try_recv() {
-            seen.note(who, &line, t());
-        }
-        if !opts.quiet && last_live.elapsed() >= Duration::from_secs(1) {
-            last_live = Instant::now();
-            print_live_shares(topo, &dests, &seen.nodes, opts.bytes, t());
-        }
-        cross.sample(t());
-        if machine_cpu_at_u.is_none() && seen.nodes[s].dest_done_at.len() == dests.len() {
-            machine_cpu_at_u = Some(crate::traffic::machine_busy_s());
-        }
-        send_status = bed.child(sh).try_wait()?;
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    // Let destinations hear SwarmDone and exit; collect their last lines.
-    let grace = Instant::now() + Duration::from_secs(5);
-    for &h in &recv_handles {
-        while bed.child(h).try_wait()?.is_none() && Instant::now() < grace {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    while let Ok((who, line)) = rx.recv_timeout(Duration::from_millis(100)) {
-        seen.note(who, &line, started.elapsed().as_secs_f64());
-    }
+    let running = Running {
+        send: sh,
+        recvs: &recv_handles,
+        rx: &rx,
+        started,
+    };
+    let Watched {
+        send_status,
+        machine_cpu_at_u,
+    } = running.watch(topo, &mut bed, &mut seen, &mut cross, timeout, opts)?;
     let router_tx = router_tx_bytes(topo, &bed);
     let send_exit_ok = send_status.is_some_and(|s| s.success());
     let delay_line_cpu_s = bed.delay_line_cpu_s() - delay_cpu_at_start;
@@ -554,6 +531,75 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
             .fold(0.0, |sum, l| sum + l.seconds),
         idle,
     })
+}
+
+/// The processes of a running transfer and where their lines arrive.
+struct Running<'a> {
+    send: usize,
+    recvs: &'a [usize],
+    rx: &'a mpsc::Receiver<(usize, String)>,
+    started: Instant,
+}
+
+/// What watching a transfer gave: `send`'s exit status (none if it outlived the timeout)
+/// and the machine's busy seconds when the source had heard every destination done.
+struct Watched {
+    send_status: Option<std::process::ExitStatus>,
+    machine_cpu_at_u: Option<f64>,
+}
+
+impl Running<'_> {
+    /// Until `send` exits or `timeout` passes: the topology's timed events applied on time,
+    /// every node's lines noted, each destination's share printed every second, the cross
+    /// traffic sampled. Then the destinations have 5 s to hear the swarm end and exit, and
+    /// their last lines are noted.
+    fn watch(
+        &self,
+        topo: &Topology,
+        bed: &mut Testbed,
+        seen: &mut Seen,
+        cross: &mut CrossTraffic,
+        timeout: Duration,
+        opts: &RunOptions,
+    ) -> Result<Watched> {
+        let (s, dests) = (topo.source(), topo.destinations());
+        let mut events = topo.events.clone().into_iter().peekable();
+        let mut send_status = None;
+        let mut machine_cpu_at_u = None;
+        let mut last_live = Instant::now();
+        let t = || self.started.elapsed().as_secs_f64();
+        while send_status.is_none() && self.started.elapsed() < timeout {
+            while let Some(e) = events.next_if(|e| t() >= e.at_s) {
+                apply_event(topo, bed, &e, t(), opts.quiet)?;
+            }
+            while let Ok((who, line)) = self.rx.try_recv() {
+                seen.note(who, &line, t());
+            }
+            if !opts.quiet && last_live.elapsed() >= Duration::from_secs(1) {
+                last_live = Instant::now();
+                print_live_shares(topo, &dests, &seen.nodes, opts.bytes, t());
+            }
+            cross.sample(t());
+            if machine_cpu_at_u.is_none() && seen.nodes[s].dest_done_at.len() == dests.len() {
+                machine_cpu_at_u = Some(crate::traffic::machine_busy_s());
+            }
+            send_status = bed.child(self.send).try_wait()?;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let grace = Instant::now() + Duration::from_secs(5);
+        for &h in self.recvs {
+            while bed.child(h).try_wait()?.is_none() && Instant::now() < grace {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        while let Ok((who, line)) = self.rx.recv_timeout(Duration::from_millis(100)) {
+            seen.note(who, &line, t());
+        }
+        Ok(Watched {
+            send_status,
+            machine_cpu_at_u,
+        })
+    }
 }
 
 /// Applies the topology's timed event `e` to its link, `t` s into the transfer.
