@@ -812,13 +812,14 @@ impl Destination {
         let Some(pl) = self.puller.as_ref() else {
             return;
         };
+        // The flight scan last: every tick of a live transfer stops at the clock.
         if self.source_as_last_resort
+            || now - self.last_stored_s < LAST_RESORT_S
             || self.complete.is_some()
             || self.finalizing
+            || self.neighbours.contains(&SOURCE)
             || pl.is_complete()
             || pl.waits_on_a_live_flight()
-            || self.neighbours.contains(&SOURCE)
-            || now - self.last_stored_s < LAST_RESORT_S
         {
             return;
         }
