@@ -57,13 +57,15 @@ const MAX_BAD_CHUNKS: u32 = 3;
 /// says what this node waits on, and again every this long: a transfer that stops must be
 /// diagnosable from its logs.
 const STALL_REPORT_S: f64 = 10.0;
-/// Seconds without a verified chunk (since the Welcome), and nothing in flight that is not
-/// already overdue, after which a destination that does not pull from the source does so
-/// too: whatever its neighbours hold, withhold or lost track of, the source holds every
-/// chunk, so no destination is left with nobody to ask. A live transfer has requests out
-/// that are not overdue, or stores a chunk every fraction of a second; the source still
-/// serves such a node only what no other neighbour holds or is fetching (the scheduler's
-/// rule for a source behind a router).
+/// Seconds without a verified chunk (since the Welcome) and without news from a neighbour
+/// (a chunk it now holds or fetches), with nothing in flight that is not already overdue,
+/// after which a destination that does not pull from the source does so too: whatever its
+/// neighbours hold, withhold or lost track of, the source holds every chunk, so no
+/// destination is left with nobody to ask. A live transfer has requests out that are not
+/// overdue, stores a chunk every fraction of a second, or hears its neighbours' progress
+/// while they wait on theirs (a node behind a slow relay must not pull around it); the
+/// source still serves such a node only what no other neighbour holds or is fetching (the
+/// scheduler's rule for a source behind a router).
 const LAST_RESORT_S: f64 = 5.0;
 
 /// How a member is named to a person: its address (member ids are internal).
@@ -156,6 +158,9 @@ struct Destination {
     stall_reported_s: f64,
     /// The source is a data neighbour whatever the routes say (see [`LAST_RESORT_S`]).
     source_as_last_resort: bool,
+    /// When (seconds from start) a neighbour we pull from last told of a chunk it holds or
+    /// fetches.
+    last_news_s: f64,
 }
 
 impl Role for Destination {
@@ -350,6 +355,7 @@ impl Destination {
             last_stored_s: 0.0,
             stall_reported_s: 0.0,
             source_as_last_resort: false,
+            last_news_s: 0.0,
         }
     }
 
@@ -516,6 +522,9 @@ impl Destination {
             return;
         };
         let now = node.now();
+        if pulled_over.is_some() && matches!(msg, Msg::Have { .. } | Msg::Fetching { .. }) {
+            self.last_news_s = now;
+        }
         match (msg, pulled_over) {
             (Msg::Bitfield { bits }, Some(p)) => {
                 for c in ChunkSet::from_bytes(pl.have().len(), &bits).iter() {
@@ -804,9 +813,9 @@ impl Destination {
         }
     }
 
-    /// Nothing arrived for [`LAST_RESORT_S`] since the Welcome or the last chunk, nothing
-    /// in flight is still on time, and the source is not among the data neighbours: it
-    /// becomes one.
+    /// Nothing arrived and no neighbour had news for [`LAST_RESORT_S`] since the Welcome,
+    /// nothing in flight is still on time, and the source is not among the data
+    /// neighbours: it becomes one.
     fn turn_to_the_source(&mut self, node: &Node) {
         let now = node.now();
         let Some(pl) = self.puller.as_ref() else {
@@ -814,7 +823,7 @@ impl Destination {
         };
         // The flight scan last: every tick of a live transfer stops at the clock.
         if self.source_as_last_resort
-            || now - self.last_stored_s < LAST_RESORT_S
+            || now - self.last_stored_s.max(self.last_news_s) < LAST_RESORT_S
             || self.complete.is_some()
             || self.finalizing
             || self.neighbours.contains(&SOURCE)
