@@ -196,8 +196,9 @@ fn quic_counters_match_quinn_and_spin_rtt_matches_quinn_rtt() {
     }
     let _turn = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
     let bed = Testbed::up(&pair(40)).unwrap();
-    // quinn spins on a random 7 of 8 connections: with 6 connections, the chance that none
-    // spins is 8^-6.
+    // quinn spins on a random 7 of 8 connections per end, and a connection's packets spin
+    // only where both ends do (a server reflects what it receives: random values from a
+    // client that does not spin): 49 in 64. With 6 connections, none spins 1 time in 6,000.
     let (kernel, quinn) = quic_send(&bed, 2 << 20, 6);
     let udp_bytes: u64 = quinn.iter().map(|v| v.0).sum();
     let datagrams: u64 = quinn.iter().map(|v| v.1).sum();
@@ -253,7 +254,7 @@ fn spin_rtt_is_per_connection_and_agrees_with_quinn_over_20ms() {
     if !root_or_skip("spin_rtt_is_per_connection_and_agrees_with_quinn_over_20ms") {
         return;
     }
-    const CONNS: usize = 4;
+    const CONNS: usize = 8;
     const BYTES: usize = 2 << 20;
     let _turn = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
     let bed = Testbed::up(&pair_with(40, ",delay_ms=20")).unwrap();
@@ -328,8 +329,8 @@ fn spin_rtt_is_per_connection_and_agrees_with_quinn_over_20ms() {
     spinning_flows_agree_with_quinn(&flows, &quinn_min_rtt);
 }
 
-/// Every flow judged spinning whose least is one the daemon would use reads quinn's
-/// least RTT (the mean of `quinn_min_rtt`) within 5%, and at least one does.
+/// The least of the flows judged spinning whose least is one the daemon would use reads
+/// quinn's least RTT (the mean of `quinn_min_rtt`) within 5%, and each reads a round trip.
 fn spinning_flows_agree_with_quinn(flows: &[floodclone_common::SpinState], quinn_min_rtt: &[f64]) {
     let quinn = quinn_min_rtt.iter().sum::<f64>() / quinn_min_rtt.len() as f64;
     let spinning: Vec<_> = flows.iter().filter(|f| f.is_spinning()).collect();
@@ -345,21 +346,32 @@ fn spinning_flows_agree_with_quinn(flows: &[floodclone_common::SpinState], quinn
             ))
             .collect::<Vec<_>>()
     );
-    // quinn spins on a random 7 of 8 connections: none of 4 spinning has odds 1 in 4096.
+    // A connection spins where both its ends do, 49 times in 64 (see the test above): none
+    // of `CONNS` spinning has odds (15/64)^CONNS. With 4 it was 1 in 330, and CI met it once
+    // (all four flows of random values, least intervals 1.5-3 ms); with 8, 1 in 110,000.
     // A flow of random values (a peer that does not spin) can pass the kernel's test for
     // spinning (CI once: 253 packets, 61 edges, least 5.5 ms on this 40 ms path); the
     // daemon sets aside a figure under `MIN_SPIN_SHARE_OF_QUIC_RTT` of quinn's, and so does
-    // this check. Every other must agree with quinn, and at least one must be left.
+    // this check. At least one must be left.
     let plausible: Vec<f64> = spinning
         .iter()
         .map(|f| f.min_interval_ns as f64 / 1e9)
         .filter(|&min| min >= floodclone::meter::MIN_SPIN_SHARE_OF_QUIC_RTT * quinn)
         .collect();
     assert!(!plausible.is_empty(), "no connection spun: {flows:?}");
+    // The figure the daemon uses for the pair, the least over its flows
+    // (`Meters::spin_min_rtt_to`), agrees with quinn's within 5%. Each flow reads a round
+    // trip plus its hosts' delays in reacting to a packet (the spin bit's RTT includes them):
+    // within 1-3% on an idle machine, up to 35% above with both cores kept busy by others.
+    let pair = plausible.iter().copied().fold(f64::MAX, f64::min);
+    assert!(
+        (pair - quinn).abs() <= 0.05 * quinn,
+        "kernel min RTT {pair} vs quinn {quinn_min_rtt:?}"
+    );
     for min in plausible {
         assert!(
-            (min - quinn).abs() <= 0.05 * quinn,
-            "kernel min RTT {min} vs quinn {quinn_min_rtt:?}"
+            min <= 1.5 * quinn,
+            "kernel min RTT {min} of one flow vs quinn {quinn_min_rtt:?}"
         );
     }
 }

@@ -196,7 +196,8 @@ fn account(ctx: &TcContext, direction: u8) -> Result<(), i64> {
 ///
 /// A flow is one connection's packets in one direction: the 4-tuple is not enough, since the
 /// two connections between a pair of daemons (each dials the other from its one endpoint)
-/// share it, and one that does not spin (quinn leaves 1 connection in 8 without) would
+/// share it, and one that does not spin (1 in 4: quinn leaves 1 in 8 per end without, and
+/// a server reflects a client's random values) would
 /// scramble the other's edges. The destination connection ID tells them apart.
 #[inline(always)]
 fn track_spin(

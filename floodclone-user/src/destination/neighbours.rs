@@ -170,7 +170,8 @@ impl Destination {
         // The least round trip seen: propagation, without the queueing that a deeper
         // pipeline would itself add (`queue_target_s` covers that). The kernel's, measured
         // on the packets as they leave and arrive, once a connection to `p` spins; until
-        // then (or on the 1 connection in 8 that does not spin) quinn's. A kernel figure
+        // then (or where no connection to `p` spins: a connection spins only if both its
+        // ends do, 49 in 64 under quinn's 7 in 8 per end) quinn's. A kernel figure
         // far below quinn's least is not a round trip (see `MIN_SPIN_SHARE_OF_QUIC_RTT`;
         // wan-mesh: 24 ms on a 120 ms path), and it would cut the pipeline to a fifth.
         let kernel_rtt = node.meters.spin_min_rtt_to(m.addr);
