@@ -139,8 +139,13 @@ pub struct SenderPaths {
 /// `m`'s copies come in over the sender -> `m` link, and the receiver's over it again
 /// (random-25: a destination beyond the 5 Mbit/s min-cut link pulled from one on its near
 /// side, so chunks crossed it twice). No trace needed: first hops say it. Where `m`'s way
-/// to the source runs elsewhere (or `m` is the source, which fetches nothing), the link
-/// into `m` is one it leaves idle, and the path is kept. The source as a sender too: its
+/// to the source runs elsewhere, the link into `m` is one it leaves idle, and the path is
+/// kept. Where `m` is the source, it is not: the link into the source is idle, but the
+/// route leaves the source over one of its own links, each of which carries the source's
+/// copies out (random-25 again: the source's leaves d8 and d10 served a destination
+/// beyond the min-cut through the source and its neighbour d2, and the source -> d2 link
+/// carried 1.2-1.4 copies of the file, the 5 Mbit/s d2 -> d1 1.2-1.3). Told so, the
+/// receiver takes the source itself as that sender. The source as a sender too: its
 /// own view comes from its own route lookups (a destination whose first hop to the source
 /// is the source is fed by it). A receiver left with no neighbour at all still pulls from
 /// the source ([`told_data_neighbours`]).
@@ -258,22 +263,20 @@ impl PathChecks {
 
     /// Whether `s`'s path to `r` carries chunks twice over a link ([`PathChecks`]): `r`
     /// reaches `s` through routers, `s`'s route to `r` starts at member `m`, and `m`'s own
-    /// way to the source starts at `s` (so `m`'s copies come in over that link too).
+    /// way to the source starts at `s` (so `m`'s copies come in over that link too), or `m`
+    /// is the source (whose links out carry its own copies).
     fn crosses(&self, s: MemberId, r: MemberId) -> bool {
         let entry = |a: MemberId, b: MemberId| self.views.get(&a).and_then(|v| v.get(&b)).copied();
         let Some((Reach::Behind, Some(m))) = entry(s, r) else {
             return false;
         };
-        let fed_by_s = match entry(m, SOURCE) {
-            Some((Reach::Direct, _)) => s == SOURCE,
-            Some((Reach::Behind, via)) => via == Some(s),
-            _ => false,
-        };
-        r != SOURCE
-            && s != r
-            && m != SOURCE
-            && matches!(entry(r, s), Some((Reach::ViaRouter, _)))
-            && fed_by_s
+        let fed_by_s = m == SOURCE
+            || match entry(m, SOURCE) {
+                Some((Reach::Direct, _)) => s == SOURCE,
+                Some((Reach::Behind, via)) => via == Some(s),
+                _ => false,
+            };
+        r != SOURCE && s != r && matches!(entry(r, s), Some((Reach::ViaRouter, _))) && fed_by_s
     }
 
     /// `sender` traced its path to `receiver`: `clean` if it crosses no other member
@@ -573,7 +576,7 @@ mod tests {
     }
 
     #[test]
-    fn a_route_into_a_member_fed_elsewhere_or_into_the_source_is_kept() {
+    fn a_route_into_a_member_fed_elsewhere_is_kept_and_one_into_the_source_is_not() {
         use Reach::{Behind, Direct, ViaRouter};
         // 3 hangs below 1 (which is fed by 2); 4 reaches 3 through a router, 3's route to 4
         // starts at 1. The link 3 -> 1 carries none of 1's copies: it is kept.
@@ -636,11 +639,12 @@ mod tests {
         assert!(!pc.pulls_from_source(4));
         assert!(pc.pulls_from_source(2));
         assert!(pc.pulls_from_source(9), "unknown: yes");
-        // A route that starts at the source: the source fetches nothing.
+        // A route that starts at the source leaves it over one of the source's own links:
+        // 4 is told, and takes the source for 2.
         let mut pc = PathChecks::default();
         pc.on_view(4, &[(SOURCE, ViaRouter, None), (2, ViaRouter, None)]);
         let out = pc.on_view(2, &[(SOURCE, Direct, None), (4, Behind, Some(SOURCE))]);
-        assert!(crossing_told(out).iter().all(|(_, c)| c.is_empty()));
+        assert_eq!(crossing_told(out), vec![(4, vec![2])]);
     }
 
     #[test]
