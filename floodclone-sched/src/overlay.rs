@@ -140,12 +140,15 @@ pub struct SenderPaths {
 /// (random-25: a destination beyond the 5 Mbit/s min-cut link pulled from one on its near
 /// side, so chunks crossed it twice). No trace needed: first hops say it. Where `m`'s way
 /// to the source runs elsewhere, the link into `m` is one it leaves idle, and the path is
-/// kept. Where `m` is the source, it is not: the link into the source is idle, but the
-/// route leaves the source over one of its own links, each of which carries the source's
-/// copies out (random-25 again: the source's leaves d8 and d10 served a destination
-/// beyond the min-cut through the source and its neighbour d2, and the source -> d2 link
-/// carried 1.2-1.4 copies of the file, the 5 Mbit/s d2 -> d1 1.2-1.3). Told so, the
-/// receiver takes the source itself as that sender. The source as a sender too: its
+/// kept. Where `m` is the source, the link into it is idle too, but the route leaves the
+/// source again: if the source's own route on starts at a member on a link of the
+/// source's (which its copies come in over), that link carries the chunk twice (random-25
+/// again: the source's leaves d8 and d10 served a destination beyond the min-cut through
+/// the source and its neighbour d2, and the source -> d2 link carried 1.2-1.4 copies of
+/// the file, the 5 Mbit/s d2 -> d1 1.2-1.3). Told so, the receiver takes the source itself
+/// for that sender. Where the route leaves the source through a router, the source's own
+/// copies to the receiver would take that link as well, and the path is kept (in the
+/// simulator, dropping those too cost random-8 +0.015). The source as a sender too: its
 /// own view comes from its own route lookups (a destination whose first hop to the source
 /// is the source is fed by it). A receiver left with no neighbour at all still pulls from
 /// the source ([`told_data_neighbours`]).
@@ -243,8 +246,27 @@ impl PathChecks {
         let mut pairs: BTreeSet<(MemberId, MemberId)> = BTreeSet::new();
         pairs.extend(named.iter().map(|&s| (s, member)));
         pairs.extend(named.iter().map(|&r| (member, r)));
+        let entered_at_source = self.entered_at.get(&SOURCE).into_iter().flatten();
         if old.get(&SOURCE) != new.get(&SOURCE) {
             pairs.extend(self.entered_at.get(&member).into_iter().flatten().copied());
+            // Routes through the source on to `member` ([`PathChecks::crosses`]).
+            let through = |r: &MemberId| {
+                self.views
+                    .get(&SOURCE)
+                    .and_then(|v| v.get(r))
+                    .is_some_and(|&(_, via)| via == Some(member))
+            };
+            pairs.extend(
+                entered_at_source
+                    .clone()
+                    .filter(|(_, r)| through(r))
+                    .copied(),
+            );
+        }
+        if member == SOURCE {
+            // The source's own way on from it.
+            let moved = |r: &MemberId| old.get(r) != new.get(r);
+            pairs.extend(entered_at_source.filter(|(_, r)| moved(r)).copied());
         }
         let mut changed = BTreeSet::new();
         for (s, r) in pairs {
@@ -263,19 +285,28 @@ impl PathChecks {
 
     /// Whether `s`'s path to `r` carries chunks twice over a link ([`PathChecks`]): `r`
     /// reaches `s` through routers, `s`'s route to `r` starts at member `m`, and `m`'s own
-    /// way to the source starts at `s` (so `m`'s copies come in over that link too), or `m`
-    /// is the source (whose links out carry its own copies).
+    /// way to the source starts at `s` (so `m`'s copies come in over that link too); or `m`
+    /// is the source, whose own route to `r` starts at a member on a link of its own (whose
+    /// copies go out over that link).
     fn crosses(&self, s: MemberId, r: MemberId) -> bool {
         let entry = |a: MemberId, b: MemberId| self.views.get(&a).and_then(|v| v.get(&b)).copied();
         let Some((Reach::Behind, Some(m))) = entry(s, r) else {
             return false;
         };
-        let fed_by_s = m == SOURCE
-            || match entry(m, SOURCE) {
-                Some((Reach::Direct, _)) => s == SOURCE,
-                Some((Reach::Behind, via)) => via == Some(s),
+        let fed_by_s = match entry(m, SOURCE) {
+            Some((Reach::Direct, _)) => s == SOURCE,
+            Some((Reach::Behind, via)) => via == Some(s),
+            // The source fetches nothing: the link into it is idle. Its route on to `r`
+            // starts at `m2`; if `m2` is fed over that link, `m2`'s copies go out over it
+            // and ours would again.
+            _ if m == SOURCE => match entry(SOURCE, r) {
+                Some((Reach::Behind, Some(m2))) => {
+                    matches!(entry(m2, SOURCE), Some((Reach::Direct, _)))
+                }
                 _ => false,
-            };
+            },
+            _ => false,
+        };
         r != SOURCE && s != r && matches!(entry(r, s), Some((Reach::ViaRouter, _))) && fed_by_s
     }
 
@@ -639,12 +670,42 @@ mod tests {
         assert!(!pc.pulls_from_source(4));
         assert!(pc.pulls_from_source(2));
         assert!(pc.pulls_from_source(9), "unknown: yes");
-        // A route that starts at the source leaves it over one of the source's own links:
-        // 4 is told, and takes the source for 2.
-        let mut pc = PathChecks::default();
-        pc.on_view(4, &[(SOURCE, ViaRouter, None), (2, ViaRouter, None)]);
-        let out = pc.on_view(2, &[(SOURCE, Direct, None), (4, Behind, Some(SOURCE))]);
-        assert_eq!(crossing_told(out), vec![(4, vec![2])]);
+        // A route that starts at the source and leaves it through a router: the source's
+        // own copies to 4 would take that link too. Kept, in every order of views.
+        let views: [(MemberId, &[RouteEntry]); 3] = [
+            (4, &[(SOURCE, ViaRouter, None), (2, ViaRouter, None)]),
+            (2, &[(SOURCE, Direct, None), (4, Behind, Some(SOURCE))]),
+            (SOURCE, &[(2, Direct, None), (4, ViaRouter, None)]),
+        ];
+        for order in [[0, 1, 2], [2, 0, 1], [1, 2, 0]] {
+            let mut pc = PathChecks::default();
+            for i in order {
+                let out = pc.on_view(views[i].0, views[i].1);
+                assert!(crossing_told(out).iter().all(|(_, c)| c.is_empty()));
+            }
+        }
+        // One that leaves it through member 3, on a link of the source's (3 is fed over
+        // it): 4 is told 2 crosses (and the source, by the first rule), in every order of
+        // views, and neither once 3's way to the source runs elsewhere.
+        let views: [(MemberId, &[RouteEntry]); 4] = [
+            (4, &[(SOURCE, ViaRouter, None), (2, ViaRouter, None)]),
+            (2, &[(SOURCE, Direct, None), (4, Behind, Some(SOURCE))]),
+            (
+                SOURCE,
+                &[(2, Direct, None), (3, Direct, None), (4, Behind, Some(3))],
+            ),
+            (3, &[(SOURCE, Direct, None), (4, ViaRouter, None)]),
+        ];
+        for order in [[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2]] {
+            let mut pc = PathChecks::default();
+            let mut told = Vec::new();
+            for i in order {
+                told.extend(crossing_told(pc.on_view(views[i].0, views[i].1)));
+            }
+            assert_eq!(told.last(), Some(&(4, vec![SOURCE, 2])), "order {order:?}");
+            let out = pc.on_view(3, &[(SOURCE, Behind, Some(5)), (4, ViaRouter, None)]);
+            assert_eq!(crossing_told(out), vec![(4, vec![])], "order {order:?}");
+        }
     }
 
     #[test]
