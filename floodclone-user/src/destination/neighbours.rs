@@ -243,7 +243,8 @@ impl Destination {
             let hello = self.join_hello(self.routes.local_addrs().await.unwrap_or_default());
             node.dial(self.cfg.source, SOURCE, hello, None);
         } else if self.neighbours.contains(&p) && !self.banned.contains(&p) {
-            if vanished && node.conns.accepted_from(p).is_some() {
+            // A reset says its process lost the connection (restarted): gone all the same.
+            if reason.contains("timed out") && node.conns.accepted_from(p).is_some() {
                 tracing::warn!(
                     %reason,
                     "the connection to neighbour {} went silent while its own to us is up; dialing it again",
