@@ -289,25 +289,31 @@ impl PathChecks {
     /// is the source, whose own route to `r` starts at a member on a link of its own (whose
     /// copies go out over that link).
     fn crosses(&self, s: MemberId, r: MemberId) -> bool {
-        let entry = |a: MemberId, b: MemberId| self.views.get(&a).and_then(|v| v.get(&b)).copied();
-        let Some((Reach::Behind, Some(m))) = entry(s, r) else {
+        let twice = match self.entry(s, r) {
+            // The source fetches nothing: the link into it is idle, but the route leaves
+            // it again, as the source's own route on to `r` does.
+            Some((Reach::Behind, Some(SOURCE))) => self.enters_member_fed_through(SOURCE, r),
+            _ => self.enters_member_fed_through(s, r),
+        };
+        r != SOURCE && s != r && matches!(self.entry(r, s), Some((Reach::ViaRouter, _))) && twice
+    }
+
+    /// Whether `s`'s route to `r` starts at member `m` whose own way to the source starts
+    /// at `s`: `m`'s copies come in over that link.
+    fn enters_member_fed_through(&self, s: MemberId, r: MemberId) -> bool {
+        let Some((Reach::Behind, Some(m))) = self.entry(s, r) else {
             return false;
         };
-        let fed_by_s = match entry(m, SOURCE) {
+        match self.entry(m, SOURCE) {
             Some((Reach::Direct, _)) => s == SOURCE,
             Some((Reach::Behind, via)) => via == Some(s),
-            // The source fetches nothing: the link into it is idle. Its route on to `r`
-            // starts at `m2`; if `m2` is fed over that link, `m2`'s copies go out over it
-            // and ours would again.
-            _ if m == SOURCE => match entry(SOURCE, r) {
-                Some((Reach::Behind, Some(m2))) => {
-                    matches!(entry(m2, SOURCE), Some((Reach::Direct, _)))
-                }
-                _ => false,
-            },
             _ => false,
-        };
-        r != SOURCE && s != r && matches!(entry(r, s), Some((Reach::ViaRouter, _))) && fed_by_s
+        }
+    }
+
+    /// How `a`'s last view reaches `b`.
+    fn entry(&self, a: MemberId, b: MemberId) -> Option<(Reach, Option<MemberId>)> {
+        self.views.get(&a).and_then(|v| v.get(&b)).copied()
     }
 
     /// `sender` traced its path to `receiver`: `clean` if it crosses no other member

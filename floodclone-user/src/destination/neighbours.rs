@@ -210,7 +210,8 @@ impl Destination {
             return;
         };
         tracing::debug!(peer = ?gone.peer, %reason, "connection closed");
-        let vanished = reason.contains("timed out") || reason.contains("reset");
+        let timed_out = reason.contains("timed out");
+        let vanished = timed_out || reason.contains("reset");
         if !gone.dialed {
             // Its own connection to us: gone too, after ours to it.
             if let Some(p) = gone.peer.filter(|&p| {
@@ -244,7 +245,7 @@ impl Destination {
             node.dial(self.cfg.source, SOURCE, hello, None);
         } else if self.neighbours.contains(&p) && !self.banned.contains(&p) {
             // A reset says its process lost the connection (restarted): gone all the same.
-            if reason.contains("timed out") && node.conns.accepted_from(p).is_some() {
+            if timed_out && node.conns.accepted_from(p).is_some() {
                 tracing::warn!(
                     %reason,
                     "the connection to neighbour {} went silent while its own to us is up; dialing it again",
