@@ -231,7 +231,9 @@ impl Node {
                     lost = st.path.lost_packets, congestion_events = st.path.congestion_events,
                     tx_bytes = st.udp_tx.bytes, tx_datagrams = st.udp_tx.datagrams,
                     mtu = st.path.current_mtu, black_holes = st.path.black_holes_detected,
-                    "connection");
+                    rx_bytes = st.udp_rx.bytes, rx_datagrams = st.udp_rx.datagrams,
+                    stream_frames = st.frame_tx.stream, pings = st.frame_tx.ping,
+                    acks = st.frame_tx.acks, "connection");
             }
         }
         let peers = self
