@@ -237,6 +237,85 @@ fn a_lossy_link_loses_what_it_is_told_and_jitter_keeps_order() {
     );
 }
 
+/// A segmentation-offload packet (one send of ten datagrams) is split into wire packets as
+/// it leaves its sender toward a node that may forward it, so a router's queue drops one
+/// datagram at a time; toward a node with one link it stays whole.
+#[test]
+fn offload_packets_are_split_before_a_node_that_forwards() {
+    if !root_or_skip("offload_packets_are_split_before_a_node_that_forwards") {
+        return;
+    }
+    let topo = Topology::parse(
+        "line",
+        r#"node = [{name="s",role="source"},{name="r",role="dest"},{name="d",role="dest"}]
+           link = [{a="s",b="r",mbit=200},{a="r",b="d",mbit=200}]"#,
+    )
+    .unwrap();
+    let bed = Testbed::up(&topo).unwrap();
+    let (s, r, d) = (0, 1, 2);
+    // Frames that arrived at `node` on its link to `from` (a veth counts one per packet
+    // handed over, whole or split).
+    let rx_packets = |node: usize, from: &str| -> u64 {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &bed.netns(node), "-j", "-s", "link", "show", "dev"])
+            .arg(netns::iface_name(from))
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v[0]["stats64"]["rx"]["packets"].as_u64().unwrap()
+    };
+    const SENDS: u64 = 100;
+    const SEGMENTS: u64 = 10;
+    // Sends SENDS packets of SEGMENTS datagrams each from `from` to `to`, paced well below
+    // the link's rate, after one datagram that resolves ARP.
+    let send_offloaded = |from: usize, to: usize| {
+        let dst = std::net::SocketAddrV4::new(netns::identity_addr(to), 9);
+        bed.in_netns(from, move || {
+            use std::os::fd::AsRawFd;
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            let _ = sock.send_to(&[0u8; 100], dst);
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let segment: libc::c_int = 1000;
+            // SAFETY: a valid socket and an int option of the right size.
+            let rc = unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_UDP,
+                    libc::UDP_SEGMENT,
+                    (&segment as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+            let payload = vec![0u8; (segment as u64 * SEGMENTS) as usize];
+            for _ in 0..SENDS {
+                sock.send_to(&payload, dst).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        })
+        .join()
+        .unwrap();
+    };
+    let before = rx_packets(r, "s");
+    send_offloaded(s, d);
+    let at_router = rx_packets(r, "s") - before;
+    let before = rx_packets(d, "r");
+    send_offloaded(r, d);
+    let at_leaf = rx_packets(d, "r") - before;
+    eprintln!(
+        "{SENDS} sends of {SEGMENTS} datagrams: {at_router} frames into the forwarding node, \
+         {at_leaf} into the leaf"
+    );
+    assert!(
+        at_router >= SENDS * SEGMENTS,
+        "a router took whole offload packets: {at_router}"
+    );
+    assert!(
+        at_leaf <= 2 * SENDS,
+        "the leaf's offload packets were split: {at_leaf}"
+    );
+}
+
 /// `stats --watch` reads the newest floodclone in its namespace; when that one exits, it
 /// reads the one still running within two refreshes, and says so.
 #[test]
