@@ -233,50 +233,24 @@ impl Testbed {
         for i in 0..topo.nodes.len() {
             ip(&["netns", "add", &self.netns(i)])?;
         }
-        let mut links_of = vec![0usize; topo.nodes.len()];
-        for l in &topo.links {
-            links_of[l.a] += 1;
-            links_of[l.b] += 1;
-        }
         for (k, l) in topo.links.iter().enumerate() {
             let (na, nb) = (&topo.nodes[l.a].name, &topo.nodes[l.b].name);
             let (ns_a, ns_b) = (self.netns(l.a), self.netns(l.b));
-            let lossy = l.prop_ab.loss > 0.0 || l.prop_ba.loss > 0.0;
-            // What a sender sends toward a node that may forward it is split into wire
-            // packets as it leaves the sender's queue (segments 1 at that end): a router's
-            // queue then drops one packet at a time, as on a real wire. Left whole, a
-            // segmentation-offload packet (up to ten QUIC datagrams) crossed every veth and
-            // every forwarding node's FIFO as one: it fitted a nearly full queue only whole
-            // or not at all, and a connection sending small bursts through a queue others
-            // kept full lost 80% of its datagrams for 20 s (random-13: a Welcome that took
-            // 22 s to cross, README "A join behind a full queue"). Toward a node with one
-            // link (it forwards nothing) the offload stays: its own socket takes the batch.
-            // A lossy link splits at both ends, so one loss is one packet.
-            let split_toward = |far: usize| u32::from(lossy || links_of[far] > 1);
-            let (segs_ab, segs_ba) = (split_toward(l.b), split_toward(l.a));
             if !l.has_propagation() {
-                veth(
-                    (&ns_a, &iface_name(nb), segs_ab),
-                    (&ns_b, &iface_name(na), segs_ba),
-                    topo.mtu,
-                )?;
+                veth(&ns_a, &iface_name(nb), &ns_b, &iface_name(na), 0, topo.mtu)?;
                 continue;
             }
-            // a's end - [ea  delay line  eb] - b's end: each sender's end splits as above
-            // (the delay line then carries wire packets that way).
+            // a's end - [ea  delay line  eb] - b's end. A lossy link segments at its ends,
+            // so one loss is one packet.
             let wire = self.wire_netns(k);
             ip(&["netns", "add", &wire])?;
-            let wire_segs = u32::from(lossy);
-            veth(
-                (&ns_a, &iface_name(nb), segs_ab),
-                (&wire, delayline::END_A, wire_segs),
-                None,
-            )?;
-            veth(
-                (&ns_b, &iface_name(na), segs_ba),
-                (&wire, delayline::END_B, wire_segs),
-                None,
-            )?;
+            let segs = if l.prop_ab.loss > 0.0 || l.prop_ba.loss > 0.0 {
+                1
+            } else {
+                0
+            };
+            veth(&ns_a, &iface_name(nb), &wire, delayline::END_A, segs, None)?;
+            veth(&ns_b, &iface_name(na), &wire, delayline::END_B, segs, None)?;
             run(
                 Command::new("ip").args(["-n", &wire, "-batch", "-"]),
                 Some(&format!(
@@ -566,12 +540,20 @@ impl Drop for Testbed {
     }
 }
 
-/// A veth pair: each end (namespace, device name, segments) with the testbed's GSO size;
-/// segments > 0 caps the segments per packet that end sends (1: split into wire packets as
-/// they leave its queue); `mtu` when not the default 1500.
-fn veth(a: (&str, &str, u32), b: (&str, &str, u32), mtu: Option<u32>) -> Result<()> {
+/// A veth pair: `name_a` in namespace `ns_a`, `name_b` in `ns_b`, both with the testbed's
+/// GSO size; `gso_max_segs` > 0 caps the segments per packet (1: no offload); `mtu` when
+/// not the default 1500.
+fn veth(
+    ns_a: &str,
+    name_a: &str,
+    ns_b: &str,
+    name_b: &str,
+    gso_max_segs: u32,
+    mtu: Option<u32>,
+) -> Result<()> {
     let gso_max_size = GSO_MAX_SIZE.to_string();
-    let end = |name: &'static str, (ns, dev, segs): (&str, &str, u32)| {
+    let segs = gso_max_segs.to_string();
+    let end = |name: &'static str, ns: &str, dev: &str| {
         let mut v = vec![
             name.to_string(),
             dev.to_string(),
@@ -579,8 +561,8 @@ fn veth(a: (&str, &str, u32), b: (&str, &str, u32), mtu: Option<u32>) -> Result<
             ns.to_string(),
         ];
         v.extend(["gso_max_size".into(), gso_max_size.clone()]);
-        if segs > 0 {
-            v.extend(["gso_max_segs".into(), segs.to_string()]);
+        if gso_max_segs > 0 {
+            v.extend(["gso_max_segs".into(), segs.clone()]);
         }
         if let Some(m) = mtu {
             v.extend(["mtu".into(), m.to_string()]);
@@ -588,9 +570,9 @@ fn veth(a: (&str, &str, u32), b: (&str, &str, u32), mtu: Option<u32>) -> Result<
         v
     };
     let mut args = vec!["link".to_string(), "add".into()];
-    args.extend(end("name", a));
+    args.extend(end("name", ns_a, name_a));
     args.extend(["type".into(), "veth".into(), "peer".into()]);
-    args.extend(end("name", b));
+    args.extend(end("name", ns_b, name_b));
     run(Command::new("ip").args(&args), None).map(|_| ())
 }
 
