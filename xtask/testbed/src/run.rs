@@ -398,80 +398,30 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         bound::floor(&topo.with_upload_caps_as_links(), opts.bytes).map_err(anyhow::Error::msg)?;
     let (cleanup, src) = ScratchDir::with_test_file("run", topo, opts.bytes, opts.files)?;
     let work = cleanup.0.clone();
-    let log_dir = opts.logs.clone().unwrap_or_else(|| work.clone());
-    std::fs::create_dir_all(&log_dir)
-        .with_context(|| format!("creating the log directory {}", log_dir.display()))?;
-    let log_path = |name: &str| log_dir.join(format!("{name}.log"));
-    let log_file = |name: &str| std::fs::File::create(log_path(name));
+    let files = RunFiles {
+        log_dir: opts.logs.clone().unwrap_or_else(|| work.clone()),
+        src,
+        work,
+    };
+    std::fs::create_dir_all(&files.log_dir)
+        .with_context(|| format!("creating the log directory {}", files.log_dir.display()))?;
     let mut seen = Seen::new(topo, opts.logs.as_deref())?;
-    let want = file_hash(&src).context("hashing the source file")?;
+    let want = file_hash(&files.src).context("hashing the source file")?;
 
     netns::ensure_host_bpffs()?;
     let mut bed = Testbed::up(topo)?;
-    // A token of a real one's strength (floodclone refuses short ones), new every run.
-    let token = format!(
-        "floodclone-run-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos()
-    );
-    let s = topo.source();
-    let dests = topo.destinations();
-    let addr_of = |n: usize| {
-        if opts.ipv6 {
-            netns::identity_addr6(n).to_string()
-        } else {
-            identity_addr(n).to_string()
-        }
-    };
-    let (tx, rx) = mpsc::channel();
-    let out_path = |d: usize| work.join(format!("{}.out", topo.nodes[d].name));
     // Other people's traffic first, measured alone, then left running.
     let mut cross = CrossTraffic::start(topo, &bed);
-    let mut recv_handles = Vec::new();
-    for &d in &dests {
-        let mut cmd = bed.command(d, bin.to_str().unwrap());
-        cmd.args(["recv", "--json", "--token", &token, "--source"])
-            .arg(addr_of(s))
-            .arg("--out")
-            .arg(out_path(d))
-            .args(&opts.recv_args)
-            .args(cap_args(topo, d))
-            .stdout(Stdio::piped())
-            .stderr(log_file(&topo.nodes[d].name)?);
-        let h = bed.spawn(cmd)?;
-        pipe_lines(bed.child(h), d, tx.clone());
-        recv_handles.push(h);
-    }
-    wait_until_ready(&mut bed, &recv_handles, &dests, &rx, &mut seen)?;
-    let mut cmd = bed.command(s, bin.to_str().unwrap());
-    cmd.args(["send", "--json", "--token", &token])
-        .arg(&src)
-        .args(
-            dests
-                .iter()
-                .flat_map(|&d| ["--dest".to_string(), addr_of(d)]),
-        )
-        .args(&opts.send_args)
-        .args(cap_args(topo, s))
-        .stdout(Stdio::piped())
-        .stderr(log_file(&topo.nodes[s].name)?);
-    let started = Instant::now();
-    let delay_cpu_at_start = bed.delay_line_cpu_s();
-    let machine_cpu_at_start = crate::traffic::machine_busy_s();
-    let sh = bed.spawn(cmd)?;
-    pipe_lines(bed.child(sh), s, tx);
-
+    let swarm = start_swarm(&mut bed, topo, bin, opts, &files, &mut seen)?;
+    let s = topo.source();
     let timeout = opts
         .timeout
         .unwrap_or_else(|| Duration::from_secs_f64(floor.u_min_s * 10.0 + 60.0));
     let running = Running {
-        send: sh,
-        recvs: &recv_handles,
-        rx: &rx,
-        started,
+        send: swarm.send,
+        recvs: &swarm.recvs,
+        rx: &swarm.rx,
+        started: swarm.started,
     };
     let Watched {
         send_status,
@@ -479,11 +429,13 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
     } = running.watch(topo, &mut bed, &mut seen, &mut cross, timeout, opts)?;
     let router_tx = router_tx_bytes(topo, &bed);
     let send_exit_ok = send_status.is_some_and(|s| s.success());
-    let delay_line_cpu_s = bed.delay_line_cpu_s() - delay_cpu_at_start;
+    let delay_line_cpu_s = bed.delay_line_cpu_s() - swarm.delay_cpu_at_start;
     cross.stop();
     bed.down();
     let seen = seen.nodes;
-    let outcomes = dest_outcomes(topo, &seen, |d| file_hash(&out_path(d)) == Some(want));
+    let outcomes = dest_outcomes(topo, &seen, |d| {
+        file_hash(&files.out(topo, d)) == Some(want)
+    });
     let all_ok = outcomes.iter().all(|o| o.verified && o.elapsed_s.is_some());
     let u = all_ok.then(|| {
         outcomes
@@ -492,7 +444,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
             .fold(0.0, f64::max)
     });
     if !all_ok && !opts.quiet {
-        print_log_tails(topo, log_path);
+        print_log_tails(topo, |name| files.log(name));
     }
     drop(cleanup);
     let timeline = timeline(topo, &seen, opts.bytes, floor.u_min_s, u);
@@ -522,7 +474,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         source_peak_rss_bytes: seen[s].peak_rss_bytes,
         source_cpu_s: seen[s].cpu_s,
         first_chunk_s: seen[s].first_chunk_s,
-        machine_cpu_s: machine_cpu_at_u.map(|c| c - machine_cpu_at_start),
+        machine_cpu_s: machine_cpu_at_u.map(|c| c - swarm.machine_cpu_at_start),
         link_copies: link_copies(topo, &seen, &router_tx, opts.bytes),
         idle_s: idle.iter().fold(0.0, |sum, l| sum + l.seconds),
         source_idle_s: idle
@@ -530,6 +482,111 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
             .filter(|l| l.from == topo.nodes[s].name)
             .fold(0.0, |sum, l| sum + l.seconds),
         idle,
+    })
+}
+
+/// The swarm's processes, started: the destinations, then (once all are ready) the source.
+struct Swarm {
+    send: usize,
+    recvs: Vec<usize>,
+    /// Every process's stdout lines, with the node that printed each.
+    rx: mpsc::Receiver<(usize, String)>,
+    /// When the source was started, and the CPU counters then.
+    started: Instant,
+    delay_cpu_at_start: f64,
+    machine_cpu_at_start: f64,
+}
+
+/// Where one run's files are.
+struct RunFiles {
+    /// The file (or tree) the source sends.
+    src: PathBuf,
+    /// The run's scratch directory: each destination's copy.
+    work: PathBuf,
+    /// Each node's log (`<name>.log`).
+    log_dir: PathBuf,
+}
+
+impl RunFiles {
+    fn out(&self, topo: &Topology, d: usize) -> PathBuf {
+        self.work.join(format!("{}.out", topo.nodes[d].name))
+    }
+
+    fn log(&self, name: &str) -> PathBuf {
+        self.log_dir.join(format!("{name}.log"))
+    }
+}
+
+/// Starts `recv` on every destination and, once all say they are ready, `send` on the
+/// source, under a token new for this run; each one's stderr goes to its log file.
+fn start_swarm(
+    bed: &mut Testbed,
+    topo: &Topology,
+    bin: &Path,
+    opts: &RunOptions,
+    files: &RunFiles,
+    seen: &mut Seen,
+) -> Result<Swarm> {
+    let log_file = |name: &str| std::fs::File::create(files.log(name));
+    // A token of a real one's strength (floodclone refuses short ones), new every run.
+    let token = format!(
+        "floodclone-run-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+    );
+    let s = topo.source();
+    let dests = topo.destinations();
+    let addr_of = |n: usize| {
+        if opts.ipv6 {
+            netns::identity_addr6(n).to_string()
+        } else {
+            identity_addr(n).to_string()
+        }
+    };
+    let (tx, rx) = mpsc::channel();
+    let mut recvs = Vec::new();
+    for &d in &dests {
+        let mut cmd = bed.command(d, bin.to_str().unwrap());
+        cmd.args(["recv", "--json", "--token", &token, "--source"])
+            .arg(addr_of(s))
+            .arg("--out")
+            .arg(files.out(topo, d))
+            .args(&opts.recv_args)
+            .args(cap_args(topo, d))
+            .stdout(Stdio::piped())
+            .stderr(log_file(&topo.nodes[d].name)?);
+        let h = bed.spawn(cmd)?;
+        pipe_lines(bed.child(h), d, tx.clone());
+        recvs.push(h);
+    }
+    wait_until_ready(bed, &recvs, &dests, &rx, seen)?;
+    let mut cmd = bed.command(s, bin.to_str().unwrap());
+    cmd.args(["send", "--json", "--token", &token])
+        .arg(&files.src)
+        .args(
+            dests
+                .iter()
+                .flat_map(|&d| ["--dest".to_string(), addr_of(d)]),
+        )
+        .args(&opts.send_args)
+        .args(cap_args(topo, s))
+        .stdout(Stdio::piped())
+        .stderr(log_file(&topo.nodes[s].name)?);
+    let started = Instant::now();
+    let delay_cpu_at_start = bed.delay_line_cpu_s();
+    let machine_cpu_at_start = crate::traffic::machine_busy_s();
+    let send = bed.spawn(cmd)?;
+    pipe_lines(bed.child(send), s, tx);
+    Ok(Swarm {
+        send,
+        recvs,
+        rx,
+        started,
+        delay_cpu_at_start,
+        machine_cpu_at_start,
     })
 }
 
