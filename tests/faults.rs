@@ -228,6 +228,26 @@ fn link_down_and_back_up_mid_transfer_completes() {
     );
 }
 
+/// A relay whose own packets cannot reach the source for its first 3 s (`--join-late`: its
+/// kernel forwards for the member behind it all along) joins then and still ends with a
+/// whole copy; the member behind it is served meanwhile.
+#[test]
+fn a_relay_that_joins_late_gets_a_whole_copy() {
+    if !root_or_skip("a_relay_that_joins_late_gets_a_whole_copy") {
+        return;
+    }
+    let topo = line(&["s", "d1", "d2"], 40);
+    let mut opts = floodclone_testbed::run::RunOptions::new(16 * MIB);
+    opts.join_late = vec![("d1".into(), 3.0)];
+    let report = floodclone_tests::transfer(&topo, &opts);
+    let d1 = report.dests.iter().find(|d| d.name == "d1").unwrap();
+    let t = d1.elapsed_s.expect("d1 completed");
+    assert!(
+        t > 3.0,
+        "d1 cannot have finished before it could join ({t} s)"
+    );
+}
+
 #[test]
 fn source_killed_and_restarted_destinations_keep_what_they_have() {
     if !root_or_skip("source_killed_and_restarted_destinations_keep_what_they_have") {

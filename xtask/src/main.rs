@@ -171,6 +171,11 @@ struct RunArgs {
     /// addresses (every testbed node has both families).
     #[arg(long)]
     ipv6: bool,
+    /// Keep destination NAME from the source until SECONDS after the source starts (its own
+    /// packets to the source are dropped; it forwards for others all along): a member that
+    /// joins late. Repeatable.
+    #[arg(long, value_name = "NAME=SECONDS", value_parser = parse_join_late)]
+    join_late: Vec<(String, f64)>,
 }
 
 #[derive(clap::Args)]
@@ -214,6 +219,10 @@ struct BenchArgs {
     /// explains itself. Their level: RUST_LOG, as for `run --logs`.
     #[arg(long)]
     keep_logs_over: Option<f64>,
+    /// Keep destination NAME of every network from the source until SECONDS after the
+    /// source starts (as `run --join-late`). Repeatable.
+    #[arg(long, value_name = "NAME=SECONDS", value_parser = parse_join_late)]
+    join_late: Vec<(String, f64)>,
 }
 
 #[derive(Subcommand)]
@@ -504,6 +513,7 @@ fn run_command(args: RunArgs) -> Result<()> {
         node_arg,
         files,
         ipv6,
+        join_late,
     } = args;
     if !testbed::is_root() {
         bail!("`cargo xtask run` builds network namespaces and loads eBPF: run it as root");
@@ -534,6 +544,7 @@ fn run_command(args: RunArgs) -> Result<()> {
     opts.logs = logs;
     opts.files = files;
     opts.ipv6 = ipv6;
+    opts.join_late = join_late;
     if let Some(c) = chunk_size {
         opts.send_args = vec!["--chunk-size".into(), c.to_string()];
     }
@@ -574,6 +585,7 @@ fn bench_command(args: BenchArgs) -> Result<()> {
         floodclone,
         files,
         keep_logs_over,
+        join_late,
     } = args;
     if !testbed::is_root() {
         bail!("`cargo xtask bench` builds network namespaces and loads eBPF: run it as root");
@@ -620,6 +632,7 @@ fn bench_command(args: BenchArgs) -> Result<()> {
     }
     let mut base = run::RunOptions::new(size);
     base.files = files;
+    base.join_late = join_late;
     let plan = bench::BenchPlan {
         runs,
         baseline_runs,
@@ -647,4 +660,18 @@ fn floodclone_binary(given: Option<PathBuf>) -> Result<PathBuf> {
         Some(path) => bail!("--floodclone {}: no such file", path.display()),
         None => build_floodclone(),
     }
+}
+
+/// `NAME=SECONDS` for `--join-late`.
+fn parse_join_late(s: &str) -> Result<(String, f64), String> {
+    let (name, secs) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=SECONDS, got {s:?}"))?;
+    let secs: f64 = secs
+        .parse()
+        .map_err(|_| format!("{secs:?} is not a number of seconds"))?;
+    if !(0.0..=3600.0).contains(&secs) {
+        return Err(format!("{secs} s: give 0 to 3600 seconds"));
+    }
+    Ok((name.to_string(), secs))
 }

@@ -5,7 +5,7 @@
 use std::{
     io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::{Child, Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -43,6 +43,10 @@ pub struct RunOptions {
     /// Name the source and destinations by their IPv6 identity addresses (the testbed
     /// gives every node both families), so the whole transfer runs over IPv6.
     pub ipv6: bool,
+    /// Destinations (by name) whose own packets to the source are dropped until this many
+    /// seconds after `send` starts: members that join late, as one whose network comes up
+    /// late (their kernels forward for others all along).
+    pub join_late: Vec<(String, f64)>,
 }
 
 impl RunOptions {
@@ -57,6 +61,7 @@ impl RunOptions {
             logs: None,
             files: 1,
             ipv6: false,
+            join_late: Vec::new(),
         }
     }
 }
@@ -410,6 +415,10 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
 
     netns::ensure_host_bpffs()?;
     let mut bed = Testbed::up(topo)?;
+    let late = late_joiners(topo, opts)?;
+    for &(n, _) in &late {
+        reach_source(&bed, topo, n, false)?;
+    }
     // Other people's traffic first, measured alone, then left running.
     let mut cross = CrossTraffic::start(topo, &bed);
     let swarm = start_swarm(&mut bed, topo, bin, opts, &files, &mut seen)?;
@@ -422,6 +431,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
         recvs: &swarm.recvs,
         rx: &swarm.rx,
         started: swarm.started,
+        late: &late,
     };
     let Watched {
         send_status,
@@ -483,6 +493,43 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
             .fold(0.0, |sum, l| sum + l.seconds),
         idle,
     })
+}
+
+/// Preference of the rule that keeps a late joiner from the source (any free number).
+const LATE_JOIN_RULE_PREF: &str = "100";
+
+/// `opts.join_late` as (node, seconds), sorted by time: each name a destination's.
+fn late_joiners(topo: &Topology, opts: &RunOptions) -> Result<Vec<(usize, f64)>> {
+    let mut late = Vec::new();
+    for (name, at_s) in &opts.join_late {
+        let Some(n) = topo.nodes.iter().position(|n| &n.name == name) else {
+            bail!("--join-late {name}: {} has no node of that name", topo.name);
+        };
+        if !topo.destinations().contains(&n) {
+            bail!("--join-late {name}: only a destination can join late");
+        }
+        late.push((n, *at_s));
+    }
+    late.sort_by(|a, b| a.1.total_cmp(&b.1));
+    Ok(late)
+}
+
+/// Lets `node`'s own packets reach the source (`reach`), or drops them (a blackhole rule
+/// for locally sent packets, both families: forwarding is untouched).
+fn reach_source(bed: &Testbed, topo: &Topology, node: usize, reach: bool) -> Result<()> {
+    let s = topo.source();
+    let verb = if reach { "del" } else { "add" };
+    let ns = bed.netns(node);
+    for (family, to) in [
+        ("-4", identity_addr(s).to_string()),
+        ("-6", netns::identity_addr6(s).to_string()),
+    ] {
+        let mut cmd = Command::new("ip");
+        cmd.args(["-n", &ns, family, "rule", verb, "iif", "lo", "to", &to])
+            .args(["blackhole", "pref", LATE_JOIN_RULE_PREF]);
+        netns::run(&mut cmd, None)?;
+    }
+    Ok(())
 }
 
 /// The swarm's processes, started: the destinations, then (once all are ready) the source.
@@ -596,6 +643,8 @@ struct Running<'a> {
     recvs: &'a [usize],
     rx: &'a mpsc::Receiver<(usize, String)>,
     started: Instant,
+    /// Late joiners and when each may reach the source, by time.
+    late: &'a [(usize, f64)],
 }
 
 /// What watching a transfer gave: `send`'s exit status (none if it outlived the timeout)
@@ -621,6 +670,7 @@ impl Running<'_> {
     ) -> Result<Watched> {
         let (s, dests) = (topo.source(), topo.destinations());
         let mut events = topo.events.clone().into_iter().peekable();
+        let mut late = self.late.iter().peekable();
         let mut send_status = None;
         let mut machine_cpu_at_u = None;
         let mut last_live = Instant::now();
@@ -628,6 +678,12 @@ impl Running<'_> {
         while send_status.is_none() && self.started.elapsed() < timeout {
             while let Some(e) = events.next_if(|e| t() >= e.at_s) {
                 apply_event(topo, bed, &e, t(), opts.quiet)?;
+            }
+            while let Some(&(n, _)) = late.next_if(|(_, at)| t() >= *at) {
+                reach_source(bed, topo, n, true)?;
+                if !opts.quiet {
+                    eprintln!("t={:.2} s: {} reaches the source", t(), topo.nodes[n].name);
+                }
             }
             while let Ok((who, line)) = self.rx.try_recv() {
                 seen.note(who, &line, t());
