@@ -662,15 +662,13 @@ fn floodclone_binary(given: Option<PathBuf>) -> Result<PathBuf> {
     }
 }
 
-/// `NAME=SECONDS` for `--join-late`.
+/// `NAME=SECONDS` for `--join-late` (SECONDS as any duration: `3`, `500ms`).
 fn parse_join_late(s: &str) -> Result<(String, f64), String> {
     let (name, secs) = s
         .split_once('=')
         .ok_or_else(|| format!("expected NAME=SECONDS, got {s:?}"))?;
-    let secs: f64 = secs
-        .parse()
-        .map_err(|_| format!("{secs:?} is not a number of seconds"))?;
-    if !(0.0..=3600.0).contains(&secs) {
+    let secs = floodclone_events::units::parse_duration(secs)?.as_secs_f64();
+    if secs > 3600.0 {
         return Err(format!("{secs} s: give 0 to 3600 seconds"));
     }
     Ok((name.to_string(), secs))

@@ -415,7 +415,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
 
     netns::ensure_host_bpffs()?;
     let mut bed = Testbed::up(topo)?;
-    let late = late_joiners(topo, opts)?;
+    let late = late_joiners(&bed, topo, opts)?;
     for &(n, _) in &late {
         reach_source(&bed, topo, n, false)?;
     }
@@ -499,10 +499,10 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
 const LATE_JOIN_RULE_PREF: &str = "100";
 
 /// `opts.join_late` as (node, seconds), sorted by time: each name a destination's.
-fn late_joiners(topo: &Topology, opts: &RunOptions) -> Result<Vec<(usize, f64)>> {
+fn late_joiners(bed: &Testbed, topo: &Topology, opts: &RunOptions) -> Result<Vec<(usize, f64)>> {
     let mut late = Vec::new();
     for (name, at_s) in &opts.join_late {
-        let Some(n) = topo.nodes.iter().position(|n| &n.name == name) else {
+        let Some(n) = bed.node_index(name) else {
             bail!("--join-late {name}: {} has no node of that name", topo.name);
         };
         if !topo.destinations().contains(&n) {
