@@ -713,6 +713,7 @@ fn a_forged_welcome_from_a_token_holder_is_ignored() {
             manifest: fake_manifest,
             members: Vec::new(),
             relay: true,
+            hash_ahead: None,
         };
         ctl.send(&welcome).await.unwrap();
         ctl.send(&Msg::SwarmDone).await.unwrap();

@@ -114,6 +114,7 @@ fn a_manifest_naming_a_path_outside_the_tree_is_refused_and_nothing_written() {
             manifest,
             members: Vec::new(),
             relay: true,
+            hash_ahead: None,
         };
         let mut frame = welcome.encode();
         let at = frame.windows(4).position(|w| w == b"zzzz")?;

@@ -25,8 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{
     storage::{ChunkStore, StorageError},
     transport::{self, Control, TransportError, CLOSE_DONE, CLOSE_PROTOCOL},
-    wire::Msg,
-    wire::MAX_QUEUED_CHUNKS,
+    wire::{hashes_msgs, Msg, MAX_QUEUED_CHUNKS},
 };
 
 /// A member that has not answered dials for this long is reported unreachable (and routed
@@ -543,6 +542,7 @@ impl Conn {
             let _ = control.send(m);
         }
         let (serve, serve_rx) = ServeQueue::new();
+        let mut hashes_given = false;
         let cancelled: Arc<Mutex<Cancels>> = Arc::default();
         let mut halves = tokio::task::JoinSet::new();
         // Writer: frames from `control` onto the control stream, in order.
@@ -562,6 +562,7 @@ impl Conn {
         if self.dialed {
             halves.spawn(self.receiving_half());
         }
+        let replies = control.clone();
         self.ctx.report(ConnEvent::Up(ConnHandle {
             key: self.key,
             peer: self.peer,
@@ -575,7 +576,7 @@ impl Conn {
             tokio::select! {
                 batch = ctl_recv.recv_batch() => match batch {
                     Ok(Some(msgs)) => {
-                        if let Err(why) = msgs.into_iter().try_for_each(|m| self.on_msg(m, &serve, &cancelled)) {
+                        if let Err(why) = msgs.into_iter().try_for_each(|m| self.on_msg(m, &serve, &cancelled, &replies, &mut hashes_given)) {
                             self.conn.close(VarInt::from_u32(CLOSE_PROTOCOL), why.as_bytes());
                             break (why.to_string(), true);
                         }
@@ -608,14 +609,17 @@ impl Conn {
         });
     }
 
-    /// Requests and cancels are served here, in arrival order; the rest goes to the role.
-    /// A request no scheduler makes (a chunk the file does not have, more outstanding than
-    /// [`MAX_QUEUED_CHUNKS`]) is an error: the connection is closed.
+    /// Requests, cancels and asks for hashes are served here, in arrival order (replies on
+    /// `replies`); the rest goes to the role. A request no scheduler makes (a chunk the
+    /// file does not have, more outstanding than [`MAX_QUEUED_CHUNKS`]) is an error: the
+    /// connection is closed.
     fn on_msg(
         &self,
         msg: Msg,
         serve: &ServeQueue,
         cancelled: &Mutex<Cancels>,
+        replies: &mpsc::UnboundedSender<Msg>,
+        hashes_given: &mut bool,
     ) -> Result<(), &'static str> {
         match msg {
             Msg::Request { chunks } => {
@@ -633,6 +637,18 @@ impl Conn {
                 }
             }
             Msg::Cancel { chunk } => cancelled.lock().unwrap().cancel(chunk),
+            // Once per connection (32 bytes a chunk: a peer asking again is flooding), and
+            // only with every hash here (a part could not be checked against the file's).
+            Msg::AskHashes => {
+                let store = self.ctx.store.get().filter(|_| !*hashes_given);
+                if let Some((store, file_hash)) = store.and_then(|s| Some((s, s.file_hash()?))) {
+                    *hashes_given = true;
+                    let hashes = store.hashes(0, store.known());
+                    for msg in hashes_msgs(0, &hashes, Some(file_hash)) {
+                        let _ = replies.send(msg);
+                    }
+                }
+            }
             msg => {
                 self.ctx.report(ConnEvent::Msg { key: self.key, msg });
             }

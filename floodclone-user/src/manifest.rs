@@ -235,6 +235,42 @@ impl Manifest {
     }
 }
 
+/// What the chunk hashes a neighbour gave add up to so far ([`gather_offered`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Offered {
+    /// More are to come.
+    Partial,
+    /// Every chunk's hash, making up the file's hash the source sent ahead.
+    Whole,
+    /// Out of order, past the end, or not the file's: refused.
+    Refused,
+}
+
+/// Adds chunk hashes `first..` a neighbour gave (the file's hash with the last of them)
+/// to those it gave before (`gathered`, from chunk 0 on). They are kept only whole and
+/// making up `ahead`, the file's hash from the source: a token holder may lie.
+pub fn gather_offered(
+    gathered: &mut Vec<[u8; 32]>,
+    first: u32,
+    hashes: &[[u8; 32]],
+    file_hash: Option<[u8; 32]>,
+    ahead: [u8; 32],
+    chunk_count: u32,
+) -> Offered {
+    let count = chunk_count as usize;
+    if first as usize != gathered.len() || gathered.len() + hashes.len() > count {
+        return Offered::Refused;
+    }
+    gathered.extend_from_slice(hashes);
+    match file_hash {
+        None => Offered::Partial,
+        Some(f) if f == ahead && gathered.len() == count && root_of(gathered) == ahead => {
+            Offered::Whole
+        }
+        Some(_) => Offered::Refused,
+    }
+}
+
 /// Reads a file's (or a tree's) chunks in order and hashes each once: the source's one
 /// pass over it.
 pub struct ChunkHasher {
@@ -494,6 +530,52 @@ mod tests {
         assert_eq!(Some(own.seal().unwrap()), whole.file_hash);
         assert_eq!(own, whole);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_neighbours_hashes_are_kept_only_whole_and_making_up_the_files_hash() {
+        let hashes: Vec<[u8; 32]> = (0..5u8).map(|i| [i; 32]).collect();
+        let ahead = root_of(&hashes);
+        // In two pieces, the file's hash with the last: whole.
+        let mut g = Vec::new();
+        assert_eq!(
+            gather_offered(&mut g, 0, &hashes[..3], None, ahead, 5),
+            Offered::Partial
+        );
+        assert_eq!(
+            gather_offered(&mut g, 3, &hashes[3..], Some(ahead), ahead, 5),
+            Offered::Whole
+        );
+        assert_eq!(g, hashes);
+        // One hash changed, with the true file's hash or a matching forged one: refused.
+        let mut forged = hashes.clone();
+        forged[2] = [9; 32];
+        let mut g = Vec::new();
+        let refused = gather_offered(&mut g, 0, &forged, Some(ahead), ahead, 5);
+        assert_eq!(refused, Offered::Refused);
+        let mut g = Vec::new();
+        let own = root_of(&forged);
+        assert_eq!(
+            gather_offered(&mut g, 0, &forged, Some(own), ahead, 5),
+            Offered::Refused
+        );
+        // A gap, too many, or the file's hash before every chunk's: refused.
+        let mut g = Vec::new();
+        assert_eq!(
+            gather_offered(&mut g, 1, &hashes[1..], Some(ahead), ahead, 5),
+            Offered::Refused
+        );
+        let mut g = Vec::new();
+        let six = [hashes.clone(), vec![[7; 32]]].concat();
+        assert_eq!(
+            gather_offered(&mut g, 0, &six, Some(ahead), ahead, 5),
+            Offered::Refused
+        );
+        let mut g = Vec::new();
+        assert_eq!(
+            gather_offered(&mut g, 0, &hashes[..4], Some(ahead), ahead, 5),
+            Offered::Refused
+        );
     }
 
     #[test]

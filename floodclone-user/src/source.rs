@@ -35,7 +35,7 @@ use crate::{
     storage::ChunkStore,
     trace,
     transport::{self, CLOSE_DONE, CLOSE_NOT_MEMBER},
-    wire::{Member, Msg, RouteView, MAX_HASHES_PER_MSG},
+    wire::{hashes_msgs, Member, Msg, RouteView},
 };
 
 /// The source hands out no fresh chunk until every member it welcomed at the start has
@@ -613,16 +613,32 @@ impl Source {
         let Some(store) = node.ctx.store.get() else {
             return false;
         };
+        // Once the whole file is hashed, its hash goes ahead of the chunk hashes (see
+        // `Msg::Welcome`): they follow on the same stream, and a neighbour may give them
+        // first.
+        let hash_ahead = store.file_hash().filter(|_| self.file_hash_announced);
+        let sent = if hash_ahead.is_some() {
+            0
+        } else {
+            self.announced
+        };
         c.send(Msg::Welcome {
             you: id,
-            manifest: store.manifest(self.announced),
+            manifest: store.manifest(sent),
             members: self.members.clone(),
             relay: self.relay,
+            hash_ahead,
         });
         // Every chunk: a destination asks only for those whose hashes it has.
         c.send(Msg::Bitfield {
             bits: ChunkSet::full(self.layout.chunk_count()).to_bytes(),
         });
+        if hash_ahead.is_some() {
+            let hashes = store.hashes(0, self.layout.chunk_count());
+            for msg in hashes_msgs(0, &hashes, hash_ahead) {
+                c.send(msg);
+            }
+        }
         true
     }
 
@@ -637,18 +653,15 @@ impl Source {
         let count = self.layout.chunk_count();
         // The file's hash goes with the last chunk hashes (alone for an empty file).
         let complete = store.file_hash().is_some();
-        while self.announced < known || (complete && !self.file_hash_announced) {
-            let to = known.min(self.announced + MAX_HASHES_PER_MSG as u32);
-            let file_hash = store.file_hash().filter(|_| to == count);
-            let msg = Msg::Hashes {
-                first: self.announced,
-                hashes: store.hashes(self.announced, to),
-                file_hash,
-            };
-            for c in node.conns.iter().filter(|c| !c.dialed && c.peer.is_some()) {
-                c.send(msg.clone());
+        if self.announced < known || (complete && !self.file_hash_announced) {
+            let file_hash = store.file_hash().filter(|_| known == count);
+            let hashes = store.hashes(self.announced, known);
+            for msg in hashes_msgs(self.announced, &hashes, file_hash) {
+                for c in node.conns.iter().filter(|c| !c.dialed && c.peer.is_some()) {
+                    c.send(msg.clone());
+                }
             }
-            self.announced = to;
+            self.announced = known;
             self.file_hash_announced |= file_hash.is_some();
         }
         if let Some(b3) = store

@@ -73,11 +73,18 @@ pub enum Msg {
     /// Source -> destination: your member id, the manifest (the chunk hashes the source has
     /// so far; [`Msg::Hashes`] brings the rest), the members, and whether destinations
     /// relay (false: the "direct" baseline, everyone pulls from the source).
+    ///
+    /// Once the source has hashed the whole file, the manifest carries no chunk hashes and
+    /// `hash_ahead` is the file's hash: the Welcome is a packet or two, not 32 bytes per
+    /// chunk, so it gets through a path whose queues turn most packets away; the chunk
+    /// hashes follow ([`Msg::Hashes`]) and any neighbour may give them sooner
+    /// ([`Msg::AskHashes`]), checked against this hash.
     Welcome {
         you: MemberId,
         manifest: Manifest,
         members: Vec<Member>,
         relay: bool,
+        hash_ahead: Option<[u8; 32]>,
     },
     /// Source -> destination: the member list changed.
     Members { members: Vec<Member> },
@@ -154,6 +161,25 @@ pub enum Msg {
         hashes: Vec<[u8; 32]>,
         file_hash: Option<[u8; 32]>,
     },
+    /// Puller -> a neighbour it dialed: send me every chunk hash and the file's hash, as
+    /// [`Msg::Hashes`] from chunk 0 (answered once per connection, by a member that has
+    /// them all). What comes back is kept only if it makes up the file's hash the source
+    /// sent ahead (`Welcome::hash_ahead`).
+    AskHashes,
+}
+
+/// `hashes` (of chunks `first..`) as [`Msg::Hashes`] of at most [`MAX_HASHES_PER_MSG`]
+/// each, the file's hash with the last (alone, for an empty file).
+pub fn hashes_msgs(first: ChunkId, hashes: &[[u8; 32]], file_hash: Option<[u8; 32]>) -> Vec<Msg> {
+    let pieces: Vec<&[[u8; 32]]> = hashes.chunks(MAX_HASHES_PER_MSG).collect();
+    let n = pieces.len().max(1);
+    (0..n)
+        .map(|i| Msg::Hashes {
+            first: first + (i * MAX_HASHES_PER_MSG) as ChunkId,
+            hashes: pieces.get(i).map_or_else(Vec::new, |p| p.to_vec()),
+            file_hash: file_hash.filter(|_| i == n - 1),
+        })
+        .collect()
 }
 
 /// Most chunk hashes in one [`Msg::Hashes`] (128 KiB of them).
@@ -351,6 +377,12 @@ impl<'a> Reader<'a> {
             }
             _ => return Err(WireError::Invalid("tree flag")),
         };
+        let hash_ahead = self.file_hash()?;
+        if hash_ahead.is_some() && file_hash.is_some() {
+            return Err(WireError::Invalid(
+                "a file's hash both ahead and in the manifest",
+            ));
+        }
         let manifest = Manifest {
             size,
             chunk_bytes,
@@ -367,6 +399,7 @@ impl<'a> Reader<'a> {
             manifest,
             members,
             relay,
+            hash_ahead,
         })
     }
     /// A View's routes.
@@ -445,6 +478,7 @@ impl Msg {
             Msg::IAm { .. } => 27,
             Msg::FetchingBeyond { .. } => 28,
             Msg::Hashes { .. } => 29,
+            Msg::AskHashes => 30,
         }
     }
 
@@ -464,6 +498,7 @@ impl Msg {
                 manifest,
                 members,
                 relay,
+                hash_ahead,
             } => {
                 w.u16(*you);
                 w.u8(*relay as u8);
@@ -480,6 +515,7 @@ impl Msg {
                 } else {
                     w.u8(0);
                 }
+                w.file_hash(hash_ahead);
             }
             Msg::Hashes {
                 first,
@@ -529,7 +565,7 @@ impl Msg {
                 w.0.extend_from_slice(nonce)
             }
             Msg::IAm { id } => w.u16(*id),
-            Msg::SwarmDone | Msg::WhoAreYou => {}
+            Msg::SwarmDone | Msg::WhoAreYou | Msg::AskHashes => {}
         }
         let len = (w.0.len() - 4) as u32;
         w.0[..4].copy_from_slice(&len.to_be_bytes());
@@ -613,6 +649,7 @@ impl Msg {
                     file_hash: r.file_hash()?,
                 }
             }
+            30 => Msg::AskHashes,
             t => return Err(WireError::UnknownType(t)),
         };
         if !r.0.is_empty() {
@@ -717,6 +754,39 @@ mod tests {
         }
     }
 
+    #[test]
+    fn hashes_go_in_pieces_with_the_file_hash_last() {
+        let hashes = vec![[3; 32]; MAX_HASHES_PER_MSG + 5];
+        let msgs = hashes_msgs(2, &hashes, Some([9; 32]));
+        let pieces: Vec<_> = msgs
+            .iter()
+            .map(|m| match m {
+                Msg::Hashes {
+                    first,
+                    hashes,
+                    file_hash,
+                } => (*first, hashes.len(), file_hash.is_some()),
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(
+            pieces,
+            vec![
+                (2, MAX_HASHES_PER_MSG, false),
+                (2 + MAX_HASHES_PER_MSG as u32, 5, true)
+            ]
+        );
+        // An empty file: its hash alone.
+        assert_eq!(
+            hashes_msgs(0, &[], Some([9; 32])),
+            vec![Msg::Hashes {
+                first: 0,
+                hashes: vec![],
+                file_hash: Some([9; 32])
+            }]
+        );
+    }
+
     fn samples() -> Vec<Msg> {
         let manifest = Manifest {
             size: 5000,
@@ -761,18 +831,28 @@ mod tests {
                 manifest: manifest.prefix(1),
                 members: vec![member.clone()],
                 relay: false,
+                hash_ahead: None,
             },
             Msg::Welcome {
                 you: 1,
-                manifest,
+                manifest: manifest.clone(),
                 members: vec![member.clone(), v6_member],
                 relay: true,
+                hash_ahead: None,
+            },
+            Msg::Welcome {
+                you: 3,
+                manifest: manifest.prefix(0),
+                members: vec![member.clone()],
+                relay: true,
+                hash_ahead: manifest.file_hash,
             },
             Msg::Welcome {
                 you: 2,
                 manifest: tree_manifest,
                 members: vec![member.clone()],
                 relay: true,
+                hash_ahead: None,
             },
             Msg::Members {
                 members: vec![member],
@@ -832,6 +912,7 @@ mod tests {
                 hashes: vec![[6; 32]],
                 file_hash: Some([7; 32]),
             },
+            Msg::AskHashes,
             Msg::SourceDistance { hops: 3 },
             Msg::TracePaths { to: vec![2, 5] },
             Msg::PathsTraced {

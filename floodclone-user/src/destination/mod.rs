@@ -32,7 +32,7 @@ use crate::{
     conn::{ChunkOutcome, ConnEvent, ConnKey, ShortLived},
     discovery::Routes,
     events::{Event, Progress, SwarmDone},
-    manifest::{self, Manifest},
+    manifest::{self, Manifest, Offered},
     node::{self, Node, NodeError, NodeOptions, Role, Step},
     progress::{self, FeederRates, RateTracker},
     storage::{self, ChunkStore, StorageError},
@@ -103,6 +103,7 @@ struct HeldWelcome {
     manifest: Manifest,
     members: Vec<Member>,
     relay: bool,
+    hash_ahead: Option<[u8; 32]>,
 }
 
 /// The destination's state.
@@ -137,6 +138,11 @@ struct Destination {
     resumed_chunks: u32,
     /// A Welcome held until its manifest is complete (see [`Destination::on_welcome`]).
     held_welcome: Option<HeldWelcome>,
+    /// The file's hash the source sent ahead of its chunk hashes (`Msg::Welcome`): chunk
+    /// hashes a neighbour gives are kept if they make it up.
+    hash_ahead: Option<[u8; 32]>,
+    /// Chunk hashes neighbours are giving (from chunk 0), until the file's hash comes.
+    offered_hashes: HashMap<MemberId, Vec<[u8; 32]>>,
     /// Seconds from start until the copy was verified.
     complete: Option<f64>,
     finalizing: bool,
@@ -342,6 +348,8 @@ impl Destination {
             source_lost_at: None,
             resumed_chunks: 0,
             held_welcome: None,
+            hash_ahead: None,
+            offered_hashes: HashMap::new(),
             complete: None,
             finalizing: false,
             rediscover_needed: false,
@@ -418,6 +426,15 @@ impl Destination {
             {
                 return self.on_source_msg(node, msg)
             }
+            Msg::Hashes {
+                first,
+                hashes,
+                file_hash,
+            } => {
+                if let Some(p) = pulled_over {
+                    self.on_offered_hashes(node, p, first, hashes, file_hash);
+                }
+            }
             Msg::Bitfield { .. }
             | Msg::Have { .. }
             | Msg::Fetching { .. }
@@ -459,6 +476,7 @@ impl Destination {
                 manifest,
                 members,
                 relay,
+                hash_ahead,
             } => {
                 tracing::debug!(at_ms = (node.now() * 1e3) as u64, "welcome received");
                 return self.on_welcome(
@@ -468,6 +486,7 @@ impl Destination {
                         manifest,
                         members,
                         relay,
+                        hash_ahead,
                     },
                 );
             }
@@ -651,7 +670,74 @@ impl Destination {
         let _ = self.gateway_checks.drop_refuted(&mut self.members);
         self.answer_who_asked(node);
         self.rediscover_needed = true;
+        self.hash_ahead = welcome.hash_ahead;
+        if self.lacks_hashes(node) {
+            for c in node.conns.iter() {
+                if c.dialed && c.peer.is_some_and(|p| p != SOURCE) {
+                    c.send(Msg::AskHashes);
+                }
+            }
+        }
         Step::Continue
+    }
+
+    /// Whether chunk hashes are still missing that a neighbour could give (the source sent
+    /// the file's hash ahead of them).
+    fn lacks_hashes(&self, node: &Node) -> bool {
+        let store = node.ctx.store.get();
+        self.hash_ahead.is_some() && store.is_some_and(|s| s.file_hash().is_none())
+    }
+
+    /// Chunk hashes from neighbour `from` (answering our [`Msg::AskHashes`]): gathered
+    /// from chunk 0 on, and kept once the file's hash they come with is the one the source
+    /// sent ahead and they make it up. A neighbour that gives others is refused as a liar
+    /// (the source's own follow anyway).
+    fn on_offered_hashes(
+        &mut self,
+        node: &mut Node,
+        from: MemberId,
+        first: ChunkId,
+        hashes: Vec<[u8; 32]>,
+        file_hash: Option<[u8; 32]>,
+    ) {
+        let (Some(ahead), Some(store)) = (self.hash_ahead, node.ctx.store.get().cloned()) else {
+            return;
+        };
+        if store.file_hash().is_some() {
+            self.offered_hashes.clear();
+            return;
+        }
+        let count = store.layout().chunk_count();
+        let gathered = self.offered_hashes.entry(from).or_default();
+        match manifest::gather_offered(gathered, first, &hashes, file_hash, ahead, count) {
+            Offered::Partial => return,
+            Offered::Refused => {
+                self.offered_hashes.remove(&from);
+                tracing::warn!(
+                    "{} gave chunk hashes that do not make up the file's hash: refused",
+                    member_name(&self.members, from)
+                );
+                if let Some(c) = node.conns.dialed_to(from) {
+                    c.close(CLOSE_PROTOCOL, b"chunk hashes that do not make up the file");
+                }
+                return;
+            }
+            Offered::Whole => {}
+        }
+        let offered = self.offered_hashes.remove(&from).unwrap_or_default();
+        if let Err(e) = store.add_hashes(0, &offered, Some(ahead)) {
+            tracing::warn!("chunk hashes from a neighbour refused: {e}");
+            return;
+        }
+        tracing::debug!(
+            from = member_name(&self.members, from),
+            at_ms = (node.now() * 1e3) as u64,
+            "chunk hashes from a neighbour"
+        );
+        let _ = store.save_state();
+        if let Some(pl) = self.puller.as_mut() {
+            pl.set_verifiable(store.known());
+        }
     }
 
     /// More chunk hashes from the source: those chunks can be pulled now.
