@@ -615,8 +615,11 @@ impl Source {
         };
         // Once the whole file is hashed, its hash goes ahead of the chunk hashes (see
         // `Msg::Welcome`): they follow on the same stream, and a neighbour may give them
-        // first.
-        let hash_ahead = store.file_hash().filter(|_| self.file_hash_announced);
+        // first. An empty file has none: its manifest is whole as it is.
+        let count = self.layout.chunk_count();
+        let hash_ahead = store
+            .file_hash()
+            .filter(|_| self.file_hash_announced && count > 0);
         let sent = if hash_ahead.is_some() {
             0
         } else {
@@ -631,10 +634,10 @@ impl Source {
         });
         // Every chunk: a destination asks only for those whose hashes it has.
         c.send(Msg::Bitfield {
-            bits: ChunkSet::full(self.layout.chunk_count()).to_bytes(),
+            bits: ChunkSet::full(count).to_bytes(),
         });
         if hash_ahead.is_some() {
-            let hashes = store.hashes(0, self.layout.chunk_count());
+            let hashes = store.hashes(0, count);
             for msg in hashes_msgs(0, &hashes, hash_ahead) {
                 c.send(msg);
             }
