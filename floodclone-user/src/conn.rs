@@ -28,6 +28,17 @@ use crate::{
     wire::{hashes_msgs, Msg, MAX_QUEUED_CHUNKS},
 };
 
+/// Every chunk hash of `store` and the file's, as [`Msg::Hashes`] from chunk 0; `None`
+/// until the file's hash is known (a part could not be checked against it).
+pub fn every_hash(store: &ChunkStore) -> Option<Vec<Msg>> {
+    let file_hash = store.file_hash()?;
+    Some(hashes_msgs(
+        0,
+        &store.hashes(0, store.known()),
+        Some(file_hash),
+    ))
+}
+
 /// A member that has not answered dials for this long is reported unreachable (and routed
 /// around until it answers; it is still dialed).
 const UNREACHABLE_AFTER: Duration = Duration::from_secs(5);
@@ -641,10 +652,9 @@ impl Conn {
             // only with every hash here (a part could not be checked against the file's).
             Msg::AskHashes => {
                 let store = self.ctx.store.get().filter(|_| !*hashes_given);
-                if let Some((store, file_hash)) = store.and_then(|s| Some((s, s.file_hash()?))) {
+                if let Some(msgs) = store.and_then(|s| every_hash(s)) {
                     *hashes_given = true;
-                    let hashes = store.hashes(0, store.known());
-                    for msg in hashes_msgs(0, &hashes, Some(file_hash)) {
+                    for msg in msgs {
                         let _ = replies.send(msg);
                     }
                 }

@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use crate::{
     api::SendOptions,
     claims::{self, ClaimedJoin, JoinProofs},
-    conn::{ConnEvent, ConnKey, ShortLived},
+    conn::{self, ConnEvent, ConnKey, ShortLived},
     discovery::{self, RouteLookup, Routes},
     events::{DestProgress, DestResult, DestState, Event, Progress, Route, TxBytesByIface},
     manifest::{self, ChunkHasher, Manifest, ManifestError},
@@ -617,9 +617,9 @@ impl Source {
         // `Msg::Welcome`): they follow on the same stream, and a neighbour may give them
         // first. An empty file has none: its manifest is whole as it is.
         let count = self.layout.chunk_count();
-        let hash_ahead = store
-            .file_hash()
-            .filter(|_| self.file_hash_announced && count > 0);
+        let hashes_after =
+            conn::every_hash(store).filter(|_| self.file_hash_announced && count > 0);
+        let hash_ahead = hashes_after.as_ref().and(store.file_hash());
         let sent = if hash_ahead.is_some() {
             0
         } else {
@@ -636,11 +636,8 @@ impl Source {
         c.send(Msg::Bitfield {
             bits: ChunkSet::full(count).to_bytes(),
         });
-        if hash_ahead.is_some() {
-            let hashes = store.hashes(0, count);
-            for msg in hashes_msgs(0, &hashes, hash_ahead) {
-                c.send(msg);
-            }
+        for msg in hashes_after.into_iter().flatten() {
+            c.send(msg);
         }
         true
     }

@@ -29,7 +29,7 @@ use neighbours::with_source_addr;
 use crate::{
     api::RecvOptions,
     claims::{GatewayChecks, CHECK_TIMEOUT},
-    conn::{ChunkOutcome, ConnEvent, ConnKey, ShortLived},
+    conn::{ChunkOutcome, ConnEvent, ConnHandle, ConnKey, ShortLived},
     discovery::Routes,
     events::{Event, Progress, SwarmDone},
     manifest::{self, Manifest, Offered},
@@ -671,21 +671,20 @@ impl Destination {
         self.answer_who_asked(node);
         self.rediscover_needed = true;
         self.hash_ahead = welcome.hash_ahead;
-        if self.lacks_hashes(node) {
-            for c in node.conns.iter() {
-                if c.dialed && c.peer.is_some_and(|p| p != SOURCE) {
-                    c.send(Msg::AskHashes);
-                }
-            }
+        for c in node.conns.iter() {
+            self.ask_for_hashes(node, c);
         }
         Step::Continue
     }
 
-    /// Whether chunk hashes are still missing that a neighbour could give (the source sent
-    /// the file's hash ahead of them).
-    fn lacks_hashes(&self, node: &Node) -> bool {
+    /// Asks the neighbour at the far end of `c`, a connection we pull over, for the chunk
+    /// hashes while they are missing and the source sent the file's hash ahead of them.
+    fn ask_for_hashes(&self, node: &Node, c: &ConnHandle) {
         let store = node.ctx.store.get();
-        self.hash_ahead.is_some() && store.is_some_and(|s| s.file_hash().is_none())
+        let lacking = self.hash_ahead.is_some() && store.is_some_and(|s| s.file_hash().is_none());
+        if lacking && c.dialed && c.peer.is_some_and(|p| p != SOURCE) {
+            c.send(Msg::AskHashes);
+        }
     }
 
     /// Chunk hashes from neighbour `from` (answering our [`Msg::AskHashes`]): gathered

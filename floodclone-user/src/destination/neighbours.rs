@@ -125,9 +125,7 @@ impl Destination {
         if let Some(hops) = self.source_hops {
             handle.send(Msg::SourceDistance { hops });
         }
-        if dialed && peer.is_some_and(|p| p != SOURCE) && self.lacks_hashes(node) {
-            handle.send(Msg::AskHashes);
-        }
+        self.ask_for_hashes(node, &handle);
         if dialed && peer == Some(SOURCE) {
             self.source_lost_at = None;
             // A restarted source must hear again that we are done.
