@@ -727,6 +727,52 @@ fn a_forged_welcome_from_a_token_holder_is_ignored() {
 }
 
 #[test]
+fn chunk_hashes_forged_by_a_neighbour_are_refused() {
+    if !root_or_skip("chunk_hashes_forged_by_a_neighbour_are_refused") {
+        return;
+    }
+    // A late member gets the file's hash in its Welcome and asks the neighbours it dials
+    // for the chunk hashes. d1 (holding the token, and the file) answers with altered
+    // ones; d2 must refuse them and finish with the source's. The source's own hashes
+    // (512 of 4 KiB chunks: 16 KB) cross the 2 Mbit/s link s-d1 after the Welcome, so
+    // d1's answer, 100 Mbit/s from d2, comes first.
+    let scratch = Scratch::new("forged-hashes");
+    let src = scratch.0.join("src");
+    write_test_file(&src, 2 * MIB, 24).unwrap();
+    let topo = Topology::parse(
+        "late-member",
+        r#"node = [{name="s",role="source"},{name="d1",role="dest"},{name="d2",role="dest"}]
+           link = [{a="s",b="d1",mbit=2},{a="d1",b="d2",mbit=100}]"#,
+    )
+    .unwrap();
+    let mut bed = Testbed::up(&topo).unwrap();
+    let out = |i: usize| scratch.0.join(format!("d{i}.out"));
+    let mut send_cmd = send_args(&src, 1..=2);
+    send_cmd.extend(strings(&["--chunk-size", "4KiB"]));
+    let send = start(&mut bed, 0, &send_cmd, &scratch.0);
+    let liar = start(
+        &mut bed,
+        1,
+        &recv_args(0, &out(1), &["--forge-given-hashes"]),
+        &scratch.0,
+    );
+    liar.expect_complete("d1", 60.0);
+    let late = start(&mut bed, 2, &recv_args(0, &out(2), &[]), &scratch.0);
+    late.expect_complete("d2", 60.0);
+    assert!(send.wait_exit(&mut bed, 30.0).is_some_and(|s| s.success()));
+    assert_copies(&src, (1..=2).map(out));
+    let said = late.stderr_text();
+    eprintln!("d2 said: {said}");
+    // Refused once: a liar is not asked again (each connection to it would get a new
+    // answer: d2 once redialled d1 and refused it again every 2 ms until the source's
+    // hashes came).
+    let refusals = said
+        .matches("gave chunk hashes that do not make up the file's hash: refused")
+        .count();
+    assert_eq!(refusals, 1, "d2 refused d1's hashes {refusals} times");
+}
+
+#[test]
 fn recv_expect_refuses_any_other_file() {
     if !root_or_skip("recv_expect_refuses_any_other_file") {
         return;

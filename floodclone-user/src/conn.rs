@@ -104,6 +104,9 @@ pub enum Misbehaviour {
     /// Announces what it holds as usual and sends nothing it is asked for: peers must
     /// fetch elsewhere.
     WithholdServed,
+    /// Answers [`Msg::AskHashes`] with every chunk hash altered (the file's hash kept):
+    /// askers must refuse the list and get the hashes elsewhere.
+    ForgeGivenHashes,
 }
 
 /// What every connection of a node shares.
@@ -654,7 +657,12 @@ impl Conn {
                 let store = self.ctx.store.get().filter(|_| !*hashes_given);
                 if let Some(msgs) = store.and_then(|s| every_hash(s)) {
                     *hashes_given = true;
-                    for msg in msgs {
+                    for mut msg in msgs {
+                        if let (Misbehaviour::ForgeGivenHashes, Msg::Hashes { hashes, .. }) =
+                            (self.ctx.misbehaviour, &mut msg)
+                        {
+                            hashes.iter_mut().for_each(|h| h[0] ^= 1);
+                        }
                         let _ = replies.send(msg);
                     }
                 }

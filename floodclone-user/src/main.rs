@@ -55,6 +55,10 @@ struct NodeArgs {
     /// elsewhere).
     #[arg(long, hide = true, conflicts_with = "corrupt_served_chunks")]
     withhold_served_chunks: bool,
+    /// Testing only: answer a neighbour asking for the chunk hashes with altered ones
+    /// (it must refuse them).
+    #[arg(long, hide = true, conflicts_with_all = ["corrupt_served_chunks", "withhold_served_chunks"])]
+    forge_given_hashes: bool,
     /// Congestion controller of this node's connections: veno (additive increase, a cut
     /// to 85% on a loss with a queue behind it, none on a random one), reno (a cut on
     /// every loss) or bbr (quinn's BBR v1; unfair where paths are shared).
@@ -335,9 +339,14 @@ impl NodeArgs {
             metrics: self.metrics,
             link_stats: true,
             output: OutputMode::Print { json: self.json },
-            misbehaviour: match (self.corrupt_served_chunks, self.withhold_served_chunks) {
-                (true, _) => Misbehaviour::CorruptServed,
-                (_, true) => Misbehaviour::WithholdServed,
+            misbehaviour: match (
+                self.corrupt_served_chunks,
+                self.withhold_served_chunks,
+                self.forge_given_hashes,
+            ) {
+                (true, _, _) => Misbehaviour::CorruptServed,
+                (_, true, _) => Misbehaviour::WithholdServed,
+                (_, _, true) => Misbehaviour::ForgeGivenHashes,
                 _ => Misbehaviour::None,
             },
             ..Swarm::new(token)

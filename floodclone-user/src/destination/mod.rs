@@ -143,6 +143,9 @@ struct Destination {
     hash_ahead: Option<[u8; 32]>,
     /// Chunk hashes neighbours are giving (from chunk 0), until the file's hash comes.
     offered_hashes: HashMap<MemberId, Vec<[u8; 32]>>,
+    /// Neighbours that gave chunk hashes not making up the file's: not asked again (each
+    /// new connection to one would get a new answer, and another refusal).
+    hash_liars: HashSet<MemberId>,
     /// Seconds from start until the copy was verified.
     complete: Option<f64>,
     finalizing: bool,
@@ -350,6 +353,7 @@ impl Destination {
             held_welcome: None,
             hash_ahead: None,
             offered_hashes: HashMap::new(),
+            hash_liars: HashSet::new(),
             complete: None,
             finalizing: false,
             rediscover_needed: false,
@@ -682,7 +686,10 @@ impl Destination {
     fn ask_for_hashes(&self, node: &Node, c: &ConnHandle) {
         let store = node.ctx.store.get();
         let lacking = self.hash_ahead.is_some() && store.is_some_and(|s| s.file_hash().is_none());
-        if lacking && c.dialed && c.peer.is_some_and(|p| p != SOURCE) {
+        let askable = c
+            .peer
+            .is_some_and(|p| p != SOURCE && !self.hash_liars.contains(&p));
+        if lacking && c.dialed && askable {
             c.send(Msg::AskHashes);
         }
     }
@@ -690,7 +697,8 @@ impl Destination {
     /// Chunk hashes from neighbour `from` (answering our [`Msg::AskHashes`]): gathered
     /// from chunk 0 on, and kept once the file's hash they come with is the one the source
     /// sent ahead and they make it up. A neighbour that gives others is refused as a liar
-    /// (the source's own follow anyway).
+    /// and not asked again (the source's own follow anyway); its chunks are still
+    /// welcome, checked against the hashes we keep.
     fn on_offered_hashes(
         &mut self,
         node: &mut Node,
@@ -712,6 +720,7 @@ impl Destination {
             Offered::Partial => return,
             Offered::Refused => {
                 self.offered_hashes.remove(&from);
+                self.hash_liars.insert(from);
                 tracing::warn!(
                     "{} gave chunk hashes that do not make up the file's hash: refused",
                     member_name(&self.members, from)
