@@ -134,7 +134,8 @@ impl Manifest {
 
     /// Adds the hashes of chunks `first..` (and the file's, with the last of them). Hashes
     /// already known must be repeated exactly; none may be skipped. Returns whether the
-    /// manifest became complete.
+    /// manifest became complete. What it refuses leaves the manifest as it was (a
+    /// neighbour's forged list must not stay in it).
     pub fn extend(
         &mut self,
         first: u32,
@@ -146,27 +147,28 @@ impl Manifest {
                 "chunk hashes skipped or past the end",
             ));
         }
-        for (c, h) in (first as usize..).zip(hashes) {
-            match self.chunk_hashes.get(c) {
-                Some(known) if known != h => {
-                    return Err(ManifestError::Inconsistent("a chunk's hash changed"))
-                }
-                Some(_) => {}
-                None => self.chunk_hashes.push(*h),
-            }
+        let known = self.chunk_hashes.len();
+        let repeated = (known - first as usize).min(hashes.len());
+        if self.chunk_hashes[first as usize..][..repeated] != hashes[..repeated] {
+            return Err(ManifestError::Inconsistent("a chunk's hash changed"));
         }
+        if self
+            .file_hash
+            .is_some_and(|old| file_hash.is_some_and(|f| f != old))
+        {
+            return Err(ManifestError::Inconsistent("the file's hash changed"));
+        }
+        self.chunk_hashes.extend_from_slice(&hashes[repeated..]);
         let Some(f) = file_hash else {
             return Ok(false);
         };
         if self.known() != self.chunk_count() || root_of(&self.chunk_hashes) != f {
+            self.chunk_hashes.truncate(known);
             return Err(ManifestError::Inconsistent(
                 "the chunk hashes do not make up the file's hash",
             ));
         }
-        match self.file_hash.replace(f) {
-            Some(old) if old != f => Err(ManifestError::Inconsistent("the file's hash changed")),
-            old => Ok(old.is_none()),
-        }
+        Ok(self.file_hash.replace(f).is_none())
     }
 
     /// The file's hash from its chunk hashes, once all of them are here: the source's own,
@@ -514,11 +516,16 @@ mod tests {
         assert!(m.verify_chunk(1, &data[4096..8192]));
         assert!(!m.verify_chunk(2, &data[8192..12288]));
         // A gap, a changed hash, or a file hash the chunks do not make are refused.
+        // Each leaves the manifest as it was.
+        let before = m.clone();
         assert!(m.extend(3, &h[3..4], None).is_err());
         assert!(m.extend(1, &[[0; 32]], None).is_err());
         assert!(m.extend(2, &h[2..], Some([7; 32])).is_err());
+        let mut forged = h[2..].to_vec();
+        forged[1][0] ^= 1;
+        assert!(m.extend(2, &forged, whole.file_hash).is_err());
+        assert_eq!(m, before);
         // Repeats are fine; the last piece brings the file's hash.
-        let mut m = whole.prefix(2);
         assert!(m.agrees_with(&whole) && whole.agrees_with(&m));
         assert!(m.extend(1, &h[1..], whole.file_hash).unwrap());
         assert_eq!(m, whole);
