@@ -184,6 +184,16 @@ impl ChunkSet {
         )
     }
 
+    /// How many members of this set are not in `other`.
+    pub fn count_without(&self, other: &ChunkSet) -> u32 {
+        let others = other.bits.iter().copied().chain(std::iter::repeat(0));
+        self.bits
+            .iter()
+            .zip(others)
+            .map(|(&mine, theirs)| (mine & !theirs).count_ones())
+            .sum()
+    }
+
     /// Adds every member of `other` (a set of the same length).
     pub fn insert_all(&mut self, other: &ChunkSet) {
         for (mine, theirs) in self.bits.iter_mut().zip(&other.bits) {
