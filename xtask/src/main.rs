@@ -403,6 +403,22 @@ fn testbed_command(action: TestbedCmd) -> Result<()> {
     Ok(())
 }
 
+/// Median, tail and count over 1.10 of a set of U/U_min ratios.
+fn ratio_summary(ratios: &[f64]) -> String {
+    let mut r = ratios.to_vec();
+    r.sort_by(f64::total_cmp);
+    let at = |q: f64| r[((r.len() - 1) as f64 * q).round() as usize];
+    format!(
+        "median {:.3}, p90 {:.3}, p99 {:.3}, worst {:.3}; {} of {} over 1.10",
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        at(1.0),
+        r.iter().filter(|&&x| x > 1.10).count(),
+        r.len()
+    )
+}
+
 /// Largest network whose routed floor `cargo xtask sim` computes.
 const ROUTED_FLOOR_MAX_NODES: usize = 64;
 
@@ -432,6 +448,9 @@ fn sim_command(args: SimArgs) -> Result<()> {
     }
     let json = args.json;
     let mut worst: f64 = 0.0;
+    // Each network's U over U_min and over the routed floor (the same where routes cost
+    // nothing), for the summary.
+    let mut ratios: Vec<(f64, f64)> = Vec::new();
     for topo in &topos {
         let started = std::time::Instant::now();
         let u_min = bound::u_min_with_delay_s(topo, size as f64 * 8.0)
@@ -448,6 +467,10 @@ fn sim_command(args: SimArgs) -> Result<()> {
             .then(|| bound::routed_u_min_s(topo, size as f64 * 8.0))
             .flatten()
             .filter(|r| *r > u_min * 1.001);
+        ratios.push(match report.u_s {
+            Some(u) => (u / u_min, u / routed.unwrap_or(u_min)),
+            None => (f64::INFINITY, f64::INFINITY),
+        });
         if json {
             println!(
                 "{}",
@@ -476,6 +499,10 @@ fn sim_command(args: SimArgs) -> Result<()> {
     }
     if topos.len() > 1 && !json {
         println!("worst ratio over {} networks: {worst:.3}", topos.len());
+        let raw: Vec<f64> = ratios.iter().map(|r| r.0).collect();
+        let routed: Vec<f64> = ratios.iter().map(|r| r.1).collect();
+        println!("U/U_min: {}", ratio_summary(&raw));
+        println!("U over the routed floor: {}", ratio_summary(&routed));
     }
     Ok(())
 }
