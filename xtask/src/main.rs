@@ -447,7 +447,6 @@ fn sim_command(args: SimArgs) -> Result<()> {
         }
     }
     let json = args.json;
-    let mut worst: f64 = 0.0;
     // Each network's U over U_min and over the routed floor (the same where routes cost
     // nothing), for the summary.
     let mut ratios: Vec<(f64, f64)> = Vec::new();
@@ -459,7 +458,6 @@ fn sim_command(args: SimArgs) -> Result<()> {
         let report = sim::simulate(topo, &opts).map_err(anyhow::Error::msg)?;
         let wall = started.elapsed().as_secs_f64();
         let ratio = report.u_s.map(|u| u / u_min);
-        worst = worst.max(ratio.unwrap_or(f64::INFINITY));
         // Along one route per destination (what routers do) the floor may be higher: say so
         // where it is, so a tail the routes make is not read as the scheduler's (a linear
         // program per destination: small networks only).
@@ -498,7 +496,6 @@ fn sim_command(args: SimArgs) -> Result<()> {
         }
     }
     if topos.len() > 1 && !json {
-        println!("worst ratio over {} networks: {worst:.3}", topos.len());
         let raw: Vec<f64> = ratios.iter().map(|r| r.0).collect();
         let routed: Vec<f64> = ratios.iter().map(|r| r.1).collect();
         println!("U/U_min: {}", ratio_summary(&raw));
