@@ -312,6 +312,23 @@ impl Drop for Scratch {
     }
 }
 
+/// Routes that differ by direction (fewest hops, then widest): d3 reaches d1 through member
+/// d2 (30 Mbit/s that way), while d1 reaches d3 through router r (50 Mbit/s that way). d3's
+/// own routes hide d1; only d1's trace shows its path to d3 crosses no member. Without it
+/// d3 gets d1's data only through d2's 10 Mbit/s, and d1 -> r carries none. Nodes: s 0,
+/// d1 1, d2 2, d3 3, r 4.
+pub fn routes_differ_by_direction() -> Topology {
+    Topology::parse(
+        "routes-differ-by-direction",
+        r#"node = [{name="s",role="source"},{name="d1",role="dest"},{name="d2",role="dest"},
+                   {name="d3",role="dest"},{name="r",role="router"}]
+           link = [{a="s",b="d1",mbit=40},
+                   {a="d1",b="r",mbit_ab=50,mbit_ba=5},{a="r",b="d3",mbit_ab=50,mbit_ba=5},
+                   {a="d1",b="d2",mbit_ab=10,mbit_ba=30},{a="d2",b="d3",mbit_ab=10,mbit_ba=30}]"#,
+    )
+    .unwrap()
+}
+
 /// A chain of `names` (the first is the source), every link at `mbit` both ways.
 pub fn line(names: &[&str], mbit: u32) -> Topology {
     let nodes: Vec<String> = names

@@ -219,19 +219,7 @@ fn a_sender_whose_route_back_avoids_members_is_pulled_from() {
     if !root_or_skip("a_sender_whose_route_back_avoids_members_is_pulled_from") {
         return;
     }
-    // Routes differ by direction (fewest hops, then widest): d3 reaches d1 through member
-    // d2 (30 Mbit/s that way), while d1 reaches d3 through router r (50 Mbit/s that way).
-    // d3's own routes hide d1; only d1's trace shows its path to d3 crosses no member.
-    // Without it d3 gets d1's data only through d2's 10 Mbit/s, and d1 -> r carries none.
-    let topo = Topology::parse(
-        "routes-differ-by-direction",
-        r#"node = [{name="s",role="source"},{name="d1",role="dest"},{name="d2",role="dest"},
-                   {name="d3",role="dest"},{name="r",role="router"}]
-           link = [{a="s",b="d1",mbit=40},
-                   {a="d1",b="r",mbit_ab=50,mbit_ba=5},{a="r",b="d3",mbit_ab=50,mbit_ba=5},
-                   {a="d1",b="d2",mbit_ab=10,mbit_ba=30},{a="d2",b="d3",mbit_ab=10,mbit_ba=30}]"#,
-    )
-    .unwrap();
+    let topo = floodclone_tests::routes_differ_by_direction();
     let report = transfer(&topo, &RunOptions::new(8 * MIB));
     let copies = |from: &str, to: &str| report.copies(from, to);
     assert!(

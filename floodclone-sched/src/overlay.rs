@@ -91,6 +91,59 @@ pub fn data_neighbours(me: MemberId, reach: &[(MemberId, Reach)]) -> Vec<MemberI
 /// overlay takes through routers ([`MAX_VIA_ROUTER`]).
 pub const MAX_TRACES_PER_SENDER: usize = 2 * MAX_VIA_ROUTER;
 
+/// Times a pair is traced before an unknown answer stands (as crossing). A trace that
+/// finds a member on the path, or every hop and none a member, is final; one that meets a
+/// silent hop and no member may only have met a node whose ICMP budget for the sender ran
+/// out (Linux: a burst of 6 per destination, then one a second). Members spend theirs at
+/// the start answering "port unreachable" to dials that came before they listened (random-27
+/// on the testbed: the source and d1 silent in every trace at 0.6 s, answering in every
+/// retrace 3 s later); a sender with more than 6 traces through one router spends the
+/// router's. Or a probe or an answer was dropped in a full queue, or the request lost with
+/// a connection. Taken as final, such a miss keeps a receiver off its only other way in
+/// for the whole transfer (random-3: 2.14 x U_min in one run of many, its second path
+/// idle from start to end).
+pub const MAX_TRACE_ATTEMPTS: u32 = 4;
+
+/// Seconds after an unknown answer before the pair is traced again, doubling with each
+/// try (2, 4, 8 s: by the last, a rate-limited router has earned 14 more answers).
+pub const RETRACE_AFTER_S: f64 = 2.0;
+
+/// Seconds without an answer before a pair is asked again (the request or its answer was
+/// lost): a sender traces one path after another, up to [`MAX_TRACES_PER_SENDER`] of at
+/// most 0.6 s each, so an answer may take ~10 s.
+pub const UNANSWERED_S: f64 = 20.0;
+
+/// What a sender's trace of its path to a receiver found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Traced {
+    /// Every node on the way answered, none a member.
+    Clean,
+    /// A member answered on the way: final.
+    Crosses,
+    /// No member answered, but some node did not either (or the trace failed): traced
+    /// again ([`PathChecks::retrace`]).
+    Unknown,
+}
+
+/// A pair's traces so far, while none found its path clean or crossing.
+#[derive(Clone, Copy, Debug)]
+struct Tries {
+    /// Times asked.
+    asked: u32,
+    /// Whether the last ask was answered ([`Traced::Unknown`]).
+    answered: bool,
+    /// When the last ask or answer was first seen by [`PathChecks::retrace`].
+    since_s: Option<f64>,
+}
+
+impl Tries {
+    const FIRST: Tries = Tries {
+        asked: 1,
+        answered: false,
+        since_s: None,
+    };
+}
+
 /// What the source does for [`PathChecks`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PathCheck {
@@ -132,7 +185,8 @@ pub struct SenderPaths {
 /// rest crosses a member takes a trace by the sender. The source hears every member's
 /// view, so it asks for exactly the pairs in doubt: the receiver sees the sender behind a
 /// member while the sender's first hop to it is a router (the source: always in doubt, it
-/// keeps no view), at most [`MAX_TRACES_PER_SENDER`] per sender.
+/// keeps no view), at most [`MAX_TRACES_PER_SENDER`] per sender, each traced again a few
+/// times while not found clean ([`PathChecks::retrace`]).
 ///
 /// Shown wrongly: a receiver may reach a sender through routers while the sender's route
 /// to it starts at member `m`, whose own way to the source starts at the sender. Then
@@ -169,6 +223,9 @@ pub struct PathChecks {
     crossing_to: BTreeMap<MemberId, BTreeSet<MemberId>>,
     /// Member -> the (sender, receiver) pairs whose route starts at it.
     entered_at: HashMap<MemberId, HashSet<(MemberId, MemberId)>>,
+    /// Pairs in `asked` with no final answer yet, tried fewer than [`MAX_TRACE_ATTEMPTS`]
+    /// times.
+    tries: BTreeMap<(MemberId, MemberId), Tries>,
 }
 
 impl PathChecks {
@@ -193,6 +250,7 @@ impl PathChecks {
         let mut told = BTreeSet::new();
         for (s, r) in stale {
             self.asked.remove(&(s, r));
+            self.tries.remove(&(s, r));
             if let Some(n) = self.asked_of.get_mut(&s) {
                 *n -= 1;
             }
@@ -210,6 +268,7 @@ impl PathChecks {
                 if *asked_of_s < MAX_TRACES_PER_SENDER {
                     *asked_of_s += 1;
                     self.asked.insert((s, r));
+                    self.tries.insert((s, r), Tries::FIRST);
                     traces.entry(s).or_default().push(r);
                 }
             }
@@ -316,22 +375,67 @@ impl PathChecks {
         self.views.get(&a).and_then(|v| v.get(&b)).copied()
     }
 
-    /// `sender` traced its path to `receiver`: `clean` if it crosses no other member
-    /// (an unknown hop counts as a member). What to tell, if anything changed.
+    /// `sender` traced its path to `receiver` and found it `found` (an unknown path counts
+    /// as crossing, until a later try finds it clean: [`PathChecks::retrace`]). What to
+    /// tell, if anything changed.
     pub fn on_traced(
         &mut self,
         sender: MemberId,
         receiver: MemberId,
-        clean: bool,
+        found: Traced,
     ) -> Option<PathCheck> {
-        if !clean || !self.asked.contains(&(sender, receiver)) {
+        if !self.asked.contains(&(sender, receiver)) {
             return None;
         }
+        match found {
+            Traced::Unknown => {
+                if let Some(t) = self.tries.get_mut(&(sender, receiver)) {
+                    (t.answered, t.since_s) = (true, None);
+                }
+                return None;
+            }
+            Traced::Crosses => {
+                self.tries.remove(&(sender, receiver));
+                return None;
+            }
+            Traced::Clean => {}
+        }
+        self.tries.remove(&(sender, receiver));
         self.clean_to
             .entry(receiver)
             .or_default()
             .insert(sender)
             .then(|| self.tell(receiver))
+    }
+
+    /// The pairs to trace again at `now_s` (seconds on any steady clock): those answered
+    /// unknown [`RETRACE_AFTER_S`] ago (doubling with each try), or not answered for
+    /// [`UNANSWERED_S`]; at most [`MAX_TRACE_ATTEMPTS`] tries each. Call it now and then.
+    pub fn retrace(&mut self, now_s: f64) -> Vec<PathCheck> {
+        let mut traces: BTreeMap<MemberId, Vec<MemberId>> = BTreeMap::new();
+        self.tries.retain(|&(s, r), t| {
+            let since = *t.since_s.get_or_insert(now_s);
+            let wait = match t.answered {
+                true => RETRACE_AFTER_S * f64::from(1u32 << (t.asked - 1).min(16)),
+                false => UNANSWERED_S,
+            };
+            if now_s - since < wait {
+                return true;
+            }
+            if t.asked >= MAX_TRACE_ATTEMPTS {
+                return false;
+            }
+            *t = Tries {
+                asked: t.asked + 1,
+                ..Tries::FIRST
+            };
+            traces.entry(s).or_default().push(r);
+            true
+        });
+        traces
+            .into_iter()
+            .map(|(sender, receivers)| PathCheck::Trace { sender, receivers })
+            .collect()
     }
 
     fn in_doubt(&self, sender: MemberId, receiver: MemberId) -> bool {
@@ -495,8 +599,8 @@ mod tests {
                 ]
             )
             .is_empty());
-        assert_eq!(pc.on_traced(3, 2, true), None, "never asked");
-        assert_eq!(pc.on_traced(3, 1, true), Some(tell(1, &[3], &[])));
+        assert_eq!(pc.on_traced(3, 2, Traced::Clean), None, "never asked");
+        assert_eq!(pc.on_traced(3, 1, Traced::Clean), Some(tell(1, &[3], &[])));
         // Member 3's route to 1 now starts at member 2: the answer is withdrawn.
         let out = pc.on_view(
             3,
@@ -730,5 +834,54 @@ mod tests {
             }
         }
         assert_eq!(traced, MAX_TRACES_PER_SENDER);
+    }
+
+    #[test]
+    fn a_path_not_found_clean_is_traced_again_a_few_times_then_let_be() {
+        let mut pc = PathChecks::default();
+        // Member 1 reaches 2 behind 3 and 4 behind 3; 2 and 4 reach 1 through a router.
+        let behind = [(2, Reach::Behind, Some(3)), (4, Reach::Behind, Some(3))];
+        assert!(pc.on_view(1, &behind).is_empty());
+        let via = [(1, Reach::ViaRouter, None)];
+        assert_eq!(pc.on_view(2, &via).len(), 1);
+        assert_eq!(pc.on_view(4, &via).len(), 1);
+        let trace = |sender| PathCheck::Trace {
+            sender,
+            receivers: vec![1],
+        };
+        // 2's answer: unknown (a silent hop); 4's never comes.
+        assert_eq!(pc.on_traced(2, 1, Traced::Unknown), None);
+        assert!(pc.retrace(0.0).is_empty(), "the clocks start");
+        assert!(pc.retrace(RETRACE_AFTER_S - 0.1).is_empty());
+        assert_eq!(pc.retrace(RETRACE_AFTER_S), vec![trace(2)]);
+        // Found clean the second time: the receiver is told, and nothing more is asked.
+        assert_eq!(pc.on_traced(2, 1, Traced::Clean), Some(tell(1, &[2], &[])));
+        assert_eq!(pc.retrace(UNANSWERED_S), vec![trace(4)]);
+        // 4 answers "unknown" each time: asked again after 4 s, 8 s, then let be.
+        pc.on_traced(4, 1, Traced::Unknown);
+        let mut t = UNANSWERED_S;
+        let mut asked_at = vec![];
+        pc.retrace(t);
+        for _ in 0..100 {
+            t += 0.5;
+            for c in pc.retrace(t) {
+                assert_eq!(c, trace(4));
+                asked_at.push(t - UNANSWERED_S);
+                pc.on_traced(4, 1, Traced::Unknown);
+            }
+        }
+        assert_eq!(
+            asked_at,
+            [4.0, 12.5],
+            "after 4 s, then 8 s from the next call"
+        );
+        assert!(pc.tries.is_empty(), "{:?}", pc.tries);
+        // A changed view asks afresh (and the old answer is withdrawn); a crossing answer
+        // is final.
+        pc.on_view(2, &[(1, Reach::Behind, Some(3))]);
+        assert_eq!(pc.on_view(2, &via), vec![trace(2)]);
+        assert_eq!(pc.on_traced(2, 1, Traced::Crosses), None);
+        assert!(pc.retrace(1e6).is_empty());
+        assert!(pc.retrace(2e6).is_empty());
     }
 }

@@ -18,7 +18,7 @@ use std::{
 };
 
 use floodclone_sched::{
-    overlay::{PathCheck, PathChecks},
+    overlay::{PathCheck, PathChecks, Traced},
     ChunkId, ChunkSet, FreshServer, MemberId, SOURCE,
 };
 use tokio::sync::mpsc;
@@ -330,6 +330,10 @@ impl Role for Source {
             self.on_join_proof(node, join, Some("nothing answered at that address"));
         }
         self.proof_conns.close_expired();
+        if self.finishing.is_none() && self.ticks.is_multiple_of(5) {
+            let checks = self.path_checks.retrace(node.now());
+            self.do_path_checks(node, checks);
+        }
         if self
             .fresh_hold
             .as_ref()
@@ -796,13 +800,22 @@ impl Source {
 
     /// A sender (a destination, or the source itself) traced the paths it was asked to.
     fn on_paths_traced(&mut self, node: &mut Node, from: Option<MemberId>, traced: Msg) {
-        let (Some(sender), Msg::PathsTraced { clean, crossed }) = (from, traced) else {
+        let (
+            Some(sender),
+            Msg::PathsTraced {
+                clean,
+                crossed,
+                unknown,
+            },
+        ) = (from, traced)
+        else {
             return;
         };
-        let answers = clean.iter().map(|&r| (r, true));
+        let answers = (clean.iter().map(|&r| (r, Traced::Clean)))
+            .chain(crossed.iter().map(|&r| (r, Traced::Crosses)))
+            .chain(unknown.iter().map(|&r| (r, Traced::Unknown)));
         let checks: Vec<PathCheck> = answers
-            .chain(crossed.iter().map(|&r| (r, false)))
-            .filter_map(|(r, ok)| self.path_checks.on_traced(sender, r, ok))
+            .filter_map(|(r, found)| self.path_checks.on_traced(sender, r, found))
             .collect();
         self.do_path_checks(node, checks);
     }

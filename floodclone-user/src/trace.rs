@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use floodclone_sched::MemberId;
+use floodclone_sched::{overlay::Traced, MemberId};
 
 use crate::wire::{Member, Msg};
 
@@ -36,42 +36,58 @@ pub struct Trace {
 }
 
 impl Trace {
-    /// Whether the path is known to cross none of the nodes `is_member` picks: the target
-    /// answered and every hop before it did, from an address no member owns.
-    pub fn crosses_none(&self, is_member: impl Fn(IpAddr) -> bool) -> bool {
-        self.reached && self.hops.iter().all(|h| h.is_some_and(|a| !is_member(a)))
+    /// Whether the path crosses a node `is_member` picks: no when the target answered and
+    /// every hop before it did, from an address no member owns; yes when one answered from
+    /// a member's address; unknown otherwise (a silent hop may be anything).
+    pub fn verdict(&self, is_member: impl Fn(IpAddr) -> bool) -> Traced {
+        if self.hops.iter().flatten().any(|&a| is_member(a)) {
+            Traced::Crosses
+        } else if self.reached && self.hops.iter().all(Option::is_some) {
+            Traced::Clean
+        } else {
+            Traced::Unknown
+        }
     }
 }
 
 /// Traces the path to each of `targets` among `members`, one after another (routers
 /// rate-limit their answers to us, so traces in parallel would starve each other), and
-/// answers the source: which paths cross no other member. A failed trace counts as
-/// crossing one (the overlay then stays as the routes show it).
+/// answers the source: which paths cross no other member, which cross one, and which are
+/// unknown (a silent hop and no member, or a failed trace: the source asks again later).
 pub async fn check_paths(targets: Vec<MemberId>, members: Vec<Member>) -> Msg {
     let work = move || {
         let member_addrs: HashSet<IpAddr> = members
             .iter()
             .flat_map(|m| std::iter::once(m.addr).chain(m.local_addrs.iter().copied()))
             .collect();
-        let (mut clean, mut crossed) = (Vec::new(), Vec::new());
+        let (mut clean, mut crossed, mut unknown) = (Vec::new(), Vec::new(), Vec::new());
         for t in targets {
             let Some(target) = members.iter().find(|m| m.id == t) else {
                 continue;
             };
             let found = trace(target.addr, TRACE_WAIT);
             tracing::debug!(member = t, ?found, "path traced");
-            match found {
-                Ok(tr) if tr.crosses_none(|a| member_addrs.contains(&a)) => clean.push(t),
-                _ => crossed.push(t),
+            let verdict = found.map_or(Traced::Unknown, |tr| {
+                tr.verdict(|a| member_addrs.contains(&a))
+            });
+            match verdict {
+                Traced::Clean => clean.push(t),
+                Traced::Crosses => crossed.push(t),
+                Traced::Unknown => unknown.push(t),
             }
         }
-        Msg::PathsTraced { clean, crossed }
+        Msg::PathsTraced {
+            clean,
+            crossed,
+            unknown,
+        }
     };
     tokio::task::spawn_blocking(work)
         .await
         .unwrap_or(Msg::PathsTraced {
             clean: Vec::new(),
             crossed: Vec::new(),
+            unknown: Vec::new(),
         })
 }
 
@@ -100,10 +116,16 @@ pub fn trace(target: IpAddr, wait: Duration) -> io::Result<Trace> {
         crate::transport::set_int_option(fd, level, hops_option, ttl.into())?;
         // The payload names the probe: ICMP errors quote it back.
         let to = SocketAddr::new(target, PROBE_PORT);
-        if sock.send_to(&[ttl], to).is_err() {
-            // A pending error from an earlier probe's answer is reported once; resend.
-            sock.send_to(&[ttl], to)?;
+        // A send reports (and clears) the error an earlier probe's answer left pending, and
+        // sends nothing; answers may land between resends, so a few tries.
+        let mut sent = sock.send_to(&[ttl], to);
+        for _ in 0..3 {
+            if sent.is_ok() {
+                break;
+            }
+            sent = sock.send_to(&[ttl], to);
         }
+        sent?;
     }
     let mut hops: Vec<Option<IpAddr>> = vec![None; MAX_HOPS as usize];
     let mut reached_at: Option<u8> = None;
@@ -249,21 +271,29 @@ mod tests {
                 },
                 "{target}"
             );
-            assert!(t.crosses_none(|_| true));
+            assert_eq!(t.verdict(|_| true), Traced::Clean);
         }
     }
 
     #[test]
-    fn an_unknown_or_member_hop_is_not_clean() {
+    fn a_member_hop_crosses_and_a_silent_one_is_unknown() {
         let member: IpAddr = [10, 0, 0, 2].into();
+        let other: IpAddr = [10, 0, 0, 9].into();
         let is_member = |a| a == member;
         let via = |hops: Vec<Option<IpAddr>>| Trace {
             hops,
             reached: true,
         };
-        assert!(via(vec![Some([10, 0, 0, 9].into())]).crosses_none(is_member));
-        assert!(!via(vec![Some(member)]).crosses_none(is_member));
-        assert!(!via(vec![None]).crosses_none(is_member));
-        assert!(!Trace::default().crosses_none(is_member));
+        assert_eq!(via(vec![Some(other)]).verdict(is_member), Traced::Clean);
+        assert_eq!(via(vec![Some(member)]).verdict(is_member), Traced::Crosses);
+        assert_eq!(
+            via(vec![None, Some(member)]).verdict(is_member),
+            Traced::Crosses
+        );
+        assert_eq!(
+            via(vec![None, Some(other)]).verdict(is_member),
+            Traced::Unknown
+        );
+        assert_eq!(Trace::default().verdict(is_member), Traced::Unknown);
     }
 }

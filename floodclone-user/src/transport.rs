@@ -28,7 +28,7 @@ use crate::wire::{drain_frames, Msg};
 /// acceptor's half of the key exchange first, on a stream of its own; 5: `SenderPaths`
 /// with the crossing senders), so that nodes of different versions do not connect
 /// instead of closing each other's connections on an unknown message.
-pub const ALPN: &[u8] = b"floodclone/5";
+pub const ALPN: &[u8] = b"floodclone/6";
 /// Application close codes.
 pub const CLOSE_DONE: u32 = 0;
 pub const CLOSE_AUTH: u32 = 1;

@@ -132,10 +132,12 @@ pub enum Msg {
     /// another member?); see `floodclone_sched::overlay::PathChecks`.
     TracePaths { to: Vec<MemberId> },
     /// Destination -> source: the paths traced, by whether they cross no other member
-    /// (`clean`) or may (`crossed`: a member on the way, or a hop that did not answer).
+    /// (`clean`: every hop answered), cross one (`crossed`: a member answered on the way),
+    /// or may (`unknown`: a hop did not answer, none was a member; asked again later).
     PathsTraced {
         clean: Vec<MemberId>,
         crossed: Vec<MemberId>,
+        unknown: Vec<MemberId>,
     },
     /// Source -> destination: what your routes cannot show about members' paths to you:
     /// those behind another member whose own path crosses none (pull from them too), those
@@ -553,13 +555,18 @@ impl Msg {
             Msg::Progress { have } => w.u32(*have),
             Msg::SourceDistance { hops } => w.u8(*hops),
             Msg::TracePaths { to: ids } => w.member_ids(ids),
-            Msg::PathsTraced { clean, crossed }
-            | Msg::SenderPaths(SenderPaths {
+            Msg::PathsTraced {
                 clean,
-                crossing: crossed,
-            }) => {
+                crossed,
+                unknown,
+            } => {
                 w.member_ids(clean);
                 w.member_ids(crossed);
+                w.member_ids(unknown);
+            }
+            Msg::SenderPaths(SenderPaths { clean, crossing }) => {
+                w.member_ids(clean);
+                w.member_ids(crossing);
             }
             Msg::ProveAddress { nonce } | Msg::AddressProof { nonce } => {
                 w.0.extend_from_slice(nonce)
@@ -625,6 +632,7 @@ impl Msg {
             21 => Msg::PathsTraced {
                 clean: r.member_ids()?,
                 crossed: r.member_ids()?,
+                unknown: r.member_ids()?,
             },
             22 => Msg::SenderPaths(SenderPaths {
                 clean: r.member_ids()?,
@@ -918,6 +926,7 @@ mod tests {
             Msg::PathsTraced {
                 clean: vec![2],
                 crossed: vec![5, 6],
+                unknown: vec![9],
             },
             Msg::SenderPaths(SenderPaths {
                 clean: vec![4],

@@ -812,7 +812,11 @@ fn sender_paths(
                     );
                     let clean = path
                         .is_some_and(|p| p[1..p.len() - 1].iter().all(|&x| member_of[x].is_none()));
-                    pending.extend(checks.on_traced(sender, r, clean));
+                    let found = match clean {
+                        true => overlay::Traced::Clean,
+                        false => overlay::Traced::Crosses,
+                    };
+                    pending.extend(checks.on_traced(sender, r, found));
                 }
             }
             overlay::PathCheck::Tell { receiver, paths } => {
