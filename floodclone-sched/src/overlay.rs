@@ -387,20 +387,16 @@ impl PathChecks {
         if !self.asked.contains(&(sender, receiver)) {
             return None;
         }
-        match found {
-            Traced::Unknown => {
-                if let Some(t) = self.tries.get_mut(&(sender, receiver)) {
-                    (t.answered, t.since_s) = (true, None);
-                }
-                return None;
+        if found == Traced::Unknown {
+            if let Some(t) = self.tries.get_mut(&(sender, receiver)) {
+                (t.answered, t.since_s) = (true, None);
             }
-            Traced::Crosses => {
-                self.tries.remove(&(sender, receiver));
-                return None;
-            }
-            Traced::Clean => {}
+            return None;
         }
         self.tries.remove(&(sender, receiver));
+        if found == Traced::Crosses {
+            return None;
+        }
         self.clean_to
             .entry(receiver)
             .or_default()
