@@ -793,8 +793,9 @@ fn print_live_shares(topo: &Topology, dests: &[usize], seen: &[NodeEvents], byte
     );
 }
 
-/// What every link direction carried: its sending interface's counter, read before the
-/// testbed goes (sender, receiver, bytes). Not the members' eBPF counters: those count at
+/// What every link direction carried on the wire ([`Testbed::tx_bytes`]: its shaping's
+/// count), read before the testbed goes (sender, receiver, bytes). Not the members' eBPF
+/// counters: those count at
 /// tc egress, before the link's queue, so what that queue dropped would count as carried
 /// (random-213: d1 -> r2 "carried" 1.47 copies by them in 21.3 s, more than its 15 Mbit/s
 /// can carry in that time, 1.19; its two connections had lost 21% and 24% of their
@@ -922,7 +923,6 @@ struct NodeEvents {
     cpu_s: Option<f64>,
     /// At the source: when its first chunk left, seconds after it started.
     first_chunk_s: Option<f64>,
-    tx_bytes_by_iface: Vec<(String, u64)>,
     /// (t, bytes held), from progress events, t on the run's clock.
     progress: Vec<(f64, u64)>,
     /// Per interface: (t, bytes sent so far).
@@ -988,7 +988,6 @@ impl NodeEvents {
                 self.peak_rss_bytes = Some(peak_rss_bytes);
                 self.cpu_s = Some(cpu_s);
                 self.first_chunk_s = first_chunk_s;
-                self.tx_bytes_by_iface = tx_bytes_by_iface.into_iter().collect();
             }
             _ => {}
         }
