@@ -795,11 +795,10 @@ fn print_live_shares(topo: &Topology, dests: &[usize], seen: &[NodeEvents], byte
 
 /// What every link direction carried on the wire ([`Testbed::tx_bytes`]: its shaping's
 /// count), read before the testbed goes (sender, receiver, bytes). Not the members' eBPF
-/// counters: those count at
-/// tc egress, before the link's queue, so what that queue dropped would count as carried
-/// (random-213: d1 -> r2 "carried" 1.47 copies by them in 21.3 s, more than its 15 Mbit/s
-/// can carry in that time, 1.19; its two connections had lost 21% and 24% of their
-/// packets in d1's own queue). Routers run no floodclone to count anyway.
+/// counters: those count at tc egress, before the link's queue, so what that queue dropped
+/// would count as carried (random-213: d1 -> r2 "carried" 1.47 copies by them in 21.3 s,
+/// more than its 15 Mbit/s can carry in that time, 1.19; its two connections had lost 21%
+/// and 24% of their packets in d1's own queue). Routers run no floodclone to count anyway.
 fn link_tx_bytes(topo: &Topology, bed: &Testbed) -> Vec<(usize, usize, u64)> {
     topo.links
         .iter()
