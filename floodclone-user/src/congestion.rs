@@ -431,8 +431,9 @@ impl Veno {
             return;
         }
         self.recovery_start = now;
+        let leaving_slow_start = self.ssthresh == u64::MAX;
         let mut cut = (self.window as f64 * LOSS_REDUCTION as f64) as u64;
-        if self.ssthresh == u64::MAX && self.last_round_acked > 0 {
+        if leaving_slow_start && self.last_round_acked > 0 {
             // Leaving slow start: the window doubled each round trip and may be twice what
             // the path holds, and each later cut (one a round trip, while the excess still
             // overflows) takes 15%: seven cuts came to 0.32 of the window, and it ended at
@@ -440,7 +441,6 @@ impl Veno {
             // delivered in the last round trip the window was kept full is what it holds.
             cut = cut.min(self.last_round_acked);
         }
-        let leaving_slow_start = self.ssthresh == u64::MAX;
         self.window = cut.max(self.minimum_window());
         self.ssthresh = self.window;
         // Slow start's end already cut to what the path delivered (see above).
