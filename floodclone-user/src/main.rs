@@ -228,9 +228,28 @@ async fn stop_signal(then: &str) -> ExitWith {
     }
 }
 
+/// Most async worker threads a node runs: what every host ran before session 36 (more
+/// were never measured).
+const MAX_WORKERS: usize = 2;
+
+/// Async worker threads: half the host's cores, at least one and at most [`MAX_WORKERS`].
+/// A node's packet work shares the cores with the kernel's (segmentation, receive offload,
+/// checksums and copies, in softirqs), and its tasks (quinn's endpoint and connection
+/// drivers, the scheduler) wake each other at every batch of packets: across two workers
+/// each wake-up is a futex call and a context switch (16-24k a second per process at 2
+/// Gbit/s). On this project's 2-core machine, one worker against two (README, "Gigabit
+/// links", session 36; five runs each, alternating): CPU per delivered GiB 7.1 -> 6.5 at 2
+/// Gbit/s, a 10 Gbit/s link 1.96 -> 1.71 x U_min (the TCP copy: 1.89-2.57), the star of
+/// four 1 Gbit/s links 1.41 -> 1.11 (its source's four connections had the two workers'
+/// time unequally); the shipped files at tens of Mbit/s unchanged.
+fn worker_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / 2).clamp(1, MAX_WORKERS)
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(worker_threads())
         .enable_all()
         .build()
         .context("starting the async runtime")
