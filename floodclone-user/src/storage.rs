@@ -352,6 +352,9 @@ pub struct ChunkStore {
     have: Mutex<ChunkSet>,
     /// Held while a chunk is written (see [`ChunkStore::write_chunk`]).
     writing: Mutex<()>,
+    /// Held while the state file is written or the file finalized (saves run on blocking
+    /// threads beside the loop); true once finalized, when no state is saved any more.
+    state: Mutex<bool>,
     /// Destination only: the chunks written last, to pass on from memory.
     recent: Mutex<RecentChunks>,
 }
@@ -434,6 +437,7 @@ impl ChunkStore {
             out,
             have: Mutex::new(have),
             writing: Mutex::new(()),
+            state: Mutex::new(false),
             recent: Mutex::default(),
         }
     }
@@ -599,6 +603,12 @@ impl ChunkStore {
         let Some(out) = &self.out else {
             return Ok(());
         };
+        let finalized = self.state.lock().unwrap();
+        if *finalized {
+            // A save that started before the file was complete must not leave a state
+            // file beside the finished one.
+            return Ok(());
+        }
         // The state names the file by its hash: before that is known there is nothing a
         // restart could resume against.
         let Some(content_hash) = self.content_hash() else {
@@ -642,6 +652,7 @@ impl ChunkStore {
         if !self.is_complete() || self.file_hash().is_none() {
             return Err(StorageError::Incomplete);
         }
+        let mut finalized = self.state.lock().unwrap();
         let write_err = |source| StorageError::Write {
             path: out.clone(),
             source,
@@ -667,6 +678,7 @@ impl ChunkStore {
                 let _ = d.sync_all();
             }
         }
+        *finalized = true;
         let _ = fs::remove_file(state_path(&out));
         Ok(out)
     }
@@ -1051,6 +1063,28 @@ mod tests {
         assert_eq!(d.read_chunk(last).unwrap(), chunk(last));
         assert_eq!(d.finalize().unwrap(), out);
         assert_eq!(fs::read(&out).unwrap(), data);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_state_save_that_ends_after_the_finalize_leaves_no_state_file() {
+        // Saves run on blocking threads beside the loop: one begun before the last chunk
+        // came may run after the file was renamed into place.
+        let (dir, data, m) = setup("late-save", 4096 * 3 + 10);
+        let out = dir.join("out");
+        let s = ChunkStore::destination(&out, m.clone()).unwrap();
+        for c in 0..m.chunk_count() {
+            assert!(s.write_chunk(c, chunk_of(&data, &m, c).into()).unwrap());
+        }
+        s.save_state().unwrap();
+        assert!(state_path(&out).exists(), "saved while not yet finalized");
+        assert_eq!(s.finalize().unwrap(), out);
+        assert!(!state_path(&out).exists());
+        s.save_state().unwrap();
+        assert!(
+            !state_path(&out).exists(),
+            "a save after the finalize wrote a state file"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -12,7 +12,10 @@ use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
     path::PathBuf,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -95,6 +98,8 @@ enum Local {
     Finalized(Result<PathBuf, StorageError>),
     /// Paths the source asked us to trace, traced (a `PathsTraced` for it).
     Traced(Msg),
+    /// Which chunks are held could not be recorded (see [`Destination::save_state`]).
+    StateNotSaved(StorageError),
 }
 
 /// A Welcome's contents (kept as they are while the Welcome is held).
@@ -155,6 +160,8 @@ struct Destination {
     feeders: FeederRates,
     ticks: u64,
     local: mpsc::UnboundedSender<Local>,
+    /// A state save runs (see [`Destination::save_state`]).
+    saving_state: Arc<AtomicBool>,
     /// Who answered at gateways that members claim as theirs.
     gateway_checks: GatewayChecks,
     /// Our connections asking who is at such a gateway.
@@ -248,7 +255,7 @@ impl Role for Destination {
                 self.on_complete(node, &path);
                 Step::Continue
             }
-            Local::Finalized(Err(e)) => Step::Stop(Err(e.into())),
+            Local::Finalized(Err(e)) | Local::StateNotSaved(e) => Step::Stop(Err(e.into())),
             Local::Traced(answer) => {
                 if let Some(c) = node.conns.dialed_to(SOURCE) {
                     c.send(answer);
@@ -295,9 +302,7 @@ impl Destination {
         }
         if let Some(store) = node.ctx.store.get() {
             if !store.is_complete() && self.ticks.is_multiple_of(SAVE_STATE_EVERY) {
-                if let Err(e) = store.save_state() {
-                    return Step::Stop(Err(e.into()));
-                }
+                self.save_state(store);
             }
             // Progress each second where it is cheap to look at, every 5 s in logs.
             let every = if node.out.json || node.out.is_live() {
@@ -361,6 +366,7 @@ impl Destination {
             feeders: FeederRates::default(),
             ticks: 0,
             local,
+            saving_state: Arc::new(AtomicBool::new(false)),
             gateway_checks: GatewayChecks::default(),
             asking: ShortLived::new(CHECK_TIMEOUT),
             asked_who: Vec::new(),
@@ -742,7 +748,7 @@ impl Destination {
             at_ms = (node.now() * 1e3) as u64,
             "chunk hashes from a neighbour"
         );
-        let _ = store.save_state();
+        self.save_state(&store);
         if let Some(pl) = self.puller.as_mut() {
             pl.set_verifiable(store.known());
         }
@@ -774,7 +780,7 @@ impl Destination {
             Err(e) => return Step::Stop(Err(e.into())),
             Ok(completed) => {
                 if completed {
-                    let _ = store.save_state();
+                    self.save_state(store);
                 }
             }
         }
@@ -935,6 +941,26 @@ impl Destination {
         );
         self.source_as_last_resort = true;
         self.rediscover_needed = true;
+    }
+
+    /// Records which chunks are held, on a blocking thread: the state file is synced, and
+    /// a sync waits for the file system's journal commit (about a millisecond on this
+    /// machine at tens of Mbit/s; as long as the disk likes on a busy or remote one). On
+    /// the loop, once a second, that wait held every connection of the node, and with one
+    /// async worker (a host of two or three cores) nothing else runs meanwhile. A save asked
+    /// for while one runs is skipped: the next comes within a second.
+    fn save_state(&self, store: &Arc<ChunkStore>) {
+        if self.saving_state.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (store, saving, local) = (store.clone(), self.saving_state.clone(), self.local.clone());
+        tokio::task::spawn_blocking(move || {
+            let saved = store.save_state();
+            saving.store(false, Ordering::Release);
+            if let Err(e) = saved {
+                let _ = local.send(Local::StateNotSaved(e));
+            }
+        });
     }
 
     /// Every chunk is here and the file's hash known: the copy is made durable and renamed
