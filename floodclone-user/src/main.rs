@@ -239,7 +239,7 @@ const MAX_WORKERS: usize = 2;
 /// each wake-up is a futex call and a context switch (16-24k a second per process at 2
 /// Gbit/s). On this project's 2-core machine, one worker against two (README, "Gigabit
 /// links", session 36; five runs each, alternating): CPU per delivered GiB 7.1 -> 6.5 at 2
-/// Gbit/s, a 10 Gbit/s link 1.96 -> 1.71 x U_min (the TCP copy: 1.89-2.57), the star of
+/// Gbit/s, a 10 Gbit/s link 1.96 -> 1.71 x U_min (the TCP copy: 1.72-2.57), the star of
 /// four 1 Gbit/s links 1.41 -> 1.11 (its source's four connections had the two workers'
 /// time unequally); the shipped files at tens of Mbit/s unchanged.
 fn worker_threads() -> usize {
