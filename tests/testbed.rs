@@ -185,6 +185,41 @@ fn a_link_with_delay_has_its_round_trip_and_keeps_its_rate() {
 }
 
 #[test]
+fn both_baseline_copies_deliver_the_file_and_count_their_cpu() {
+    if !root_or_skip("both_baseline_copies_deliver_the_file_and_count_their_cpu") {
+        return;
+    }
+    use floodclone_testbed::run::{run_copy, Baseline};
+    // Two receivers, so the bare QUIC copy's sender serves several connections at once.
+    let topo = Topology::parse(
+        "baselines",
+        r#"node = [{name="s",role="source"},{name="d1",role="dest"},{name="d2",role="dest"}]
+           link = [{a="s",b="d1",mbit=200},{a="s",b="d2",mbit=200}]"#,
+    )
+    .unwrap();
+    let quic_copy = floodclone_testbed::build::quic_copy_binary_for_tests().unwrap();
+    for baseline in [Baseline::Tcp, Baseline::Quic(quic_copy)] {
+        // Each copy checks every receiver got the file's length, or fails.
+        let r = run_copy(&topo, 8 << 20, &baseline).unwrap();
+        eprintln!(
+            "{}: U/U_min {:.3}, {:.2} CPU s per GiB (machine {:.2})",
+            baseline.mode(),
+            r.ratio,
+            r.cpu_s_per_gib,
+            r.machine_cpu_s_per_gib
+        );
+        // Neither can beat the links (the floor counts payload at the line rate).
+        assert!(
+            r.ratio >= 0.95,
+            "{}: {:.3} x U_min",
+            baseline.mode(),
+            r.ratio
+        );
+        assert!(r.cpu_s_per_gib > 0.0, "{}: no CPU counted", baseline.mode());
+    }
+}
+
+#[test]
 fn a_lossy_link_loses_what_it_is_told_and_jitter_keeps_order() {
     if !root_or_skip("a_lossy_link_loses_what_it_is_told_and_jitter_keeps_order") {
         return;

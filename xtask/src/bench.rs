@@ -8,7 +8,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use floodclone_testbed::{
-    run::{render, run_tcp_copy, run_transfer, RunOptions, RunReport, TcpReport},
+    run::{render, run_copy, run_transfer, Baseline, CopyReport, RunOptions, RunReport},
     topology::Topology,
 };
 
@@ -43,12 +43,15 @@ pub struct BenchRow {
     pub ratio_left_median: Option<f64>,
     /// CPU cost (medians of runs): user + system seconds of every floodclone process per
     /// GiB delivered (file size times destinations), and the whole machine's busy seconds
-    /// per GiB until U; the same for the plain TCP copy ([`run_tcp_copy`]).
+    /// per GiB until U; the same for the plain TCP copy and the bare QUIC copy
+    /// ([`run_copy`]).
     pub cpu_s_per_gib: Option<f64>,
     pub machine_cpu_s_per_gib: Option<f64>,
     pub tcp_ratio_median: Option<f64>,
     pub tcp_cpu_s_per_gib: Option<f64>,
     pub tcp_machine_cpu_s_per_gib: Option<f64>,
+    pub quic_ratio_median: Option<f64>,
+    pub quic_cpu_s_per_gib: Option<f64>,
     /// Largest peak resident memory of any floodclone process, over the runs.
     pub peak_rss_mib: Option<f64>,
     /// When the source's first chunk left, ms after `send` started (median of runs).
@@ -80,8 +83,10 @@ fn delivered_gib(bytes: u64, dests: usize) -> f64 {
 pub struct BenchPlan {
     pub runs: usize,
     pub baseline_runs: usize,
-    /// Plain TCP copies of the same bytes per topology ([`run_tcp_copy`]).
+    /// Plain TCP copies of the same bytes per topology ([`Baseline::Tcp`]).
     pub tcp_runs: usize,
+    /// Bare QUIC copies of the same bytes per topology ([`Baseline::Quic`]).
+    pub quic_runs: usize,
     /// Keep every node's log and events of a floodclone run whose U/U_min is above this,
     /// or that failed: a slow run that comes once in a hundred explains itself.
     pub keep_logs_over: Option<f64>,
@@ -89,10 +94,12 @@ pub struct BenchPlan {
 
 /// Runs the benchmark for each topology (each run as `base` says: its size, one file or
 /// a tree of several), appending JSON lines of every run to `jsonl`; pictures, and the
-/// logs `plan` keeps, go to `pictures`.
+/// logs `plan` keeps, go to `pictures`. `quic_copy` is the program of the bare QUIC
+/// copies, needed when `plan` asks for them.
 pub fn bench(
     topos: &[Topology],
     bin: &Path,
+    quic_copy: Option<&Path>,
     base: &RunOptions,
     plan: BenchPlan,
     jsonl: &mut impl Write,
@@ -100,7 +107,7 @@ pub fn bench(
 ) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
     for topo in topos {
-        let runs = run_topology(topo, bin, base, plan, jsonl, pictures)?;
+        let runs = run_topology(topo, bin, quic_copy, base, plan, jsonl, pictures)?;
         rows.push(row(topo, base, plan.runs, &runs));
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -111,7 +118,8 @@ pub fn bench(
 struct TopologyRuns {
     ours: Vec<RunReport>,
     direct: Vec<RunReport>,
-    tcp: Vec<TcpReport>,
+    tcp: Vec<CopyReport>,
+    quic: Vec<CopyReport>,
 }
 
 /// The runs `plan` asks of `topo` (floodclone and the direct baseline alternating), each
@@ -119,6 +127,7 @@ struct TopologyRuns {
 fn run_topology(
     topo: &Topology,
     bin: &Path,
+    quic_copy: Option<&Path>,
     base: &RunOptions,
     plan: BenchPlan,
     jsonl: &mut impl Write,
@@ -128,6 +137,7 @@ fn run_topology(
         ours: Vec::new(),
         direct: Vec::new(),
         tcp: Vec::new(),
+        quic: Vec::new(),
     };
     let mut opts = base.clone();
     opts.quiet = true;
@@ -151,18 +161,28 @@ fn run_topology(
             runs.direct.push(r);
         }
     }
-    for i in 0..plan.tcp_runs {
-        let r = run_tcp_copy(topo, base.bytes)?;
-        eprintln!(
-            "[{} tcp {}] U/U_min = {:.3}, CPU {:.2} s/GiB (machine {:.2})",
-            topo.name,
-            i + 1,
-            r.ratio,
-            r.cpu_s_per_gib,
-            r.machine_cpu_s_per_gib
-        );
-        write_run(jsonl, "tcp", &r)?;
-        runs.tcp.push(r);
+    let quic = quic_copy.map(|p| Baseline::Quic(p.to_path_buf()));
+    for (baseline, n, reports) in [
+        (Some(Baseline::Tcp), plan.tcp_runs, &mut runs.tcp),
+        (quic, plan.quic_runs, &mut runs.quic),
+    ] {
+        let Some(baseline) = baseline.filter(|_| n > 0) else {
+            continue;
+        };
+        for i in 0..n {
+            let r = run_copy(topo, base.bytes, &baseline)?;
+            eprintln!(
+                "[{} {} {}] U/U_min = {:.3}, CPU {:.2} s/GiB (machine {:.2})",
+                topo.name,
+                baseline.mode(),
+                i + 1,
+                r.ratio,
+                r.cpu_s_per_gib,
+                r.machine_cpu_s_per_gib
+            );
+            write_run(jsonl, baseline.mode(), &r)?;
+            reports.push(r);
+        }
     }
     Ok(runs)
 }
@@ -207,7 +227,12 @@ fn run_ours(
 
 /// The table's row for `topo`: medians over its runs.
 fn row(topo: &Topology, base: &RunOptions, runs: usize, all: &TopologyRuns) -> BenchRow {
-    let TopologyRuns { ours, direct, tcp } = all;
+    let TopologyRuns {
+        ours,
+        direct,
+        tcp,
+        quic,
+    } = all;
     let bytes = base.bytes;
     let us: Vec<f64> = ours.iter().filter_map(|r| r.u_s).collect();
     let median_run = {
@@ -246,6 +271,8 @@ fn row(topo: &Topology, base: &RunOptions, runs: usize, all: &TopologyRuns) -> B
         tcp_ratio_median: median(tcp.iter().map(|r| r.ratio).collect()),
         tcp_cpu_s_per_gib: median(tcp.iter().map(|r| r.cpu_s_per_gib).collect()),
         tcp_machine_cpu_s_per_gib: median(tcp.iter().map(|r| r.machine_cpu_s_per_gib).collect()),
+        quic_ratio_median: median(quic.iter().map(|r| r.ratio).collect()),
+        quic_cpu_s_per_gib: median(quic.iter().map(|r| r.cpu_s_per_gib).collect()),
         peak_rss_mib: ours
             .iter()
             .flat_map(|r| {
@@ -290,6 +317,14 @@ fn sim_ratio(topo: &Topology, bytes: u64) -> Option<f64> {
         .ok()?
         .u_s
         .map(|u| u / u_min)
+}
+
+/// `a` over `b` as "2.1x", or "-" without both.
+fn times(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.1}x", a / b),
+        _ => "-".into(),
+    }
 }
 
 /// The table, as markdown, and for more than one network a summary: median and worst
@@ -344,10 +379,6 @@ pub fn table(rows: &[BenchRow]) -> String {
               | topology | slowest link Gbit/s | U/U_min | TCP U/U_min | CPU s/GiB | TCP CPU s/GiB | CPU vs TCP | machine s/GiB | TCP machine s/GiB | peak RSS MiB | first chunk ms |\n\
               |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
         for r in rows.iter().filter(|r| r.tcp_ratio_median.is_some()) {
-            let vs = match (r.cpu_s_per_gib, r.tcp_cpu_s_per_gib) {
-                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-                _ => None,
-            };
             s += &format!(
                 "| {} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 r.topology,
@@ -356,11 +387,33 @@ pub fn table(rows: &[BenchRow]) -> String {
                 f(r.tcp_ratio_median, 3),
                 f(r.cpu_s_per_gib, 2),
                 f(r.tcp_cpu_s_per_gib, 2),
-                vs.map_or("-".into(), |x| format!("{x:.1}x")),
+                times(r.cpu_s_per_gib, r.tcp_cpu_s_per_gib),
                 f(r.machine_cpu_s_per_gib, 2),
                 f(r.tcp_machine_cpu_s_per_gib, 2),
                 f(r.peak_rss_mib, 0),
                 f(r.first_chunk_ms, 0),
+            );
+        }
+    }
+    if rows.iter().any(|r| r.quic_ratio_median.is_some()) {
+        s += "\nThe transport alone: a bare QUIC copy from the source to every destination at \
+              once (`quic_copy`: a node's endpoint and configuration, one stream per receiver, \
+              what arrives dropped; no hashing, scheduling, disk or link statistics; medians \
+              of runs). CPU s/GiB as above.\n\n\
+              | topology | U/U_min | bare QUIC U/U_min | TCP U/U_min | CPU s/GiB | bare QUIC CPU s/GiB | TCP CPU s/GiB | bare QUIC vs TCP | FloodClone vs bare QUIC |\n\
+              |---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+        for r in rows.iter().filter(|r| r.quic_ratio_median.is_some()) {
+            s += &format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                r.topology,
+                f(r.ratio_median, 3),
+                f(r.quic_ratio_median, 3),
+                f(r.tcp_ratio_median, 3),
+                f(r.cpu_s_per_gib, 2),
+                f(r.quic_cpu_s_per_gib, 2),
+                f(r.tcp_cpu_s_per_gib, 2),
+                times(r.quic_cpu_s_per_gib, r.tcp_cpu_s_per_gib),
+                times(r.cpu_s_per_gib, r.quic_cpu_s_per_gib),
             );
         }
     }

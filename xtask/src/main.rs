@@ -197,6 +197,11 @@ struct BenchArgs {
     /// per topology, with the CPU cost of both (README, "Gigabit links").
     #[arg(long, default_value_t = 0)]
     tcp_runs: usize,
+    /// Runs of a bare QUIC copy per topology: a node's QUIC endpoint and configuration
+    /// from the source to every destination at once, none of FloodClone's own work (the
+    /// example `quic_copy`): what the transport alone costs (README, "Gigabit links").
+    #[arg(long, default_value_t = 0)]
+    quic_runs: usize,
     /// Instead of topology files: this many small random networks (README, "Random
     /// networks"), seeds --seed, --seed+1, ...
     #[arg(long)]
@@ -305,11 +310,18 @@ fn main() -> Result<()> {
             // quinn in the middle of the first test suite, taking both cores for ~40 s
             // from tests that wait with deadlines.
             let bin = build_floodclone()?;
+            let quic_copy = floodclone_testbed::build::quic_copy_binary()?;
             let mut full = vec!["test", "--release"];
             full.extend(args.iter().map(String::as_str));
             cargo_with_env(
                 &full,
-                &[(floodclone_testbed::build::BIN_ENV, bin.as_os_str())],
+                &[
+                    (floodclone_testbed::build::BIN_ENV, bin.as_os_str()),
+                    (
+                        floodclone_testbed::build::QUIC_COPY_ENV,
+                        quic_copy.as_os_str(),
+                    ),
+                ],
             )?;
         }
     }
@@ -617,6 +629,7 @@ fn bench_command(args: BenchArgs) -> Result<()> {
         runs,
         baseline_runs,
         tcp_runs,
+        quic_runs,
         random,
         seed,
         delay_ms,
@@ -671,13 +684,26 @@ fn bench_command(args: BenchArgs) -> Result<()> {
     let mut base = run::RunOptions::new(size);
     base.files = files;
     base.join_late = join_late;
+    let quic_copy = match quic_runs {
+        0 => None,
+        _ => Some(floodclone_testbed::build::quic_copy_binary()?),
+    };
     let plan = bench::BenchPlan {
         runs,
         baseline_runs,
         tcp_runs,
+        quic_runs,
         keep_logs_over,
     };
-    let rows = bench::bench(&topos, &bin, &base, plan, &mut jsonl, &pictures)?;
+    let rows = bench::bench(
+        &topos,
+        &bin,
+        quic_copy.as_deref(),
+        &base,
+        plan,
+        &mut jsonl,
+        &pictures,
+    )?;
     let table = bench::table(&rows);
     let md_path = dir.join(format!("bench-{stamp}.md"));
     std::fs::write(&md_path, &table)?;

@@ -47,6 +47,37 @@ pub fn floodclone_binary_for_tests() -> Result<PathBuf> {
     }
 }
 
+/// The variable through which `cargo xtask test` names the `quic_copy` it built to the
+/// tests ([`quic_copy_binary_for_tests`]).
+pub const QUIC_COPY_ENV: &str = "FLOODCLONE_TEST_QUIC_COPY";
+
+/// The `quic_copy` the tests run: the one named in [`QUIC_COPY_ENV`], else
+/// [`quic_copy_binary`].
+pub fn quic_copy_binary_for_tests() -> Result<PathBuf> {
+    match std::env::var_os(QUIC_COPY_ENV) {
+        Some(path) => Ok(PathBuf::from(path)),
+        None => quic_copy_binary(),
+    }
+}
+
+/// The release build of the example `quic_copy` (a bare QUIC copy with a node's
+/// transport, the bench's `--quic-runs`); returns its path.
+pub fn quic_copy_binary() -> Result<PathBuf> {
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "floodclone-user",
+        "--example",
+        "quic_copy",
+    ])?;
+    let path = target_dir().join("release/examples/quic_copy");
+    if !path.is_file() {
+        bail!("cargo built quic_copy but {} is missing", path.display());
+    }
+    Ok(path)
+}
+
 /// Setup, then the release `floodclone` binary; returns its path.
 pub fn floodclone_binary() -> Result<PathBuf> {
     setup::ensure(true)?;
@@ -58,8 +89,12 @@ pub fn floodclone_binary() -> Result<PathBuf> {
         "--bin",
         "floodclone",
     ])?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
+    Ok(target_dir().join("release").join("floodclone"))
+}
+
+/// Where cargo puts what it builds.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    Ok(target.join("release").join("floodclone"))
+        .unwrap_or_else(|| workspace_root().join("target"))
 }

@@ -425,7 +425,7 @@ pub fn run_transfer(topo: &Topology, bin: &Path, opts: &RunOptions) -> Result<Ru
     let s = topo.source();
     let timeout = opts
         .timeout
-        .unwrap_or_else(|| Duration::from_secs_f64(floor.u_min_s * 10.0 + 60.0));
+        .unwrap_or_else(|| default_timeout(floor.u_min_s));
     let running = Running {
         send: swarm.send,
         recvs: &swarm.recvs,
@@ -1163,36 +1163,66 @@ pub fn member_count(topo: &Topology) -> usize {
     topo.nodes.iter().filter(|n| n.role != Role::Router).count()
 }
 
-/// A plain TCP copy of the file from the source to every destination at once, on the same
-/// testbed a run uses ([`crate::traffic::tcp_copy`]): the bench's baseline of speed and CPU
-/// cost.
+/// How long a transfer whose floor is `u_min_s` may take before it is given up: ten times
+/// the floor, and a minute for the start.
+fn default_timeout(u_min_s: f64) -> Duration {
+    Duration::from_secs_f64(u_min_s * 10.0 + 60.0)
+}
+
+/// A baseline copy of the file from the source to every destination at once, on the same
+/// testbed a run uses: the bench's baselines of speed and CPU cost.
+#[derive(Clone, Debug)]
+pub enum Baseline {
+    /// A plain TCP copy ([`crate::traffic::tcp_copy`]).
+    Tcp,
+    /// A bare QUIC copy with this `quic_copy` program ([`crate::traffic::quic_copy`]).
+    Quic(PathBuf),
+}
+
+impl Baseline {
+    /// The name of its runs in the bench's JSON lines.
+    pub fn mode(&self) -> &'static str {
+        match self {
+            Baseline::Tcp => "tcp",
+            Baseline::Quic(_) => "quic",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
-pub struct TcpReport {
+pub struct CopyReport {
     pub topology: String,
     pub bytes: u64,
     /// The last receiver's time, over the floor.
     pub u_s: f64,
     pub ratio: f64,
-    /// CPU seconds of the copy's threads (user + system) per GiB delivered (file size times
-    /// receivers), and the whole machine's busy seconds per GiB delivered.
+    /// CPU seconds of the copy's threads or processes (user + system) per GiB delivered
+    /// (file size times receivers), and the whole machine's busy seconds per GiB delivered.
     pub cpu_s_per_gib: f64,
     pub machine_cpu_s_per_gib: f64,
 }
 
-/// Runs the TCP baseline of `opts.bytes` over `topo`.
-pub fn run_tcp_copy(topo: &Topology, bytes: u64) -> Result<TcpReport> {
+/// Runs `baseline` with a file of `bytes` over `topo`.
+pub fn run_copy(topo: &Topology, bytes: u64, baseline: &Baseline) -> Result<CopyReport> {
     let floor =
         bound::floor(&topo.with_upload_caps_as_links(), bytes).map_err(anyhow::Error::msg)?;
-    let (scratch, src) = ScratchDir::with_test_file("tcp", topo, bytes, 1)?;
+    let (scratch, src) = ScratchDir::with_test_file(baseline.mode(), topo, bytes, 1)?;
     let work = scratch.0.clone();
     netns::ensure_host_bpffs()?;
     let mut bed = Testbed::up(topo)?;
-    let copy = crate::traffic::tcp_copy(&bed, &src, topo.source(), &topo.destinations(), &work);
+    let (from, to) = (topo.source(), topo.destinations());
+    let copy = match baseline {
+        Baseline::Tcp => crate::traffic::tcp_copy(&bed, &src, from, &to, &work),
+        Baseline::Quic(program) => {
+            let deadline = default_timeout(floor.u_min_s);
+            crate::traffic::quic_copy(&mut bed, program, &src, from, &to, deadline)
+        }
+    };
     bed.down();
     let copy = copy?;
     let u_s = copy.done_s.iter().copied().fold(0.0, f64::max);
     let gib = bytes as f64 * copy.done_s.len() as f64 / (1u64 << 30) as f64;
-    Ok(TcpReport {
+    Ok(CopyReport {
         topology: topo.name.clone(),
         bytes,
         u_s,

@@ -6,6 +6,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context;
+
 use crate::netns::{identity_addr, Testbed};
 
 /// Sends TCP from node `from` to node `to` for `secs`; returns (payload Mbit/s after a
@@ -207,12 +209,11 @@ impl Drop for BackgroundTcp {
     }
 }
 
-/// A plain TCP copy of a file from one node to several at once: what `curl` from an HTTP
-/// server does, without HTTP. The sender uses `sendfile` (no copy through user space); each
-/// receiver reads into a file of its own. The same files and links as a FloodClone run, for
-/// a baseline of speed and CPU cost in the same bench.
+/// A baseline copy of a file from one node to several at once ([`tcp_copy`], [`quic_copy`]):
+/// the same files and links as a FloodClone run, for a baseline of speed and CPU cost in
+/// the same bench.
 #[derive(Clone, Debug, serde::Serialize)]
-pub struct TcpCopy {
+pub struct BaselineCopy {
     /// Seconds from the start until each receiver held the whole file, in `to` order.
     pub done_s: Vec<f64>,
     /// CPU seconds (user + system) of the sending and receiving threads, summed.
@@ -232,14 +233,16 @@ fn thread_cpu_s() -> f64 {
 }
 
 /// Copies `file` from node `from` to each node of `to` over TCP, all at once, into
-/// `<out_dir>/tcp-<node>.out`; checks every copy's length.
+/// `<out_dir>/tcp-<node>.out`; checks every copy's length. What `curl` from an HTTP server
+/// does, without HTTP: the sender uses `sendfile` (no copy through user space); each
+/// receiver reads into a file of its own.
 pub fn tcp_copy(
     bed: &Testbed,
     file: &std::path::Path,
     from: usize,
     to: &[usize],
     out_dir: &std::path::Path,
-) -> anyhow::Result<TcpCopy> {
+) -> anyhow::Result<BaselineCopy> {
     use std::os::fd::AsRawFd;
     let len = std::fs::metadata(file)?.len();
     let addr = SocketAddrV4::new(identity_addr(from), 5003);
@@ -328,9 +331,108 @@ pub fn tcp_copy(
     cpu_s += sender
         .join()
         .map_err(|_| anyhow::anyhow!("sender panicked"))??;
-    Ok(TcpCopy {
+    Ok(BaselineCopy {
         done_s,
         cpu_s,
         machine_cpu_s: machine_busy_s() - cpu0,
     })
+}
+
+/// The port [`quic_copy`]'s sender listens on.
+const QUIC_COPY_PORT: u16 = 5004;
+
+/// Copies `file` from node `from` to each node of `to` over QUIC, all at once, with
+/// `quic_copy` (the example program `floodclone-user/examples/quic_copy.rs`: a node's
+/// endpoint and configuration, none of the daemon's work). Receivers read what comes and
+/// drop it, so this is what the transport alone costs; checks every copy's length. Each
+/// process's CPU is its own `getrusage`, reported as it exits.
+pub fn quic_copy(
+    bed: &mut Testbed,
+    quic_copy: &std::path::Path,
+    file: &std::path::Path,
+    from: usize,
+    to: &[usize],
+    deadline: Duration,
+) -> anyhow::Result<BaselineCopy> {
+    use std::process::Stdio;
+    let len = std::fs::metadata(file)?.len();
+    let program = quic_copy
+        .to_str()
+        .context("quic_copy's path is not UTF-8")?;
+    let mut send = bed.command(from, program);
+    send.arg("send")
+        .arg(file)
+        .args([QUIC_COPY_PORT.to_string(), to.len().to_string()])
+        .stdout(Stdio::piped());
+    let sender = bed.spawn(send)?;
+    let mut sender_out = std::io::BufReader::new(
+        bed.child(sender)
+            .stdout
+            .take()
+            .context("quic_copy's stdout")?,
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut sender_out, &mut line)?;
+    anyhow::ensure!(
+        line.contains("listening"),
+        "quic_copy send did not start: {line:?}"
+    );
+    let cpu0 = machine_busy_s();
+    let start = Instant::now();
+    let addr = format!("{}:{QUIC_COPY_PORT}", identity_addr(from));
+    let receivers = to
+        .iter()
+        .map(|&node| {
+            let mut recv = bed.command(node, program);
+            recv.args(["recv", &addr, "-"]).stdout(Stdio::piped());
+            Ok((bed.spawn(recv)?, start.elapsed().as_secs_f64()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut done_s = Vec::new();
+    let mut cpu_s = 0.0;
+    for (handle, started_s) in receivers {
+        let report = wait_for_json(bed, handle, start + deadline)?;
+        let got = report["bytes"].as_u64().unwrap_or(0);
+        anyhow::ensure!(got == len, "a quic_copy receiver got {got} of {len} bytes");
+        done_s.push(started_s + report["done_s"].as_f64().unwrap_or(f64::NAN));
+        cpu_s += report["cpu_s"].as_f64().unwrap_or(0.0);
+    }
+    let machine_cpu_s = machine_busy_s() - cpu0;
+    let mut rest = String::new();
+    sender_out.read_to_string(&mut rest)?;
+    bed.child(sender).wait()?;
+    let sent: serde_json::Value = serde_json::from_str(rest.trim())
+        .with_context(|| format!("quic_copy send's report: {rest:?}"))?;
+    cpu_s += sent["cpu_s"].as_f64().unwrap_or(0.0);
+    Ok(BaselineCopy {
+        done_s,
+        cpu_s,
+        machine_cpu_s,
+    })
+}
+
+/// Waits until the process `handle` exits (killing it at `deadline`) and parses the JSON
+/// line it printed.
+fn wait_for_json(
+    bed: &mut Testbed,
+    handle: usize,
+    deadline: Instant,
+) -> anyhow::Result<serde_json::Value> {
+    let child = bed.child(handle);
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            anyhow::bail!("quic_copy did not finish in time");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut out = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        o.read_to_string(&mut out)?;
+    }
+    anyhow::ensure!(status.success(), "quic_copy failed ({status}): {out}");
+    serde_json::from_str(out.trim()).with_context(|| format!("quic_copy's report: {out:?}"))
 }
