@@ -5,8 +5,9 @@
 //! the daemon runs, but none of the daemon's work: no hashing, no scheduling, no
 //! announcements, no link statistics. The sender reads its file in 64 KiB pieces and
 //! writes them, in order, on one stream per receiver; each receiver writes what it reads
-//! to a file. Each process prints one JSON line: its CPU seconds (user + system) and, for
-//! a receiver, when it held the whole file.
+//! to a file, or drops it when OUT_FILE is `-` (as the bench runs it: the transport
+//! alone). Each process prints one JSON line: its CPU seconds (user + system) and, for a
+//! receiver, when it held the whole file.
 //!
 //!     quic_copy send FILE PORT RECEIVERS
 //!     quic_copy recv ADDR:PORT OUT_FILE

@@ -258,7 +258,9 @@ fn transport_config(cc: Congestion, initial_window: u64, udp_payload: u16) -> Tr
 /// 2 Gbit/s a node's CPU goes by the wake-ups, and each ACK is one at both ends (a build
 /// and a send, a receive and a wake-up): 8% less CPU per GiB on one 2 Gbit/s link (6.37
 /// -> 5.88 s, six runs each, alternating; the bare transport 10% less), the same at 1
-/// and 10 Gbit/s, and the shipped, 20 ms and wan sets within their spread.
+/// and 10 Gbit/s, and the shipped, 20 ms and wan sets within their spread. A side effect
+/// on tail-drop queues: a TCP flow across a link six of our connections share kept about
+/// twice its share (README, "Other people's traffic", session 37).
 const ACK_ELICITING_THRESHOLD: u32 = 15;
 
 /// What an accepted connection lets its dialer send us. A dialer pulls: chunk streams flow

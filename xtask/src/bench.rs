@@ -166,7 +166,7 @@ fn run_topology(
         (Some(Baseline::Tcp), plan.tcp_runs, &mut runs.tcp),
         (quic, plan.quic_runs, &mut runs.quic),
     ] {
-        let Some(baseline) = baseline.filter(|_| n > 0) else {
+        let Some(baseline) = baseline else {
             continue;
         };
         for i in 0..n {
