@@ -252,15 +252,17 @@ fn transport_config(cc: Congestion, initial_window: u64, udp_payload: u16) -> Tr
 
 /// Packets a receiver of chunks may take before it must acknowledge them (the ACK
 /// frequency extension; QUIC's default is 1: every second packet). It still acknowledges
-/// at once when packets go missing (quinn asks for that beyond a gap of 2), and at least
-/// once a round trip (quinn's requested delay: the lesser of 25 ms and the RTT), so loss
-/// detection and slow links keep their pace. Every 16th, not every 5th (session 37): at
-/// 2 Gbit/s a node's CPU goes by the wake-ups, and each ACK is one at both ends (a build
-/// and a send, a receive and a wake-up): 8% less CPU per GiB on one 2 Gbit/s link (6.37
-/// -> 5.88 s, six runs each, alternating; the bare transport 10% less), the same at 1
-/// and 10 Gbit/s, and the shipped, 20 ms and wan sets within their spread. A side effect
-/// on tail-drop queues: a TCP flow across a link six of our connections share kept about
-/// twice its share (README, "Other people's traffic", session 37).
+/// at once when packets go missing (quinn asks for that beyond a gap of 2), and otherwise
+/// 25 ms after the first packet it has not acknowledged at the latest (quinn requests the
+/// lesser of the peer's 25 ms and the RTT, but never under 25 ms): a flight of fewer than
+/// 16 packets (slow start's first, a slow connection's) waits that long for its ACK.
+/// Every 16th, not every 5th (session 37): at 2 Gbit/s a node's CPU goes by the wake-ups,
+/// and each ACK is one at both ends (a build and a send, a receive and a wake-up): 8% less
+/// CPU per GiB on one 2 Gbit/s link (6.37 -> 5.88 s, six runs each, alternating; the bare
+/// transport 10% less), the same at 1 and 10 Gbit/s, and the shipped, 20 ms and wan sets
+/// within their spread. A side effect: a TCP flow across a tail-drop queue that six of
+/// our small-window connections share kept about twice its share (README, "Other
+/// people's traffic", session 37).
 const ACK_ELICITING_THRESHOLD: u32 = 15;
 
 /// What an accepted connection lets its dialer send us. A dialer pulls: chunk streams flow
