@@ -330,7 +330,7 @@ fn times(a: Option<f64>, b: Option<f64>) -> String {
 /// The table, as markdown, and for more than one network a summary: median and worst
 /// U/U_min, and how far the simulator was from the testbed.
 pub fn table(rows: &[BenchRow]) -> String {
-    let f = |v: Option<f64>, p: usize| v.map_or("-".into(), |x| format!("{x:.p$}"));
+    let f = fixed;
     let mut s = String::from(
         "| topology | U_min s | U median s | U min..max s | U/U_min | routed | direct U/U_min | max copies/link | sim U/U_min | idle s (source) | ok |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
@@ -395,28 +395,7 @@ pub fn table(rows: &[BenchRow]) -> String {
             );
         }
     }
-    if rows.iter().any(|r| r.quic_ratio_median.is_some()) {
-        s += "\nThe transport alone: a bare QUIC copy from the source to every destination at \
-              once (`quic_copy`: a node's endpoint and configuration, one stream per receiver, \
-              what arrives dropped; no hashing, scheduling, disk or link statistics; medians \
-              of runs). CPU s/GiB as above.\n\n\
-              | topology | U/U_min | bare QUIC U/U_min | TCP U/U_min | CPU s/GiB | bare QUIC CPU s/GiB | TCP CPU s/GiB | bare QUIC vs TCP | FloodClone vs bare QUIC |\n\
-              |---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
-        for r in rows.iter().filter(|r| r.quic_ratio_median.is_some()) {
-            s += &format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-                r.topology,
-                f(r.ratio_median, 3),
-                f(r.quic_ratio_median, 3),
-                f(r.tcp_ratio_median, 3),
-                f(r.cpu_s_per_gib, 2),
-                f(r.quic_cpu_s_per_gib, 2),
-                f(r.tcp_cpu_s_per_gib, 2),
-                times(r.quic_cpu_s_per_gib, r.tcp_cpu_s_per_gib),
-                times(r.cpu_s_per_gib, r.quic_cpu_s_per_gib),
-            );
-        }
-    }
+    s += &transport_alone_table(rows);
     if rows.len() > 1 {
         let ratios: Vec<f64> = rows.iter().filter_map(|r| r.ratio_median).collect();
         let routed: Vec<f64> = rows.iter().filter_map(|r| r.ratio_routed_median).collect();
@@ -439,6 +418,46 @@ pub fn table(rows: &[BenchRow]) -> String {
         );
     }
     s
+}
+
+/// The bare QUIC copy beside FloodClone and the TCP copy, when the bench ran it.
+fn transport_alone_table(rows: &[BenchRow]) -> String {
+    let ran: Vec<&BenchRow> = rows
+        .iter()
+        .filter(|r| r.quic_ratio_median.is_some())
+        .collect();
+    if ran.is_empty() {
+        return String::new();
+    }
+    let f = fixed;
+    let mut s = String::from(
+        "\nThe transport alone: a bare QUIC copy from the source to every destination at \
+         once (`quic_copy`: a node's endpoint and configuration, one stream per receiver, \
+         what arrives dropped; no hashing, scheduling, disk or link statistics; medians \
+         of runs). CPU s/GiB as above.\n\n\
+         | topology | U/U_min | bare QUIC U/U_min | TCP U/U_min | CPU s/GiB | bare QUIC CPU s/GiB | TCP CPU s/GiB | bare QUIC vs TCP | FloodClone vs bare QUIC |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in ran {
+        s += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.topology,
+            f(r.ratio_median, 3),
+            f(r.quic_ratio_median, 3),
+            f(r.tcp_ratio_median, 3),
+            f(r.cpu_s_per_gib, 2),
+            f(r.quic_cpu_s_per_gib, 2),
+            f(r.tcp_cpu_s_per_gib, 2),
+            times(r.quic_cpu_s_per_gib, r.tcp_cpu_s_per_gib),
+            times(r.cpu_s_per_gib, r.quic_cpu_s_per_gib),
+        );
+    }
+    s
+}
+
+/// `v` with `p` decimals, or "-".
+fn fixed(v: Option<f64>, p: usize) -> String {
+    v.map_or("-".into(), |x| format!("{x:.p$}"))
 }
 
 /// Cost of the link-stats programs: TCP over an unshaped veth with and without them
