@@ -398,9 +398,11 @@ pub fn quic_copy(
         cpu_s += report["cpu_s"].as_f64().unwrap_or(0.0);
     }
     let machine_cpu_s = machine_busy_s() - cpu0;
+    // Its receivers are done, so it ends: but never wait on it without a bound.
+    let status = exit_status_by(bed.child(sender), start + deadline)?;
     let mut rest = String::new();
     sender_out.read_to_string(&mut rest)?;
-    bed.child(sender).wait()?;
+    anyhow::ensure!(status.success(), "quic_copy send failed ({status}): {rest}");
     let sent: serde_json::Value = serde_json::from_str(rest.trim())
         .with_context(|| format!("quic_copy send's report: {rest:?}"))?;
     cpu_s += sent["cpu_s"].as_f64().unwrap_or(0.0);
@@ -419,20 +421,28 @@ fn wait_for_json(
     deadline: Instant,
 ) -> anyhow::Result<serde_json::Value> {
     let child = bed.child(handle);
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            anyhow::bail!("quic_copy did not finish in time");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_status_by(child, deadline)?;
     let mut out = String::new();
     if let Some(mut o) = child.stdout.take() {
         o.read_to_string(&mut out)?;
     }
     anyhow::ensure!(status.success(), "quic_copy failed ({status}): {out}");
     serde_json::from_str(out.trim()).with_context(|| format!("quic_copy's report: {out:?}"))
+}
+
+/// Waits until `child` exits; kills it at `deadline`.
+fn exit_status_by(
+    child: &mut std::process::Child,
+    deadline: Instant,
+) -> anyhow::Result<std::process::ExitStatus> {
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            anyhow::bail!("quic_copy did not finish in time");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
