@@ -95,8 +95,9 @@ enum Cmd {
         #[arg(long)]
         dests_file: Option<PathBuf>,
         /// Chunk size, a power of two from 4 KiB to 64 MiB (65536, 64KiB, 1MiB; a plain
-        /// number is bytes) [default: 64 KiB; doubled for files over 64 GiB so the file has
-        /// at most 2^20 chunks].
+        /// number is bytes) [default: 64 KiB, doubled while the file has more than 1024
+        /// chunks up to 1 MiB (1 MiB from 1 GiB), and beyond that for files over 1 TiB so it
+        /// has at most 2^20 chunks].
         #[arg(long, value_parser = parse_chunk_size)]
         chunk_size: Option<u32>,
         /// How long to wait for every destination before starting with those present
