@@ -144,6 +144,11 @@ fn empty_one_byte_and_ragged_sizes_arrive_intact() {
     for bytes in [0, 1, 128 * 1024 + 1] {
         transfer(&small_chain(40), &RunOptions::new(bytes));
     }
+    // The smallest file the default cuts into chunks over 64 KiB (513 of 128 KiB), its last
+    // one byte.
+    let bytes = 64 * MIB + 1;
+    assert_eq!(floodclone_sched::default_chunk_bytes(bytes), 128 * 1024);
+    transfer(&small_chain(1000), &RunOptions::new(bytes));
 }
 
 #[test]
