@@ -24,10 +24,12 @@ pub const COMING_TTL_S: f64 = 2.0;
 /// queues, so with chunks of 256 KiB (files over 64 MiB) and 64 of them a 1 Gbit/s star's
 /// source peaked at 80 MiB against 35 (four neighbours at 16 MiB each); at 4 MiB, the
 /// same pipeline as 64 chunks of 64 KiB, it used the same CPU per GiB or less (README,
-/// "Chunk size").
+/// "Gigabit links", session 38).
 pub const MAX_OUTSTANDING_BYTES: u64 = 4 << 20;
 /// Most requests outstanding per neighbour whatever the chunk size.
 pub const MAX_OUTSTANDING_CHUNKS: u64 = 64;
+/// Fewest requests outstanding per neighbour, whatever its rate or the chunk size.
+pub const MIN_OUTSTANDING: u32 = 2;
 
 #[derive(Clone, Debug)]
 pub struct SchedConfig {
@@ -61,9 +63,10 @@ impl SchedConfig {
     pub fn new(chunk_bytes: u64) -> Self {
         Self {
             chunk_bytes,
-            min_outstanding: 2,
+            min_outstanding: MIN_OUTSTANDING,
             max_outstanding: (MAX_OUTSTANDING_BYTES / chunk_bytes.max(1))
-                .clamp(2, MAX_OUTSTANDING_CHUNKS) as u32,
+                .clamp(MIN_OUTSTANDING as u64, MAX_OUTSTANDING_CHUNKS)
+                as u32,
             queue_target_s: 0.12,
             initial_rate_bps: 20e6,
             endgame_slowness: 3.0,
