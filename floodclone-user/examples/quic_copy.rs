@@ -111,6 +111,7 @@ fn main() -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads((cores / 2).clamp(1, 2))
+        .on_thread_park(floodclone::park::before_park)
         .enable_all()
         .build()?;
     // On a worker, as the daemon's work is: `block_on` runs its future on this thread, and

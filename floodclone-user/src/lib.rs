@@ -23,7 +23,8 @@
 //!   from counters), [`stats`] (`floodclone stats`);
 //! - what a person or a script sees: [`events`] (the `--json` events), [`output`],
 //!   [`progress`]; what they type: [`hosts`] (destinations by address or name); systemd's
-//!   readiness: [`sd_notify`].
+//!   readiness: [`sd_notify`];
+//! - the async runtime's idle workers at high packet rates: [`park`].
 
 pub mod api;
 pub mod claims;
@@ -38,6 +39,7 @@ pub mod meter;
 pub mod metrics;
 pub mod node;
 pub mod output;
+pub mod park;
 pub mod progress;
 pub mod sd_notify;
 pub mod source;

@@ -447,7 +447,8 @@ fn segments_per_send(udp_payload: u16) -> usize {
     (MAX_GSO_BYTES / udp_payload.max(1) as usize).max(1)
 }
 
-/// quinn's socket, sending batches no larger than one segmented UDP send may be. quinn
+/// quinn's socket, sending batches no larger than one segmented UDP send may be, and
+/// counting what it carries for [`crate::park`]. quinn
 /// puts up to 10 packets in a batch whatever their size: ten of 8952 bytes exceed the
 /// 65,487 bytes one send can carry, the kernel refuses the send (EMSGSIZE), and quinn-udp,
 /// which expects that error only of MTU probes, drops the whole batch silently. On a
@@ -465,6 +466,7 @@ impl quinn::AsyncUdpSocket for BoundedBatches {
     }
 
     fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        crate::park::count(transmit.contents.len());
         self.inner.try_send(transmit)
     }
 
@@ -474,7 +476,11 @@ impl quinn::AsyncUdpSocket for BoundedBatches {
         bufs: &mut [std::io::IoSliceMut<'_>],
         meta: &mut [quinn::udp::RecvMeta],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        self.inner.poll_recv(cx, bufs, meta)
+        let polled = self.inner.poll_recv(cx, bufs, meta);
+        if let std::task::Poll::Ready(Ok(n)) = polled {
+            crate::park::count(meta[..n].iter().map(|m| m.len).sum());
+        }
+        polled
     }
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
