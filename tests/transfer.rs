@@ -279,7 +279,11 @@ fn an_upload_cap_holds_and_the_floor_counts_it_and_a_cross_flow() {
     )
     .unwrap();
     let bytes = 4 * MIB;
-    let report = transfer(&topo, &RunOptions::new(bytes));
+    // In chunks of 1 MiB, which the cap must pace in pieces: sent whole, the last chunk
+    // would leave at line rate a chunk-time ahead of the cap.
+    let mut opts = RunOptions::new(bytes);
+    opts.send_args = vec!["--chunk-size".into(), "1MiB".into()];
+    let report = transfer(&topo, &opts);
     let at_cap_s = bytes as f64 * 8.0 / 8e6;
     assert!(
         (report.u_min_s - at_cap_s).abs() < 0.01 * at_cap_s,
@@ -287,9 +291,10 @@ fn an_upload_cap_holds_and_the_floor_counts_it_and_a_cross_flow() {
         report.u_min_s
     );
     let u = report.u_s.unwrap();
-    // The first chunk goes at once and a burst of two more may go ahead of the rate: the
-    // last chunk leaves (chunks - 3) chunk-times after the first.
-    let earliest = (bytes - 3 * 65_536) as f64 * 8.0 / 8e6;
+    // The first piece goes at once and a burst of two more may go ahead of the rate: the
+    // last piece leaves (pieces - 3) piece-times after the first.
+    let piece = floodclone::upload_cap::PIECE_BYTES as u64;
+    let earliest = (bytes - 3 * piece) as f64 * 8.0 / 8e6;
     assert!(
         u >= earliest,
         "U {u} s beats the cap ({earliest} s at 8 Mbit/s)"

@@ -724,8 +724,14 @@ impl Conn {
                     }
                     data = bad.into();
                 }
-                if let Some(cap) = &ctx.upload_cap {
-                    cap.admit(data.len()).await;
+                // Under `--max-rate` the chunk's place in the cap's schedule: its first
+                // piece waits here (chunks stay in order), the rest in the writer below.
+                let slot = ctx
+                    .upload_cap
+                    .as_ref()
+                    .map(|cap| cap.reserve(data.len(), Instant::now()));
+                if let Some(slot) = &slot {
+                    slot.wait(0).await;
                 }
                 let Ok(mut s) = conn.open_uni().await else {
                     break;
@@ -745,8 +751,17 @@ impl Conn {
                     let delivered = async {
                         // Handed over, not copied: quinn keeps the chunk's buffer until
                         // it is acknowledged (a copy per chunk was 5% of a source's CPU).
-                        let mut pieces = [Bytes::copy_from_slice(&c.to_be_bytes()), data];
-                        s.write_all_chunks(&mut pieces).await.ok()?;
+                        let id = Bytes::copy_from_slice(&c.to_be_bytes());
+                        match slot {
+                            None => s.write_all_chunks(&mut [id, data]).await.ok()?,
+                            Some(slot) => {
+                                s.write_chunk(id).await.ok()?;
+                                for (offset, piece) in crate::upload_cap::pieces(&data) {
+                                    slot.wait(offset).await;
+                                    s.write_chunk(piece).await.ok()?;
+                                }
+                            }
+                        }
                         s.finish().ok()?;
                         drop(permit);
                         s.stopped().await.ok()
