@@ -20,6 +20,22 @@ use crate::{rate::RateEstimate, ChunkId, ChunkMap, ChunkSet, MemberId};
 /// How long a neighbour's "fetching" announcement holds back requests to farther ones.
 pub const COMING_TTL_S: f64 = 2.0;
 
+/// A nearer neighbour's "fetching" claim holds back asking a farther neighbour on the same
+/// path for that chunk at least [`COMING_TTL_S`], and as long as this many times the
+/// farther one's pipeline takes to drain here ([`Peer::expected_delivery_s`]). The nearer
+/// one sits behind the same stretch, so its fetch over that path takes about as long; a
+/// claim that lapses while its chunk is still on the way brings that chunk over the shared
+/// path twice. Where far senders are slow (one uplink shared by many, a narrow router link
+/// into a group) a fetch took longer than 2 s: random-1349 in the simulator, whose group
+/// behind a 9 Mbit/s router link took 1.6 copies over it, 1.594 x U_min (1.297 with this).
+/// 1,000 small random networks each (`cargo xtask sim --shape small --networks 1000
+/// --size 32MiB`), over 1.10 x the routed floor / p99, 2 s flat before: seed 1000 22 ->
+/// 20 / 1.191 -> 1.148, seed 5000 15 -> 14 / 1.158 -> 1.136, seed 9000 (not looked at
+/// while choosing) 20 -> 18 / 1.169 -> 1.155; 2 pipelines gave p99 1.159 on seed 1000, 4
+/// and 8 the same. The shipped files, the wan set, the 20 ms set and the testbed's 30
+/// random networks are unchanged in the simulator (no far pipeline there takes 0.5 s).
+pub const CLAIM_PIPELINES: f64 = 4.0;
+
 /// Most requests outstanding per neighbour: the sender holds what it was asked for in its
 /// queues, so with chunks of 256 KiB (files over 64 MiB) and 64 of them a 1 Gbit/s star's
 /// source peaked at 80 MiB against 35 (four neighbours at 16 MiB each); at 4 MiB, the
@@ -222,7 +238,12 @@ impl Peer {
 
     /// This neighbour announced, less than [`COMING_TTL_S`] ago, that it is fetching `c`.
     fn is_fetching(&self, c: ChunkId, now: f64) -> bool {
-        self.coming.get(&c).is_some_and(|&t| now - t < COMING_TTL_S)
+        self.claims_within(c, now, COMING_TTL_S)
+    }
+
+    /// This neighbour announced, less than `ttl` seconds ago, that it is fetching `c`.
+    fn claims_within(&self, c: ChunkId, now: f64, ttl: f64) -> bool {
+        self.coming.get(&c).is_some_and(|&t| now - t < ttl)
     }
 
     /// This neighbour said, less than [`COMING_TTL_S`] ago, that one of its own
@@ -1016,7 +1037,9 @@ impl Puller {
                 skip.insert_all(&q.have);
             }
         }
-        let left_to_nearer = |c: ChunkId| nearer.iter().any(|q| q.is_fetching(c, now));
+        // A nearer neighbour's claim holds as long as a fetch over this path takes.
+        let claim_s = COMING_TTL_S.max(CLAIM_PIPELINES * p.expected_delivery_s(&self.cfg));
+        let left_to_nearer = |c: ChunkId| nearer.iter().any(|q| q.claims_within(c, now, claim_s));
         // A source behind a router sits on a path shared with everyone behind it, and its
         // uplink is often the min-cut. While it still hands out fresh chunks, each chunk
         // must cross that uplink once before any crosses it twice: ask it only for chunks
@@ -1432,14 +1455,11 @@ mod tests {
         assert!(p.is_complete());
     }
 
-    #[test]
-    fn chunks_a_nearer_neighbour_is_fetching_are_not_asked_of_farther_ones() {
-        let cfg = SchedConfig {
-            far_defer_s: 0.0,
-            ..SchedConfig::new(128 << 10)
-        };
+    /// A puller of 8 chunks with two neighbours: peer 1 across a shared bottleneck (3 hops)
+    /// holding every chunk, peer 2 nearby (2 hops) announcing at 0 s that it is fetching
+    /// chunks 0..4 (over the same path).
+    fn far_holds_all_near_fetches_0_to_4(cfg: SchedConfig) -> Puller {
         let mut p = Puller::new(cfg, ChunkSet::new(8));
-        // Peer 1 is across a shared bottleneck (3 hops), peer 2 nearby (2 hops).
         for (peer, hops) in [(1, 3), (2, 2)] {
             p.add_peer(peer, false);
             p.peer_distance(peer, hops);
@@ -1448,6 +1468,16 @@ mod tests {
         for c in 0..4 {
             p.peer_fetching(2, c, 0.0);
         }
+        p
+    }
+
+    #[test]
+    fn chunks_a_nearer_neighbour_is_fetching_are_not_asked_of_farther_ones() {
+        let cfg = SchedConfig {
+            far_defer_s: 0.0,
+            ..SchedConfig::new(128 << 10)
+        };
+        let mut p = far_holds_all_near_fetches_0_to_4(cfg);
         let asked: Vec<ChunkId> = p
             .poll(0.1)
             .into_iter()
@@ -1477,6 +1507,34 @@ mod tests {
         // Once the announcement is stale, the far neighbour is asked after all.
         let late = asked_of_far(&mut p, COMING_TTL_S + 1.0);
         assert!(!late.is_empty() && late.iter().all(|&c| c < 4), "{late:?}");
+    }
+
+    #[test]
+    fn a_nearer_claim_holds_as_long_as_a_fetch_over_a_slow_path_takes() {
+        let cfg = SchedConfig {
+            far_defer_s: 0.0,
+            min_outstanding: 8,
+            ..SchedConfig::new(128 << 10)
+        };
+        let mut p = far_holds_all_near_fetches_0_to_4(cfg);
+        // Peer 1 delivers at 1 Mbit/s: a 128 KiB chunk in 1.05 s.
+        p.peer_measured_rate(1, 1e6);
+        let asked_of_far = |p: &mut Puller, now: f64| -> Vec<ChunkId> {
+            let mut asked: Vec<ChunkId> =
+                requests_by_peer(p.poll(now)).remove(&1).unwrap_or_default();
+            asked.retain(|&c| c < 4);
+            asked
+        };
+        assert_eq!(asked_of_far(&mut p, 0.1), Vec::<ChunkId>::new());
+        // Four chunks outstanding from peer 1 take 4.2 s here, so peer 2's fetch over that
+        // path takes about as long: its claims hold past the 2 s a claim holds at least...
+        assert_eq!(
+            asked_of_far(&mut p, COMING_TTL_S + 1.0),
+            Vec::<ChunkId>::new()
+        );
+        // ... and lapse after CLAIM_PIPELINES such pipelines.
+        let late = asked_of_far(&mut p, CLAIM_PIPELINES * 4.0 * 1.05 + 0.5);
+        assert!(!late.is_empty(), "{late:?}");
     }
 
     fn requests_by_peer(actions: Vec<Action>) -> BTreeMap<MemberId, Vec<ChunkId>> {
