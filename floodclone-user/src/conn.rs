@@ -533,6 +533,30 @@ struct Conn {
     peer: Option<MemberId>,
 }
 
+/// Writes chunk `c` on its stream `s`: its id, then its bytes, handed over, not copied
+/// (quinn keeps the chunk's buffer until it is acknowledged; a copy per chunk was 5% of a
+/// source's CPU); under `--max-rate`, piece by piece at the times of its `slot`. `None`
+/// when the stream failed.
+async fn write_chunk_stream(
+    s: &mut quinn::SendStream,
+    c: ChunkId,
+    data: Bytes,
+    slot: Option<crate::upload_cap::Slot>,
+) -> Option<()> {
+    let id = Bytes::copy_from_slice(&c.to_be_bytes());
+    match slot {
+        None => s.write_all_chunks(&mut [id, data]).await.ok()?,
+        Some(slot) => {
+            s.write_chunk(id).await.ok()?;
+            for (offset, piece) in crate::upload_cap::pieces(&data) {
+                slot.wait(offset).await;
+                s.write_chunk(piece).await.ok()?;
+            }
+        }
+    }
+    Some(())
+}
+
 impl Conn {
     fn new(ctx: Arc<ConnContext>, conn: Connection, dialed: bool, peer: Option<MemberId>) -> Self {
         let key = ctx.next_key.fetch_add(1, Ordering::Relaxed);
@@ -749,19 +773,7 @@ impl Conn {
                     // Written (the permit then goes to the next chunk), then acknowledged;
                     // ends early if the write fails or the peer stops the stream.
                     let delivered = async {
-                        // Handed over, not copied: quinn keeps the chunk's buffer until
-                        // it is acknowledged (a copy per chunk was 5% of a source's CPU).
-                        let id = Bytes::copy_from_slice(&c.to_be_bytes());
-                        match slot {
-                            None => s.write_all_chunks(&mut [id, data]).await.ok()?,
-                            Some(slot) => {
-                                s.write_chunk(id).await.ok()?;
-                                for (offset, piece) in crate::upload_cap::pieces(&data) {
-                                    slot.wait(offset).await;
-                                    s.write_chunk(piece).await.ok()?;
-                                }
-                            }
-                        }
+                        write_chunk_stream(&mut s, c, data, slot).await?;
                         s.finish().ok()?;
                         drop(permit);
                         s.stopped().await.ok()
