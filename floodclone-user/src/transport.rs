@@ -448,12 +448,12 @@ fn segments_per_send(udp_payload: u16) -> usize {
 }
 
 /// quinn's socket, sending batches no larger than one segmented UDP send may be, and
-/// counting what it carries for [`crate::park`]. quinn
-/// puts up to 10 packets in a batch whatever their size: ten of 8952 bytes exceed the
-/// 65,487 bytes one send can carry, the kernel refuses the send (EMSGSIZE), and quinn-udp,
-/// which expects that error only of MTU probes, drops the whole batch silently. On a
-/// 9000-byte link that read as heavy loss and held the default controller and BBR to ~3
-/// MB/s (session 21); 7 packets a batch there.
+/// counting what it carries for [`crate::park`]. quinn puts up to 10 packets in a batch
+/// whatever their size: ten of 8952 bytes exceed the 65,487 bytes one send can carry, the
+/// kernel refuses the send (EMSGSIZE), and quinn-udp, which expects that error only of MTU
+/// probes, drops the whole batch silently. On a 9000-byte link that read as heavy loss
+/// and held the default controller and BBR to ~3 MB/s (session 21); 7 packets a batch
+/// there.
 #[derive(Debug)]
 struct BoundedBatches {
     inner: Arc<dyn quinn::AsyncUdpSocket>,
