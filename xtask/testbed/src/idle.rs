@@ -65,6 +65,14 @@ pub fn idle_intervals(r: &Timeline) -> Vec<((usize, usize), Spans)> {
             .and_then(|(_, s)| s.iter().take_while(|(at, _)| *at <= t).last())
             .map_or(0, |&(_, b)| b)
     };
+    // When destination `node` first held the whole file.
+    let done_at = |node: usize| -> Option<f64> {
+        r.progress
+            .iter()
+            .find(|(d, _)| *d == node)
+            .and_then(|(_, s)| s.iter().find(|&&(_, b)| b >= r.bytes))
+            .map(|&(at, _)| at)
+    };
     let max_flow_bps: Vec<f64> = (0..topo.nodes.len())
         .map(|m| {
             if m == source || !topo.is_member(m) {
@@ -89,10 +97,14 @@ pub fn idle_intervals(r: &Timeline) -> Vec<((usize, usize), Spans)> {
                 .entry(topo.links_up_at(t0))
                 .or_insert_with_key(|up| routing::next_hops(topo, up));
             let near = held_at(u, t0);
+            // Its rate while it was still receiving: a member that completes within the
+            // interval did not starve for the rest of it.
             let starving = |m: usize| {
-                let got_bps =
-                    held_at(m, t1).saturating_sub(held_at(m, t0)) as f64 * 8.0 / (t1 - t0);
-                got_bps < IDLE_BELOW * max_flow_bps[m]
+                let end = done_at(m).map_or(t1, |d| d.min(t1));
+                end > t0 && {
+                    let got = held_at(m, end).saturating_sub(held_at(m, t0));
+                    (got as f64 * 8.0 / (end - t0)) < IDLE_BELOW * max_flow_bps[m]
+                }
             };
             let lacking = (0..topo.nodes.len()).any(|m| {
                 m != u
@@ -178,6 +190,16 @@ mod tests {
         assert_eq!(idle.len(), 1);
         assert_eq!((idle[0].from.as_str(), idle[0].to.as_str()), ("s", "r"));
         assert!((idle[0].seconds - 2.0).abs() < 1e-9, "{idle:?}");
+        // One that completes early in a long interval starved only if it crawled until then:
+        // here d2 gets its last 2 MB in the first 0.4 s of a 7 s gap between samples.
+        let mut done_early = progress.clone();
+        done_early[1].1.truncate(2);
+        done_early[1].1.push((2.4, 4 * MB));
+        let late_tx = vec![(
+            (0, 1),
+            vec![(0.0, 0), (1.0, MB), (2.0, 2 * MB), (9.0, 2 * MB)],
+        )];
+        assert!(idle_while_needed(&timeline(&t, &done_early, &late_tx)).is_empty());
         // A member receiving at over half its max-flow rate is not waiting on the link.
         t.links[2].mbit_ab = 1.0;
         assert!(idle_while_needed(&timeline(&t, &progress, &tx)).is_empty());
