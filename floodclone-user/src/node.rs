@@ -95,19 +95,14 @@ pub(crate) struct Node {
 }
 
 impl Node {
-    /// Opens the endpoint (its connections' congestion windows start at `initial_window`
-    /// bytes) and starts accepting connections.
-    pub fn open(
-        opts: &NodeOptions,
-        role: &'static str,
-        initial_window: u64,
-    ) -> Result<Self, NodeError> {
+    /// Opens the endpoint and starts accepting connections.
+    pub fn open(opts: &NodeOptions, role: &'static str) -> Result<Self, NodeError> {
         let (ctx, events) = ConnContext::new(
             opts.token.clone(),
             opts.misbehaviour,
             opts.max_rate_mbit.map(crate::upload_cap::UploadCap::new),
         );
-        let ep = transport::endpoint_with(opts.port, opts.congestion, initial_window)?;
+        let ep = transport::endpoint_with(opts.port, opts.congestion, transport::INITIAL_WINDOW)?;
         conn::spawn_acceptor(ep.clone(), ctx.clone());
         let metrics = opts
             .metrics

@@ -69,7 +69,7 @@ pub struct SendOutcome {
 /// (`cfg.swarm` is already in `opts`).
 pub async fn run(opts: NodeOptions, cfg: SendOptions) -> Result<SendOutcome, NodeError> {
     // Listen first: destinations may join while the file is being hashed.
-    let mut node = Node::open(&opts, "source", transport::SOURCE_INITIAL_WINDOW)?;
+    let mut node = Node::open(&opts, "source")?;
     let hasher = ChunkHasher::open(&cfg.path, cfg.chunk_bytes)?;
     let layout = hasher.layout();
     let store = Arc::new(ChunkStore::source(&cfg.path, layout.clone())?);

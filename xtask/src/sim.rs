@@ -235,7 +235,7 @@ impl Queue {
 
 /// Round trips between the source and a destination before it is joined (see where
 /// `simulate` uses it), and the congestion window the source's connections start with
-/// (the daemon's `transport::SOURCE_INITIAL_WINDOW`).
+/// (the daemon's `transport::INITIAL_WINDOW`).
 const JOIN_ROUND_TRIPS: f64 = 1.5;
 const INITIAL_WINDOW_BYTES: f64 = 65_536.0;
 

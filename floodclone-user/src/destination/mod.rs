@@ -83,7 +83,7 @@ fn member_name(members: &[Member], id: MemberId) -> String {
 /// Joins the source, fetches and re-serves chunks, writes the file. Returns seconds from
 /// start until the copy was complete and verified.
 pub async fn run(opts: NodeOptions, cfg: RecvOptions) -> Result<f64, NodeError> {
-    let mut node = Node::open(&opts, "destination", crate::congestion::INITIAL_WINDOW)?;
+    let mut node = Node::open(&opts, "destination")?;
     let (local_tx, mut local) = mpsc::unbounded_channel();
     let mut dest = Destination::new(cfg, Routes::open()?, local_tx);
     dest.start(&mut node).await?;
