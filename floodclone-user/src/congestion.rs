@@ -39,6 +39,15 @@
 //! The packet bound keeps a fast connection's own losses near 1 in [`HOLD_PACKETS`]; the
 //! round-trip bound keeps a slow one (a few packets a round trip) from holding for seconds
 //! while faster ones take the link.
+//!
+//! A node's connections grow together by what one connection would ([`Coupling`], the
+//! coupled increase of RFC 6356 with equal round trips): each by its window's share of
+//! theirs. Toward any bottleneck they share, the node's own uplink or a router link
+//! between sites, it is then as aggressive as one flow, whichever and however many
+//! neighbours it serves; where they share none, each still fills its own path (growth
+//! decides only how soon a cut is won back). Measured on the cross-traffic network, where
+//! three senders' six connections cross the link a TCP flow uses: the flow kept 48% of it
+//! (seven runs, 47-59%) against 42.5% (40-52%) uncoupled.
 
 use std::{any::Any, sync::Arc, time::Instant};
 
@@ -94,20 +103,36 @@ pub const INITIAL_WINDOW: u64 = 14_720;
 #[derive(Debug, Clone)]
 pub struct VenoConfig {
     pub initial_window: u64,
+    /// Every connection this config builds grows coupled with the others in it; `None`:
+    /// each alone.
+    pub coupling: Option<Arc<Coupling>>,
 }
 
 impl Default for VenoConfig {
     fn default() -> Self {
         Self {
             initial_window: INITIAL_WINDOW,
+            coupling: None,
         }
     }
 }
 
 impl ControllerFactory for VenoConfig {
     fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
-        Box::new(Veno::new(now, current_mtu, self.initial_window))
+        let mut v = Veno::new(now, current_mtu, self.initial_window);
+        v.coupling = self.coupling.clone();
+        Box::new(v)
     }
+}
+
+/// Connections whose window growth is coupled: together they grow by what one would,
+/// each by its window's share of theirs. Counted are those in congestion avoidance that
+/// kept their window full over their last round trip (one that sends little does not
+/// take growth from those that send).
+#[derive(Debug, Default)]
+pub struct Coupling {
+    /// The counted connections' windows, summed.
+    windows: std::sync::atomic::AtomicI64,
 }
 
 #[derive(Debug, Clone)]
@@ -144,9 +169,41 @@ struct Veno {
     /// Bytes sent after the last congestion cut and acknowledged; `None` while no cut
     /// holds growth back (before the first, after slow start's end, once the hold is over).
     delivered_since_cut: Option<u64>,
+    coupling: Option<Arc<Coupling>>,
+    /// What this connection adds to its coupling's windows.
+    coupled_window: u64,
+}
+
+impl Drop for Veno {
+    fn drop(&mut self) {
+        self.count_coupled(0);
+    }
 }
 
 impl Veno {
+    /// Sets what this connection adds to its coupling's windows.
+    fn count_coupled(&mut self, window: u64) {
+        if let Some(c) = &self.coupling {
+            if window != self.coupled_window {
+                let delta = window as i64 - self.coupled_window as i64;
+                c.windows
+                    .fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+                self.coupled_window = window;
+            }
+        }
+    }
+
+    /// This connection's share of its coupling's growth: its window over theirs.
+    fn coupled_share(&self) -> f64 {
+        match &self.coupling {
+            Some(c) if self.coupled_window > 0 => {
+                let all = c.windows.load(std::sync::atomic::Ordering::Relaxed);
+                (self.coupled_window as f64 / all.max(1) as f64).min(1.0)
+            }
+            _ => 1.0,
+        }
+    }
+
     fn new(now: Instant, mtu: u16, initial_window: u64) -> Self {
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Self {
@@ -171,6 +228,8 @@ impl Veno {
             last_round_acked: 0,
             round_start: now,
             delivered_since_cut: None,
+            coupling: None,
+            coupled_window: 0,
         }
     }
 
@@ -299,7 +358,10 @@ impl Controller for Veno {
     }
 
     fn clone_box(&self) -> Box<dyn Controller> {
-        Box::new(self.clone())
+        let mut copy = self.clone();
+        // Counted once: the original's part stays the original's.
+        copy.coupled_window = 0;
+        Box::new(copy)
     }
 
     fn initial_window(&self) -> u64 {
@@ -352,6 +414,7 @@ impl Veno {
         }
         self.round_acked += bytes;
         self.round_app_limited |= app_limited;
+        self.recount_coupled();
         if sent <= self.recovery_start {
             return;
         }
@@ -383,9 +446,21 @@ impl Veno {
                 } else {
                     self.mtu
                 };
-                self.window += step;
+                self.window += ((step as f64 * self.coupled_share()) as u64).max(1);
             }
         }
+        self.recount_coupled();
+    }
+
+    /// Counts the window in its coupling while in congestion avoidance and kept full.
+    fn recount_coupled(&mut self) {
+        let avoiding = self.ssthresh != u64::MAX && self.window >= self.ssthresh;
+        let counted = if avoiding && self.last_round_acked > 0 {
+            self.window
+        } else {
+            0
+        };
+        self.count_coupled(counted);
     }
 
     /// `lost_bytes` of packets sent at `sent` were declared lost.
@@ -450,6 +525,7 @@ impl Veno {
         // round trip, four times for one overflow (wan-mesh: 520 -> 272 packets of 420).
         // What was delivered stays counted, so the rate is believed again at once.
         self.lost = [0; 2];
+        self.recount_coupled();
     }
 }
 
@@ -532,6 +608,53 @@ mod tests {
             acked += MTU;
         }
         assert_eq!(v.window, w + w / 8);
+    }
+
+    #[test]
+    fn coupled_connections_grow_together_by_what_one_would() {
+        let coupling = Arc::new(Coupling::default());
+        let coupled = |window: u64| {
+            let (mut v, now) = avoiding(window * MTU);
+            v.coupling = Some(coupling.clone());
+            (v, now)
+        };
+        // A round trip of 120 ms acknowledged with the window kept full and no queue.
+        let full_round = |v: &mut Veno, now: &mut Instant| {
+            let packets = v.window.div_ceil(MTU);
+            for _ in 0..packets {
+                *now += Duration::from_secs_f64(0.120 / packets as f64);
+                v.acked_with_srtt(*now, *now, MTU, false, 0.120, 0.0);
+            }
+        };
+        let (mut a, mut at_a) = coupled(320);
+        let (mut b, mut at_b) = coupled(96);
+        full_round(&mut a, &mut at_a);
+        full_round(&mut b, &mut at_b);
+        assert!(a.coupled_window > 0 && b.coupled_window > 0, "both counted");
+        let (wa, wb) = (a.window, b.window);
+        full_round(&mut a, &mut at_a);
+        full_round(&mut b, &mut at_b);
+        // Each grew by an eighth of its window times its share of the pair's.
+        let share_a = wa as f64 / (wa + wb) as f64;
+        let grown_a = (a.window - wa) as f64;
+        assert!(
+            (grown_a - wa as f64 / 8.0 * share_a).abs() <= 1.0,
+            "{grown_a}"
+        );
+        assert!(
+            b.window - wb < wb / 8 / 3,
+            "b grew {} of {wb}",
+            b.window - wb
+        );
+        // A connection that goes stops counting: the other grows alone again.
+        drop(b);
+        assert_eq!(
+            coupling.windows.load(std::sync::atomic::Ordering::Relaxed),
+            a.coupled_window as i64
+        );
+        let wa = a.window;
+        full_round(&mut a, &mut at_a);
+        assert_eq!(a.window, wa + wa / 8);
     }
 
     /// A controller in slow start at 1200 packets after three round trips of 120 ms that

@@ -175,10 +175,11 @@ pub enum Congestion {
     Bbr,
 }
 
-fn congestion(
-    kind: Congestion,
-    initial_window: u64,
-) -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync + 'static> {
+type CongestionFactory = Arc<dyn quinn::congestion::ControllerFactory + Send + Sync + 'static>;
+
+/// An endpoint's congestion controllers: every connection it dials or accepts is built by
+/// this one factory (the default controller's coupling spans them all).
+fn congestion(kind: Congestion, initial_window: u64) -> CongestionFactory {
     match kind {
         Congestion::Reno => {
             let mut c = quinn::congestion::NewRenoConfig::default();
@@ -186,7 +187,10 @@ fn congestion(
                 .initial_window(initial_window);
             Arc::new(c)
         }
-        Congestion::Veno => Arc::new(crate::congestion::VenoConfig { initial_window }),
+        Congestion::Veno => Arc::new(crate::congestion::VenoConfig {
+            initial_window,
+            coupling: Some(Arc::default()),
+        }),
         Congestion::Bbr => {
             let mut c = quinn::congestion::BbrConfig::default();
             c.initial_window(initial_window);
@@ -233,7 +237,7 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// as slices of their datagrams' buffers and lets a stream hold up to 2.5 times what it
 /// buffers before it copies them out, so a window of 32 MiB, filled while a destination's
 /// CPU lagged behind a 10 Gbit/s sender, could hold 80 MiB.
-fn transport_config(cc: Congestion, initial_window: u64, udp_payload: u16) -> TransportConfig {
+fn transport_config(cc: CongestionFactory, udp_payload: u16) -> TransportConfig {
     let mut t = TransportConfig::default();
     t.stream_receive_window(VarInt::from_u32(4 << 20))
         .receive_window(VarInt::from_u32(16 << 20))
@@ -245,7 +249,7 @@ fn transport_config(cc: Congestion, initial_window: u64, udp_payload: u16) -> Tr
                 .try_into()
                 .expect("IDLE_TIMEOUT fits QUIC's idle timeout"),
         ));
-    t.congestion_controller_factory(congestion(cc, initial_window));
+    t.congestion_controller_factory(cc);
     let mut mtud = quinn::MtuDiscoveryConfig::default();
     mtud.black_hole_cooldown(BLACK_HOLE_COOLDOWN)
         .upper_bound(udp_payload);
@@ -272,12 +276,8 @@ const ACK_ELICITING_THRESHOLD: u32 = 15;
 /// only toward it, so all it sends us is its control stream. Small windows and no chunk
 /// streams mean a stranger that has not yet proven the token holds next to nothing of
 /// ours (the full windows were granted before authentication: 16 MiB per connection).
-fn accepting_transport_config(
-    cc: Congestion,
-    initial_window: u64,
-    udp_payload: u16,
-) -> TransportConfig {
-    let mut t = transport_config(cc, initial_window, udp_payload);
+fn accepting_transport_config(cc: CongestionFactory, udp_payload: u16) -> TransportConfig {
+    let mut t = transport_config(cc, udp_payload);
     // The chunk streams flow from here: ask the receiver to acknowledge every 16th packet
     // rather than every 2nd (each ACK is a packet to build, encrypt, send, receive and
     // process at both ends).
@@ -334,15 +334,12 @@ pub fn endpoint_with(
         .map_err(tls)?;
     server_tls.alpn_protocols = vec![ALPN.to_vec()];
     let udp_payload = largest_udp_payload();
-    let transport = Arc::new(transport_config(cc, initial_window, udp_payload));
+    let cc = congestion(cc, initial_window);
+    let transport = Arc::new(transport_config(cc.clone(), udp_payload));
     let mut server = ServerConfig::with_crypto(Arc::new(
         QuicServerConfig::try_from(server_tls).map_err(|e| TransportError::Tls(e.to_string()))?,
     ));
-    server.transport_config(Arc::new(accepting_transport_config(
-        cc,
-        initial_window,
-        udp_payload,
-    )));
+    server.transport_config(Arc::new(accepting_transport_config(cc, udp_payload)));
 
     let mut client_tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
