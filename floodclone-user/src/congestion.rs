@@ -49,7 +49,14 @@
 //! three senders' six connections cross the link a TCP flow uses: the flow kept 48% of it
 //! (seven runs, 47-59%) against 42.5% (40-52%) uncoupled.
 
-use std::{any::Any, sync::Arc, time::Instant};
+use std::{
+    any::Any,
+    sync::{
+        atomic::{AtomicI64, AtomicU64, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
 
 use quinn::congestion::{Controller, ControllerFactory, ControllerMetrics};
 use quinn_proto::RttEstimator;
@@ -132,7 +139,7 @@ impl ControllerFactory for VenoConfig {
 #[derive(Debug, Default)]
 pub struct Coupling {
     /// The counted connections' windows, summed.
-    windows: std::sync::atomic::AtomicI64,
+    windows: AtomicI64,
 }
 
 #[derive(Debug, Clone)]
@@ -186,8 +193,7 @@ impl Veno {
         if let Some(c) = &self.coupling {
             if window != self.coupled_window {
                 let delta = window as i64 - self.coupled_window as i64;
-                c.windows
-                    .fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+                c.windows.fetch_add(delta, Ordering::Relaxed);
                 self.coupled_window = window;
             }
         }
@@ -197,7 +203,7 @@ impl Veno {
     fn coupled_share(&self) -> f64 {
         match &self.coupling {
             Some(c) if self.coupled_window > 0 => {
-                let all = c.windows.load(std::sync::atomic::Ordering::Relaxed);
+                let all = c.windows.load(Ordering::Relaxed);
                 (self.coupled_window as f64 / all.max(1) as f64).min(1.0)
             }
             _ => 1.0,
@@ -205,9 +211,9 @@ impl Veno {
     }
 
     fn new(now: Instant, mtu: u16, initial_window: u64) -> Self {
-        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Self {
-            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             mtu: mtu as u64,
             initial_window,
             window: initial_window,
@@ -649,7 +655,7 @@ mod tests {
         // A connection that goes stops counting: the other grows alone again.
         drop(b);
         assert_eq!(
-            coupling.windows.load(std::sync::atomic::Ordering::Relaxed),
+            coupling.windows.load(Ordering::Relaxed),
             a.coupled_window as i64
         );
         let wa = a.window;

@@ -102,7 +102,7 @@ impl Node {
             opts.misbehaviour,
             opts.max_rate_mbit.map(crate::upload_cap::UploadCap::new),
         );
-        let ep = transport::endpoint_with(opts.port, opts.congestion, transport::INITIAL_WINDOW)?;
+        let ep = transport::endpoint_with(opts.port, opts.congestion)?;
         conn::spawn_acceptor(ep.clone(), ctx.clone());
         let metrics = opts
             .metrics

@@ -294,7 +294,7 @@ fn accepting_transport_config(cc: CongestionFactory, udp_payload: u16) -> Transp
 /// The node's endpoint on `port` (both families, [`bind_udp`]), serving and dialing, with the default
 /// congestion controller.
 pub fn endpoint(port: u16) -> Result<Endpoint, TransportError> {
-    endpoint_with(port, Congestion::default(), INITIAL_WINDOW)
+    endpoint_with(port, Congestion::default())
 }
 
 /// ring's TLS 1.3 suites, AES-128-GCM first (rustls offers AES-256-GCM first): with
@@ -314,12 +314,8 @@ fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// The node's endpoint on `port` (both families), its connections run by `cc` from
-/// `initial_window` bytes.
-pub fn endpoint_with(
-    port: u16,
-    cc: Congestion,
-    initial_window: u64,
-) -> Result<Endpoint, TransportError> {
+/// [`INITIAL_WINDOW`] bytes.
+pub fn endpoint_with(port: u16, cc: Congestion) -> Result<Endpoint, TransportError> {
     let provider = crypto_provider();
     let tls = |e: rustls::Error| TransportError::Tls(e.to_string());
     let cert = rcgen::generate_simple_self_signed(vec!["floodclone".to_string()])
@@ -334,7 +330,7 @@ pub fn endpoint_with(
         .map_err(tls)?;
     server_tls.alpn_protocols = vec![ALPN.to_vec()];
     let udp_payload = largest_udp_payload();
-    let cc = congestion(cc, initial_window);
+    let cc = congestion(cc, INITIAL_WINDOW);
     let transport = Arc::new(transport_config(cc.clone(), udp_payload));
     let mut server = ServerConfig::with_crypto(Arc::new(
         QuicServerConfig::try_from(server_tls).map_err(|e| TransportError::Tls(e.to_string()))?,
