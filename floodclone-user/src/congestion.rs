@@ -104,24 +104,12 @@ pub const HOLD_PACKETS: u64 = 500;
 /// direction's queue (measured: 16 round trips, mesh 1.097-1.109 against 1.086-1.091; 64,
 /// 1.159).
 pub const HOLD_ROUND_TRIPS: f64 = 8.0;
-/// Initial window, as quinn's default (RFC 9002: min(10 x MTU, max(2 x MTU, 14720))).
-pub const INITIAL_WINDOW: u64 = 14_720;
-
 #[derive(Debug, Clone)]
 pub struct VenoConfig {
     pub initial_window: u64,
     /// Every connection this config builds grows coupled with the others in it; `None`:
     /// each alone.
     pub coupling: Option<Arc<Coupling>>,
-}
-
-impl Default for VenoConfig {
-    fn default() -> Self {
-        Self {
-            initial_window: INITIAL_WINDOW,
-            coupling: None,
-        }
-    }
 }
 
 impl ControllerFactory for VenoConfig {
@@ -543,6 +531,7 @@ pub fn trace_id(cc: Box<dyn Controller>) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::INITIAL_WINDOW;
     use std::time::Duration;
 
     const MTU: u64 = 1452;

@@ -179,21 +179,21 @@ type CongestionFactory = Arc<dyn quinn::congestion::ControllerFactory + Send + S
 
 /// An endpoint's congestion controllers: every connection it dials or accepts is built by
 /// this one factory (the default controller's coupling spans them all).
-fn congestion(kind: Congestion, initial_window: u64) -> CongestionFactory {
+fn congestion(kind: Congestion) -> CongestionFactory {
     match kind {
         Congestion::Reno => {
             let mut c = quinn::congestion::NewRenoConfig::default();
             c.loss_reduction_factor(LOSS_REDUCTION)
-                .initial_window(initial_window);
+                .initial_window(INITIAL_WINDOW);
             Arc::new(c)
         }
         Congestion::Veno => Arc::new(crate::congestion::VenoConfig {
-            initial_window,
+            initial_window: INITIAL_WINDOW,
             coupling: Some(Arc::default()),
         }),
         Congestion::Bbr => {
             let mut c = quinn::congestion::BbrConfig::default();
-            c.initial_window(initial_window);
+            c.initial_window(INITIAL_WINDOW);
             Arc::new(c)
         }
     }
@@ -330,7 +330,7 @@ pub fn endpoint_with(port: u16, cc: Congestion) -> Result<Endpoint, TransportErr
         .map_err(tls)?;
     server_tls.alpn_protocols = vec![ALPN.to_vec()];
     let udp_payload = largest_udp_payload();
-    let cc = congestion(cc, INITIAL_WINDOW);
+    let cc = congestion(cc);
     let transport = Arc::new(transport_config(cc.clone(), udp_payload));
     let mut server = ServerConfig::with_crypto(Arc::new(
         QuicServerConfig::try_from(server_tls).map_err(|e| TransportError::Tls(e.to_string()))?,
