@@ -1313,6 +1313,7 @@ pub fn generate(g: &GenOptions) -> Topology {
         events,
         cross: Vec::new(),
         mtu: None,
+        gso_max_size: None,
     }
 }
 

@@ -34,12 +34,11 @@ use crate::{
 pub const NETNS_PREFIX: &str = "fc-";
 /// Queue each shaped direction may hold, in milliseconds at its rate.
 pub const QUEUE_MS: f64 = 25.0;
-/// Largest packet a sender may hand a veth at once (segmentation offload). The shaping
-/// FIFO sits before segmentation and counts such a packet whole: with the default 64 KB a
-/// FIFO of 25 ms at 10 Mbit/s (31 KB) could never take one of TCP's, and TCP crawled.
-const GSO_MAX_SIZE: u64 = 16384;
-/// Least queue of a shaped direction: two of the largest packets.
-const MIN_QUEUE_BYTES: u64 = 2 * GSO_MAX_SIZE;
+/// Largest packet a sender may hand a veth at once (segmentation offload), unless the
+/// topology says otherwise. The shaping FIFO sits before segmentation and counts such a
+/// packet whole: with the kernel's default 64 KB a FIFO of 25 ms at 10 Mbit/s (31 KB)
+/// could never take one of TCP's, and TCP crawled.
+const GSO_MAX_SIZE: u32 = 16384;
 /// HTB burst, in milliseconds at the rate (at least one jumbo GSO packet).
 pub const BURST_MS: f64 = 4.0;
 
@@ -214,6 +213,11 @@ impl Testbed {
         self.delay_lines.iter().map(|(_, l)| l.cpu_s()).sum()
     }
 
+    /// The GSO limit of every veth between two nodes.
+    fn gso_max_size(&self) -> u32 {
+        self.topo.gso_max_size.unwrap_or(GSO_MAX_SIZE)
+    }
+
     pub fn node_index(&self, name: &str) -> Option<usize> {
         self.topo.nodes.iter().position(|n| n.name == name)
     }
@@ -237,7 +241,12 @@ impl Testbed {
             let (na, nb) = (&topo.nodes[l.a].name, &topo.nodes[l.b].name);
             let (ns_a, ns_b) = (self.netns(l.a), self.netns(l.b));
             if !l.has_propagation() {
-                veth(&ns_a, &iface_name(nb), &ns_b, &iface_name(na), 0, topo.mtu)?;
+                let limits = VethLimits {
+                    gso_max_size: self.gso_max_size(),
+                    gso_max_segs: 0,
+                    mtu: topo.mtu,
+                };
+                veth(&ns_a, &iface_name(nb), &ns_b, &iface_name(na), limits)?;
                 continue;
             }
             // a's end - [ea  delay line  eb] - b's end. A lossy link segments at its ends,
@@ -249,8 +258,13 @@ impl Testbed {
             } else {
                 0
             };
-            veth(&ns_a, &iface_name(nb), &wire, delayline::END_A, segs, None)?;
-            veth(&ns_b, &iface_name(na), &wire, delayline::END_B, segs, None)?;
+            let limits = VethLimits {
+                gso_max_size: GSO_MAX_SIZE,
+                gso_max_segs: segs,
+                mtu: None,
+            };
+            veth(&ns_a, &iface_name(nb), &wire, delayline::END_A, limits)?;
+            veth(&ns_b, &iface_name(na), &wire, delayline::END_B, limits)?;
             run(
                 Command::new("ip").args(["-n", &wire, "-batch", "-"]),
                 Some(&format!(
@@ -355,7 +369,8 @@ impl Testbed {
     fn shape_one(&self, netns: &str, dev: &str, mbit: f64, verb: &str) -> Result<()> {
         let bytes_per_ms = mbit * 1e6 / 8.0 / 1e3;
         let burst = ((bytes_per_ms * BURST_MS) as u64).max(70_000);
-        let limit = ((bytes_per_ms * QUEUE_MS) as u64).max(MIN_QUEUE_BYTES);
+        // At least two of the largest packets.
+        let limit = ((bytes_per_ms * QUEUE_MS) as u64).max(2 * u64::from(self.gso_max_size()));
         let rate = format!("{}kbit", (mbit * 1000.0).round() as u64);
         let class = format!(
             "class {verb} dev {dev} parent 1: classid 1:10 htb rate {rate} ceil {rate} \
@@ -545,18 +560,24 @@ impl Drop for Testbed {
     }
 }
 
-/// A veth pair: `name_a` in namespace `ns_a`, `name_b` in `ns_b`, both with the testbed's
-/// GSO size; `gso_max_segs` > 0 caps the segments per packet (1: no offload); `mtu` when
-/// not the default 1500.
-fn veth(
-    ns_a: &str,
-    name_a: &str,
-    ns_b: &str,
-    name_b: &str,
+/// Both ends of a veth pair.
+#[derive(Clone, Copy)]
+struct VethLimits {
+    gso_max_size: u32,
+    /// Segments per packet when > 0 (1: no offload).
     gso_max_segs: u32,
+    /// When not the default 1500.
     mtu: Option<u32>,
-) -> Result<()> {
-    let gso_max_size = GSO_MAX_SIZE.to_string();
+}
+
+/// A veth pair: `name_a` in namespace `ns_a`, `name_b` in `ns_b`, both with `limits`.
+fn veth(ns_a: &str, name_a: &str, ns_b: &str, name_b: &str, limits: VethLimits) -> Result<()> {
+    let VethLimits {
+        gso_max_size,
+        gso_max_segs,
+        mtu,
+    } = limits;
+    let gso_max_size = gso_max_size.to_string();
     let segs = gso_max_segs.to_string();
     let end = |name: &'static str, ns: &str, dev: &str| {
         let mut v = vec![

@@ -137,6 +137,7 @@ pub fn small_network(seed: u64) -> Topology {
         events: Vec::new(),
         cross: Vec::new(),
         mtu: None,
+        gso_max_size: None,
     };
     if rng.chance(NEAR_MIN_CUT) {
         topo.links = links.clone();

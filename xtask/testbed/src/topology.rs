@@ -166,6 +166,8 @@ struct RawTopology {
     cross: Vec<RawCross>,
     #[serde(default)]
     mtu: Option<u32>,
+    #[serde(default)]
+    gso_max_size: Option<u32>,
 }
 
 /// A link between node indices `a` and `b` with a rate per direction in Mbit/s.
@@ -276,6 +278,10 @@ pub struct Topology {
     pub cross: Vec<CrossFlow>,
     /// Every link's MTU (default: the kernel's 1500); 9000 is a datacenter's jumbo frame.
     pub mtu: Option<u32>,
+    /// Every link's GSO limit, the largest packet a sender may hand its interface at once
+    /// (default: the testbed's 16 KB, see `netns`); 65536 is the kernel's default, what
+    /// a host's gigabit NIC takes.
+    pub gso_max_size: Option<u32>,
 }
 
 fn rates(
@@ -443,6 +449,7 @@ impl Topology {
             events,
             cross: Vec::new(),
             mtu: raw.mtu,
+            gso_max_size: raw.gso_max_size,
         };
         if let Some(m) = topo.mtu {
             if !(1280..=65535).contains(&m) {
@@ -452,6 +459,20 @@ impl Topology {
                 return Err(TopologyError::Invalid(
                     "mtu: only on links without delay, jitter or loss (the delay line \
                      carries 1500-byte frames)"
+                        .into(),
+                ));
+            }
+        }
+        if let Some(g) = topo.gso_max_size {
+            if !(4096..=65536).contains(&g) {
+                return Err(TopologyError::Invalid(format!(
+                    "gso_max_size {g}: 4096 to 65536"
+                )));
+            }
+            if topo.links.iter().any(|l| l.has_propagation()) {
+                return Err(TopologyError::Invalid(
+                    "gso_max_size: only on links without delay, jitter or loss (the delay \
+                     line carries single frames)"
                         .into(),
                 ));
             }
@@ -673,6 +694,9 @@ impl Topology {
         if let Some(m) = self.mtu {
             s += &format!("mtu = {m}\n");
         }
+        if let Some(g) = self.gso_max_size {
+            s += &format!("gso_max_size = {g}\n");
+        }
         s += "\n";
         for n in &self.nodes {
             s += &format!(
@@ -845,13 +869,21 @@ mod tests {
     }
 
     #[test]
-    fn an_mtu_applies_to_every_link_and_survives_a_round_trip() {
+    fn an_mtu_and_a_gso_limit_apply_to_every_link_and_survive_a_round_trip() {
         let jumbo = format!("mtu = 9000\n{SMALL}");
         let t = Topology::parse("j", &jumbo).unwrap();
         assert_eq!(t.mtu, Some(9000));
         assert_eq!(Topology::parse("j", &t.to_toml()).unwrap().mtu, Some(9000));
         assert_eq!(Topology::parse("s", SMALL).unwrap().mtu, None);
         assert!(Topology::parse("j", &format!("mtu = 100\n{SMALL}")).is_err());
+        let wide = format!("gso_max_size = 65536\n{SMALL}");
+        let t = Topology::parse("g", &wide).unwrap();
+        assert_eq!(t.gso_max_size, Some(65536));
+        assert_eq!(
+            Topology::parse("g", &t.to_toml()).unwrap().gso_max_size,
+            Some(65536)
+        );
+        assert!(Topology::parse("g", &format!("gso_max_size = 100000\n{SMALL}")).is_err());
         let delayed = jumbo.replace("mbit_ba = 10", "mbit_ba = 10\ndelay_ms = 20");
         assert!(
             Topology::parse("j", &delayed).is_err(),
