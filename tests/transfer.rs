@@ -175,6 +175,47 @@ fn large_file_moves_with_bounded_memory() {
     }
 }
 
+/// A namespace of its own with only the loopback, removed when dropped.
+struct ScratchNetns(String);
+
+impl ScratchNetns {
+    fn new(tag: &str) -> Self {
+        let ns = Self(format!("fc-{tag}-{}", std::process::id()));
+        ns.ip(&format!("netns add {}", ns.0));
+        ns.ip(&format!("-n {} link set lo up", ns.0));
+        ns
+    }
+
+    /// `ip -n NS ARGS` (`ip ARGS` for `netns ...`).
+    fn ip(&self, args: &str) {
+        let mut cmd = std::process::Command::new("ip");
+        if !args.starts_with("netns") {
+            cmd.args(["-n", &self.0]);
+        }
+        cmd.args(args.split_whitespace());
+        floodclone_testbed::netns::run(&mut cmd, None).unwrap_or_else(|e| panic!("ip {args}: {e}"));
+    }
+
+    /// `f` on a thread inside the namespace.
+    fn call<T: Send + 'static>(&self, f: fn() -> T) -> T {
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            floodclone_testbed::netns::enter_netns(&path).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for ScratchNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
 #[test]
 fn the_mtu_search_reaches_the_largest_interface_mtu() {
     if !root_or_skip("the_mtu_search_reaches_the_largest_interface_mtu") {
@@ -185,38 +226,49 @@ fn the_mtu_search_reaches_the_largest_interface_mtu() {
     // link carries more; the loopback does not count. The wire's own count of a jumbo
     // transfer's packets is in the gigabit bench (README, "QUIC packets as large as the
     // links carry").
-    use floodclone_testbed::netns::{enter_netns, run};
-    let ns = format!("fc-mtu-{}", std::process::id());
-    let ip = |args: &str| {
-        let mut cmd = std::process::Command::new("ip");
-        cmd.args(args.split_whitespace());
-        run(&mut cmd, None).unwrap_or_else(|e| panic!("ip {args}: {e}"));
-    };
-    struct Gone(String);
-    impl Drop for Gone {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del", &self.0])
-                .status();
-        }
+    let ns = ScratchNetns::new("mtu");
+    let payload = || floodclone::transport::largest_udp_payload();
+    assert_eq!(
+        ns.call(payload),
+        1452,
+        "only the loopback: Ethernet's bound"
+    );
+    ns.ip("link add name ja type veth peer name jb");
+    ns.ip("link set ja mtu 9000 up");
+    ns.ip("link set jb mtu 9000 up");
+    assert_eq!(
+        ns.call(payload),
+        8952,
+        "9000-byte links: 8952-byte QUIC packets"
+    );
+}
+
+#[test]
+fn a_send_batch_fits_the_smallest_interface_gso_limit() {
+    if !root_or_skip("a_send_batch_fits_the_smallest_interface_gso_limit") {
+        return;
     }
-    ip(&format!("netns add {ns}"));
-    let _gone = Gone(ns.clone());
-    ip(&format!("-n {ns} link set lo up"));
-    let in_ns = |ns: &str| {
-        let path = format!("/run/netns/{ns}");
-        std::thread::spawn(move || {
-            enter_netns(&path).unwrap();
-            floodclone::transport::largest_udp_payload()
-        })
-        .join()
-        .unwrap()
-    };
-    assert_eq!(in_ns(&ns), 1452, "only the loopback: Ethernet's bound");
-    ip(&format!("-n {ns} link add name ja type veth peer name jb"));
-    ip(&format!("-n {ns} link set ja mtu 9000 up"));
-    ip(&format!("-n {ns} link set jb mtu 9000 up"));
-    assert_eq!(in_ns(&ns), 8952, "9000-byte links: 8952-byte QUIC packets");
+    // A segmented send larger than an interface takes whole is cut into single packets
+    // before it (README, "Send batches as large as the interfaces take"): the endpoint's
+    // batches follow the least any interface that is up takes, read from the kernel over
+    // netlink.
+    let ns = ScratchNetns::new("gso");
+    let batch = || floodclone::transport::packets_per_send();
+    assert_eq!(
+        ns.call(batch),
+        45,
+        "only the loopback: what one UDP send carries"
+    );
+    ns.ip("link add name ga gso_max_size 65536 type veth peer name gb gso_max_size 65536");
+    ns.ip("link set ga up");
+    ns.ip("link set gb up");
+    assert_eq!(ns.call(batch), 45, "64 KB takes 45 packets of 1452 bytes");
+    ns.ip("link set gb gso_max_size 16384");
+    assert_eq!(ns.call(batch), 11, "the smaller limit counts");
+    ns.ip("link set gb gso_max_size 65536 gso_max_segs 4");
+    assert_eq!(ns.call(batch), 4, "and the segments it takes");
+    ns.ip("link set gb down");
+    assert_eq!(ns.call(batch), 45, "an interface that is down does not");
 }
 
 #[test]
