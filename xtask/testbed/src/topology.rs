@@ -451,32 +451,9 @@ impl Topology {
             mtu: raw.mtu,
             gso_max_size: raw.gso_max_size,
         };
-        if let Some(m) = topo.mtu {
-            if !(1280..=65535).contains(&m) {
-                return Err(TopologyError::Invalid(format!("mtu {m}: 1280 to 65535")));
-            }
-            if topo.links.iter().any(|l| l.has_propagation()) {
-                return Err(TopologyError::Invalid(
-                    "mtu: only on links without delay, jitter or loss (the delay line \
-                     carries 1500-byte frames)"
-                        .into(),
-                ));
-            }
-        }
-        if let Some(g) = topo.gso_max_size {
-            if !(4096..=65536).contains(&g) {
-                return Err(TopologyError::Invalid(format!(
-                    "gso_max_size {g}: 4096 to 65536"
-                )));
-            }
-            if topo.links.iter().any(|l| l.has_propagation()) {
-                return Err(TopologyError::Invalid(
-                    "gso_max_size: only on links without delay, jitter or loss (the delay \
-                     line carries single frames)"
-                        .into(),
-                ));
-            }
-        }
+        topo.check_veth_setting("mtu", topo.mtu, 1280..=65535, "1500-byte frames")?;
+        let gso = topo.gso_max_size;
+        topo.check_veth_setting("gso_max_size", gso, 4096..=65536, "single frames")?;
         for d in topo.destinations() {
             if topo.hop_distances(topo.source())[d].is_none() {
                 return Err(TopologyError::Invalid(format!(
@@ -681,6 +658,34 @@ impl Topology {
         };
         *rate = (*rate - mbit).max(*rate * 0.01);
         t
+    }
+
+    /// A top-level setting of every veth (`mtu`, `gso_max_size`): within `range`, and only
+    /// where no link has a delay line, which carries `line_carries`.
+    fn check_veth_setting(
+        &self,
+        key: &str,
+        value: Option<u32>,
+        range: std::ops::RangeInclusive<u32>,
+        line_carries: &str,
+    ) -> Result<(), TopologyError> {
+        let Some(v) = value else {
+            return Ok(());
+        };
+        if !range.contains(&v) {
+            return Err(TopologyError::Invalid(format!(
+                "{key} {v}: {} to {}",
+                range.start(),
+                range.end()
+            )));
+        }
+        if self.links.iter().any(|l| l.has_propagation()) {
+            return Err(TopologyError::Invalid(format!(
+                "{key}: only on links without delay, jitter or loss (the delay line carries \
+                 {line_carries})"
+            )));
+        }
+        Ok(())
     }
 
     pub fn to_toml(&self) -> String {
