@@ -338,6 +338,52 @@ fn corrupt_chunks_are_rejected_refetched_and_their_sender_cut_off() {
 }
 
 #[test]
+fn a_neighbour_that_claims_to_be_the_source_is_refused_and_cut_off() {
+    if !root_or_skip("a_neighbour_that_claims_to_be_the_source_is_refused_and_cut_off") {
+        return;
+    }
+    // Ring plus star: d1 tells every neighbour that dials it (d2 and d4 pull from it) that
+    // it is the source, and welcomes it to another file. What only the source may say
+    // counts only on the connection dialed to it; before, that Hello rebound the dialed
+    // connection to the source's id, and the forged Welcome stopped d2 and d4 ("the source
+    // restarted with a different file"). Now each refuses the connection once and pulls
+    // from others.
+    let scratch = Scratch::new("claimsrc");
+    let src = scratch.0.join("src");
+    write_test_file(&src, 8 * MIB, 9).unwrap();
+    let topo = floodclone_tests::shipped("ring-plus-star");
+    let mut bed = Testbed::up(&topo).unwrap();
+    let out = |i: usize| scratch.0.join(format!("d{i}.out"));
+    let send = start(&mut bed, 0, &send_args(&src, 1..=4), &scratch.0);
+    let extra = |i: usize| -> &[&str] {
+        if i == 1 {
+            &["--claim-source"]
+        } else {
+            &[]
+        }
+    };
+    let recvs: Vec<_> = (1..=4)
+        .map(|i| start(&mut bed, i, &recv_args(0, &out(i), extra(i)), &scratch.0))
+        .collect();
+    for (i, r) in recvs.iter().enumerate() {
+        r.expect_complete(&format!("d{}", i + 1), 90.0);
+    }
+    assert!(send.wait_exit(&mut bed, 30.0).is_some_and(|s| s.success()));
+    assert_copies(&src, (1..=4).map(out));
+    for k in [1, 3] {
+        let log = recvs[k].stderr_text();
+        eprintln!("d{} said: {log}", k + 1);
+        let cut = log.matches("it broke the protocol").count();
+        assert!(cut <= 1, "d{} refused d1 {cut} times", k + 1);
+    }
+    let logs: String = [1, 3].iter().map(|&k| recvs[k].stderr_text()).collect();
+    assert!(
+        logs.contains("only a dialer says who it is"),
+        "no neighbour of d1 refused its Hello"
+    );
+}
+
+#[test]
 fn a_relay_that_announces_chunks_and_sends_none_leaves_its_neighbour_the_source() {
     if !root_or_skip("a_relay_that_announces_chunks_and_sends_none_leaves_its_neighbour_the_source")
     {

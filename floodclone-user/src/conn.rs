@@ -107,6 +107,10 @@ pub enum Misbehaviour {
     /// Answers [`Msg::AskHashes`] with every chunk hash altered (the file's hash kept):
     /// askers must refuse the list and get the hashes elsewhere.
     ForgeGivenHashes,
+    /// On every connection a neighbour dials to pull from it, says it is the source (a
+    /// Hello with the source's id) and welcomes the neighbour to another file: the
+    /// neighbour must refuse the connection, not take it for its way to the source.
+    ClaimSource,
 }
 
 /// What every connection of a node shares.
@@ -600,6 +604,11 @@ impl Conn {
         if self.dialed {
             halves.spawn(self.receiving_half());
         }
+        if !self.dialed && self.ctx.misbehaviour == Misbehaviour::ClaimSource {
+            for m in claim_to_be_the_source(&self.ctx) {
+                let _ = control.send(m);
+            }
+        }
         let replies = control.clone();
         self.ctx.report(ConnEvent::Up(ConnHandle {
             key: self.key,
@@ -660,6 +669,13 @@ impl Conn {
         hashes_given: &mut bool,
     ) -> Result<(), &'static str> {
         match msg {
+            // Only a dialer says who it is: on a connection we dialed we know whom we
+            // dialed, and a peer that says otherwise would take that member's place (the
+            // source's, whose word on the file and the swarm counts only on the
+            // connection we dialed to it).
+            Msg::Hello { .. } if self.dialed => {
+                return Err("a Hello from the peer we dialed (only a dialer says who it is)")
+            }
             Msg::Request { chunks } => {
                 let count = self.ctx.store.get().map(|s| s.layout().chunk_count());
                 if count.is_some_and(|n| chunks.iter().any(|&c| c >= n)) {
@@ -802,6 +818,30 @@ impl Conn {
             }
         }
     }
+}
+
+/// [`Misbehaviour::ClaimSource`]'s first words on a connection it accepted: "I am the
+/// source", and a Welcome to a file whose first chunk hash differs from this one's.
+fn claim_to_be_the_source(ctx: &ConnContext) -> Vec<Msg> {
+    let Some(store) = ctx.store.get() else {
+        return Vec::new();
+    };
+    let mut manifest = store.manifest(u32::MAX);
+    if let Some(h) = manifest.chunk_hashes.first_mut() {
+        h[0] ^= 1;
+    }
+    // As a source still hashing would send it (no file hash yet), so it reads as valid.
+    manifest.file_hash = None;
+    vec![
+        Msg::Hello { id: SOURCE },
+        Msg::Welcome {
+            you: 1,
+            manifest,
+            members: Vec::new(),
+            relay: false,
+            hash_ahead: None,
+        },
+    ]
 }
 
 /// Why a connection whose control stream failed with `e` went: the connection's own

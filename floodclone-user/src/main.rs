@@ -59,6 +59,10 @@ struct NodeArgs {
     /// (it must refuse them).
     #[arg(long, hide = true, conflicts_with_all = ["corrupt_served_chunks", "withhold_served_chunks"])]
     forge_given_hashes: bool,
+    /// Testing only: tell every neighbour that dials this node that it is the source, and
+    /// welcome it to another file (it must refuse the connection).
+    #[arg(long, hide = true, conflicts_with_all = ["corrupt_served_chunks", "withhold_served_chunks", "forge_given_hashes"])]
+    claim_source: bool,
     /// Congestion controller of this node's connections: veno (additive increase, a cut
     /// to 85% on a loss with a queue behind it, none on a random one), reno (a cut on
     /// every loss) or bbr (quinn's BBR v1; unfair where paths are shared).
@@ -365,10 +369,12 @@ impl NodeArgs {
                 self.corrupt_served_chunks,
                 self.withhold_served_chunks,
                 self.forge_given_hashes,
+                self.claim_source,
             ) {
-                (true, _, _) => Misbehaviour::CorruptServed,
-                (_, true, _) => Misbehaviour::WithholdServed,
-                (_, _, true) => Misbehaviour::ForgeGivenHashes,
+                (true, _, _, _) => Misbehaviour::CorruptServed,
+                (_, true, _, _) => Misbehaviour::WithholdServed,
+                (_, _, true, _) => Misbehaviour::ForgeGivenHashes,
+                (_, _, _, true) => Misbehaviour::ClaimSource,
                 _ => Misbehaviour::None,
             },
             ..Swarm::new(token)

@@ -233,6 +233,16 @@ impl Role for Destination {
                         )
                         .await;
                 }
+                // A neighbour we pull from that broke the protocol would break it again.
+                if let Some(p) = node
+                    .conns
+                    .get(key)
+                    .filter(|c| refused && c.dialed)
+                    .and_then(|c| c.peer)
+                    .filter(|p| self.neighbours.contains(p) && *p != SOURCE)
+                {
+                    self.cut_off(p, &format!("it broke the protocol ({reason})"));
+                }
                 self.on_gone(node, key, &reason).await;
                 Step::Continue
             }
@@ -855,14 +865,8 @@ impl Destination {
             // Never the source: without it the swarm cannot finish (and it checks every
             // chunk it reads against the manifest, so a bad chunk from it was damaged on
             // the way, not lied about).
-            tracing::warn!(
-                "disconnecting from {}: {} chunks failed verification; not pulling from it again",
-                member_name(&self.members, p),
-                pl.bad_chunks(p)
-            );
-            pl.remove_peer(p);
-            self.banned.insert(p);
-            self.rediscover_needed = true;
+            let why = format!("{} chunks failed verification", pl.bad_chunks(p));
+            self.cut_off(p, &why);
             if let Some(c) = node.conns.get(key) {
                 c.close(transport::CLOSE_BAD_DATA, b"corrupt chunks");
             }
@@ -872,6 +876,20 @@ impl Destination {
                 member_name(&self.members, p)
             );
         }
+    }
+
+    /// Neighbour `p` lied (`why`): not pulled from again, and its place in the overlay
+    /// taken by others.
+    fn cut_off(&mut self, p: MemberId, why: &str) {
+        tracing::warn!(
+            "disconnecting from {}: {why}; not pulling from it again",
+            member_name(&self.members, p)
+        );
+        if let Some(pl) = self.puller.as_mut() {
+            pl.remove_peer(p);
+        }
+        self.banned.insert(p);
+        self.rediscover_needed = true;
     }
 
     /// Nothing arrived for [`STALL_REPORT_S`]: the log says what this node waits on, once
