@@ -587,11 +587,11 @@ impl Destination {
                     pl.peer_fetching_beyond(p, c, now);
                 }
             }
-            (Msg::DontHave { chunk }, _) => {
-                if let Some(p) = from {
-                    pl.dont_have(p, chunk);
-                }
-            }
+            // A server's answer to our request, on the connection we pull over: from a
+            // connection someone dialed to us it would be a dialer's word about another
+            // member (its Hello names whom it claims to be), telling us not to ask that
+            // member for its chunks.
+            (Msg::DontHave { chunk }, Some(p)) => pl.dont_have(p, chunk),
             (Msg::SourceDistance { hops }, _) => {
                 if let Some(p) = from {
                     pl.peer_source_distance(p, hops);
