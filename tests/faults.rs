@@ -347,7 +347,7 @@ fn a_neighbour_that_claims_to_be_the_source_is_refused_and_cut_off() {
     // counts only on the connection dialed to it; before, that Hello rebound the dialed
     // connection to the source's id, and the forged Welcome stopped d2 and d4 ("the source
     // restarted with a different file"). Now each refuses the connection once and pulls
-    // from others.
+    // from others. d1's own dials say it is the source too.
     let scratch = Scratch::new("claimsrc");
     let src = scratch.0.join("src");
     write_test_file(&src, 8 * MIB, 9).unwrap();
@@ -380,6 +380,12 @@ fn a_neighbour_that_claims_to_be_the_source_is_refused_and_cut_off() {
     assert!(
         logs.contains("only a dialer says who it is"),
         "no neighbour of d1 refused its Hello"
+    );
+    // d1's own dials (it pulls from d2 and d4) say it is the source: not believed where
+    // they come from d1's address.
+    assert!(
+        logs.contains("(the source), whose address that is not: not believed"),
+        "d1's Hellos as the source were believed"
     );
 }
 

@@ -109,7 +109,8 @@ pub enum Misbehaviour {
     ForgeGivenHashes,
     /// On every connection a neighbour dials to pull from it, says it is the source (a
     /// Hello with the source's id) and welcomes the neighbour to another file: the
-    /// neighbour must refuse the connection, not take it for its way to the source.
+    /// neighbour must refuse the connection, not take it for its way to the source. Its
+    /// own dials to pull say so too (their Hello names the source): not to be believed.
     ClaimSource,
 }
 
@@ -400,7 +401,16 @@ pub fn spawn_dial(
     deadline: Option<Instant>,
 ) {
     tokio::spawn(async move {
-        let hello: Arc<[Msg]> = hello.into();
+        let hello: Arc<[Msg]> = match ctx.misbehaviour {
+            Misbehaviour::ClaimSource => hello
+                .into_iter()
+                .map(|m| match m {
+                    Msg::Hello { .. } => Msg::Hello { id: SOURCE },
+                    m => m,
+                })
+                .collect(),
+            _ => hello.into(),
+        };
         match dial_until_answered(&ep, &ctx, addr, peer, hello.clone(), deadline).await {
             Ok((conn, ctl, carried)) => {
                 let rest = if carried { Vec::new() } else { hello.to_vec() };

@@ -120,6 +120,9 @@ struct Destination {
     /// Whether the swarm relays (false: `send --direct`, everyone pulls from the source).
     relay: bool,
     members: Vec<Member>,
+    /// Connections dialed to us whose Hello named a member not in our list yet: named
+    /// when a list has it ([`Destination::on_hello`]).
+    unnamed: HashMap<ConnKey, MemberId>,
     /// The scheduler, once the manifest is known; the one record of what we and our
     /// neighbours hold.
     puller: Option<Puller>,
@@ -213,6 +216,7 @@ impl Role for Destination {
                 refused,
             } => {
                 self.asking.remove(key);
+                self.unnamed.remove(&key);
                 // The source speaks for the whole swarm: what it sends that this node
                 // refuses (a manifest naming a path outside the tree, a message of another
                 // version) it would send again.
@@ -355,6 +359,7 @@ impl Destination {
             me: JOINING,
             relay: true,
             members: Vec::new(),
+            unnamed: HashMap::new(),
             puller: None,
             neighbours: Vec::new(),
             ingress: HashMap::new(),
@@ -461,9 +466,7 @@ impl Destination {
             | Msg::FetchingBeyond { .. }
             | Msg::DontHave { .. }
             | Msg::SourceDistance { .. } => self.on_holdings_msg(node, from, pulled_over, msg),
-            Msg::Hello { id } => {
-                node.conns.bind(key, id);
-            }
+            Msg::Hello { id } => self.on_hello(node, key, id),
             // Only a source hands out fresh chunks.
             Msg::RequestFresh { .. } => {
                 if let Some(c) = node.conns.get(key) {
@@ -521,6 +524,7 @@ impl Destination {
                 }
                 self.members = with_source_addr(members, self.cfg.source);
                 let _ = self.gateway_checks.drop_refuted(&mut self.members);
+                self.name_unnamed(node);
                 self.rediscover_needed = self.me != JOINING;
             }
             Msg::FreshGrant { chunks, exhausted } => {
@@ -688,6 +692,7 @@ impl Destination {
         }
         self.members = with_source_addr(welcome.members, self.cfg.source);
         let _ = self.gateway_checks.drop_refuted(&mut self.members);
+        self.name_unnamed(node);
         self.answer_who_asked(node);
         self.rediscover_needed = true;
         self.hash_ahead = welcome.hash_ahead;
@@ -875,6 +880,37 @@ impl Destination {
                 "chunk {chunk} from {} {outcome}; fetching it again",
                 member_name(&self.members, p)
             );
+        }
+    }
+
+    /// A dialer says it is member `id` ([`Msg::Hello`] on a connection dialed to us).
+    /// Believed only from one of that member's addresses in the source's list (the one
+    /// others dial, or one on its interfaces): else a token holder could speak as another
+    /// member on its connection (that member's hops to the source, the news we pass on
+    /// beyond it). A member not in our list yet is checked once a list names it; until
+    /// then, or when not believed, the connection is served unnamed.
+    fn on_hello(&mut self, node: &mut Node, key: ConnKey, id: MemberId) {
+        let Some(from) = node.conns.get(key).map(|c| c.remote.ip()) else {
+            return;
+        };
+        match self.members.iter().find(|m| m.id == id) {
+            None => {
+                self.unnamed.insert(key, id);
+            }
+            Some(m) if m.addr == from || m.local_addrs.contains(&from) => {
+                node.conns.bind(key, id);
+            }
+            Some(_) => tracing::warn!(
+                "a peer at {from} says it is {}, whose address that is not: not believed",
+                member_name(&self.members, id)
+            ),
+        }
+    }
+
+    /// Checks again the Hellos that named members a new list may have.
+    fn name_unnamed(&mut self, node: &mut Node) {
+        for (key, id) in std::mem::take(&mut self.unnamed) {
+            self.on_hello(node, key, id);
         }
     }
 
