@@ -290,19 +290,16 @@ fn source_killed_and_restarted_destinations_keep_what_they_have() {
     assert_copies(&src, (1..=2).map(out));
 }
 
-/// `recv` on ring-plus-star's node `i` from the source; d1 (node 1) flips a bit in every
-/// chunk it serves.
-fn start_recv_d1_corrupting(
+/// `recv` on node `i` from the source; d1 (node 1) with the testing flag `d1_flag` (how it
+/// misbehaves).
+fn start_recv_d1_with(
     bed: &mut Testbed,
     i: usize,
     out: &std::path::Path,
     scratch: &std::path::Path,
+    d1_flag: &str,
 ) -> floodclone_tests::NodeProc {
-    let extra: &[&str] = if i == 1 {
-        &["--corrupt-served-chunks"]
-    } else {
-        &[]
-    };
+    let extra: &[&str] = if i == 1 { &[d1_flag] } else { &[] };
     start(bed, i, &recv_args(0, out, extra), scratch)
 }
 
@@ -321,7 +318,7 @@ fn corrupt_chunks_are_rejected_refetched_and_their_sender_cut_off() {
     let out = |i: usize| scratch.0.join(format!("d{i}.out"));
     let send = start(&mut bed, 0, &send_args(&src, 1..=4), &scratch.0);
     let recvs: Vec<_> = (1..=4)
-        .map(|i| start_recv_d1_corrupting(&mut bed, i, &out(i), &scratch.0))
+        .map(|i| start_recv_d1_with(&mut bed, i, &out(i), &scratch.0, "--corrupt-served-chunks"))
         .collect();
     for (i, r) in recvs.iter().enumerate() {
         r.expect_complete(&format!("d{}", i + 1), 90.0);
@@ -355,15 +352,8 @@ fn a_neighbour_that_claims_to_be_the_source_is_refused_and_cut_off() {
     let mut bed = Testbed::up(&topo).unwrap();
     let out = |i: usize| scratch.0.join(format!("d{i}.out"));
     let send = start(&mut bed, 0, &send_args(&src, 1..=4), &scratch.0);
-    let extra = |i: usize| -> &[&str] {
-        if i == 1 {
-            &["--claim-source"]
-        } else {
-            &[]
-        }
-    };
     let recvs: Vec<_> = (1..=4)
-        .map(|i| start(&mut bed, i, &recv_args(0, &out(i), extra(i)), &scratch.0))
+        .map(|i| start_recv_d1_with(&mut bed, i, &out(i), &scratch.0, "--claim-source"))
         .collect();
     for (i, r) in recvs.iter().enumerate() {
         r.expect_complete(&format!("d{}", i + 1), 90.0);
@@ -405,15 +395,8 @@ fn a_relay_that_announces_chunks_and_sends_none_leaves_its_neighbour_the_source(
     let mut bed = Testbed::up(&line(&["s", "d1", "d2"], 20)).unwrap();
     let out = |i: usize| scratch.0.join(format!("d{i}.out"));
     let send = start(&mut bed, 0, &send_args(&src, 1..=2), &scratch.0);
-    let extra = |i: usize| -> &[&str] {
-        if i == 1 {
-            &["--withhold-served-chunks"]
-        } else {
-            &[]
-        }
-    };
     let recvs: Vec<_> = (1..=2)
-        .map(|i| start(&mut bed, i, &recv_args(0, &out(i), extra(i)), &scratch.0))
+        .map(|i| start_recv_d1_with(&mut bed, i, &out(i), &scratch.0, "--withhold-served-chunks"))
         .collect();
     for (i, r) in recvs.iter().enumerate() {
         r.expect_complete(&format!("d{}", i + 1), 60.0);
@@ -477,7 +460,7 @@ fn a_warning_during_live_progress_stays_visible_on_a_terminal() {
     assert!(started.status.success(), "{started:?}");
     let others: Vec<_> = [1, 3, 4]
         .iter()
-        .map(|&i| start_recv_d1_corrupting(&mut bed, i, &out(i), &scratch.0))
+        .map(|&i| start_recv_d1_with(&mut bed, i, &out(i), &scratch.0, "--corrupt-served-chunks"))
         .collect();
     let pane = || {
         String::from_utf8_lossy(&tmux.run(&["capture-pane", "-p", "-S", "-"]).stdout).into_owned()
