@@ -664,6 +664,23 @@ fn enlarge_socket_buffers(socket: &std::net::UdpSocket) {
             );
         }
     }
+    // What the kernel granted counts buffers' overhead too (it reports twice what was
+    // asked for): about half of it is payload.
+    let mut granted: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid socket; an int option read into an int of the stated size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&mut granted as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 && granted > 0 {
+        crate::park::set_receive_buffer(granted as u64 / 2);
+    }
 }
 
 /// The two identities of the key exchange: the side that dials and the side that accepts.
