@@ -34,11 +34,14 @@ pub const COALESCE_MIN_BPS: f64 = 400e6;
 /// the wait down to about these bytes (1 Gbit/s: 4.1 at 0.2 ms, 3.3 at 1 ms, 3.0-3.3 at 2),
 /// U unchanged; at 10 Gbit/s a wait over ~200 us slowed the transfer (U/U_min 1.55 at
 /// 0.2 ms, 1.79 at 2 ms, 2.96 at 5): a sender that waits on an ACK sleeps through its
-/// window.
+/// window. It is also under what quinn's pacer lets a sender catch up with in one burst
+/// after a wait (256 packets, 371 KB of 1452-byte ones), so a wait costs a paced sender
+/// no sending time.
 pub const PARK_BYTES: u64 = 256 << 10;
 
 /// Bounds of a wait: under ~50 us a sleep is mostly the timer's slack; over 2 ms (below 1
-/// Gbit/s) the wait would add more to a round trip than was measured.
+/// Gbit/s) the wait would outlast what quinn's pacer stores up (2 ms of its rate) and add
+/// more to a round trip than was measured.
 pub const MIN_PARK_DELAY: Duration = Duration::from_micros(50);
 pub const MAX_PARK_DELAY: Duration = Duration::from_millis(2);
 
