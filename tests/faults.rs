@@ -303,6 +303,36 @@ fn start_recv_d1_with(
     start(bed, i, &recv_args(0, out, extra), scratch)
 }
 
+/// A swarm on `topo` where d1 runs with the testing flag `d1_flag`: the source sends a
+/// file of `mib` MiB (content from `seed`) to d1..=d`dests`; every destination must end
+/// with an identical copy within `within_s` and the source exit cleanly. Returns each
+/// destination's log (d1 first).
+fn swarm_with_d1_flag(
+    name: &str,
+    topo: &Topology,
+    mib: u64,
+    seed: u64,
+    dests: usize,
+    d1_flag: &str,
+    within_s: f64,
+) -> Vec<String> {
+    let scratch = Scratch::new(name);
+    let src = scratch.0.join("src");
+    write_test_file(&src, mib * MIB, seed).unwrap();
+    let mut bed = Testbed::up(topo).unwrap();
+    let out = |i: usize| scratch.0.join(format!("d{i}.out"));
+    let send = start(&mut bed, 0, &send_args(&src, 1..=dests), &scratch.0);
+    let recvs: Vec<_> = (1..=dests)
+        .map(|i| start_recv_d1_with(&mut bed, i, &out(i), &scratch.0, d1_flag))
+        .collect();
+    for (i, r) in recvs.iter().enumerate() {
+        r.expect_complete(&format!("d{}", i + 1), within_s);
+    }
+    assert!(send.wait_exit(&mut bed, 30.0).is_some_and(|s| s.success()));
+    assert_copies(&src, (1..=dests).map(out));
+    recvs.iter().map(|r| r.stderr_text()).collect()
+}
+
 #[test]
 fn corrupt_chunks_are_rejected_refetched_and_their_sender_cut_off() {
     if !root_or_skip("corrupt_chunks_are_rejected_refetched_and_their_sender_cut_off") {
@@ -310,22 +340,9 @@ fn corrupt_chunks_are_rejected_refetched_and_their_sender_cut_off() {
     }
     // Ring plus star: d1 flips a bit in everything it serves. Its ring neighbours d2 and d4
     // must reject those chunks, stop pulling from d1, and get them elsewhere.
-    let scratch = Scratch::new("corrupt");
-    let src = scratch.0.join("src");
-    write_test_file(&src, 8 * MIB, 6).unwrap();
     let topo = floodclone_tests::shipped("ring-plus-star");
-    let mut bed = Testbed::up(&topo).unwrap();
-    let out = |i: usize| scratch.0.join(format!("d{i}.out"));
-    let send = start(&mut bed, 0, &send_args(&src, 1..=4), &scratch.0);
-    let recvs: Vec<_> = (1..=4)
-        .map(|i| start_recv_d1_with(&mut bed, i, &out(i), &scratch.0, "--corrupt-served-chunks"))
-        .collect();
-    for (i, r) in recvs.iter().enumerate() {
-        r.expect_complete(&format!("d{}", i + 1), 90.0);
-    }
-    assert!(send.wait_exit(&mut bed, 30.0).is_some_and(|s| s.success()));
-    assert_copies(&src, (1..=4).map(out));
-    let logs: String = [1, 3].iter().map(|&k| recvs[k].stderr_text()).collect();
+    let recvs = swarm_with_d1_flag("corrupt", &topo, 8, 6, 4, "--corrupt-served-chunks", 90.0);
+    let logs: String = [1, 3].iter().map(|&k| recvs[k].as_str()).collect();
     eprintln!("{logs}");
     assert!(logs.contains("failed verification"), "no rejection logged");
     assert!(
@@ -345,28 +362,15 @@ fn a_neighbour_that_claims_to_be_the_source_is_refused_and_cut_off() {
     // connection to the source's id, and the forged Welcome stopped d2 and d4 ("the source
     // restarted with a different file"). Now each refuses the connection once and pulls
     // from others. d1's own dials say it is the source too.
-    let scratch = Scratch::new("claimsrc");
-    let src = scratch.0.join("src");
-    write_test_file(&src, 8 * MIB, 9).unwrap();
     let topo = floodclone_tests::shipped("ring-plus-star");
-    let mut bed = Testbed::up(&topo).unwrap();
-    let out = |i: usize| scratch.0.join(format!("d{i}.out"));
-    let send = start(&mut bed, 0, &send_args(&src, 1..=4), &scratch.0);
-    let recvs: Vec<_> = (1..=4)
-        .map(|i| start_recv_d1_with(&mut bed, i, &out(i), &scratch.0, "--claim-source"))
-        .collect();
-    for (i, r) in recvs.iter().enumerate() {
-        r.expect_complete(&format!("d{}", i + 1), 90.0);
-    }
-    assert!(send.wait_exit(&mut bed, 30.0).is_some_and(|s| s.success()));
-    assert_copies(&src, (1..=4).map(out));
+    let recvs = swarm_with_d1_flag("claimsrc", &topo, 8, 9, 4, "--claim-source", 90.0);
     for k in [1, 3] {
-        let log = recvs[k].stderr_text();
+        let log = &recvs[k];
         eprintln!("d{} said: {log}", k + 1);
         let cut = log.matches("it broke the protocol").count();
         assert!(cut <= 1, "d{} refused d1 {cut} times", k + 1);
     }
-    let logs: String = [1, 3].iter().map(|&k| recvs[k].stderr_text()).collect();
+    let logs: String = [1, 3].iter().map(|&k| recvs[k].as_str()).collect();
     assert!(
         logs.contains("only a dialer says who it is"),
         "no neighbour of d1 refused its Hello"
@@ -389,21 +393,9 @@ fn a_relay_that_announces_chunks_and_sends_none_leaves_its_neighbour_the_source(
     // every chunk it gets and sends none. Before the last resort d2 asked d1 again and
     // again and never completed; now, with nothing arriving and nothing on time in flight,
     // it pulls from the source too.
-    let scratch = Scratch::new("withhold");
-    let src = scratch.0.join("src");
-    write_test_file(&src, 4 * MIB, 8).unwrap();
-    let mut bed = Testbed::up(&line(&["s", "d1", "d2"], 20)).unwrap();
-    let out = |i: usize| scratch.0.join(format!("d{i}.out"));
-    let send = start(&mut bed, 0, &send_args(&src, 1..=2), &scratch.0);
-    let recvs: Vec<_> = (1..=2)
-        .map(|i| start_recv_d1_with(&mut bed, i, &out(i), &scratch.0, "--withhold-served-chunks"))
-        .collect();
-    for (i, r) in recvs.iter().enumerate() {
-        r.expect_complete(&format!("d{}", i + 1), 60.0);
-    }
-    assert!(send.wait_exit(&mut bed, 30.0).is_some_and(|s| s.success()));
-    assert_copies(&src, (1..=2).map(out));
-    let log = recvs[1].stderr_text();
+    let topo = line(&["s", "d1", "d2"], 20);
+    let recvs = swarm_with_d1_flag("withhold", &topo, 4, 8, 2, "--withhold-served-chunks", 60.0);
+    let log = &recvs[1];
     assert!(log.contains("as a last resort"), "{log}");
 }
 
