@@ -166,6 +166,30 @@ impl Backing {
         }
     }
 
+    /// Bytes `off..off + len` in a new buffer that is never zeroed first: reading a chunk
+    /// into a zeroed one cost the source a memset of every chunk it served (3% of a
+    /// source's samples on the 1 Gbit/s chain).
+    pub fn read_vec_at(&self, len: usize, off: u64) -> Result<Vec<u8>, (PathBuf, std::io::Error)> {
+        let mut buf = Vec::with_capacity(len);
+        let spare = &mut buf.spare_capacity_mut()[..len];
+        match self {
+            Self::File { file, path, .. } => {
+                pread_exact(file, spare, off).map_err(|e| (path.clone(), e))?;
+            }
+            Self::Tree { dir, root, tree } => {
+                let at = for_each_piece(root, tree, off, len, |e, piece_off, range| {
+                    pread_exact(&open_in_tree(dir, &e.path)?, &mut spare[range], piece_off)
+                })?;
+                if at < len {
+                    return Err((root.clone(), std::io::ErrorKind::UnexpectedEof.into()));
+                }
+            }
+        }
+        // SAFETY: `pread_exact` returned Ok, so it wrote all `len` bytes.
+        unsafe { buf.set_len(len) };
+        Ok(buf)
+    }
+
     /// Writes `data` at `off` and has it on its way to disk, so the fsync before the final
     /// rename finds little left to do (the disk keeps up with the network as it goes
     /// instead of taking a whole file's write-back onto the end of the transfer: 1 GiB,
@@ -269,6 +293,43 @@ fn for_each_piece(
         at += n as usize;
     }
     Ok(at)
+}
+
+/// Fills all of `buf` from `file` at `off` (as `FileExt::read_exact_at`, into memory not
+/// yet initialised): Ok only once every byte is written.
+fn pread_exact(
+    file: &File,
+    buf: &mut [std::mem::MaybeUninit<u8>],
+    mut off: u64,
+) -> std::io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        let rest = &mut buf[at..];
+        // SAFETY: the kernel writes at most `rest.len()` bytes into `rest`, which this
+        // function owns mutably; nothing reads them before they are written.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                rest.as_mut_ptr().cast(),
+                rest.len(),
+                off as libc::off_t,
+            )
+        };
+        match n {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n if n < 0 => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            n => {
+                at += n as usize;
+                off += n as u64;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A directory, open for `openat` (not through a link at its own name).
@@ -560,9 +621,9 @@ impl ChunkStore {
             return Ok(data.clone());
         }
         let (off, len) = self.layout.chunk_range(c);
-        let mut buf = vec![0u8; len];
-        self.backing
-            .read_exact_at(&mut buf, off)
+        let buf = self
+            .backing
+            .read_vec_at(len, off)
             .map_err(|(path, source)| StorageError::Read { path, source })?;
         // The source's file may change under it (edited, or a flaky disk): checked on every
         // read, so no destination ever gets a chunk the manifest does not vouch for. A
