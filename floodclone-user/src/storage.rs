@@ -14,6 +14,7 @@ use std::{
     collections::{HashMap, VecDeque},
     fs::{self, File, OpenOptions},
     io::Write,
+    mem::MaybeUninit,
     os::{
         fd::AsRawFd,
         unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt},
@@ -150,20 +151,10 @@ impl Backing {
 
     /// Bytes `off..off + buf.len()`; an error names the file it came from.
     pub fn read_exact_at(&self, buf: &mut [u8], off: u64) -> Result<(), (PathBuf, std::io::Error)> {
-        match self {
-            Self::File { file, path, .. } => {
-                file.read_exact_at(buf, off).map_err(|e| (path.clone(), e))
-            }
-            Self::Tree { dir, root, tree } => {
-                let at = for_each_piece(root, tree, off, buf.len(), |e, piece_off, range| {
-                    open_in_tree(dir, &e.path)?.read_exact_at(&mut buf[range], piece_off)
-                })?;
-                if at < buf.len() {
-                    return Err((root.clone(), std::io::ErrorKind::UnexpectedEof.into()));
-                }
-                Ok(())
-            }
-        }
+        // SAFETY: `[u8]` and `[MaybeUninit<u8>]` have one layout, and `read_uninit_at` only
+        // ever writes initialised bytes into it.
+        let buf = unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
+        self.read_uninit_at(buf, off)
     }
 
     /// Bytes `off..off + len` in a new buffer that is never zeroed first: reading a chunk
@@ -171,23 +162,32 @@ impl Backing {
     /// source's samples on the 1 Gbit/s chain).
     pub fn read_vec_at(&self, len: usize, off: u64) -> Result<Vec<u8>, (PathBuf, std::io::Error)> {
         let mut buf = Vec::with_capacity(len);
-        let spare = &mut buf.spare_capacity_mut()[..len];
-        match self {
-            Self::File { file, path, .. } => {
-                pread_exact(file, spare, off).map_err(|e| (path.clone(), e))?;
-            }
-            Self::Tree { dir, root, tree } => {
-                let at = for_each_piece(root, tree, off, len, |e, piece_off, range| {
-                    pread_exact(&open_in_tree(dir, &e.path)?, &mut spare[range], piece_off)
-                })?;
-                if at < len {
-                    return Err((root.clone(), std::io::ErrorKind::UnexpectedEof.into()));
-                }
-            }
-        }
-        // SAFETY: `pread_exact` returned Ok, so it wrote all `len` bytes.
+        self.read_uninit_at(&mut buf.spare_capacity_mut()[..len], off)?;
+        // SAFETY: `read_uninit_at` returned Ok, so it wrote all `len` bytes.
         unsafe { buf.set_len(len) };
         Ok(buf)
+    }
+
+    /// Fills all of `buf` from `off` on: Ok only once every byte is written.
+    fn read_uninit_at(
+        &self,
+        buf: &mut [MaybeUninit<u8>],
+        off: u64,
+    ) -> Result<(), (PathBuf, std::io::Error)> {
+        match self {
+            Self::File { file, path, .. } => {
+                pread_exact(file, buf, off).map_err(|e| (path.clone(), e))
+            }
+            Self::Tree { dir, root, tree } => {
+                let at = for_each_piece(root, tree, off, buf.len(), |e, piece_off, range| {
+                    pread_exact(&open_in_tree(dir, &e.path)?, &mut buf[range], piece_off)
+                })?;
+                if at < buf.len() {
+                    return Err((root.clone(), std::io::ErrorKind::UnexpectedEof.into()));
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Writes `data` at `off` and has it on its way to disk, so the fsync before the final
@@ -297,11 +297,7 @@ fn for_each_piece(
 
 /// Fills all of `buf` from `file` at `off` (as `FileExt::read_exact_at`, into memory not
 /// yet initialised): Ok only once every byte is written.
-fn pread_exact(
-    file: &File,
-    buf: &mut [std::mem::MaybeUninit<u8>],
-    mut off: u64,
-) -> std::io::Result<()> {
+fn pread_exact(file: &File, buf: &mut [MaybeUninit<u8>], mut off: u64) -> std::io::Result<()> {
     let mut at = 0;
     while at < buf.len() {
         let rest = &mut buf[at..];
