@@ -29,10 +29,11 @@ static LINK_STATS: LruPerCpuHashMap<LinkKey, LinkCounters> =
 static SPIN_STATS: LruHashMap<SpinKey, SpinState> =
     LruHashMap::with_max_entries(SPIN_MAP_ENTRIES, 0);
 
-/// The peers counted (see [`PeerAddr`]), written by userspace: a daemon lists the
-/// swarm's members, so packets from anyone else (spoofed sources included) cannot evict a
-/// member's counters from the LRU maps. The key [`WATCH_ALL`] counts every peer (what
-/// `floodclone stats` on its own wants).
+/// The peers given counters (see [`PeerAddr`]), written by userspace: a daemon lists the
+/// swarm's members, so packets from anyone else (spoofed sources included) cannot create
+/// entries that evict a member's counters from the LRU maps. The key [`WATCH_ALL`] gives
+/// every peer counters (what `floodclone stats` on its own wants). Counters once made keep
+/// counting (the list is consulted only to make them).
 #[map(name = "WATCHED_PEERS")]
 static WATCHED_PEERS: HashMap<PeerAddr, u8> = HashMap::with_max_entries(WATCH_MAP_ENTRIES, 0);
 

@@ -427,8 +427,9 @@ impl LinkStats {
         self.pin_dir.as_deref()
     }
 
-    /// Counts only `peers` (added to those given before) from now on: packets from anyone
-    /// else, spoofed or not, no longer create entries that would evict theirs.
+    /// From now on only `peers` (added to those given before) get new counters: packets
+    /// from anyone else, spoofed or not, no longer create entries that would evict theirs.
+    /// Counters made before keep counting.
     pub fn watch_only(&mut self, peers: &[IpAddr]) -> Result<(), LinkStatsError> {
         let mut map = watched_peers(&mut self.ebpf)?;
         let err = |e: aya::maps::MapError| LinkStatsError::Load(format!("{WATCH_MAP_NAME}: {e}"));
