@@ -934,5 +934,47 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("not connected"));
+        let router = "\n[[node]]\nname = \"r\"\nrole = \"router\"\n";
+        let link = |a: &str, b: &str| format!("\n[[link]]\na = \"{a}\"\nb = \"{b}\"\nmbit = 5\n");
+        let event = |at: &str, extra: &str| {
+            format!("\n[[event]]\nat_s = {at}\nlink = [\"s\", \"d1\"]\n{extra}\n")
+        };
+        for (text, reason) in [
+            (
+                format!("{SMALL}\n[[node]]\nname = \"d1\"\nrole = \"dest\"\n"),
+                "node d1 twice",
+            ),
+            (
+                format!("{SMALL}{router}")
+                    .replace("role = \"router\"", "role = \"router\"\nmax_mbit = 5"),
+                "upload cap",
+            ),
+            (
+                SMALL.replace("role = \"dest\"", "role = \"source\""),
+                "exactly one",
+            ),
+            (format!("{SMALL}{}", link("s", "s")), "link s to itself"),
+            (
+                format!("{SMALL}{}", link("d1", "s")),
+                "two links between d1 and s",
+            ),
+            (format!("{SMALL}{}", link("s", "q")), "unknown node \"q\""),
+            (
+                format!("{SMALL}{router}{}", event("1", "down = true"))
+                    .replace("[\"s\", \"d1\"]\ndown", "[\"s\", \"r\"]\ndown"),
+                "no such link",
+            ),
+            (
+                format!("{SMALL}{}", event("-1", "down = true")),
+                "at_s must be >= 0",
+            ),
+            (
+                format!("{SMALL}{}", event("1", "down = true\nup = true")),
+                "`down` and `up` together",
+            ),
+        ] {
+            let err = Topology::parse("x", &text).unwrap_err().to_string();
+            assert!(err.contains(reason), "{reason:?} not in {err:?}");
+        }
     }
 }
