@@ -18,7 +18,11 @@
 //! mbit = 10              # or: down = true / up = true
 //! ```
 
-use std::{collections::HashMap, fmt, path::Path};
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    path::Path,
+};
 
 use serde::Deserialize;
 
@@ -149,6 +153,57 @@ struct RawEvent {
     down: bool,
     #[serde(default)]
     up: bool,
+}
+
+impl RawEvent {
+    /// The event on its link of `links` (rates given a-to-b in the file turned to the
+    /// link's own direction), at a time >= 0, `down`, `up` or a new rate.
+    fn resolve(
+        &self,
+        links: &[Link],
+        lookup: impl Fn(&str) -> Result<usize, TopologyError>,
+    ) -> Result<Event, TopologyError> {
+        let what = format!(
+            "event at {} s on {}-{}",
+            self.at_s, self.link[0], self.link[1]
+        );
+        let (a, b) = (lookup(&self.link[0])?, lookup(&self.link[1])?);
+        let (link, flipped) = links
+            .iter()
+            .enumerate()
+            .find_map(|(i, l)| {
+                if (l.a, l.b) == (a, b) {
+                    Some((i, false))
+                } else if (l.a, l.b) == (b, a) {
+                    Some((i, true))
+                } else {
+                    None
+                }
+            })
+            .ok_or_else(|| TopologyError::Invalid(format!("{what}: no such link")))?;
+        if !(self.at_s >= 0.0 && self.at_s.is_finite()) {
+            return Err(TopologyError::Invalid(format!("{what}: at_s must be >= 0")));
+        }
+        let action = match (self.down, self.up) {
+            (true, false) => EventAction::Down,
+            (false, true) => EventAction::Up,
+            (false, false) => {
+                let (x, y) = rates(&what, self.mbit, self.mbit_ab, self.mbit_ba)?;
+                let (mbit_ab, mbit_ba) = if flipped { (y, x) } else { (x, y) };
+                EventAction::SetRate { mbit_ab, mbit_ba }
+            }
+            (true, true) => {
+                return Err(TopologyError::Invalid(format!(
+                    "{what}: `down` and `up` together"
+                )))
+            }
+        };
+        Ok(Event {
+            at_s: self.at_s,
+            link,
+            action,
+        })
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -284,6 +339,90 @@ pub struct Topology {
     pub gso_max_size: Option<u32>,
 }
 
+/// Each node's name usable in interface names, each named once, caps only on members;
+/// exactly one source and at least one destination.
+fn check_nodes(nodes: &[Node]) -> Result<(), TopologyError> {
+    let mut names = HashSet::new();
+    for n in nodes {
+        let valid = !n.name.is_empty()
+            && n.name.len() <= 6
+            && n.name.chars().all(|c| c.is_ascii_alphanumeric());
+        if !valid {
+            return Err(TopologyError::Invalid(format!(
+                "node name {:?}: use 1 to 6 ASCII letters or digits (it becomes part of \
+                 interface names, which the kernel limits to 15 bytes)",
+                n.name
+            )));
+        }
+        if n.max_mbit
+            .is_some_and(|m| !(m >= 0.01 && m.is_finite()) || n.role == Role::Router)
+        {
+            return Err(TopologyError::Invalid(format!(
+                "node {}: max_mbit is a member's upload cap, at least 0.01 Mbit/s",
+                n.name
+            )));
+        }
+        if !names.insert(n.name.as_str()) {
+            return Err(TopologyError::Invalid(format!("node {} twice", n.name)));
+        }
+    }
+    let sources = nodes.iter().filter(|n| n.role == Role::Source).count();
+    if sources != 1 {
+        return Err(TopologyError::Invalid(format!(
+            "needs exactly one node with role \"source\", found {sources}"
+        )));
+    }
+    if !nodes.iter().any(|n| n.role == Role::Dest) {
+        return Err(TopologyError::Invalid(
+            "needs at least one \"dest\" node".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The index of the node called `name`.
+fn node_named(nodes: &[Node], name: &str) -> Result<usize, TopologyError> {
+    nodes
+        .iter()
+        .position(|x| x.name == name)
+        .ok_or_else(|| TopologyError::Invalid(format!("unknown node {name:?}")))
+}
+
+/// The file's links, between two different known nodes, at most one per pair.
+fn links_of(
+    raw: &[RawLink],
+    lookup: impl Fn(&str) -> Result<usize, TopologyError>,
+) -> Result<Vec<Link>, TopologyError> {
+    let mut links: Vec<Link> = Vec::new();
+    for l in raw {
+        let (a, b) = (lookup(&l.a)?, lookup(&l.b)?);
+        if a == b {
+            return Err(TopologyError::Invalid(format!("link {} to itself", l.a)));
+        }
+        if links
+            .iter()
+            .any(|x| (x.a, x.b) == (a, b) || (x.a, x.b) == (b, a))
+        {
+            return Err(TopologyError::Invalid(format!(
+                "two links between {} and {}",
+                l.a, l.b
+            )));
+        }
+        let what = format!("link {}-{}", l.a, l.b);
+        let (mbit_ab, mbit_ba) = rates(&what, l.mbit, l.mbit_ab, l.mbit_ba)?;
+        let (prop_ab, prop_ba) = l.propagation(&what)?;
+        links.push(Link {
+            a,
+            b,
+            mbit_ab,
+            mbit_ba,
+            prop_ab,
+            prop_ba,
+        });
+    }
+    Ok(links)
+}
+
 fn rates(
     what: &str,
     mbit: Option<f64>,
@@ -332,114 +471,14 @@ impl Topology {
             path: name.to_string(),
             source: Box::new(source),
         })?;
-        let mut index = HashMap::new();
-        for (i, n) in raw.nodes.iter().enumerate() {
-            let valid = !n.name.is_empty()
-                && n.name.len() <= 6
-                && n.name.chars().all(|c| c.is_ascii_alphanumeric());
-            if !valid {
-                return Err(TopologyError::Invalid(format!(
-                    "node name {:?}: use 1 to 6 ASCII letters or digits (it becomes part of \
-                     interface names, which the kernel limits to 15 bytes)",
-                    n.name
-                )));
-            }
-            if n.max_mbit
-                .is_some_and(|m| !(m >= 0.01 && m.is_finite()) || n.role == Role::Router)
-            {
-                return Err(TopologyError::Invalid(format!(
-                    "node {}: max_mbit is a member's upload cap, at least 0.01 Mbit/s",
-                    n.name
-                )));
-            }
-            if index.insert(n.name.clone(), i).is_some() {
-                return Err(TopologyError::Invalid(format!("node {} twice", n.name)));
-            }
-        }
-        let sources = raw.nodes.iter().filter(|n| n.role == Role::Source).count();
-        if sources != 1 {
-            return Err(TopologyError::Invalid(format!(
-                "needs exactly one node with role \"source\", found {sources}"
-            )));
-        }
-        if !raw.nodes.iter().any(|n| n.role == Role::Dest) {
-            return Err(TopologyError::Invalid(
-                "needs at least one \"dest\" node".into(),
-            ));
-        }
-        let lookup = |n: &str| {
-            index
-                .get(n)
-                .copied()
-                .ok_or_else(|| TopologyError::Invalid(format!("unknown node {n:?}")))
-        };
-        let mut links: Vec<Link> = Vec::new();
-        for l in &raw.links {
-            let (a, b) = (lookup(&l.a)?, lookup(&l.b)?);
-            if a == b {
-                return Err(TopologyError::Invalid(format!("link {} to itself", l.a)));
-            }
-            if links
-                .iter()
-                .any(|x| (x.a, x.b) == (a, b) || (x.a, x.b) == (b, a))
-            {
-                return Err(TopologyError::Invalid(format!(
-                    "two links between {} and {}",
-                    l.a, l.b
-                )));
-            }
-            let what = format!("link {}-{}", l.a, l.b);
-            let (mbit_ab, mbit_ba) = rates(&what, l.mbit, l.mbit_ab, l.mbit_ba)?;
-            let (prop_ab, prop_ba) = l.propagation(&what)?;
-            links.push(Link {
-                a,
-                b,
-                mbit_ab,
-                mbit_ba,
-                prop_ab,
-                prop_ba,
-            });
-        }
-        let mut events = Vec::new();
-        for e in &raw.events {
-            let what = format!("event at {} s on {}-{}", e.at_s, e.link[0], e.link[1]);
-            let (a, b) = (lookup(&e.link[0])?, lookup(&e.link[1])?);
-            let (link, flipped) = links
-                .iter()
-                .enumerate()
-                .find_map(|(i, l)| {
-                    if (l.a, l.b) == (a, b) {
-                        Some((i, false))
-                    } else if (l.a, l.b) == (b, a) {
-                        Some((i, true))
-                    } else {
-                        None
-                    }
-                })
-                .ok_or_else(|| TopologyError::Invalid(format!("{what}: no such link")))?;
-            if !(e.at_s >= 0.0 && e.at_s.is_finite()) {
-                return Err(TopologyError::Invalid(format!("{what}: at_s must be >= 0")));
-            }
-            let action = match (e.down, e.up) {
-                (true, false) => EventAction::Down,
-                (false, true) => EventAction::Up,
-                (false, false) => {
-                    let (x, y) = rates(&what, e.mbit, e.mbit_ab, e.mbit_ba)?;
-                    let (mbit_ab, mbit_ba) = if flipped { (y, x) } else { (x, y) };
-                    EventAction::SetRate { mbit_ab, mbit_ba }
-                }
-                (true, true) => {
-                    return Err(TopologyError::Invalid(format!(
-                        "{what}: `down` and `up` together"
-                    )))
-                }
-            };
-            events.push(Event {
-                at_s: e.at_s,
-                link,
-                action,
-            });
-        }
+        check_nodes(&raw.nodes)?;
+        let lookup = |n: &str| node_named(&raw.nodes, n);
+        let links = links_of(&raw.links, lookup)?;
+        let mut events = raw
+            .events
+            .iter()
+            .map(|e| e.resolve(&links, lookup))
+            .collect::<Result<Vec<_>, _>>()?;
         events.sort_by(|x, y| x.at_s.total_cmp(&y.at_s));
         let mut topo = Self {
             name: name.to_string(),
@@ -468,12 +507,7 @@ impl Topology {
 
     /// The file's cross flows, each with its route (the testbed's, with every link up).
     fn cross_flows(&self, raw: &[RawCross]) -> Result<Vec<CrossFlow>, TopologyError> {
-        let lookup = |n: &str| {
-            self.nodes
-                .iter()
-                .position(|x| x.name == n)
-                .ok_or_else(|| TopologyError::Invalid(format!("unknown node {n:?}")))
-        };
+        let lookup = |n: &str| node_named(&self.nodes, n);
         let next = crate::routing::next_hops(self, &vec![true; self.links.len()]);
         raw.iter()
             .map(|c| {
