@@ -168,18 +168,7 @@ impl RawEvent {
             self.at_s, self.link[0], self.link[1]
         );
         let (a, b) = (lookup(&self.link[0])?, lookup(&self.link[1])?);
-        let (link, flipped) = links
-            .iter()
-            .enumerate()
-            .find_map(|(i, l)| {
-                if (l.a, l.b) == (a, b) {
-                    Some((i, false))
-                } else if (l.a, l.b) == (b, a) {
-                    Some((i, true))
-                } else {
-                    None
-                }
-            })
+        let (link, flipped) = link_between(links, a, b)
             .ok_or_else(|| TopologyError::Invalid(format!("{what}: no such link")))?;
         if !(self.at_s >= 0.0 && self.at_s.is_finite()) {
             return Err(TopologyError::Invalid(format!("{what}: at_s must be >= 0")));
@@ -380,6 +369,19 @@ fn check_nodes(nodes: &[Node]) -> Result<(), TopologyError> {
     Ok(())
 }
 
+/// The index of the link between nodes `a` and `b`, and whether it runs `b` to `a`.
+fn link_between(links: &[Link], a: usize, b: usize) -> Option<(usize, bool)> {
+    links.iter().enumerate().find_map(|(i, l)| {
+        if (l.a, l.b) == (a, b) {
+            Some((i, false))
+        } else if (l.a, l.b) == (b, a) {
+            Some((i, true))
+        } else {
+            None
+        }
+    })
+}
+
 /// The index of the node called `name`.
 fn node_named(nodes: &[Node], name: &str) -> Result<usize, TopologyError> {
     nodes
@@ -399,10 +401,7 @@ fn links_of(
         if a == b {
             return Err(TopologyError::Invalid(format!("link {} to itself", l.a)));
         }
-        if links
-            .iter()
-            .any(|x| (x.a, x.b) == (a, b) || (x.a, x.b) == (b, a))
-        {
+        if link_between(&links, a, b).is_some() {
             return Err(TopologyError::Invalid(format!(
                 "two links between {} and {}",
                 l.a, l.b
@@ -591,14 +590,10 @@ impl Topology {
     /// Capacity of link direction `from -> to` at `t` seconds into the transfer, in bit/s
     /// (0 when down, or when there is no such link).
     pub fn capacity_bps(&self, from: usize, to: usize, t: f64) -> f64 {
-        let Some((i, l)) = self
-            .links
-            .iter()
-            .enumerate()
-            .find(|(_, l)| (l.a, l.b) == (from, to) || (l.a, l.b) == (to, from))
-        else {
+        let Some((i, _)) = link_between(&self.links, from, to) else {
             return 0.0;
         };
+        let l = &self.links[i];
         let (mut ab, mut ba, mut up) = (l.mbit_ab, l.mbit_ba, true);
         for e in self.events.iter().filter(|e| e.link == i && e.at_s <= t) {
             match e.action {
