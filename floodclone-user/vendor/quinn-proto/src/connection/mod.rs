@@ -67,6 +67,8 @@ pub(crate) mod qlog;
 
 mod send_buffer;
 
+mod sent_packets;
+
 mod spaces;
 #[cfg(fuzzing)]
 pub use spaces::Retransmits;

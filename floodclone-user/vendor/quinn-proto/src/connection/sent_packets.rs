@@ -1,0 +1,209 @@
+//! Packets sent and not yet acknowledged or declared lost, in packet-number order.
+//!
+//! FloodClone's change to quinn-proto (see VENDORED.md): upstream keeps these in a
+//! `BTreeMap<u64, SentPacket>`. Packet numbers are handed out in increasing order and
+//! acknowledged mostly oldest first, so a map keyed by them is filled at its end and
+//! emptied at its start; a B-tree leaf then shifts its ~100-byte values on every removal
+//! from its front, which at gigabit rates (thousands of packets in flight, an ACK every 16th
+//! packet) was 4-7% of a sender's CPU. A `VecDeque` sorted by packet number takes both ends
+//! in O(1) and finds any packet by binary search; a removal from the middle (a packet
+//! acknowledged while an older one is still out) moves the entries on the shorter side,
+//! which are few: those older than it still outstanding.
+
+use std::{
+    collections::VecDeque,
+    ops::{Bound, Index, RangeBounds},
+};
+
+use super::spaces::SentPacket;
+
+#[derive(Default)]
+pub(super) struct SentPackets {
+    packets: VecDeque<(u64, SentPacket)>,
+}
+
+impl SentPackets {
+    /// Index of the first entry numbered `number` or above.
+    fn position(&self, number: u64) -> usize {
+        self.packets.partition_point(|&(pn, _)| pn < number)
+    }
+
+    fn find(&self, number: u64) -> Option<usize> {
+        let at = self.position(number);
+        (self.packets.get(at)?.0 == number).then_some(at)
+    }
+
+    pub(super) fn get(&self, number: &u64) -> Option<&SentPacket> {
+        self.find(*number).map(|at| &self.packets[at].1)
+    }
+
+    /// Adds a packet; a number already present is replaced, as `BTreeMap::insert` would.
+    pub(super) fn insert(&mut self, number: u64, packet: SentPacket) {
+        match self.packets.back() {
+            Some(&(last, _)) if last >= number => {
+                let at = self.position(number);
+                match self.packets.get_mut(at) {
+                    Some(entry) if entry.0 == number => entry.1 = packet,
+                    _ => self.packets.insert(at, (number, packet)),
+                }
+            }
+            _ => self.packets.push_back((number, packet)),
+        }
+    }
+
+    pub(super) fn remove(&mut self, number: &u64) -> Option<SentPacket> {
+        if self.packets.front().is_some_and(|&(pn, _)| pn == *number) {
+            return self.packets.pop_front().map(|(_, packet)| packet);
+        }
+        let at = self.find(*number)?;
+        self.packets.remove(at).map(|(_, packet)| packet)
+    }
+
+    /// The packets numbered within `range`, in order.
+    pub(super) fn range(
+        &self,
+        range: impl RangeBounds<u64>,
+    ) -> impl Iterator<Item = (&u64, &SentPacket)> {
+        let start = match range.start_bound() {
+            Bound::Included(&n) => self.position(n),
+            Bound::Excluded(&n) => n
+                .checked_add(1)
+                .map_or(self.packets.len(), |n| self.position(n)),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&n) => n
+                .checked_add(1)
+                .map_or(self.packets.len(), |n| self.position(n)),
+            Bound::Excluded(&n) => self.position(n),
+            Bound::Unbounded => self.packets.len(),
+        };
+        self.packets
+            .range(start..end.max(start))
+            .map(|(pn, packet)| (pn, packet))
+    }
+
+    pub(super) fn values(&self) -> impl Iterator<Item = &SentPacket> {
+        self.packets.iter().map(|(_, packet)| packet)
+    }
+
+    pub(super) fn values_mut(&mut self) -> impl Iterator<Item = &mut SentPacket> {
+        self.packets.iter_mut().map(|(_, packet)| packet)
+    }
+
+    pub(super) fn into_values(self) -> impl Iterator<Item = SentPacket> {
+        self.packets.into_iter().map(|(_, packet)| packet)
+    }
+}
+
+impl Index<&u64> for SentPackets {
+    type Output = SentPacket;
+    fn index(&self, number: &u64) -> &SentPacket {
+        self.get(number).expect("no sent packet with this number")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::{Instant, connection::spaces::ThinRetransmits, frame::StreamMetaVec};
+
+    fn packet(size: u16) -> SentPacket {
+        SentPacket {
+            path_generation: 0,
+            time_sent: Instant::now(),
+            size,
+            ack_eliciting: true,
+            largest_acked: None,
+            retransmits: ThinRetransmits::default(),
+            stream_frames: StreamMetaVec::new(),
+        }
+    }
+
+    /// xorshift64: the same sequence on every run, no dependency on `rand`'s API.
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    fn bound(rng: &mut Rng, around: u64) -> Bound<u64> {
+        let n = around.saturating_sub(5) + rng.below(12);
+        match rng.below(3) {
+            0 => Bound::Included(n),
+            1 => Bound::Excluded(n),
+            _ => Bound::Unbounded,
+        }
+    }
+
+    /// What upstream's `BTreeMap` would hold and answer, after every kind of operation the
+    /// connection makes: packets sent in order with numbers skipped, acknowledged oldest
+    /// first, out of order and twice, declared lost from the middle, a number reused.
+    #[test]
+    fn behaves_as_the_btree_map_it_replaces() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..200 {
+            let mut reference = BTreeMap::new();
+            let mut sent = SentPackets::default();
+            let mut next = rng.below(1000);
+            for step in 0..400u16 {
+                match rng.below(10) {
+                    0..=3 => {
+                        next += 1 + rng.below(3) / 2;
+                        reference.insert(next, step);
+                        sent.insert(next, packet(step));
+                    }
+                    4..=5 => {
+                        let oldest = reference.keys().next().copied().unwrap_or(next);
+                        let n = oldest + rng.below(3);
+                        let want = reference.remove(&n);
+                        assert_eq!(sent.remove(&n).map(|p| p.size), want);
+                    }
+                    6 => {
+                        let n = next.saturating_sub(rng.below(40));
+                        let want = reference.remove(&n);
+                        assert_eq!(sent.remove(&n).map(|p| p.size), want);
+                    }
+                    7 => {
+                        let n = next.saturating_sub(rng.below(40));
+                        reference.insert(n, step);
+                        sent.insert(n, packet(step));
+                    }
+                    _ => {
+                        let range = (bound(&mut rng, next - 20), bound(&mut rng, next));
+                        let want: Vec<_> = match range {
+                            (Bound::Included(a) | Bound::Excluded(a), Bound::Excluded(b))
+                            | (Bound::Excluded(a), Bound::Included(b))
+                                if a >= b =>
+                            {
+                                Vec::new() // BTreeMap panics on these; the connection never asks
+                            }
+                            (Bound::Included(a), Bound::Included(b)) if a > b => Vec::new(),
+                            _ => reference.range(range).map(|(&n, &s)| (n, s)).collect(),
+                        };
+                        let got: Vec<_> = sent.range(range).map(|(&n, p)| (n, p.size)).collect();
+                        assert_eq!(got, want);
+                    }
+                }
+                let n = next.saturating_sub(rng.below(10));
+                assert_eq!(sent.get(&n).map(|p| p.size), reference.get(&n).copied());
+                if let Some(&s) = reference.get(&n) {
+                    assert_eq!(sent[&n].size, s);
+                }
+            }
+            let want: Vec<_> = reference.values().copied().collect();
+            assert_eq!(sent.values().map(|p| p.size).collect::<Vec<_>>(), want);
+            for p in sent.values_mut() {
+                p.size += 1;
+            }
+            let bumped: Vec<_> = sent.into_values().map(|p| p.size - 1).collect();
+            assert_eq!(bumped, want);
+        }
+    }
+}
