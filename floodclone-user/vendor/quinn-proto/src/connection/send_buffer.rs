@@ -47,32 +47,44 @@ impl SendBuffer {
         range.start = base_offset.max(range.start);
         range.end = base_offset.max(range.end);
 
+        // FloodClone's change (VENDORED.md): acknowledgements mostly come in order, each
+        // starting where the unacknowledged data does; then, with no later range waiting,
+        // the data is discarded at once instead of going through the range set, whose
+        // B-tree insert and removal were 2-3% of a gigabit sender's CPU.
+        if range.start == base_offset && self.acks.is_empty() {
+            self.discard_front((range.end - range.start) as usize);
+            return;
+        }
+
         self.acks.insert(range);
 
         while self.acks.min() == Some(self.offset - self.unacked_len as u64) {
             let prefix = self.acks.pop_min().unwrap();
-            let mut to_advance = (prefix.end - prefix.start) as usize;
+            self.discard_front((prefix.end - prefix.start) as usize);
+        }
+    }
 
-            self.unacked_len -= to_advance;
-            while to_advance > 0 {
-                let front = self
-                    .unacked_segments
-                    .front_mut()
-                    .expect("Expected buffered data");
+    /// Drops the first `to_advance` bytes of the unacknowledged data.
+    fn discard_front(&mut self, mut to_advance: usize) {
+        self.unacked_len -= to_advance;
+        while to_advance > 0 {
+            let front = self
+                .unacked_segments
+                .front_mut()
+                .expect("Expected buffered data");
 
-                if front.len() <= to_advance {
-                    to_advance -= front.len();
-                    self.unacked_segments.pop_front();
-                    self.front_trimmed = 0;
+            if front.len() <= to_advance {
+                to_advance -= front.len();
+                self.unacked_segments.pop_front();
+                self.front_trimmed = 0;
 
-                    if self.unacked_segments.len() * 4 < self.unacked_segments.capacity() {
-                        self.unacked_segments.shrink_to_fit();
-                    }
-                } else {
-                    front.advance(to_advance);
-                    self.front_trimmed += to_advance;
-                    to_advance = 0;
+                if self.unacked_segments.len() * 4 < self.unacked_segments.capacity() {
+                    self.unacked_segments.shrink_to_fit();
                 }
+            } else {
+                front.advance(to_advance);
+                self.front_trimmed += to_advance;
+                to_advance = 0;
             }
         }
     }
@@ -394,6 +406,31 @@ mod tests {
         assert_eq!(aggregate_unacked(&buf), MSG);
         buf.ack(0..16);
         assert_eq!(aggregate_unacked(&buf), &MSG[23..]);
+        assert!(buf.acks.is_empty());
+    }
+
+    /// FloodClone's in-order path (an ACK starting where the unacknowledged data does, no
+    /// later range waiting) and the range set's must leave the same data.
+    #[test]
+    fn in_order_acks_around_a_reordered_one() {
+        let mut buf = SendBuffer::new();
+        const MSG: &[u8] = b"Hello, world with extra data and more!";
+        buf.write(MSG[..20].into());
+        buf.write(MSG[20..].into());
+        while buf.poll_transmit(8).0.end < MSG.len() as u64 {}
+        buf.ack(0..5);
+        assert_eq!(aggregate_unacked(&buf), &MSG[5..]);
+        buf.ack(12..20);
+        assert_eq!(aggregate_unacked(&buf), &MSG[5..]);
+        buf.ack(5..12);
+        assert_eq!(aggregate_unacked(&buf), &MSG[20..]);
+        assert!(buf.acks.is_empty());
+        buf.ack(3..25);
+        assert_eq!(aggregate_unacked(&buf), &MSG[25..]);
+        buf.ack(25..25);
+        assert_eq!(aggregate_unacked(&buf), &MSG[25..]);
+        buf.ack(25..MSG.len() as u64);
+        assert!(aggregate_unacked(&buf).is_empty());
         assert!(buf.acks.is_empty());
     }
 
