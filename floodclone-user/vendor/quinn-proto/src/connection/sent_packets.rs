@@ -6,9 +6,12 @@
 //! emptied at its start; a B-tree leaf then shifts its ~100-byte values on every removal
 //! from its front, which at gigabit rates (thousands of packets in flight, an ACK every 16th
 //! packet) was 4-7% of a sender's CPU. A `VecDeque` sorted by packet number takes both ends
-//! in O(1) and finds any packet by binary search; a removal from the middle (a packet
-//! acknowledged while an older one is still out) moves the entries on the shorter side,
-//! which are few: those older than it still outstanding.
+//! in O(1) and finds any packet by binary search. A packet removed from the middle (acked
+//! while an older one is still out, or declared lost) leaves a hole instead of shifting the
+//! others: a peer acknowledging every other packet must not make each removal cost the
+//! packets before it. Holes at either end are dropped at once, and once they are more than
+//! half the entries they are all dropped in one pass, so memory stays within twice the
+//! packets tracked (as the map's did, count-bounded) and every removal O(1) amortized.
 
 use std::{
     collections::VecDeque,
@@ -19,7 +22,11 @@ use super::spaces::SentPacket;
 
 #[derive(Default)]
 pub(super) struct SentPackets {
-    packets: VecDeque<(u64, SentPacket)>,
+    /// Sorted by packet number; `None` where a packet left from the middle. The first and
+    /// last entries are never holes.
+    packets: VecDeque<(u64, Option<SentPacket>)>,
+    /// How many entries are holes.
+    holes: usize,
 }
 
 impl SentPackets {
@@ -28,13 +35,19 @@ impl SentPackets {
         self.packets.partition_point(|&(pn, _)| pn < number)
     }
 
+    /// Index of the packet numbered `number`, if it is tracked.
     fn find(&self, number: u64) -> Option<usize> {
+        // Most removals are of the oldest packet (never a hole): no search for it.
+        if self.packets.front()?.0 == number {
+            return Some(0);
+        }
         let at = self.position(number);
-        (self.packets.get(at)?.0 == number).then_some(at)
+        let (pn, packet) = self.packets.get(at)?;
+        (*pn == number && packet.is_some()).then_some(at)
     }
 
     pub(super) fn get(&self, number: &u64) -> Option<&SentPacket> {
-        self.find(*number).map(|at| &self.packets[at].1)
+        self.packets[self.find(*number)?].1.as_ref()
     }
 
     /// Adds a packet; a number already present is replaced, as `BTreeMap::insert` would.
@@ -43,20 +56,47 @@ impl SentPackets {
             Some(&(last, _)) if last >= number => {
                 let at = self.position(number);
                 match self.packets.get_mut(at) {
-                    Some(entry) if entry.0 == number => entry.1 = packet,
-                    _ => self.packets.insert(at, (number, packet)),
+                    Some((pn, slot)) if *pn == number => {
+                        if slot.is_none() {
+                            self.holes -= 1;
+                        }
+                        *slot = Some(packet);
+                    }
+                    _ => self.packets.insert(at, (number, Some(packet))),
                 }
             }
-            _ => self.packets.push_back((number, packet)),
+            _ => self.packets.push_back((number, Some(packet))),
         }
     }
 
     pub(super) fn remove(&mut self, number: &u64) -> Option<SentPacket> {
-        if self.packets.front().is_some_and(|&(pn, _)| pn == *number) {
-            return self.packets.pop_front().map(|(_, packet)| packet);
-        }
         let at = self.find(*number)?;
-        self.packets.remove(at).map(|(_, packet)| packet)
+        let packet = if at == 0 {
+            self.packets.pop_front()?.1
+        } else if at + 1 == self.packets.len() {
+            self.packets.pop_back()?.1
+        } else {
+            self.holes += 1;
+            self.packets[at].1.take()
+        };
+        self.drop_holes();
+        packet
+    }
+
+    /// Keeps the ends free of holes, and the holes at most half the entries.
+    fn drop_holes(&mut self) {
+        while self.packets.front().is_some_and(|(_, p)| p.is_none()) {
+            self.packets.pop_front();
+            self.holes -= 1;
+        }
+        while self.packets.back().is_some_and(|(_, p)| p.is_none()) {
+            self.packets.pop_back();
+            self.holes -= 1;
+        }
+        if self.holes * 2 > self.packets.len() {
+            self.packets.retain(|(_, p)| p.is_some());
+            self.holes = 0;
+        }
     }
 
     /// The packets numbered within `range`, in order.
@@ -80,19 +120,23 @@ impl SentPackets {
         };
         self.packets
             .range(start..end.max(start))
-            .map(|(pn, packet)| (pn, packet))
+            .filter_map(|(pn, packet)| Some((pn, packet.as_ref()?)))
     }
 
     pub(super) fn values(&self) -> impl Iterator<Item = &SentPacket> {
-        self.packets.iter().map(|(_, packet)| packet)
+        self.packets
+            .iter()
+            .filter_map(|(_, packet)| packet.as_ref())
     }
 
     pub(super) fn values_mut(&mut self) -> impl Iterator<Item = &mut SentPacket> {
-        self.packets.iter_mut().map(|(_, packet)| packet)
+        self.packets
+            .iter_mut()
+            .filter_map(|(_, packet)| packet.as_mut())
     }
 
     pub(super) fn into_values(self) -> impl Iterator<Item = SentPacket> {
-        self.packets.into_iter().map(|(_, packet)| packet)
+        self.packets.into_iter().filter_map(|(_, packet)| packet)
     }
 }
 
@@ -191,6 +235,11 @@ mod tests {
                         assert_eq!(got, want);
                     }
                 }
+                assert!(sent.packets.len() <= 2 * reference.len() + 1);
+                assert_eq!(
+                    sent.holes,
+                    sent.packets.iter().filter(|e| e.1.is_none()).count()
+                );
                 let n = next.saturating_sub(rng.below(10));
                 assert_eq!(sent.get(&n).map(|p| p.size), reference.get(&n).copied());
                 if let Some(&s) = reference.get(&n) {
@@ -205,5 +254,29 @@ mod tests {
             let bumped: Vec<_> = sent.into_values().map(|p| p.size - 1).collect();
             assert_eq!(bumped, want);
         }
+    }
+
+    /// A peer acknowledging every other packet of a long flight: each removal is O(1)
+    /// (a hole, not a shift of the packets before it) and memory stays within twice what
+    /// is tracked.
+    #[test]
+    fn every_other_packet_acknowledged() {
+        let mut sent = SentPackets::default();
+        for n in 0..10_000 {
+            sent.insert(n, packet(0));
+        }
+        for n in (1..10_000).step_by(2) {
+            assert!(sent.remove(&n).is_some());
+            let live = 10_000 - n.div_ceil(2) as usize;
+            assert!(sent.packets.len() <= 2 * live + 1);
+        }
+        assert_eq!(sent.values().count(), 5_000);
+        let evens: Vec<u64> = sent.range(..).map(|(&n, _)| n).collect();
+        assert_eq!(evens, (0..10_000).step_by(2).collect::<Vec<_>>());
+        for n in (0..10_000).step_by(2) {
+            assert!(sent.remove(&n).is_some());
+        }
+        assert!(sent.packets.is_empty());
+        assert_eq!(sent.holes, 0);
     }
 }
