@@ -35,6 +35,13 @@ impl SentPackets {
         self.packets.partition_point(|&(pn, _)| pn < number)
     }
 
+    /// Index of the first entry numbered above `number`.
+    fn position_after(&self, number: u64) -> usize {
+        number
+            .checked_add(1)
+            .map_or(self.packets.len(), |n| self.position(n))
+    }
+
     /// Index of the packet numbered `number`, if it is tracked.
     fn find(&self, number: u64) -> Option<usize> {
         // Most removals are of the oldest packet (never a hole): no search for it.
@@ -106,15 +113,11 @@ impl SentPackets {
     ) -> impl Iterator<Item = (&u64, &SentPacket)> {
         let start = match range.start_bound() {
             Bound::Included(&n) => self.position(n),
-            Bound::Excluded(&n) => n
-                .checked_add(1)
-                .map_or(self.packets.len(), |n| self.position(n)),
+            Bound::Excluded(&n) => self.position_after(n),
             Bound::Unbounded => 0,
         };
         let end = match range.end_bound() {
-            Bound::Included(&n) => n
-                .checked_add(1)
-                .map_or(self.packets.len(), |n| self.position(n)),
+            Bound::Included(&n) => self.position_after(n),
             Bound::Excluded(&n) => self.position(n),
             Bound::Unbounded => self.packets.len(),
         };
