@@ -326,6 +326,18 @@ fn spin_rtt_is_per_connection_and_agrees_with_quinn_over_20ms() {
     // connection's few packets before and after its data may carry other IDs).
     let data_flows = flows.iter().filter(|f| f.packets >= 64).count();
     assert_eq!(data_flows, CONNS, "{flows:?}");
+    // Each carried 2 MiB in ~1,500 packets over ~50 round trips, in batches: either its
+    // sender spins and the flow passes as spinning, or it sends random values and a
+    // quarter or more of its batches differ within (half, expected). A real spin set
+    // aside is what once failed this test (one batch per pacing interval counted as one
+    // packet).
+    for f in flows.iter().filter(|f| f.packets >= 64) {
+        let random = u64::from(f.mixed_batches) * 4 >= f.batches && f.batches > 0;
+        assert!(
+            f.is_spinning() != random,
+            "neither spinning nor random: {f:?}"
+        );
+    }
     spinning_flows_agree_with_quinn(&flows, &quinn_min_rtt);
 }
 
@@ -341,8 +353,11 @@ fn spinning_flows_agree_with_quinn(flows: &[floodclone_common::SpinState], quinn
             .map(|f| (
                 f.packets,
                 f.samples,
+                f.batches,
+                f.mixed_batches,
                 f.min_interval_ns as f64 / 1e9,
-                f.srtt_ns as f64 / 1e9
+                f.srtt_ns as f64 / 1e9,
+                f.is_spinning()
             ))
             .collect::<Vec<_>>()
     );

@@ -217,13 +217,14 @@ fn account(ctx: &TcContext, direction: u8) -> Result<(), i64> {
     }
 
     if protocol == IPPROTO_UDP {
-        track_spin(ctx, l4, ifindex, peer, direction, now)?;
+        track_spin(ctx, l4, segs, ifindex, peer, direction, now)?;
     }
     Ok(())
 }
 
-/// Records spin-bit edges of a QUIC short-header flow. Only the first packet of a GSO batch is
-/// inspected; every segment of a batch carries the same spin value.
+/// Records spin-bit edges of a QUIC short-header flow. Edges are taken from the first packet
+/// of a GSO (or GRO) batch; a sender that spins gives every segment of a batch the same
+/// value, so the last segment's is compared with it to tell one that sends random values.
 ///
 /// A flow is one connection's packets in one direction: the 4-tuple is not enough, since the
 /// two connections between a pair of daemons (each dials the other from its one endpoint)
@@ -234,6 +235,7 @@ fn account(ctx: &TcContext, direction: u8) -> Result<(), i64> {
 fn track_spin(
     ctx: &TcContext,
     l4: usize,
+    segs: u64,
     ifindex: u32,
     peer: PeerAddr,
     direction: u8,
@@ -263,9 +265,27 @@ fn track_spin(
         _pad: [0; 3],
         dcid,
     };
+    // The last segment's first byte: all segments but the last are `gso_size` long. None
+    // when it cannot be read or is not a short header.
+    let last_spin = if segs > 1 {
+        // SAFETY: the context pointer is valid for the whole program run.
+        let gso_size = unsafe { (*ctx.skb.skb).gso_size } as usize;
+        match ctx.load::<u8>(l4 + UDP_HLEN + (segs as usize - 1) * gso_size) {
+            Ok(b) if b & QUIC_LONG_HEADER == 0 => Some(u8::from(b & QUIC_SPIN_BIT != 0)),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let (batches, mixed_batches) = match last_spin {
+        Some(last) => (1, u32::from(last != spin)),
+        None => (0, 0),
+    };
     match SPIN_STATS.get_ptr_mut(key) {
         Some(s) => unsafe {
-            (*s).packets += 1;
+            (*s).packets += segs;
+            (*s).batches += batches;
+            (*s).mixed_batches += mixed_batches;
             if (*s).last_spin != spin {
                 let interval = now - (*s).edge_ns;
                 // A flip far sooner than a round trip is reordering (an older packet with
@@ -298,7 +318,9 @@ fn track_spin(
         None => {
             let s = SpinState {
                 last_spin: spin,
-                packets: 1,
+                packets: segs,
+                batches,
+                mixed_batches,
                 ..SpinState::default()
             };
             SPIN_STATS.insert(key, s, 0)?;

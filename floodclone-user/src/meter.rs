@@ -111,8 +111,9 @@ impl RttSource {
 
 /// Least share of quinn's least RTT a kernel (spin-bit) figure may be: the kernel sees the
 /// packets without the hosts' stack delays, so it may read somewhat lower, never a fraction.
-/// A flow of random spin values (a peer that does not spin) can pass
-/// [`floodclone_common::SpinState::is_spinning`] and read a few ms on a 40 ms path.
+/// A flow of random spin values (a peer that does not spin) sent as single packets, not
+/// batches, can pass [`floodclone_common::SpinState::is_spinning`] and read a few ms on a
+/// 40 ms path.
 pub const MIN_SPIN_SHARE_OF_QUIC_RTT: f64 = 0.8;
 
 #[derive(Clone, Debug, Default)]
