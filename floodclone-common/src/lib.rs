@@ -22,6 +22,11 @@ pub const SPIN_MAP_ENTRIES: u32 = 4096;
 /// packet-number bytes in the key: its packets split into one-packet flows that never count
 /// as spinning (and churn the LRU, which matters only where every peer is counted).
 pub const SPIN_DCID_LEN: usize = 8;
+/// Batches of a spin flow whose first and last spin values the kernel compares
+/// ([`SpinState::mixed_batches`]): a sender that sends random values differs within half of
+/// them, so 64 tell it apart beyond doubt (one that spins: none), and each comparison past
+/// the skb's linear part is a helper call.
+pub const SPIN_BATCHES_CHECKED: u64 = 64;
 
 /// Capacity of the map of peers counted (a swarm's members' addresses).
 pub const WATCH_MAP_ENTRIES: u32 = 8192;
@@ -125,7 +130,8 @@ pub struct SpinState {
     /// spin sends random spin values (RFC 9000 section 17.4): about two observations per
     /// edge, against many packets for a real spin.
     pub packets: u64,
-    /// Batches of more than one segment whose first and last spin values were compared.
+    /// Batches of more than one segment whose first and last spin values were compared (the
+    /// first [`SPIN_BATCHES_CHECKED`]).
     pub batches: u64,
 }
 

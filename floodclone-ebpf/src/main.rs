@@ -17,7 +17,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use floodclone_common::{
     LinkCounters, LinkKey, PeerAddr, SpinKey, SpinState, DIR_EGRESS, DIR_INGRESS, LINK_MAP_ENTRIES,
-    SPIN_DCID_LEN, SPIN_MAP_ENTRIES, WATCH_ALL, WATCH_MAP_ENTRIES,
+    SPIN_BATCHES_CHECKED, SPIN_DCID_LEN, SPIN_MAP_ENTRIES, WATCH_ALL, WATCH_MAP_ENTRIES,
 };
 
 #[map(name = "LINK_STATS")]
@@ -265,27 +265,17 @@ fn track_spin(
         _pad: [0; 3],
         dcid,
     };
-    // The last segment's first byte: all segments but the last are `gso_size` long. None
-    // when it cannot be read or is not a short header.
-    let last_spin = if segs > 1 {
-        // SAFETY: the context pointer is valid for the whole program run.
-        let gso_size = unsafe { (*ctx.skb.skb).gso_size } as usize;
-        match ctx.load::<u8>(l4 + UDP_HLEN + (segs as usize - 1) * gso_size) {
-            Ok(b) if b & QUIC_LONG_HEADER == 0 => Some(u8::from(b & QUIC_SPIN_BIT != 0)),
-            _ => None,
-        }
-    } else {
-        None
-    };
-    let (batches, mixed_batches) = match last_spin {
-        Some(last) => (1, u32::from(last != spin)),
-        None => (0, 0),
-    };
     match SPIN_STATS.get_ptr_mut(key) {
         Some(s) => unsafe {
             (*s).packets += segs;
-            (*s).batches += batches;
-            (*s).mixed_batches += mixed_batches;
+            // A flow's first batches tell whether its sender spins (it does not change its
+            // mind); reading past the linear part costs a helper call, so no more.
+            if (*s).batches < SPIN_BATCHES_CHECKED {
+                if let Some(mixed) = batch_mixed(ctx, l4, segs, spin) {
+                    (*s).batches += 1;
+                    (*s).mixed_batches += u32::from(mixed);
+                }
+            }
             if (*s).last_spin != spin {
                 let interval = now - (*s).edge_ns;
                 // A flip far sooner than a round trip is reordering (an older packet with
@@ -316,17 +306,34 @@ fn track_spin(
             }
         },
         None => {
+            let mixed = batch_mixed(ctx, l4, segs, spin);
             let s = SpinState {
                 last_spin: spin,
                 packets: segs,
-                batches,
-                mixed_batches,
+                batches: u64::from(mixed.is_some()),
+                mixed_batches: u32::from(mixed == Some(true)),
                 ..SpinState::default()
             };
             SPIN_STATS.insert(key, s, 0)?;
         }
     }
     Ok(())
+}
+
+/// Whether the last segment of a batch of `segs` carries another spin value than its first
+/// (`spin`); None for a single packet, or when the last cannot be read or is not a short
+/// header. All segments but the last are `gso_size` long.
+#[inline(always)]
+fn batch_mixed(ctx: &TcContext, l4: usize, segs: u64, spin: u8) -> Option<bool> {
+    if segs < 2 {
+        return None;
+    }
+    // SAFETY: the context pointer is valid for the whole program run.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size } as usize;
+    match ctx.load::<u8>(l4 + UDP_HLEN + (segs as usize - 1) * gso_size) {
+        Ok(b) if b & QUIC_LONG_HEADER == 0 => Some(u8::from(b & QUIC_SPIN_BIT != 0) != spin),
+        _ => None,
+    }
 }
 
 #[cfg(target_arch = "bpf")]
