@@ -299,30 +299,7 @@ pub fn tcp_copy(
         .iter()
         .map(|&node| {
             let out = out_dir.join(format!("tcp-{node}.out"));
-            bed.in_netns(node, move || -> anyhow::Result<(f64, f64)> {
-                let mut conn = TcpStream::connect(addr)?;
-                let mut f = std::fs::File::create(&out)?;
-                let mut buf = vec![0u8; 1 << 20];
-                let mut got = 0u64;
-                loop {
-                    let n = conn.read(&mut buf)?;
-                    if n == 0 {
-                        break;
-                    }
-                    f.write_all(&buf[..n])?;
-                    got += n as u64;
-                }
-                let done = start.elapsed().as_secs_f64();
-                // Its CPU includes putting the file on disk, which a FloodClone destination
-                // does before it reports done (and the kernel's flusher would do later,
-                // unaccounted, for a copy left in the page cache); its time ends when the
-                // last byte was read, as curl's does.
-                f.sync_all()?;
-                drop(f);
-                let _ = std::fs::remove_file(&out);
-                anyhow::ensure!(got == len, "received {got} of {len} bytes");
-                Ok((done, thread_cpu_s()))
-            })
+            bed.in_netns(node, move || tcp_receive(addr, &out, len, start))
         })
         .collect();
     let mut done_s = Vec::new();
@@ -342,6 +319,38 @@ pub fn tcp_copy(
         cpu_s,
         machine_cpu_s: machine_busy_s() - cpu0,
     })
+}
+
+/// One receiver of [`tcp_copy`]: reads everything `addr` sends into `out`, syncs it and
+/// removes it. Returns when the last byte was read (seconds after `start`) and its
+/// thread's CPU seconds. Its CPU includes putting the file on disk, which a FloodClone
+/// destination does before it reports done (and the kernel's flusher would do later,
+/// unaccounted, for a copy left in the page cache); its time ends when the last byte was
+/// read, as curl's does.
+fn tcp_receive(
+    addr: SocketAddrV4,
+    out: &std::path::Path,
+    len: u64,
+    start: Instant,
+) -> anyhow::Result<(f64, f64)> {
+    let mut conn = TcpStream::connect(addr)?;
+    let mut f = std::fs::File::create(out)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    loop {
+        let n = conn.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        f.write_all(&buf[..n])?;
+        got += n as u64;
+    }
+    let done = start.elapsed().as_secs_f64();
+    f.sync_all()?;
+    drop(f);
+    let _ = std::fs::remove_file(out);
+    anyhow::ensure!(got == len, "received {got} of {len} bytes");
+    Ok((done, thread_cpu_s()))
 }
 
 /// The port [`quic_copy`]'s sender listens on.
