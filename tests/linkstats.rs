@@ -100,6 +100,72 @@ fn udp_counters_are_exact_in_both_families() {
     assert_eq!(v6, (500 * (1000 + 8 + 40 + 14), 500));
 }
 
+/// Pins the calling thread to `cpu`.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the call only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+}
+
+/// The counters are one copy shared by all CPUs, added to atomically: two threads on two
+/// CPUs sending to the same peer at the same time lose no packet's count (plain `+=` from
+/// both CPUs would).
+#[test]
+fn counters_are_exact_when_cpus_send_to_one_peer_at_once() {
+    if !root_or_skip("counters_are_exact_when_cpus_send_to_one_peer_at_once") {
+        return;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        eprintln!("skipping counters_are_exact_when_cpus_send_to_one_peer_at_once: one CPU");
+        return;
+    }
+    const PER_THREAD: u64 = 20_000;
+    const PAYLOAD: u64 = 64;
+    let bed = Testbed::up(&pair(1000)).unwrap();
+    let d = addr(1);
+    let (bytes, packets) = bed
+        .in_netns(0, move || {
+            let stats = LinkStats::attach().unwrap();
+            let to = SocketAddrV4::new(d, 9);
+            let first = UdpSocket::bind(SocketAddrV4::new(addr(0), 0)).unwrap();
+            first.send_to(&[0; PAYLOAD as usize], to).unwrap(); // neighbour resolution first
+            std::thread::sleep(Duration::from_millis(300));
+            let before = egress_to(&stats, d);
+            let start = std::sync::Arc::new(std::sync::Barrier::new(2));
+            let senders: Vec<_> = (0..2)
+                .map(|cpu| {
+                    let start = start.clone();
+                    // A thread starts in its creator's network namespace: this node's.
+                    std::thread::spawn(move || {
+                        pin_to_cpu(cpu);
+                        let sock = UdpSocket::bind(SocketAddrV4::new(addr(0), 0)).unwrap();
+                        start.wait();
+                        for _ in 0..PER_THREAD {
+                            sock.send_to(&[0; PAYLOAD as usize], to).unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for s in senders {
+                s.join().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            let after = egress_to(&stats, d);
+            (after.0 - before.0, after.1 - before.1)
+        })
+        .join()
+        .unwrap();
+    assert_eq!(packets, 2 * PER_THREAD);
+    assert_eq!(bytes, 2 * PER_THREAD * (PAYLOAD + 8 + 20 + 14));
+}
+
 /// Runs a QUIC sender in `s` towards a sink in `d`, sending `bytes` on `streams`
 /// connections one after the other. Returns, per connection, quinn's view: (UDP payload
 /// bytes sent, datagrams sent, rtt, min_rtt).

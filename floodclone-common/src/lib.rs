@@ -68,7 +68,7 @@ pub struct LinkKey {
     pub _pad: [u8; 3],
 }
 
-/// Counters for a [`LinkKey`], one copy per CPU (summed by userspace).
+/// Counters for a [`LinkKey`], one copy shared by all CPUs (the kernel adds atomically).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LinkCounters {

@@ -17,7 +17,7 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap as BpfHashMap, Map, MapData, PerCpuHashMap},
+    maps::{HashMap as BpfHashMap, Map, MapData},
     programs::{SchedClassifier, TcAttachType},
     Ebpf, EbpfLoader,
 };
@@ -518,21 +518,11 @@ fn read_maps(link: &Map, spin: &Map) -> Result<Snapshot, LinkStatsError> {
             reason: e.to_string(),
         }
     };
-    let link: PerCpuHashMap<&MapData, LinkKey, LinkCounters> =
-        PerCpuHashMap::try_from(link).map_err(read_err(LINK_MAP_NAME))?;
+    let link: BpfHashMap<&MapData, LinkKey, LinkCounters> =
+        BpfHashMap::try_from(link).map_err(read_err(LINK_MAP_NAME))?;
     let mut peers: HashMap<(u32, floodclone_common::PeerAddr), PeerCounters> = HashMap::new();
     for entry in link.iter() {
-        let (key, per_cpu) = entry.map_err(read_err(LINK_MAP_NAME))?;
-        let sum = per_cpu.iter().fold(LinkCounters::default(), |mut acc, c| {
-            acc.bytes += c.bytes;
-            acc.packets += c.packets;
-            acc.payload_bytes += c.payload_bytes;
-            if c.last_ns >= acc.last_ns {
-                acc.last_ns = c.last_ns;
-                acc.ttl = c.ttl;
-            }
-            acc
-        });
+        let (key, counters) = entry.map_err(read_err(LINK_MAP_NAME))?;
         let slot = peers
             .entry((key.ifindex, key.peer))
             .or_insert_with(|| PeerCounters {
@@ -541,9 +531,9 @@ fn read_maps(link: &Map, spin: &Map) -> Result<Snapshot, LinkStatsError> {
                 ..Default::default()
             });
         if key.direction == DIR_EGRESS {
-            slot.egress = sum;
+            slot.egress = counters;
         } else {
-            slot.ingress = sum;
+            slot.ingress = counters;
         }
     }
     let spin_map: BpfHashMap<&MapData, SpinKey, SpinState> =
