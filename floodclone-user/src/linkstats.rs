@@ -296,37 +296,39 @@ pub struct LinkStats {
 /// facade, which `tracing` subscribes to. Stopped and joined on drop, so its descriptor
 /// does not outlive the programs.
 struct LogDrain {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Closed on drop: the thread's poll wakes on the other end's hang-up and returns, so
+    /// it needs no timeout (no wake-ups while idle, no wait at exit).
+    stop: Option<std::io::PipeWriter>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl LogDrain {
-    fn start(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> Self {
-        use std::{os::fd::AsRawFd, sync::atomic::Ordering};
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                let mut pfd = libc::pollfd {
-                    fd: logger.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd; a timeout so the stop flag is seen.
-                unsafe { libc::poll(&mut pfd, 1, 200) };
-                logger.flush();
+    fn start(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let (stopped, stop) = std::io::pipe()?;
+        let thread = std::thread::spawn(move || loop {
+            let mut fds = [logger.as_raw_fd(), stopped.as_raw_fd()].map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            // SAFETY: two valid pollfds, both descriptors open for the thread's life.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            logger.flush();
+            if n > 0 && fds[1].revents != 0 {
+                return;
             }
         });
-        Self {
-            stop,
+        Ok(Self {
+            stop: Some(stop),
             thread: Some(thread),
-        }
+        })
     }
 }
 
 impl Drop for LogDrain {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(self.stop.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -347,7 +349,9 @@ impl LinkStats {
         })?;
         // Before the programs load: they reference the log ring buffer.
         let log_drain = match aya_log::EbpfLogger::init(&mut ebpf) {
-            Ok(logger) => Some(LogDrain::start(logger)),
+            Ok(logger) => LogDrain::start(logger)
+                .inspect_err(|e| tracing::debug!("eBPF log lines unavailable: {e}"))
+                .ok(),
             Err(e) => {
                 tracing::debug!("eBPF log lines unavailable: {e}");
                 None
