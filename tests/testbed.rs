@@ -120,6 +120,7 @@ fn ebpf_programs_load_and_count_inside_a_namespace() {
             let out = bed_ref
                 .command(0, bin.to_str().unwrap())
                 .args(["stats", "--json", "--interval", "1"])
+                .env("RUST_LOG", "floodclone_ebpf=debug")
                 .output()
                 .unwrap();
             let rate = t.join().unwrap();
@@ -142,6 +143,13 @@ fn ebpf_programs_load_and_count_inside_a_namespace() {
     let tx = peer["tx_mbit_s"].as_f64().unwrap();
     eprintln!("eBPF saw {tx:.2} Mbit/s on the wire while TCP moved {tcp:.2} Mbit/s of payload");
     assert_within(tx, 40.0, 0.10);
+    // The kernel's record of the first packet from the peer reaches the log stream.
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("floodclone_ebpf: first packet from 10.100.0.2 on ifindex")
+            && log.contains("(ttl 64)"),
+        "no first-packet line from the kernel in: {log}"
+    );
 }
 
 fn pair_with(extra: &str) -> Topology {

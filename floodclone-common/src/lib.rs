@@ -55,6 +55,23 @@ pub fn peer_addr(key: PeerAddr) -> core::net::IpAddr {
 pub const LINK_MAP_NAME: &str = "LINK_STATS";
 pub const SPIN_MAP_NAME: &str = "SPIN_STATS";
 pub const WATCH_MAP_NAME: &str = "WATCHED_PEERS";
+pub const FIRST_PACKET_MAP_NAME: &str = "FIRST_PACKETS";
+
+/// Bytes of the ring buffer of [`FirstPacket`] records (a page: 170 records, once per peer
+/// and interface; when userspace falls behind the rest are dropped, not waited for).
+pub const FIRST_PACKET_RING_BYTES: u32 = 4096;
+
+/// The first packet received from a peer on an interface: the kernel's one log record,
+/// formatted and logged by userspace (target `floodclone_ebpf`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FirstPacket {
+    pub peer: PeerAddr,
+    pub ifindex: u32,
+    /// IPv4 TTL or IPv6 hop limit: how many routers the peer is behind.
+    pub ttl: u8,
+    pub _pad: [u8; 3],
+}
 
 /// One direction of traffic on one interface to or from one peer.
 #[repr(C)]

@@ -16,13 +16,13 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_PIPE},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::{HashMap, LruHashMap},
+    maps::{HashMap, LruHashMap, RingBuf},
     programs::TcContext,
 };
-use aya_log_ebpf::debug;
 use floodclone_common::{
-    LinkCounters, LinkKey, PeerAddr, SpinKey, SpinState, DIR_EGRESS, DIR_INGRESS, LINK_MAP_ENTRIES,
-    SPIN_BATCHES_CHECKED, SPIN_DCID_LEN, SPIN_MAP_ENTRIES, WATCH_ALL, WATCH_MAP_ENTRIES,
+    FirstPacket, LinkCounters, LinkKey, PeerAddr, SpinKey, SpinState, DIR_EGRESS, DIR_INGRESS,
+    FIRST_PACKET_RING_BYTES, LINK_MAP_ENTRIES, SPIN_BATCHES_CHECKED, SPIN_DCID_LEN,
+    SPIN_MAP_ENTRIES, WATCH_ALL, WATCH_MAP_ENTRIES,
 };
 
 /// One shared copy per key, added to atomically. Not per-CPU: a per-CPU LRU map allocates
@@ -45,6 +45,12 @@ static SPIN_STATS: LruHashMap<SpinKey, SpinState> =
 /// counting (the list is consulted only to make them).
 #[map(name = "WATCHED_PEERS")]
 static WATCHED_PEERS: HashMap<PeerAddr, u8> = HashMap::with_max_entries(WATCH_MAP_ENTRIES, 0);
+
+/// The first packet from each peer on each interface, for the daemon's log. A fixed record
+/// rather than a formatted log line (aya-log, until session 46): its formatting code was
+/// ~4 KB of program a call site, verified at every process start (~7 ms of CPU here).
+#[map(name = "FIRST_PACKETS")]
+static FIRST_PACKETS: RingBuf = RingBuf::with_byte_size(FIRST_PACKET_RING_BYTES, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -203,11 +209,16 @@ fn account(ctx: &TcContext, direction: u8) -> Result<(), i64> {
             }
             // Once per peer and interface (until the LRU evicts it): rare enough to log, and
             // it tells the daemon's log when traffic from a new peer began and how many
-            // routers it is behind. Ingress only: each log call site is ~4 KB of program
-            // that every process start verifies (~4 ms of CPU here), and the egress line
-            // ("first packet to") said less.
+            // routers it is behind. Lost when the ring is full: a log line is not worth a
+            // wait.
             if direction == DIR_INGRESS {
-                debug!(ctx, target: "floodclone_ebpf", "first packet from {:i} on ifindex {} (ttl {})", peer, ifindex, ttl);
+                let first = FirstPacket {
+                    peer,
+                    ifindex,
+                    ttl,
+                    _pad: [0; 3],
+                };
+                let _ = FIRST_PACKETS.output::<FirstPacket>(&first, 0);
             }
             let c = LinkCounters {
                 bytes: wire_bytes,

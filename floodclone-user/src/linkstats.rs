@@ -17,13 +17,13 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap as BpfHashMap, Map, MapData},
+    maps::{HashMap as BpfHashMap, Map, MapData, RingBuf},
     programs::{SchedClassifier, TcAttachType},
     Ebpf, EbpfLoader,
 };
 use floodclone_common::{
-    LinkCounters, LinkKey, SpinKey, SpinState, DIR_EGRESS, LINK_MAP_NAME, SPIN_MAP_NAME, WATCH_ALL,
-    WATCH_MAP_NAME,
+    FirstPacket, LinkCounters, LinkKey, SpinKey, SpinState, DIR_EGRESS, FIRST_PACKET_MAP_NAME,
+    LINK_MAP_NAME, SPIN_MAP_NAME, WATCH_ALL, WATCH_MAP_NAME,
 };
 
 /// The object built by build.rs from `floodclone-ebpf`.
@@ -288,13 +288,13 @@ pub struct LinkStats {
     interfaces: Vec<(u32, String)>,
     /// The programs count only the peers given to [`Self::watch_only`], not everyone.
     watching_members: bool,
-    /// Forwards the programs' log lines into `tracing` (target `floodclone_ebpf`).
+    /// Logs the programs' first-packet records through `tracing` (target `floodclone_ebpf`).
     _log_drain: Option<LogDrain>,
 }
 
-/// A thread that waits on the programs' log ring buffer and hands each record to the `log`
-/// facade, which `tracing` subscribes to. Stopped and joined on drop, so its descriptor
-/// does not outlive the programs.
+/// A thread that waits on the programs' ring buffer of [`FirstPacket`] records and logs each
+/// through `tracing`. Stopped and joined on drop, so its descriptor does not outlive the
+/// programs.
 struct LogDrain {
     /// Closed on drop: the thread's poll wakes on the other end's hang-up and returns, so
     /// it needs no timeout (no wake-ups while idle, no wait at exit).
@@ -303,18 +303,28 @@ struct LogDrain {
 }
 
 impl LogDrain {
-    fn start(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> std::io::Result<Self> {
+    fn start(mut ring: RingBuf<MapData>) -> std::io::Result<Self> {
         use std::os::fd::AsRawFd;
         let (stopped, stop) = std::io::pipe()?;
         let thread = std::thread::spawn(move || loop {
-            let mut fds = [logger.as_raw_fd(), stopped.as_raw_fd()].map(|fd| libc::pollfd {
+            let mut fds = [ring.as_raw_fd(), stopped.as_raw_fd()].map(|fd| libc::pollfd {
                 fd,
                 events: libc::POLLIN,
                 revents: 0,
             });
             // SAFETY: two valid pollfds, both descriptors open for the thread's life.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            logger.flush();
+            while let Some(item) = ring.next() {
+                if let Some(first) = first_packet(&item) {
+                    tracing::debug!(
+                        target: "floodclone_ebpf",
+                        "first packet from {} on ifindex {} (ttl {})",
+                        floodclone_common::peer_addr(first.peer),
+                        first.ifindex,
+                        first.ttl
+                    );
+                }
+            }
             if n > 0 && fds[1].revents != 0 {
                 return;
             }
@@ -324,6 +334,13 @@ impl LogDrain {
             thread: Some(thread),
         })
     }
+}
+
+/// A ring buffer record as the kernel wrote it (None if its size is not a record's).
+fn first_packet(bytes: &[u8]) -> Option<FirstPacket> {
+    (bytes.len() == std::mem::size_of::<FirstPacket>())
+        // SAFETY: exactly a record's bytes; every bit pattern is a valid FirstPacket.
+        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<FirstPacket>()) })
 }
 
 impl Drop for LogDrain {
@@ -347,16 +364,13 @@ impl LinkStats {
                 LinkStatsError::Load(format!("{e:#}"))
             }
         })?;
-        // Before the programs load: they reference the log ring buffer.
-        let log_drain = match aya_log::EbpfLogger::init(&mut ebpf) {
-            Ok(logger) => LogDrain::start(logger)
-                .inspect_err(|e| tracing::debug!("eBPF log lines unavailable: {e}"))
-                .ok(),
-            Err(e) => {
-                tracing::debug!("eBPF log lines unavailable: {e}");
-                None
-            }
-        };
+        let log_drain = ebpf
+            .take_map(FIRST_PACKET_MAP_NAME)
+            .ok_or_else(|| format!("map {FIRST_PACKET_MAP_NAME} missing"))
+            .and_then(|m| RingBuf::try_from(m).map_err(|e| e.to_string()))
+            .and_then(|ring| LogDrain::start(ring).map_err(|e| e.to_string()))
+            .inspect_err(|e| tracing::debug!("eBPF log lines unavailable: {e}"))
+            .ok();
         let interfaces = non_loopback_interfaces();
         for (prog_name, attach_type) in [
             ("floodclone_egress", TcAttachType::Egress),
