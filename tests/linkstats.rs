@@ -598,3 +598,100 @@ fn a_daemon_counts_only_members_so_spoofed_packets_cannot_evict_them() {
         "the source is counted: {peers:?}"
     );
 }
+
+/// Creates a BPF map of `map_type` and pins it at `path` (raw syscalls: aya makes maps only
+/// from an object's definitions). Returns false when the kernel refused.
+fn pin_new_map(path: &std::path::Path, map_type: u32, key: u32, value: u32) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let mut create = [0u32; 32];
+    create[..4].copy_from_slice(&[map_type, key, value, 64]);
+    // SAFETY: BPF_MAP_CREATE (0) reads the zeroed attribute block it is given.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            0,
+            create.as_ptr(),
+            std::mem::size_of_val(&create),
+        )
+    };
+    if fd < 0 {
+        return false;
+    }
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut pin = [0u64; 4];
+    pin[0] = c_path.as_ptr() as u64;
+    pin[1] = fd as u64; // bpf_fd, file_flags 0
+                        // SAFETY: BPF_OBJ_PIN (6) reads the path and the descriptor made above.
+    let pinned =
+        unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_ptr(), std::mem::size_of_val(&pin)) };
+    // SAFETY: the descriptor is ours; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+    pinned == 0
+}
+
+/// `floodclone stats` finding the pins of a daemon of another version (session 45 kept the
+/// link counters in a per-CPU map) says so, instead of failing at every read.
+#[test]
+fn pins_of_another_version_are_named_as_such() {
+    if !root_or_skip("pins_of_another_version_are_named_as_such") {
+        return;
+    }
+    use floodclone::linkstats::{LinkStatsError, PinnedReader};
+    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+    const BPF_MAP_TYPE_LRU_PERCPU_HASH: u32 = 10;
+    let bed = Testbed::up(&pair(40)).unwrap();
+    let err = bed
+        .in_netns(0, || {
+            // A daemon of this version mounts the pin root and publishes there.
+            let stats = LinkStats::attach().unwrap();
+            let ours = stats.pin_dir().expect("pinned").to_path_buf();
+            // Under a namespace of its own, named by this process (which holds its liveness
+            // lock), so no other test's start-up sweeps it away as a dead instance's.
+            let fake_netns = ours.parent().unwrap().with_file_name("4000000001");
+            let old = fake_netns.join(ours.file_name().unwrap());
+            std::fs::create_dir_all(&old).unwrap();
+            let (link_k, link_v) = (
+                std::mem::size_of::<floodclone_common::LinkKey>() as u32,
+                std::mem::size_of::<floodclone_common::LinkCounters>() as u32,
+            );
+            let (spin_k, spin_v) = (
+                std::mem::size_of::<floodclone_common::SpinKey>() as u32,
+                std::mem::size_of::<floodclone_common::SpinState>() as u32,
+            );
+            let made = pin_new_map(
+                &old.join("LINK_STATS"),
+                BPF_MAP_TYPE_LRU_PERCPU_HASH,
+                link_k,
+                link_v,
+            ) && pin_new_map(
+                &old.join("SPIN_STATS"),
+                BPF_MAP_TYPE_LRU_HASH,
+                spin_k,
+                spin_v,
+            );
+            let opened = PinnedReader::open(&old).map(|_| ());
+            let ours_opened = PinnedReader::open(&ours).map(|_| ());
+            std::fs::remove_dir_all(&fake_netns).unwrap();
+            assert!(made, "could not make the old version's maps");
+            assert!(ours_opened.is_ok(), "this version's pins: {ours_opened:?}");
+            opened.unwrap_err()
+        })
+        .join()
+        .unwrap();
+    assert!(
+        matches!(
+            err,
+            LinkStatsError::OtherVersion {
+                name: "LINK_STATS",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    eprintln!("{text}");
+    assert!(
+        text.contains("another version") && text.contains("floodclone stats"),
+        "{text}"
+    );
+}

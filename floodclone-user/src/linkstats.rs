@@ -51,6 +51,15 @@ pub enum LinkStatsError {
     Read { name: &'static str, reason: String },
     #[error("no running floodclone in this network namespace (no pins under {0})")]
     NoPins(PathBuf),
+    #[error(
+        "the floodclone whose maps are pinned under {dir} is another version (its map {name} \
+         has another type or layout: {reason}); read it with that version's `floodclone stats`"
+    )]
+    OtherVersion {
+        dir: PathBuf,
+        name: &'static str,
+        reason: String,
+    },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -516,9 +525,23 @@ impl PinnedReader {
                 reason: e.to_string(),
             })
         };
+        let (link, spin) = (as_map(LINK_MAP_NAME)?, as_map(SPIN_MAP_NAME)?);
+        // A daemon of another version may keep other maps (session 46 made the link
+        // counters shared, not per-CPU): say so now, not as a failed read at every sample.
+        let other_version = |name: &'static str| {
+            move |e: aya::maps::MapError| LinkStatsError::OtherVersion {
+                dir: dir.to_path_buf(),
+                name,
+                reason: e.to_string(),
+            }
+        };
+        BpfHashMap::<&MapData, LinkKey, LinkCounters>::try_from(&link)
+            .map_err(other_version(LINK_MAP_NAME))?;
+        BpfHashMap::<&MapData, SpinKey, SpinState>::try_from(&spin)
+            .map_err(other_version(SPIN_MAP_NAME))?;
         Ok(Self {
-            link: as_map(LINK_MAP_NAME)?,
-            spin: as_map(SPIN_MAP_NAME)?,
+            link,
+            spin,
             pin_dir: dir.to_path_buf(),
         })
     }
