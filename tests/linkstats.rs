@@ -618,10 +618,9 @@ fn pin_new_map(path: &std::path::Path, map_type: u32, key: u32, value: u32) -> b
         return false;
     }
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    let mut pin = [0u64; 4];
-    pin[0] = c_path.as_ptr() as u64;
-    pin[1] = fd as u64; // bpf_fd, file_flags 0
-                        // SAFETY: BPF_OBJ_PIN (6) reads the path and the descriptor made above.
+    // pathname, then bpf_fd and file_flags (0) in one word.
+    let pin = [c_path.as_ptr() as u64, fd as u64, 0, 0];
+    // SAFETY: BPF_OBJ_PIN (6) reads the path and the descriptor made above.
     let pinned =
         unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_ptr(), std::mem::size_of_val(&pin)) };
     // SAFETY: the descriptor is ours; the pin keeps the map.
@@ -659,12 +658,12 @@ fn pins_of_another_version_are_named_as_such() {
                 std::mem::size_of::<floodclone_common::SpinState>() as u32,
             );
             let made = pin_new_map(
-                &old.join("LINK_STATS"),
+                &old.join(floodclone_common::LINK_MAP_NAME),
                 BPF_MAP_TYPE_LRU_PERCPU_HASH,
                 link_k,
                 link_v,
             ) && pin_new_map(
-                &old.join("SPIN_STATS"),
+                &old.join(floodclone_common::SPIN_MAP_NAME),
                 BPF_MAP_TYPE_LRU_HASH,
                 spin_k,
                 spin_v,
