@@ -18,7 +18,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use floodclone_sched::{ChunkId, MemberId, SOURCE};
+use floodclone_sched::{ChunkId, ChunkSet, MemberId, SOURCE};
 use quinn::{Connection, Endpoint, VarInt};
 use tokio::sync::{mpsc, oneshot};
 
@@ -737,6 +737,8 @@ impl Conn {
         async move {
             let mut seq: i32 = 0;
             let mut writing: Option<Arc<tokio::sync::Semaphore>> = None;
+            // What this peer has been sent: a chunk it asks for again is read with a check.
+            let mut sent: Option<ChunkSet> = None;
             while let Some(c) = queue.recv().await {
                 queued.fetch_sub(1, Ordering::Relaxed);
                 if cancelled.lock().unwrap().queued.remove(&c)
@@ -756,7 +758,12 @@ impl Conn {
                 let Ok(permit) = writing.clone().acquire_owned().await else {
                     break;
                 };
-                let mut data = match store.read_chunk(c) {
+                let sent = sent.get_or_insert_with(|| ChunkSet::new(store.layout().chunk_count()));
+                let read = match sent.insert(c) {
+                    true => store.read_chunk(c),
+                    false => store.read_chunk_again(c),
+                };
+                let mut data = match read {
                     Ok(d) => d,
                     Err(e @ StorageError::SourceChanged { .. }) => {
                         ctx.report(ConnEvent::StoreFailed(e));

@@ -867,9 +867,9 @@ impl Destination {
             }
             node.announce(Msg::Have { chunk });
         } else if p != SOURCE && pl.bad_chunks(p) >= MAX_BAD_CHUNKS {
-            // Never the source: without it the swarm cannot finish (and it checks every
-            // chunk it reads against the manifest, so a bad chunk from it was damaged on
-            // the way, not lied about).
+            // Never the source: without it the swarm cannot finish (and it checks a chunk
+            // asked of it again against the manifest, so a bad chunk from it comes from a
+            // file changed under it, which the next ask stops the swarm for).
             let why = format!("{} chunks failed verification", pl.bad_chunks(p));
             self.cut_off(p, &why);
             if let Some(c) = node.conns.get(key) {
