@@ -741,67 +741,8 @@ impl std::ops::Deref for EndpointRef {
 struct RecvState {
     incoming: VecDeque<proto::Incoming>,
     connections: ConnectionSet,
-    recv_bufs: RecvBuffers,
+    recv_buf: Box<[u8]>,
     recv_limiter: WorkLimiter,
-}
-
-/// Where datagrams are received (FloodClone's change, VENDORED.md): slots of a large buffer
-/// that then become the datagrams themselves, split off it, instead of one fixed buffer
-/// that every datagram was copied out of. A buffer is reused once no datagram in it is
-/// alive any more, so the memory stays warm and is zeroed only when first allocated.
-struct RecvBuffers {
-    /// The most one receive slot takes: a datagram, or a GRO batch of them.
-    slot: usize,
-    /// Where the next datagrams go. Every byte of it is initialized: see [`Self::ready`].
-    current: BytesMut,
-    /// Buffers received into before, oldest first, to reuse once they are free.
-    spent: VecDeque<BytesMut>,
-}
-
-/// Receive slots offered to the kernel per receive call (at most `BATCH_SIZE`).
-const RECV_SLOTS: usize = if BATCH_SIZE < 2 { BATCH_SIZE } else { 2 };
-/// A receive buffer's size, in slots.
-const RECV_BUFFER_SLOTS: usize = 3 * RECV_SLOTS;
-/// Spent buffers kept for reuse; beyond that the oldest is left to be freed by its
-/// datagrams.
-const MAX_SPENT_RECV_BUFFERS: usize = 8;
-
-impl RecvBuffers {
-    fn new(slot: usize) -> Self {
-        Self {
-            slot,
-            current: BytesMut::zeroed(slot * RECV_BUFFER_SLOTS),
-            spent: VecDeque::new(),
-        }
-    }
-
-    /// Makes `current` hold at least [`RECV_SLOTS`] slots: itself, or the oldest spent
-    /// buffer that no datagram uses any more, or a new one.
-    fn ready(&mut self) {
-        if self.current.len() >= self.slot * RECV_SLOTS {
-            return;
-        }
-        let size = self.slot * RECV_BUFFER_SLOTS;
-        let mut spent = mem::take(&mut self.current);
-        spent.clear();
-        self.spent.push_back(spent);
-        if let Some(mut oldest) = self.spent.pop_front() {
-            if oldest.try_reclaim(size) {
-                // SAFETY: `try_reclaim` never allocates: what it reclaims lies in the
-                // allocation the buffer was made with, by `BytesMut::zeroed`, whose every
-                // byte has been initialized since (written only by the kernel's receives
-                // and in-place decryption).
-                unsafe { oldest.set_len(size) };
-                self.current = oldest;
-                return;
-            }
-            self.spent.push_front(oldest);
-        }
-        if self.spent.len() > MAX_SPENT_RECV_BUFFERS {
-            self.spent.pop_front();
-        }
-        self.current = BytesMut::zeroed(size);
-    }
 }
 
 impl RecvState {
@@ -810,8 +751,12 @@ impl RecvState {
         max_receive_segments: usize,
         endpoint: &proto::Endpoint,
     ) -> Self {
-        let slot = endpoint.config().get_max_udp_payload_size().min(64 * 1024) as usize
-            * max_receive_segments;
+        let recv_buf = vec![
+            0;
+            endpoint.config().get_max_udp_payload_size().min(64 * 1024) as usize
+                * max_receive_segments
+                * BATCH_SIZE
+        ];
         Self {
             connections: ConnectionSet {
                 senders: FxHashMap::default(),
@@ -819,7 +764,7 @@ impl RecvState {
                 close: None,
             },
             incoming: VecDeque::new(),
-            recv_bufs: RecvBuffers::new(slot),
+            recv_buf: recv_buf.into(),
             recv_limiter: WorkLimiter::new(RECV_TIME_BOUND),
         }
     }
@@ -833,30 +778,24 @@ impl RecvState {
         now: Instant,
     ) -> Result<PollProgress, io::Error> {
         let mut received_connection_packet = false;
-        let mut metas = [RecvMeta::default(); RECV_SLOTS];
+        let mut metas = [RecvMeta::default(); BATCH_SIZE];
+        let mut iovs: [IoSliceMut; BATCH_SIZE] = {
+            let mut bufs = self
+                .recv_buf
+                .chunks_mut(self.recv_buf.len() / BATCH_SIZE)
+                .map(IoSliceMut::new);
+
+            // expect() safe as self.recv_buf is chunked into BATCH_SIZE items
+            // and iovs will be of size BATCH_SIZE, thus from_fn is called
+            // exactly BATCH_SIZE times.
+            std::array::from_fn(|_| bufs.next().expect("BATCH_SIZE elements"))
+        };
         loop {
-            self.recv_bufs.ready();
-            let slot = self.recv_bufs.slot;
-            let polled = {
-                let mut slots = self.recv_bufs.current[..slot * RECV_SLOTS]
-                    .chunks_mut(slot)
-                    .map(IoSliceMut::new);
-                // expect() safe: `ready` left RECV_SLOTS whole slots.
-                let mut iovs: [IoSliceMut; RECV_SLOTS] =
-                    std::array::from_fn(|_| slots.next().expect("RECV_SLOTS slots"));
-                socket.poll_recv(cx, &mut iovs, &mut metas)
-            };
-            match polled {
+            match socket.poll_recv(cx, &mut iovs, &mut metas) {
                 Poll::Ready(Ok(msgs)) => {
                     self.recv_limiter.record_work(msgs);
-                    for (i, meta) in metas.iter().take(msgs).enumerate() {
-                        // The slots lie end to end: what is left of this one after its
-                        // datagrams is skipped, unless it is the last (the next call's
-                        // slots start there).
-                        let mut data = self.recv_bufs.current.split_to(meta.len);
-                        if i + 1 < msgs {
-                            bytes::Buf::advance(&mut self.recv_bufs.current, slot - meta.len);
-                        }
+                    for (meta, buf) in metas.iter().zip(iovs.iter()).take(msgs) {
+                        let mut data: BytesMut = buf[0..meta.len].into();
                         while !data.is_empty() {
                             let buf = data.split_to(meta.stride.min(data.len()));
                             let mut response_buffer = Vec::new();
