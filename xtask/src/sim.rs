@@ -712,6 +712,12 @@ impl Members {
                 Ev::Tick => {
                     self.on_tick(sim);
                     q.push(now + TICK_S, Ev::Tick);
+                    // The daemon polls its scheduler at every tick as well: a node that
+                    // held every chunk back for a while (deferred to another fetcher) asks
+                    // again without waiting for an event.
+                    for node in 0..self.nodes.len() {
+                        self.poll(sim, node, now, q);
+                    }
                     None
                 }
                 Ev::Capacity { dirlink, bps } => {
