@@ -120,6 +120,22 @@ pub const STALL_SCAN_S: f64 = 0.05;
 /// [`SchedConfig::far_defer_s`]) up to this many times `far_defer_s`.
 pub const MAX_DEFER_PLACE: usize = 4;
 
+/// A chunk designated to another member of a group (see [`SchedConfig::far_defer_s`]) ranks
+/// as if more neighbours held it (as many as its place in the group's order, up to this
+/// many): each member first asks the far neighbour for the chunks it is designated to
+/// fetch, so members that poll at the same moment (fed over the same narrow link, they
+/// finish chunks together) ask for different chunks, not the same rarest one twice before
+/// either hears of the other's fetch. That news takes a one-way trip between them: with 20
+/// ms per link, random-1346 in the simulator had 104 of its 512 chunks cross a 5 Mbit/s
+/// router link twice, two members 3 hops apart each asking the source for the same chunk
+/// 21 ms apart (1.23 x U_min; 1.04 with this). A rank, not a wait: a member whose
+/// designated chunks run out still asks for the others. 1,000 small random networks
+/// (`cargo xtask sim --shape small --networks 1000 --size 32MiB`), over 1.10 x the routed
+/// floor with `--delay-ms 20`: seed 1000 63 -> 57, seed 5000 43 -> 42, seed 9000 57 -> 53
+/// (means -0.0005); without delay 20 -> 21, 14 -> 13, 18 -> 17; the shipped files the same
+/// but, with 20 ms, dumbbell (1.060 -> 1.048) and dynamic (1.021 -> 1.023).
+pub const DESIGNATED_RANK: u16 = 2;
+
 /// A place's deferral is at least this many round trips to the nearer neighbours (whose
 /// Fetching takes half of one to arrive; the rest covers their own decision and jitter).
 pub const FAR_DEFER_RTTS: f64 = 2.0;
@@ -980,9 +996,36 @@ impl Puller {
             .collect()
     }
 
+    /// The group among which one member is designated to fetch each chunk from `p`
+    /// ([`group_place`]): the neighbours nearer than `p` on the path they share with it
+    /// ([`Self::nearer_on_path`]) and, when `p` is the source, those as far from this node
+    /// as the source is, on the same link, that are no nearer the source than this node:
+    /// two members behind the same router, the same distance from the source, each see
+    /// the other as no nearer, and would otherwise both ask it for the same chunks. (One
+    /// that says it is nearer the source than we are may sit on the source's side.)
+    fn fetch_group(&self, p: &Peer) -> Vec<MemberId> {
+        let mut group = self.nearer_on_path(p);
+        if let (true, Some(h)) = (p.is_source, p.hops) {
+            group.extend(
+                self.peers
+                    .iter()
+                    .filter(|(_, q)| {
+                        !q.is_source
+                            && q.hops == Some(h)
+                            && q.source_hops.is_some_and(|qs| qs >= h)
+                            && q.shares_path_with(p)
+                    })
+                    .map(|(&id, _)| id),
+            );
+        }
+        group
+    }
+
     /// Up to `k` chunks `peer` holds that are not `taken` (held or in flight), rarest first
     /// (ties: in an order of this node's own, see [`SchedConfig::member`]). Chunks a
-    /// strictly nearer neighbour holds or is fetching are left to it.
+    /// strictly nearer neighbour holds or is fetching are left to it; those designated to
+    /// another member of this node's group for `peer` ([`Self::fetch_group`]) rank after
+    /// its own ([`DESIGNATED_RANK`]).
     /// Also returns the chunks held back because another node is designated to fetch
     /// them from afar.
     fn rarest_candidates(
@@ -1002,20 +1045,21 @@ impl Puller {
         }
         let nearer_ids = self.nearer_on_path(p);
         let nearer: Vec<&Peer> = nearer_ids.iter().map(|id| &self.peers[id]).collect();
+        let group = self.fetch_group(p);
         // Each place waits long enough to hear that an earlier one fetches the chunk: that
-        // news takes half a round trip from a nearer neighbour, so on long paths the wait
-        // is counted in their round trips.
-        let defer_s = nearer
+        // news takes half a round trip from another member of the group, so on long paths
+        // the wait is counted in their round trips.
+        let defer_s = group
             .iter()
-            .filter_map(|q| q.rtt_s)
+            .filter_map(|id| self.peers[id].rtt_s)
             .fold(self.cfg.far_defer_s, |d, rtt| d.max(FAR_DEFER_RTTS * rtt));
         let me = self.cfg.member;
         let mut deferred = Vec::new();
         let mut designated_elsewhere = |c: ChunkId| {
-            if nearer_ids.is_empty() || p.is_source {
+            if group.is_empty() || p.is_source {
                 return false;
             }
-            let place = group_place(me, &nearer_ids, c);
+            let place = group_place(me, &group, c);
             if place == 0 {
                 return false;
             }
@@ -1069,6 +1113,13 @@ impl Puller {
             .filter(|&c| !designated_elsewhere(c))
             .map(|c| (self.holders[c as usize], tie_rank(salt, c), c))
             .collect();
+        // (A source on a link of our own costs nobody else: no group shares it.)
+        let source_on_our_link = p.is_source && source_hops.is_none();
+        if !group.is_empty() && !source_on_our_link {
+            for (holders, _, c) in cands.iter_mut() {
+                *holders += DESIGNATED_RANK.min(group_place(me, &group, *c) as u16);
+            }
+        }
         (self.rarest_of(&mut cands, k, p.ingress, now), deferred)
     }
 
@@ -1723,6 +1774,53 @@ mod tests {
         p.fresh_granted(0, &[], true, 0.0);
         p.peer_bitfield(0, &ChunkSet::full(chunks));
         p
+    }
+
+    #[test]
+    fn members_as_far_from_a_source_behind_a_router_ask_it_for_different_chunks() {
+        // Members 1 and 2 sit behind the same router, 2 hops from the source and from each
+        // other, and poll at the same moment, before either hears what the other asked
+        // for. Every chunk is as rare as any other, except that a neighbour beyond the
+        // source holds the second half: without the designation both would ask for the
+        // same rarest chunks. Each asks first for the chunks designated to it.
+        const CHUNKS: u32 = 64;
+        let ask = |me: MemberId, other: MemberId| {
+            let mut cfg = SchedConfig::new(128 << 10);
+            cfg.member = me;
+            let mut p = Puller::new(cfg, ChunkSet::new(CHUNKS));
+            p.add_peer(0, true);
+            p.peer_distance(0, 2);
+            p.fresh_granted(0, &[], true, 0.0);
+            p.peer_bitfield(0, &ChunkSet::full(CHUNKS));
+            p.add_peer(other, false);
+            p.peer_distance(other, 2);
+            p.peer_source_distance(other, 2);
+            let mut second_half = ChunkSet::new(CHUNKS);
+            (CHUNKS / 2..CHUNKS).for_each(|c| {
+                second_half.insert(c);
+            });
+            p.add_peer(9, false);
+            p.peer_distance(9, 3);
+            p.peer_source_distance(9, 1);
+            p.peer_bitfield(9, &second_half);
+            requests_by_peer(p.poll(0.0)).remove(&0).unwrap_or_default()
+        };
+        let (one, two) = (ask(1, 2), ask(2, 1));
+        assert!(!one.is_empty() && !two.is_empty());
+        for (me, other, asked) in [(1, 2, &one), (2, 1, &two)] {
+            let designated = (0..CHUNKS / 2).filter(|&c| group_place(me, &[other], c) == 0);
+            assert!(
+                designated.count() >= asked.len(),
+                "enough rare chunks designated to {me}"
+            );
+            assert!(
+                asked
+                    .iter()
+                    .all(|&c| c < CHUNKS / 2 && group_place(me, &[other], c) == 0),
+                "member {me} asked for {asked:?}"
+            );
+        }
+        assert!(one.iter().all(|c| !two.contains(c)), "{one:?} and {two:?}");
     }
 
     #[test]
