@@ -762,6 +762,11 @@ impl Members {
         for action in actions {
             let (peer, msg) = match action {
                 Action::Request { peer, chunks } => {
+                    if std::env::var_os("FC_SIM_TRACE").is_some() {
+                        // Nodes by index, as the start lines name them.
+                        let from = sim.pipes[self.nodes[node].pipes_in[&peer]].from;
+                        eprintln!("TRACE {now:.3} request {node} <- {from} chunks {chunks:?}");
+                    }
                     announce(
                         &self.nodes,
                         sim.pipes,
