@@ -998,13 +998,13 @@ impl Puller {
 
     /// The group among which one member is designated to fetch each chunk from `p`
     /// ([`group_place`]): the neighbours nearer than `p` on the path they share with it
-    /// ([`Self::nearer_on_path`]) and, when `p` is the source, those as far from this node
+    /// (`nearer_on_path`, from [`Self::nearer_on_path`]) and, when `p` is the source, those as far from this node
     /// as the source is, on the same link, that are no nearer the source than this node:
     /// two members behind the same router, the same distance from the source, each see
     /// the other as no nearer, and would otherwise both ask it for the same chunks. (One
     /// that says it is nearer the source than we are may sit on the source's side.)
-    fn fetch_group(&self, p: &Peer) -> Vec<MemberId> {
-        let mut group = self.nearer_on_path(p);
+    fn fetch_group(&self, p: &Peer, nearer_on_path: &[MemberId]) -> Vec<MemberId> {
+        let mut group = nearer_on_path.to_vec();
         if let (true, Some(h)) = (p.is_source, p.hops) {
             group.extend(
                 self.peers
@@ -1045,7 +1045,7 @@ impl Puller {
         }
         let nearer_ids = self.nearer_on_path(p);
         let nearer: Vec<&Peer> = nearer_ids.iter().map(|id| &self.peers[id]).collect();
-        let group = self.fetch_group(p);
+        let group = self.fetch_group(p, &nearer_ids);
         // Each place waits long enough to hear that an earlier one fetches the chunk: that
         // news takes half a round trip from another member of the group, so on long paths
         // the wait is counted in their round trips.
@@ -1055,12 +1055,16 @@ impl Puller {
             .fold(self.cfg.far_defer_s, |d, rtt| d.max(FAR_DEFER_RTTS * rtt));
         let me = self.cfg.member;
         let mut deferred = Vec::new();
-        let mut designated_elsewhere = |c: ChunkId| {
-            if group.is_empty() || p.is_source {
-                return false;
+        // Where this node is in the group's order for a chunk (0: it fetches it first).
+        let place_of = |c: ChunkId| {
+            if group.is_empty() {
+                0
+            } else {
+                group_place(me, &group, c)
             }
-            let place = group_place(me, &group, c);
-            if place == 0 {
+        };
+        let mut designated_elsewhere = |c: ChunkId, place: usize| {
+            if place == 0 || p.is_source {
                 return false;
             }
             match self.deferred.get(&c) {
@@ -1110,16 +1114,20 @@ impl Puller {
             .iter_without(&skip)
             .take_while(|&c| c < self.verifiable)
             .filter(|&c| !left_to_nearer(c) && !held_elsewhere(c))
-            .filter(|&c| !designated_elsewhere(c))
-            .map(|c| (self.holders[c as usize], tie_rank(salt, c), c))
+            .filter_map(|c| {
+                let place = place_of(c);
+                if designated_elsewhere(c, place) {
+                    return None;
+                }
+                // (A source on a link of our own costs nobody else: no group shares it.)
+                let rank = if p.is_source && source_hops.is_none() {
+                    0
+                } else {
+                    DESIGNATED_RANK.min(place as u16)
+                };
+                Some((self.holders[c as usize] + rank, tie_rank(salt, c), c))
+            })
             .collect();
-        // (A source on a link of our own costs nobody else: no group shares it.)
-        let source_on_our_link = p.is_source && source_hops.is_none();
-        if !group.is_empty() && !source_on_our_link {
-            for (holders, _, c) in cands.iter_mut() {
-                *holders += DESIGNATED_RANK.min(group_place(me, &group, *c) as u16);
-            }
-        }
         (self.rarest_of(&mut cands, k, p.ingress, now), deferred)
     }
 
