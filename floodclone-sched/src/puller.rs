@@ -1021,6 +1021,35 @@ impl Puller {
         group
     }
 
+    /// Who among this node's group for the far neighbour `p` fetches each chunk from it
+    /// first ([`Designation`]); `nearer_ids` as [`Self::nearer_on_path`] gives them, and
+    /// `source_behind_router` whether the source is reached through routers.
+    fn designation(
+        &self,
+        p: &Peer,
+        nearer_ids: &[MemberId],
+        source_behind_router: bool,
+    ) -> Designation<'_> {
+        let group = self.fetch_group(p, nearer_ids);
+        // Each place waits long enough to hear that an earlier one fetches the chunk: that
+        // news takes half a round trip from another member of the group, so on long paths
+        // the wait is counted in their round trips.
+        let defer_s = group
+            .iter()
+            .filter_map(|id| self.peers[id].rtt_s)
+            .fold(self.cfg.far_defer_s, |d, rtt| d.max(FAR_DEFER_RTTS * rtt));
+        Designation {
+            me: self.cfg.member,
+            group,
+            defer_s,
+            // The source is never waited for: asked only by rank.
+            waits: !p.is_source && self.cfg.far_defer_s > 0.0,
+            // A source on a link of our own costs nobody else: no group shares it.
+            ranks: !p.is_source || source_behind_router,
+            deferred_since: &self.deferred,
+        }
+    }
+
     /// Up to `k` chunks `peer` holds that are not `taken` (held or in flight), rarest first
     /// (ties: in an order of this node's own, see [`SchedConfig::member`]). Chunks a
     /// strictly nearer neighbour holds or is fetching are left to it; those designated to
@@ -1045,37 +1074,8 @@ impl Puller {
         }
         let nearer_ids = self.nearer_on_path(p);
         let nearer: Vec<&Peer> = nearer_ids.iter().map(|id| &self.peers[id]).collect();
-        let group = self.fetch_group(p, &nearer_ids);
-        // Each place waits long enough to hear that an earlier one fetches the chunk: that
-        // news takes half a round trip from another member of the group, so on long paths
-        // the wait is counted in their round trips.
-        let defer_s = group
-            .iter()
-            .filter_map(|id| self.peers[id].rtt_s)
-            .fold(self.cfg.far_defer_s, |d, rtt| d.max(FAR_DEFER_RTTS * rtt));
-        let me = self.cfg.member;
+        let designation = self.designation(p, &nearer_ids, source_hops.is_some());
         let mut deferred = Vec::new();
-        // Where this node is in the group's order for a chunk (0: it fetches it first).
-        let place_of = |c: ChunkId| {
-            if group.is_empty() {
-                0
-            } else {
-                group_place(me, &group, c)
-            }
-        };
-        let mut designated_elsewhere = |c: ChunkId, place: usize| {
-            if place == 0 || p.is_source {
-                return false;
-            }
-            match self.deferred.get(&c) {
-                Some(&since) => now - since < defer_s * place as f64,
-                None if self.cfg.far_defer_s > 0.0 => {
-                    deferred.push(c);
-                    true
-                }
-                None => false,
-            }
-        };
         // What a nearer neighbour holds is left to it, as what it is fetching (below), but
         // only as much as it can hand over soon (see [`NEARER_BACKLOG_S`]).
         let mut skip = taken.clone();
@@ -1108,24 +1108,22 @@ impl Puller {
                         && (q.is_fetching(c, now) || (source_hands_out && q.have.contains(c)))
                 })
         };
-        let salt = me as u64;
+        let salt = self.cfg.member as u64;
         let mut cands: Vec<(u16, u32, ChunkId)> = p
             .have
             .iter_without(&skip)
             .take_while(|&c| c < self.verifiable)
             .filter(|&c| !left_to_nearer(c) && !held_elsewhere(c))
             .filter_map(|c| {
-                let place = place_of(c);
-                if designated_elsewhere(c, place) {
+                let place = designation.place(c);
+                if designation.holds_back(c, place, now, &mut deferred) {
                     return None;
                 }
-                // (A source on a link of our own costs nobody else: no group shares it.)
-                let rank = if p.is_source && source_hops.is_none() {
-                    0
-                } else {
-                    DESIGNATED_RANK.min(place as u16)
-                };
-                Some((self.holders[c as usize] + rank, tie_rank(salt, c), c))
+                Some((
+                    self.holders[c as usize] + designation.rank(place),
+                    tie_rank(salt, c),
+                    c,
+                ))
             })
             .collect();
         (self.rarest_of(&mut cands, k, p.ingress, now), deferred)
@@ -1211,6 +1209,58 @@ impl Puller {
             .collect();
         late.sort_by(|a, b| b.0.total_cmp(&a.0));
         late.into_iter().take(k).map(|(_, c)| c).collect()
+    }
+}
+
+/// Which member of a group fetches a chunk from a far neighbour first, as one node sees it
+/// for that neighbour (see [`SchedConfig::far_defer_s`] and [`DESIGNATED_RANK`]).
+struct Designation<'a> {
+    me: MemberId,
+    /// The other members ([`Puller::fetch_group`]); empty: this node fetches everything.
+    group: Vec<MemberId>,
+    /// How long each place after the first waits for a chunk designated elsewhere.
+    defer_s: f64,
+    /// Whether a chunk designated elsewhere waits at all, or only ranks after ours.
+    waits: bool,
+    /// Whether a chunk designated elsewhere ranks after ours.
+    ranks: bool,
+    /// When each chunk was first held back ([`Puller::deferred`]).
+    deferred_since: &'a ChunkMap<f64>,
+}
+
+impl Designation<'_> {
+    /// This node's place in the group's order for `c` (0: it fetches `c` first).
+    fn place(&self, c: ChunkId) -> usize {
+        if self.group.is_empty() {
+            0
+        } else {
+            group_place(self.me, &self.group, c)
+        }
+    }
+
+    /// Whether `c`, at `place`, is still left to an earlier member: for its place's share
+    /// of the wait, counted from when it was first held back (chunks held back for the
+    /// first time are added to `deferred`).
+    fn holds_back(&self, c: ChunkId, place: usize, now: f64, deferred: &mut Vec<ChunkId>) -> bool {
+        if place == 0 || !self.waits {
+            return false;
+        }
+        match self.deferred_since.get(&c) {
+            Some(&since) => now - since < self.defer_s * place as f64,
+            None => {
+                deferred.push(c);
+                true
+            }
+        }
+    }
+
+    /// How many holders more `c` counts as, at `place`.
+    fn rank(&self, place: usize) -> u16 {
+        if self.ranks {
+            DESIGNATED_RANK.min(place as u16)
+        } else {
+            0
+        }
     }
 }
 
