@@ -170,6 +170,11 @@ pub struct SenderPaths {
     /// Senders it reaches through routers whose own route to it starts at a member that
     /// gets its copies over the same link: not pulled from, as if behind that member.
     pub crossing: Vec<MemberId>,
+    /// Senders on a link of the source's, reached through routers like the source, whose
+    /// own route to it does not start at the source: their data does not come through
+    /// the source, where hop counts alone cannot tell (a path through the source as long
+    /// as one around it; [`PathChecks::avoids_source`]).
+    pub avoiding_source: Vec<MemberId>,
 }
 
 /// Neighbours that a receiver's own routes hide, or show wrongly. A receiver picks whom to
@@ -221,6 +226,9 @@ pub struct PathChecks {
     clean_to: BTreeMap<MemberId, BTreeSet<MemberId>>,
     /// Receiver -> senders whose path to it carries chunks twice ([`PathChecks::crosses`]).
     crossing_to: BTreeMap<MemberId, BTreeSet<MemberId>>,
+    /// Receiver -> senders beside the source whose route to it avoids the source
+    /// ([`PathChecks::avoids_source`]).
+    avoiding_to: BTreeMap<MemberId, BTreeSet<MemberId>>,
     /// Member -> the (sender, receiver) pairs whose route starts at it.
     entered_at: HashMap<MemberId, HashSet<(MemberId, MemberId)>>,
     /// Pairs in `asked` with no final answer yet, tried fewer than [`MAX_TRACE_ATTEMPTS`]
@@ -274,6 +282,7 @@ impl PathChecks {
             }
         }
         told.extend(self.update_crossing(member, &old));
+        told.extend(self.update_avoiding(member, &old));
         let mut out: Vec<PathCheck> = traces
             .into_iter()
             .map(|(sender, receivers)| PathCheck::Trace { sender, receivers })
@@ -327,19 +336,51 @@ impl PathChecks {
             let moved = |r: &MemberId| old.get(r) != new.get(r);
             pairs.extend(entered_at_source.filter(|(_, r)| moved(r)).copied());
         }
-        let mut changed = BTreeSet::new();
-        for (s, r) in pairs {
-            let now = self.crosses(s, r);
-            let set = self.crossing_to.entry(r).or_default();
-            if now != set.contains(&s) {
-                match now {
-                    true => set.insert(s),
-                    false => set.remove(&s),
-                };
-                changed.insert(r);
-            }
-        }
-        changed
+        let decided: Vec<_> = pairs
+            .into_iter()
+            .map(|(s, r)| (s, r, self.crosses(s, r)))
+            .collect();
+        record_pairs(&mut self.crossing_to, decided)
+    }
+
+    /// The pairs with `member` at either end decided again ([`PathChecks::avoids_source`])
+    /// after its view changed from `old`. The receivers whose list changed.
+    fn update_avoiding(
+        &mut self,
+        member: MemberId,
+        old: &HashMap<MemberId, (Reach, Option<MemberId>)>,
+    ) -> BTreeSet<MemberId> {
+        let named: BTreeSet<MemberId> = old
+            .keys()
+            .chain(self.views[&member].keys())
+            .copied()
+            .collect();
+        let pairs = (named.iter().map(|&r| (member, r))).chain(named.iter().map(|&s| (s, member)));
+        let decided: Vec<_> = pairs
+            .map(|(s, r)| (s, r, self.avoids_source(s, r)))
+            .collect();
+        record_pairs(&mut self.avoiding_to, decided)
+    }
+
+    /// Whether `s`, on a link of the source's, has a route to `r` that does not start at
+    /// the source, while `r` reaches both through routers: the only case where `r`'s hop
+    /// counts cannot tell whether `s`'s data comes through the source (our hops to `s`
+    /// equal our hops to the source plus one either way). Under shortest-path routing a
+    /// route from beside the source that passed through it later than at its first hop
+    /// would be longer than one through it at once, so the first hop decides.
+    fn avoids_source(&self, s: MemberId, r: MemberId) -> bool {
+        let through_routers = |a, b| matches!(self.entry(a, b), Some((Reach::ViaRouter, _)));
+        let first_hop_avoids = match self.entry(s, r) {
+            Some((Reach::Unreachable, _)) | None => false,
+            Some((_, via)) => via != Some(SOURCE),
+        };
+        s != SOURCE
+            && r != SOURCE
+            && s != r
+            && matches!(self.entry(s, SOURCE), Some((Reach::Direct, _)))
+            && through_routers(r, SOURCE)
+            && through_routers(r, s)
+            && first_hop_avoids
     }
 
     /// Whether `s`'s path to `r` carries chunks twice over a link ([`PathChecks`]): `r`
@@ -477,8 +518,29 @@ impl PathChecks {
         SenderPaths {
             clean: list(&self.clean_to),
             crossing: list(&self.crossing_to),
+            avoiding_source: list(&self.avoiding_to),
         }
     }
+}
+
+/// Each (sender, receiver, in the list) of `decided` recorded in `lists` (receiver ->
+/// senders): the receivers whose list changed.
+fn record_pairs(
+    lists: &mut BTreeMap<MemberId, BTreeSet<MemberId>>,
+    decided: Vec<(MemberId, MemberId, bool)>,
+) -> BTreeSet<MemberId> {
+    let mut changed = BTreeSet::new();
+    for (s, r, listed) in decided {
+        let set = lists.entry(r).or_default();
+        let was = match listed {
+            true => !set.insert(s),
+            false => set.remove(&s),
+        };
+        if was != listed {
+            changed.insert(r);
+        }
+    }
+    changed
 }
 
 /// [`data_neighbours`] from `reach` as the senders' paths to us make it
@@ -617,6 +679,7 @@ mod tests {
         let paths = SenderPaths {
             clean: vec![3],
             crossing: vec![5],
+            avoiding_source: vec![],
         };
         with_sender_paths(&mut reach, &paths);
         assert_eq!(reach[1], (3, Reach::ViaRouter));
@@ -631,6 +694,7 @@ mod tests {
             paths: SenderPaths {
                 clean: clean.to_vec(),
                 crossing: crossing.to_vec(),
+                avoiding_source: vec![],
             },
         }
     }
@@ -713,6 +777,45 @@ mod tests {
     }
 
     #[test]
+    fn a_sender_beside_the_source_is_told_whether_its_route_avoids_the_source() {
+        use Reach::{Behind, Direct, ViaRouter};
+        // random-9750's shape: 1 - r1 - s - 2, and 2 - r2 - r1: 1 reaches the source and 2
+        // through r1, as many hops to 2 as through the source. 2's route to 1 starts at
+        // r2: told so, 1 pulls from 2; when it starts at the source, 1 is not told.
+        let avoiding = |out: Vec<PathCheck>| -> Vec<(MemberId, Vec<MemberId>)> {
+            out.into_iter()
+                .filter_map(|c| match c {
+                    PathCheck::Tell { receiver, paths } => Some((receiver, paths.avoiding_source)),
+                    PathCheck::Trace { .. } => None,
+                })
+                .collect()
+        };
+        let view_1 = [(SOURCE, ViaRouter, None), (2, ViaRouter, None)];
+        let view_2 = |to_1| [(SOURCE, Direct, None), (1, to_1, None)];
+        let via_source = [(SOURCE, Direct, None), (1, Behind, Some(SOURCE))];
+        for first_1 in [true, false] {
+            let mut pc = PathChecks::default();
+            let mut told = Vec::new();
+            if first_1 {
+                told.extend(avoiding(pc.on_view(1, &view_1)));
+            }
+            told.extend(avoiding(pc.on_view(2, &view_2(ViaRouter))));
+            if !first_1 {
+                told.extend(avoiding(pc.on_view(1, &view_1)));
+            }
+            assert_eq!(told, vec![(1, vec![2])], "1's view first: {first_1}");
+            assert_eq!(pc.paths_for(1).avoiding_source, vec![2]);
+            // 2's route to 1 now starts at the source: taken back.
+            assert_eq!(avoiding(pc.on_view(2, &via_source)), vec![(1, vec![])]);
+        }
+        // A receiver on a link of the sender's own needs no word: its hop count (1) says.
+        let mut pc = PathChecks::default();
+        pc.on_view(1, &[(SOURCE, ViaRouter, None), (2, Direct, None)]);
+        pc.on_view(2, &view_2(Direct));
+        assert!(pc.paths_for(1).avoiding_source.is_empty());
+    }
+
+    #[test]
     fn a_route_into_a_member_fed_elsewhere_is_kept_and_one_into_the_source_is_not() {
         use Reach::{Behind, Direct, ViaRouter};
         // 3 hangs below 1 (which is fed by 2); 4 reaches 3 through a router, 3's route to 4
@@ -760,8 +863,8 @@ mod tests {
         // still (it holds everything).
         let reach = vec![(SOURCE, ViaRouter), (2, ViaRouter)];
         let told = |crossing: Vec<MemberId>| SenderPaths {
-            clean: vec![],
             crossing,
+            ..SenderPaths::default()
         };
         assert_eq!(
             told_data_neighbours(4, reach.clone(), &told(vec![SOURCE])),

@@ -243,6 +243,7 @@ mod tests {
         let told = |clean: &[MemberId], crossing: &[MemberId]| SenderPaths {
             clean: clean.to_vec(),
             crossing: crossing.to_vec(),
+            avoiding_source: vec![],
         };
         assert_eq!(data_neighbours(1, &views, &told(&[], &[])), vec![0, 2, 4]);
         assert_eq!(

@@ -26,9 +26,10 @@ use crate::wire::{drain_frames, Msg};
 /// The protocol's name and version, checked in the TLS handshake: raised whenever the
 /// control messages change (2: `SourceDistance`; 3: addresses of either family; 4: the
 /// acceptor's half of the key exchange first, on a stream of its own; 5: `SenderPaths`
-/// with the crossing senders), so that nodes of different versions do not connect
+/// with the crossing senders; 6: traces answered unknown; 7: `SenderPaths` with the
+/// senders avoiding the source), so that nodes of different versions do not connect
 /// instead of closing each other's connections on an unknown message.
-pub const ALPN: &[u8] = b"floodclone/6";
+pub const ALPN: &[u8] = b"floodclone/7";
 /// Application close codes.
 pub const CLOSE_DONE: u32 = 0;
 pub const CLOSE_AUTH: u32 = 1;

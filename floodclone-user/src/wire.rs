@@ -564,9 +564,14 @@ impl Msg {
                 w.member_ids(crossed);
                 w.member_ids(unknown);
             }
-            Msg::SenderPaths(SenderPaths { clean, crossing }) => {
+            Msg::SenderPaths(SenderPaths {
+                clean,
+                crossing,
+                avoiding_source,
+            }) => {
                 w.member_ids(clean);
                 w.member_ids(crossing);
+                w.member_ids(avoiding_source);
             }
             Msg::ProveAddress { nonce } | Msg::AddressProof { nonce } => {
                 w.0.extend_from_slice(nonce)
@@ -637,6 +642,7 @@ impl Msg {
             22 => Msg::SenderPaths(SenderPaths {
                 clean: r.member_ids()?,
                 crossing: r.member_ids()?,
+                avoiding_source: r.member_ids()?,
             }),
             24 => Msg::ProveAddress { nonce: r.nonce()? },
             25 => Msg::AddressProof { nonce: r.nonce()? },
@@ -931,6 +937,7 @@ mod tests {
             Msg::SenderPaths(SenderPaths {
                 clean: vec![4],
                 crossing: vec![7, 8],
+                avoiding_source: vec![3],
             }),
             Msg::ProveAddress { nonce: [5; 16] },
             Msg::AddressProof { nonce: [6; 16] },

@@ -436,6 +436,14 @@ fn connect_destinations(
         let told = sender_paths.get(&me).cloned().unwrap_or_default();
         let neighbours = overlay::told_data_neighbours(me, reach, &told);
         max_neighbours = max_neighbours.max(neighbours.len());
+        if std::env::var_os("FC_SIM_TRACE").is_some() {
+            // Nodes by index, as the other lines name them; what it is told by member id.
+            let nodes: Vec<usize> = neighbours
+                .iter()
+                .map(|&m| node_of_member[m as usize])
+                .collect();
+            eprintln!("TRACE 0.000 neighbours {d} {nodes:?} told {told:?}");
+        }
         let mut puller = Puller::new(
             SchedConfig {
                 member: me,
@@ -456,6 +464,7 @@ fn connect_destinations(
             // What the neighbour reports of its own distance to the source.
             let to_source = net.route(from, source).len() - 1;
             puller.peer_source_distance(nb, to_source as u8);
+            puller.peer_route_avoids_source(nb, told.avoiding_source.contains(&nb));
             let id = pipes.len();
             pipes.push(Pipe::new(from, d, path, latency));
             nodes[d].pipes_in.insert(nb, id);

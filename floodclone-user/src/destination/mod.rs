@@ -543,7 +543,11 @@ impl Destination {
                 });
             }
             Msg::SenderPaths(paths) => {
-                self.rediscover_needed |= paths != self.sender_paths;
+                // Who is a neighbour follows from the first two lists; the third only
+                // tells the scheduler where data comes from (`tell_path`).
+                let old = &self.sender_paths;
+                self.rediscover_needed |=
+                    (&paths.clean, &paths.crossing) != (&old.clean, &old.crossing);
                 self.sender_paths = paths;
             }
             Msg::SwarmDone if self.complete.is_some() => return Step::Stop(Ok(())),

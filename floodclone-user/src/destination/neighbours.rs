@@ -168,6 +168,7 @@ impl Destination {
         if let Some(hops) = node.meters.hops_to(m.addr) {
             pl.peer_distance(p, hops);
         }
+        pl.peer_route_avoids_source(p, self.sender_paths.avoiding_source.contains(&p));
         // The least round trip seen: propagation, without the queueing that a deeper
         // pipeline would itself add (`queue_target_s` covers that). The kernel's, measured
         // on the packets as they leave and arrive, once a connection to `p` spins; until
