@@ -116,6 +116,10 @@ pub const STALL_FACTOR: f64 = 10.0;
 /// simulator's time at 1000 nodes).
 pub const STALL_SCAN_S: f64 = 0.05;
 
+/// Seconds a chunk asked of a far neighbour may wait unstarted in its queue before it is
+/// asked of a nearer neighbour that holds it instead ([`Puller::move_queued_flights_nearer`]).
+pub const MOVE_QUEUED_AFTER_S: f64 = 1.0;
+
 /// Deferrals of a chunk from afar grow with a node's place in its group's order (see
 /// [`SchedConfig::far_defer_s`]) up to this many times `far_defer_s`.
 pub const MAX_DEFER_PLACE: usize = 4;
@@ -304,6 +308,8 @@ struct Flight {
     since: f64,
     /// Asked again of the same sender after it stalled (see [`Puller::re_request_stalled`]).
     asked_again: bool,
+    /// Its stream has started arriving ([`Puller::chunk_started`]).
+    started: bool,
 }
 
 /// What to do with a chunk whose stream has started arriving.
@@ -660,11 +666,12 @@ impl Puller {
             self.duplicates += 1;
             return Arrival::Reject;
         }
-        if self
+        if let Some(f) = self
             .flights
-            .get(&chunk)
-            .is_some_and(|fl| fl.iter().any(|f| f.peer == peer))
+            .get_mut(&chunk)
+            .and_then(|fl| fl.iter_mut().find(|f| f.peer == peer))
         {
+            f.started = true;
             return Arrival::Accept;
         }
         match self.peers.get_mut(&peer) {
@@ -778,6 +785,7 @@ impl Puller {
             peer,
             since: now,
             asked_again: false,
+            started: false,
         });
     }
 
@@ -932,6 +940,7 @@ impl Puller {
             return;
         }
         self.next_stall_scan_s = now + STALL_SCAN_S;
+        self.move_queued_flights_nearer(now);
         let mut again: BTreeMap<MemberId, Vec<ChunkId>> = BTreeMap::new();
         let mut stalled: Vec<(MemberId, ChunkId)> = Vec::new();
         // A chunk raced from two neighbours has its remedy already.
@@ -972,6 +981,65 @@ impl Puller {
             }
         }
         self.count_doubted_only_copies();
+    }
+
+    /// A chunk asked of a far neighbour (through routers) that still waits unstarted in its
+    /// queue after [`MOVE_QUEUED_AFTER_S`], while a nearer neighbour (any link) now holds
+    /// it, is cancelled there and asked of the nearer one (the soonest to deliver; up to
+    /// twice its pipeline). The far path often is a group's narrow way in, shared with its
+    /// other members: its place in that sender's queue goes to a chunk nobody nearer
+    /// holds, so what enters the group enters once (random-702: a chunk waited 12.6 s in
+    /// a far queue while a neighbour one link away had held it for 12 s). Only unstarted
+    /// flights: a started one costs the path either way.
+    fn move_queued_flights_nearer(&mut self, now: f64) {
+        let mut added: BTreeMap<MemberId, Vec<ChunkId>> = BTreeMap::new();
+        let mut moved: Vec<(ChunkId, MemberId)> = Vec::new();
+        for (&c, fl) in self.flights.iter().filter(|(_, fl)| fl.len() == 1) {
+            let f = &fl[0];
+            let far_hops = match self.peers.get(&f.peer) {
+                Some(p) if !p.is_source => p.hops.filter(|&h| h > 1),
+                _ => None,
+            };
+            let (Some(h), false) = (far_hops, f.started || now - f.since < MOVE_QUEUED_AFTER_S)
+            else {
+                continue;
+            };
+            let room = |id: &MemberId, q: &Peer| {
+                let more = added.get(id).map_or(0, |v| v.len()) as u32;
+                q.in_use() + more < 2 * q.budget(&self.cfg)
+            };
+            let nearer = self
+                .peers
+                .iter()
+                .filter(|(id, q)| {
+                    !q.is_source
+                        && !q.on_probation
+                        && q.hops.is_some_and(|qh| qh < h)
+                        && q.have.contains(c)
+                        && room(id, q)
+                })
+                .min_by(|a, b| {
+                    let soon = |q: &Peer| q.expected_delivery_s(&self.cfg);
+                    soon(a.1).total_cmp(&soon(b.1))
+                });
+            if let Some((&q, _)) = nearer {
+                moved.push((c, f.peer));
+                added.entry(q).or_default().push(c);
+            }
+        }
+        for (c, from) in moved {
+            self.actions.push(Action::Cancel {
+                peer: from,
+                chunk: c,
+            });
+            self.chunk_broken(from, c);
+        }
+        for (peer, chunks) in added {
+            for &c in &chunks {
+                self.add_flight(peer, c, now);
+            }
+            self.actions.push(Action::Request { peer, chunks });
+        }
     }
 
     /// A chunk this node lacks that no neighbour is counted as holding, while one on
@@ -1665,6 +1733,22 @@ mod tests {
         assert!(!late.is_empty(), "{late:?}");
     }
 
+    /// A set of `n` chunks holding the first `k`.
+    fn first_chunks(k: u32, n: u32) -> ChunkSet {
+        let mut set = ChunkSet::new(n);
+        (0..k).for_each(|c| {
+            set.insert(c);
+        });
+        set
+    }
+
+    /// The chunks `actions` ask of `peer`, in order.
+    fn asked_of(actions: Vec<Action>, peer: MemberId) -> Vec<ChunkId> {
+        let mut asked = requests_by_peer(actions).remove(&peer).unwrap_or_default();
+        asked.sort_unstable();
+        asked
+    }
+
     fn requests_by_peer(actions: Vec<Action>) -> BTreeMap<MemberId, Vec<ChunkId>> {
         let mut out: BTreeMap<MemberId, Vec<ChunkId>> = BTreeMap::new();
         for a in actions {
@@ -1673,6 +1757,49 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn a_chunk_waiting_in_a_far_queue_is_asked_of_a_nearer_holder_instead() {
+        // Neighbour 3 is 3 hops away through routers, neighbour 4 on another link of ours.
+        // Chunk 0 is asked of 3; neighbour 4 then gets it while it still waits unstarted in
+        // 3's queue: after MOVE_QUEUED_AFTER_S it is cancelled with 3 and asked of 4.
+        // Chunk 1, asked of 3 as well, has started arriving: it stays.
+        let setup = || {
+            let mut p = Puller::new(SchedConfig::new(128 << 10), ChunkSet::new(64));
+            p.add_peer(3, false);
+            p.peer_distance(3, 3);
+            p.peer_ingress(3, 1);
+            p.add_peer(4, false);
+            p.peer_distance(4, 1);
+            p.peer_ingress(4, 2);
+            p.peer_bitfield(3, &first_chunks(2, 64));
+            assert_eq!(asked_of(p.poll(0.0), 3), vec![0, 1]);
+            assert_eq!(p.chunk_started(3, 1, 0.1), Arrival::Accept);
+            p.peer_has(4, 0);
+            p.peer_has(4, 1);
+            p
+        };
+        let mut p = setup();
+        let early = p.poll(MOVE_QUEUED_AFTER_S - 0.1);
+        assert!(
+            !early.iter().any(|a| matches!(a, Action::Cancel { .. })),
+            "{early:?}"
+        );
+        let mut p = setup();
+        let actions = p.poll(MOVE_QUEUED_AFTER_S + 0.1);
+        let cancels: Vec<_> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Cancel { peer, chunk } => Some((*peer, *chunk)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(cancels, vec![(3, 0)]);
+        assert_eq!(requests_by_peer(actions).get(&4), Some(&vec![0]));
+        // The moved flight is 4's now: its stream is read, one from 3 refused.
+        assert_eq!(p.chunk_started(4, 0, 1.2), Arrival::Accept);
+        assert_eq!(p.chunk_started(3, 0, 1.2), Arrival::Reject);
     }
 
     #[test]
@@ -1994,13 +2121,8 @@ mod tests {
             p.peer_distance(3, 3);
             p.peer_source_distance(3, 1);
             p.peer_route_avoids_source(3, avoids);
-            let mut first_two = ChunkSet::new(64);
-            first_two.insert(0);
-            first_two.insert(1);
-            p.peer_bitfield(3, &first_two);
-            let mut asked = requests_by_peer(p.poll(0.0)).remove(&3).unwrap_or_default();
-            asked.sort_unstable();
-            asked
+            p.peer_bitfield(3, &first_chunks(2, 64));
+            asked_of(p.poll(0.0), 3)
         };
         assert_eq!(asked_of_3(false), Vec::<ChunkId>::new());
         assert_eq!(asked_of_3(true), vec![0, 1]);
