@@ -346,7 +346,8 @@ pub struct Puller {
     /// Chunks `0..verifiable` can be verified here (their hashes are known): only those are
     /// requested. The source sends hashes as it reads its file ([`Puller::set_verifiable`]).
     verifiable: u32,
-    /// When [`Puller::re_request_stalled`] next looks (see [`STALL_SCAN_S`]).
+    /// When the flights are next looked over ([`Puller::re_request_stalled`],
+    /// [`Puller::move_queued_flights_nearer`]; see [`STALL_SCAN_S`]).
     next_stall_scan_s: f64,
     /// Chunks that arrived and were not needed (raced copies, refused streams).
     pub duplicates: u64,
@@ -921,7 +922,12 @@ impl Puller {
                 chunks: picks,
             });
         }
-        self.re_request_stalled(now);
+        // Flights are looked over every STALL_SCAN_S, not at every poll.
+        if now >= self.next_stall_scan_s {
+            self.next_stall_scan_s = now + STALL_SCAN_S;
+            self.move_queued_flights_nearer(now);
+            self.re_request_stalled(now);
+        }
         std::mem::take(&mut self.actions)
     }
 
@@ -936,11 +942,6 @@ impl Puller {
     /// again, the flight's place kept; if the first copy was merely slow, the second is
     /// refused on arrival.
     fn re_request_stalled(&mut self, now: f64) {
-        if now < self.next_stall_scan_s {
-            return;
-        }
-        self.next_stall_scan_s = now + STALL_SCAN_S;
-        self.move_queued_flights_nearer(now);
         let mut again: BTreeMap<MemberId, Vec<ChunkId>> = BTreeMap::new();
         let mut stalled: Vec<(MemberId, ChunkId)> = Vec::new();
         // A chunk raced from two neighbours has its remedy already.
