@@ -2091,9 +2091,7 @@ mod tests {
         // source still hands out fresh chunks (neighbour 4 fetches chunk 3, never seen
         // before) what neighbour 4 holds is not asked of the source.
         let mut p = behind_a_router_with_the_source(4);
-        let mut first_two = ChunkSet::new(4);
-        first_two.insert(0);
-        first_two.insert(1);
+        let first_two = first_chunks(2, 4);
         for (peer, hops, to_source) in [(3, 3, 1), (4, 3, 3)] {
             p.add_peer(peer, false);
             p.peer_distance(peer, hops);
