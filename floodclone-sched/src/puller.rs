@@ -527,6 +527,14 @@ impl Puller {
         }
     }
 
+    /// Whether `peer` told this node it holds `chunk` (false when it is not a neighbour
+    /// this node pulls from: then this node cannot tell).
+    pub fn peer_holds(&self, peer: MemberId, chunk: ChunkId) -> bool {
+        self.peers
+            .get(&peer)
+            .is_some_and(|p| p.have.contains(chunk))
+    }
+
     pub fn peer_has(&mut self, peer: MemberId, chunk: ChunkId) {
         let Some(p) = self.peers.get_mut(&peer) else {
             self.dormant_has(peer).insert(chunk);
@@ -1588,6 +1596,21 @@ mod tests {
         p.forget_peer(3);
         p.add_peer(3, false);
         assert!(p.poll(0.2).is_empty());
+    }
+
+    #[test]
+    fn what_a_neighbour_said_it_holds_is_known_only_of_neighbours_pulled_from() {
+        let mut p = Puller::new(cfg(), ChunkSet::new(4));
+        p.add_peer(1, false);
+        p.peer_has(1, 2);
+        assert!(p.peer_holds(1, 2));
+        assert!(!p.peer_holds(1, 3));
+        // A member this node does not pull from: what it said is kept for later, but news
+        // still goes to it (nothing says it holds the chunk).
+        p.peer_has(7, 2);
+        assert!(!p.peer_holds(7, 2));
+        p.remove_peer(1);
+        assert!(!p.peer_holds(1, 2));
     }
 
     #[test]

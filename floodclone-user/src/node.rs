@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use floodclone_sched::{MemberId, SOURCE};
+use floodclone_sched::MemberId;
 use quinn::{Endpoint, VarInt};
 use tokio::sync::mpsc;
 
@@ -171,17 +171,15 @@ impl Node {
 
     /// Sends `msg` on every connection whose peer reads announcements there.
     pub fn announce(&self, msg: Msg) {
-        for c in self.conns.iter().filter(|c| c.reads_announcements()) {
-            c.send(msg.clone());
-        }
+        self.announce_each(|_| Some(msg.clone()));
     }
 
-    /// Passes on what neighbour `from` announced to the other destinations that read our
-    /// announcements (not back to `from`, not to the source, which does not use it).
-    pub fn announce_beyond(&self, msg: Msg, from: MemberId) {
+    /// Sends each peer that reads our announcements what `msg_for` makes for it (the
+    /// peer's member id, when known), if anything.
+    pub fn announce_each(&self, mut msg_for: impl FnMut(Option<MemberId>) -> Option<Msg>) {
         for c in self.conns.iter().filter(|c| c.reads_announcements()) {
-            if c.peer.is_some_and(|p| p != from && p != SOURCE) {
-                c.send(msg.clone());
+            if let Some(msg) = msg_for(c.peer) {
+                c.send(msg);
             }
         }
     }

@@ -531,9 +531,7 @@ impl Destination {
                 tracing::trace!(target: "floodclone::chunks", peer = ?Some(SOURCE), ?chunks, exhausted, "fresh granted");
                 if let Some(pl) = self.puller.as_mut() {
                     pl.fresh_granted(SOURCE, &chunks, exhausted, node.now());
-                    if !chunks.is_empty() {
-                        node.announce(Msg::Fetching { chunks });
-                    }
+                    announce_fetching(node, pl, &chunks, None);
                 }
             }
             Msg::TracePaths { to } => {
@@ -586,9 +584,7 @@ impl Destination {
                 // One hop further (see `Puller::peer_fetching_beyond`): what we lack will
                 // soon be near us.
                 let beyond = pl.pass_on_fetching(&chunks);
-                if !beyond.is_empty() {
-                    node.announce_beyond(Msg::FetchingBeyond { chunks: beyond }, p);
-                }
+                announce_fetching(node, pl, &beyond, Some(p));
             }
             (Msg::FetchingBeyond { chunks }, Some(p)) => {
                 for c in chunks {
@@ -819,9 +815,7 @@ impl Destination {
             let (peer, msg) = match action {
                 Action::Request { peer, chunks } => {
                     tracing::trace!(target: "floodclone::chunks", peer, ?chunks, "requested");
-                    node.announce(Msg::Fetching {
-                        chunks: chunks.clone(),
-                    });
+                    announce_fetching(node, pl, &chunks, None);
                     (peer, Msg::Request { chunks })
                 }
                 Action::RequestFresh { peer, count } => (peer, Msg::RequestFresh { count }),
@@ -869,7 +863,13 @@ impl Destination {
                 self.feeders
                     .received(p, store.layout().chunk_range(chunk).1 as u64);
             }
-            node.announce(Msg::Have { chunk });
+            // Not to a neighbour that told us it holds the chunk: it neither asks for
+            // it nor counts its holders, and each such Have is a small packet on its way in
+            // (often its narrowest), and an ACK back.
+            node.announce_each(|to| match to {
+                Some(p) if p != SOURCE && pl.peer_holds(p, chunk) => None,
+                _ => Some(Msg::Have { chunk }),
+            });
         } else if p != SOURCE && pl.bad_chunks(p) >= MAX_BAD_CHUNKS {
             // Never the source: without it the swarm cannot finish (and it checks a chunk
             // asked of it again against the manifest, so a bad chunk from it comes from a
@@ -1130,4 +1130,25 @@ impl Destination {
         );
         Ok(self.complete.unwrap_or_default())
     }
+}
+
+/// Tells the neighbours that read our announcements which of `chunks` are being fetched:
+/// by this node (`from` None: [`Msg::Fetching`]) or by neighbour `from` ([`Msg::FetchingBeyond`],
+/// not back to it). Each neighbour hears only of the chunks it lacks, as far as it told us:
+/// it leaves those to us, and has no use for news of a chunk it holds. The source, which
+/// does not use this news, hears none.
+fn announce_fetching(node: &Node, pl: &Puller, chunks: &[ChunkId], from: Option<MemberId>) {
+    node.announce_each(|to| {
+        let to = to.filter(|&p| p != SOURCE && Some(p) != from)?;
+        let chunks: Vec<ChunkId> = chunks
+            .iter()
+            .copied()
+            .filter(|&c| !pl.peer_holds(to, c))
+            .collect();
+        match (chunks.is_empty(), from) {
+            (true, _) => None,
+            (false, None) => Some(Msg::Fetching { chunks }),
+            (false, Some(_)) => Some(Msg::FetchingBeyond { chunks }),
+        }
+    });
 }
