@@ -120,6 +120,11 @@ pub const STALL_SCAN_S: f64 = 0.05;
 /// asked of a nearer neighbour that holds it instead ([`Puller::move_queued_flights_nearer`]).
 pub const MOVE_QUEUED_AFTER_S: f64 = 1.0;
 
+/// A neighbour's unstarted requests are trimmed to this many times its pipeline
+/// ([`Puller::trim_excess_requests`]); between one and this many, a falling rate only
+/// stops new requests.
+pub const TRIM_ABOVE_BUDGETS: u32 = 2;
+
 /// Deferrals of a chunk from afar grow with a node's place in its group's order (see
 /// [`SchedConfig::far_defer_s`]) up to this many times `far_defer_s`.
 pub const MAX_DEFER_PLACE: usize = 4;
@@ -310,6 +315,8 @@ struct Flight {
     asked_again: bool,
     /// Its stream has started arriving ([`Puller::chunk_started`]).
     started: bool,
+    /// Order of asking, over all flights (a sender serves in that order).
+    seq: u64,
 }
 
 /// What to do with a chunk whose stream has started arriving.
@@ -349,6 +356,8 @@ pub struct Puller {
     /// When the flights are next looked over ([`Puller::re_request_stalled`],
     /// [`Puller::move_queued_flights_nearer`]; see [`STALL_SCAN_S`]).
     next_stall_scan_s: f64,
+    /// The last [`Flight::seq`] given.
+    next_flight_seq: u64,
     /// Chunks that arrived and were not needed (raced copies, refused streams).
     pub duplicates: u64,
     /// Chunks received and verified.
@@ -372,6 +381,7 @@ impl Puller {
             fresh_log: Default::default(),
             verifiable: n as u32,
             next_stall_scan_s: 0.0,
+            next_flight_seq: 0,
             duplicates: 0,
             received: 0,
         }
@@ -790,11 +800,13 @@ impl Puller {
             p.rate.became_busy(now);
         }
         self.mark_seen(chunk, Some((now, None)));
+        self.next_flight_seq += 1;
         self.flights.entry(chunk).or_default().push(Flight {
             peer,
             since: now,
             asked_again: false,
             started: false,
+            seq: self.next_flight_seq,
         });
     }
 
@@ -933,6 +945,7 @@ impl Puller {
         // Flights are looked over every STALL_SCAN_S, not at every poll.
         if now >= self.next_stall_scan_s {
             self.next_stall_scan_s = now + STALL_SCAN_S;
+            self.trim_excess_requests();
             self.move_queued_flights_nearer(now);
             self.re_request_stalled(now);
         }
@@ -992,24 +1005,58 @@ impl Puller {
         self.count_doubted_only_copies();
     }
 
+    /// Unstarted requests a neighbour holds beyond [`TRIM_ABOVE_BUDGETS`] times its
+    /// pipeline, as its rate reads now, are cancelled, last asked first, down to that many:
+    /// they were asked on a rate that has since fallen, and would wait in its queue while
+    /// others could bring them (random-702 with 20 ms per link: 55 chunks asked of one
+    /// neighbour 3 s in came at 0.35 Mbit/s over 40 s, a fifth of them after another
+    /// member behind the same narrow link had brought them in). They become candidates
+    /// again, this neighbour's too once its pipeline has room. Not the source's flights: it
+    /// holds every chunk and hands out fresh ones by its own count.
+    fn trim_excess_requests(&mut self) {
+        let mut unstarted: BTreeMap<MemberId, Vec<(u64, ChunkId)>> = BTreeMap::new();
+        for (&c, fl) in self.flights.iter() {
+            for f in fl.iter().filter(|f| !f.started) {
+                unstarted.entry(f.peer).or_default().push((f.seq, c));
+            }
+        }
+        for (id, mut flights) in unstarted {
+            let excess = match self.peers.get(&id) {
+                Some(p) if !p.is_source => p
+                    .outstanding
+                    .saturating_sub(TRIM_ABOVE_BUDGETS * p.budget(&self.cfg)),
+                _ => 0,
+            };
+            flights.sort_unstable_by(|a, b| b.cmp(a));
+            for &(_, c) in flights.iter().take(excess as usize) {
+                self.actions.push(Action::Cancel { peer: id, chunk: c });
+                self.chunk_broken(id, c);
+            }
+        }
+    }
+
     /// A chunk asked of a far neighbour (through routers) that still waits unstarted in its
     /// queue after [`MOVE_QUEUED_AFTER_S`], while a nearer neighbour (any link) now holds
-    /// it, is cancelled there and asked of the nearer one (the soonest to deliver; up to
-    /// twice its pipeline). The far path often is a group's narrow way in, shared with its
-    /// other members: its place in that sender's queue goes to a chunk nobody nearer
-    /// holds, so what enters the group enters once (random-702: a chunk waited 12.6 s in
-    /// a far queue while a neighbour one link away had held it for 12 s). Only unstarted
-    /// flights: a started one costs the path either way.
+    /// it on another link of ours, is cancelled there and asked of the nearer one (the
+    /// soonest to deliver; up to twice its pipeline). The far path often is a group's
+    /// narrow way in, shared with its other members: its place in that sender's queue goes
+    /// to a chunk nobody nearer holds, so what enters the group enters once (random-702: a
+    /// chunk waited 12.6 s in a far queue while a neighbour one link away had held it for
+    /// 12 s). Only unstarted flights: a started one costs the path either way. Not to a
+    /// nearer neighbour on the far one's link: it shares that way in, where the flight's
+    /// first bytes may already wait in a queue "unstarted" (on the testbed with 20 ms per
+    /// link, 62 such streams were refused on arrival in one run of random-702, after their
+    /// first bytes had crossed its 8 Mbit/s way in).
     fn move_queued_flights_nearer(&mut self, now: f64) {
         let mut added: BTreeMap<MemberId, Vec<ChunkId>> = BTreeMap::new();
         let mut moved: Vec<(ChunkId, MemberId)> = Vec::new();
         for (&c, fl) in self.flights.iter().filter(|(_, fl)| fl.len() == 1) {
             let f = &fl[0];
-            let far_hops = match self.peers.get(&f.peer) {
-                Some(p) if !p.is_source => p.hops.filter(|&h| h > 1),
+            let far = match self.peers.get(&f.peer) {
+                Some(p) if !p.is_source => p.hops.filter(|&h| h > 1).map(|h| (h, p)),
                 _ => None,
             };
-            let (Some(h), false) = (far_hops, f.started || now - f.since < MOVE_QUEUED_AFTER_S)
+            let (Some((h, far)), false) = (far, f.started || now - f.since < MOVE_QUEUED_AFTER_S)
             else {
                 continue;
             };
@@ -1024,6 +1071,7 @@ impl Puller {
                     !q.is_source
                         && !q.on_probation
                         && q.hops.is_some_and(|qh| qh < h)
+                        && !q.shares_path_with(far)
                         && q.have.contains(c)
                         && room(id, q)
                 })
@@ -1614,6 +1662,37 @@ mod tests {
     }
 
     #[test]
+    fn requests_asked_on_a_rate_that_has_since_fallen_are_trimmed_last_asked_first() {
+        let mut p = Puller::new(cfg(), ChunkSet::new(64));
+        p.add_peer(1, false);
+        p.peer_bitfield(1, &ChunkSet::full(64));
+        p.peer_measured_rate(1, 100e6);
+        let asked = asked_of(p.poll(0.0), 1);
+        assert!(asked.len() > 8, "{asked:?}");
+        // Its rate reads a hundredth now: what it holds beyond twice its pipeline goes.
+        p.peer_measured_rate(1, 1e6);
+        let keep = (TRIM_ABOVE_BUDGETS * p.peers[&1].budget(&p.cfg)) as usize;
+        let mut cancelled: Vec<ChunkId> = p
+            .poll(1.0)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Cancel { peer: 1, chunk } => Some(chunk),
+                _ => None,
+            })
+            .collect();
+        let mut last_asked = asked[keep..].to_vec();
+        last_asked.sort_unstable();
+        cancelled.sort_unstable();
+        assert_eq!(cancelled, last_asked);
+        assert_eq!(p.in_flight(), keep);
+        // Within twice its pipeline, nothing more is cancelled.
+        assert!(!p
+            .poll(2.0)
+            .iter()
+            .any(|a| matches!(a, Action::Cancel { .. })));
+    }
+
+    #[test]
     fn rarest_first_and_peer_loss_requeues() {
         let mut config = cfg();
         config.max_outstanding = 2;
@@ -1824,6 +1903,15 @@ mod tests {
         // The moved flight is 4's now: its stream is read, one from 3 refused.
         assert_eq!(p.chunk_started(4, 0, 1.2), Arrival::Accept);
         assert_eq!(p.chunk_started(3, 0, 1.2), Arrival::Reject);
+        // A nearer holder on the far one's link shares its way in: the chunk is not moved
+        // (its first bytes may be in that path's queue already, and would cross it twice).
+        let mut p = setup();
+        p.peer_ingress(4, 1);
+        let same_link = p.poll(MOVE_QUEUED_AFTER_S + 0.1);
+        assert!(
+            !same_link.iter().any(|a| matches!(a, Action::Cancel { .. })),
+            "{same_link:?}"
+        );
     }
 
     #[test]

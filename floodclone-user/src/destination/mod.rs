@@ -830,7 +830,11 @@ impl Destination {
     /// Whether a chunk whose stream is starting should be read.
     fn wants(&mut self, node: &Node, key: ConnKey, chunk: ChunkId) -> bool {
         match (node.conns.peer(key), self.puller.as_mut()) {
-            (Some(p), Some(pl)) => pl.chunk_started(p, chunk, node.now()) == Arrival::Accept,
+            (Some(p), Some(pl)) => {
+                let arrival = pl.chunk_started(p, chunk, node.now());
+                tracing::trace!(target: "floodclone::chunks", peer = p, chunk, ?arrival, "chunk started");
+                arrival == Arrival::Accept
+            }
             _ => false,
         }
     }
