@@ -1014,6 +1014,10 @@ impl Puller {
     /// again, this neighbour's too once its pipeline has room. Not the source's flights: it
     /// holds every chunk and hands out fresh ones by its own count.
     fn trim_excess_requests(&mut self) {
+        let over = |p: &Peer| p.outstanding > TRIM_ABOVE_BUDGETS * p.budget(&self.cfg);
+        if !self.peers.values().any(|p| !p.is_source && over(p)) {
+            return;
+        }
         let mut unstarted: BTreeMap<MemberId, Vec<(u64, ChunkId)>> = BTreeMap::new();
         for (&c, fl) in self.flights.iter() {
             for f in fl.iter().filter(|f| !f.started) {
@@ -1036,8 +1040,8 @@ impl Puller {
     }
 
     /// A chunk asked of a far neighbour (through routers) that still waits unstarted in its
-    /// queue after [`MOVE_QUEUED_AFTER_S`], while a nearer neighbour (any link) now holds
-    /// it on another link of ours, is cancelled there and asked of the nearer one (the
+    /// queue after [`MOVE_QUEUED_AFTER_S`], while a nearer neighbour on another link of
+    /// ours now holds it, is cancelled there and asked of the nearer one (the
     /// soonest to deliver; up to twice its pipeline). The far path often is a group's
     /// narrow way in, shared with its other members: its place in that sender's queue goes
     /// to a chunk nobody nearer holds, so what enters the group enters once (random-702: a
