@@ -1014,25 +1014,32 @@ impl Puller {
     /// again, this neighbour's too once its pipeline has room. Not the source's flights: it
     /// holds every chunk and hands out fresh ones by its own count.
     fn trim_excess_requests(&mut self) {
-        let over = |p: &Peer| p.outstanding > TRIM_ABOVE_BUDGETS * p.budget(&self.cfg);
-        if !self.peers.values().any(|p| !p.is_source && over(p)) {
+        let excess: BTreeMap<MemberId, usize> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| !p.is_source)
+            .filter_map(|(&id, p)| {
+                let n = p
+                    .outstanding
+                    .saturating_sub(TRIM_ABOVE_BUDGETS * p.budget(&self.cfg));
+                (n > 0).then_some((id, n as usize))
+            })
+            .collect();
+        if excess.is_empty() {
             return;
         }
         let mut unstarted: BTreeMap<MemberId, Vec<(u64, ChunkId)>> = BTreeMap::new();
         for (&c, fl) in self.flights.iter() {
-            for f in fl.iter().filter(|f| !f.started) {
+            for f in fl
+                .iter()
+                .filter(|f| !f.started && excess.contains_key(&f.peer))
+            {
                 unstarted.entry(f.peer).or_default().push((f.seq, c));
             }
         }
         for (id, mut flights) in unstarted {
-            let excess = match self.peers.get(&id) {
-                Some(p) if !p.is_source => p
-                    .outstanding
-                    .saturating_sub(TRIM_ABOVE_BUDGETS * p.budget(&self.cfg)),
-                _ => 0,
-            };
             flights.sort_unstable_by(|a, b| b.cmp(a));
-            for &(_, c) in flights.iter().take(excess as usize) {
+            for &(_, c) in flights.iter().take(excess[&id]) {
                 self.actions.push(Action::Cancel { peer: id, chunk: c });
                 self.chunk_broken(id, c);
             }
