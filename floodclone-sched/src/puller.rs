@@ -788,6 +788,13 @@ impl Puller {
         }
     }
 
+    /// Tells `peer` to stop sending `chunk` and drops its flight, so the chunk may be asked
+    /// for again (anywhere).
+    fn cancel_flight(&mut self, peer: MemberId, chunk: ChunkId) {
+        self.actions.push(Action::Cancel { peer, chunk });
+        self.chunk_broken(peer, chunk);
+    }
+
     /// How many chunks from `peer` failed verification.
     pub fn bad_chunks(&self, peer: MemberId) -> u32 {
         self.peers.get(&peer).map_or(0, |p| p.bad_chunks)
@@ -991,8 +998,7 @@ impl Puller {
             self.actions.push(Action::Request { peer, chunks });
         }
         for (peer, chunk) in stalled {
-            self.actions.push(Action::Cancel { peer, chunk });
-            self.chunk_broken(peer, chunk);
+            self.cancel_flight(peer, chunk);
             if let Some(p) = self.peers.get_mut(&peer) {
                 p.on_probation = true;
                 for c in p.have.iter() {
@@ -1040,8 +1046,7 @@ impl Puller {
         for (id, mut flights) in unstarted {
             flights.sort_unstable_by(|a, b| b.cmp(a));
             for &(_, c) in flights.iter().take(excess[&id]) {
-                self.actions.push(Action::Cancel { peer: id, chunk: c });
-                self.chunk_broken(id, c);
+                self.cancel_flight(id, c);
             }
         }
     }
@@ -1096,11 +1101,7 @@ impl Puller {
             }
         }
         for (c, from) in moved {
-            self.actions.push(Action::Cancel {
-                peer: from,
-                chunk: c,
-            });
-            self.chunk_broken(from, c);
+            self.cancel_flight(from, c);
         }
         for (peer, chunks) in added {
             for &c in &chunks {
@@ -1691,6 +1692,7 @@ mod tests {
                 _ => None,
             })
             .collect();
+        // All equally rare, and member 0 breaks ties by id: asked in id order.
         let mut last_asked = asked[keep..].to_vec();
         last_asked.sort_unstable();
         cancelled.sort_unstable();
