@@ -1440,11 +1440,11 @@ fn group_place(me: MemberId, group: &[MemberId], c: ChunkId) -> usize {
 /// only when the news has crossed the group) otherwise pick the same ones in the same
 /// order. The mix is splitmix64's finalizer, in which every bit of salt and id moves every
 /// bit of the result. The mix before (the id XORed into a multiple of the salt, then one
-/// multiply) gave salts largely one cyclic order of ids, each rotated: the first 32 of 512
-/// chunks in two members' orders shared up to 16 (2 expected), and members 2 and 6 of
-/// random-1102 asked two different senders for the same chunks in the same sequence; with
-/// 20 ms per link 126 of its 512 chunks came into their group both ways (simulator: 1.295
-/// x U_min, 1.079 with this).
+/// multiply) gave some pairs of salts nearly one order of ids, one the other's rotated:
+/// the first 32 of 512 chunks in two members' orders shared up to 16 (2 expected). Members
+/// 2 and 6 of random-1102 asked two different senders for the same chunks in the same
+/// sequence; with 20 ms per link 126 of its 512 chunks came into their group both ways
+/// (simulator: 1.295 x U_min, 1.079 with this).
 fn tie_rank(salt: u64, c: ChunkId) -> u32 {
     if salt == 0 {
         return c;
