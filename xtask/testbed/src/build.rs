@@ -60,36 +60,42 @@ pub fn quic_copy_binary_for_tests() -> Result<PathBuf> {
     }
 }
 
-/// The release build of the example `quic_copy` (a bare QUIC copy with a node's
+/// The cargo profile of the binaries runs, benches, tests and packages use (the workspace's
+/// `Cargo.toml` says why it is not plain `release`).
+pub const PROFILE: &str = "release-lto";
+
+/// The [`PROFILE`] build of the example `quic_copy` (a bare QUIC copy with a node's
 /// transport, the bench's `--quic-runs`); returns its path.
 pub fn quic_copy_binary() -> Result<PathBuf> {
     cargo(&[
         "build",
-        "--release",
+        "--profile",
+        PROFILE,
         "-p",
         "floodclone-user",
         "--example",
         "quic_copy",
     ])?;
-    let path = target_dir().join("release/examples/quic_copy");
+    let path = target_dir().join(PROFILE).join("examples/quic_copy");
     if !path.is_file() {
         bail!("cargo built quic_copy but {} is missing", path.display());
     }
     Ok(path)
 }
 
-/// Setup, then the release `floodclone` binary; returns its path.
+/// Setup, then the [`PROFILE`] build of the `floodclone` binary; returns its path.
 pub fn floodclone_binary() -> Result<PathBuf> {
     setup::ensure(true)?;
     cargo(&[
         "build",
-        "--release",
+        "--profile",
+        PROFILE,
         "-p",
         "floodclone-user",
         "--bin",
         "floodclone",
     ])?;
-    Ok(target_dir().join("release").join("floodclone"))
+    Ok(target_dir().join(PROFILE).join("floodclone"))
 }
 
 /// Where cargo puts what it builds.
