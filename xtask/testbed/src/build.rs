@@ -67,35 +67,31 @@ pub const PROFILE: &str = "release-lto";
 /// The [`PROFILE`] build of the example `quic_copy` (a bare QUIC copy with a node's
 /// transport, the bench's `--quic-runs`); returns its path.
 pub fn quic_copy_binary() -> Result<PathBuf> {
-    cargo(&[
-        "build",
-        "--profile",
-        PROFILE,
-        "-p",
-        "floodclone-user",
-        "--example",
-        "quic_copy",
-    ])?;
-    let path = target_dir().join(PROFILE).join("examples/quic_copy");
-    if !path.is_file() {
-        bail!("cargo built quic_copy but {} is missing", path.display());
-    }
-    Ok(path)
+    build_in_profile(&["--example", "quic_copy"], "examples/quic_copy")
 }
 
 /// Setup, then the [`PROFILE`] build of the `floodclone` binary; returns its path.
 pub fn floodclone_binary() -> Result<PathBuf> {
     setup::ensure(true)?;
-    cargo(&[
-        "build",
-        "--profile",
-        PROFILE,
-        "-p",
-        "floodclone-user",
-        "--bin",
-        "floodclone",
-    ])?;
-    Ok(target_dir().join(PROFILE).join("floodclone"))
+    build_in_profile(&["--bin", "floodclone"], "floodclone")
+}
+
+/// Builds `target` (`--bin NAME`, `--example NAME`) of floodclone-user with [`PROFILE`], so
+/// the daemon and the bare copy it is compared with are built alike; returns `built`, its
+/// path under the profile's directory.
+fn build_in_profile(target: &[&str], built: &str) -> Result<PathBuf> {
+    let mut args = vec!["build", "--profile", PROFILE, "-p", "floodclone-user"];
+    args.extend_from_slice(target);
+    cargo(&args)?;
+    let path = target_dir().join(PROFILE).join(built);
+    if !path.is_file() {
+        bail!(
+            "cargo built {} but {} is missing",
+            target.join(" "),
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
 /// Where cargo puts what it builds.
