@@ -193,8 +193,8 @@ fn a_link_with_delay_has_its_round_trip_and_keeps_its_rate() {
 }
 
 #[test]
-fn both_baseline_copies_deliver_the_file_and_count_their_cpu() {
-    if !root_or_skip("both_baseline_copies_deliver_the_file_and_count_their_cpu") {
+fn every_baseline_copy_delivers_the_file_and_counts_its_cpu() {
+    if !root_or_skip("every_baseline_copy_delivers_the_file_and_counts_its_cpu") {
         return;
     }
     use floodclone_testbed::run::{run_copy, Baseline};
@@ -206,7 +206,11 @@ fn both_baseline_copies_deliver_the_file_and_count_their_cpu() {
     )
     .unwrap();
     let quic_copy = floodclone_testbed::build::quic_copy_binary_for_tests().unwrap();
-    for baseline in [Baseline::Tcp, Baseline::Quic(quic_copy)] {
+    for baseline in [
+        Baseline::Tcp,
+        Baseline::Quic(quic_copy.clone()),
+        Baseline::QuicChecked(quic_copy),
+    ] {
         // Each copy checks every receiver got the file's length, or fails.
         let r = run_copy(&topo, 8 << 20, &baseline).unwrap();
         eprintln!(

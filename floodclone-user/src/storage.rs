@@ -128,6 +128,15 @@ pub enum Backing {
 }
 
 impl Backing {
+    /// A single file opened for writing, written as a destination writes ([`Self::write_all_at`]).
+    pub fn writing(file: File, path: &Path) -> Self {
+        Self::File {
+            file,
+            path: path.into(),
+            unwritten: AtomicU64::new(0),
+        }
+    }
+
     pub fn open_file(path: &Path) -> std::io::Result<Self> {
         Ok(Self::File {
             file: File::open(path)?,
@@ -194,7 +203,7 @@ impl Backing {
     /// rename finds little left to do (the disk keeps up with the network as it goes
     /// instead of taking a whole file's write-back onto the end of the transfer: 1 GiB,
     /// ~0.5 s here); a single file's pages leave the cache once on disk ([`drop_behind`]).
-    fn write_all_at(&self, data: &[u8], off: u64) -> Result<(), (PathBuf, std::io::Error)> {
+    pub fn write_all_at(&self, data: &[u8], off: u64) -> Result<(), (PathBuf, std::io::Error)> {
         match self {
             Self::File {
                 file,
@@ -795,11 +804,7 @@ fn open_part_file(part: &Path, manifest: &Manifest, resume: bool) -> Result<Back
     // Gbit/s went to zeroing them).
     // SAFETY: a valid open descriptor; advice only.
     unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
-    Ok(Backing::File {
-        file,
-        path: part.into(),
-        unwritten: AtomicU64::new(0),
-    })
+    Ok(Backing::writing(file, part))
 }
 
 /// Takes `file`'s lock for this recv, or says another recv holds it.

@@ -52,6 +52,8 @@ pub struct BenchRow {
     pub tcp_machine_cpu_s_per_gib: Option<f64>,
     pub quic_ratio_median: Option<f64>,
     pub quic_cpu_s_per_gib: Option<f64>,
+    pub checked_quic_ratio_median: Option<f64>,
+    pub checked_quic_cpu_s_per_gib: Option<f64>,
     /// Largest peak resident memory of any floodclone process, over the runs.
     pub peak_rss_mib: Option<f64>,
     /// When the source's first chunk left, ms after `send` started (median of runs).
@@ -87,6 +89,8 @@ pub struct BenchPlan {
     pub tcp_runs: usize,
     /// Bare QUIC copies of the same bytes per topology ([`Baseline::Quic`]).
     pub quic_runs: usize,
+    /// The same with every byte hashed and stored ([`Baseline::QuicChecked`]).
+    pub checked_quic_runs: usize,
     /// Keep every node's log and events of a floodclone run whose U/U_min is above this,
     /// or that failed: a slow run that comes once in a hundred explains itself.
     pub keep_logs_over: Option<f64>,
@@ -120,6 +124,7 @@ struct TopologyRuns {
     direct: Vec<RunReport>,
     tcp: Vec<CopyReport>,
     quic: Vec<CopyReport>,
+    checked_quic: Vec<CopyReport>,
 }
 
 /// The runs `plan` asks of `topo` (floodclone and the direct baseline alternating), each
@@ -138,6 +143,7 @@ fn run_topology(
         direct: Vec::new(),
         tcp: Vec::new(),
         quic: Vec::new(),
+        checked_quic: Vec::new(),
     };
     let mut opts = base.clone();
     opts.quiet = true;
@@ -162,9 +168,11 @@ fn run_topology(
         }
     }
     let quic = quic_copy.map(|p| Baseline::Quic(p.to_path_buf()));
+    let checked_quic = quic_copy.map(|p| Baseline::QuicChecked(p.to_path_buf()));
     for (baseline, n, reports) in [
         (Some(Baseline::Tcp), plan.tcp_runs, &mut runs.tcp),
         (quic, plan.quic_runs, &mut runs.quic),
+        (checked_quic, plan.checked_quic_runs, &mut runs.checked_quic),
     ] {
         let Some(baseline) = baseline else {
             continue;
@@ -232,6 +240,7 @@ fn row(topo: &Topology, base: &RunOptions, runs: usize, all: &TopologyRuns) -> B
         direct,
         tcp,
         quic,
+        checked_quic,
     } = all;
     let bytes = base.bytes;
     let us: Vec<f64> = ours.iter().filter_map(|r| r.u_s).collect();
@@ -273,6 +282,8 @@ fn row(topo: &Topology, base: &RunOptions, runs: usize, all: &TopologyRuns) -> B
         tcp_machine_cpu_s_per_gib: median(tcp.iter().map(|r| r.machine_cpu_s_per_gib).collect()),
         quic_ratio_median: median(quic.iter().map(|r| r.ratio).collect()),
         quic_cpu_s_per_gib: median(quic.iter().map(|r| r.cpu_s_per_gib).collect()),
+        checked_quic_ratio_median: median(checked_quic.iter().map(|r| r.ratio).collect()),
+        checked_quic_cpu_s_per_gib: median(checked_quic.iter().map(|r| r.cpu_s_per_gib).collect()),
         peak_rss_mib: ours
             .iter()
             .flat_map(|r| {
@@ -424,7 +435,7 @@ pub fn table(rows: &[BenchRow]) -> String {
 fn transport_alone_table(rows: &[BenchRow]) -> String {
     let ran: Vec<&BenchRow> = rows
         .iter()
-        .filter(|r| r.quic_ratio_median.is_some())
+        .filter(|r| r.quic_ratio_median.is_some() || r.checked_quic_ratio_median.is_some())
         .collect();
     if ran.is_empty() {
         return String::new();
@@ -434,22 +445,28 @@ fn transport_alone_table(rows: &[BenchRow]) -> String {
         "\nThe transport alone: a bare QUIC copy from the source to every destination at \
          once (`quic_copy`: a node's endpoint and configuration, one stream per receiver, \
          what arrives dropped; no hashing, scheduling, disk or link statistics; medians \
-         of runs). CPU s/GiB as above.\n\n\
-         | topology | U/U_min | bare QUIC U/U_min | TCP U/U_min | CPU s/GiB | bare QUIC CPU s/GiB | TCP CPU s/GiB | bare QUIC vs TCP | FloodClone vs bare QUIC |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         of runs), and checked: the same copy with every byte hashed (BLAKE3) at both ends \
+         and written and synced by each receiver, the least any verified, stored copy does \
+         over this transport. CPU s/GiB as above.\n\n\
+         | topology | U/U_min | bare QUIC U/U_min | checked QUIC U/U_min | TCP U/U_min | CPU s/GiB | bare QUIC CPU s/GiB | checked QUIC CPU s/GiB | TCP CPU s/GiB | bare QUIC vs TCP | checked QUIC vs TCP | FloodClone vs bare QUIC | FloodClone vs checked QUIC |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in ran {
         s += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.topology,
             f(r.ratio_median, 3),
             f(r.quic_ratio_median, 3),
+            f(r.checked_quic_ratio_median, 3),
             f(r.tcp_ratio_median, 3),
             f(r.cpu_s_per_gib, 2),
             f(r.quic_cpu_s_per_gib, 2),
+            f(r.checked_quic_cpu_s_per_gib, 2),
             f(r.tcp_cpu_s_per_gib, 2),
             times(r.quic_cpu_s_per_gib, r.tcp_cpu_s_per_gib),
+            times(r.checked_quic_cpu_s_per_gib, r.tcp_cpu_s_per_gib),
             times(r.cpu_s_per_gib, r.quic_cpu_s_per_gib),
+            times(r.cpu_s_per_gib, r.checked_quic_cpu_s_per_gib),
         );
     }
     s

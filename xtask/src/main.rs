@@ -202,6 +202,11 @@ struct BenchArgs {
     /// example `quic_copy`): what the transport alone costs (README, "Gigabit links").
     #[arg(long, default_value_t = 0)]
     quic_runs: usize,
+    /// Runs of the bare QUIC copy with the per-byte work no verified, stored copy can
+    /// skip (every byte hashed at both ends, written and synced by each receiver): the
+    /// floor of FloodClone's CPU over its transport (README, "Gigabit links").
+    #[arg(long, default_value_t = 0)]
+    checked_quic_runs: usize,
     /// Instead of topology files: this many small random networks (README, "Random
     /// networks"), seeds --seed, --seed+1, ...
     #[arg(long)]
@@ -630,6 +635,7 @@ fn bench_command(args: BenchArgs) -> Result<()> {
         baseline_runs,
         tcp_runs,
         quic_runs,
+        checked_quic_runs,
         random,
         seed,
         delay_ms,
@@ -684,7 +690,7 @@ fn bench_command(args: BenchArgs) -> Result<()> {
     let mut base = run::RunOptions::new(size);
     base.files = files;
     base.join_late = join_late;
-    let quic_copy = match quic_runs {
+    let quic_copy = match quic_runs + checked_quic_runs {
         0 => None,
         _ => Some(floodclone_testbed::build::quic_copy_binary()?),
     };
@@ -693,6 +699,7 @@ fn bench_command(args: BenchArgs) -> Result<()> {
         baseline_runs,
         tcp_runs,
         quic_runs,
+        checked_quic_runs,
         keep_logs_over,
     };
     let rows = bench::bench(

@@ -1177,6 +1177,9 @@ pub enum Baseline {
     Tcp,
     /// A bare QUIC copy with this `quic_copy` program ([`crate::traffic::quic_copy`]).
     Quic(PathBuf),
+    /// The same with every byte hashed at both ends and stored by each receiver: the
+    /// floor of a verified, stored copy over this transport.
+    QuicChecked(PathBuf),
 }
 
 impl Baseline {
@@ -1185,6 +1188,7 @@ impl Baseline {
         match self {
             Baseline::Tcp => "tcp",
             Baseline::Quic(_) => "quic",
+            Baseline::QuicChecked(_) => "quic-checked",
         }
     }
 }
@@ -1213,9 +1217,10 @@ pub fn run_copy(topo: &Topology, bytes: u64, baseline: &Baseline) -> Result<Copy
     let (from, to) = (topo.source(), topo.destinations());
     let copy = match baseline {
         Baseline::Tcp => crate::traffic::tcp_copy(&bed, &src, from, &to, &work),
-        Baseline::Quic(program) => {
+        Baseline::Quic(program) | Baseline::QuicChecked(program) => {
             let deadline = default_timeout(floor.u_min_s);
-            crate::traffic::quic_copy(&mut bed, program, &src, from, &to, deadline)
+            let checked_into = matches!(baseline, Baseline::QuicChecked(_)).then_some(&*work);
+            crate::traffic::quic_copy(&mut bed, program, &src, from, &to, checked_into, deadline)
         }
     };
     bed.down();

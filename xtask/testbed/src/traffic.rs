@@ -358,15 +358,18 @@ const QUIC_COPY_PORT: u16 = 5004;
 
 /// Copies `file` from node `from` to each node of `to` over QUIC, all at once, with
 /// `quic_copy` (the example program `floodclone-user/examples/quic_copy.rs`: a node's
-/// endpoint and configuration, none of the daemon's work). Receivers read what comes and
-/// drop it, so this is what the transport alone costs; checks every copy's length. Each
-/// process's CPU is its own `getrusage`, reported as it exits.
+/// endpoint and configuration, none of the daemon's work). Without `checked_into`,
+/// receivers read what comes and drop it: what the transport alone costs. With it, both
+/// ends add the hashing of every byte and each receiver writes its copy into that
+/// directory and syncs it (removed after): the floor of a verified, stored copy. Checks
+/// every copy's length. Each process's CPU is its own `getrusage`, reported as it exits.
 pub fn quic_copy(
     bed: &mut Testbed,
     quic_copy: &std::path::Path,
     file: &std::path::Path,
     from: usize,
     to: &[usize],
+    checked_into: Option<&std::path::Path>,
     deadline: Duration,
 ) -> anyhow::Result<BaselineCopy> {
     use std::process::Stdio;
@@ -378,6 +381,7 @@ pub fn quic_copy(
     send.arg("send")
         .arg(file)
         .args([QUIC_COPY_PORT.to_string(), to.len().to_string()])
+        .args(checked_into.map(|_| "checked"))
         .stdout(Stdio::piped());
     let sender = bed.spawn(send)?;
     let mut sender_out = std::io::BufReader::new(
@@ -399,7 +403,14 @@ pub fn quic_copy(
         .iter()
         .map(|&node| {
             let mut recv = bed.command(node, program);
-            recv.args(["recv", &addr, "-"]).stdout(Stdio::piped());
+            match checked_into {
+                Some(dir) => recv
+                    .args(["recv", &addr])
+                    .arg(quic_copy_out(dir, node))
+                    .arg("checked"),
+                None => recv.args(["recv", &addr, "-"]),
+            };
+            recv.stdout(Stdio::piped());
             Ok((bed.spawn(recv)?, start.elapsed().as_secs_f64()))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -421,11 +432,21 @@ pub fn quic_copy(
     let sent: serde_json::Value = serde_json::from_str(rest.trim())
         .with_context(|| format!("quic_copy send's report: {rest:?}"))?;
     cpu_s += sent["cpu_s"].as_f64().unwrap_or(0.0);
+    if let Some(dir) = checked_into {
+        for &node in to {
+            let _ = std::fs::remove_file(quic_copy_out(dir, node));
+        }
+    }
     Ok(BaselineCopy {
         done_s,
         cpu_s,
         machine_cpu_s,
     })
+}
+
+/// Where a checked [`quic_copy`]'s receiver on `node` writes its copy.
+fn quic_copy_out(dir: &std::path::Path, node: usize) -> std::path::PathBuf {
+    dir.join(format!("quic-{node}.out"))
 }
 
 /// Waits until the process `handle` exits (killing it at `deadline`) and parses the JSON
