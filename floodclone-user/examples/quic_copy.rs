@@ -13,7 +13,7 @@
 //! stores can skip, and nothing else: the sender reads the file in FloodClone's chunks
 //! and hashes each (BLAKE3, as a manifest needs); each receiver gathers a chunk into one
 //! buffer, hashes it and writes it as a destination does, and syncs the file at the end.
-//! What this costs is the floor of FloodClone's CPU over this transport.
+//! On one link, what this costs is the floor of FloodClone's CPU over this transport.
 //!
 //!     quic_copy send FILE PORT RECEIVERS [checked]
 //!     quic_copy recv ADDR:PORT OUT_FILE [checked]

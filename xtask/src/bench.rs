@@ -43,8 +43,8 @@ pub struct BenchRow {
     pub ratio_left_median: Option<f64>,
     /// CPU cost (medians of runs): user + system seconds of every floodclone process per
     /// GiB delivered (file size times destinations), and the whole machine's busy seconds
-    /// per GiB until U; the same for the plain TCP copy and the bare QUIC copy
-    /// ([`run_copy`]).
+    /// per GiB until U; the same for the plain TCP copy, the bare QUIC copy and the bare
+    /// copy checked and stored ([`run_copy`]).
     pub cpu_s_per_gib: Option<f64>,
     pub machine_cpu_s_per_gib: Option<f64>,
     pub tcp_ratio_median: Option<f64>,
