@@ -118,7 +118,7 @@ async fn recv(addr: SocketAddr, out: String, checked: bool) -> Result<()> {
     let mut off = 0u64;
     if checked {
         let f = f.context("checked needs an OUT_FILE to write")?;
-        off = receive_checked(&mut s, &Backing::writing(f.try_clone()?, out.as_ref())).await?;
+        off = receive_checked(&mut s, &Backing::from_file(f.try_clone()?, out.as_ref())).await?;
         f.sync_all()?;
     } else {
         while let Some(chunk) = s.read_chunk(usize::MAX, true).await? {

@@ -128,8 +128,9 @@ pub enum Backing {
 }
 
 impl Backing {
-    /// A single file opened for writing, written as a destination writes ([`Self::write_all_at`]).
-    pub fn writing(file: File, path: &Path) -> Self {
+    /// A single file, already open: to be read, or written as a destination writes
+    /// ([`Self::write_all_at`]) when opened for writing.
+    pub fn from_file(file: File, path: &Path) -> Self {
         Self::File {
             file,
             path: path.into(),
@@ -138,11 +139,7 @@ impl Backing {
     }
 
     pub fn open_file(path: &Path) -> std::io::Result<Self> {
-        Ok(Self::File {
-            file: File::open(path)?,
-            path: path.into(),
-            unwritten: AtomicU64::new(0),
-        })
+        Ok(Self::from_file(File::open(path)?, path))
     }
 
     /// A source's tree: `root` as the user named it (a link to a directory is followed,
@@ -804,7 +801,7 @@ fn open_part_file(part: &Path, manifest: &Manifest, resume: bool) -> Result<Back
     // Gbit/s went to zeroing them).
     // SAFETY: a valid open descriptor; advice only.
     unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
-    Ok(Backing::writing(file, part))
+    Ok(Backing::from_file(file, part))
 }
 
 /// Takes `file`'s lock for this recv, or says another recv holds it.
