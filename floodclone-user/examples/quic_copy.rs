@@ -45,12 +45,10 @@ fn cpu_s() -> f64 {
 
 async fn send(file: String, port: u16, receivers: usize, checked: bool) -> Result<()> {
     let ep = transport::endpoint(port)?;
-    let len = std::fs::metadata(&file)
-        .with_context(|| format!("opening {file}"))?
-        .len();
+    let opened = std::fs::File::open(&file).with_context(|| format!("opening {file}"))?;
+    let len = opened.metadata()?.len();
     // Read as a source reads: into buffers never zeroed first.
-    let file =
-        Arc::new(Backing::open_file(file.as_ref()).with_context(|| format!("opening {file}"))?);
+    let file = Arc::new(Backing::from_file(opened, file.as_ref()));
     // Checked: whole chunks, each hashed as it is read; else the transport's pieces.
     let piece = if checked {
         floodclone_sched::default_chunk_bytes(len) as usize
